@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# rvmm top-level Makefile. `make help` lists the targets.
+#   KDIR=<built kernel tree>  build the module against it (default: the cached kernel
+#                             that scripts/kernel.sh builds; KSRC=<source> builds one)
+
+SHELL := /bin/bash
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+KMAKE_VARS := LLVM=-19 RUSTC=/usr/bin/rustc BINDGEN=$(HOME)/.cargo/bin/bindgen LIBCLANG_PATH=/usr/lib/llvm-19/lib
+TARGET := x86_64-unknown-linux-gnu
+STATIC_RUSTFLAGS := -C target-feature=+crt-static
+
+ifneq ($(KERNELRELEASE),)
+# Invoked by Kbuild: the module's rules are in ./Kbuild.
+else
+
+.PHONY: all help setup kernel module userspace selftests initramfs demo test check-host e2e clean
+
+all: module userspace selftests
+
+help:
+	@echo "make setup      install host packages and bindgen-cli (root)"
+	@echo "make kernel     fetch, patch and build the host kernel into ~/.cache/rvmm"
+	@echo "make module     build rvmm.ko (KDIR=... to use your own built tree)"
+	@echo "make userspace  build rvmm-run (static)"
+	@echo "make selftests  build the kselftest binary (static)"
+	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
+	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
+
+setup:
+	bash scripts/setup-host.sh
+
+kernel: setup
+	bash scripts/kernel.sh >/dev/null
+
+build/kdir: FORCE
+	@mkdir -p build
+	@kdir=$$(bash scripts/kernel.sh) && echo "$$kdir" > $@.tmp && { cmp -s $@.tmp $@ || mv $@.tmp $@; }; rm -f $@.tmp
+
+build/crates.mk: Cargo.lock Cargo.toml rvmm/core/Cargo.toml uapi/Cargo.toml scripts/gen-crates-mk.py
+	@mkdir -p build
+	cargo fetch --locked -q
+	python3 scripts/gen-crates-mk.py Cargo.toml $@ rvmm-uapi rvmm-core
+
+module: build/kdir build/crates.mk
+	$(MAKE) -C $$(cat build/kdir) M=$(ROOT) $(KMAKE_VARS) modules
+	@ls -l rvmm.ko
+
+userspace:
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" cargo build --locked --release --target $(TARGET) -p rvmm-run
+
+selftests:
+	$(MAKE) -C selftests
+
+demo:
+	bash scripts/e2e.sh demo
+
+test:
+	bash scripts/test.sh
+
+clean:
+	-[ -f build/kdir ] && $(MAKE) -C $$(cat build/kdir) M=$(ROOT) clean
+	rm -rf build
+
+FORCE:
+endif

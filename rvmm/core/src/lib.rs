@@ -1,0 +1,10 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! rvmm's logic that needs no ring 0, built into `rvmm.ko` from this same source (with
+//! the kernel's rustc flags, see `Kbuild`) and tested on the host with `cargo test`.
+//!
+//! - [`caps`]: VMX availability and capability MSR decoding, VM-execution control
+//!   computation from the allowed-0/allowed-1 settings.
+#![no_std]
+
+pub mod caps;

@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * rvmm's C helper: only what the 7.3 kernel crate has no Rust abstraction for.
+ *
+ * - The kernel's refcounted VMX enable (x86_virt_get_ref/put_ref, exported to rvmm by
+ *   kernel/patches/0001-*.patch), taken on every online CPU through a CPU hotplug state
+ *   and dropped on unload, on CPU offline and at shutdown/reboot/kexec (syscore).
+ * - rdmsr_safe, the CR4 register and shadow, on_each_cpu, __pa.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/cpu.h>
+#include <linux/cpuhotplug.h>
+#include <linux/kvm_types.h>
+#include <linux/mm.h>
+#include <linux/percpu.h>
+#include <linux/smp.h>
+#include <linux/syscore_ops.h>
+#include <asm/msr.h>
+#include <asm/special_insns.h>
+#include <asm/tlbflush.h>
+#include <asm/virt.h>
+
+#include "helpers.h"
+
+/* Per CPU: does rvmm hold a VMX reference here, and was VMX on already when it took it? */
+static DEFINE_PER_CPU(bool, rvmm_vmx_held);
+static DEFINE_PER_CPU(bool, rvmm_vmx_shared);
+static enum cpuhp_state rvmm_cpuhp_state;
+static bool rvmm_shutting_down;
+
+static int rvmm_cpu_online(unsigned int cpu)
+{
+	unsigned long flags;
+	int r = 0;
+
+	local_irq_save(flags);
+	if (!this_cpu_read(rvmm_vmx_held) && !READ_ONCE(rvmm_shutting_down)) {
+		this_cpu_write(rvmm_vmx_shared, !!(cr4_read_shadow() & X86_CR4_VMXE));
+		r = x86_virt_get_ref(X86_FEATURE_VMX);
+		if (!r)
+			this_cpu_write(rvmm_vmx_held, true);
+	}
+	local_irq_restore(flags);
+	if (r)
+		pr_err("enabling VMX on CPU %u failed (%d): %s\n", cpu, r,
+		       r == -EOPNOTSUPP ? "the kernel has no VMX support set up (CONFIG_KVM_INTEL=n or VMX cleared at boot)" :
+		       r == -EBUSY ? "CR4.VMXE is already set by a user outside the kernel's refcount" :
+		       "VMXON failed");
+	return r;
+}
+
+static int rvmm_cpu_offline(unsigned int cpu)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	if (this_cpu_read(rvmm_vmx_held)) {
+		this_cpu_write(rvmm_vmx_held, false);
+		x86_virt_put_ref(X86_FEATURE_VMX);
+	}
+	local_irq_restore(flags);
+	return 0;
+}
+
+static void rvmm_shutdown_cpu(void *unused)
+{
+	rvmm_cpu_offline(smp_processor_id());
+}
+
+/* VMX blocks INIT: leave VMX operation on every CPU before reboot, power-off, kexec. */
+static void rvmm_shutdown(void *data)
+{
+	WRITE_ONCE(rvmm_shutting_down, true);
+	on_each_cpu(rvmm_shutdown_cpu, NULL, 1);
+}
+
+static const struct syscore_ops rvmm_syscore_ops = {
+	.shutdown = rvmm_shutdown,
+};
+
+static struct syscore rvmm_syscore = {
+	.ops = &rvmm_syscore_ops,
+};
+
+/* Returns 0 or a negative errno; on error nothing is held. */
+int rvmm_vmx_enable_all(void)
+{
+	int r;
+
+	r = cpuhp_setup_state(CPUHP_AP_ONLINE_DYN, "rvmm/vmx:online", rvmm_cpu_online,
+			      rvmm_cpu_offline);
+	if (r < 0)
+		return r;
+	rvmm_cpuhp_state = r;
+	register_syscore(&rvmm_syscore);
+	return 0;
+}
+
+void rvmm_vmx_disable_all(void)
+{
+	unregister_syscore(&rvmm_syscore);
+	cpuhp_remove_state(rvmm_cpuhp_state);
+}
+
+bool rvmm_vmx_held_here(void)
+{
+	return this_cpu_read(rvmm_vmx_held);
+}
+
+bool rvmm_vmx_shared_here(void)
+{
+	return this_cpu_read(rvmm_vmx_shared);
+}
+
+/* CR4.VMXE in the register and in the kernel's shadow, on this CPU. */
+bool rvmm_cr4_vmxe_here(void)
+{
+	return (__read_cr4() & X86_CR4_VMXE) && (cr4_read_shadow() & X86_CR4_VMXE);
+}
+
+int rvmm_rdmsr_safe(u32 msr, u64 *val)
+{
+	return rdmsrq_safe(msr, val);
+}
+
+/* Runs fn on every online CPU (IRQs off), with hotplug held off. Returns the CPU count. */
+unsigned int rvmm_on_each_online_cpu(void (*fn)(void *), void *info)
+{
+	unsigned int n;
+
+	cpus_read_lock();
+	on_each_cpu(fn, info, 1);
+	n = num_online_cpus();
+	cpus_read_unlock();
+	return n;
+}
+
+u64 rvmm_page_to_phys(struct page *page)
+{
+	return page_to_phys(page);
+}

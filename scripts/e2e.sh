@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+# End-to-end runs in emulators. Expects the module, userspace and selftests built
+# (the Makefile's demo/test targets do that first).
+#
+#   e2e.sh demo   Bochs (VT-x), 1 CPU: insmod rvmm.ko, rvmm-run info + status
+#   e2e.sh test   QEMU TCG (no VT-x): rvmm refuses to load;
+#                 Bochs 1 CPU and 2 CPUs: the kselftests (KTAP)
+# Logs go to build/e2e/. RVMM_E2E_CPUS="1 2" chooses the Bochs runs.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+mode=${1:-test}
+kdir=$(cat "$RVMM_ROOT/build/kdir")
+out=$RVMM_ROOT/build/e2e
+mkdir -p "$out"
+
+step "build initramfs"
+bash "$RVMM_ROOT/scripts/initramfs.sh" "$kdir" "$out/initrd.gz"
+step_done
+
+case $mode in
+demo)
+	step "boot Bochs (VT-x, 1 CPU): insmod rvmm.ko; rvmm-run info; rvmm-run status (about 1 min)"
+	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job demo \
+		--log "$out/demo.log" --timeout 600
+	step_done
+	sed -E 's/\r$//' "$out/demo.log" | sed -n '/RVMM-INIT/,/RVMM-DEMO-RC/p'
+	grep -q 'RVMM-DEMO-RC=0' "$out/demo.log" || die "the demo failed (serial log: $out/demo.log)"
+	;;
+test)
+	failed=0 passed=0
+	record() { # name log
+		local line
+		if line=$(bash "$RVMM_ROOT/scripts/ktap-summary.sh" "$2" "$1"); then :; else failed=$((failed + 1)); fi
+		printf '%s\n' "$line"
+		local p f
+		p=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed.*/\1/p')
+		f=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed of ([0-9]+).*/\3-\1/p')
+		passed=$((passed + ${p:-0}))
+		TOTAL_FAILED=$((${TOTAL_FAILED:-0} + ${f:-0}))
+	}
+	step "boot QEMU TCG (no VT-x): rvmm must refuse to load"
+	bash "$RVMM_ROOT/scripts/boot.sh" qemu --kdir "$kdir" --initrd "$out/initrd.gz" --job novmx \
+		--log "$out/qemu-novmx.log" --timeout 120
+	step_done
+	record qemu-novmx "$out/qemu-novmx.log"
+	for cpus in ${RVMM_E2E_CPUS:-1 2}; do
+		step "boot Bochs (VT-x, $cpus CPU): kselftests (1 CPU ~3 min, 2 CPUs ~8 min)"
+		# clearcpuid=invpcid: global TLB flushes then rewrite CR4 from its shadow, the
+		# path that would drop a CR4.VMXE set behind the kernel's back.
+		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job test \
+			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 1500 --append "clearcpuid=invpcid"
+		step_done
+		record "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
+	done
+	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed"
+	[ "$failed" = 0 ] || die "$failed e2e run(s) failed (logs in $out)"
+	;;
+*) die "e2e.sh: mode must be demo or test" ;;
+esac

@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A minimal KTAP v1 producer (Documentation/dev-tools/ktap.rst), kselftest style.
+
+use std::io::Write;
+
+/// A test's result: `Err` carries the reason it failed.
+pub type Outcome = Result<(), String>;
+
+type TestFn<C> = fn(&C) -> Outcome;
+
+pub struct Suite<C> {
+    name: &'static str,
+    tests: Vec<(&'static str, TestFn<C>)>,
+}
+
+/// Prints a diagnostic line.
+pub fn diag(msg: &str) {
+    for line in msg.lines() {
+        println!("# {line}");
+    }
+    let _ = std::io::stdout().flush();
+}
+
+impl<C> Suite<C> {
+    pub fn new(name: &'static str) -> Self {
+        Self { name, tests: Vec::new() }
+    }
+
+    pub fn add(&mut self, name: &'static str, f: TestFn<C>) {
+        self.tests.push((name, f));
+    }
+
+    /// Runs every test, prints KTAP, returns the process exit status.
+    pub fn run(self, ctx: &C) -> i32 {
+        println!("KTAP version 1");
+        println!("# suite: {}", self.name);
+        println!("1..{}", self.tests.len());
+        let (mut pass, mut fail) = (0, 0);
+        for (i, (name, f)) in self.tests.iter().enumerate() {
+            diag(&format!("running {name}"));
+            match f(ctx) {
+                Ok(()) => {
+                    pass += 1;
+                    println!("ok {} {name}", i + 1);
+                }
+                Err(why) => {
+                    fail += 1;
+                    diag(&format!("{name}: {why}"));
+                    println!("not ok {} {name}", i + 1);
+                }
+            }
+            let _ = std::io::stdout().flush();
+        }
+        println!("# Totals: pass:{pass} fail:{fail} xfail:0 xpass:0 skip:0 error:0");
+        i32::from(fail != 0)
+    }
+}
