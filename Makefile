@@ -10,6 +10,8 @@ KMAKE_VARS := LLVM=-19 RUSTC=/usr/bin/rustc BINDGEN=$(HOME)/.cargo/bin/bindgen L
 TARGET := x86_64-unknown-linux-gnu
 STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
+export KDIR KSRC RVMM_CACHE
+
 ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else

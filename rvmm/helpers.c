@@ -71,6 +71,7 @@ static void rvmm_shutdown_cpu(void *unused)
 /* VMX blocks INIT: leave VMX operation on every CPU before reboot, power-off, kexec. */
 static void rvmm_shutdown(void *data)
 {
+	pr_info("leaving VMX operation on all CPUs for shutdown/reboot/kexec\n");
 	WRITE_ONCE(rvmm_shutting_down, true);
 	on_each_cpu(rvmm_shutdown_cpu, NULL, 1);
 }

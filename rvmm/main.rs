@@ -48,7 +48,10 @@ fn enable_vmx() -> Result<vmx::VmxOn> {
         return Err(if why.is_absent() { ENODEV } else { EOPNOTSUPP });
     }
     let on = vmx::VmxOn::enable().inspect_err(|e| {
-        pr_err!("not loading: VMX could not be enabled on every CPU ({:?})\n", e);
+        pr_err!(
+            "not loading: VMX could not be enabled on every CPU ({:?})\n",
+            e
+        );
     })?;
     let caps = vmx::read_caps();
     pr_info!(
@@ -101,7 +104,8 @@ fn write_struct<T: uapi::AbiStruct>(user: UserSlice, value: &T) -> Result<isize>
     let bytes = core::mem::size_of::<T>();
     // SAFETY: every ABI structure is `#[repr(C)]` without padding (checked at compile
     // time by `abi_struct!`), so all of its `bytes` bytes are initialised.
-    let slice = unsafe { core::slice::from_raw_parts(core::ptr::from_ref(value).cast::<u8>(), bytes) };
+    let slice =
+        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(value).cast::<u8>(), bytes) };
     user.writer().write_slice(slice)?;
     Ok(0)
 }

@@ -57,7 +57,11 @@ pub(crate) fn read_caps() -> uapi::VmxCaps {
     // Secondary controls and EPT/VPID capabilities exist only where the primary
     // controls allow "activate secondary controls" (bit 31).
     let secondary = AllowedControls(procbased).supports(1 << 31);
-    let procbased2 = if secondary { rdmsr(msr::IA32_VMX_PROCBASED_CTLS2).unwrap_or(0) } else { 0 };
+    let procbased2 = if secondary {
+        rdmsr(msr::IA32_VMX_PROCBASED_CTLS2).unwrap_or(0)
+    } else {
+        0
+    };
     let ept_vpid = if secondary && (procbased2 >> 32) & ((1 << 1) | (1 << 5)) != 0 {
         rdmsr(msr::IA32_VMX_EPT_VPID_CAP).unwrap_or(0)
     } else {
@@ -133,7 +137,9 @@ pub(crate) unsafe fn vmptrst() -> u64 {
 pub(crate) unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
     let failed: u8;
     // SAFETY: the caller guarantees VMX operation and ownership of the region.
-    unsafe { asm!("vmclear [{0}]", "setna {1}", in(reg) &pa, out(reg_byte) failed, options(nostack)) };
+    unsafe {
+        asm!("vmclear [{0}]", "setna {1}", in(reg) &pa, out(reg_byte) failed, options(nostack))
+    };
     vm_result(failed)
 }
 
@@ -144,7 +150,9 @@ pub(crate) unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
 pub(crate) unsafe fn vmptrld(pa: u64) -> Result<(), VmFail> {
     let failed: u8;
     // SAFETY: the caller guarantees VMX operation and a valid region.
-    unsafe { asm!("vmptrld [{0}]", "setna {1}", in(reg) &pa, out(reg_byte) failed, options(nostack)) };
+    unsafe {
+        asm!("vmptrld [{0}]", "setna {1}", in(reg) &pa, out(reg_byte) failed, options(nostack))
+    };
     vm_result(failed)
 }
 
@@ -236,7 +244,13 @@ unsafe extern "C" fn check_this_cpu(info: *mut c_void) {
     let ctx = unsafe { &*info.cast::<CheckCtx<'_>>() };
     let out = &ctx.out;
     // SAFETY: plain per-CPU reads, IRQs are off (on_each_cpu callback).
-    let (held, shared, vmxe) = unsafe { (rvmm_vmx_held_here(), rvmm_vmx_shared_here(), rvmm_cr4_vmxe_here()) };
+    let (held, shared, vmxe) = unsafe {
+        (
+            rvmm_vmx_held_here(),
+            rvmm_vmx_shared_here(),
+            rvmm_cr4_vmxe_here(),
+        )
+    };
     if !held {
         return;
     }
@@ -250,7 +264,9 @@ unsafe extern "C" fn check_this_cpu(info: *mut c_void) {
     }
     out.vmxe.fetch_add(1, Ordering::Relaxed);
     let cpu = kernel::cpu::CpuId::current().as_u32() as usize;
-    let Some(&pa) = ctx.vmcs_pa.get(cpu) else { return };
+    let Some(&pa) = ctx.vmcs_pa.get(cpu) else {
+        return;
+    };
     // SAFETY: CR4.VMXE is set and rvmm holds a VMX reference: the CPU is in VMX operation.
     let before = unsafe { vmptrst() };
     if before != u64::MAX {
@@ -291,10 +307,16 @@ pub(crate) fn check_all_cpus() -> Result<uapi::Status> {
         // SAFETY: `rev` is 4 readable bytes and the page is 4096 bytes long.
         unsafe { page.write_raw(rev.as_ptr(), 0, rev.len())? };
         // SAFETY: `page` is a valid page we own.
-        pas.push(unsafe { rvmm_page_to_phys(page.as_ptr().cast()) }, GFP_KERNEL)?;
+        pas.push(
+            unsafe { rvmm_page_to_phys(page.as_ptr().cast()) },
+            GFP_KERNEL,
+        )?;
         pages.push(page, GFP_KERNEL)?;
     }
-    let mut ctx = CheckCtx { vmcs_pa: &pas, out: Check::default() };
+    let mut ctx = CheckCtx {
+        vmcs_pa: &pas,
+        out: Check::default(),
+    };
     // SAFETY: `check_this_cpu` only reads `ctx` (and its atomics), which outlives the
     // synchronous on_each_cpu call.
     let online = unsafe { rvmm_on_each_online_cpu(check_this_cpu, (&raw mut ctx).cast()) };

@@ -4,8 +4,12 @@
 
 use std::io::Write;
 
-/// A test's result: `Err` carries the reason it failed.
+/// A test's result: `Err` carries the reason it failed; a reason that starts with
+/// [`SKIP`] marks the test skipped (it does not apply to this machine).
 pub type Outcome = Result<(), String>;
+
+/// Prefix of an `Err` reason that means "skipped".
+pub const SKIP: &str = "SKIP: ";
 
 type TestFn<C> = fn(&C) -> Outcome;
 
@@ -24,7 +28,10 @@ pub fn diag(msg: &str) {
 
 impl<C> Suite<C> {
     pub fn new(name: &'static str) -> Self {
-        Self { name, tests: Vec::new() }
+        Self {
+            name,
+            tests: Vec::new(),
+        }
     }
 
     pub fn add(&mut self, name: &'static str, f: TestFn<C>) {
@@ -36,13 +43,17 @@ impl<C> Suite<C> {
         println!("KTAP version 1");
         println!("# suite: {}", self.name);
         println!("1..{}", self.tests.len());
-        let (mut pass, mut fail) = (0, 0);
+        let (mut pass, mut fail, mut skip) = (0, 0, 0);
         for (i, (name, f)) in self.tests.iter().enumerate() {
             diag(&format!("running {name}"));
             match f(ctx) {
                 Ok(()) => {
                     pass += 1;
                     println!("ok {} {name}", i + 1);
+                }
+                Err(why) if why.starts_with(SKIP) => {
+                    skip += 1;
+                    println!("ok {} {name} # SKIP {}", i + 1, &why[SKIP.len()..]);
                 }
                 Err(why) => {
                     fail += 1;
@@ -52,7 +63,7 @@ impl<C> Suite<C> {
             }
             let _ = std::io::stdout().flush();
         }
-        println!("# Totals: pass:{pass} fail:{fail} xfail:0 xpass:0 skip:0 error:0");
+        println!("# Totals: pass:{pass} fail:{fail} xfail:0 xpass:0 skip:{skip} error:0");
         i32::from(fail != 0)
     }
 }

@@ -21,7 +21,14 @@ impl HltGuest {
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         // SAFETY: fresh anonymous mapping owned by this struct until drop.
         let mem = unsafe {
-            libc::mmap(std::ptr::null_mut(), MEM_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if mem == libc::MAP_FAILED {
             return Err("mmap guest memory".into());
@@ -36,33 +43,54 @@ impl HltGuest {
             userspace_addr: mem as u64,
         };
         // SAFETY: the mapping outlives the VM (unmapped in drop, after the fds close).
-        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-        let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
         Ok(Self { _vm: vm, vcpu, mem })
     }
 
     /// Loads the vCPU (and so its VMCS) on this CPU without running it.
     pub fn touch_vcpu(&self) -> Result<(), String> {
-        self.vcpu.get_regs().map(|_| ()).map_err(|e| format!("KVM_GET_REGS: {e}"))
+        self.vcpu
+            .get_regs()
+            .map(|_| ())
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))
     }
 
     /// Runs `hlt` at 0x1000 and checks the HLT exit and RIP.
     pub fn run_once(&mut self) -> Result<(), String> {
-        let mut regs = self.vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let mut regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         regs.rip = ENTRY;
         regs.rflags = 2;
-        self.vcpu.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.vcpu
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
             VcpuExit::Hlt => {}
             other => return Err(format!("KVM_RUN: want a HLT exit, got {other:?}")),
         }
-        let rip = self.vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?.rip;
+        let rip = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?
+            .rip;
         if rip != ENTRY + 1 {
-            return Err(format!("guest RIP {rip:#x} after HLT, want {:#x}", ENTRY + 1));
+            return Err(format!(
+                "guest RIP {rip:#x} after HLT, want {:#x}",
+                ENTRY + 1
+            ));
         }
         Ok(())
     }

@@ -69,6 +69,7 @@ fn main() {
         suite.add("vmx_on_every_cpu", vmx_on_every_cpu);
         suite.add("concurrent_opens", concurrent_opens);
         suite.add("rmmod_while_open_refused", rmmod_while_open_refused);
+        suite.add("cpu_hotplug", cpu_hotplug);
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);
         suite.add("kvm_coexistence", kvm_coexistence);
@@ -101,7 +102,13 @@ fn raw_ioctl(fd: i32, cmd: u32, arg: usize) -> i32 {
 }
 
 fn expect_errno(what: &str, got: i32, want: i32) -> Result<(), String> {
-    check(got == want, || format!("{what}: got errno {got} ({}), want {want} ({})", sys::strerror(got), sys::strerror(want)))
+    check(got == want, || {
+        format!(
+            "{what}: got errno {got} ({}), want {want} ({})",
+            sys::strerror(got),
+            sys::strerror(want)
+        )
+    })
 }
 
 fn status_all_ok(s: &Status) -> Result<(), String> {
@@ -119,39 +126,82 @@ fn status_all_ok(s: &Status) -> Result<(), String> {
 fn device_opens(_: &Ctx) -> Outcome {
     let meta = std::fs::metadata(DEV).map_err(|e| format!("{DEV}: {e}"))?;
     use std::os::unix::fs::FileTypeExt;
-    check(meta.file_type().is_char_device(), || format!("{DEV} is not a character device"))?;
+    check(meta.file_type().is_char_device(), || {
+        format!("{DEV} is not a character device")
+    })?;
     open()?;
     Ok(())
 }
 
 fn api_version_matches(_: &Ctx) -> Outcome {
     let v = open()?.api_version().map_err(|e| e.to_string())?;
-    check(v == uapi::RVMM_API_VERSION, || format!("module ABI {v}, selftests ABI {}", uapi::RVMM_API_VERSION))
+    check(v == uapi::RVMM_API_VERSION, || {
+        format!("module ABI {v}, selftests ABI {}", uapi::RVMM_API_VERSION)
+    })
 }
 
 fn unknown_ioctl_enotty(_: &Ctx) -> Outcome {
     let dev = open()?;
     let fd = dev.as_raw_fd();
-    expect_errno("unknown nr 0x7f", raw_ioctl(fd, ioc(IOC_NONE, 0x7f, 0), 0), libc::ENOTTY)?;
-    expect_errno("unknown nr 0xff (read, 8 bytes)", raw_ioctl(fd, ioc(IOC_READ, 0xff, 8), 0), libc::ENOTTY)?;
+    expect_errno(
+        "unknown nr 0x7f",
+        raw_ioctl(fd, ioc(IOC_NONE, 0x7f, 0), 0),
+        libc::ENOTTY,
+    )?;
+    expect_errno(
+        "unknown nr 0xff (read, 8 bytes)",
+        raw_ioctl(fd, ioc(IOC_READ, 0xff, 8), 0),
+        libc::ENOTTY,
+    )?;
     // KVM_GET_API_VERSION: another driver's ioctl type.
-    expect_errno("KVM_GET_API_VERSION", raw_ioctl(fd, 0xAE00, 0), libc::ENOTTY)?;
-    expect_errno("TCGETS", raw_ioctl(fd, libc::TCGETS as u32, 0), libc::ENOTTY)
+    expect_errno(
+        "KVM_GET_API_VERSION",
+        raw_ioctl(fd, 0xAE00, 0),
+        libc::ENOTTY,
+    )?;
+    expect_errno(
+        "TCGETS",
+        raw_ioctl(fd, libc::TCGETS as u32, 0),
+        libc::ENOTTY,
+    )
 }
 
 fn bad_user_pointer_efault(_: &Ctx) -> Outcome {
     let dev = open()?;
     let fd = dev.as_raw_fd();
-    for (name, cmd) in [("RVMM_GET_VMX_CAPS", uapi::RVMM_GET_VMX_CAPS), ("RVMM_GET_STATUS", uapi::RVMM_GET_STATUS)] {
-        expect_errno(&format!("{name}(NULL)"), raw_ioctl(fd, cmd, 0), libc::EFAULT)?;
-        expect_errno(&format!("{name}(kernel address)"), raw_ioctl(fd, cmd, 0xffff_8880_0000_0000), libc::EFAULT)?;
+    for (name, cmd) in [
+        ("RVMM_GET_VMX_CAPS", uapi::RVMM_GET_VMX_CAPS),
+        ("RVMM_GET_STATUS", uapi::RVMM_GET_STATUS),
+    ] {
+        expect_errno(
+            &format!("{name}(NULL)"),
+            raw_ioctl(fd, cmd, 0),
+            libc::EFAULT,
+        )?;
+        expect_errno(
+            &format!("{name}(kernel address)"),
+            raw_ioctl(fd, cmd, 0xffff_8880_0000_0000),
+            libc::EFAULT,
+        )?;
         let ro = sys::MappedPage::new(libc::PROT_READ)?;
-        expect_errno(&format!("{name}(read-only page)"), raw_ioctl(fd, cmd, ro.addr()), libc::EFAULT)?;
+        expect_errno(
+            &format!("{name}(read-only page)"),
+            raw_ioctl(fd, cmd, ro.addr()),
+            libc::EFAULT,
+        )?;
         let none = sys::MappedPage::new(libc::PROT_NONE)?;
-        expect_errno(&format!("{name}(PROT_NONE page)"), raw_ioctl(fd, cmd, none.addr()), libc::EFAULT)?;
+        expect_errno(
+            &format!("{name}(PROT_NONE page)"),
+            raw_ioctl(fd, cmd, none.addr()),
+            libc::EFAULT,
+        )?;
         // Straddling the end of a writable page into an inaccessible one.
         let rw = sys::MappedPage::new_guarded()?;
-        expect_errno(&format!("{name}(straddles a guard page)"), raw_ioctl(fd, cmd, rw.addr() + 4096 - 8), libc::EFAULT)?;
+        expect_errno(
+            &format!("{name}(straddles a guard page)"),
+            raw_ioctl(fd, cmd, rw.addr() + 4096 - 8),
+            libc::EFAULT,
+        )?;
     }
     // The device still works afterwards.
     dev.status().map_err(|e| e.to_string())?;
@@ -165,28 +215,76 @@ fn wrong_size_einval(_: &Ctx) -> Outcome {
     let p = buf.as_mut_ptr() as usize;
     let caps = core::mem::size_of::<uapi::VmxCaps>();
     let status = core::mem::size_of::<uapi::Status>();
-    expect_errno("GET_VMX_CAPS size-8", raw_ioctl(fd, ioc(IOC_READ, 0x01, caps - 8), p), libc::EINVAL)?;
-    expect_errno("GET_VMX_CAPS size+8", raw_ioctl(fd, ioc(IOC_READ, 0x01, caps + 8), p), libc::EINVAL)?;
-    expect_errno("GET_VMX_CAPS as _IOW", raw_ioctl(fd, ioc(IOC_WRITE, 0x01, caps), p), libc::EINVAL)?;
-    expect_errno("GET_STATUS size 0", raw_ioctl(fd, ioc(IOC_READ, 0x02, 0), p), libc::EINVAL)?;
-    expect_errno("GET_STATUS size+4", raw_ioctl(fd, ioc(IOC_READ, 0x02, status + 4), p), libc::EINVAL)?;
-    expect_errno("GET_API_VERSION with a size", raw_ioctl(fd, ioc(IOC_READ, 0x00, 4), p), libc::EINVAL)?;
-    check(buf.iter().all(|&b| b == 0), || "a refused ioctl wrote to the buffer".into())
+    expect_errno(
+        "GET_VMX_CAPS size-8",
+        raw_ioctl(fd, ioc(IOC_READ, 0x01, caps - 8), p),
+        libc::EINVAL,
+    )?;
+    expect_errno(
+        "GET_VMX_CAPS size+8",
+        raw_ioctl(fd, ioc(IOC_READ, 0x01, caps + 8), p),
+        libc::EINVAL,
+    )?;
+    expect_errno(
+        "GET_VMX_CAPS as _IOW",
+        raw_ioctl(fd, ioc(IOC_WRITE, 0x01, caps), p),
+        libc::EINVAL,
+    )?;
+    expect_errno(
+        "GET_STATUS size 0",
+        raw_ioctl(fd, ioc(IOC_READ, 0x02, 0), p),
+        libc::EINVAL,
+    )?;
+    expect_errno(
+        "GET_STATUS size+4",
+        raw_ioctl(fd, ioc(IOC_READ, 0x02, status + 4), p),
+        libc::EINVAL,
+    )?;
+    expect_errno(
+        "GET_API_VERSION with a size",
+        raw_ioctl(fd, ioc(IOC_READ, 0x00, 4), p),
+        libc::EINVAL,
+    )?;
+    check(buf.iter().all(|&b| b == 0), || {
+        "a refused ioctl wrote to the buffer".into()
+    })
 }
 
 fn vmx_caps_sane(_: &Ctx) -> Outcome {
     let c = open()?.vmx_caps().map_err(|e| e.to_string())?;
     use rvmm_core_caps::*;
     let basic = VmxBasic(c.basic);
-    check(c.vmcs_revision != 0 && c.vmcs_revision == basic.revision_id(), || format!("bad VMCS revision {c:?}"))?;
-    check(c.vmcs_size > 0 && c.vmcs_size <= 4096, || format!("bad VMCS size {}", c.vmcs_size))?;
-    for (name, msr) in [("pin", c.pinbased), ("proc", c.procbased), ("exit", c.exit), ("entry", c.entry), ("proc2", c.procbased2)] {
+    check(
+        c.vmcs_revision != 0 && c.vmcs_revision == basic.revision_id(),
+        || format!("bad VMCS revision {c:?}"),
+    )?;
+    check(c.vmcs_size > 0 && c.vmcs_size <= 4096, || {
+        format!("bad VMCS size {}", c.vmcs_size)
+    })?;
+    for (name, msr) in [
+        ("pin", c.pinbased),
+        ("proc", c.procbased),
+        ("exit", c.exit),
+        ("entry", c.entry),
+        ("proc2", c.procbased2),
+    ] {
         let a = AllowedControls(msr);
-        check(a.must_be_one() & !a.may_be_one() == 0, || format!("{name}: a must-be-1 control may not be 1: {msr:#x}"))?;
+        check(a.must_be_one() & !a.may_be_one() == 0, || {
+            format!("{name}: a must-be-1 control may not be 1: {msr:#x}")
+        })?;
     }
-    check(AllowedControls(c.procbased).may_be_one() != 0, || "no primary controls reported".into())?;
-    check(c.cr0_fixed0 & !c.cr0_fixed1 == 0, || format!("CR0 fixed0 {:#x} not within fixed1 {:#x}", c.cr0_fixed0, c.cr0_fixed1))?;
-    check(c.cr4_fixed0 & (1 << 13) != 0, || format!("CR4 fixed0 {:#x} lacks VMXE", c.cr4_fixed0))?;
+    check(AllowedControls(c.procbased).may_be_one() != 0, || {
+        "no primary controls reported".into()
+    })?;
+    check(c.cr0_fixed0 & !c.cr0_fixed1 == 0, || {
+        format!(
+            "CR0 fixed0 {:#x} not within fixed1 {:#x}",
+            c.cr0_fixed0, c.cr0_fixed1
+        )
+    })?;
+    check(c.cr4_fixed0 & (1 << 13) != 0, || {
+        format!("CR4 fixed0 {:#x} lacks VMXE", c.cr4_fixed0)
+    })?;
     Ok(())
 }
 
@@ -203,10 +301,18 @@ fn concurrent_opens(_: &Ctx) -> Outcome {
         let pid = sys::fork_child(|| {
             let own = open()?;
             for _ in 0..25 {
-                let s = if i % 2 == 0 { own.status() } else { shared.status() }.map_err(|e| e.to_string())?;
+                let s = if i % 2 == 0 {
+                    own.status()
+                } else {
+                    shared.status()
+                }
+                .map_err(|e| e.to_string())?;
                 status_all_ok(&s)?;
                 own.vmx_caps().map_err(|e| e.to_string())?;
-                check(own.api_version().ok() == Some(uapi::RVMM_API_VERSION), || "api version".into())?;
+                check(
+                    own.api_version().ok() == Some(uapi::RVMM_API_VERSION),
+                    || "api version".into(),
+                )?;
             }
             Ok(())
         })?;
@@ -228,16 +334,45 @@ fn rmmod_while_open_refused(ctx: &Ctx) -> Outcome {
         Ok(()) => return Err("rmmod rvmm succeeded while /dev/rvmm was open".into()),
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(0);
-            check(errno == libc::EBUSY || errno == libc::EWOULDBLOCK, || format!("rmmod while open: {e}, want EBUSY/EWOULDBLOCK"))?;
+            check(errno == libc::EBUSY || errno == libc::EWOULDBLOCK, || {
+                format!("rmmod while open: {e}, want EBUSY/EWOULDBLOCK")
+            })?;
         }
     }
-    check(sys::module_loaded("rvmm"), || "module gone after a refused rmmod".into())?;
+    check(sys::module_loaded("rvmm"), || {
+        "module gone after a refused rmmod".into()
+    })?;
     status_all_ok(&dev.status().map_err(|e| e.to_string())?)?;
     drop(dev);
     ctx.unload_rvmm()?;
-    check(!Path::new(DEV).exists(), || format!("{DEV} still exists after rmmod"))?;
+    check(!Path::new(DEV).exists(), || {
+        format!("{DEV} still exists after rmmod")
+    })?;
     ctx.load_rvmm()?;
     status_all_ok(&open()?.status().map_err(|e| e.to_string())?)
+}
+
+fn cpu_hotplug(ctx: &Ctx) -> Outcome {
+    ctx.load_rvmm()?;
+    let last = sys::online_cpus().saturating_sub(1);
+    if last == 0 {
+        return Err(format!("{}needs two CPUs", ktap::SKIP));
+    }
+    let dev = open()?;
+    let ctl = format!("/sys/devices/system/cpu/cpu{last}/online");
+    for round in 0..3 {
+        std::fs::write(&ctl, "0").map_err(|e| format!("offline cpu{last}: {e}"))?;
+        let s = dev.status().map_err(|e| e.to_string())?;
+        check(s.online_cpus == last && s.vmx_cpus == last, || {
+            format!("round {round}, cpu{last} offline: {s:?}")
+        })?;
+        status_all_ok(&s)?;
+        std::fs::write(&ctl, "1").map_err(|e| format!("online cpu{last}: {e}"))?;
+        // The CPU that came back got VMX from rvmm's hotplug callback.
+        status_all_ok(&dev.status().map_err(|e| e.to_string())?)
+            .map_err(|e| format!("round {round}, cpu{last} back: {e}"))?;
+    }
+    Ok(())
 }
 
 fn cr4_shadow_stress(ctx: &Ctx) -> Outcome {
@@ -281,12 +416,14 @@ fn cr4_shadow_stress(ctx: &Ctx) -> Outcome {
         }
     }
     check(failed == 0, || format!("{failed} stress tasks failed"))?;
-    ktap::diag(&format!("{} CR4.TSD tasks x 20000 switches, {churned} module load/unload cycles", cpus));
+    ktap::diag(&format!("{cpus} CPU(s), 2 tasks each (one with CR4.TSD) x 20000 yields, {churned} module load/unload cycles"));
     status_all_ok(&dev.status().map_err(|e| e.to_string())?)
 }
 
 fn load_unload_20_times(ctx: &Ctx) -> Outcome {
-    check(!sys::module_loaded("kvm_intel"), || "kvm_intel is loaded: this test needs VMX free of other users".into())?;
+    check(!sys::module_loaded("kvm_intel"), || {
+        "kvm_intel is loaded: this test needs VMX free of other users".into()
+    })?;
     for i in 0..20 {
         ctx.unload_rvmm()?;
         ctx.load_rvmm().map_err(|e| format!("iteration {i}: {e}"))?;
@@ -294,7 +431,9 @@ fn load_unload_20_times(ctx: &Ctx) -> Outcome {
         status_all_ok(&s).map_err(|e| format!("iteration {i}: {e}"))?;
         // Nobody else uses VMX: had an earlier load leaked its reference, VMX would
         // have been on already when this load took its own.
-        check(s.shared_cpus == 0, || format!("iteration {i}: VMX was already on at load (leaked reference?): {s:?}"))?;
+        check(s.shared_cpus == 0, || {
+            format!("iteration {i}: VMX was already on at load (leaked reference?): {s:?}")
+        })?;
     }
     ctx.unload_rvmm()
 }
@@ -302,13 +441,19 @@ fn load_unload_20_times(ctx: &Ctx) -> Outcome {
 fn kvm_coexistence(ctx: &Ctx) -> Outcome {
     ctx.unload_rvmm()?;
     // kvm-intel loads after rvmm is gone, and takes VMX itself at load.
-    for (ko, name) in [("irqbypass.ko", "irqbypass"), ("kvm.ko", "kvm"), ("kvm-intel.ko", "kvm_intel")] {
+    for (ko, name) in [
+        ("irqbypass.ko", "irqbypass"),
+        ("kvm.ko", "kvm"),
+        ("kvm-intel.ko", "kvm_intel"),
+    ] {
         if !sys::module_loaded(name) {
             sys::insmod(&ctx.ko(ko)).map_err(|e| format!("insmod {ko}: {e}"))?;
         }
     }
     let mut guest = kvm_guest::HltGuest::new()?;
-    guest.run_once().map_err(|e| format!("KVM guest before rvmm: {e}"))?;
+    guest
+        .run_once()
+        .map_err(|e| format!("KVM guest before rvmm: {e}"))?;
     ctx.load_rvmm()?;
     let dev = open()?;
     let mut foreign = 0;
@@ -317,17 +462,27 @@ fn kvm_coexistence(ctx: &Ctx) -> Outcome {
         guest.touch_vcpu()?;
         let s = dev.status().map_err(|e| e.to_string())?;
         status_all_ok(&s).map_err(|e| format!("round {i}: {e}"))?;
-        check(s.shared_cpus == s.online_cpus, || format!("round {i}: KVM holds VMX but rvmm saw it off: {s:?}"))?;
+        check(s.shared_cpus == s.online_cpus, || {
+            format!("round {i}: KVM holds VMX but rvmm saw it off: {s:?}")
+        })?;
         foreign += s.foreign_vmcs_cpus;
         // KVM must find its own VMCS current: a VMCS of rvmm left there would make this
         // VM entry fail or run the wrong guest.
-        guest.run_once().map_err(|e| format!("round {i}: KVM guest after rvmm's VMCS check: {e}"))?;
+        guest
+            .run_once()
+            .map_err(|e| format!("round {i}: KVM guest after rvmm's VMCS check: {e}"))?;
     }
-    check(foreign > 0, || "KVM's VMCS was never current during rvmm's checks: the test proved nothing".into())?;
-    ktap::diag(&format!("rvmm found KVM's VMCS current {foreign} times and restored it each time"));
+    check(foreign > 0, || {
+        "KVM's VMCS was never current during rvmm's checks: the test proved nothing".into()
+    })?;
+    ktap::diag(&format!(
+        "rvmm found KVM's VMCS current {foreign} times and restored it each time"
+    ));
     drop(dev);
     ctx.unload_rvmm()?;
-    guest.run_once().map_err(|e| format!("KVM guest after rmmod rvmm: {e}"))?;
+    guest
+        .run_once()
+        .map_err(|e| format!("KVM guest after rmmod rvmm: {e}"))?;
     drop(guest);
     for name in ["kvm_intel", "kvm", "irqbypass"] {
         sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
@@ -336,7 +491,9 @@ fn kvm_coexistence(ctx: &Ctx) -> Outcome {
     ctx.load_rvmm()?;
     let s = open()?.status().map_err(|e| e.to_string())?;
     status_all_ok(&s)?;
-    check(s.shared_cpus == 0, || format!("VMX still on after KVM unloaded: {s:?}"))
+    check(s.shared_cpus == 0, || {
+        format!("VMX still on after KVM unloaded: {s:?}")
+    })
 }
 
 fn load_refused_without_vmx(ctx: &Ctx) -> Outcome {
@@ -344,12 +501,18 @@ fn load_refused_without_vmx(ctx: &Ctx) -> Outcome {
     kmsg.drain();
     match sys::insmod(&ctx.ko("rvmm.ko")) {
         Ok(()) => return Err("rvmm.ko loaded on a CPU without VT-x".into()),
-        Err(e) => expect_errno("insmod rvmm.ko", e.raw_os_error().unwrap_or(0), libc::ENODEV)?,
+        Err(e) => expect_errno(
+            "insmod rvmm.ko",
+            e.raw_os_error().unwrap_or(0),
+            libc::ENODEV,
+        )?,
     }
     check(!Path::new(DEV).exists(), || format!("{DEV} exists"))?;
     let log = kmsg.drain();
     let line = log.iter().find(|l| l.contains("rvmm: not loading"));
-    check(line.is_some_and(|l| l.contains("no VT-x")), || format!("no clear kernel log line; kernel said: {log:?}"))?;
+    check(line.is_some_and(|l| l.contains("no VT-x")), || {
+        format!("no clear kernel log line; kernel said: {log:?}")
+    })?;
     ktap::diag(&format!("kernel: {}", line.unwrap()));
     Ok(())
 }

@@ -88,7 +88,10 @@ pub fn pin_to_cpu(cpu: u32) -> Result<(), String> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu as usize, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(format!("sched_setaffinity({cpu}): {}", io::Error::last_os_error()));
+            return Err(format!(
+                "sched_setaffinity({cpu}): {}",
+                io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
@@ -131,11 +134,23 @@ impl MappedPage {
 
     fn map(len: usize, prot: i32) -> Result<Self, String> {
         // SAFETY: a fresh anonymous mapping; nothing else refers to it.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(format!("mmap: {}", io::Error::last_os_error()));
         }
-        Ok(Self { addr: p as usize, len })
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
     }
 
     pub fn addr(&self) -> usize {
@@ -174,7 +189,10 @@ impl Kmsg {
                 Ok(0) => break,
                 Ok(n) => {
                     let rec = String::from_utf8_lossy(&buf[..n]);
-                    out.push(rec.split_once(';').map_or(rec.to_string(), |(_, m)| m.trim_end().to_string()));
+                    out.push(
+                        rec.split_once(';')
+                            .map_or(rec.to_string(), |(_, m)| m.trim_end().to_string()),
+                    );
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
                 Err(_) => break,

@@ -169,7 +169,19 @@ pub const RVMM_GET_STATUS: u32 = ioc(IOC_READ, 0x02, core::mem::size_of::<Status
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[
-    ("RVMM_GET_API_VERSION", RVMM_GET_API_VERSION, "_IO(RVMM_IOCTL_TYPE, 0x00)"),
-    ("RVMM_GET_VMX_CAPS", RVMM_GET_VMX_CAPS, "_IOR(RVMM_IOCTL_TYPE, 0x01, struct rvmm_vmx_caps)"),
-    ("RVMM_GET_STATUS", RVMM_GET_STATUS, "_IOR(RVMM_IOCTL_TYPE, 0x02, struct rvmm_status)"),
+    (
+        "RVMM_GET_API_VERSION",
+        RVMM_GET_API_VERSION,
+        "_IO(RVMM_IOCTL_TYPE, 0x00)",
+    ),
+    (
+        "RVMM_GET_VMX_CAPS",
+        RVMM_GET_VMX_CAPS,
+        "_IOR(RVMM_IOCTL_TYPE, 0x01, struct rvmm_vmx_caps)",
+    ),
+    (
+        "RVMM_GET_STATUS",
+        RVMM_GET_STATUS,
+        "_IOR(RVMM_IOCTL_TYPE, 0x02, struct rvmm_status)",
+    ),
 ];

@@ -11,8 +11,18 @@ use std::process::Command;
 
 fn structs() -> Vec<(&'static str, &'static [CField], &'static [usize], usize)> {
     vec![
-        (VmxCaps::C_NAME, VmxCaps::C_FIELDS, VmxCaps::offsets(), size_of::<VmxCaps>()),
-        (Status::C_NAME, Status::C_FIELDS, Status::offsets(), size_of::<Status>()),
+        (
+            VmxCaps::C_NAME,
+            VmxCaps::C_FIELDS,
+            VmxCaps::offsets(),
+            size_of::<VmxCaps>(),
+        ),
+        (
+            Status::C_NAME,
+            Status::C_FIELDS,
+            Status::offsets(),
+            size_of::<Status>(),
+        ),
     ]
 }
 
@@ -52,14 +62,19 @@ fn committed_header_is_current() {
         std::fs::write(&path, &want).unwrap();
     }
     let have = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(have, want, "uapi/include/linux/rvmm.h is stale: run RVMM_BLESS=1 cargo test -p rvmm-uapi");
+    assert_eq!(
+        have, want,
+        "uapi/include/linux/rvmm.h is stale: run RVMM_BLESS=1 cargo test -p rvmm-uapi"
+    );
 }
 
 #[test]
 fn c_compiler_agrees_with_rust() {
     let dir = std::env::temp_dir().join(format!("rvmm-uapi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut c = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"linux/rvmm.h\"\nint main(void) {\n");
+    let mut c = String::from(
+        "#include <stdio.h>\n#include <stddef.h>\n#include \"linux/rvmm.h\"\nint main(void) {\n",
+    );
     let mut want = String::new();
     for (name, fields, offsets, size) in structs() {
         writeln!(c, "printf(\"%zu\\n\", sizeof(struct {name}));").unwrap();
@@ -89,7 +104,11 @@ fn c_compiler_agrees_with_rust() {
     assert!(ok.success(), "the generated header does not compile");
     let out = Command::new(&exe).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), want, "C and Rust disagree on the ABI");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        want,
+        "C and Rust disagree on the ABI"
+    );
 }
 
 #[test]

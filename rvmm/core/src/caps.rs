@@ -64,7 +64,8 @@ pub fn check_vmx(cpuid_1_ecx: u32, feature_control: Option<u64>) -> Result<(), V
     if cpuid_1_ecx & CPUID_1_ECX_VMX == 0 {
         return Err(VmxUnavailable::NoVmx);
     }
-    let fc = FeatureControl::from_bits_retain(feature_control.ok_or(VmxUnavailable::NoFeatureControl)?);
+    let fc =
+        FeatureControl::from_bits_retain(feature_control.ok_or(VmxUnavailable::NoFeatureControl)?);
     if !fc.contains(FeatureControl::LOCKED) {
         return Err(VmxUnavailable::NotLocked);
     }
@@ -195,19 +196,28 @@ mod tests {
     fn vmx_availability() {
         let fc = (FeatureControl::LOCKED | FeatureControl::VMXON_OUTSIDE_SMX).bits();
         assert_eq!(check_vmx(0, Some(fc)), Err(VmxUnavailable::NoVmx));
-        assert_eq!(check_vmx(CPUID_1_ECX_VMX, None), Err(VmxUnavailable::NoFeatureControl));
+        assert_eq!(
+            check_vmx(CPUID_1_ECX_VMX, None),
+            Err(VmxUnavailable::NoFeatureControl)
+        );
         assert_eq!(check_vmx(CPUID_1_ECX_VMX, Some(fc)), Ok(()));
         assert_eq!(
             check_vmx(CPUID_1_ECX_VMX, Some(FeatureControl::LOCKED.bits())),
             Err(VmxUnavailable::DisabledByFirmware)
         );
         assert_eq!(
-            check_vmx(CPUID_1_ECX_VMX, Some(FeatureControl::VMXON_OUTSIDE_SMX.bits())),
+            check_vmx(
+                CPUID_1_ECX_VMX,
+                Some(FeatureControl::VMXON_OUTSIDE_SMX.bits())
+            ),
             Err(VmxUnavailable::NotLocked)
         );
         // Only inside SMX: still unusable for a hypervisor.
         let smx_only = (FeatureControl::LOCKED | FeatureControl::VMXON_INSIDE_SMX).bits();
-        assert_eq!(check_vmx(CPUID_1_ECX_VMX | 1, Some(smx_only)), Err(VmxUnavailable::DisabledByFirmware));
+        assert_eq!(
+            check_vmx(CPUID_1_ECX_VMX | 1, Some(smx_only)),
+            Err(VmxUnavailable::DisabledByFirmware)
+        );
         assert!(VmxUnavailable::NoVmx.is_absent());
         assert!(!VmxUnavailable::DisabledByFirmware.is_absent());
     }

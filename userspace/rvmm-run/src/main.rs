@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 use rvmm::{Rvmm, VmxCaps};
 use rvmm_core::caps::{AllowedControls, VmxBasic};
 use std::process::ExitCode;
-use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
+use x86::vmx::vmcs::control::{
+    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
+};
 
 /// Run guests on rvmm, the shadow-paging VT-x hypervisor module.
 #[derive(Parser)]
@@ -43,7 +45,11 @@ fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
     let dev = Rvmm::open(&cli.device)?;
     match cli.command {
         Command::Info => {
-            println!("rvmm API version: {} (this rvmm-run: {})", dev.api_version()?, rvmm::RVMM_API_VERSION);
+            println!(
+                "rvmm API version: {} (this rvmm-run: {})",
+                dev.api_version()?,
+                rvmm::RVMM_API_VERSION
+            );
             print_caps(&dev.vmx_caps()?);
             Ok(ExitCode::SUCCESS)
         }
@@ -60,8 +66,19 @@ fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
                 && s.vmxe_cpus == s.online_cpus
                 && s.vmcs_ok_cpus == s.online_cpus
                 && s.vmcs_ptr_clobbered == 0;
-            println!("{}", if ok { "VMX operation OK on every CPU" } else { "VMX operation FAILED on some CPU" });
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            println!(
+                "{}",
+                if ok {
+                    "VMX operation OK on every CPU"
+                } else {
+                    "VMX operation FAILED on some CPU"
+                }
+            );
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -71,22 +88,56 @@ fn print_caps(c: &VmxCaps) {
     println!("VMX basic:        {:#018x}", c.basic);
     println!("  VMCS revision:  {:#x}", c.vmcs_revision);
     println!("  VMCS size:      {} bytes", c.vmcs_size);
-    println!("  memory type:    {} ({})", basic.memory_type(), if basic.memory_type() == 6 { "write-back" } else { "other" });
-    println!("  true controls:  {}", if basic.true_controls() { "yes" } else { "no" });
-    println!("  INS/OUTS info:  {}", if basic.ins_outs_info() { "yes" } else { "no" });
-    controls("pin-based", c.pinbased, |b| format!("{:?}", PinbasedControls::from_bits_truncate(b)));
-    controls("primary proc-based", c.procbased, |b| format!("{:?}", PrimaryControls::from_bits_truncate(b)));
-    controls("secondary proc-based", c.procbased2, |b| format!("{:?}", SecondaryControls::from_bits_truncate(b)));
-    controls("VM-exit", c.exit, |b| format!("{:?}", ExitControls::from_bits_truncate(b)));
-    controls("VM-entry", c.entry, |b| format!("{:?}", EntryControls::from_bits_truncate(b)));
+    println!(
+        "  memory type:    {} ({})",
+        basic.memory_type(),
+        if basic.memory_type() == 6 {
+            "write-back"
+        } else {
+            "other"
+        }
+    );
+    println!(
+        "  true controls:  {}",
+        if basic.true_controls() { "yes" } else { "no" }
+    );
+    println!(
+        "  INS/OUTS info:  {}",
+        if basic.ins_outs_info() { "yes" } else { "no" }
+    );
+    controls("pin-based", c.pinbased, |b| {
+        format!("{:?}", PinbasedControls::from_bits_truncate(b))
+    });
+    controls("primary proc-based", c.procbased, |b| {
+        format!("{:?}", PrimaryControls::from_bits_truncate(b))
+    });
+    controls("secondary proc-based", c.procbased2, |b| {
+        format!("{:?}", SecondaryControls::from_bits_truncate(b))
+    });
+    controls("VM-exit", c.exit, |b| {
+        format!("{:?}", ExitControls::from_bits_truncate(b))
+    });
+    controls("VM-entry", c.entry, |b| {
+        format!("{:?}", EntryControls::from_bits_truncate(b))
+    });
     println!("VMX misc:         {:#018x}", c.misc);
     println!("EPT/VPID caps:    {:#018x}", c.ept_vpid_cap);
-    println!("CR0 fixed0/1:     {:#x} / {:#x}", c.cr0_fixed0, c.cr0_fixed1);
-    println!("CR4 fixed0/1:     {:#x} / {:#x}", c.cr4_fixed0, c.cr4_fixed1);
+    println!(
+        "CR0 fixed0/1:     {:#x} / {:#x}",
+        c.cr0_fixed0, c.cr0_fixed1
+    );
+    println!(
+        "CR4 fixed0/1:     {:#x} / {:#x}",
+        c.cr4_fixed0, c.cr4_fixed1
+    );
 }
 
 fn controls(name: &str, msr: u64, names: impl Fn(u32) -> String) {
     let a = AllowedControls(msr);
-    println!("{name} controls: must be 1 {:#010x}, may be 1 {:#010x}", a.must_be_one(), a.may_be_one());
+    println!(
+        "{name} controls: must be 1 {:#010x}, may be 1 {:#010x}",
+        a.must_be_one(),
+        a.may_be_one()
+    );
     println!("  supported: {}", names(a.may_be_one()));
 }

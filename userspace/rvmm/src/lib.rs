@@ -83,7 +83,10 @@ impl Rvmm {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| Error::Open { path: path.to_owned(), source })?;
+            .map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
         let rvmm = Rvmm { file };
         let module = rvmm.api_version()?;
         if module != RVMM_API_VERSION {
@@ -95,9 +98,18 @@ impl Rvmm {
     /// The module's ABI version.
     pub fn api_version(&self) -> Result<u32> {
         // SAFETY: RVMM_GET_API_VERSION takes no argument.
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), uapi::RVMM_GET_API_VERSION as _, 0usize) };
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                uapi::RVMM_GET_API_VERSION as _,
+                0usize,
+            )
+        };
         if r < 0 {
-            return Err(Error::Ioctl { op: "RVMM_GET_API_VERSION", source: io::Error::last_os_error() });
+            return Err(Error::Ioctl {
+                op: "RVMM_GET_API_VERSION",
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(r as u32)
     }
@@ -118,7 +130,10 @@ impl Rvmm {
         // `value` is a valid, writable `T`.
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), cmd as _, &mut value as *mut T) };
         if r < 0 {
-            return Err(Error::Ioctl { op, source: io::Error::last_os_error() });
+            return Err(Error::Ioctl {
+                op,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(value)
     }
