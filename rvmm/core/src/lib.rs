@@ -5,6 +5,8 @@
 //!
 //! - [`caps`]: VMX availability and capability MSR decoding, VM-execution control
 //!   computation from the allowed-0/allowed-1 settings.
+//! - [`mmu`]: the guest page-table walker, shadow entries and the shadow tree.
 #![no_std]
 
 pub mod caps;
+pub mod mmu;
