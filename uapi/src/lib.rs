@@ -57,7 +57,8 @@ pub const fn ioc_dir(cmd: u32) -> u32 {
     cmd >> IOC_DIRSHIFT
 }
 
-/// One field of a C declaration: C type, name.
+/// One field of a C declaration: the C declaration (type and name, e.g.
+/// `"__u8 pad[6]"`), and the field's name.
 pub type CField = (&'static str, &'static str);
 
 /// A structure of the ABI with its C declaration.
@@ -75,7 +76,7 @@ macro_rules! abi_struct {
     (
         $(#[$meta:meta])*
         pub struct $name:ident as $cname:literal {
-            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty => $cty:literal, )*
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty => $cdecl:literal, )*
         }
     ) => {
         $(#[$meta])*
@@ -87,7 +88,7 @@ macro_rules! abi_struct {
 
         impl AbiStruct for $name {
             const C_NAME: &'static str = $cname;
-            const C_FIELDS: &'static [CField] = &[ $( ($cty, stringify!($field)), )* ];
+            const C_FIELDS: &'static [CField] = &[ $( ($cdecl, stringify!($field)), )* ];
             fn offsets() -> &'static [usize] {
                 const OFFSETS: &[usize] = &[ $( core::mem::offset_of!($name, $field), )* ];
                 OFFSETS
@@ -105,33 +106,33 @@ abi_struct! {
     /// allowed-0 settings (bits that must be 1), high 32 bits the allowed-1 settings.
     pub struct VmxCaps as "rvmm_vmx_caps" {
         /// IA32_VMX_BASIC.
-        pub basic: u64 => "__u64",
+        pub basic: u64 => "__u64 basic",
         /// (TRUE_)PINBASED_CTLS.
-        pub pinbased: u64 => "__u64",
+        pub pinbased: u64 => "__u64 pinbased",
         /// (TRUE_)PROCBASED_CTLS.
-        pub procbased: u64 => "__u64",
+        pub procbased: u64 => "__u64 procbased",
         /// PROCBASED_CTLS2 (0 when secondary controls are not available).
-        pub procbased2: u64 => "__u64",
+        pub procbased2: u64 => "__u64 procbased2",
         /// (TRUE_)EXIT_CTLS.
-        pub exit: u64 => "__u64",
+        pub exit: u64 => "__u64 exit",
         /// (TRUE_)ENTRY_CTLS.
-        pub entry: u64 => "__u64",
+        pub entry: u64 => "__u64 entry",
         /// IA32_VMX_MISC.
-        pub misc: u64 => "__u64",
+        pub misc: u64 => "__u64 misc",
         /// IA32_VMX_EPT_VPID_CAP (0 when absent).
-        pub ept_vpid_cap: u64 => "__u64",
+        pub ept_vpid_cap: u64 => "__u64 ept_vpid_cap",
         /// IA32_VMX_CR0_FIXED0.
-        pub cr0_fixed0: u64 => "__u64",
+        pub cr0_fixed0: u64 => "__u64 cr0_fixed0",
         /// IA32_VMX_CR0_FIXED1.
-        pub cr0_fixed1: u64 => "__u64",
+        pub cr0_fixed1: u64 => "__u64 cr0_fixed1",
         /// IA32_VMX_CR4_FIXED0.
-        pub cr4_fixed0: u64 => "__u64",
+        pub cr4_fixed0: u64 => "__u64 cr4_fixed0",
         /// IA32_VMX_CR4_FIXED1.
-        pub cr4_fixed1: u64 => "__u64",
+        pub cr4_fixed1: u64 => "__u64 cr4_fixed1",
         /// VMCS revision identifier (IA32_VMX_BASIC[30:0]).
-        pub vmcs_revision: u32 => "__u32",
+        pub vmcs_revision: u32 => "__u32 vmcs_revision",
         /// VMCS region size in bytes (IA32_VMX_BASIC[44:32]).
-        pub vmcs_size: u32 => "__u32",
+        pub vmcs_size: u32 => "__u32 vmcs_size",
     }
 }
 
@@ -142,23 +143,360 @@ abi_struct! {
     /// the CPU's previous current-VMCS pointer restored afterwards.
     pub struct Status as "rvmm_status" {
         /// CPUs online now.
-        pub online_cpus: u32 => "__u32",
+        pub online_cpus: u32 => "__u32 online_cpus",
         /// CPUs on which rvmm holds a reference on the kernel's VMX enable.
-        pub vmx_cpus: u32 => "__u32",
+        pub vmx_cpus: u32 => "__u32 vmx_cpus",
         /// CPUs with CR4.VMXE set in the register and in the CR4 shadow.
-        pub vmxe_cpus: u32 => "__u32",
+        pub vmxe_cpus: u32 => "__u32 vmxe_cpus",
         /// CPUs on which the VMCS check passed.
-        pub vmcs_ok_cpus: u32 => "__u32",
+        pub vmcs_ok_cpus: u32 => "__u32 vmcs_ok_cpus",
         /// CPUs on which VMX was already on when rvmm took its reference (KVM had it).
-        pub shared_cpus: u32 => "__u32",
+        pub shared_cpus: u32 => "__u32 shared_cpus",
         /// CPUs whose current-VMCS pointer was found changed after the check (must be 0).
-        pub vmcs_ptr_clobbered: u32 => "__u32",
+        pub vmcs_ptr_clobbered: u32 => "__u32 vmcs_ptr_clobbered",
         /// Sum over the checks of CPUs that had a current VMCS (another user's) loaded.
-        pub foreign_vmcs_cpus: u32 => "__u32",
+        pub foreign_vmcs_cpus: u32 => "__u32 foreign_vmcs_cpus",
         /// Reserved, zero.
-        pub reserved: u32 => "__u32",
+        pub reserved: u32 => "__u32 reserved",
     }
 }
+
+abi_struct! {
+    /// A guest memory region backed by userspace memory (`RVMM_SET_MEMORY_REGION`).
+    /// A slot is created, moved (same slot, same backing, new `guest_phys_addr`) or
+    /// deleted (`memory_size` 0). Addresses and sizes are 4-KiB aligned; regions may not
+    /// overlap (EEXIST).
+    pub struct MemoryRegion as "rvmm_memory_region" {
+        /// Slot number, below [`RVMM_MAX_MEMSLOTS`].
+        pub slot: u32 => "__u32 slot",
+        /// [`RVMM_MEM_READONLY`] or 0.
+        pub flags: u32 => "__u32 flags",
+        /// Guest-physical base.
+        pub guest_phys_addr: u64 => "__u64 guest_phys_addr",
+        /// Bytes; 0 deletes the slot.
+        pub memory_size: u64 => "__u64 memory_size",
+        /// Start of the backing memory in the calling process.
+        pub userspace_addr: u64 => "__u64 userspace_addr",
+    }
+}
+
+abi_struct! {
+    /// General registers.
+    pub struct Regs as "rvmm_regs" {
+        /// RAX.
+        pub rax: u64 => "__u64 rax",
+        /// RBX.
+        pub rbx: u64 => "__u64 rbx",
+        /// RCX.
+        pub rcx: u64 => "__u64 rcx",
+        /// RDX.
+        pub rdx: u64 => "__u64 rdx",
+        /// RSI.
+        pub rsi: u64 => "__u64 rsi",
+        /// RDI.
+        pub rdi: u64 => "__u64 rdi",
+        /// RSP.
+        pub rsp: u64 => "__u64 rsp",
+        /// RBP.
+        pub rbp: u64 => "__u64 rbp",
+        /// R8.
+        pub r8: u64 => "__u64 r8",
+        /// R9.
+        pub r9: u64 => "__u64 r9",
+        /// R10.
+        pub r10: u64 => "__u64 r10",
+        /// R11.
+        pub r11: u64 => "__u64 r11",
+        /// R12.
+        pub r12: u64 => "__u64 r12",
+        /// R13.
+        pub r13: u64 => "__u64 r13",
+        /// R14.
+        pub r14: u64 => "__u64 r14",
+        /// R15.
+        pub r15: u64 => "__u64 r15",
+        /// RIP.
+        pub rip: u64 => "__u64 rip",
+        /// RFLAGS.
+        pub rflags: u64 => "__u64 rflags",
+    }
+}
+
+abi_struct! {
+    /// A segment register, unpacked (as KVM's `kvm_segment`).
+    pub struct Segment as "rvmm_segment" {
+        /// Base address.
+        pub base: u64 => "__u64 base",
+        /// Limit in bytes (scaled by `g` already).
+        pub limit: u32 => "__u32 limit",
+        /// Selector.
+        pub selector: u16 => "__u16 selector",
+        /// Type field of the descriptor.
+        pub seg_type: u8 => "__u8 seg_type",
+        /// Present.
+        pub present: u8 => "__u8 present",
+        /// Descriptor privilege level.
+        pub dpl: u8 => "__u8 dpl",
+        /// Default operation size (D/B).
+        pub db: u8 => "__u8 db",
+        /// Code/data (1) or system (0) descriptor.
+        pub s: u8 => "__u8 s",
+        /// 64-bit code segment.
+        pub l: u8 => "__u8 l",
+        /// Granularity.
+        pub g: u8 => "__u8 g",
+        /// Available for software.
+        pub avl: u8 => "__u8 avl",
+        /// Segment unusable (null selector loaded).
+        pub unusable: u8 => "__u8 unusable",
+        /// Zero.
+        pub padding: u8 => "__u8 padding",
+    }
+}
+
+abi_struct! {
+    /// GDTR or IDTR.
+    pub struct Dtable as "rvmm_dtable" {
+        /// Base address.
+        pub base: u64 => "__u64 base",
+        /// Limit.
+        pub limit: u16 => "__u16 limit",
+        /// Zero.
+        pub padding: [u16; 3] => "__u16 padding[3]",
+    }
+}
+
+abi_struct! {
+    /// Special registers.
+    pub struct Sregs as "rvmm_sregs" {
+        /// CS.
+        pub cs: Segment => "struct rvmm_segment cs",
+        /// DS.
+        pub ds: Segment => "struct rvmm_segment ds",
+        /// ES.
+        pub es: Segment => "struct rvmm_segment es",
+        /// FS.
+        pub fs: Segment => "struct rvmm_segment fs",
+        /// GS.
+        pub gs: Segment => "struct rvmm_segment gs",
+        /// SS.
+        pub ss: Segment => "struct rvmm_segment ss",
+        /// TR.
+        pub tr: Segment => "struct rvmm_segment tr",
+        /// LDTR.
+        pub ldt: Segment => "struct rvmm_segment ldt",
+        /// GDTR.
+        pub gdt: Dtable => "struct rvmm_dtable gdt",
+        /// IDTR.
+        pub idt: Dtable => "struct rvmm_dtable idt",
+        /// CR0 as the guest sees it.
+        pub cr0: u64 => "__u64 cr0",
+        /// CR2.
+        pub cr2: u64 => "__u64 cr2",
+        /// CR3 as the guest sees it.
+        pub cr3: u64 => "__u64 cr3",
+        /// CR4 as the guest sees it.
+        pub cr4: u64 => "__u64 cr4",
+        /// CR8 (TPR).
+        pub cr8: u64 => "__u64 cr8",
+        /// IA32_EFER.
+        pub efer: u64 => "__u64 efer",
+        /// IA32_APIC_BASE.
+        pub apic_base: u64 => "__u64 apic_base",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_GET_REGS` / `RVMM_SET_REGS`: a vCPU's general registers.
+    pub struct VcpuRegs as "rvmm_vcpu_regs" {
+        /// vCPU index (from `RVMM_CREATE_VCPU`).
+        pub vcpu: u32 => "__u32 vcpu",
+        /// Zero.
+        pub padding: u32 => "__u32 padding",
+        /// The registers.
+        pub regs: Regs => "struct rvmm_regs regs",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_GET_SREGS` / `RVMM_SET_SREGS`: a vCPU's special registers.
+    pub struct VcpuSregs as "rvmm_vcpu_sregs" {
+        /// vCPU index.
+        pub vcpu: u32 => "__u32 vcpu",
+        /// Zero.
+        pub padding: u32 => "__u32 padding",
+        /// The registers.
+        pub sregs: Sregs => "struct rvmm_sregs sregs",
+    }
+}
+
+abi_struct! {
+    /// Port I/O exit data.
+    pub struct ExitIo as "rvmm_exit_io" {
+        /// [`RVMM_EXIT_IO_IN`] or [`RVMM_EXIT_IO_OUT`].
+        pub direction: u8 => "__u8 direction",
+        /// Bytes per access: 1, 2 or 4.
+        pub size: u8 => "__u8 size",
+        /// Port.
+        pub port: u16 => "__u16 port",
+        /// Accesses (1 unless string I/O).
+        pub count: u32 => "__u32 count",
+        /// Offset of the data in the run structure.
+        pub data_offset: u64 => "__u64 data_offset",
+    }
+}
+
+abi_struct! {
+    /// MMIO exit data.
+    pub struct ExitMmio as "rvmm_exit_mmio" {
+        /// Guest-physical address.
+        pub phys_addr: u64 => "__u64 phys_addr",
+        /// Data written, or to be read (filled by userspace before the next run).
+        pub data: [u8; 8] => "__u8 data[8]",
+        /// Bytes.
+        pub len: u32 => "__u32 len",
+        /// A write.
+        pub is_write: u8 => "__u8 is_write",
+        /// Zero.
+        pub padding: [u8; 3] => "__u8 padding[3]",
+    }
+}
+
+abi_struct! {
+    /// Hypercall (VMCALL) exit data: RAX is `nr`, RBX, RCX, RDX, RSI, RDI, R8 the args;
+    /// `ret` goes to RAX when the vCPU runs again.
+    pub struct ExitHypercall as "rvmm_exit_hypercall" {
+        /// RAX.
+        pub nr: u64 => "__u64 nr",
+        /// RBX, RCX, RDX, RSI, RDI, R8.
+        pub args: [u64; 6] => "__u64 args[6]",
+        /// Result for the guest.
+        pub ret: u64 => "__u64 ret",
+    }
+}
+
+abi_struct! {
+    /// Failed VM entry: the hardware's reason.
+    pub struct ExitFailEntry as "rvmm_exit_fail_entry" {
+        /// Exit reason (with bit 31) or, for VMfail, the VM-instruction error.
+        pub hardware_entry_failure_reason: u64 => "__u64 hardware_entry_failure_reason",
+        /// Host CPU.
+        pub cpu: u32 => "__u32 cpu",
+        /// 1 if the VM entry instruction failed (VMfail), 0 for a failed-entry exit.
+        pub vmfail: u32 => "__u32 vmfail",
+    }
+}
+
+abi_struct! {
+    /// rvmm could not handle an exit: what it was.
+    pub struct ExitInternal as "rvmm_exit_internal" {
+        /// One of `RVMM_INTERNAL_*`.
+        pub suberror: u32 => "__u32 suberror",
+        /// Valid words in `data`.
+        pub ndata: u32 => "__u32 ndata",
+        /// Exit reason, qualification, guest RIP, ...
+        pub data: [u64; 4] => "__u64 data[4]",
+    }
+}
+
+abi_struct! {
+    /// The page shared with userspace for one vCPU (mmap of the VM fd at
+    /// `vcpu * RVMM_RUN_MMAP_SIZE`). Exit data is valid for the `exit_reason` it
+    /// belongs to.
+    pub struct Run as "rvmm_run" {
+        /// In: exit as soon as the guest can take an interrupt.
+        pub request_interrupt_window: u8 => "__u8 request_interrupt_window",
+        /// In: return at once with [`RVMM_EXIT_INTR`] (EINTR), without entering.
+        pub immediate_exit: u8 => "__u8 immediate_exit",
+        /// Out: an interrupt could be injected now.
+        pub ready_for_interrupt_injection: u8 => "__u8 ready_for_interrupt_injection",
+        /// Out: guest RFLAGS.IF.
+        pub if_flag: u8 => "__u8 if_flag",
+        /// Out: `RVMM_EXIT_*`.
+        pub exit_reason: u32 => "__u32 exit_reason",
+        /// Port I/O.
+        pub io: ExitIo => "struct rvmm_exit_io io",
+        /// MMIO.
+        pub mmio: ExitMmio => "struct rvmm_exit_mmio mmio",
+        /// VMCALL.
+        pub hypercall: ExitHypercall => "struct rvmm_exit_hypercall hypercall",
+        /// Failed VM entry.
+        pub fail_entry: ExitFailEntry => "struct rvmm_exit_fail_entry fail_entry",
+        /// Unhandled exit.
+        pub internal: ExitInternal => "struct rvmm_exit_internal internal",
+        /// Port I/O data (`io.data_offset` points here).
+        pub io_data: [u64; 32] => "__u64 io_data[32]",
+    }
+}
+
+/// Slots per VM.
+pub const RVMM_MAX_MEMSLOTS: u32 = 32;
+/// vCPUs per VM.
+pub const RVMM_MAX_VCPUS: u32 = 8;
+/// Read-only memory region: guest writes exit as MMIO.
+pub const RVMM_MEM_READONLY: u32 = 1;
+/// Size of the per-vCPU mapping of [`Run`].
+pub const RVMM_RUN_MMAP_SIZE: u64 = 4096;
+
+/// Exit reasons (numbered as KVM's where they match).
+pub const RVMM_EXIT_UNKNOWN: u32 = 0;
+/// Port I/O.
+pub const RVMM_EXIT_IO: u32 = 2;
+/// VMCALL.
+pub const RVMM_EXIT_HYPERCALL: u32 = 3;
+/// HLT.
+pub const RVMM_EXIT_HLT: u32 = 5;
+/// MMIO.
+pub const RVMM_EXIT_MMIO: u32 = 6;
+/// Interrupt window open.
+pub const RVMM_EXIT_IRQ_WINDOW_OPEN: u32 = 7;
+/// Triple fault.
+pub const RVMM_EXIT_SHUTDOWN: u32 = 8;
+/// VM entry failed.
+pub const RVMM_EXIT_FAIL_ENTRY: u32 = 9;
+/// A signal is pending (the run ioctl returned EINTR).
+pub const RVMM_EXIT_INTR: u32 = 10;
+/// rvmm could not handle an exit.
+pub const RVMM_EXIT_INTERNAL_ERROR: u32 = 17;
+/// `ExitIo::direction`: IN.
+pub const RVMM_EXIT_IO_IN: u8 = 0;
+/// `ExitIo::direction`: OUT.
+pub const RVMM_EXIT_IO_OUT: u8 = 1;
+/// `ExitInternal::suberror`: an exit reason rvmm does not handle.
+pub const RVMM_INTERNAL_UNHANDLED_EXIT: u32 = 1;
+/// `ExitInternal::suberror`: an instruction rvmm would have to emulate and cannot yet.
+pub const RVMM_INTERNAL_EMULATION: u32 = 2;
+/// `ExitInternal::suberror`: the shadow page pool cannot map the access.
+pub const RVMM_INTERNAL_NO_SHADOW: u32 = 3;
+
+/// Constants the C header defines, in order.
+pub const CONSTANTS: &[(&str, u64)] = &[
+    ("RVMM_MAX_MEMSLOTS", RVMM_MAX_MEMSLOTS as u64),
+    ("RVMM_MAX_VCPUS", RVMM_MAX_VCPUS as u64),
+    ("RVMM_MEM_READONLY", RVMM_MEM_READONLY as u64),
+    ("RVMM_RUN_MMAP_SIZE", RVMM_RUN_MMAP_SIZE),
+    ("RVMM_EXIT_UNKNOWN", RVMM_EXIT_UNKNOWN as u64),
+    ("RVMM_EXIT_IO", RVMM_EXIT_IO as u64),
+    ("RVMM_EXIT_HYPERCALL", RVMM_EXIT_HYPERCALL as u64),
+    ("RVMM_EXIT_HLT", RVMM_EXIT_HLT as u64),
+    ("RVMM_EXIT_MMIO", RVMM_EXIT_MMIO as u64),
+    (
+        "RVMM_EXIT_IRQ_WINDOW_OPEN",
+        RVMM_EXIT_IRQ_WINDOW_OPEN as u64,
+    ),
+    ("RVMM_EXIT_SHUTDOWN", RVMM_EXIT_SHUTDOWN as u64),
+    ("RVMM_EXIT_FAIL_ENTRY", RVMM_EXIT_FAIL_ENTRY as u64),
+    ("RVMM_EXIT_INTR", RVMM_EXIT_INTR as u64),
+    ("RVMM_EXIT_INTERNAL_ERROR", RVMM_EXIT_INTERNAL_ERROR as u64),
+    ("RVMM_EXIT_IO_IN", RVMM_EXIT_IO_IN as u64),
+    ("RVMM_EXIT_IO_OUT", RVMM_EXIT_IO_OUT as u64),
+    (
+        "RVMM_INTERNAL_UNHANDLED_EXIT",
+        RVMM_INTERNAL_UNHANDLED_EXIT as u64,
+    ),
+    ("RVMM_INTERNAL_EMULATION", RVMM_INTERNAL_EMULATION as u64),
+    ("RVMM_INTERNAL_NO_SHADOW", RVMM_INTERNAL_NO_SHADOW as u64),
+];
 
 /// `RVMM_GET_API_VERSION`: returns [`RVMM_API_VERSION`] as the ioctl's value.
 pub const RVMM_GET_API_VERSION: u32 = ioc(IOC_NONE, 0x00, 0);
@@ -166,6 +504,27 @@ pub const RVMM_GET_API_VERSION: u32 = ioc(IOC_NONE, 0x00, 0);
 pub const RVMM_GET_VMX_CAPS: u32 = ioc(IOC_READ, 0x01, core::mem::size_of::<VmxCaps>());
 /// `RVMM_GET_STATUS`: checks VMX on every CPU and fills a [`Status`].
 pub const RVMM_GET_STATUS: u32 = ioc(IOC_READ, 0x02, core::mem::size_of::<Status>());
+
+/// `RVMM_CREATE_VM`: makes this open file a VM (EEXIST if it is one already).
+pub const RVMM_CREATE_VM: u32 = ioc(IOC_NONE, 0x10, 0);
+/// `RVMM_SET_MEMORY_REGION`: creates, moves or deletes a [`MemoryRegion`].
+pub const RVMM_SET_MEMORY_REGION: u32 = ioc(IOC_WRITE, 0x11, core::mem::size_of::<MemoryRegion>());
+/// `RVMM_CREATE_VCPU`: argument = vCPU id (below [`RVMM_MAX_VCPUS`]); returns its index.
+pub const RVMM_CREATE_VCPU: u32 = ioc(IOC_NONE, 0x12, 0);
+/// `RVMM_GET_REGS`.
+pub const RVMM_GET_REGS: u32 = ioc(IOC_READ | IOC_WRITE, 0x13, core::mem::size_of::<VcpuRegs>());
+/// `RVMM_SET_REGS`.
+pub const RVMM_SET_REGS: u32 = ioc(IOC_WRITE, 0x14, core::mem::size_of::<VcpuRegs>());
+/// `RVMM_GET_SREGS`.
+pub const RVMM_GET_SREGS: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x15,
+    core::mem::size_of::<VcpuSregs>(),
+);
+/// `RVMM_SET_SREGS`.
+pub const RVMM_SET_SREGS: u32 = ioc(IOC_WRITE, 0x16, core::mem::size_of::<VcpuSregs>());
+/// `RVMM_RUN`: argument = vCPU index. Returns 0 with `Run::exit_reason` set, or EINTR.
+pub const RVMM_RUN: u32 = ioc(IOC_NONE, 0x17, 0);
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[

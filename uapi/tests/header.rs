@@ -35,11 +35,15 @@ fn header() -> String {
          #include <linux/ioctl.h>\n#include <linux/types.h>\n\n",
     );
     writeln!(h, "#define RVMM_IOCTL_TYPE 0x{RVMM_IOCTL_TYPE:X}").unwrap();
-    writeln!(h, "#define RVMM_API_VERSION {RVMM_API_VERSION}\n").unwrap();
+    writeln!(h, "#define RVMM_API_VERSION {RVMM_API_VERSION}").unwrap();
+    for (name, value) in CONSTANTS {
+        writeln!(h, "#define {name} {value}").unwrap();
+    }
+    h.push('\n');
     for (name, fields, _, _) in structs() {
         writeln!(h, "struct {name} {{").unwrap();
-        for (ty, field) in fields {
-            writeln!(h, "\t{ty} {field};").unwrap();
+        for (decl, _) in fields {
+            writeln!(h, "\t{decl};").unwrap();
         }
         h.push_str("};\n\n");
     }
@@ -86,6 +90,10 @@ fn c_compiler_agrees_with_rust() {
     }
     for (name, value, _) in IOCTLS {
         writeln!(c, "printf(\"%lu\\n\", (unsigned long){name});").unwrap();
+        writeln!(want, "{value}").unwrap();
+    }
+    for (name, value) in CONSTANTS {
+        writeln!(c, "printf(\"%llu\\n\", (unsigned long long){name});").unwrap();
         writeln!(want, "{value}").unwrap();
     }
     writeln!(c, "printf(\"%d\\n\", RVMM_API_VERSION); return 0; }}").unwrap();

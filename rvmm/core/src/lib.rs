@@ -9,4 +9,5 @@
 #![no_std]
 
 pub mod caps;
+pub mod exit;
 pub mod mmu;

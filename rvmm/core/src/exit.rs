@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! VM-exit decoding (SDM Vol. 3D, Appendix C; Vol. 3C, 28.2): basic exit reasons and
+//! the exit qualifications rvmm handles.
+
+/// Basic exit reasons rvmm knows (bits 15:0 of the exit-reason field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ExitReason {
+    /// Exception or NMI.
+    ExceptionNmi = 0,
+    /// External interrupt.
+    ExternalInterrupt = 1,
+    /// Triple fault.
+    TripleFault = 2,
+    /// INIT signal.
+    Init = 3,
+    /// Interrupt window.
+    InterruptWindow = 7,
+    /// NMI window.
+    NmiWindow = 8,
+    /// CPUID.
+    Cpuid = 10,
+    /// HLT.
+    Hlt = 12,
+    /// INVD.
+    Invd = 13,
+    /// INVLPG.
+    Invlpg = 14,
+    /// RDPMC.
+    Rdpmc = 15,
+    /// RDTSC.
+    Rdtsc = 16,
+    /// VMCALL.
+    Vmcall = 18,
+    /// VMCLEAR.
+    Vmclear = 19,
+    /// VMLAUNCH.
+    Vmlaunch = 20,
+    /// VMPTRLD.
+    Vmptrld = 21,
+    /// VMPTRST.
+    Vmptrst = 22,
+    /// VMREAD.
+    Vmread = 23,
+    /// VMRESUME.
+    Vmresume = 24,
+    /// VMWRITE.
+    Vmwrite = 25,
+    /// VMXOFF.
+    Vmxoff = 26,
+    /// VMXON.
+    Vmxon = 27,
+    /// Control-register access.
+    CrAccess = 28,
+    /// MOV DR.
+    DrAccess = 29,
+    /// I/O instruction.
+    Io = 30,
+    /// RDMSR.
+    Rdmsr = 31,
+    /// WRMSR.
+    Wrmsr = 32,
+    /// VM entry failed: invalid guest state.
+    InvalidGuestState = 33,
+    /// VM entry failed: MSR loading.
+    MsrLoadFail = 34,
+    /// MWAIT.
+    Mwait = 36,
+    /// Monitor trap flag.
+    MonitorTrap = 37,
+    /// MONITOR.
+    Monitor = 39,
+    /// PAUSE.
+    Pause = 40,
+    /// VM entry failed: machine-check event.
+    MachineCheckEntry = 41,
+    /// TPR below threshold.
+    TprBelowThreshold = 43,
+    /// GDTR/IDTR access.
+    DtAccess = 46,
+    /// LDTR/TR access.
+    TrAccess = 47,
+    /// INVEPT.
+    Invept = 50,
+    /// RDTSCP.
+    Rdtscp = 51,
+    /// VMX-preemption timer expired.
+    PreemptionTimer = 52,
+    /// INVVPID.
+    Invvpid = 53,
+    /// WBINVD.
+    Wbinvd = 54,
+    /// XSETBV.
+    Xsetbv = 55,
+    /// INVPCID.
+    Invpcid = 58,
+    /// VMFUNC.
+    Vmfunc = 59,
+    /// RDRAND.
+    Rdrand = 57,
+    /// RDSEED.
+    Rdseed = 61,
+    /// XSAVES.
+    Xsaves = 63,
+    /// XRSTORS.
+    Xrstors = 64,
+}
+
+/// Number of basic exit reasons the counters track.
+pub const NR_EXIT_REASONS: usize = 70;
+
+impl ExitReason {
+    /// Decodes the basic exit reason (bits 15:0).
+    pub fn from_basic(basic: u16) -> Option<Self> {
+        use ExitReason::*;
+        const ALL: &[ExitReason] = &[
+            ExceptionNmi,
+            ExternalInterrupt,
+            TripleFault,
+            Init,
+            InterruptWindow,
+            NmiWindow,
+            Cpuid,
+            Hlt,
+            Invd,
+            Invlpg,
+            Rdpmc,
+            Rdtsc,
+            Vmcall,
+            Vmclear,
+            Vmlaunch,
+            Vmptrld,
+            Vmptrst,
+            Vmread,
+            Vmresume,
+            Vmwrite,
+            Vmxoff,
+            Vmxon,
+            CrAccess,
+            DrAccess,
+            Io,
+            Rdmsr,
+            Wrmsr,
+            InvalidGuestState,
+            MsrLoadFail,
+            Mwait,
+            MonitorTrap,
+            Monitor,
+            Pause,
+            MachineCheckEntry,
+            TprBelowThreshold,
+            DtAccess,
+            TrAccess,
+            Invept,
+            Rdtscp,
+            PreemptionTimer,
+            Invvpid,
+            Wbinvd,
+            Xsetbv,
+            Invpcid,
+            Vmfunc,
+            Rdrand,
+            Rdseed,
+            Xsaves,
+            Xrstors,
+        ];
+        ALL.iter().copied().find(|r| *r as u16 == basic)
+    }
+}
+
+/// Bit 31 of the exit-reason field: the VM entry failed.
+pub const EXIT_REASON_FAILED_ENTRY: u32 = 1 << 31;
+
+/// Exit qualification of a control-register access (SDM Table 28-3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrAccess {
+    /// MOV to CRn from a general register.
+    MovTo {
+        /// CR number.
+        cr: u8,
+        /// General register (0 = RAX ... 15 = R15).
+        gpr: u8,
+    },
+    /// MOV from CRn to a general register.
+    MovFrom {
+        /// CR number.
+        cr: u8,
+        /// General register.
+        gpr: u8,
+    },
+    /// CLTS.
+    Clts,
+    /// LMSW with its 16-bit source value.
+    Lmsw {
+        /// Source operand.
+        value: u16,
+    },
+}
+
+impl CrAccess {
+    /// Decodes the exit qualification.
+    pub const fn decode(q: u64) -> Self {
+        let cr = (q & 0xf) as u8;
+        let gpr = ((q >> 8) & 0xf) as u8;
+        match (q >> 4) & 3 {
+            0 => Self::MovTo { cr, gpr },
+            1 => Self::MovFrom { cr, gpr },
+            2 => Self::Clts,
+            _ => Self::Lmsw {
+                value: (q >> 16) as u16,
+            },
+        }
+    }
+}
+
+/// Exit qualification of an I/O instruction (SDM Table 28-5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoAccess {
+    /// Bytes: 1, 2 or 4.
+    pub size: u8,
+    /// IN (else OUT).
+    pub input: bool,
+    /// INS/OUTS.
+    pub string: bool,
+    /// REP prefix.
+    pub rep: bool,
+    /// Port.
+    pub port: u16,
+}
+
+impl IoAccess {
+    /// Decodes the exit qualification.
+    pub const fn decode(q: u64) -> Self {
+        Self {
+            size: (q & 7) as u8 + 1,
+            input: q & (1 << 3) != 0,
+            string: q & (1 << 4) != 0,
+            rep: q & (1 << 5) != 0,
+            port: (q >> 16) as u16,
+        }
+    }
+}
+
+/// VM-exit/entry interruption information (SDM Table 25-17/24-16).
+pub mod intr {
+    /// Valid bit.
+    pub const VALID: u32 = 1 << 31;
+    /// An error code is delivered.
+    pub const HAS_ERROR_CODE: u32 = 1 << 11;
+    /// Type: external interrupt.
+    pub const TYPE_EXT_INTR: u32 = 0 << 8;
+    /// Type: NMI.
+    pub const TYPE_NMI: u32 = 2 << 8;
+    /// Type: hardware exception.
+    pub const TYPE_HW_EXCEPTION: u32 = 3 << 8;
+    /// Type: software exception (INT3, INTO).
+    pub const TYPE_SW_EXCEPTION: u32 = 6 << 8;
+    /// Type mask.
+    pub const TYPE_MASK: u32 = 7 << 8;
+    /// NMI unblocking due to IRET (exit information only).
+    pub const NMI_UNBLOCK: u32 = 1 << 12;
+
+    /// Vector of an interruption-information word.
+    pub const fn vector(info: u32) -> u8 {
+        info as u8
+    }
+}
+
+/// Exception vectors rvmm deals with.
+pub mod vector {
+    /// #DE.
+    pub const DE: u8 = 0;
+    /// #UD.
+    pub const UD: u8 = 6;
+    /// #DF.
+    pub const DF: u8 = 8;
+    /// #TS.
+    pub const TS: u8 = 10;
+    /// #NP.
+    pub const NP: u8 = 11;
+    /// #SS.
+    pub const SS: u8 = 12;
+    /// #GP.
+    pub const GP: u8 = 13;
+    /// #PF.
+    pub const PF: u8 = 14;
+    /// #AC.
+    pub const AC: u8 = 17;
+    /// #MC.
+    pub const MC: u8 = 18;
+
+    /// Exceptions that push an error code (SDM 6.15).
+    pub const fn has_error_code(v: u8) -> bool {
+        matches!(v, DF | TS | NP | SS | GP | PF | AC)
+    }
+
+    /// Contributory exceptions (SDM Table 6-4).
+    pub const fn contributory(v: u8) -> bool {
+        matches!(v, DE | TS | NP | SS | GP)
+    }
+}
+
+/// What delivering `new` while `pending` was being delivered turns into (SDM Table
+/// 6-5): `Some(vector)` to deliver, or `None` for a triple fault.
+pub const fn combine_exceptions(pending: u8, new: u8) -> Option<u8> {
+    if pending == vector::DF {
+        return None;
+    }
+    let new_pf_or_contrib = new == vector::PF || vector::contributory(new);
+    if (vector::contributory(pending) && vector::contributory(new))
+        || (pending == vector::PF && new_pf_or_contrib)
+    {
+        Some(vector::DF)
+    } else {
+        Some(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reasons() {
+        assert_eq!(ExitReason::from_basic(10), Some(ExitReason::Cpuid));
+        assert_eq!(ExitReason::from_basic(30), Some(ExitReason::Io));
+        assert_eq!(ExitReason::from_basic(65535), None);
+        assert!((ExitReason::Xrstors as usize) < NR_EXIT_REASONS);
+    }
+
+    #[test]
+    fn decode_cr_and_io() {
+        // mov %rbx, %cr3 -> cr 3, gpr 3 (RBX), access type 0.
+        assert_eq!(CrAccess::decode(0x303), CrAccess::MovTo { cr: 3, gpr: 3 });
+        assert_eq!(
+            CrAccess::decode(0x0f14),
+            CrAccess::MovFrom { cr: 4, gpr: 15 }
+        );
+        assert_eq!(CrAccess::decode(0x20), CrAccess::Clts);
+        assert_eq!(CrAccess::decode(0x0001_0030), CrAccess::Lmsw { value: 1 });
+        // out %al, $0xf4: size 1, OUT, port 0xf4.
+        assert_eq!(
+            IoAccess::decode(0x00f4_0000),
+            IoAccess {
+                size: 1,
+                input: false,
+                string: false,
+                rep: false,
+                port: 0xf4
+            }
+        );
+        assert_eq!(
+            IoAccess::decode(0x03f8_0039),
+            IoAccess {
+                size: 2,
+                input: true,
+                string: true,
+                rep: true,
+                port: 0x3f8
+            }
+        );
+    }
+
+    #[test]
+    fn double_and_triple_faults() {
+        use vector::*;
+        assert_eq!(combine_exceptions(PF, PF), Some(DF));
+        assert_eq!(combine_exceptions(GP, PF), Some(PF));
+        assert_eq!(combine_exceptions(GP, GP), Some(DF));
+        assert_eq!(combine_exceptions(PF, GP), Some(DF));
+        assert_eq!(combine_exceptions(UD, PF), Some(PF));
+        assert_eq!(combine_exceptions(DF, PF), None);
+        assert!(has_error_code(PF) && !has_error_code(UD));
+    }
+}
