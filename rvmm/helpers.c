@@ -13,9 +13,13 @@
 #include <linux/cpuhotplug.h>
 #include <linux/kvm_types.h>
 #include <linux/mm.h>
+#include <linux/sched/signal.h>
 #include <linux/percpu.h>
 #include <linux/smp.h>
 #include <linux/syscore_ops.h>
+#include <asm/apic.h>
+#include <asm/desc.h>
+#include <asm/fpu/api.h>
 #include <asm/msr.h>
 #include <asm/special_insns.h>
 #include <asm/tlbflush.h>
@@ -140,4 +144,119 @@ unsigned int rvmm_on_each_online_cpu(void (*fn)(void *), void *info)
 u64 rvmm_page_to_phys(struct page *page)
 {
 	return page_to_phys(page);
+}
+
+/* ---- guest memory: long-term pins of the VMM's pages ---------------------------- */
+
+/* Pins nr pages at uaddr for writing (or reading); returns pages pinned or -errno. */
+long rvmm_pin_user_pages(unsigned long uaddr, unsigned long nr, bool write, struct page **pages)
+{
+	unsigned int gup = FOLL_LONGTERM | (write ? FOLL_WRITE : 0);
+	long done = 0;
+
+	while (done < nr) {
+		int n = pin_user_pages_fast(uaddr + done * PAGE_SIZE, min_t(unsigned long, nr - done, 512),
+					    gup, pages + done);
+		if (n <= 0) {
+			if (done)
+				unpin_user_pages(pages, done);
+			return n < 0 ? n : -EFAULT;
+		}
+		done += n;
+		cond_resched();
+	}
+	return done;
+}
+
+void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty)
+{
+	unpin_user_pages_dirty_lock(pages, nr, dirty);
+}
+
+void *rvmm_pa_to_va(u64 pa)
+{
+	return __va(pa);
+}
+
+/* ---- the run loop's host context ---------------------------------------------------- */
+
+void rvmm_fpu_begin(void)
+{
+	kernel_fpu_begin();
+}
+
+void rvmm_fpu_end(void)
+{
+	kernel_fpu_end();
+}
+
+unsigned long rvmm_irq_save(void)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	return flags;
+}
+
+void rvmm_irq_restore(unsigned long flags)
+{
+	local_irq_restore(flags);
+}
+
+/*
+ * After a VM exit TR's limit is 0x67, which cuts off the TSS I/O bitmap: mark it for
+ * the kernel to reload when a task that uses ioperm() runs on this CPU. (The kernel's
+ * own immediate reload needs load_direct_gdt, which it exports to KVM only; rvmm
+ * refuses to run vCPUs from a task that has an I/O bitmap itself.)
+ */
+void rvmm_after_vmexit(void)
+{
+	this_cpu_write(__tss_limit_invalid, true);
+}
+
+bool rvmm_task_has_io_bitmap(void)
+{
+	return test_thread_flag(TIF_IO_BITMAP);
+}
+
+/* An NMI that arrived in the guest caused the exit: hand it to the host. */
+void rvmm_reraise_nmi(void)
+{
+	apic->send_IPI_self(NMI_VECTOR);
+}
+
+bool rvmm_need_resched(void)
+{
+	return need_resched();
+}
+
+bool rvmm_signal_pending(void)
+{
+	return signal_pending(current);
+}
+
+void rvmm_cond_resched(void)
+{
+	cond_resched();
+}
+
+u64 rvmm_read_cr3(void)
+{
+	return __read_cr3();
+}
+
+int rvmm_cpu(void)
+{
+	return smp_processor_id();
+}
+
+/* A zeroed page below 4 GiB (a PAE shadow root must be: CR3 is 32 bits there). */
+struct page *rvmm_alloc_page_dma32(void)
+{
+	return alloc_page(GFP_KERNEL | __GFP_ZERO | GFP_DMA32);
+}
+
+void rvmm_free_page(struct page *page)
+{
+	__free_page(page);
 }

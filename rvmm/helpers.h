@@ -16,4 +16,23 @@ int rvmm_rdmsr_safe(u32 msr, u64 *val);
 unsigned int rvmm_on_each_online_cpu(void (*fn)(void *), void *info);
 u64 rvmm_page_to_phys(struct page *page);
 
+
+
+long rvmm_pin_user_pages(unsigned long uaddr, unsigned long nr, bool write, struct page **pages);
+void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty);
+void *rvmm_pa_to_va(u64 pa);
+void rvmm_fpu_begin(void);
+void rvmm_fpu_end(void);
+unsigned long rvmm_irq_save(void);
+void rvmm_irq_restore(unsigned long flags);
+void rvmm_after_vmexit(void);
+void rvmm_reraise_nmi(void);
+bool rvmm_need_resched(void);
+bool rvmm_signal_pending(void);
+void rvmm_cond_resched(void);
+u64 rvmm_read_cr3(void);
+int rvmm_cpu(void);
+struct page *rvmm_alloc_page_dma32(void);
+void rvmm_free_page(struct page *page);
+bool rvmm_task_has_io_bitmap(void);
 #endif

@@ -9,11 +9,18 @@
 use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
+    mm::virt::VmaNew,
+    new_mutex,
     prelude::*,
+    sync::{Arc, Mutex},
     uaccess::{UserPtr, UserSlice},
 };
 use rvmm_uapi as uapi;
 
+mod ffi;
+mod mmu;
+mod vcpu;
+mod vm;
 mod vmx;
 
 module! {
@@ -63,40 +70,167 @@ fn enable_vmx() -> Result<vmx::VmxOn> {
     Ok(on)
 }
 
-/// An open `/dev/rvmm`. VMs will hang off it.
-struct RvmmFile;
+/// An open `/dev/rvmm`: after `RVMM_CREATE_VM`, a VM.
+#[pin_data]
+struct RvmmFile {
+    #[pin]
+    vm: Mutex<Option<Arc<vm::Vm>>>,
+}
+
+/// The ioctls of the ABI, by number: a known number with another size or direction is
+/// EINVAL (a caller built against another ABI), an unknown one ENOTTY.
+const IOCTLS: &[u32] = &[
+    uapi::RVMM_GET_API_VERSION,
+    uapi::RVMM_GET_VMX_CAPS,
+    uapi::RVMM_GET_STATUS,
+    uapi::RVMM_CREATE_VM,
+    uapi::RVMM_SET_MEMORY_REGION,
+    uapi::RVMM_CREATE_VCPU,
+    uapi::RVMM_GET_REGS,
+    uapi::RVMM_SET_REGS,
+    uapi::RVMM_GET_SREGS,
+    uapi::RVMM_SET_SREGS,
+    uapi::RVMM_RUN,
+];
 
 #[vtable]
 impl MiscDevice for RvmmFile {
-    type Ptr = KBox<Self>;
+    type Ptr = Pin<KBox<Self>>;
 
-    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
-        Ok(KBox::new(RvmmFile, GFP_KERNEL)?)
+    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
+        KBox::try_pin_init(
+            try_pin_init!(RvmmFile { vm <- new_mutex!(None) }),
+            GFP_KERNEL,
+        )
     }
 
-    fn ioctl(_me: &RvmmFile, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+    fn ioctl(me: Pin<&RvmmFile>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         if uapi::ioc_type(cmd) != uapi::RVMM_IOCTL_TYPE {
             return Err(ENOTTY);
         }
-        // Match on the number alone so that a known ioctl with a wrong size or direction
-        // is EINVAL (a caller built against another ABI), and an unknown one ENOTTY.
-        let expect = match uapi::ioc_nr(cmd) {
-            n if n == uapi::ioc_nr(uapi::RVMM_GET_API_VERSION) => uapi::RVMM_GET_API_VERSION,
-            n if n == uapi::ioc_nr(uapi::RVMM_GET_VMX_CAPS) => uapi::RVMM_GET_VMX_CAPS,
-            n if n == uapi::ioc_nr(uapi::RVMM_GET_STATUS) => uapi::RVMM_GET_STATUS,
-            _ => return Err(ENOTTY),
-        };
-        if cmd != expect {
-            return Err(EINVAL);
+        match IOCTLS
+            .iter()
+            .find(|&&c| uapi::ioc_nr(c) == uapi::ioc_nr(cmd))
+        {
+            None => return Err(ENOTTY),
+            Some(&c) if c != cmd => return Err(EINVAL),
+            Some(_) => {}
         }
         let user = UserSlice::new(UserPtr::from_addr(arg), uapi::ioc_size(cmd));
         match cmd {
             uapi::RVMM_GET_API_VERSION => Ok(uapi::RVMM_API_VERSION as isize),
             uapi::RVMM_GET_VMX_CAPS => write_struct(user, &vmx::read_caps()),
             uapi::RVMM_GET_STATUS => write_struct(user, &vmx::check_all_cpus()?),
+            uapi::RVMM_CREATE_VM => {
+                let mut vm = me.vm.lock();
+                if vm.is_some() {
+                    return Err(EEXIST);
+                }
+                *vm = Some(vm::Vm::new()?);
+                Ok(0)
+            }
+            _ => me.vm_ioctl(cmd, arg, user),
+        }
+    }
+
+    fn mmap(me: Pin<&RvmmFile>, _file: &File, vma: &VmaNew) -> Result {
+        let vm = me.vm()?;
+        // SAFETY: `vma` is a valid VMA being set up for this file.
+        let pgoff = unsafe { (*vma.as_ptr()).vm_pgoff };
+        if vma.end() - vma.start() != uapi::RVMM_RUN_MMAP_SIZE as usize {
+            pr_info!(
+                "mmap: map exactly {} bytes per vCPU run page\n",
+                uapi::RVMM_RUN_MMAP_SIZE
+            );
+            return Err(EINVAL);
+        }
+        let vcpu = vm.vcpu(pgoff)?;
+        vma.set_dontcopy();
+        vma.set_dontexpand();
+        vma.set_mixedmap()
+            .vm_insert_page(vma.start(), vcpu.run_page())
+    }
+}
+
+impl RvmmFile {
+    fn vm(&self) -> Result<Arc<vm::Vm>> {
+        self.vm.lock().clone().ok_or_else(|| {
+            pr_info!("this /dev/rvmm file is not a VM yet: call RVMM_CREATE_VM first\n");
+            EINVAL
+        })
+    }
+
+    fn vm_ioctl(&self, cmd: u32, arg: usize, user: UserSlice) -> Result<isize> {
+        let vm = self.vm()?;
+        match cmd {
+            uapi::RVMM_SET_MEMORY_REGION => {
+                let r: uapi::MemoryRegion = read_struct(user)?;
+                vm.set_memory_region(&r)?;
+                Ok(0)
+            }
+            uapi::RVMM_CREATE_VCPU => vm.create_vcpu(arg),
+            uapi::RVMM_GET_REGS => {
+                let (reader, writer) = user.reader_writer();
+                let mut r: uapi::VcpuRegs = read_from(reader)?;
+                r.regs = vm.vcpu(r.vcpu as usize)?.get_regs();
+                write_to(writer, &r)
+            }
+            uapi::RVMM_SET_REGS => {
+                let r: uapi::VcpuRegs = read_struct(user)?;
+                vm.vcpu(r.vcpu as usize)?.set_regs(&r.regs);
+                Ok(0)
+            }
+            uapi::RVMM_GET_SREGS => {
+                let (reader, writer) = user.reader_writer();
+                let mut s: uapi::VcpuSregs = read_from(reader)?;
+                s.sregs = vm.vcpu(s.vcpu as usize)?.get_sregs();
+                write_to(writer, &s)
+            }
+            uapi::RVMM_SET_SREGS => {
+                let s: uapi::VcpuSregs = read_struct(user)?;
+                vm.vcpu(s.vcpu as usize)?.set_sregs(&s.sregs)?;
+                Ok(0)
+            }
+            uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
             _ => Err(ENOTTY),
         }
     }
+}
+
+/// Reads an ABI structure from userspace (EFAULT on a bad pointer).
+fn read_struct<T: uapi::AbiStruct + Default>(user: UserSlice) -> Result<T> {
+    read_from(user.reader())
+}
+
+fn read_from<T: uapi::AbiStruct + Default>(
+    mut reader: kernel::uaccess::UserSliceReader,
+) -> Result<T> {
+    let mut value = T::default();
+    // SAFETY: every ABI structure is plain old data without padding: any bytes are a
+    // valid value, and the slice covers exactly `value`.
+    let bytes = unsafe {
+        core::slice::from_raw_parts_mut(
+            core::ptr::from_mut(&mut value).cast::<u8>(),
+            core::mem::size_of::<T>(),
+        )
+    };
+    reader.read_slice(bytes)?;
+    Ok(value)
+}
+
+fn write_to<T: uapi::AbiStruct>(
+    mut writer: kernel::uaccess::UserSliceWriter,
+    value: &T,
+) -> Result<isize> {
+    // SAFETY: as in `write_struct`.
+    let slice = unsafe {
+        core::slice::from_raw_parts(
+            core::ptr::from_ref(value).cast::<u8>(),
+            core::mem::size_of::<T>(),
+        )
+    };
+    writer.write_slice(slice)?;
+    Ok(0)
 }
 
 /// Copies an ABI structure out to userspace (EFAULT on a bad pointer).

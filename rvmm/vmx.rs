@@ -19,16 +19,7 @@ use rvmm_core::caps::{check_vmx, AllowedControls, ControlMsrs, VmxBasic, VmxUnav
 use rvmm_uapi as uapi;
 use x86::msr;
 
-extern "C" {
-    fn rvmm_vmx_enable_all() -> i32;
-    fn rvmm_vmx_disable_all();
-    fn rvmm_vmx_held_here() -> bool;
-    fn rvmm_vmx_shared_here() -> bool;
-    fn rvmm_cr4_vmxe_here() -> bool;
-    fn rvmm_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
-    fn rvmm_on_each_online_cpu(f: unsafe extern "C" fn(*mut c_void), info: *mut c_void) -> u32;
-    fn rvmm_page_to_phys(page: *mut c_void) -> u64;
-}
+use crate::ffi::*;
 
 /// Reads an MSR, `None` if it faults.
 pub(crate) fn rdmsr(index: u32) -> Option<u64> {
@@ -333,4 +324,298 @@ pub(crate) fn check_all_cpus() -> Result<uapi::Status> {
         foreign_vmcs_cpus: o.foreign.load(Ordering::Relaxed),
         reserved: 0,
     })
+}
+
+/// Guest general registers, saved and loaded by the entry stub (RSP, RIP and RFLAGS
+/// live in the VMCS). The layout is the stub's: do not reorder.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Gprs {
+    pub(crate) rax: u64,
+    pub(crate) rbx: u64,
+    pub(crate) rcx: u64,
+    pub(crate) rdx: u64,
+    pub(crate) rsi: u64,
+    pub(crate) rdi: u64,
+    pub(crate) rbp: u64,
+    pub(crate) r8: u64,
+    pub(crate) r9: u64,
+    pub(crate) r10: u64,
+    pub(crate) r11: u64,
+    pub(crate) r12: u64,
+    pub(crate) r13: u64,
+    pub(crate) r14: u64,
+    pub(crate) r15: u64,
+}
+
+impl Gprs {
+    /// Register `n` in the encoding of exit qualifications (0 = RAX ... 15 = R15);
+    /// `rsp` is the guest's RSP, which lives in the VMCS.
+    pub(crate) fn get(&self, n: u8, rsp: u64) -> u64 {
+        match n {
+            0 => self.rax,
+            1 => self.rcx,
+            2 => self.rdx,
+            3 => self.rbx,
+            4 => rsp,
+            5 => self.rbp,
+            6 => self.rsi,
+            7 => self.rdi,
+            8 => self.r8,
+            9 => self.r9,
+            10 => self.r10,
+            11 => self.r11,
+            12 => self.r12,
+            13 => self.r13,
+            14 => self.r14,
+            _ => self.r15,
+        }
+    }
+
+    /// Sets register `n`; returns false for RSP (the caller writes it to the VMCS).
+    pub(crate) fn set(&mut self, n: u8, v: u64) -> bool {
+        *match n {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            4 => return false,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            _ => &mut self.r15,
+        } = v;
+        true
+    }
+}
+
+// The VM entry/exit stub. rvmm_vmx_run(regs, launched) saves the host's callee-saved
+// registers, points HOST_RSP at its frame, loads the guest's GPRs and enters with
+// VMLAUNCH (launched == 0) or VMRESUME. A VM exit lands at rvmm_vmx_exit (HOST_RIP)
+// with the host RSP of the frame: the guest's GPRs are stored back and 0 returned.
+// If the entry instruction itself fails (VMfail), 1 is returned.
+core::arch::global_asm!(
+    ".pushsection .text",
+    ".globl rvmm_vmx_run",
+    ".type rvmm_vmx_run, @function",
+    "rvmm_vmx_run:",
+    "push rbp",
+    "mov rbp, rsp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6c14", // HOST_RSP
+    "vmwrite rax, rsp",
+    "test rsi, rsi",
+    "mov rax, [rdi + 0]",
+    "mov rbx, [rdi + 8]",
+    "mov rcx, [rdi + 16]",
+    "mov rdx, [rdi + 24]",
+    "mov rsi, [rdi + 32]",
+    "mov rbp, [rdi + 48]",
+    "mov r8, [rdi + 56]",
+    "mov r9, [rdi + 64]",
+    "mov r10, [rdi + 72]",
+    "mov r11, [rdi + 80]",
+    "mov r12, [rdi + 88]",
+    "mov r13, [rdi + 96]",
+    "mov r14, [rdi + 104]",
+    "mov r15, [rdi + 112]",
+    "mov rdi, [rdi + 40]",
+    "jnz 2f",
+    "vmlaunch",
+    "jmp 3f",
+    "2:",
+    "vmresume",
+    "3:",
+    "pop rdi",
+    "mov eax, 1",
+    "jmp 4f",
+    ".globl rvmm_vmx_exit",
+    "rvmm_vmx_exit:",
+    "endbr64",
+    "xchg rdi, [rsp]",
+    "mov [rdi + 0], rax",
+    "mov [rdi + 8], rbx",
+    "mov [rdi + 16], rcx",
+    "mov [rdi + 24], rdx",
+    "mov [rdi + 32], rsi",
+    "mov [rdi + 48], rbp",
+    "mov [rdi + 56], r8",
+    "mov [rdi + 64], r9",
+    "mov [rdi + 72], r10",
+    "mov [rdi + 80], r11",
+    "mov [rdi + 88], r12",
+    "mov [rdi + 96], r13",
+    "mov [rdi + 104], r14",
+    "mov [rdi + 112], r15",
+    "pop rax",
+    "mov [rdi + 40], rax",
+    "xor eax, eax",
+    "4:",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "ret",
+    ".size rvmm_vmx_run, . - rvmm_vmx_run",
+    ".popsection",
+);
+
+extern "C" {
+    fn rvmm_vmx_run(regs: *mut Gprs, launched: u64) -> u64;
+    fn rvmm_vmx_exit();
+}
+
+/// HOST_RIP: where VM exits land.
+pub(crate) fn host_rip() -> u64 {
+    rvmm_vmx_exit as *const () as u64
+}
+
+/// Enters the guest whose VMCS is current, until the next VM exit.
+///
+/// # Safety
+/// VMX operation, the vCPU's VMCS current on this CPU with complete host and guest
+/// state, interrupts disabled.
+pub(crate) unsafe fn enter(regs: &mut Gprs, launched: bool) -> Result<(), VmFail> {
+    // SAFETY: guaranteed by the caller; the stub preserves every callee-saved register
+    // and returns to us on both VM exit and VMfail.
+    let r = unsafe { rvmm_vmx_run(regs, u64::from(launched)) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(VmFail)
+    }
+}
+
+/// A descriptor-table register.
+#[repr(C, packed)]
+#[derive(Default)]
+struct DtReg {
+    limit: u16,
+    base: u64,
+}
+
+/// The host's GDTR base (this CPU's, read-only mapping).
+pub(crate) fn host_gdt_base() -> u64 {
+    let mut d = DtReg::default();
+    // SAFETY: SGDT stores 10 bytes into `d`.
+    unsafe { asm!("sgdt [{}]", in(reg) &raw mut d, options(nostack)) };
+    d.base
+}
+
+/// The host's IDTR base.
+pub(crate) fn host_idt_base() -> u64 {
+    let mut d = DtReg::default();
+    // SAFETY: SIDT stores 10 bytes into `d`.
+    unsafe { asm!("sidt [{}]", in(reg) &raw mut d, options(nostack)) };
+    d.base
+}
+
+/// The host's TR selector.
+pub(crate) fn host_tr() -> u16 {
+    let tr: u16;
+    // SAFETY: STR reads the task register.
+    unsafe { asm!("str {0:x}", out(reg) tr, options(nomem, nostack)) };
+    tr
+}
+
+/// Base of the TSS that `tr` selects in the GDT at `gdt` (a 16-byte system descriptor).
+pub(crate) fn host_tss_base(gdt: u64, tr: u16) -> u64 {
+    let p = (gdt + u64::from(tr & !7)) as *const u64;
+    // SAFETY: the host's GDT is mapped and holds a 16-byte TSS descriptor at TR.
+    let (lo, hi) = unsafe { (ptr_read(p), ptr_read(p.add(1))) };
+    ((lo >> 16) & 0xff_ffff) | (((lo >> 56) & 0xff) << 24) | ((hi & 0xffff_ffff) << 32)
+}
+
+fn ptr_read(p: *const u64) -> u64 {
+    // SAFETY: callers pass mapped, aligned addresses.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// The host's DS, ES and LDTR, which a VM exit leaves null. (FS and GS come back with
+/// null selectors and the bases of HOST_FS_BASE/HOST_GS_BASE: right for 64-bit tasks,
+/// whose FS and GS selectors are null.)
+#[derive(Clone, Copy, Default)]
+pub(crate) struct HostSegs {
+    pub(crate) ds: u16,
+    pub(crate) es: u16,
+    pub(crate) ldt: u16,
+}
+
+impl HostSegs {
+    pub(crate) fn read() -> Self {
+        let (ds, es, ldt): (u16, u16, u16);
+        // SAFETY: reading segment registers and LDTR has no side effects.
+        unsafe {
+            asm!("mov {0:x}, ds", "mov {1:x}, es", "sldt {2:x}",
+                 out(reg) ds, out(reg) es, out(reg) ldt, options(nomem, nostack));
+        }
+        Self { ds, es, ldt }
+    }
+
+    /// Puts back what a VM exit cleared (DS, ES and LDTR come back null).
+    ///
+    /// # Safety
+    /// `self` must hold this task's selectors, read before the VM entry.
+    pub(crate) unsafe fn restore_after_exit(&self) {
+        // SAFETY: valid selectors of this task (read by `read`).
+        unsafe {
+            if self.ds != 0 {
+                asm!("mov ds, {0:x}", in(reg) self.ds, options(nostack));
+            }
+            if self.es != 0 {
+                asm!("mov es, {0:x}", in(reg) self.es, options(nostack));
+            }
+            if self.ldt != 0 {
+                asm!("lldt {0:x}", in(reg) self.ldt, options(nostack));
+            }
+        }
+    }
+}
+
+/// CR2.
+pub(crate) fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Sets CR2 (for the guest, right before entry).
+///
+/// # Safety
+/// Interrupts must be disabled (a host #PF would overwrite it, which is harmless for the
+/// host but loses the guest's value).
+pub(crate) unsafe fn write_cr2(v: u64) {
+    // SAFETY: CR2 is only a record of the last fault address.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+/// RDMSR of an MSR that exists on every VMX CPU.
+pub(crate) fn rdmsr_arch(index: u32) -> u64 {
+    // SAFETY: callers only read architectural MSRs present with VMX and long mode.
+    unsafe { x86::msr::rdmsr(index) }
+}
+
+/// WRMSR of an architectural MSR.
+///
+/// # Safety
+/// The value must be valid for the MSR and not break the host (callers restore host
+/// values before the host depends on them).
+pub(crate) unsafe fn wrmsr_arch(index: u32, value: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { x86::msr::wrmsr(index, value) };
 }

@@ -10,4 +10,5 @@
 
 pub mod caps;
 pub mod exit;
+pub mod guest_state;
 pub mod mmu;

@@ -143,3 +143,274 @@ impl Rvmm {
         self.file.as_raw_fd()
     }
 }
+
+impl Rvmm {
+    /// Turns this open device into a VM.
+    pub fn create_vm(self) -> Result<Vm> {
+        // SAFETY: RVMM_CREATE_VM takes no argument.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), uapi::RVMM_CREATE_VM as _, 0usize) };
+        if r < 0 {
+            return Err(Error::Ioctl {
+                op: "RVMM_CREATE_VM",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Vm { file: self.file })
+    }
+}
+
+/// A VM: an open `/dev/rvmm` after `RVMM_CREATE_VM`.
+#[derive(Debug)]
+pub struct Vm {
+    file: File,
+}
+
+fn ioctl_ptr<T>(file: &File, op: &'static str, cmd: u32, arg: *mut T) -> Result<i32> {
+    // SAFETY: callers pass the argument type the ioctl number encodes.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), cmd as _, arg) };
+    if r < 0 {
+        return Err(Error::Ioctl {
+            op,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(r)
+}
+
+impl Vm {
+    /// Maps `size` bytes at `uaddr` of this process at guest-physical `gpa` (slot
+    /// `slot`); size 0 deletes the slot.
+    ///
+    /// # Safety
+    /// The memory at `uaddr` must stay mapped while the slot exists (the module pins it,
+    /// but unmapping it from this process would leave the guest on pages nobody else sees).
+    pub unsafe fn set_memory_region(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        uaddr: u64,
+        readonly: bool,
+    ) -> Result<()> {
+        let mut r = uapi::MemoryRegion {
+            slot,
+            flags: if readonly { uapi::RVMM_MEM_READONLY } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: uaddr,
+        };
+        ioctl_ptr(
+            &self.file,
+            "RVMM_SET_MEMORY_REGION",
+            uapi::RVMM_SET_MEMORY_REGION,
+            &mut r,
+        )?;
+        Ok(())
+    }
+
+    /// Creates vCPU `id` and maps its run page.
+    pub fn create_vcpu(&self, id: u32) -> Result<Vcpu<'_>> {
+        // SAFETY: RVMM_CREATE_VCPU takes an integer.
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                uapi::RVMM_CREATE_VCPU as _,
+                id as usize,
+            )
+        };
+        if r < 0 {
+            return Err(Error::Ioctl {
+                op: "RVMM_CREATE_VCPU",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let index = r as u32;
+        // SAFETY: maps the vCPU's run page (one page at offset index * page size).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                uapi::RVMM_RUN_MMAP_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                (u64::from(index) * uapi::RVMM_RUN_MMAP_SIZE) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Ioctl {
+                op: "mmap of the run page",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Vcpu {
+            vm: self,
+            index,
+            run: p.cast(),
+        })
+    }
+
+    /// The raw file descriptor.
+    pub fn as_raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Why `Vcpu::run` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// OUT: the guest wrote `data` (little-endian, `size` bytes) to `port`.
+    IoOut { port: u16, size: u8, data: u32 },
+    /// IN: call [`Vcpu::set_io_in`] with the value before running again.
+    IoIn { port: u16, size: u8 },
+    /// HLT.
+    Hlt,
+    /// VMCALL: RAX and six arguments; [`Vcpu::set_hypercall_ret`] sets the result.
+    Hypercall { nr: u64, args: [u64; 6] },
+    /// Triple fault.
+    Shutdown,
+    /// VM entry failed.
+    FailEntry {
+        reason: u64,
+        vmfail: bool,
+        check: u32,
+    },
+    /// rvmm could not handle an exit.
+    Internal { suberror: u32, data: [u64; 4] },
+    /// A signal interrupted the run.
+    Interrupted,
+    /// Any other exit reason.
+    Other(u32),
+}
+
+/// A vCPU of a [`Vm`], with its mapped run page.
+#[derive(Debug)]
+pub struct Vcpu<'a> {
+    vm: &'a Vm,
+    index: u32,
+    run: *mut uapi::Run,
+}
+
+impl Vcpu<'_> {
+    /// General registers.
+    pub fn regs(&self) -> Result<uapi::Regs> {
+        let mut r = uapi::VcpuRegs {
+            vcpu: self.index,
+            ..Default::default()
+        };
+        ioctl_ptr(&self.vm.file, "RVMM_GET_REGS", uapi::RVMM_GET_REGS, &mut r)?;
+        Ok(r.regs)
+    }
+
+    /// Sets the general registers.
+    pub fn set_regs(&self, regs: &uapi::Regs) -> Result<()> {
+        let mut r = uapi::VcpuRegs {
+            vcpu: self.index,
+            padding: 0,
+            regs: *regs,
+        };
+        ioctl_ptr(&self.vm.file, "RVMM_SET_REGS", uapi::RVMM_SET_REGS, &mut r)?;
+        Ok(())
+    }
+
+    /// Special registers.
+    pub fn sregs(&self) -> Result<uapi::Sregs> {
+        let mut s = uapi::VcpuSregs {
+            vcpu: self.index,
+            ..Default::default()
+        };
+        ioctl_ptr(
+            &self.vm.file,
+            "RVMM_GET_SREGS",
+            uapi::RVMM_GET_SREGS,
+            &mut s,
+        )?;
+        Ok(s.sregs)
+    }
+
+    /// Sets the special registers.
+    pub fn set_sregs(&self, sregs: &uapi::Sregs) -> Result<()> {
+        let mut s = uapi::VcpuSregs {
+            vcpu: self.index,
+            padding: 0,
+            sregs: *sregs,
+        };
+        ioctl_ptr(
+            &self.vm.file,
+            "RVMM_SET_SREGS",
+            uapi::RVMM_SET_SREGS,
+            &mut s,
+        )?;
+        Ok(())
+    }
+
+    /// The value an IN returns (call after [`Exit::IoIn`], before running again).
+    pub fn set_io_in(&self, value: u32) {
+        // SAFETY: the run page is mapped for this vCPU's lifetime.
+        unsafe { (*self.run).io_data[0] = u64::from(value) };
+    }
+
+    /// The result of a hypercall.
+    pub fn set_hypercall_ret(&self, value: u64) {
+        // SAFETY: as above.
+        unsafe { (*self.run).hypercall.ret = value };
+    }
+
+    /// Runs the vCPU until an exit that userspace handles.
+    pub fn run(&self) -> Result<Exit> {
+        // SAFETY: RVMM_RUN takes the vCPU index.
+        let r = unsafe {
+            libc::ioctl(
+                self.vm.file.as_raw_fd(),
+                uapi::RVMM_RUN as _,
+                self.index as usize,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                return Ok(Exit::Interrupted);
+            }
+            return Err(Error::Ioctl {
+                op: "RVMM_RUN",
+                source: e,
+            });
+        }
+        // SAFETY: the kernel filled the run page before returning.
+        let run = unsafe { &*self.run };
+        Ok(match run.exit_reason {
+            uapi::RVMM_EXIT_IO if run.io.direction == uapi::RVMM_EXIT_IO_OUT => Exit::IoOut {
+                port: run.io.port,
+                size: run.io.size,
+                data: run.io_data[0] as u32,
+            },
+            uapi::RVMM_EXIT_IO => Exit::IoIn {
+                port: run.io.port,
+                size: run.io.size,
+            },
+            uapi::RVMM_EXIT_HLT => Exit::Hlt,
+            uapi::RVMM_EXIT_HYPERCALL => Exit::Hypercall {
+                nr: run.hypercall.nr,
+                args: run.hypercall.args,
+            },
+            uapi::RVMM_EXIT_SHUTDOWN => Exit::Shutdown,
+            uapi::RVMM_EXIT_FAIL_ENTRY => Exit::FailEntry {
+                reason: run.fail_entry.hardware_entry_failure_reason,
+                vmfail: run.fail_entry.vmfail != 0,
+                check: run.internal.suberror,
+            },
+            uapi::RVMM_EXIT_INTERNAL_ERROR => Exit::Internal {
+                suberror: run.internal.suberror,
+                data: run.internal.data,
+            },
+            uapi::RVMM_EXIT_INTR => Exit::Interrupted,
+            other => Exit::Other(other),
+        })
+    }
+}
+
+impl Drop for Vcpu<'_> {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the run page mapped in `create_vcpu`.
+        unsafe { libc::munmap(self.run.cast(), uapi::RVMM_RUN_MMAP_SIZE as usize) };
+    }
+}

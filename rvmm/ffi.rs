@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The C helper's functions (rvmm/helpers.c, declared for C in rvmm/helpers.h): what
+//! the 7.3 kernel crate has no abstraction for yet.
+
+use core::ffi::c_void;
+
+extern "C" {
+    pub(crate) fn rvmm_vmx_enable_all() -> i32;
+    pub(crate) fn rvmm_vmx_disable_all();
+    pub(crate) fn rvmm_vmx_held_here() -> bool;
+    pub(crate) fn rvmm_vmx_shared_here() -> bool;
+    pub(crate) fn rvmm_cr4_vmxe_here() -> bool;
+    pub(crate) fn rvmm_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
+    pub(crate) fn rvmm_on_each_online_cpu(
+        f: unsafe extern "C" fn(*mut c_void),
+        info: *mut c_void,
+    ) -> u32;
+    pub(crate) fn rvmm_page_to_phys(page: *mut c_void) -> u64;
+    pub(crate) fn rvmm_pin_user_pages(
+        uaddr: usize,
+        nr: usize,
+        write: bool,
+        pages: *mut *mut c_void,
+    ) -> isize;
+    pub(crate) fn rvmm_unpin_user_pages(pages: *mut *mut c_void, nr: usize, dirty: bool);
+    pub(crate) fn rvmm_pa_to_va(pa: u64) -> *mut c_void;
+    pub(crate) fn rvmm_fpu_begin();
+    pub(crate) fn rvmm_fpu_end();
+    pub(crate) fn rvmm_irq_save() -> usize;
+    pub(crate) fn rvmm_irq_restore(flags: usize);
+    pub(crate) fn rvmm_after_vmexit();
+    pub(crate) fn rvmm_task_has_io_bitmap() -> bool;
+    pub(crate) fn rvmm_reraise_nmi();
+    pub(crate) fn rvmm_need_resched() -> bool;
+    pub(crate) fn rvmm_signal_pending() -> bool;
+    pub(crate) fn rvmm_cond_resched();
+    pub(crate) fn rvmm_read_cr3() -> u64;
+    pub(crate) fn rvmm_cpu() -> i32;
+    pub(crate) fn cr4_read_shadow() -> usize;
+    pub(crate) fn rvmm_alloc_page_dma32() -> *mut c_void;
+    pub(crate) fn rvmm_free_page(page: *mut c_void);
+}

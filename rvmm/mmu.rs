@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The kernel side of the MMU: guest memory slots (the VMM's pages, pinned while
+//! mapped), guest-physical memory access for the walker, and the pool of shadow table
+//! pages. The walker, shadow entries and shadow tree are in `rvmm_core::mmu`.
+
+use core::ffi::c_void;
+use core::ptr;
+
+use kernel::{prelude::*, sync::Arc};
+use rvmm_core::mmu::shadow::TableAlloc;
+use rvmm_core::mmu::GuestMemory;
+use rvmm_uapi as uapi;
+
+use crate::ffi::*;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// One guest memory region: the VMM's pages, pinned for the slot's lifetime.
+pub(crate) struct Slot {
+    pub(crate) id: u32,
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) readonly: bool,
+    pages: KVec<*mut c_void>,
+    host_pa: KVec<u64>,
+}
+
+// SAFETY: the raw pointers are `struct page`s pinned by this slot; the slot only passes
+// them back to the kernel (unpin) and reads their physical addresses, from any thread.
+unsafe impl Send for Slot {}
+// SAFETY: as above; nothing is mutated through a shared reference.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    /// Pins the VMM's memory for `r` (already validated by [`MemSlots::validate`]).
+    fn pin(r: &uapi::MemoryRegion) -> Result<Self> {
+        let n = (r.memory_size / PAGE_SIZE) as usize;
+        let readonly = r.flags & uapi::RVMM_MEM_READONLY != 0;
+        let mut pages = KVec::with_capacity(n, GFP_KERNEL)?;
+        pages.resize(n, ptr::null_mut(), GFP_KERNEL)?;
+        // SAFETY: `pages` has room for `n` pointers; the helper pins at most `n` pages
+        // and unpins what it pinned on failure.
+        let pinned = unsafe {
+            rvmm_pin_user_pages(r.userspace_addr as usize, n, !readonly, pages.as_mut_ptr())
+        };
+        if pinned < 0 {
+            pr_warn!(
+                "memory region {}: cannot pin {} pages at {:#x} ({}): is the range mapped{}?\n",
+                r.slot,
+                n,
+                r.userspace_addr,
+                pinned,
+                if readonly { "" } else { " and writable" }
+            );
+            return Err(Error::from_errno(pinned as i32));
+        }
+        let mut slot = Self {
+            id: r.slot,
+            gpa: r.guest_phys_addr,
+            size: r.memory_size,
+            readonly,
+            pages,
+            host_pa: KVec::new(),
+        };
+        let mut host_pa = KVec::with_capacity(n, GFP_KERNEL)?;
+        for &p in slot.pages.iter() {
+            // SAFETY: `p` is a page pinned above.
+            host_pa.push(unsafe { rvmm_page_to_phys(p) }, GFP_KERNEL)?;
+        }
+        slot.host_pa = host_pa;
+        Ok(slot)
+    }
+
+    /// Host-physical address of the page holding `gpa` (inside this slot).
+    fn host_pa(&self, gpa: u64) -> u64 {
+        self.host_pa[((gpa - self.gpa) / PAGE_SIZE) as usize] | (gpa & (PAGE_SIZE - 1))
+    }
+
+    fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa - self.gpa < self.size
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // SAFETY: every pointer was pinned by `pin` and is unpinned once, here.
+        unsafe { rvmm_unpin_user_pages(self.pages.as_mut_ptr(), self.pages.len(), !self.readonly) };
+    }
+}
+
+/// A VM's memory map. Replaced as a whole on every change, so a running vCPU keeps the
+/// (still pinned) map it started with until it returns to userspace.
+pub(crate) struct MemSlots {
+    slots: KVec<Arc<Slot>>,
+    /// Bumped on every change: vCPUs drop their shadows when it moves.
+    pub(crate) generation: u64,
+}
+
+impl MemSlots {
+    pub(crate) fn new() -> Self {
+        Self {
+            slots: KVec::new(),
+            generation: 0,
+        }
+    }
+
+    /// Checks a region request against the ABI's rules.
+    fn validate(r: &uapi::MemoryRegion) -> Result {
+        if r.slot >= uapi::RVMM_MAX_MEMSLOTS {
+            pr_info!(
+                "memory region: slot {} out of range (max {})\n",
+                r.slot,
+                uapi::RVMM_MAX_MEMSLOTS - 1
+            );
+            return Err(EINVAL);
+        }
+        if r.flags & !uapi::RVMM_MEM_READONLY != 0 {
+            pr_info!("memory region {}: unknown flags {:#x}\n", r.slot, r.flags);
+            return Err(EINVAL);
+        }
+        if r.memory_size == 0 {
+            return Ok(());
+        }
+        let aligned = (r.guest_phys_addr | r.memory_size | r.userspace_addr) & (PAGE_SIZE - 1) == 0;
+        let gpa_end = r.guest_phys_addr.checked_add(r.memory_size);
+        let ua_end = r.userspace_addr.checked_add(r.memory_size);
+        if !aligned
+            || gpa_end.is_none()
+            || ua_end.is_none()
+            || gpa_end > Some(1 << 46)
+            || ua_end > Some(1 << 47)
+        {
+            pr_info!(
+                "memory region {}: gpa {:#x} size {:#x} uaddr {:#x}: must be 4 KiB aligned, non-empty and not wrap\n",
+                r.slot,
+                r.guest_phys_addr,
+                r.memory_size,
+                r.userspace_addr
+            );
+            return Err(EINVAL);
+        }
+        if r.memory_size > (16 << 30) {
+            pr_info!(
+                "memory region {}: {} bytes is over the 16 GiB per-slot limit\n",
+                r.slot,
+                r.memory_size
+            );
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    /// The map after applying `r`: create, move, delete (pins before anything changes).
+    pub(crate) fn with_region(&self, r: &uapi::MemoryRegion) -> Result<Self> {
+        Self::validate(r)?;
+        let old = self.slots.iter().find(|s| s.id == r.slot);
+        let mut slots = KVec::with_capacity(self.slots.len() + 1, GFP_KERNEL)?;
+        for s in self.slots.iter().filter(|s| s.id != r.slot) {
+            slots.push(s.clone(), GFP_KERNEL)?;
+        }
+        if r.memory_size != 0 {
+            let end = r.guest_phys_addr + r.memory_size;
+            if let Some(other) = slots
+                .iter()
+                .find(|s| r.guest_phys_addr < s.gpa + s.size && s.gpa < end)
+            {
+                pr_info!(
+                    "memory region {}: [{:#x}, {:#x}) overlaps slot {}\n",
+                    r.slot,
+                    r.guest_phys_addr,
+                    end,
+                    other.id
+                );
+                return Err(EEXIST);
+            }
+            // Create, or replace (a move): the new backing is pinned before the old
+            // one is released, when the last vCPU still running on the old map returns.
+            let slot = Slot::pin(r)?;
+            slots.push(Arc::new(slot, GFP_KERNEL)?, GFP_KERNEL)?;
+        } else if old.is_none() {
+            pr_info!(
+                "memory region {}: deleting a slot that does not exist\n",
+                r.slot
+            );
+            return Err(EINVAL);
+        }
+        Ok(Self {
+            slots,
+            generation: self.generation + 1,
+        })
+    }
+
+    /// The slot holding `gpa`.
+    pub(crate) fn find(&self, gpa: u64) -> Option<&Slot> {
+        self.slots.iter().map(|s| &**s).find(|s| s.contains(gpa))
+    }
+
+    /// Host-physical address for `gpa` and whether the slot is read-only.
+    pub(crate) fn host_pa(&self, gpa: u64) -> Option<(u64, bool)> {
+        self.find(gpa).map(|s| (s.host_pa(gpa), s.readonly))
+    }
+
+    /// A kernel pointer to `len` bytes at `gpa`, if they lie in one guest page of RAM.
+    pub(crate) fn ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        if (gpa & (PAGE_SIZE - 1)) + len > PAGE_SIZE {
+            return None;
+        }
+        let (pa, _) = self.host_pa(gpa)?;
+        // SAFETY: `pa` is a pinned page of this map; the direct map covers it.
+        Some(unsafe { rvmm_pa_to_va(pa) }.cast())
+    }
+}
+
+/// Guest-physical memory for the walker.
+pub(crate) struct GuestMem<'a>(pub(crate) &'a MemSlots);
+
+impl GuestMemory for GuestMem<'_> {
+    fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        let p = self.0.ptr(gpa, u64::from(size))?;
+        // SAFETY: `p` points at `size` bytes of a pinned guest page; the guest may change
+        // them concurrently, hence a volatile read.
+        Some(unsafe {
+            if size == 4 {
+                u64::from(ptr::read_volatile(p.cast::<u32>()))
+            } else {
+                ptr::read_volatile(p.cast::<u64>())
+            }
+        })
+    }
+
+    fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
+        if let Some(p) = self.0.ptr(gpa, u64::from(size)) {
+            // SAFETY: as in `read_entry`; entries are naturally aligned.
+            unsafe {
+                if size == 4 {
+                    ptr::write_volatile(p.cast::<u32>(), value as u32)
+                } else {
+                    ptr::write_volatile(p.cast::<u64>(), value)
+                }
+            }
+        }
+    }
+}
+
+/// A zeroed page below 4 GiB, freed on drop.
+struct Dma32Page(ptr::NonNull<c_void>);
+
+impl Dma32Page {
+    fn new() -> Result<Self> {
+        // SAFETY: no preconditions; returns a fresh order-0 page or NULL.
+        ptr::NonNull::new(unsafe { rvmm_alloc_page_dma32() })
+            .map(Self)
+            .ok_or(ENOMEM)
+    }
+}
+
+impl Drop for Dma32Page {
+    fn drop(&mut self) {
+        // SAFETY: the page came from `rvmm_alloc_page_dma32` and is freed once.
+        unsafe { rvmm_free_page(self.0.as_ptr()) };
+    }
+}
+
+// SAFETY: the page is owned exclusively; freeing it from any thread is fine.
+unsafe impl Send for Dma32Page {}
+// SAFETY: no interior access through `&Dma32Page`.
+unsafe impl Sync for Dma32Page {}
+
+/// Shadow table pages, allocated when the vCPU is created (below 4 GiB, as a PAE root
+/// must be) and handed out without allocating on the #PF path.
+pub(crate) struct Pool {
+    /// Owns the pages (freed with the pool).
+    _pages: KVec<Dma32Page>,
+    free: KVec<u64>,
+    nfree: usize,
+    used: KVec<u64>,
+    nused: usize,
+    /// Pages handed out since the vCPU was created.
+    pub(crate) allocs: u64,
+    /// Highest number of pages in use at once.
+    pub(crate) peak: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(n: usize) -> Result<Self> {
+        let mut pages = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            let page = Dma32Page::new()?;
+            // SAFETY: a page we own.
+            free.push(unsafe { rvmm_page_to_phys(page.0.as_ptr()) }, GFP_KERNEL)?;
+            pages.push(page, GFP_KERNEL)?;
+        }
+        let mut used = KVec::with_capacity(n, GFP_KERNEL)?;
+        used.resize(n, 0, GFP_KERNEL)?;
+        Ok(Self {
+            _pages: pages,
+            free,
+            nfree: n,
+            used,
+            nused: 0,
+            allocs: 0,
+            peak: 0,
+        })
+    }
+
+    /// Returns every page to the pool, zeroed.
+    pub(crate) fn reset(&mut self) {
+        for i in 0..self.nused {
+            let pa = self.used[i];
+            // SAFETY: `pa` is one of our pages; nothing maps it once the root is dropped.
+            unsafe { ptr::write_bytes(rvmm_pa_to_va(pa).cast::<u8>(), 0, PAGE_SIZE as usize) };
+            self.free[self.nfree] = pa;
+            self.nfree += 1;
+        }
+        self.nused = 0;
+    }
+}
+
+impl TableAlloc for Pool {
+    fn alloc(&mut self) -> Option<u64> {
+        if self.nfree == 0 {
+            return None;
+        }
+        self.nfree -= 1;
+        let pa = self.free[self.nfree];
+        self.used[self.nused] = pa;
+        self.nused += 1;
+        self.allocs += 1;
+        self.peak = self.peak.max(self.nused);
+        Some(pa)
+    }
+
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` is a page of this pool (the tree only holds what `alloc` gave),
+        // 4 KiB and aligned, reachable through the direct map, and `&mut self` makes the
+        // reference exclusive.
+        unsafe { &mut *rvmm_pa_to_va(pa).cast::<[u64; 512]>() }
+    }
+}

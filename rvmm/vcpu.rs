@@ -1,0 +1,813 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A vCPU: its VMCS, the guest state rvmm keeps beside it, its shadow MMU, and the run
+//! loop. Exit handlers are in [`exit`].
+//!
+//! The VMCS is current only inside an interrupts-off section (see `vmx::CurrentVmcs`):
+//! the run loop enters and leaves the guest as often as it can inside one such section
+//! (fast exits: CPUID, CR and MSR accesses, shadow page faults), and leaves it, VMCLEARs
+//! the VMCS and puts back whatever VMCS was current before, when the host needs the CPU
+//! (an interrupt, need_resched, a signal) or userspace must see the exit. Because the
+//! VMCS is always clear outside, a vCPU may run on any CPU next time: the per-CPU host
+//! fields are written at each section's start.
+
+use core::ptr::{self, addr_of_mut};
+
+use kernel::{new_mutex, page::Page, prelude::*, sync::Arc, sync::Mutex};
+use rvmm_core::caps::{AllowedControls, VmxBasic};
+use rvmm_core::mmu::mode::*;
+use rvmm_core::mmu::shadow::{Format, Root};
+use rvmm_core::mmu::PagingMode;
+use rvmm_uapi as uapi;
+use x86::msr;
+use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
+use x86::vmx::vmcs::{control, guest, host, ro};
+
+use crate::ffi::*;
+use crate::mmu::{MemSlots, Pool};
+use crate::vmx::{self, Gprs, HostSegs};
+
+mod exit;
+
+/// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
+const POOL_PAGES: usize = 256;
+
+/// x87/SSE state of the guest (FXSAVE format).
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+
+/// Work left from the last exit to userspace, finished before the next entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    /// An IN: the data is in the run page.
+    IoIn {
+        size: u8,
+    },
+    /// A VMCALL: the result is in the run page.
+    Hypercall,
+}
+
+/// Per-vCPU counters.
+pub(crate) struct Stats {
+    pub(crate) exits: [u64; rvmm_core::exit::NR_EXIT_REASONS],
+    pub(crate) shadow_faults: u64,
+    pub(crate) guest_faults: u64,
+    pub(crate) shadow_resets: u64,
+}
+
+pub(crate) struct VcpuInner {
+    /// The VMCS region (owned; its physical address is `vmcs_pa`).
+    _vmcs: Page,
+    vmcs_pa: u64,
+    gprs: Gprs,
+    /// Guest views of the control registers and EFER.
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    cr8: u64,
+    efer: u64,
+    cr2: u64,
+    dr: [u64; 8],
+    /// MSRs switched by hand around the guest.
+    kernel_gs_base: u64,
+    syscall_msrs: [u64; 4],
+    syscall_msrs_set: bool,
+    fx: KBox<FxArea>,
+    /// VM-entry controls without "IA-32e mode guest".
+    entry_base: u32,
+    // Shadow MMU.
+    pool: Pool,
+    root: Option<Root>,
+    mode: PagingMode,
+    large_mapped: bool,
+    slots: Arc<MemSlots>,
+    need_reset: bool,
+    state_checked: bool,
+    maxphyaddr: u8,
+    pending: Pending,
+    triple_fault: bool,
+    pub(crate) stats: Stats,
+}
+
+#[pin_data]
+pub(crate) struct Vcpu {
+    pub(crate) id: u32,
+    run: Page,
+    #[pin]
+    inner: Mutex<VcpuInner>,
+}
+
+/// What the run loop does after an exit.
+pub(crate) enum Next {
+    /// Re-enter at once (still inside the interrupts-off section).
+    Fast,
+    /// Leave the section (let interrupts and the scheduler in), then re-enter.
+    Host,
+    /// Return to userspace with the exit in the run page.
+    User,
+}
+
+fn vmw(field: u32, value: u64) {
+    // SAFETY: called only while this vCPU's VMCS is current (all callers are inside
+    // `with_vmcs` or the run section); a failing VMWRITE leaves the VMCS unchanged.
+    let _ = unsafe { vmx::vmwrite(field, value) };
+}
+
+fn vmr(field: u32) -> u64 {
+    // SAFETY: as for `vmw`.
+    unsafe { vmx::vmread(field) }.unwrap_or(0)
+}
+
+fn seg_ar(s: &uapi::Segment) -> u64 {
+    if s.unusable != 0 {
+        return 1 << 16;
+    }
+    u64::from(s.seg_type & 0xf)
+        | u64::from(s.s & 1) << 4
+        | u64::from(s.dpl & 3) << 5
+        | u64::from(s.present & 1) << 7
+        | u64::from(s.avl & 1) << 12
+        | u64::from(s.l & 1) << 13
+        | u64::from(s.db & 1) << 14
+        | u64::from(s.g & 1) << 15
+}
+
+fn seg_from_ar(base: u64, limit: u32, selector: u16, ar: u64) -> uapi::Segment {
+    uapi::Segment {
+        base,
+        limit,
+        selector,
+        seg_type: (ar & 0xf) as u8,
+        s: (ar >> 4 & 1) as u8,
+        dpl: (ar >> 5 & 3) as u8,
+        present: (ar >> 7 & 1) as u8,
+        avl: (ar >> 12 & 1) as u8,
+        l: (ar >> 13 & 1) as u8,
+        db: (ar >> 14 & 1) as u8,
+        g: (ar >> 15 & 1) as u8,
+        unusable: (ar >> 16 & 1) as u8,
+        padding: 0,
+    }
+}
+
+/// (selector, base, limit, access rights) VMCS fields of each segment, in the order of
+/// `uapi::Sregs`.
+const SEGS: [(u32, u32, u32, u32); 8] = [
+    (
+        guest::CS_SELECTOR,
+        guest::CS_BASE,
+        guest::CS_LIMIT,
+        guest::CS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::DS_SELECTOR,
+        guest::DS_BASE,
+        guest::DS_LIMIT,
+        guest::DS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::ES_SELECTOR,
+        guest::ES_BASE,
+        guest::ES_LIMIT,
+        guest::ES_ACCESS_RIGHTS,
+    ),
+    (
+        guest::FS_SELECTOR,
+        guest::FS_BASE,
+        guest::FS_LIMIT,
+        guest::FS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::GS_SELECTOR,
+        guest::GS_BASE,
+        guest::GS_LIMIT,
+        guest::GS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::SS_SELECTOR,
+        guest::SS_BASE,
+        guest::SS_LIMIT,
+        guest::SS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::TR_SELECTOR,
+        guest::TR_BASE,
+        guest::TR_LIMIT,
+        guest::TR_ACCESS_RIGHTS,
+    ),
+    (
+        guest::LDTR_SELECTOR,
+        guest::LDTR_BASE,
+        guest::LDTR_LIMIT,
+        guest::LDTR_ACCESS_RIGHTS,
+    ),
+];
+
+impl Vcpu {
+    pub(crate) fn new(id: u32) -> Result<Arc<Self>> {
+        let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
+        let vmcs = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+        let rev = basic.revision_id().to_ne_bytes();
+        // SAFETY: 4 bytes into a 4-KiB page we own.
+        unsafe { vmcs.write_raw(rev.as_ptr(), 0, 4)? };
+        // SAFETY: a page we own.
+        let vmcs_pa = unsafe { rvmm_page_to_phys(vmcs.as_ptr().cast()) };
+        let run = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+        let mut fx = KBox::new(FxArea([0; 512]), GFP_KERNEL)?;
+        fx.0[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
+        fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
+        let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
+        let inner = VcpuInner {
+            _vmcs: vmcs,
+            vmcs_pa,
+            gprs: Gprs::default(),
+            cr0: CR0_PE | (1 << 4),
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            cr2: 0,
+            dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400, 0xffff_0ff0, 0x400],
+            kernel_gs_base: 0,
+            syscall_msrs: [0; 4],
+            syscall_msrs_set: false,
+            fx,
+            entry_base: 0,
+            pool: Pool::new(POOL_PAGES)?,
+            root: None,
+            mode: PagingMode::None,
+            large_mapped: false,
+            slots: Arc::new(MemSlots::new(), GFP_KERNEL)?,
+            need_reset: true,
+            state_checked: false,
+            maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
+            pending: Pending::None,
+            triple_fault: false,
+            stats: Stats {
+                exits: [0; rvmm_core::exit::NR_EXIT_REASONS],
+                shadow_faults: 0,
+                guest_faults: 0,
+                shadow_resets: 0,
+            },
+        };
+        let vcpu = Arc::pin_init(
+            try_pin_init!(Self { id, run, inner <- new_mutex!(inner) }),
+            GFP_KERNEL,
+        )?;
+        vcpu.inner.lock().init_vmcs()?;
+        Ok(vcpu)
+    }
+
+    /// The run page, for mmap.
+    pub(crate) fn run_page(&self) -> &Page {
+        &self.run
+    }
+
+    fn run_ptr(&self) -> *mut uapi::Run {
+        // SAFETY: the run page is ours for the vCPU's lifetime and mapped in the direct
+        // map; `uapi::Run` fits in it (checked below).
+        unsafe { rvmm_pa_to_va(rvmm_page_to_phys(self.run.as_ptr().cast())).cast() }
+    }
+
+    pub(crate) fn get_regs(&self) -> uapi::Regs {
+        self.inner.lock().with_vmcs(|g| g.regs())
+    }
+
+    pub(crate) fn set_regs(&self, r: &uapi::Regs) {
+        self.inner.lock().with_vmcs(|g| g.set_regs(r))
+    }
+
+    pub(crate) fn get_sregs(&self) -> uapi::Sregs {
+        self.inner.lock().with_vmcs(|g| g.sregs())
+    }
+
+    pub(crate) fn set_sregs(&self, s: &uapi::Sregs) -> Result {
+        self.inner.lock().with_vmcs(|g| g.set_sregs(s))
+    }
+
+    /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
+    pub(crate) fn run(&self, slots: Arc<MemSlots>) -> Result<isize> {
+        const _: () = assert!(core::mem::size_of::<uapi::Run>() <= 4096);
+        let run = self.run_ptr();
+        // SAFETY: a query of the current task.
+        if unsafe { rvmm_task_has_io_bitmap() } {
+            pr_info!(
+                "vcpu {}: the calling task uses ioperm(); rvmm cannot run vCPUs from it\n",
+                self.id
+            );
+            return Err(EINVAL);
+        }
+        let mut g = self.inner.lock();
+        if slots.generation != g.slots.generation {
+            g.slots = slots;
+            g.need_reset = true;
+        }
+        g.complete_pending(run);
+        // SAFETY: `run` points at our run page (see `run_ptr`); userspace may write it
+        // concurrently, which only affects this vCPU.
+        unsafe {
+            (*run).ready_for_interrupt_injection = 0;
+            if ptr::read_volatile(addr_of_mut!((*run).immediate_exit)) != 0 {
+                (*run).exit_reason = uapi::RVMM_EXIT_INTR;
+                return Err(EINTR);
+            }
+        }
+        loop {
+            // SAFETY: plain queries of the current task.
+            if unsafe { rvmm_signal_pending() } {
+                // SAFETY: as above.
+                unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                return Err(EINTR);
+            }
+            // SAFETY: we hold no spinlock and interrupts are on.
+            unsafe { rvmm_cond_resched() };
+            if let Next::User = g.run_section(run, self.id) {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+impl VcpuInner {
+    /// Runs `f` with this vCPU's VMCS current (interrupts off), then clears it and puts
+    /// back the VMCS that was current before.
+    fn with_vmcs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        // SAFETY: interrupts stay off until `irq_restore`, so this task stays on this
+        // CPU, which is in VMX operation while the module is loaded; our VMCS is not
+        // active anywhere (it is VMCLEARed whenever a section ends).
+        unsafe {
+            let flags = rvmm_irq_save();
+            let r = match vmx::CurrentVmcs::load(self.vmcs_pa) {
+                Ok(_guard) => f(self),
+                Err(_) => {
+                    pr_err!("VMPTRLD of a vCPU's VMCS failed\n");
+                    // Still run `f`: its VMREADs/VMWRITEs fail harmlessly.
+                    f(self)
+                }
+            };
+            rvmm_irq_restore(flags);
+            r
+        }
+    }
+
+    fn init_vmcs(&mut self) -> Result {
+        let caps = vmx::read_caps();
+        let pin = AllowedControls(caps.pinbased).adjust(
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
+            0,
+        );
+        let proc = AllowedControls(caps.procbased).adjust(
+            (PrimaryControls::HLT_EXITING
+                | PrimaryControls::INVLPG_EXITING
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::RDPMC_EXITING
+                | PrimaryControls::CR3_LOAD_EXITING
+                | PrimaryControls::CR3_STORE_EXITING
+                | PrimaryControls::CR8_LOAD_EXITING
+                | PrimaryControls::CR8_STORE_EXITING
+                | PrimaryControls::MOV_DR_EXITING
+                | PrimaryControls::UNCOND_IO_EXITING
+                | PrimaryControls::MONITOR_EXITING)
+                .bits(),
+            0,
+        );
+        let exit = AllowedControls(caps.exit).adjust(
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::SAVE_IA32_PAT
+                | ExitControls::LOAD_IA32_PAT
+                | ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER)
+                .bits(),
+            0,
+        );
+        let entry = AllowedControls(caps.entry).adjust(
+            (EntryControls::LOAD_IA32_PAT | EntryControls::LOAD_IA32_EFER).bits(),
+            0,
+        );
+        let (Ok(pin), Ok(proc), Ok(exit), Ok(entry)) = (pin, proc, exit, entry) else {
+            pr_err!("this CPU lacks VMX controls rvmm needs (pin {:?}, proc {:?}, exit {:?}, entry {:?})\n", pin, proc, exit, entry);
+            return Err(EOPNOTSUPP);
+        };
+        self.entry_base = entry;
+        self.with_vmcs(|g| {
+            vmw(control::PINBASED_EXEC_CONTROLS, pin.into());
+            vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
+            vmw(control::VMEXIT_CONTROLS, exit.into());
+            vmw(control::VMENTRY_CONTROLS, entry.into());
+            vmw(control::EXCEPTION_BITMAP, 1 << rvmm_core::exit::vector::PF);
+            vmw(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+            vmw(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+            vmw(control::CR3_TARGET_COUNT, 0);
+            vmw(control::CR0_GUEST_HOST_MASK, !0);
+            vmw(control::CR4_GUEST_HOST_MASK, !0);
+            vmw(control::VMEXIT_MSR_STORE_COUNT, 0);
+            vmw(control::VMEXIT_MSR_LOAD_COUNT, 0);
+            vmw(control::VMENTRY_MSR_LOAD_COUNT, 0);
+            vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+            vmw(guest::LINK_PTR_FULL, !0);
+            vmw(guest::DR7, 0x400);
+            vmw(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
+            vmw(guest::ACTIVITY_STATE, 0);
+            vmw(guest::INTERRUPTIBILITY_STATE, 0);
+            vmw(guest::PENDING_DBG_EXCEPTIONS, 0);
+            // Host state that does not change between CPUs or entries.
+            let (cs, ss): (u16, u16);
+            // SAFETY: reading CS and SS.
+            unsafe { core::arch::asm!("mov {0:x}, cs", "mov {1:x}, ss", out(reg) cs, out(reg) ss, options(nomem, nostack)) };
+            let cr0: u64;
+            // SAFETY: reading CR0.
+            unsafe { core::arch::asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack)) };
+            vmw(host::CR0, cr0);
+            vmw(host::CS_SELECTOR, cs.into());
+            vmw(host::SS_SELECTOR, ss.into());
+            vmw(host::DS_SELECTOR, 0);
+            vmw(host::ES_SELECTOR, 0);
+            vmw(host::FS_SELECTOR, 0);
+            vmw(host::GS_SELECTOR, 0);
+            vmw(host::TR_SELECTOR, vmx::host_tr().into());
+            vmw(host::IA32_PAT_FULL, vmx::rdmsr_arch(msr::IA32_PAT));
+            vmw(host::IA32_EFER_FULL, vmx::rdmsr_arch(msr::IA32_EFER));
+            vmw(host::IA32_SYSENTER_CS, vmx::rdmsr_arch(msr::IA32_SYSENTER_CS));
+            vmw(host::RIP, vmx::host_rip());
+            // A flat 32-bit protected-mode guest with paging off; userspace sets the rest.
+            let code = uapi::Segment { limit: 0xffff_ffff, selector: 8, seg_type: 0xb, present: 1, s: 1, db: 1, g: 1, ..Default::default() };
+            let data = uapi::Segment { selector: 0x10, seg_type: 0x3, ..code };
+            let tr = uapi::Segment { limit: 0x67, seg_type: 0xb, present: 1, ..Default::default() };
+            let ldt = uapi::Segment { unusable: 1, ..Default::default() };
+            let sregs = uapi::Sregs {
+                cs: code,
+                ds: data,
+                es: data,
+                fs: data,
+                gs: data,
+                ss: data,
+                tr,
+                ldt,
+                cr0: CR0_PE | (1 << 4),
+                ..Default::default()
+            };
+            let _ = g.set_sregs(&sregs);
+            g.set_regs(&uapi::Regs { rflags: 2, ..Default::default() });
+        });
+        Ok(())
+    }
+
+    fn regs(&self) -> uapi::Regs {
+        let g = &self.gprs;
+        uapi::Regs {
+            rax: g.rax,
+            rbx: g.rbx,
+            rcx: g.rcx,
+            rdx: g.rdx,
+            rsi: g.rsi,
+            rdi: g.rdi,
+            rsp: vmr(guest::RSP),
+            rbp: g.rbp,
+            r8: g.r8,
+            r9: g.r9,
+            r10: g.r10,
+            r11: g.r11,
+            r12: g.r12,
+            r13: g.r13,
+            r14: g.r14,
+            r15: g.r15,
+            rip: vmr(guest::RIP),
+            rflags: vmr(guest::RFLAGS),
+        }
+    }
+
+    fn set_regs(&mut self, r: &uapi::Regs) {
+        self.gprs = Gprs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+        };
+        vmw(guest::RSP, r.rsp);
+        vmw(guest::RIP, r.rip);
+        vmw(guest::RFLAGS, r.rflags);
+        self.state_checked = false;
+    }
+
+    fn sregs(&self) -> uapi::Sregs {
+        let seg = |i: usize| {
+            let (s, b, l, a) = SEGS[i];
+            seg_from_ar(vmr(b), vmr(l) as u32, vmr(s) as u16, vmr(a))
+        };
+        uapi::Sregs {
+            cs: seg(0),
+            ds: seg(1),
+            es: seg(2),
+            fs: seg(3),
+            gs: seg(4),
+            ss: seg(5),
+            tr: seg(6),
+            ldt: seg(7),
+            gdt: uapi::Dtable {
+                base: vmr(guest::GDTR_BASE),
+                limit: vmr(guest::GDTR_LIMIT) as u16,
+                padding: [0; 3],
+            },
+            idt: uapi::Dtable {
+                base: vmr(guest::IDTR_BASE),
+                limit: vmr(guest::IDTR_LIMIT) as u16,
+                padding: [0; 3],
+            },
+            cr0: self.cr0,
+            cr2: self.cr2,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            cr8: self.cr8,
+            efer: self.efer,
+            apic_base: 0xfee0_0900,
+        }
+    }
+
+    fn set_sregs(&mut self, s: &uapi::Sregs) -> Result {
+        let segs = [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt];
+        for (seg, (sel, base, limit, ar)) in segs.iter().zip(SEGS) {
+            vmw(sel, seg.selector.into());
+            vmw(base, seg.base);
+            vmw(limit, seg.limit.into());
+            vmw(ar, seg_ar(seg));
+        }
+        vmw(guest::GDTR_BASE, s.gdt.base);
+        vmw(guest::GDTR_LIMIT, s.gdt.limit.into());
+        vmw(guest::IDTR_BASE, s.idt.base);
+        vmw(guest::IDTR_LIMIT, s.idt.limit.into());
+        self.cr0 = s.cr0;
+        self.cr2 = s.cr2;
+        self.cr3 = s.cr3;
+        self.cr4 = s.cr4;
+        self.cr8 = s.cr8 & 0xf;
+        self.efer = s.efer;
+        self.apply_paging_state();
+        self.state_checked = false;
+        Ok(())
+    }
+
+    /// Writes the real CR0/CR4/EFER and the read shadows from the guest's views, and
+    /// drops the shadow (its shape or its permissions may have changed).
+    fn apply_paging_state(&mut self) {
+        let lma = self.efer & EFER_LME != 0 && self.cr0 & CR0_PG != 0;
+        if lma {
+            self.efer |= EFER_LMA;
+        } else {
+            self.efer &= !EFER_LMA;
+        }
+        const CR0_GUEST_BITS: u64 =
+            (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 18);
+        let real_cr0 = (self.cr0 & CR0_GUEST_BITS) | CR0_PE | CR0_PG | CR0_WP | (1 << 5);
+        const CR4_GUEST_BITS: u64 =
+            (1 << 2) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 16) | CR4_SMEP | CR4_SMAP;
+        let real_cr4 = (self.cr4 & CR4_GUEST_BITS) | CR4_PAE | (1 << 13);
+        let real_efer = EFER_NXE | if lma { EFER_LME | EFER_LMA } else { 0 } | (self.efer & 1);
+        vmw(guest::CR0, real_cr0);
+        vmw(control::CR0_READ_SHADOW, self.cr0);
+        vmw(guest::CR4, real_cr4);
+        vmw(control::CR4_READ_SHADOW, self.cr4);
+        vmw(guest::IA32_EFER_FULL, real_efer);
+        let ia32e = if lma {
+            EntryControls::IA32E_MODE_GUEST.bits()
+        } else {
+            0
+        };
+        vmw(control::VMENTRY_CONTROLS, (self.entry_base | ia32e).into());
+        self.mode = PagingMode::from_regs(self.cr0, self.cr4, self.efer);
+        self.need_reset = true;
+    }
+
+    /// Drops the whole shadow and makes an empty root (a full TLB flush). The VMCS must
+    /// be current.
+    pub(crate) fn reset_shadow(&mut self) -> bool {
+        self.pool.reset();
+        self.stats.shadow_resets += 1;
+        self.large_mapped = false;
+        let format = if self.efer & EFER_LMA != 0 {
+            Format::Long4
+        } else {
+            Format::Pae
+        };
+        match Root::new(&mut self.pool, format) {
+            Ok(root) => {
+                self.root = Some(root);
+                vmw(guest::CR3, root.pa);
+                self.need_reset = false;
+                true
+            }
+            Err(_) => {
+                self.root = None;
+                false
+            }
+        }
+    }
+
+    fn complete_pending(&mut self, run: *mut uapi::Run) {
+        match self.pending {
+            Pending::None => {}
+            Pending::IoIn { size } => {
+                // SAFETY: our run page; io_data is plain bytes.
+                let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
+                let mask = match size {
+                    1 => 0xff,
+                    2 => 0xffff,
+                    _ => 0xffff_ffff,
+                };
+                self.gprs.rax = if size == 4 {
+                    data & mask
+                } else {
+                    (self.gprs.rax & !mask) | (data & mask)
+                };
+            }
+            Pending::Hypercall => {
+                // SAFETY: as above.
+                self.gprs.rax = unsafe { ptr::read_volatile(addr_of_mut!((*run).hypercall.ret)) };
+            }
+        }
+        self.pending = Pending::None;
+    }
+
+    /// One interrupts-off section: enter the guest, handle fast exits, until the host or
+    /// userspace needs the CPU.
+    fn run_section(&mut self, run: *mut uapi::Run, id: u32) -> Next {
+        // SAFETY: kernel_fpu_begin saves the task's FPU state and disables preemption;
+        // interrupts are then disabled until the end of the section.
+        let flags = unsafe {
+            rvmm_fpu_begin();
+            rvmm_irq_save()
+        };
+        // SAFETY: see `with_vmcs`.
+        let guard = unsafe { vmx::CurrentVmcs::load(self.vmcs_pa) };
+        let next = match guard {
+            Err(_) => {
+                self.internal_error(run, uapi::RVMM_INTERNAL_UNHANDLED_EXIT, [0xffff, 0, 0, 0])
+            }
+            Ok(_guard) => self.enter_loop(run, id),
+        };
+        // SAFETY: the guard (dropped above) cleared our VMCS and restored the previous
+        // one; TR's limit is fixed up before anything can use the I/O bitmap.
+        unsafe {
+            rvmm_after_vmexit();
+            rvmm_irq_restore(flags);
+            rvmm_fpu_end();
+        }
+        next
+    }
+
+    fn enter_loop(&mut self, run: *mut uapi::Run, id: u32) -> Next {
+        self.write_host_state();
+        if self.need_reset && !self.reset_shadow() {
+            return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
+        }
+        if !self.state_checked {
+            let cs_ar = vmr(guest::CS_ACCESS_RIGHTS) as u32;
+            if let Err(check) = rvmm_core::guest_state::check(
+                self.cr0,
+                self.cr4,
+                self.efer,
+                cs_ar,
+                vmr(guest::RFLAGS),
+            ) {
+                pr_info!(
+                    "vcpu {}: guest state refused before VM entry: {}\n",
+                    id,
+                    check.explain()
+                );
+                // SAFETY: our run page.
+                unsafe {
+                    (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
+                    (*run).fail_entry = uapi::ExitFailEntry {
+                        hardware_entry_failure_reason: (rvmm_core::exit::EXIT_REASON_FAILED_ENTRY
+                            | 33)
+                            .into(),
+                        cpu: rvmm_cpu() as u32,
+                        vmfail: 0,
+                    };
+                    (*run).internal.suberror = check as u32;
+                }
+                return Next::User;
+            }
+            self.state_checked = true;
+        }
+        let segs = HostSegs::read();
+        let mut launched = false;
+        loop {
+            let r = self.enter_once(launched, &segs);
+            if r.is_err() {
+                let err = vmr(ro::VM_INSTRUCTION_ERROR);
+                pr_info!(
+                    "vcpu {}: VM entry instruction failed, VM-instruction error {}\n",
+                    id,
+                    err
+                );
+                // SAFETY: our run page.
+                unsafe {
+                    (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
+                    (*run).fail_entry = uapi::ExitFailEntry {
+                        hardware_entry_failure_reason: err,
+                        cpu: rvmm_cpu() as u32,
+                        vmfail: 1,
+                    };
+                }
+                return Next::User;
+            }
+            launched = true;
+            match self.handle_exit(run, id) {
+                // SAFETY: plain queries with interrupts off.
+                Next::Fast if unsafe { !rvmm_need_resched() && !rvmm_signal_pending() } => continue,
+                Next::Fast | Next::Host => return Next::Host,
+                Next::User => return Next::User,
+            }
+        }
+    }
+
+    fn enter_once(&mut self, launched: bool, segs: &HostSegs) -> Result<(), vmx::VmFail> {
+        // SAFETY: interrupts are off and our VMCS is current with complete state (run
+        // section). The MSRs switched here are restored before the host can use them:
+        // KERNEL_GS_BASE matters only at the next SWAPGS, the SYSCALL MSRs only at the
+        // next SYSCALL, both after the section ends.
+        unsafe {
+            let host_kgs = vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE);
+            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
+            let syscall = [
+                msr::IA32_STAR,
+                msr::IA32_LSTAR,
+                msr::IA32_CSTAR,
+                msr::IA32_FMASK,
+            ];
+            let mut host_sys = [0u64; 4];
+            if self.syscall_msrs_set {
+                for (i, &m) in syscall.iter().enumerate() {
+                    host_sys[i] = vmx::rdmsr_arch(m);
+                    vmx::wrmsr_arch(m, self.syscall_msrs[i]);
+                }
+            }
+            core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
+            vmx::write_cr2(self.cr2);
+            let r = vmx::enter(&mut self.gprs, launched);
+            self.cr2 = vmx::read_cr2();
+            core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            if self.syscall_msrs_set {
+                for (i, &m) in syscall.iter().enumerate() {
+                    vmx::wrmsr_arch(m, host_sys[i]);
+                }
+            }
+            self.kernel_gs_base = vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE);
+            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, host_kgs);
+            segs.restore_after_exit();
+            r
+        }
+    }
+
+    /// Host state that depends on the CPU or the task.
+    fn write_host_state(&self) {
+        let gdt = vmx::host_gdt_base();
+        // SAFETY: reading CR3 and the CR4 shadow of this CPU.
+        let (cr3, cr4) = unsafe { (rvmm_read_cr3(), cr4_read_shadow() as u64) };
+        vmw(host::CR3, cr3);
+        vmw(host::CR4, cr4);
+        vmw(host::FS_BASE, vmx::rdmsr_arch(msr::IA32_FS_BASE));
+        vmw(host::GS_BASE, vmx::rdmsr_arch(msr::IA32_GS_BASE));
+        vmw(host::TR_BASE, vmx::host_tss_base(gdt, vmx::host_tr()));
+        vmw(host::GDTR_BASE, gdt);
+        vmw(host::IDTR_BASE, vmx::host_idt_base());
+        vmw(
+            host::IA32_SYSENTER_ESP,
+            vmx::rdmsr_arch(msr::IA32_SYSENTER_ESP),
+        );
+        vmw(
+            host::IA32_SYSENTER_EIP,
+            vmx::rdmsr_arch(msr::IA32_SYSENTER_EIP),
+        );
+    }
+
+    pub(crate) fn internal_error(
+        &mut self,
+        run: *mut uapi::Run,
+        suberror: u32,
+        data: [u64; 4],
+    ) -> Next {
+        // SAFETY: our run page.
+        unsafe {
+            (*run).exit_reason = uapi::RVMM_EXIT_INTERNAL_ERROR;
+            (*run).internal = uapi::ExitInternal {
+                suberror,
+                ndata: 4,
+                data,
+            };
+        }
+        Next::User
+    }
+}

@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! VM-exit handlers: one per exit reason, called with the vCPU's VMCS current and
+//! interrupts off. They allocate nothing and never sleep.
+
+use core::ptr;
+
+use rvmm_core::exit::{
+    combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, EXIT_REASON_FAILED_ENTRY,
+};
+use rvmm_core::mmu::mode::*;
+use rvmm_core::mmu::shadow::OutOfTables;
+use rvmm_core::mmu::{spte, walker, Access, PermCtx};
+use rvmm_uapi as uapi;
+use x86::msr;
+use x86::vmx::vmcs::{control, guest, ro};
+
+use super::{vmr, vmw, Next, Pending, VcpuInner};
+use crate::ffi::*;
+use crate::mmu::GuestMem;
+
+impl VcpuInner {
+    pub(super) fn handle_exit(&mut self, run: *mut uapi::Run, id: u32) -> Next {
+        let reason = vmr(ro::EXIT_REASON) as u32;
+        let basic = reason as u16;
+        if let Some(n) = self.stats.exits.get_mut(usize::from(basic)) {
+            *n += 1;
+        }
+        if reason & EXIT_REASON_FAILED_ENTRY != 0 {
+            // SAFETY: our run page.
+            unsafe {
+                (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
+                (*run).fail_entry = uapi::ExitFailEntry {
+                    hardware_entry_failure_reason: reason.into(),
+                    cpu: rvmm_cpu() as u32,
+                    vmfail: 0,
+                };
+            }
+            kernel::pr_info!(
+                "vcpu {}: VM entry failed, exit reason {:#x}, qualification {:#x}\n",
+                id,
+                reason,
+                vmr(ro::EXIT_QUALIFICATION)
+            );
+            return Next::User;
+        }
+        // An event whose delivery the exit interrupted is delivered again on entry.
+        let idt = vmr(ro::IDT_VECTORING_INFO) as u32;
+        if idt & intr::VALID != 0 {
+            vmw(
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                u64::from(idt & !intr::NMI_UNBLOCK),
+            );
+            if idt & intr::HAS_ERROR_CODE != 0 {
+                vmw(
+                    control::VMENTRY_EXCEPTION_ERR_CODE,
+                    vmr(ro::IDT_VECTORING_ERR_CODE),
+                );
+            }
+            vmw(
+                control::VMENTRY_INSTRUCTION_LEN,
+                vmr(ro::VMEXIT_INSTRUCTION_LEN),
+            );
+        } else {
+            vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+        }
+        let qual = vmr(ro::EXIT_QUALIFICATION);
+        let next = self.dispatch(run, id, basic, qual);
+        if core::mem::take(&mut self.triple_fault) {
+            return self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
+        }
+        next
+    }
+
+    fn dispatch(&mut self, run: *mut uapi::Run, id: u32, basic: u16, qual: u64) -> Next {
+        use ExitReason::*;
+        match ExitReason::from_basic(basic) {
+            Some(ExceptionNmi) => self.exception_or_nmi(run, qual),
+            Some(ExternalInterrupt) => Next::Host,
+            Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
+            Some(Cpuid) => self.cpuid(),
+            Some(Hlt) => {
+                self.skip_instruction();
+                self.exit_to_user(run, uapi::RVMM_EXIT_HLT)
+            }
+            Some(Invlpg) => self.invlpg(run, qual),
+            Some(Vmcall) => self.vmcall(run),
+            Some(CrAccess) => self.cr_access(run, qual),
+            Some(DrAccess) => self.dr_access(qual),
+            Some(Io) => self.io(run, qual),
+            Some(Rdmsr) => self.rdmsr(),
+            Some(Wrmsr) => self.wrmsr(),
+            Some(Invd) | Some(Wbinvd) | Some(Pause) => {
+                self.skip_instruction();
+                Next::Fast
+            }
+            Some(
+                Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff
+                | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Xsetbv | Invpcid
+                | Rdtscp,
+            ) => self.inject(vector::UD, None),
+            _ => {
+                kernel::pr_info!(
+                    "vcpu {}: unhandled VM exit {} (qualification {:#x}) at RIP {:#x}\n",
+                    id,
+                    basic,
+                    qual,
+                    vmr(guest::RIP)
+                );
+                self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_UNHANDLED_EXIT,
+                    [basic.into(), qual, vmr(guest::RIP), 0],
+                )
+            }
+        }
+    }
+
+    fn exit_to_user(&mut self, run: *mut uapi::Run, reason: u32) -> Next {
+        // SAFETY: our run page.
+        unsafe { (*run).exit_reason = reason };
+        Next::User
+    }
+
+    /// Advances RIP past the exiting instruction; STI/MOV SS blocking ends with it.
+    fn skip_instruction(&mut self) {
+        vmw(
+            guest::RIP,
+            vmr(guest::RIP) + vmr(ro::VMEXIT_INSTRUCTION_LEN),
+        );
+        let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
+        if intr_state & 3 != 0 {
+            vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+        }
+    }
+
+    /// Queues a hardware exception for the next entry, folding it with an event that
+    /// was being delivered (double fault, or shutdown on a triple fault).
+    pub(super) fn inject(&mut self, vec: u8, error_code: Option<u32>) -> Next {
+        let pending = vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
+        let (vec, error_code) =
+            if pending & intr::VALID != 0 && pending & intr::TYPE_MASK == intr::TYPE_HW_EXCEPTION {
+                match combine_exceptions(intr::vector(pending), vec) {
+                    Some(vector::DF) if vec != vector::DF => (vector::DF, Some(0)),
+                    Some(v) => (v, error_code),
+                    None => {
+                        // A fault while delivering #DF: the processor would shut down.
+                        vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+                        self.triple_fault = true;
+                        return Next::User;
+                    }
+                }
+            } else {
+                (vec, error_code)
+            };
+        let mut info = intr::VALID | intr::TYPE_HW_EXCEPTION | u32::from(vec);
+        if let Some(ec) = error_code.filter(|_| vector::has_error_code(vec)) {
+            info |= intr::HAS_ERROR_CODE;
+            vmw(control::VMENTRY_EXCEPTION_ERR_CODE, ec.into());
+        }
+        vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into());
+        Next::Fast
+    }
+
+    fn exception_or_nmi(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+        let info = vmr(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+        if info & intr::TYPE_MASK == intr::TYPE_NMI {
+            // SAFETY: hands the host's NMI back to the host.
+            unsafe { rvmm_reraise_nmi() };
+            return Next::Host;
+        }
+        let vec = intr::vector(info);
+        let ec = (info & intr::HAS_ERROR_CODE != 0)
+            .then(|| vmr(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
+        if vec == vector::PF {
+            return self.page_fault(run, qual, ec.unwrap_or(0));
+        }
+        // Only #PF is intercepted; anything else belongs to the guest.
+        self.inject(vec, ec)
+    }
+
+    fn perm_ctx(&self) -> PermCtx {
+        PermCtx {
+            wp: self.cr0 & CR0_WP != 0,
+            smep: self.cr4 & CR4_SMEP != 0,
+            smap: self.cr4 & CR4_SMAP != 0,
+            ac: vmr(guest::RFLAGS) & (1 << 18) != 0,
+            nxe: self.efer & EFER_NXE != 0,
+            gbpages: true,
+            maxphyaddr: self.maxphyaddr,
+        }
+    }
+
+    /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
+    /// the fault its tables call for.
+    fn page_fault(&mut self, run: *mut uapi::Run, gva: u64, ec: u32) -> Next {
+        let access = Access::from_error_code(ec);
+        let ctx = self.perm_ctx();
+        let slots = self.slots.clone();
+        let w = walker::walk(
+            &mut GuestMem(&slots),
+            self.mode,
+            self.cr3,
+            gva,
+            access,
+            &ctx,
+        );
+        let w = match w {
+            Ok(w) => w,
+            Err(f) => {
+                if let Some(table) = f.unbacked_table {
+                    return self.internal_error(
+                        run,
+                        uapi::RVMM_INTERNAL_EMULATION,
+                        [table, gva, vmr(guest::RIP), 1],
+                    );
+                }
+                self.stats.guest_faults += 1;
+                self.cr2 = gva;
+                return self.inject(vector::PF, Some(f.error_code));
+            }
+        };
+        let Some((hpa, readonly)) = slots.host_pa(w.gpa) else {
+            // MMIO: needs the instruction emulator (next step).
+            return self.internal_error(
+                run,
+                uapi::RVMM_INTERNAL_EMULATION,
+                [w.gpa, gva, vmr(guest::RIP), 0],
+            );
+        };
+        if readonly && access.write {
+            return self.internal_error(
+                run,
+                uapi::RVMM_INTERNAL_EMULATION,
+                [w.gpa, gva, vmr(guest::RIP), 2],
+            );
+        }
+        let mut leaf = spte::leaf(&w, access, &ctx, hpa);
+        if readonly {
+            leaf &= !spte::SPTE_RW;
+        }
+        self.stats.shadow_faults += 1;
+        if w.level > 1 {
+            self.large_mapped = true;
+        }
+        if self.map(gva, leaf).is_err() {
+            // The pool is full: start over with an empty shadow.
+            if !self.reset_shadow() || self.map(gva, leaf).is_err() {
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_NO_SHADOW,
+                    [gva, 0, vmr(guest::RIP), 0],
+                );
+            }
+        }
+        Next::Fast
+    }
+
+    fn map(&mut self, gva: u64, leaf: u64) -> Result<(), OutOfTables> {
+        let root = self.root.ok_or(OutOfTables)?;
+        root.map(&mut self.pool, gva & !0xfff, leaf)
+    }
+
+    fn invlpg(&mut self, _run: *mut uapi::Run, gva: u64) -> Next {
+        if self.large_mapped {
+            // A large guest page is shadowed by many 4-KiB entries: flush everything.
+            self.reset_shadow();
+        } else if let Some(root) = self.root {
+            root.unmap(&mut self.pool, gva);
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn cpuid(&mut self) -> Next {
+        let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
+        let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+        let (mut a, mut b, mut c, mut d) = (r.eax, r.ebx, r.ecx, r.edx);
+        match leaf {
+            1 => {
+                // Hide VMX, SMX, XSAVE/OSXSAVE/AVX (no XCR0 switching yet), x2APIC,
+                // TSC deadline, PCID, MONITOR; say "hypervisor".
+                c &= !((1 << 5)
+                    | (1 << 6)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 28)
+                    | (1 << 21)
+                    | (1 << 24)
+                    | (1 << 17)
+                    | (1 << 3));
+                c |= 1 << 31;
+                // No local APIC is emulated yet.
+                d &= !(1 << 9);
+                b = (b & 0x00ff_ffff) & !(0xff << 16) | (1 << 16);
+            }
+            7 if sub == 0 => {
+                // FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
+                b &= (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20);
+                c = 0;
+                d = 0;
+            }
+            5 | 6 | 0xa | 0xb | 0xd | 0x1f => (a, b, c, d) = (0, 0, 0, 0),
+            0x4000_0000 => {
+                // "rvmmrvmmrvmm"
+                a = 0x4000_0000;
+                b = u32::from_le_bytes(*b"rvmm");
+                c = b;
+                d = b;
+            }
+            0x8000_0001 => d &= !(1 << 27), // RDTSCP is not enabled
+            _ => {}
+        }
+        self.gprs.rax = a.into();
+        self.gprs.rbx = b.into();
+        self.gprs.rcx = c.into();
+        self.gprs.rdx = d.into();
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn vmcall(&mut self, run: *mut uapi::Run) -> Next {
+        let g = &self.gprs;
+        // SAFETY: our run page.
+        unsafe {
+            (*run).hypercall = uapi::ExitHypercall {
+                nr: g.rax,
+                args: [g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.r8],
+                ret: 0,
+            };
+        }
+        self.pending = Pending::Hypercall;
+        self.skip_instruction();
+        self.exit_to_user(run, uapi::RVMM_EXIT_HYPERCALL)
+    }
+
+    fn gpr(&self, n: u8) -> u64 {
+        self.gprs.get(n, vmr(guest::RSP))
+    }
+
+    fn set_gpr(&mut self, n: u8, v: u64) {
+        if !self.gprs.set(n, v) {
+            vmw(guest::RSP, v);
+        }
+    }
+
+    fn cr_access(&mut self, _run: *mut uapi::Run, qual: u64) -> Next {
+        let long = self.efer & EFER_LMA != 0;
+        let width = |v: u64| if long { v } else { v & 0xffff_ffff };
+        match CrAccess::decode(qual) {
+            CrAccess::MovTo { cr: 0, gpr } => {
+                if let Err(n) = self.set_cr0(width(self.gpr(gpr))) {
+                    return n;
+                }
+            }
+            CrAccess::MovTo { cr: 3, gpr } => {
+                let v = self.gpr(gpr);
+                self.cr3 = if long {
+                    v & !(1 << 63)
+                } else {
+                    v & 0xffff_ffff
+                };
+                self.reset_shadow();
+            }
+            CrAccess::MovTo { cr: 4, gpr } => {
+                let v = width(self.gpr(gpr));
+                let bad = v & !rvmm_core::guest_state::CR4_ALLOWED != 0
+                    || v & ((1 << 17) | (1 << 18)) != 0
+                    || (long && v & CR4_PAE == 0);
+                if bad {
+                    return self.inject(vector::GP, Some(0));
+                }
+                self.cr4 = v;
+                self.apply_paging_state();
+                self.reset_shadow();
+            }
+            CrAccess::MovTo { cr: 8, gpr } => self.cr8 = self.gpr(gpr) & 0xf,
+            CrAccess::MovFrom { cr: 3, gpr } => self.set_gpr(gpr, self.cr3),
+            CrAccess::MovFrom { cr: 8, gpr } => self.set_gpr(gpr, self.cr8),
+            CrAccess::Clts => {
+                self.cr0 &= !(1 << 3);
+                self.apply_paging_state();
+                self.need_reset = false;
+            }
+            CrAccess::Lmsw { value } => {
+                let v = (self.cr0 & !0xe) | u64::from(value & 0xf) | (self.cr0 & 1);
+                if let Err(n) = self.set_cr0(v) {
+                    return n;
+                }
+            }
+            _ => return self.inject(vector::UD, None),
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn set_cr0(&mut self, v: u64) -> Result<(), Next> {
+        let reserved = v >> 32 != 0;
+        let pg_without_pe = v & CR0_PG != 0 && v & CR0_PE == 0;
+        let long_without_pae =
+            v & CR0_PG != 0 && self.efer & EFER_LME != 0 && self.cr4 & CR4_PAE == 0;
+        let nw_without_cd = v & (1 << 29) != 0 && v & (1 << 30) == 0;
+        if reserved || pg_without_pe || long_without_pae || nw_without_cd {
+            return Err(self.inject(vector::GP, Some(0)));
+        }
+        let paging_bits = CR0_PG | CR0_PE | CR0_WP;
+        let changed = (self.cr0 ^ v) & paging_bits != 0;
+        self.cr0 = v;
+        self.apply_paging_state();
+        if changed {
+            self.reset_shadow();
+        } else {
+            self.need_reset = false;
+        }
+        Ok(())
+    }
+
+    fn dr_access(&mut self, qual: u64) -> Next {
+        let dr = (qual & 7) as usize;
+        let gpr = ((qual >> 8) & 0xf) as u8;
+        if qual & (1 << 4) == 0 {
+            let v = self.gpr(gpr);
+            if dr == 7 {
+                vmw(guest::DR7, v);
+            }
+            self.dr[dr] = v;
+        } else {
+            let v = if dr == 7 {
+                vmr(guest::DR7)
+            } else {
+                self.dr[dr]
+            };
+            self.set_gpr(gpr, v);
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn io(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+        let io = IoAccess::decode(qual);
+        if io.string {
+            return self.internal_error(
+                run,
+                uapi::RVMM_INTERNAL_EMULATION,
+                [30, qual, vmr(guest::RIP), 3],
+            );
+        }
+        // SAFETY: our run page.
+        unsafe {
+            (*run).io = uapi::ExitIo {
+                direction: if io.input {
+                    uapi::RVMM_EXIT_IO_IN
+                } else {
+                    uapi::RVMM_EXIT_IO_OUT
+                },
+                size: io.size,
+                port: io.port,
+                count: 1,
+                data_offset: core::mem::offset_of!(uapi::Run, io_data) as u64,
+            };
+            let mut data = [0u64; 32];
+            if !io.input {
+                data[0] = self.gprs.rax & ((1u64 << (8 * u32::from(io.size))) - 1);
+            }
+            ptr::write_volatile(ptr::addr_of_mut!((*run).io_data), data);
+        }
+        if io.input {
+            self.pending = Pending::IoIn { size: io.size };
+        }
+        self.skip_instruction();
+        self.exit_to_user(run, uapi::RVMM_EXIT_IO)
+    }
+
+    fn rdmsr(&mut self) -> Next {
+        let index = self.gprs.rcx as u32;
+        let v = match index {
+            msr::IA32_EFER => self.efer,
+            msr::IA32_FS_BASE => vmr(guest::FS_BASE),
+            msr::IA32_GS_BASE => vmr(guest::GS_BASE),
+            msr::IA32_KERNEL_GSBASE => self.kernel_gs_base,
+            msr::IA32_STAR => self.syscall_msrs[0],
+            msr::IA32_LSTAR => self.syscall_msrs[1],
+            msr::IA32_CSTAR => self.syscall_msrs[2],
+            msr::IA32_FMASK => self.syscall_msrs[3],
+            msr::IA32_SYSENTER_CS => vmr(guest::IA32_SYSENTER_CS),
+            msr::IA32_SYSENTER_ESP => vmr(guest::IA32_SYSENTER_ESP),
+            msr::IA32_SYSENTER_EIP => vmr(guest::IA32_SYSENTER_EIP),
+            msr::IA32_PAT => vmr(guest::IA32_PAT_FULL),
+            msr::IA32_TIME_STAMP_COUNTER => {
+                // SAFETY: RDTSC has no side effects.
+                unsafe { core::arch::x86_64::_rdtsc() }
+            }
+            msr::IA32_APIC_BASE => 0xfee0_0900,
+            msr::IA32_MISC_ENABLE => 1,
+            _ => return self.inject(vector::GP, Some(0)),
+        };
+        self.gprs.rax = v & 0xffff_ffff;
+        self.gprs.rdx = v >> 32;
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn wrmsr(&mut self) -> Next {
+        let index = self.gprs.rcx as u32;
+        let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
+        let canonical = ((v as i64) << 16 >> 16) as u64 == v;
+        match index {
+            msr::IA32_EFER => {
+                let lme_change = (v ^ self.efer) & EFER_LME != 0 && self.cr0 & CR0_PG != 0;
+                if v & !rvmm_core::guest_state::EFER_ALLOWED != 0 || lme_change {
+                    return self.inject(vector::GP, Some(0));
+                }
+                self.efer = (v & !EFER_LMA) | (self.efer & EFER_LMA);
+                self.apply_paging_state();
+                self.reset_shadow();
+            }
+            msr::IA32_FS_BASE
+            | msr::IA32_GS_BASE
+            | msr::IA32_KERNEL_GSBASE
+            | msr::IA32_LSTAR
+            | msr::IA32_CSTAR
+                if !canonical =>
+            {
+                return self.inject(vector::GP, Some(0));
+            }
+            msr::IA32_FS_BASE => vmw(guest::FS_BASE, v),
+            msr::IA32_GS_BASE => vmw(guest::GS_BASE, v),
+            msr::IA32_KERNEL_GSBASE => self.kernel_gs_base = v,
+            msr::IA32_STAR | msr::IA32_LSTAR | msr::IA32_CSTAR | msr::IA32_FMASK => {
+                let i = match index {
+                    msr::IA32_STAR => 0,
+                    msr::IA32_LSTAR => 1,
+                    msr::IA32_CSTAR => 2,
+                    _ => 3,
+                };
+                self.syscall_msrs[i] = v;
+                self.syscall_msrs_set = true;
+            }
+            msr::IA32_SYSENTER_CS => vmw(guest::IA32_SYSENTER_CS, v),
+            msr::IA32_SYSENTER_ESP => vmw(guest::IA32_SYSENTER_ESP, v),
+            msr::IA32_SYSENTER_EIP => vmw(guest::IA32_SYSENTER_EIP, v),
+            msr::IA32_PAT => vmw(guest::IA32_PAT_FULL, v),
+            msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE => {}
+            _ => return self.inject(vector::GP, Some(0)),
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+}

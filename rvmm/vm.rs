@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A VM: its memory map and its vCPUs. One per open `/dev/rvmm` (after
+//! `RVMM_CREATE_VM`); it lives until the file is closed and the last vCPU reference
+//! goes.
+
+use kernel::{new_mutex, prelude::*, sync::Arc, sync::Mutex};
+use rvmm_uapi as uapi;
+
+use crate::mmu::MemSlots;
+use crate::vcpu::Vcpu;
+
+#[pin_data]
+pub(crate) struct Vm {
+    #[pin]
+    slots: Mutex<Arc<MemSlots>>,
+    #[pin]
+    vcpus: Mutex<[Option<Arc<Vcpu>>; uapi::RVMM_MAX_VCPUS as usize]>,
+}
+
+impl Vm {
+    pub(crate) fn new() -> Result<Arc<Self>> {
+        let slots = Arc::new(MemSlots::new(), GFP_KERNEL)?;
+        Arc::pin_init(
+            pin_init!(Self {
+                slots <- new_mutex!(slots),
+                vcpus <- new_mutex!([const { None }; uapi::RVMM_MAX_VCPUS as usize]),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// The current memory map (vCPUs take a snapshot per run).
+    pub(crate) fn slots(&self) -> Arc<MemSlots> {
+        self.slots.lock().clone()
+    }
+
+    pub(crate) fn set_memory_region(&self, r: &uapi::MemoryRegion) -> Result {
+        let mut slots = self.slots.lock();
+        let new = slots.with_region(r)?;
+        *slots = Arc::new(new, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    pub(crate) fn create_vcpu(&self, id: usize) -> Result<isize> {
+        if id >= uapi::RVMM_MAX_VCPUS as usize {
+            pr_info!(
+                "create vcpu: id {} out of range (max {})\n",
+                id,
+                uapi::RVMM_MAX_VCPUS - 1
+            );
+            return Err(EINVAL);
+        }
+        let mut vcpus = self.vcpus.lock();
+        if vcpus[id].is_some() {
+            return Err(EEXIST);
+        }
+        vcpus[id] = Some(Vcpu::new(id as u32)?);
+        Ok(id as isize)
+    }
+
+    pub(crate) fn vcpu(&self, index: usize) -> Result<Arc<Vcpu>> {
+        self.vcpus
+            .lock()
+            .get(index)
+            .and_then(|v| v.clone())
+            .ok_or(ENOENT)
+    }
+}
