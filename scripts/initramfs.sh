@@ -21,4 +21,6 @@ for ko in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-intel.ko; d
 	[ -f "$kdir/$ko" ] || die "initramfs: $kdir/$ko is missing" "the kernel config must build KVM and KVM_INTEL as modules (kernel/host.config)"
 	cp "$kdir/$ko" "$root/lib/modules/rvmm/"
 done
+mkdir -p "$root/lib/rvmm/guests"
+cp "$RVMM_ROOT"/target/guests/*.elf "$root/lib/rvmm/guests/" 2>/dev/null || true
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"

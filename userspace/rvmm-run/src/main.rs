@@ -2,6 +2,10 @@
 
 //! `rvmm-run`: create VMs on rvmm and inspect the module.
 
+mod backend;
+mod machine;
+mod run;
+
 use clap::{Parser, Subcommand};
 use rvmm::{Rvmm, VmxCaps};
 use rvmm_core::caps::{AllowedControls, VmxBasic};
@@ -28,6 +32,12 @@ enum Command {
     /// Check VMX operation on every online CPU (VMXE in CR4 and its shadow, a VMCS
     /// load/write/read/clear) and print the result; exits 1 if a CPU fails.
     Status,
+    /// Run a guest image. The guest's serial port (COM1, 0x3f8) goes to stdout; a write
+    /// of v to port 0xf4 ends the run with exit status (v << 1) | 1, as QEMU's
+    /// isa-debug-exit; HLT ends it with status 0. Other exit statuses: 2 usage or setup
+    /// error, 3 triple fault, 4 failed VM entry, 5 an exit rvmm-run or the module cannot
+    /// handle.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +52,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
+    if let Command::Run(args) = &cli.command {
+        return Ok(run::run(&cli.device, args));
+    }
     let dev = Rvmm::open(&cli.device)?;
     match cli.command {
         Command::Info => {
@@ -80,6 +93,7 @@ fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
                 ExitCode::FAILURE
             })
         }
+        Command::Run(_) => unreachable!("handled above"),
     }
 }
 

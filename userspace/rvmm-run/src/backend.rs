@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Where a guest runs: rvmm (/dev/rvmm) or KVM (/dev/kvm, through kvm-ioctls), behind
+//! one small trait, so that the same image can be run and compared on both.
+
+use rvmm::uapi::{Regs, Sregs};
+use rvmm::Exit;
+
+use crate::machine::GuestMem;
+
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), String>;
+    fn regs(&mut self) -> Result<Regs, String>;
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<(), String>;
+    fn run(&mut self) -> Result<Exit, String>;
+    /// The value of the IN that caused the last exit.
+    fn set_io_in(&mut self, value: u32);
+}
+
+/// rvmm: the VM owns the vCPU's run mapping, so both live here.
+pub struct RvmmBackend {
+    // Field order matters: the vCPU borrows the VM (see `new`).
+    vcpu: rvmm::Vcpu<'static>,
+    _vm: Box<rvmm::Vm>,
+}
+
+impl RvmmBackend {
+    pub fn new(device: &str, mem: &GuestMem) -> Result<Self, String> {
+        let vm = Box::new(rvmm::Rvmm::open(device).map_err(|e| e.to_string())?.create_vm().map_err(|e| e.to_string())?);
+        // SAFETY: `mem` outlives the backend (main keeps it alive until the end).
+        unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }.map_err(|e| e.to_string())?;
+        // SAFETY: the VM is boxed and dropped after the vCPU (field order), so the
+        // reference stays valid for the vCPU's life.
+        let vm_ref: &'static rvmm::Vm = unsafe { &*(&*vm as *const rvmm::Vm) };
+        let vcpu = vm_ref.create_vcpu(0).map_err(|e| e.to_string())?;
+        Ok(Self { vcpu, _vm: vm })
+    }
+}
+
+impl Backend for RvmmBackend {
+    fn name(&self) -> &'static str {
+        "rvmm"
+    }
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), String> {
+        self.vcpu.set_regs(regs).map_err(|e| e.to_string())
+    }
+    fn regs(&mut self) -> Result<Regs, String> {
+        self.vcpu.regs().map_err(|e| e.to_string())
+    }
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<(), String> {
+        self.vcpu.set_sregs(sregs).map_err(|e| e.to_string())
+    }
+    fn run(&mut self) -> Result<Exit, String> {
+        self.vcpu.run().map_err(|e| e.to_string())
+    }
+    fn set_io_in(&mut self, value: u32) {
+        self.vcpu.set_io_in(value);
+    }
+}
+
+/// KVM, for running the same images on a host with /dev/kvm.
+pub struct KvmBackend {
+    vcpu: kvm_ioctls::VcpuFd,
+    _vm: kvm_ioctls::VmFd,
+    io_in: Option<(u16, u8)>,
+    io_value: u32,
+}
+
+impl KvmBackend {
+    pub fn new(mem: &GuestMem) -> Result<Self, String> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem.size() as u64,
+            userspace_addr: mem.host_addr(),
+        };
+        // SAFETY: `mem` outlives the VM (main keeps it alive until the end).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        Ok(Self { vcpu, _vm: vm, io_in: None, io_value: 0 })
+    }
+}
+
+fn kvm_seg(s: &rvmm::uapi::Segment) -> kvm_bindings::kvm_segment {
+    kvm_bindings::kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.seg_type,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: s.unusable,
+        padding: 0,
+    }
+}
+
+impl Backend for KvmBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+    fn set_regs(&mut self, r: &Regs) -> Result<(), String> {
+        let k = kvm_bindings::kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.vcpu.set_regs(&k).map_err(|e| format!("KVM_SET_REGS: {e}"))
+    }
+    fn regs(&mut self) -> Result<Regs, String> {
+        let k = self.vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        Ok(Regs {
+            rax: k.rax,
+            rbx: k.rbx,
+            rcx: k.rcx,
+            rdx: k.rdx,
+            rsi: k.rsi,
+            rdi: k.rdi,
+            rsp: k.rsp,
+            rbp: k.rbp,
+            r8: k.r8,
+            r9: k.r9,
+            r10: k.r10,
+            r11: k.r11,
+            r12: k.r12,
+            r13: k.r13,
+            r14: k.r14,
+            r15: k.r15,
+            rip: k.rip,
+            rflags: k.rflags,
+        })
+    }
+    fn set_sregs(&mut self, s: &Sregs) -> Result<(), String> {
+        let mut k = self.vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        k.cs = kvm_seg(&s.cs);
+        k.ds = kvm_seg(&s.ds);
+        k.es = kvm_seg(&s.es);
+        k.fs = kvm_seg(&s.fs);
+        k.gs = kvm_seg(&s.gs);
+        k.ss = kvm_seg(&s.ss);
+        k.tr = kvm_seg(&s.tr);
+        k.ldt = kvm_seg(&s.ldt);
+        k.gdt = kvm_bindings::kvm_dtable { base: s.gdt.base, limit: s.gdt.limit, padding: [0; 3] };
+        k.idt = kvm_bindings::kvm_dtable { base: s.idt.base, limit: s.idt.limit, padding: [0; 3] };
+        k.cr0 = s.cr0;
+        k.cr2 = s.cr2;
+        k.cr3 = s.cr3;
+        k.cr4 = s.cr4;
+        k.cr8 = s.cr8;
+        k.efer = s.efer;
+        self.vcpu.set_sregs(&k).map_err(|e| format!("KVM_SET_SREGS: {e}"))
+    }
+    fn run(&mut self) -> Result<Exit, String> {
+        use kvm_ioctls::VcpuExit;
+        let value = self.io_value;
+        let pending = self.io_in.take();
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut v = [0u8; 4];
+                v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                Ok(Exit::IoOut { port, size: data.len() as u8, data: u32::from_le_bytes(v) })
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let size = data.len() as u8;
+                // kvm-ioctls hands out the buffer of this exit: KVM reads it at the next
+                // KVM_RUN, so fill it with the value the caller sets right away (below).
+                let _ = (pending, value);
+                self.io_in = Some((port, size));
+                Ok(Exit::IoIn { port, size })
+            }
+            Ok(VcpuExit::Hlt) => Ok(Exit::Hlt),
+            Ok(VcpuExit::Shutdown) => Ok(Exit::Shutdown),
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Ok(Exit::FailEntry { reason, vmfail: false, check: 0 }),
+            Ok(VcpuExit::InternalError) => Ok(Exit::Internal { suberror: 0, data: [0; 4] }),
+            Ok(other) => Err(format!("KVM exit not handled by rvmm-run: {other:?}")),
+            Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
+            Err(e) => Err(format!("KVM_RUN: {e}")),
+        }
+    }
+    fn set_io_in(&mut self, value: u32) {
+        self.io_value = value;
+        // Write straight into the mapped kvm_run: KVM picks the data up on the next run.
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (IN): the io member is the active one and
+        // its data lies inside the mapped run area.
+        unsafe {
+            let io = run.__bindgen_anon_1.io;
+            let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
+            std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), p, usize::from(io.size).min(4));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! `rvmm-run run IMAGE`: load an image, start it in the chosen mode, serve its port I/O.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use rvmm::Exit;
+use vm_superio::{Serial, Trigger};
+
+use crate::backend::{Backend, KvmBackend, RvmmBackend};
+use crate::machine::{self, EntryMode, GuestMem};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Guest image: an ELF64/ELF32 executable (loaded by its program headers, entered
+    /// at its entry point) or a flat binary (loaded at --load-addr, entered there).
+    pub image: PathBuf,
+    /// Guest memory size, in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub mem: u64,
+    /// Where a flat binary is loaded (guest-physical).
+    #[arg(long, default_value = "0x100000", value_parser = parse_u64)]
+    pub load_addr: u64,
+    /// CPU mode at entry.
+    #[arg(long, value_enum, default_value_t = EntryMode::Long)]
+    pub mode: EntryMode,
+    /// Run on /dev/kvm instead of /dev/rvmm (to compare).
+    #[arg(long)]
+    pub kvm: bool,
+    /// Print the final general registers to stderr.
+    #[arg(long)]
+    pub dump_regs: bool,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = if let Some(h) = s.strip_prefix("0x") { u64::from_str_radix(h, 16) } else { s.parse() };
+    r.map_err(|e| format!("{s}: {e}"))
+}
+
+struct NoIrq;
+
+impl Trigger for NoIrq {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+const COM1: u16 = 0x3f8;
+const DEBUG_EXIT: u16 = 0xf4;
+
+/// Loads `image` and returns its entry point.
+fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<u64, String> {
+    let data = std::fs::read(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    if data.starts_with(b"\x7fELF") {
+        return load_elf(mem, &data).map_err(|e| format!("{}: {e}", args.image.display()));
+    }
+    mem.write(args.load_addr, &data).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    Ok(args.load_addr)
+}
+
+fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
+    let u16_at = |o: usize| d.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or("truncated ELF header");
+    let u32_at = |o: usize| d.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).ok_or("truncated ELF header");
+    let u64_at = |o: usize| d.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).ok_or("truncated ELF header");
+    let class64 = match d.get(4) {
+        Some(2) => true,
+        Some(1) => false,
+        _ => return Err("not an ELF32/ELF64 file".into()),
+    };
+    let (entry, phoff, phentsize, phnum) = if class64 {
+        (u64_at(24)?, u64_at(32)? as usize, u16_at(54)? as usize, u16_at(56)? as usize)
+    } else {
+        (u32_at(24)?.into(), u32_at(28)? as usize, u16_at(42)? as usize, u16_at(44)? as usize)
+    };
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let (ptype, off, paddr, filesz, memsz) = if class64 {
+            (u32_at(ph)?, u64_at(ph + 8)? as usize, u64_at(ph + 24)?, u64_at(ph + 32)? as usize, u64_at(ph + 40)?)
+        } else {
+            (u32_at(ph)?, u32_at(ph + 4)? as usize, u32_at(ph + 12)?.into(), u32_at(ph + 16)? as usize, u32_at(ph + 20)?.into())
+        };
+        if ptype != 1 {
+            continue;
+        }
+        let bytes = d.get(off..off + filesz).ok_or(format!("segment {i} lies beyond the end of the file"))?;
+        mem.write(paddr, bytes).map_err(|e| format!("segment {i}: {e}"))?;
+        let bss = memsz.saturating_sub(filesz as u64);
+        mem.write(paddr + filesz as u64, &vec![0u8; bss as usize]).map_err(|e| format!("segment {i} .bss: {e}"))?;
+    }
+    Ok(entry)
+}
+
+pub fn run(device: &str, args: &RunArgs) -> ExitCode {
+    match run_inner(device, args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rvmm-run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
+    if args.mem < 2 || args.mem > 4096 {
+        return Err(format!("--mem {} MiB: give 2 to 4096", args.mem));
+    }
+    let mut mem = GuestMem::new((args.mem << 20) as usize).map_err(|e| format!("guest memory: {e}"))?;
+    let entry = load(&mut mem, args)?;
+    let stack = (args.mem << 20) - 16;
+    let (regs, sregs) = machine::setup(&mut mem, args.mode, entry, stack)?;
+    let mut cpu: Box<dyn Backend> =
+        if args.kvm { Box::new(KvmBackend::new(&mem)?) } else { Box::new(RvmmBackend::new(device, &mem)?) };
+    cpu.set_sregs(&sregs)?;
+    cpu.set_regs(&regs)?;
+    let mut serial = Serial::new(NoIrq, std::io::stdout());
+    let code = loop {
+        match cpu.run()? {
+            Exit::IoOut { port, data, .. } if (COM1..COM1 + 8).contains(&port) => {
+                let _ = serial.write((port - COM1) as u8, data as u8);
+            }
+            Exit::IoOut { port: DEBUG_EXIT, data, .. } => break ExitCode::from((((data as u8) << 1) | 1) as u8),
+            Exit::IoOut { .. } => {}
+            Exit::IoIn { port, .. } => {
+                let v = if (COM1..COM1 + 8).contains(&port) { serial.read((port - COM1) as u8) } else { 0xff };
+                cpu.set_io_in(v.into());
+            }
+            Exit::Hlt => {
+                eprintln!("rvmm-run: the guest halted");
+                break ExitCode::SUCCESS;
+            }
+            Exit::Shutdown => {
+                eprintln!("rvmm-run: the guest triple-faulted (shutdown)");
+                break ExitCode::from(3);
+            }
+            Exit::FailEntry { reason, vmfail, check } => {
+                eprintln!("rvmm-run: VM entry failed: {} {reason:#x}{}", if vmfail { "VM-instruction error" } else { "exit reason" }, if check != 0 { format!(" (rvmm check {check}; see dmesg)") } else { String::new() });
+                break ExitCode::from(4);
+            }
+            Exit::Internal { suberror, data } => {
+                eprintln!("rvmm-run: {} cannot handle an exit: suberror {suberror}, data {data:#x?}", cpu.name());
+                break ExitCode::from(5);
+            }
+            Exit::Interrupted => {
+                eprintln!("rvmm-run: interrupted");
+                break ExitCode::from(130);
+            }
+            Exit::Hypercall { nr, .. } => {
+                eprintln!("rvmm-run: hypercall {nr} is not implemented; returning -1");
+            }
+            Exit::Other(r) => return Err(format!("unexpected exit reason {r}")),
+        }
+    };
+    let _ = std::io::stdout().flush();
+    if args.dump_regs {
+        let r = cpu.regs()?;
+        eprintln!("rvmm-run: regs {r:x?}");
+    }
+    Ok(code)
+}
