@@ -22,5 +22,7 @@ for ko in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-intel.ko; d
 	cp "$kdir/$ko" "$root/lib/modules/rvmm/"
 done
 mkdir -p "$root/lib/rvmm/guests"
-cp "$RVMM_ROOT"/target/guests/*.elf "$root/lib/rvmm/guests/" 2>/dev/null || true
+ls "$RVMM_ROOT"/target/guests/*.elf >/dev/null 2>&1 || die "initramfs: no guest images in target/guests" "run 'make -C selftests/guests'"
+cp "$RVMM_ROOT"/target/guests/*.elf "$root/lib/rvmm/guests/"
+cp "$RVMM_ROOT"/selftests/guests/expected/* "$root/lib/rvmm/guests/"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"

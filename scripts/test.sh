@@ -10,9 +10,10 @@ t0=$(date +%s)
 
 bash scripts/setup-host.sh
 
-step "host tests: cargo fmt --check, cargo test (no_std core, uapi ABI/header, userspace)"
+step "host tests: cargo fmt --check, cargo test (no_std core, uapi ABI/header, guest images on host KVM)"
 cargo fmt --all --check || die "code is not rustfmt-formatted" "run 'cargo fmt --all' (and rustfmt rvmm/*.rs)"
 rustfmt --check --edition 2021 rvmm/*.rs || die "rvmm/*.rs is not rustfmt-formatted" "run 'rustfmt --edition 2021 rvmm/*.rs'"
+make --no-print-directory -C selftests/guests >/dev/null
 cargo test --locked --workspace 2>&1 | tee build-host-tests.log
 host_passed=$(sed -nE 's/^test result: .* ([0-9]+) passed; ([0-9]+) failed.*/\1/p' build-host-tests.log | paste -sd+ | bc)
 host_failed=$(sed -nE 's/^test result: .* ([0-9]+) passed; ([0-9]+) failed.*/\2/p' build-host-tests.log | paste -sd+ | bc)

@@ -11,16 +11,17 @@
 mod ktap;
 mod kvm_guest;
 mod sys;
+mod vm_tests;
 
 use ktap::{Outcome, Suite};
 use rvmm::uapi::{self, ioc, IOC_NONE, IOC_READ, IOC_WRITE};
 use rvmm::{Rvmm, Status};
 use std::path::{Path, PathBuf};
 
-const DEV: &str = "/dev/rvmm";
+pub(crate) const DEV: &str = "/dev/rvmm";
 
-struct Ctx {
-    modules: PathBuf,
+pub(crate) struct Ctx {
+    pub(crate) modules: PathBuf,
 }
 
 impl Ctx {
@@ -69,6 +70,26 @@ fn main() {
         suite.add("vmx_on_every_cpu", vmx_on_every_cpu);
         suite.add("concurrent_opens", concurrent_opens);
         suite.add("rmmod_while_open_refused", rmmod_while_open_refused);
+        suite.add("io_and_hlt_exits", vm_tests::io_and_hlt_exits);
+        suite.add("io_in_round_trip", vm_tests::io_in_round_trip);
+        suite.add("guest_images_match_kvm", vm_tests::guest_images);
+        suite.add(
+            "triple_fault_is_shutdown",
+            vm_tests::triple_fault_is_shutdown,
+        );
+        suite.add(
+            "bad_guest_state_fails_entry",
+            vm_tests::bad_guest_state_fails_entry,
+        );
+        suite.add(
+            "signal_interrupts_spinning_guest",
+            vm_tests::signal_interrupts_spinning_guest,
+        );
+        suite.add("two_vms_two_vcpus", vm_tests::two_vms_two_vcpus);
+        suite.add(
+            "kill_mid_run_frees_everything",
+            vm_tests::kill_mid_run_frees_everything,
+        );
         suite.add("cpu_hotplug", cpu_hotplug);
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);
@@ -77,7 +98,7 @@ fn main() {
     std::process::exit(suite.run(&ctx));
 }
 
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+pub(crate) fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
     if cond {
         Ok(())
     } else {
@@ -111,7 +132,7 @@ fn expect_errno(what: &str, got: i32, want: i32) -> Result<(), String> {
     })
 }
 
-fn status_all_ok(s: &Status) -> Result<(), String> {
+pub(crate) fn status_all_ok(s: &Status) -> Result<(), String> {
     let online = sys::online_cpus();
     check(
         s.online_cpus == online

@@ -201,3 +201,14 @@ impl Kmsg {
         out
     }
 }
+
+/// A field of /proc/meminfo, in kB.
+pub fn meminfo_kb(field: &str) -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

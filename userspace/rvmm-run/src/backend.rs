@@ -6,7 +6,7 @@
 use rvmm::uapi::{Regs, Sregs};
 use rvmm::Exit;
 
-use crate::machine::GuestMem;
+use rvmm::guest::GuestMem;
 
 pub trait Backend {
     fn name(&self) -> &'static str;
@@ -27,9 +27,15 @@ pub struct RvmmBackend {
 
 impl RvmmBackend {
     pub fn new(device: &str, mem: &GuestMem) -> Result<Self, String> {
-        let vm = Box::new(rvmm::Rvmm::open(device).map_err(|e| e.to_string())?.create_vm().map_err(|e| e.to_string())?);
+        let vm = Box::new(
+            rvmm::Rvmm::open(device)
+                .map_err(|e| e.to_string())?
+                .create_vm()
+                .map_err(|e| e.to_string())?,
+        );
         // SAFETY: `mem` outlives the backend (main keeps it alive until the end).
-        unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }.map_err(|e| e.to_string())?;
+        unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
+            .map_err(|e| e.to_string())?;
         // SAFETY: the VM is boxed and dropped after the vCPU (field order), so the
         // reference stays valid for the vCPU's life.
         let vm_ref: &'static rvmm::Vm = unsafe { &*(&*vm as *const rvmm::Vm) };
@@ -79,11 +85,22 @@ impl KvmBackend {
             userspace_addr: mem.host_addr(),
         };
         // SAFETY: `mem` outlives the VM (main keeps it alive until the end).
-        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-        let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        Ok(Self { vcpu, _vm: vm, io_in: None, io_value: 0 })
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        Ok(Self {
+            vcpu,
+            _vm: vm,
+            io_in: None,
+            io_value: 0,
+        })
     }
 }
 
@@ -130,10 +147,15 @@ impl Backend for KvmBackend {
             rip: r.rip,
             rflags: r.rflags,
         };
-        self.vcpu.set_regs(&k).map_err(|e| format!("KVM_SET_REGS: {e}"))
+        self.vcpu
+            .set_regs(&k)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))
     }
     fn regs(&mut self) -> Result<Regs, String> {
-        let k = self.vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let k = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         Ok(Regs {
             rax: k.rax,
             rbx: k.rbx,
@@ -156,7 +178,10 @@ impl Backend for KvmBackend {
         })
     }
     fn set_sregs(&mut self, s: &Sregs) -> Result<(), String> {
-        let mut k = self.vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let mut k = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         k.cs = kvm_seg(&s.cs);
         k.ds = kvm_seg(&s.ds);
         k.es = kvm_seg(&s.es);
@@ -165,15 +190,25 @@ impl Backend for KvmBackend {
         k.ss = kvm_seg(&s.ss);
         k.tr = kvm_seg(&s.tr);
         k.ldt = kvm_seg(&s.ldt);
-        k.gdt = kvm_bindings::kvm_dtable { base: s.gdt.base, limit: s.gdt.limit, padding: [0; 3] };
-        k.idt = kvm_bindings::kvm_dtable { base: s.idt.base, limit: s.idt.limit, padding: [0; 3] };
+        k.gdt = kvm_bindings::kvm_dtable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+            padding: [0; 3],
+        };
+        k.idt = kvm_bindings::kvm_dtable {
+            base: s.idt.base,
+            limit: s.idt.limit,
+            padding: [0; 3],
+        };
         k.cr0 = s.cr0;
         k.cr2 = s.cr2;
         k.cr3 = s.cr3;
         k.cr4 = s.cr4;
         k.cr8 = s.cr8;
         k.efer = s.efer;
-        self.vcpu.set_sregs(&k).map_err(|e| format!("KVM_SET_SREGS: {e}"))
+        self.vcpu
+            .set_sregs(&k)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))
     }
     fn run(&mut self) -> Result<Exit, String> {
         use kvm_ioctls::VcpuExit;
@@ -183,7 +218,11 @@ impl Backend for KvmBackend {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut v = [0u8; 4];
                 v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
-                Ok(Exit::IoOut { port, size: data.len() as u8, data: u32::from_le_bytes(v) })
+                Ok(Exit::IoOut {
+                    port,
+                    size: data.len() as u8,
+                    data: u32::from_le_bytes(v),
+                })
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 let size = data.len() as u8;
@@ -195,8 +234,15 @@ impl Backend for KvmBackend {
             }
             Ok(VcpuExit::Hlt) => Ok(Exit::Hlt),
             Ok(VcpuExit::Shutdown) => Ok(Exit::Shutdown),
-            Ok(VcpuExit::FailEntry(reason, _cpu)) => Ok(Exit::FailEntry { reason, vmfail: false, check: 0 }),
-            Ok(VcpuExit::InternalError) => Ok(Exit::Internal { suberror: 0, data: [0; 4] }),
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Ok(Exit::FailEntry {
+                reason,
+                vmfail: false,
+                check: 0,
+            }),
+            Ok(VcpuExit::InternalError) => Ok(Exit::Internal {
+                suberror: 0,
+                data: [0; 4],
+            }),
             Ok(other) => Err(format!("KVM exit not handled by rvmm-run: {other:?}")),
             Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
             Err(e) => Err(format!("KVM_RUN: {e}")),
@@ -211,7 +257,11 @@ impl Backend for KvmBackend {
         unsafe {
             let io = run.__bindgen_anon_1.io;
             let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
-            std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), p, usize::from(io.size).min(4));
+            std::ptr::copy_nonoverlapping(
+                value.to_le_bytes().as_ptr(),
+                p,
+                usize::from(io.size).min(4),
+            );
         }
     }
 }

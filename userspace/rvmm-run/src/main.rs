@@ -3,7 +3,6 @@
 //! `rvmm-run`: create VMs on rvmm and inspect the module.
 
 mod backend;
-mod machine;
 mod run;
 
 use clap::{Parser, Subcommand};

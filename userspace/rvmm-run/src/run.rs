@@ -10,7 +10,7 @@ use rvmm::Exit;
 use vm_superio::{Serial, Trigger};
 
 use crate::backend::{Backend, KvmBackend, RvmmBackend};
-use crate::machine::{self, EntryMode, GuestMem};
+use rvmm::guest::{self as machine, GuestMem};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -24,8 +24,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "0x100000", value_parser = parse_u64)]
     pub load_addr: u64,
     /// CPU mode at entry.
-    #[arg(long, value_enum, default_value_t = EntryMode::Long)]
-    pub mode: EntryMode,
+    #[arg(long, value_enum, default_value_t = Mode::Long)]
+    pub mode: Mode,
     /// Run on /dev/kvm instead of /dev/rvmm (to compare).
     #[arg(long)]
     pub kvm: bool,
@@ -35,8 +35,21 @@ pub struct RunArgs {
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = if let Some(h) = s.strip_prefix("0x") { u64::from_str_radix(h, 16) } else { s.parse() };
+    let r = if let Some(h) = s.strip_prefix("0x") {
+        u64::from_str_radix(h, 16)
+    } else {
+        s.parse()
+    };
     r.map_err(|e| format!("{s}: {e}"))
+}
+
+/// CPU mode at entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// 64-bit long mode, paging on, the first 4 GiB identity-mapped (2 MiB pages).
+    Long,
+    /// 32-bit protected mode, paging off, flat segments.
+    Protected,
 }
 
 struct NoIrq;
@@ -57,38 +70,77 @@ fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<u64, String> {
     if data.starts_with(b"\x7fELF") {
         return load_elf(mem, &data).map_err(|e| format!("{}: {e}", args.image.display()));
     }
-    mem.write(args.load_addr, &data).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    mem.write(args.load_addr, &data)
+        .map_err(|e| format!("{}: {e}", args.image.display()))?;
     Ok(args.load_addr)
 }
 
 fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
-    let u16_at = |o: usize| d.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or("truncated ELF header");
-    let u32_at = |o: usize| d.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).ok_or("truncated ELF header");
-    let u64_at = |o: usize| d.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).ok_or("truncated ELF header");
+    let u16_at = |o: usize| {
+        d.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or("truncated ELF header")
+    };
+    let u32_at = |o: usize| {
+        d.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .ok_or("truncated ELF header")
+    };
+    let u64_at = |o: usize| {
+        d.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .ok_or("truncated ELF header")
+    };
     let class64 = match d.get(4) {
         Some(2) => true,
         Some(1) => false,
         _ => return Err("not an ELF32/ELF64 file".into()),
     };
     let (entry, phoff, phentsize, phnum) = if class64 {
-        (u64_at(24)?, u64_at(32)? as usize, u16_at(54)? as usize, u16_at(56)? as usize)
+        (
+            u64_at(24)?,
+            u64_at(32)? as usize,
+            u16_at(54)? as usize,
+            u16_at(56)? as usize,
+        )
     } else {
-        (u32_at(24)?.into(), u32_at(28)? as usize, u16_at(42)? as usize, u16_at(44)? as usize)
+        (
+            u32_at(24)?.into(),
+            u32_at(28)? as usize,
+            u16_at(42)? as usize,
+            u16_at(44)? as usize,
+        )
     };
     for i in 0..phnum {
         let ph = phoff + i * phentsize;
         let (ptype, off, paddr, filesz, memsz) = if class64 {
-            (u32_at(ph)?, u64_at(ph + 8)? as usize, u64_at(ph + 24)?, u64_at(ph + 32)? as usize, u64_at(ph + 40)?)
+            (
+                u32_at(ph)?,
+                u64_at(ph + 8)? as usize,
+                u64_at(ph + 24)?,
+                u64_at(ph + 32)? as usize,
+                u64_at(ph + 40)?,
+            )
         } else {
-            (u32_at(ph)?, u32_at(ph + 4)? as usize, u32_at(ph + 12)?.into(), u32_at(ph + 16)? as usize, u32_at(ph + 20)?.into())
+            (
+                u32_at(ph)?,
+                u32_at(ph + 4)? as usize,
+                u32_at(ph + 12)?.into(),
+                u32_at(ph + 16)? as usize,
+                u32_at(ph + 20)?.into(),
+            )
         };
         if ptype != 1 {
             continue;
         }
-        let bytes = d.get(off..off + filesz).ok_or(format!("segment {i} lies beyond the end of the file"))?;
-        mem.write(paddr, bytes).map_err(|e| format!("segment {i}: {e}"))?;
+        let bytes = d
+            .get(off..off + filesz)
+            .ok_or(format!("segment {i} lies beyond the end of the file"))?;
+        mem.write(paddr, bytes)
+            .map_err(|e| format!("segment {i}: {e}"))?;
         let bss = memsz.saturating_sub(filesz as u64);
-        mem.write(paddr + filesz as u64, &vec![0u8; bss as usize]).map_err(|e| format!("segment {i} .bss: {e}"))?;
+        mem.write(paddr + filesz as u64, &vec![0u8; bss as usize])
+            .map_err(|e| format!("segment {i} .bss: {e}"))?;
     }
     Ok(entry)
 }
@@ -107,12 +159,20 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
     if args.mem < 2 || args.mem > 4096 {
         return Err(format!("--mem {} MiB: give 2 to 4096", args.mem));
     }
-    let mut mem = GuestMem::new((args.mem << 20) as usize).map_err(|e| format!("guest memory: {e}"))?;
+    let mut mem =
+        GuestMem::new((args.mem << 20) as usize).map_err(|e| format!("guest memory: {e}"))?;
     let entry = load(&mut mem, args)?;
     let stack = (args.mem << 20) - 16;
-    let (regs, sregs) = machine::setup(&mut mem, args.mode, entry, stack)?;
-    let mut cpu: Box<dyn Backend> =
-        if args.kvm { Box::new(KvmBackend::new(&mem)?) } else { Box::new(RvmmBackend::new(device, &mem)?) };
+    let mode = match args.mode {
+        Mode::Long => machine::EntryMode::Long,
+        Mode::Protected => machine::EntryMode::Protected,
+    };
+    let (regs, sregs) = machine::setup(&mut mem, mode, entry, stack)?;
+    let mut cpu: Box<dyn Backend> = if args.kvm {
+        Box::new(KvmBackend::new(&mem)?)
+    } else {
+        Box::new(RvmmBackend::new(device, &mem)?)
+    };
     cpu.set_sregs(&sregs)?;
     cpu.set_regs(&regs)?;
     let mut serial = Serial::new(NoIrq, std::io::stdout());
@@ -121,10 +181,18 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
             Exit::IoOut { port, data, .. } if (COM1..COM1 + 8).contains(&port) => {
                 let _ = serial.write((port - COM1) as u8, data as u8);
             }
-            Exit::IoOut { port: DEBUG_EXIT, data, .. } => break ExitCode::from((((data as u8) << 1) | 1) as u8),
+            Exit::IoOut {
+                port: DEBUG_EXIT,
+                data,
+                ..
+            } => break ExitCode::from(((data as u8) << 1) | 1),
             Exit::IoOut { .. } => {}
             Exit::IoIn { port, .. } => {
-                let v = if (COM1..COM1 + 8).contains(&port) { serial.read((port - COM1) as u8) } else { 0xff };
+                let v = if (COM1..COM1 + 8).contains(&port) {
+                    serial.read((port - COM1) as u8)
+                } else {
+                    0xff
+                };
                 cpu.set_io_in(v.into());
             }
             Exit::Hlt => {
@@ -135,12 +203,31 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
                 eprintln!("rvmm-run: the guest triple-faulted (shutdown)");
                 break ExitCode::from(3);
             }
-            Exit::FailEntry { reason, vmfail, check } => {
-                eprintln!("rvmm-run: VM entry failed: {} {reason:#x}{}", if vmfail { "VM-instruction error" } else { "exit reason" }, if check != 0 { format!(" (rvmm check {check}; see dmesg)") } else { String::new() });
+            Exit::FailEntry {
+                reason,
+                vmfail,
+                check,
+            } => {
+                eprintln!(
+                    "rvmm-run: VM entry failed: {} {reason:#x}{}",
+                    if vmfail {
+                        "VM-instruction error"
+                    } else {
+                        "exit reason"
+                    },
+                    if check != 0 {
+                        format!(" (rvmm check {check}; see dmesg)")
+                    } else {
+                        String::new()
+                    }
+                );
                 break ExitCode::from(4);
             }
             Exit::Internal { suberror, data } => {
-                eprintln!("rvmm-run: {} cannot handle an exit: suberror {suberror}, data {data:#x?}", cpu.name());
+                eprintln!(
+                    "rvmm-run: {} cannot handle an exit: suberror {suberror}, data {data:#x?}",
+                    cpu.name()
+                );
                 break ExitCode::from(5);
             }
             Exit::Interrupted => {

@@ -8,6 +8,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+pub mod guest;
+
 pub use rvmm_uapi as uapi;
 pub use rvmm_uapi::{Status, VmxCaps, RVMM_API_VERSION};
 
@@ -407,6 +409,12 @@ impl Vcpu<'_> {
         })
     }
 }
+
+// SAFETY: the run page is plain memory shared with the kernel; the kernel serializes
+// runs of one vCPU, and a racy read of an exit field can only misreport that exit.
+unsafe impl Send for Vcpu<'_> {}
+// SAFETY: as above: every method goes through the kernel or reads/writes plain fields.
+unsafe impl Sync for Vcpu<'_> {}
 
 impl Drop for Vcpu<'_> {
     fn drop(&mut self) {

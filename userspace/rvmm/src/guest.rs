@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Guest memory and the CPU state a guest starts in: 64-bit long mode with identity
+//! Guest memory and the CPU state a guest starts in (for rvmm-run and the tests): 64-bit long mode with identity
 //! page tables built here, or 32-bit protected mode with paging off.
 
-use rvmm::uapi::{Dtable, Regs, Segment, Sregs};
+use crate::uapi::{Dtable, Regs, Segment, Sregs};
 use std::io;
 
 /// Guest RAM: anonymous memory of this process, mapped into the guest at 0.
@@ -16,12 +16,22 @@ impl GuestMem {
     pub fn new(size: usize) -> io::Result<Self> {
         // SAFETY: a fresh anonymous mapping owned by this struct.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { ptr: p.cast(), size })
+        Ok(Self {
+            ptr: p.cast(),
+            size,
+        })
     }
 
     pub fn size(&self) -> usize {
@@ -34,12 +44,20 @@ impl GuestMem {
 
     /// Copies `data` to guest-physical `gpa`; errors if it does not fit.
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let end = gpa.checked_add(data.len() as u64).filter(|&e| e <= self.size as u64);
+        let end = gpa
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.size as u64);
         if end.is_none() {
-            return Err(format!("{} bytes at guest address {gpa:#x} do not fit in {} bytes of guest memory", data.len(), self.size));
+            return Err(format!(
+                "{} bytes at guest address {gpa:#x} do not fit in {} bytes of guest memory",
+                data.len(),
+                self.size
+            ));
         }
         // SAFETY: bounds checked above; the mapping is ours.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
+        };
         Ok(())
     }
 
@@ -56,7 +74,7 @@ impl Drop for GuestMem {
 }
 
 /// How the guest starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryMode {
     /// 64-bit long mode, paging on, the first 4 GiB identity-mapped (2 MiB pages).
     Long,
@@ -71,19 +89,60 @@ pub const PDPT: u64 = 0x2000;
 pub const PD: u64 = 0x3000; // four page directories: 0x3000..0x7000
 
 fn seg(selector: u16, seg_type: u8, l: u8, db: u8) -> Segment {
-    Segment { base: 0, limit: 0xffff_ffff, selector, seg_type, present: 1, dpl: 0, db, s: 1, l, g: 1, avl: 0, unusable: 0, padding: 0 }
+    Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        seg_type,
+        present: 1,
+        dpl: 0,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
 }
 
 /// Builds the GDT (and, for long mode, the page tables) and returns the registers.
-pub fn setup(mem: &mut GuestMem, mode: EntryMode, entry: u64, stack: u64) -> Result<(Regs, Sregs), String> {
+pub fn setup(
+    mem: &mut GuestMem,
+    mode: EntryMode,
+    entry: u64,
+    stack: u64,
+) -> Result<(Regs, Sregs), String> {
     // null, 64-bit code (0x8), data (0x10), 32-bit code (0x18)
-    let gdt: [u64; 4] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00cf_9a00_0000_ffff];
+    let gdt: [u64; 4] = [
+        0,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00cf_9a00_0000_ffff,
+    ];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_u64(GDT + 8 * i as u64, *d)?;
     }
     let data = seg(0x10, 3, 0, 1);
-    let tr = Segment { base: 0, limit: 0x67, selector: 0, seg_type: 11, present: 1, s: 0, g: 0, db: 0, l: 0, dpl: 0, avl: 0, unusable: 0, padding: 0 };
-    let ldt = Segment { unusable: 1, ..Default::default() };
+    let tr = Segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0,
+        seg_type: 11,
+        present: 1,
+        s: 0,
+        g: 0,
+        db: 0,
+        l: 0,
+        dpl: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let ldt = Segment {
+        unusable: 1,
+        ..Default::default()
+    };
     let mut sregs = Sregs {
         cs: seg(0x8, 0xb, 1, 0),
         ds: data,
@@ -93,7 +152,11 @@ pub fn setup(mem: &mut GuestMem, mode: EntryMode, entry: u64, stack: u64) -> Res
         ss: data,
         tr,
         ldt,
-        gdt: Dtable { base: GDT, limit: 8 * gdt.len() as u16 - 1, padding: [0; 3] },
+        gdt: Dtable {
+            base: GDT,
+            limit: 8 * gdt.len() as u16 - 1,
+            padding: [0; 3],
+        },
         idt: Dtable::default(),
         ..Default::default()
     };
@@ -117,6 +180,11 @@ pub fn setup(mem: &mut GuestMem, mode: EntryMode, entry: u64, stack: u64) -> Res
             sregs.cr0 = 0x11; // ET PE
         }
     }
-    let regs = Regs { rip: entry, rsp: stack, rflags: 2, ..Default::default() };
+    let regs = Regs {
+        rip: entry,
+        rsp: stack,
+        rflags: 2,
+        ..Default::default()
+    };
     Ok((regs, sregs))
 }

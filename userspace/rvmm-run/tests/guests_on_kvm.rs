@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Differential check of the guest images on this host's KVM: each image's serial
+//! output and exit status must be the expected ones (selftests/guests/expected), the
+//! same ones the kselftests require of rvmm in Bochs. Needs `make -C selftests/guests`
+//! first (scripts/test.sh does it); skipped, loudly, where /dev/kvm is missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn guest_images_match_expected_output_on_kvm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP: no /dev/kvm on this host");
+        return;
+    }
+    let expected = root().join("selftests/guests/expected");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&expected).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "out") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let image = root().join("target/guests").join(format!("{name}.elf"));
+        assert!(
+            image.exists(),
+            "{} missing: run make -C selftests/guests",
+            image.display()
+        );
+        let want_out = std::fs::read_to_string(&path).unwrap();
+        let want_rc: i32 = std::fs::read_to_string(expected.join(format!("{name}.rc")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rvmm-run"))
+            .args(["run", "--kvm"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want_out,
+            "{name}: serial output differs on KVM"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(want_rc),
+            "{name}: exit status on KVM; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n += 1;
+    }
+    assert!(n >= 2, "only {n} guest images checked");
+}
