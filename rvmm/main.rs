@@ -91,6 +91,7 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_GET_SREGS,
     uapi::RVMM_SET_SREGS,
     uapi::RVMM_RUN,
+    uapi::RVMM_GET_STATS,
 ];
 
 #[vtable]
@@ -192,6 +193,7 @@ impl RvmmFile {
                 Ok(0)
             }
             uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
+            uapi::RVMM_GET_STATS => write_struct(user, &vm.stats()?),
             _ => Err(ENOTTY),
         }
     }

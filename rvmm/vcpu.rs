@@ -54,6 +54,7 @@ pub(crate) struct Stats {
     pub(crate) shadow_faults: u64,
     pub(crate) guest_faults: u64,
     pub(crate) shadow_resets: u64,
+    pub(crate) user_exits: u64,
 }
 
 pub(crate) struct VcpuInner {
@@ -87,6 +88,9 @@ pub(crate) struct VcpuInner {
     maxphyaddr: u8,
     pending: Pending,
     triple_fault: bool,
+    /// (gva, rip) of the last shadow fault, and how often it repeated.
+    last_fault: (u64, u64),
+    repeat_faults: u32,
     pub(crate) stats: Stats,
 }
 
@@ -244,11 +248,14 @@ impl Vcpu {
             maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
             pending: Pending::None,
             triple_fault: false,
+            last_fault: (0, 0),
+            repeat_faults: 0,
             stats: Stats {
                 exits: [0; rvmm_core::exit::NR_EXIT_REASONS],
                 shadow_faults: 0,
                 guest_faults: 0,
                 shadow_resets: 0,
+                user_exits: 0,
             },
         };
         let vcpu = Arc::pin_init(
@@ -284,6 +291,20 @@ impl Vcpu {
 
     pub(crate) fn set_sregs(&self, s: &uapi::Sregs) -> Result {
         self.inner.lock().with_vmcs(|g| g.set_sregs(s))
+    }
+
+    /// Adds this vCPU's counters to `out`.
+    pub(crate) fn add_stats(&self, out: &mut uapi::VmStats) {
+        let g = self.inner.lock();
+        for (o, n) in out.exits.iter_mut().zip(g.stats.exits.iter()) {
+            *o += n;
+        }
+        out.shadow_faults += g.stats.shadow_faults;
+        out.guest_page_faults += g.stats.guest_faults;
+        out.shadow_resets += g.stats.shadow_resets;
+        out.shadow_pages_allocated += g.pool.allocs;
+        out.shadow_pages_peak = out.shadow_pages_peak.max(g.pool.peak as u64);
+        out.user_exits += g.stats.user_exits;
     }
 
     /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
@@ -323,6 +344,7 @@ impl Vcpu {
             // SAFETY: we hold no spinlock and interrupts are on.
             unsafe { rvmm_cond_resched() };
             if let Next::User = g.run_section(run, self.id) {
+                g.stats.user_exits += 1;
                 return Ok(0);
             }
         }
@@ -572,7 +594,14 @@ impl VcpuInner {
         let real_cr0 = (self.cr0 & CR0_GUEST_BITS) | CR0_PE | CR0_PG | CR0_WP | (1 << 5);
         const CR4_GUEST_BITS: u64 =
             (1 << 2) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 16) | CR4_SMEP | CR4_SMAP;
-        let real_cr4 = (self.cr4 & CR4_GUEST_BITS) | CR4_PAE | (1 << 13);
+        // SMEP and SMAP act on paging: with the guest's paging off they must not act on
+        // the identity shadow (whose entries are all user entries).
+        let guest_bits = if self.cr0 & CR0_PG != 0 {
+            CR4_GUEST_BITS
+        } else {
+            CR4_GUEST_BITS & !(CR4_SMEP | CR4_SMAP)
+        };
+        let real_cr4 = (self.cr4 & guest_bits) | CR4_PAE | (1 << 13);
         let real_efer = EFER_NXE | if lma { EFER_LME | EFER_LMA } else { 0 } | (self.efer & 1);
         vmw(guest::CR0, real_cr0);
         vmw(control::CR0_READ_SHADOW, self.cr0);

@@ -59,6 +59,23 @@ impl Vm {
         Ok(id as isize)
     }
 
+    /// Counters summed over the vCPUs (waits for a running vCPU to return).
+    pub(crate) fn stats(&self) -> Result<uapi::VmStats> {
+        let vcpus: KVec<Arc<Vcpu>> = {
+            let v = self.vcpus.lock();
+            let mut list = KVec::new();
+            for vcpu in v.iter().flatten() {
+                list.push(vcpu.clone(), GFP_KERNEL)?;
+            }
+            list
+        };
+        let mut out = uapi::VmStats::default();
+        for v in vcpus.iter() {
+            v.add_stats(&mut out);
+        }
+        Ok(out)
+    }
+
     pub(crate) fn vcpu(&self, index: usize) -> Result<Arc<Vcpu>> {
         self.vcpus
             .lock()

@@ -243,6 +243,27 @@ impl VcpuInner {
             leaf &= !spte::SPTE_RW;
         }
         self.stats.shadow_faults += 1;
+        // The same fault over and over means the shadow entry does not give what the
+        // walk allowed: stop with the evidence instead of looping.
+        let rip = vmr(guest::RIP);
+        if (gva, rip) == self.last_fault {
+            self.repeat_faults += 1;
+            if self.repeat_faults > 64 {
+                self.repeat_faults = 0;
+                kernel::pr_err!(
+                    "shadow fault loop: gva {:#x} ec {:#x} rip {:#x} gpa {:#x} spte {:#x} mode {:?}\n",
+                    gva, ec, rip, w.gpa, leaf, self.mode
+                );
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_NO_SHADOW,
+                    [gva, u64::from(ec), rip, leaf],
+                );
+            }
+        } else {
+            self.last_fault = (gva, rip);
+            self.repeat_faults = 0;
+        }
         if w.level > 1 {
             self.large_mapped = true;
         }

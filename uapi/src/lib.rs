@@ -81,9 +81,17 @@ macro_rules! abi_struct {
     ) => {
         $(#[$meta])*
         #[repr(C)]
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub struct $name {
             $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                // SAFETY: ABI structures hold only integers and arrays or structures of
+                // them: all-zero bytes are a valid value.
+                unsafe { core::mem::zeroed() }
+            }
         }
 
         impl AbiStruct for $name {
@@ -429,6 +437,29 @@ abi_struct! {
     }
 }
 
+abi_struct! {
+    /// `RVMM_GET_STATS`: counters of a VM, summed over its vCPUs.
+    pub struct VmStats as "rvmm_vm_stats" {
+        /// VM exits by basic exit reason (SDM Vol. 3D, Appendix C).
+        pub exits: [u64; RVMM_NR_EXIT_REASONS] => "__u64 exits[72]",
+        /// #PF exits fixed by filling the shadow from the guest's tables.
+        pub shadow_faults: u64 => "__u64 shadow_faults",
+        /// #PF exits that were the guest's own faults (reflected into it).
+        pub guest_page_faults: u64 => "__u64 guest_page_faults",
+        /// Whole-shadow drops (CR3 loads, paging mode changes, INVLPG of large pages).
+        pub shadow_resets: u64 => "__u64 shadow_resets",
+        /// Shadow table pages handed out.
+        pub shadow_pages_allocated: u64 => "__u64 shadow_pages_allocated",
+        /// Most shadow table pages in use at once by one vCPU.
+        pub shadow_pages_peak: u64 => "__u64 shadow_pages_peak",
+        /// Exits to userspace.
+        pub user_exits: u64 => "__u64 user_exits",
+    }
+}
+
+/// Entries of [`VmStats::exits`].
+pub const RVMM_NR_EXIT_REASONS: usize = 72;
+
 /// Slots per VM.
 pub const RVMM_MAX_MEMSLOTS: u32 = 32;
 /// vCPUs per VM.
@@ -471,6 +502,7 @@ pub const RVMM_INTERNAL_NO_SHADOW: u32 = 3;
 
 /// Constants the C header defines, in order.
 pub const CONSTANTS: &[(&str, u64)] = &[
+    ("RVMM_NR_EXIT_REASONS", RVMM_NR_EXIT_REASONS as u64),
     ("RVMM_MAX_MEMSLOTS", RVMM_MAX_MEMSLOTS as u64),
     ("RVMM_MAX_VCPUS", RVMM_MAX_VCPUS as u64),
     ("RVMM_MEM_READONLY", RVMM_MEM_READONLY as u64),
@@ -525,6 +557,9 @@ pub const RVMM_GET_SREGS: u32 = ioc(
 pub const RVMM_SET_SREGS: u32 = ioc(IOC_WRITE, 0x16, core::mem::size_of::<VcpuSregs>());
 /// `RVMM_RUN`: argument = vCPU index. Returns 0 with `Run::exit_reason` set, or EINTR.
 pub const RVMM_RUN: u32 = ioc(IOC_NONE, 0x17, 0);
+
+/// `RVMM_GET_STATS`: fills a [`VmStats`].
+pub const RVMM_GET_STATS: u32 = ioc(IOC_READ, 0x18, core::mem::size_of::<VmStats>());
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[

@@ -108,7 +108,7 @@ pub enum ExitReason {
 }
 
 /// Number of basic exit reasons the counters track.
-pub const NR_EXIT_REASONS: usize = 70;
+pub const NR_EXIT_REASONS: usize = 72;
 
 impl ExitReason {
     /// Decodes the basic exit reason (bits 15:0).
@@ -166,6 +166,54 @@ impl ExitReason {
             Xrstors,
         ];
         ALL.iter().copied().find(|r| *r as u16 == basic)
+    }
+}
+
+impl ExitReason {
+    /// The SDM's name, for reports.
+    pub const fn name(self) -> &'static str {
+        use ExitReason::*;
+        match self {
+            ExceptionNmi => "exception/NMI",
+            ExternalInterrupt => "external interrupt",
+            TripleFault => "triple fault",
+            Init => "INIT",
+            InterruptWindow => "interrupt window",
+            NmiWindow => "NMI window",
+            Cpuid => "CPUID",
+            Hlt => "HLT",
+            Invd => "INVD",
+            Invlpg => "INVLPG",
+            Rdpmc => "RDPMC",
+            Rdtsc => "RDTSC",
+            Vmcall => "VMCALL",
+            Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff
+            | Vmxon | Invept | Invvpid | Vmfunc => "VMX instruction",
+            CrAccess => "CR access",
+            DrAccess => "DR access",
+            Io => "I/O instruction",
+            Rdmsr => "RDMSR",
+            Wrmsr => "WRMSR",
+            InvalidGuestState => "invalid guest state",
+            MsrLoadFail => "MSR load failure",
+            Mwait => "MWAIT",
+            MonitorTrap => "monitor trap flag",
+            Monitor => "MONITOR",
+            Pause => "PAUSE",
+            MachineCheckEntry => "machine check at entry",
+            TprBelowThreshold => "TPR below threshold",
+            DtAccess => "GDTR/IDTR access",
+            TrAccess => "LDTR/TR access",
+            Rdtscp => "RDTSCP",
+            PreemptionTimer => "preemption timer",
+            Wbinvd => "WBINVD",
+            Xsetbv => "XSETBV",
+            Invpcid => "INVPCID",
+            Rdrand => "RDRAND",
+            Rdseed => "RDSEED",
+            Xsaves => "XSAVES",
+            Xrstors => "XRSTORS",
+        }
     }
 }
 

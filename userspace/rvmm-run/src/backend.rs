@@ -16,6 +16,10 @@ pub trait Backend {
     fn run(&mut self) -> Result<Exit, String>;
     /// The value of the IN that caused the last exit.
     fn set_io_in(&mut self, value: u32);
+    /// Exit counters, where the backend has them.
+    fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
+        None
+    }
 }
 
 /// rvmm: the VM owns the vCPU's run mapping, so both live here.
@@ -62,6 +66,9 @@ impl Backend for RvmmBackend {
     }
     fn set_io_in(&mut self, value: u32) {
         self.vcpu.set_io_in(value);
+    }
+    fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
+        self._vm.stats().ok()
     }
 }
 

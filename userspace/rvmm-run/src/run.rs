@@ -23,15 +23,18 @@ pub struct RunArgs {
     /// Where a flat binary is loaded (guest-physical).
     #[arg(long, default_value = "0x100000", value_parser = parse_u64)]
     pub load_addr: u64,
-    /// CPU mode at entry.
-    #[arg(long, value_enum, default_value_t = Mode::Long)]
-    pub mode: Mode,
+    /// CPU mode at entry [default: protected for ELF32 images, long otherwise].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
     /// Run on /dev/kvm instead of /dev/rvmm (to compare).
     #[arg(long)]
     pub kvm: bool,
     /// Print the final general registers to stderr.
     #[arg(long)]
     pub dump_regs: bool,
+    /// Print the VM's exit counters (by reason) and shadow MMU counters to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -64,15 +67,23 @@ impl Trigger for NoIrq {
 const COM1: u16 = 0x3f8;
 const DEBUG_EXIT: u16 = 0xf4;
 
-/// Loads `image` and returns its entry point.
-fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<u64, String> {
+/// Loads `image`; returns its entry point and the mode it wants by default.
+fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<(u64, Mode), String> {
     let data = std::fs::read(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
     if data.starts_with(b"\x7fELF") {
-        return load_elf(mem, &data).map_err(|e| format!("{}: {e}", args.image.display()));
+        let entry = load_elf(mem, &data).map_err(|e| format!("{}: {e}", args.image.display()))?;
+        return Ok((
+            entry,
+            if data[4] == 1 {
+                Mode::Protected
+            } else {
+                Mode::Long
+            },
+        ));
     }
     mem.write(args.load_addr, &data)
         .map_err(|e| format!("{}: {e}", args.image.display()))?;
-    Ok(args.load_addr)
+    Ok((args.load_addr, Mode::Long))
 }
 
 fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
@@ -161,9 +172,9 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
     }
     let mut mem =
         GuestMem::new((args.mem << 20) as usize).map_err(|e| format!("guest memory: {e}"))?;
-    let entry = load(&mut mem, args)?;
+    let (entry, default_mode) = load(&mut mem, args)?;
     let stack = (args.mem << 20) - 16;
-    let mode = match args.mode {
+    let mode = match args.mode.unwrap_or(default_mode) {
         Mode::Long => machine::EntryMode::Long,
         Mode::Protected => machine::EntryMode::Protected,
     };
@@ -241,9 +252,37 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
         }
     };
     let _ = std::io::stdout().flush();
+    if args.stats {
+        match cpu.stats() {
+            Some(s) => print_stats(&s),
+            None => eprintln!("rvmm-run: the {} backend has no counters", cpu.name()),
+        }
+    }
     if args.dump_regs {
         let r = cpu.regs()?;
         eprintln!("rvmm-run: regs {r:x?}");
     }
     Ok(code)
+}
+
+fn print_stats(s: &rvmm::uapi::VmStats) {
+    eprintln!("rvmm-run: VM exits by reason:");
+    let mut total = 0;
+    for (reason, &n) in s.exits.iter().enumerate() {
+        if n != 0 {
+            let name =
+                rvmm_core::exit::ExitReason::from_basic(reason as u16).map_or("?", |r| r.name());
+            eprintln!("  {reason:>3} {name:<22} {n:>10}");
+            total += n;
+        }
+    }
+    eprintln!("      {:<22} {total:>10}", "total");
+    eprintln!(
+        "rvmm-run: shadow faults fixed {}, guest page faults reflected {}, shadow resets {}",
+        s.shadow_faults, s.guest_page_faults, s.shadow_resets
+    );
+    eprintln!(
+        "rvmm-run: shadow pages allocated {}, peak {}, exits to userspace {}",
+        s.shadow_pages_allocated, s.shadow_pages_peak, s.user_exits
+    );
 }

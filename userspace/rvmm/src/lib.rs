@@ -251,6 +251,13 @@ impl Vm {
         })
     }
 
+    /// Counters summed over the VM's vCPUs.
+    pub fn stats(&self) -> Result<uapi::VmStats> {
+        let mut s = uapi::VmStats::default();
+        ioctl_ptr(&self.file, "RVMM_GET_STATS", uapi::RVMM_GET_STATS, &mut s)?;
+        Ok(s)
+    }
+
     /// The raw file descriptor.
     pub fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
