@@ -38,7 +38,7 @@ struct FxArea([u8; 512]);
 
 /// Work left from the last exit to userspace, finished before the next entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Pending {
+pub(crate) enum Pending {
     None,
     /// An IN: the data is in the run page.
     IoIn {
@@ -46,6 +46,11 @@ enum Pending {
     },
     /// A VMCALL: the result is in the run page.
     Hypercall,
+    /// An MMIO read: the data is in the run page.
+    MmioRead {
+        op: rvmm_core::emulate::MmioOp,
+        long: bool,
+    },
 }
 
 /// Per-vCPU counters.
@@ -55,6 +60,7 @@ pub(crate) struct Stats {
     pub(crate) guest_faults: u64,
     pub(crate) shadow_resets: u64,
     pub(crate) user_exits: u64,
+    pub(crate) mmio_exits: u64,
 }
 
 pub(crate) struct VcpuInner {
@@ -256,6 +262,7 @@ impl Vcpu {
                 guest_faults: 0,
                 shadow_resets: 0,
                 user_exits: 0,
+                mmio_exits: 0,
             },
         };
         let vcpu = Arc::pin_init(
@@ -305,6 +312,7 @@ impl Vcpu {
         out.shadow_pages_allocated += g.pool.allocs;
         out.shadow_pages_peak = out.shadow_pages_peak.max(g.pool.peak as u64);
         out.user_exits += g.stats.user_exits;
+        out.mmio_exits += g.stats.mmio_exits;
     }
 
     /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
@@ -659,6 +667,22 @@ impl VcpuInner {
                 } else {
                     (self.gprs.rax & !mask) | (data & mask)
                 };
+            }
+            Pending::MmioRead { op, long } => {
+                // SAFETY: our run page.
+                let data = u64::from_le_bytes(unsafe {
+                    ptr::read_volatile(addr_of_mut!((*run).mmio.data))
+                });
+                if let rvmm_core::emulate::MmioOp::Load { dst, .. } = op {
+                    let load = |old| rvmm_core::emulate::load_result(old, data, &op, long);
+                    if dst == 4 {
+                        // RSP lives in the VMCS.
+                        self.with_vmcs(|_| vmw(guest::RSP, load(vmr(guest::RSP))));
+                    } else {
+                        let new = load(self.gprs.get(dst, 0));
+                        self.gprs.set(dst, new);
+                    }
+                }
             }
             Pending::Hypercall => {
                 // SAFETY: as above.

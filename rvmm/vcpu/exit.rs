@@ -5,6 +5,7 @@
 
 use core::ptr;
 
+use rvmm_core::emulate::{MmioOp, Source};
 use rvmm_core::exit::{
     combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, EXIT_REASON_FAILED_ENTRY,
 };
@@ -224,19 +225,10 @@ impl VcpuInner {
             }
         };
         let Some((hpa, readonly)) = slots.host_pa(w.gpa) else {
-            // MMIO: needs the instruction emulator (next step).
-            return self.internal_error(
-                run,
-                uapi::RVMM_INTERNAL_EMULATION,
-                [w.gpa, gva, vmr(guest::RIP), 0],
-            );
+            return self.mmio(run, w.gpa, &ctx);
         };
         if readonly && access.write {
-            return self.internal_error(
-                run,
-                uapi::RVMM_INTERNAL_EMULATION,
-                [w.gpa, gva, vmr(guest::RIP), 2],
-            );
+            return self.mmio(run, w.gpa, &ctx);
         }
         let mut leaf = spte::leaf(&w, access, &ctx, hpa);
         if readonly {
@@ -278,6 +270,89 @@ impl VcpuInner {
             }
         }
         Next::Fast
+    }
+
+    /// An access to guest-physical memory that is not RAM (or a write to a read-only
+    /// slot): decode the instruction and hand the access to userspace.
+    fn mmio(&mut self, run: *mut uapi::Run, gpa: u64, ctx: &PermCtx) -> Next {
+        let rip = vmr(guest::RIP);
+        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
+        let linear = if long {
+            rip
+        } else {
+            vmr(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+        };
+        let mut code = [0u8; 15];
+        let n = self.fetch_code(linear, ctx, &mut code);
+        let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
+            Ok(d) => d,
+            Err(_) => {
+                let first = u64::from_le_bytes(code[..8].try_into().unwrap_or([0; 8]));
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_EMULATION,
+                    [gpa, rip, first, 4],
+                );
+            }
+        };
+        let mut mmio = uapi::ExitMmio {
+            phys_addr: gpa,
+            ..Default::default()
+        };
+        match decoded.op {
+            MmioOp::Store { size, src } => {
+                let v = match src {
+                    Source::Reg(r) => self.gpr(r),
+                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Imm(v) => v,
+                };
+                mmio.len = size.into();
+                mmio.is_write = 1;
+                mmio.data = v.to_le_bytes();
+                for b in mmio.data.iter_mut().skip(usize::from(size)) {
+                    *b = 0;
+                }
+            }
+            MmioOp::Load { size, .. } => {
+                mmio.len = size.into();
+                self.pending = Pending::MmioRead {
+                    op: decoded.op,
+                    long,
+                };
+            }
+        }
+        // SAFETY: our run page.
+        unsafe { (*run).mmio = mmio };
+        vmw(guest::RIP, rip + u64::from(decoded.len));
+        self.stats.mmio_exits += 1;
+        self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
+    }
+
+    /// Reads up to 15 bytes of code at linear address `rip`; returns how many.
+    fn fetch_code(&mut self, rip: u64, ctx: &PermCtx, out: &mut [u8; 15]) -> usize {
+        let slots = self.slots.clone();
+        let fetch = Access {
+            write: false,
+            user: vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
+            fetch: true,
+        };
+        let mut n = 0;
+        while n < out.len() {
+            let la = rip + n as u64;
+            let Ok(w) = walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx)
+            else {
+                break;
+            };
+            let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(out.len() - n);
+            let Some(p) = slots.ptr(w.gpa, chunk as u64) else {
+                break;
+            };
+            // SAFETY: `p` points at `chunk` bytes of a pinned guest page.
+            unsafe { ptr::copy_nonoverlapping(p, out[n..].as_mut_ptr(), chunk) };
+            n += chunk;
+        }
+        n
     }
 
     fn map(&mut self, gva: u64, leaf: u64) -> Result<(), OutOfTables> {

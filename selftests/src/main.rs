@@ -72,6 +72,7 @@ fn main() {
         suite.add("rmmod_while_open_refused", rmmod_while_open_refused);
         suite.add("io_and_hlt_exits", vm_tests::io_and_hlt_exits);
         suite.add("io_in_round_trip", vm_tests::io_in_round_trip);
+        suite.add("mmio_round_trip", vm_tests::mmio_round_trip);
         suite.add("guest_images_match_kvm", vm_tests::guest_images);
         suite.add(
             "triple_fault_is_shutdown",

@@ -148,6 +148,66 @@ pub fn io_in_round_trip(_: &Ctx) -> Outcome {
     )
 }
 
+pub fn mmio_round_trip(_: &Ctx) -> Outcome {
+    let code = [
+        0xc7, 0x05, 0x00, 0x00, 0x00, 0xd0, 0x78, 0x56, 0x34,
+        0x12, // mov dword [0xd0000000], 0x12345678
+        0x8b, 0x05, 0x04, 0x00, 0x00, 0xd0, // mov eax, [0xd0000004]
+        0x88, 0x25, 0x08, 0x00, 0x00, 0xd0, // mov [0xd0000008], ah
+        0xf4, // hlt
+    ];
+    let vm = TinyVm::new(&code)?;
+    let vcpu = vm.vcpu(0)?;
+    let run = || vcpu.run().map_err(|e| e.to_string());
+    let e = run()?;
+    check(
+        e == Exit::Mmio {
+            addr: 0xd000_0000,
+            len: 4,
+            is_write: true,
+            data: 0x1234_5678,
+        },
+        || format!("store: {e:?}"),
+    )?;
+    let e = run()?;
+    check(
+        matches!(
+            e,
+            Exit::Mmio {
+                addr: 0xd000_0004,
+                len: 4,
+                is_write: false,
+                ..
+            }
+        ),
+        || format!("load: {e:?}"),
+    )?;
+    vcpu.set_mmio_data(0xcafe_a55a);
+    let e = run()?;
+    check(
+        e == Exit::Mmio {
+            addr: 0xd000_0008,
+            len: 1,
+            is_write: true,
+            data: 0xa5,
+        },
+        || format!("the load's value did not reach EAX: {e:?}"),
+    )?;
+    check(run()? == Exit::Hlt, || "HLT".into())?;
+    let rax = vcpu.regs().map_err(|e| e.to_string())?.rax;
+    check(rax == 0xcafe_a55a, || format!("EAX {rax:#x}"))?;
+    let stats = vm.vm.stats().map_err(|e| e.to_string())?;
+    check(
+        stats.mmio_exits == 3 && stats.exits[12] == 1 && stats.user_exits == 4,
+        || {
+            format!(
+                "counters: mmio {}, HLT {}, to user {}",
+                stats.mmio_exits, stats.exits[12], stats.user_exits
+            )
+        },
+    )
+}
+
 pub fn triple_fault_is_shutdown(_: &Ctx) -> Outcome {
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
     let vm = TinyVm::new(&[0x0f, 0x0b])?;

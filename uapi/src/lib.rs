@@ -454,6 +454,8 @@ abi_struct! {
         pub shadow_pages_peak: u64 => "__u64 shadow_pages_peak",
         /// Exits to userspace.
         pub user_exits: u64 => "__u64 user_exits",
+        /// MMIO exits (decoded accesses outside guest RAM).
+        pub mmio_exits: u64 => "__u64 mmio_exits",
     }
 }
 

@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod caps;
+pub mod emulate;
 pub mod exit;
 pub mod guest_state;
 pub mod mmu;

@@ -16,6 +16,8 @@ pub trait Backend {
     fn run(&mut self) -> Result<Exit, String>;
     /// The value of the IN that caused the last exit.
     fn set_io_in(&mut self, value: u32);
+    /// The value of the MMIO read that caused the last exit.
+    fn set_mmio_data(&mut self, value: u64);
     /// Exit counters, where the backend has them.
     fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
         None
@@ -67,6 +69,9 @@ impl Backend for RvmmBackend {
     fn set_io_in(&mut self, value: u32) {
         self.vcpu.set_io_in(value);
     }
+    fn set_mmio_data(&mut self, value: u64) {
+        self.vcpu.set_mmio_data(value);
+    }
     fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
         self._vm.stats().ok()
     }
@@ -76,8 +81,6 @@ impl Backend for RvmmBackend {
 pub struct KvmBackend {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
-    io_in: Option<(u16, u8)>,
-    io_value: u32,
 }
 
 impl KvmBackend {
@@ -102,12 +105,7 @@ impl KvmBackend {
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        Ok(Self {
-            vcpu,
-            _vm: vm,
-            io_in: None,
-            io_value: 0,
-        })
+        Ok(Self { vcpu, _vm: vm })
     }
 }
 
@@ -219,8 +217,6 @@ impl Backend for KvmBackend {
     }
     fn run(&mut self) -> Result<Exit, String> {
         use kvm_ioctls::VcpuExit;
-        let value = self.io_value;
-        let pending = self.io_in.take();
         match self.vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut v = [0u8; 4];
@@ -231,14 +227,26 @@ impl Backend for KvmBackend {
                     data: u32::from_le_bytes(v),
                 })
             }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let size = data.len() as u8;
-                // kvm-ioctls hands out the buffer of this exit: KVM reads it at the next
-                // KVM_RUN, so fill it with the value the caller sets right away (below).
-                let _ = (pending, value);
-                self.io_in = Some((port, size));
-                Ok(Exit::IoIn { port, size })
+            Ok(VcpuExit::IoIn(port, data)) => Ok(Exit::IoIn {
+                port,
+                size: data.len() as u8,
+            }),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut v = [0u8; 8];
+                v[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+                Ok(Exit::Mmio {
+                    addr,
+                    len: data.len() as u32,
+                    is_write: true,
+                    data: u64::from_le_bytes(v),
+                })
             }
+            Ok(VcpuExit::MmioRead(addr, data)) => Ok(Exit::Mmio {
+                addr,
+                len: data.len() as u32,
+                is_write: false,
+                data: 0,
+            }),
             Ok(VcpuExit::Hlt) => Ok(Exit::Hlt),
             Ok(VcpuExit::Shutdown) => Ok(Exit::Shutdown),
             Ok(VcpuExit::FailEntry(reason, _cpu)) => Ok(Exit::FailEntry {
@@ -255,8 +263,16 @@ impl Backend for KvmBackend {
             Err(e) => Err(format!("KVM_RUN: {e}")),
         }
     }
+    fn set_mmio_data(&mut self, value: u64) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO: the mmio member is the active one.
+        unsafe {
+            let mmio = &mut run.__bindgen_anon_1.mmio;
+            let n = (mmio.len as usize).min(8);
+            mmio.data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+        }
+    }
     fn set_io_in(&mut self, value: u32) {
-        self.io_value = value;
         // Write straight into the mapped kvm_run: KVM picks the data up on the next run.
         let run = self.vcpu.get_kvm_run();
         // SAFETY: the last exit was KVM_EXIT_IO (IN): the io member is the active one and

@@ -206,6 +206,11 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
                 };
                 cpu.set_io_in(v.into());
             }
+            // No MMIO devices yet: reads see all ones (an absent device), writes vanish.
+            Exit::Mmio {
+                is_write: false, ..
+            } => cpu.set_mmio_data(u64::MAX),
+            Exit::Mmio { .. } => {}
             Exit::Hlt => {
                 eprintln!("rvmm-run: the guest halted");
                 break ExitCode::SUCCESS;

@@ -271,6 +271,14 @@ pub enum Exit {
     IoOut { port: u16, size: u8, data: u32 },
     /// IN: call [`Vcpu::set_io_in`] with the value before running again.
     IoIn { port: u16, size: u8 },
+    /// MMIO: a write of `len` bytes of `data`, or a read that [`Vcpu::set_mmio_data`]
+    /// completes before the next run.
+    Mmio {
+        addr: u64,
+        len: u32,
+        is_write: bool,
+        data: u64,
+    },
     /// HLT.
     Hlt,
     /// VMCALL: RAX and six arguments; [`Vcpu::set_hypercall_ret`] sets the result.
@@ -358,6 +366,12 @@ impl Vcpu<'_> {
         unsafe { (*self.run).io_data[0] = u64::from(value) };
     }
 
+    /// The data an MMIO read returns (call after a read [`Exit::Mmio`]).
+    pub fn set_mmio_data(&self, value: u64) {
+        // SAFETY: the run page is mapped for this vCPU's lifetime.
+        unsafe { (*self.run).mmio.data = value.to_le_bytes() };
+    }
+
     /// The result of a hypercall.
     pub fn set_hypercall_ret(&self, value: u64) {
         // SAFETY: as above.
@@ -397,6 +411,12 @@ impl Vcpu<'_> {
                 size: run.io.size,
             },
             uapi::RVMM_EXIT_HLT => Exit::Hlt,
+            uapi::RVMM_EXIT_MMIO => Exit::Mmio {
+                addr: run.mmio.phys_addr,
+                len: run.mmio.len,
+                is_write: run.mmio.is_write != 0,
+                data: u64::from_le_bytes(run.mmio.data),
+            },
             uapi::RVMM_EXIT_HYPERCALL => Exit::Hypercall {
                 nr: run.hypercall.nr,
                 args: run.hypercall.args,
