@@ -92,6 +92,10 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_SET_SREGS,
     uapi::RVMM_RUN,
     uapi::RVMM_GET_STATS,
+    uapi::RVMM_INTERRUPT,
+    uapi::RVMM_SET_CPUID,
+    uapi::RVMM_GET_MSRS,
+    uapi::RVMM_SET_MSRS,
 ];
 
 #[vtable]
@@ -194,6 +198,38 @@ impl RvmmFile {
             }
             uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
             uapi::RVMM_GET_STATS => write_struct(user, &vm.stats()?),
+            uapi::RVMM_INTERRUPT => {
+                let ev: uapi::Interrupt = read_struct(user)?;
+                vm.vcpu(ev.vcpu as usize)?.queue_event(&ev)?;
+                Ok(0)
+            }
+            uapi::RVMM_SET_CPUID => {
+                let c: KBox<uapi::Cpuid> = read_boxed(user)?;
+                if c.nent as usize > c.entries.len() {
+                    pr_info!(
+                        "set cpuid: {} entries, at most {}\n",
+                        c.nent,
+                        c.entries.len()
+                    );
+                    return Err(EINVAL);
+                }
+                vm.vcpu(c.vcpu as usize)?
+                    .set_cpuid(&c.entries[..c.nent as usize])?;
+                Ok(0)
+            }
+            uapi::RVMM_GET_MSRS | uapi::RVMM_SET_MSRS => {
+                let set = cmd == uapi::RVMM_SET_MSRS;
+                let (reader, writer) = user.reader_writer();
+                let mut m: uapi::Msrs = read_from(reader)?;
+                if m.nmsrs as usize > m.entries.len() {
+                    return Err(EINVAL);
+                }
+                let done = vm.vcpu(m.vcpu as usize)?.msrs(&mut m, set);
+                if !set {
+                    write_to(writer, &m)?;
+                }
+                Ok(done as isize)
+            }
             _ => Err(ENOTTY),
         }
     }
@@ -202,6 +238,18 @@ impl RvmmFile {
 /// Reads an ABI structure from userspace (EFAULT on a bad pointer).
 fn read_struct<T: uapi::AbiStruct + Default>(user: UserSlice) -> Result<T> {
     read_from(user.reader())
+}
+
+/// Reads a large ABI structure into a heap allocation (kernel stacks are small).
+fn read_boxed<T: uapi::AbiStruct + Default>(user: UserSlice) -> Result<KBox<T>> {
+    let mut b = KBox::new(T::default(), GFP_KERNEL)?;
+    let bytes = core::mem::size_of::<T>();
+    // SAFETY: plain old data without padding, as in `read_from`; the slice covers `*b`.
+    let slice = unsafe {
+        core::slice::from_raw_parts_mut(core::ptr::from_mut(&mut *b).cast::<u8>(), bytes)
+    };
+    user.reader().read_slice(slice)?;
+    Ok(b)
 }
 
 fn read_from<T: uapi::AbiStruct + Default>(

@@ -83,6 +83,15 @@ pub(crate) struct VcpuInner {
     fx: KBox<FxArea>,
     /// VM-entry controls without "IA-32e mode guest".
     entry_base: u32,
+    /// Primary processor-based controls without interrupt-window exiting.
+    proc_base: u32,
+    /// An external interrupt userspace queued (RVMM_INTERRUPT), waiting for the guest to
+    /// be interruptible.
+    pending_irq: Option<u8>,
+    /// An exception userspace queued.
+    pending_exception: Option<(u8, Option<u32>)>,
+    /// CPUID entries set by userspace (function, index, significant index, eax..edx).
+    cpuid: KVec<uapi::CpuidEntry>,
     // Shadow MMU.
     pool: Pool,
     root: Option<Root>,
@@ -244,6 +253,10 @@ impl Vcpu {
             syscall_msrs_set: false,
             fx,
             entry_base: 0,
+            proc_base: 0,
+            pending_irq: None,
+            pending_exception: None,
+            cpuid: KVec::new(),
             pool: Pool::new(POOL_PAGES)?,
             root: None,
             mode: PagingMode::None,
@@ -298,6 +311,73 @@ impl Vcpu {
 
     pub(crate) fn set_sregs(&self, s: &uapi::Sregs) -> Result {
         self.inner.lock().with_vmcs(|g| g.set_sregs(s))
+    }
+
+    /// `RVMM_INTERRUPT`: queues an event for the next entry.
+    pub(crate) fn queue_event(&self, ev: &uapi::Interrupt) -> Result {
+        let mut g = self.inner.lock();
+        match ev.kind {
+            uapi::RVMM_EVENT_INTERRUPT if ev.vector >= 32 && ev.vector < 256 => {
+                if g.pending_irq.is_some() {
+                    return Err(EBUSY);
+                }
+                g.pending_irq = Some(ev.vector as u8);
+            }
+            uapi::RVMM_EVENT_EXCEPTION if ev.vector < 32 && ev.vector != 2 => {
+                let ec = (ev.has_error_code != 0).then_some(ev.error_code);
+                if ec.is_some() != rvmm_core::exit::vector::has_error_code(ev.vector as u8) {
+                    pr_info!(
+                        "vcpu {}: exception {} {} an error code\n",
+                        self.id,
+                        ev.vector,
+                        if ec.is_some() { "takes no" } else { "needs" }
+                    );
+                    return Err(EINVAL);
+                }
+                g.pending_exception = Some((ev.vector as u8, ec));
+            }
+            _ => {
+                pr_info!(
+                    "vcpu {}: bad event: kind {} vector {}\n",
+                    self.id,
+                    ev.kind,
+                    ev.vector
+                );
+                return Err(EINVAL);
+            }
+        }
+        Ok(())
+    }
+
+    /// `RVMM_SET_CPUID`.
+    pub(crate) fn set_cpuid(&self, entries: &[uapi::CpuidEntry]) -> Result {
+        let mut v = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
+        for e in entries {
+            v.push(*e, GFP_KERNEL)?;
+        }
+        self.inner.lock().cpuid = v;
+        Ok(())
+    }
+
+    /// `RVMM_GET_MSRS` / `RVMM_SET_MSRS`: returns how many entries were done (stops at
+    /// the first MSR rvmm does not virtualize, or a value the guest could not write).
+    pub(crate) fn msrs(&self, m: &mut uapi::Msrs, set: bool) -> usize {
+        let n = (m.nmsrs as usize).min(m.entries.len());
+        self.inner.lock().with_vmcs(|g| {
+            for (i, e) in m.entries[..n].iter_mut().enumerate() {
+                if set {
+                    if !g.set_msr(e.index, e.data) {
+                        return i;
+                    }
+                } else {
+                    match g.get_msr(e.index) {
+                        Some(v) => e.data = v,
+                        None => return i,
+                    }
+                }
+            }
+            n
+        })
     }
 
     /// Adds this vCPU's counters to `out`.
@@ -398,7 +478,8 @@ impl VcpuInner {
                 | PrimaryControls::CR8_STORE_EXITING
                 | PrimaryControls::MOV_DR_EXITING
                 | PrimaryControls::UNCOND_IO_EXITING
-                | PrimaryControls::MONITOR_EXITING)
+                | PrimaryControls::MONITOR_EXITING
+                | PrimaryControls::USE_TSC_OFFSETTING)
                 .bits(),
             0,
         );
@@ -420,12 +501,14 @@ impl VcpuInner {
             return Err(EOPNOTSUPP);
         };
         self.entry_base = entry;
+        self.proc_base = proc;
         self.with_vmcs(|g| {
             vmw(control::PINBASED_EXEC_CONTROLS, pin.into());
             vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
             vmw(control::VMEXIT_CONTROLS, exit.into());
             vmw(control::VMENTRY_CONTROLS, entry.into());
             vmw(control::EXCEPTION_BITMAP, 1 << rvmm_core::exit::vector::PF);
+            vmw(control::TSC_OFFSET_FULL, 0);
             vmw(control::PAGE_FAULT_ERR_CODE_MASK, 0);
             vmw(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
             vmw(control::CR3_TARGET_COUNT, 0);
@@ -754,6 +837,13 @@ impl VcpuInner {
             }
             self.state_checked = true;
         }
+        self.deliver_events();
+        // SAFETY: our run page.
+        if unsafe { ptr::read_volatile(addr_of_mut!((*run).request_interrupt_window)) } != 0
+            && !self.interruptible()
+        {
+            self.set_window_exiting(true);
+        }
         let segs = HostSegs::read();
         let mut launched = false;
         loop {
@@ -777,7 +867,18 @@ impl VcpuInner {
                 return Next::User;
             }
             launched = true;
-            match self.handle_exit(run, id) {
+            let next = self.handle_exit(run, id);
+            if let Next::User = next {
+                let ready = self.interruptible() && self.pending_irq.is_none();
+                // SAFETY: our run page.
+                unsafe {
+                    (*run).if_flag = u8::from(vmr(guest::RFLAGS) & (1 << 9) != 0);
+                    (*run).ready_for_interrupt_injection = u8::from(ready);
+                }
+            } else {
+                self.deliver_events();
+            }
+            match next {
                 // SAFETY: plain queries with interrupts off.
                 Next::Fast if unsafe { !rvmm_need_resched() && !rvmm_signal_pending() } => continue,
                 Next::Fast | Next::Host => return Next::Host,

@@ -14,6 +14,7 @@ use rvmm_core::mmu::shadow::OutOfTables;
 use rvmm_core::mmu::{spte, walker, Access, PermCtx};
 use rvmm_uapi as uapi;
 use x86::msr;
+use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
 use super::{vmr, vmw, Next, Pending, VcpuInner};
@@ -94,6 +95,7 @@ impl VcpuInner {
             Some(Io) => self.io(run, qual),
             Some(Rdmsr) => self.rdmsr(),
             Some(Wrmsr) => self.wrmsr(),
+            Some(InterruptWindow) => self.interrupt_window(run),
             Some(Invd) | Some(Wbinvd) | Some(Pause) => {
                 self.skip_instruction();
                 Next::Fast
@@ -410,6 +412,17 @@ impl VcpuInner {
             0x8000_0001 => d &= !(1 << 27), // RDTSCP is not enabled
             _ => {}
         }
+        // Entries userspace set win; VMX stays hidden (rvmm does not nest).
+        let found = self.cpuid.iter().find(|e| {
+            e.function == leaf
+                && (e.flags & uapi::RVMM_CPUID_SIGNIFICANT_INDEX == 0 || e.index == sub)
+        });
+        if let Some(e) = found {
+            (a, b, c, d) = (e.eax, e.ebx, e.ecx, e.edx);
+            if leaf == 1 {
+                c &= !(1 << 5);
+            }
+        }
         self.gprs.rax = a.into();
         self.gprs.rbx = b.into();
         self.gprs.rcx = c.into();
@@ -571,8 +584,27 @@ impl VcpuInner {
     }
 
     fn rdmsr(&mut self) -> Next {
-        let index = self.gprs.rcx as u32;
-        let v = match index {
+        let Some(v) = self.get_msr(self.gprs.rcx as u32) else {
+            return self.inject(vector::GP, Some(0));
+        };
+        self.gprs.rax = v & 0xffff_ffff;
+        self.gprs.rdx = v >> 32;
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    fn wrmsr(&mut self) -> Next {
+        let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
+        if !self.set_msr(self.gprs.rcx as u32, v) {
+            return self.inject(vector::GP, Some(0));
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    /// The guest's value of an MSR rvmm virtualizes (VMCS current); `None`: #GP.
+    pub(crate) fn get_msr(&self, index: u32) -> Option<u64> {
+        Some(match index {
             msr::IA32_EFER => self.efer,
             msr::IA32_FS_BASE => vmr(guest::FS_BASE),
             msr::IA32_GS_BASE => vmr(guest::GS_BASE),
@@ -585,29 +617,24 @@ impl VcpuInner {
             msr::IA32_SYSENTER_ESP => vmr(guest::IA32_SYSENTER_ESP),
             msr::IA32_SYSENTER_EIP => vmr(guest::IA32_SYSENTER_EIP),
             msr::IA32_PAT => vmr(guest::IA32_PAT_FULL),
+            // SAFETY: RDTSC has no side effects.
             msr::IA32_TIME_STAMP_COUNTER => {
-                // SAFETY: RDTSC has no side effects.
-                unsafe { core::arch::x86_64::_rdtsc() }
+                unsafe { core::arch::x86_64::_rdtsc() }.wrapping_add(vmr(control::TSC_OFFSET_FULL))
             }
             msr::IA32_APIC_BASE => 0xfee0_0900,
             msr::IA32_MISC_ENABLE => 1,
-            _ => return self.inject(vector::GP, Some(0)),
-        };
-        self.gprs.rax = v & 0xffff_ffff;
-        self.gprs.rdx = v >> 32;
-        self.skip_instruction();
-        Next::Fast
+            _ => return None,
+        })
     }
 
-    fn wrmsr(&mut self) -> Next {
-        let index = self.gprs.rcx as u32;
-        let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
+    /// Sets an MSR for the guest (VMCS current); false if the guest would get #GP.
+    pub(crate) fn set_msr(&mut self, index: u32, v: u64) -> bool {
         let canonical = ((v as i64) << 16 >> 16) as u64 == v;
         match index {
             msr::IA32_EFER => {
                 let lme_change = (v ^ self.efer) & EFER_LME != 0 && self.cr0 & CR0_PG != 0;
                 if v & !rvmm_core::guest_state::EFER_ALLOWED != 0 || lme_change {
-                    return self.inject(vector::GP, Some(0));
+                    return false;
                 }
                 self.efer = (v & !EFER_LMA) | (self.efer & EFER_LMA);
                 self.apply_paging_state();
@@ -620,7 +647,7 @@ impl VcpuInner {
             | msr::IA32_CSTAR
                 if !canonical =>
             {
-                return self.inject(vector::GP, Some(0));
+                return false;
             }
             msr::IA32_FS_BASE => vmw(guest::FS_BASE, v),
             msr::IA32_GS_BASE => vmw(guest::GS_BASE, v),
@@ -638,11 +665,70 @@ impl VcpuInner {
             msr::IA32_SYSENTER_CS => vmw(guest::IA32_SYSENTER_CS, v),
             msr::IA32_SYSENTER_ESP => vmw(guest::IA32_SYSENTER_ESP, v),
             msr::IA32_SYSENTER_EIP => vmw(guest::IA32_SYSENTER_EIP, v),
-            msr::IA32_PAT => vmw(guest::IA32_PAT_FULL, v),
+            msr::IA32_PAT => {
+                // Each byte must be a valid memory type (0, 1, 4, 5, 6, 7).
+                if (0..8).any(|i| matches!((v >> (8 * i)) as u8, 2 | 3 | 8..=255)) {
+                    return false;
+                }
+                vmw(guest::IA32_PAT_FULL, v)
+            }
+            msr::IA32_TIME_STAMP_COUNTER => {
+                // SAFETY: RDTSC has no side effects.
+                vmw(
+                    control::TSC_OFFSET_FULL,
+                    v.wrapping_sub(unsafe { core::arch::x86_64::_rdtsc() }),
+                )
+            }
             msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE => {}
-            _ => return self.inject(vector::GP, Some(0)),
+            _ => return false,
         }
-        self.skip_instruction();
-        Next::Fast
+        true
+    }
+
+    fn interrupt_window(&mut self, run: *mut uapi::Run) -> Next {
+        self.set_window_exiting(false);
+        if self.pending_irq.is_some() {
+            return Next::Fast;
+        }
+        self.exit_to_user(run, uapi::RVMM_EXIT_IRQ_WINDOW_OPEN)
+    }
+
+    pub(crate) fn set_window_exiting(&mut self, on: bool) {
+        let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+        let new = if on {
+            self.proc_base | bit
+        } else {
+            self.proc_base
+        };
+        vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, new.into());
+    }
+
+    /// Whether the guest can take an external interrupt now.
+    pub(crate) fn interruptible(&self) -> bool {
+        vmr(guest::RFLAGS) & (1 << 9) != 0
+            && vmr(guest::INTERRUPTIBILITY_STATE) & 3 == 0
+            && vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
+    }
+
+    /// Puts queued events into the VMCS before an entry (VMCS current).
+    pub(crate) fn deliver_events(&mut self) {
+        if let Some((vec, ec)) = self.pending_exception.take() {
+            if vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
+                let _ = self.inject(vec, ec);
+            } else {
+                self.pending_exception = Some((vec, ec));
+            }
+        }
+        if let Some(vec) = self.pending_irq {
+            if self.interruptible() {
+                vmw(
+                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                    u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(vec)),
+                );
+                self.pending_irq = None;
+            } else {
+                self.set_window_exiting(true);
+            }
+        }
     }
 }

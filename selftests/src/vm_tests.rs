@@ -208,6 +208,157 @@ pub fn mmio_round_trip(_: &Ctx) -> Outcome {
     )
 }
 
+pub fn cpuid_values_as_set(_: &Ctx) -> Outcome {
+    // cpuid with eax=1, then eax=0x4000_1234, then hlt.
+    let code = [
+        0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0x89, 0xce, // mov eax,1; cpuid; mov esi,ecx
+        0xb8, 0x34, 0x12, 0x00, 0x40, 0x0f, 0xa2, 0xf4, // mov eax,0x40001234; cpuid; hlt
+    ];
+    let vm = TinyVm::new(&code)?;
+    let vcpu = vm.vcpu(0)?;
+    let e = rvmm::uapi::CpuidEntry {
+        function: 0x4000_1234,
+        eax: 0x1111,
+        ebx: 0x2222,
+        ecx: 0x3333,
+        edx: 0x4444,
+        ..Default::default()
+    };
+    vcpu.set_cpuid(&[e]).map_err(|e| e.to_string())?;
+    check(vcpu.run().map_err(|e| e.to_string())? == Exit::Hlt, || {
+        "no HLT".into()
+    })?;
+    let r = vcpu.regs().map_err(|e| e.to_string())?;
+    check(r.rsi & (1 << 5) == 0 && r.rsi & (1 << 31) != 0, || {
+        format!(
+            "leaf 1 ECX {:#x}: VMX must be hidden, hypervisor bit set",
+            r.rsi
+        )
+    })?;
+    check(
+        (r.rax, r.rbx, r.rcx, r.rdx) == (0x1111, 0x2222, 0x3333, 0x4444),
+        || {
+            format!(
+                "leaf 0x40001234 gave {:#x} {:#x} {:#x} {:#x}",
+                r.rax, r.rbx, r.rcx, r.rdx
+            )
+        },
+    )
+}
+
+pub fn msrs_get_set(_: &Ctx) -> Outcome {
+    // rdmsr LSTAR (0xc0000082); hlt
+    let vm = TinyVm::new(&[0xb9, 0x82, 0x00, 0x00, 0xc0, 0x0f, 0x32, 0xf4])?;
+    let vcpu = vm.vcpu(0)?;
+    let set = [
+        (0xc000_0082, 0xffff_8000_1234_5678u64),
+        (0xc000_0081, 0x0023_0010_0000_0000),
+        (0x277, 0x0007_0406_0007_0406),
+    ];
+    let n = vcpu.set_msrs(&set).map_err(|e| e.to_string())?;
+    check(n == 3, || format!("{n} of 3 MSRs written"))?;
+    let got = vcpu
+        .get_msrs(&[0xc000_0082, 0xc000_0081, 0x277])
+        .map_err(|e| e.to_string())?;
+    check(
+        got == vec![
+            0xffff_8000_1234_5678,
+            0x0023_0010_0000_0000,
+            0x0007_0406_0007_0406,
+        ],
+        || format!("read back {got:x?}"),
+    )?;
+    // A non-canonical LSTAR and an MSR rvmm does not know stop the list there.
+    check(
+        vcpu.set_msrs(&[(0x277, 6), (0xc000_0082, 1 << 60)]).ok() == Some(1),
+        || "non-canonical LSTAR accepted".into(),
+    )?;
+    check(
+        vcpu.get_msrs(&[0xc000_0080, 0x1234_5678])
+            .map_err(|e| e.to_string())?
+            .len()
+            == 1,
+        || "unknown MSR read".into(),
+    )?;
+    check(vcpu.run().map_err(|e| e.to_string())? == Exit::Hlt, || {
+        "no HLT".into()
+    })?;
+    let r = vcpu.regs().map_err(|e| e.to_string())?;
+    check((r.rdx << 32 | r.rax) == 0xffff_8000_1234_5678, || {
+        format!("guest RDMSR gave {:#x}:{:#x}", r.rdx, r.rax)
+    })
+}
+
+/// A guest with an IDT whose vectors 6 and 0x40 report themselves on port 0xf4.
+fn idt_guest(body: &[u8]) -> Result<TinyVm, String> {
+    let mut code = vec![0u8; 0x200];
+    // lidt [0x1180]
+    code[..7].copy_from_slice(&[0x0f, 0x01, 0x1d, 0x80, 0x11, 0x00, 0x00]);
+    code[7..7 + body.len()].copy_from_slice(body);
+    // Handlers at 0x1100 (vector 6) and 0x1110 (vector 0x40): mov al, v; out 0xf4, al; hlt.
+    code[0x100..0x105].copy_from_slice(&[0xb0, 0x06, 0xe6, 0xf4, 0xf4]);
+    code[0x110..0x115].copy_from_slice(&[0xb0, 0x40, 0xe6, 0xf4, 0xf4]);
+    // IDTR at 0x1180: limit, base 0x3000.
+    code[0x180..0x186].copy_from_slice(&[0xff, 0x07, 0x00, 0x30, 0x00, 0x00]);
+    let vm = TinyVm::new(&code)?;
+    Ok(vm)
+}
+
+fn gate(vm: &mut TinyVm, vector: u64, handler: u32) -> Result<(), String> {
+    let g: u64 = u64::from(handler & 0xffff)
+        | (0x18 << 16)
+        | (0x8e00u64 << 32)
+        | (u64::from(handler >> 16) << 48);
+    vm._mem.write_u64(0x3000 + 8 * vector, g)
+}
+
+pub fn interrupt_and_exception_injection(_: &Ctx) -> Outcome {
+    // cli; out 0x10, al; sti; nop; jmp .
+    let mut vm = idt_guest(&[0xfa, 0xe6, 0x10, 0xfb, 0x90, 0xeb, 0xfe])?;
+    gate(&mut vm, 6, 0x1100)?;
+    gate(&mut vm, 0x40, 0x1110)?;
+    let vcpu = vm.vcpu(0)?;
+    let run = || vcpu.run().map_err(|e| e.to_string());
+    check(matches!(run()?, Exit::IoOut { port: 0x10, .. }), || {
+        "no OUT".into()
+    })?;
+    check(!vcpu.ready_for_interrupt(), || {
+        "ready for an interrupt with IF = 0".into()
+    })?;
+    vcpu.request_interrupt_window(true);
+    let e = run()?;
+    check(e == Exit::IrqWindowOpen, || {
+        format!("{e:?}, want the interrupt window")
+    })?;
+    vcpu.request_interrupt_window(false);
+    vcpu.interrupt(0x40).map_err(|e| e.to_string())?;
+    let e = run()?;
+    check(
+        e == Exit::IoOut {
+            port: 0xf4,
+            size: 1,
+            data: 0x40,
+        },
+        || format!("{e:?}: the interrupt did not reach its handler"),
+    )?;
+    check(vcpu.interrupt(7).is_err(), || {
+        "vector 7 accepted as an external interrupt".into()
+    })?;
+    check(vcpu.inject_exception(13, None).is_err(), || {
+        "#GP without an error code accepted".into()
+    })?;
+    vcpu.inject_exception(6, None).map_err(|e| e.to_string())?;
+    let e = run()?;
+    check(
+        e == Exit::IoOut {
+            port: 0xf4,
+            size: 1,
+            data: 6,
+        },
+        || format!("{e:?}: #UD did not reach its handler"),
+    )
+}
+
 pub fn triple_fault_is_shutdown(_: &Ctx) -> Outcome {
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
     let vm = TinyVm::new(&[0x0f, 0x0b])?;

@@ -459,6 +459,97 @@ abi_struct! {
     }
 }
 
+abi_struct! {
+    /// `RVMM_INTERRUPT`: an event for a vCPU's next entry. An external interrupt waits
+    /// until the guest is interruptible (RFLAGS.IF, no STI/MOV SS shadow).
+    pub struct Interrupt as "rvmm_interrupt" {
+        /// vCPU index.
+        pub vcpu: u32 => "__u32 vcpu",
+        /// [`RVMM_EVENT_INTERRUPT`] or [`RVMM_EVENT_EXCEPTION`].
+        pub kind: u32 => "__u32 kind",
+        /// Vector: 32..255 for interrupts, 0..31 (not 2) for exceptions.
+        pub vector: u32 => "__u32 vector",
+        /// 1 if `error_code` is delivered (exactly the exceptions that push one).
+        pub has_error_code: u32 => "__u32 has_error_code",
+        /// Error code.
+        pub error_code: u32 => "__u32 error_code",
+        /// Zero.
+        pub padding: u32 => "__u32 padding",
+    }
+}
+
+abi_struct! {
+    /// One CPUID leaf as the guest sees it.
+    pub struct CpuidEntry as "rvmm_cpuid_entry" {
+        /// EAX input.
+        pub function: u32 => "__u32 function",
+        /// ECX input (with [`RVMM_CPUID_SIGNIFICANT_INDEX`]).
+        pub index: u32 => "__u32 index",
+        /// [`RVMM_CPUID_SIGNIFICANT_INDEX`] or 0.
+        pub flags: u32 => "__u32 flags",
+        /// Output EAX.
+        pub eax: u32 => "__u32 eax",
+        /// Output EBX.
+        pub ebx: u32 => "__u32 ebx",
+        /// Output ECX.
+        pub ecx: u32 => "__u32 ecx",
+        /// Output EDX.
+        pub edx: u32 => "__u32 edx",
+        /// Zero.
+        pub padding: u32 => "__u32 padding",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_SET_CPUID`: the CPUID leaves a vCPU's guest sees instead of the host-derived
+    /// defaults (VMX is hidden whatever they say).
+    pub struct Cpuid as "rvmm_cpuid" {
+        /// vCPU index.
+        pub vcpu: u32 => "__u32 vcpu",
+        /// Valid entries.
+        pub nent: u32 => "__u32 nent",
+        /// Entries.
+        pub entries: [CpuidEntry; RVMM_MAX_CPUID_ENTRIES] => "struct rvmm_cpuid_entry entries[64]",
+    }
+}
+
+abi_struct! {
+    /// One MSR.
+    pub struct MsrEntry as "rvmm_msr_entry" {
+        /// MSR number.
+        pub index: u32 => "__u32 index",
+        /// Zero.
+        pub reserved: u32 => "__u32 reserved",
+        /// Value.
+        pub data: u64 => "__u64 data",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_GET_MSRS` / `RVMM_SET_MSRS`: MSRs a guest owns (EFER, STAR, LSTAR, CSTAR,
+    /// SFMASK, FS/GS/KernelGS base, SYSENTER_CS/ESP/EIP, PAT, TSC). The ioctl returns how
+    /// many entries it processed.
+    pub struct Msrs as "rvmm_msrs" {
+        /// vCPU index.
+        pub vcpu: u32 => "__u32 vcpu",
+        /// Valid entries.
+        pub nmsrs: u32 => "__u32 nmsrs",
+        /// Entries.
+        pub entries: [MsrEntry; RVMM_MAX_MSR_ENTRIES] => "struct rvmm_msr_entry entries[16]",
+    }
+}
+
+/// `Interrupt::kind`: an external interrupt.
+pub const RVMM_EVENT_INTERRUPT: u32 = 0;
+/// `Interrupt::kind`: a hardware exception.
+pub const RVMM_EVENT_EXCEPTION: u32 = 1;
+/// `CpuidEntry::flags`: the entry applies to one ECX `index` only.
+pub const RVMM_CPUID_SIGNIFICANT_INDEX: u32 = 1;
+/// Entries of [`Cpuid`].
+pub const RVMM_MAX_CPUID_ENTRIES: usize = 64;
+/// Entries of [`Msrs`].
+pub const RVMM_MAX_MSR_ENTRIES: usize = 16;
+
 /// Entries of [`VmStats::exits`].
 pub const RVMM_NR_EXIT_REASONS: usize = 72;
 
@@ -505,6 +596,14 @@ pub const RVMM_INTERNAL_NO_SHADOW: u32 = 3;
 /// Constants the C header defines, in order.
 pub const CONSTANTS: &[(&str, u64)] = &[
     ("RVMM_NR_EXIT_REASONS", RVMM_NR_EXIT_REASONS as u64),
+    ("RVMM_EVENT_INTERRUPT", RVMM_EVENT_INTERRUPT as u64),
+    ("RVMM_EVENT_EXCEPTION", RVMM_EVENT_EXCEPTION as u64),
+    (
+        "RVMM_CPUID_SIGNIFICANT_INDEX",
+        RVMM_CPUID_SIGNIFICANT_INDEX as u64,
+    ),
+    ("RVMM_MAX_CPUID_ENTRIES", RVMM_MAX_CPUID_ENTRIES as u64),
+    ("RVMM_MAX_MSR_ENTRIES", RVMM_MAX_MSR_ENTRIES as u64),
     ("RVMM_MAX_MEMSLOTS", RVMM_MAX_MEMSLOTS as u64),
     ("RVMM_MAX_VCPUS", RVMM_MAX_VCPUS as u64),
     ("RVMM_MEM_READONLY", RVMM_MEM_READONLY as u64),
@@ -562,6 +661,15 @@ pub const RVMM_RUN: u32 = ioc(IOC_NONE, 0x17, 0);
 
 /// `RVMM_GET_STATS`: fills a [`VmStats`].
 pub const RVMM_GET_STATS: u32 = ioc(IOC_READ, 0x18, core::mem::size_of::<VmStats>());
+
+/// `RVMM_INTERRUPT`: queues an [`Interrupt`].
+pub const RVMM_INTERRUPT: u32 = ioc(IOC_WRITE, 0x19, core::mem::size_of::<Interrupt>());
+/// `RVMM_SET_CPUID`: sets a vCPU's [`Cpuid`].
+pub const RVMM_SET_CPUID: u32 = ioc(IOC_WRITE, 0x1a, core::mem::size_of::<Cpuid>());
+/// `RVMM_GET_MSRS`: reads [`Msrs`]; returns the number of entries read.
+pub const RVMM_GET_MSRS: u32 = ioc(IOC_READ | IOC_WRITE, 0x1b, core::mem::size_of::<Msrs>());
+/// `RVMM_SET_MSRS`: writes [`Msrs`]; returns the number of entries written.
+pub const RVMM_SET_MSRS: u32 = ioc(IOC_WRITE, 0x1c, core::mem::size_of::<Msrs>());
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[

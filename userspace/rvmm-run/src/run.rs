@@ -211,6 +211,7 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
                 is_write: false, ..
             } => cpu.set_mmio_data(u64::MAX),
             Exit::Mmio { .. } => {}
+            Exit::IrqWindowOpen => {}
             Exit::Hlt => {
                 eprintln!("rvmm-run: the guest halted");
                 break ExitCode::SUCCESS;

@@ -281,6 +281,9 @@ pub enum Exit {
     },
     /// HLT.
     Hlt,
+    /// The guest can take an interrupt now (asked for with
+    /// [`Vcpu::request_interrupt_window`]).
+    IrqWindowOpen,
     /// VMCALL: RAX and six arguments; [`Vcpu::set_hypercall_ret`] sets the result.
     Hypercall { nr: u64, args: [u64; 6] },
     /// Triple fault.
@@ -366,6 +369,106 @@ impl Vcpu<'_> {
         unsafe { (*self.run).io_data[0] = u64::from(value) };
     }
 
+    /// Queues external interrupt `vector` (32..255); it is delivered when the guest
+    /// can take it.
+    pub fn interrupt(&self, vector: u8) -> Result<()> {
+        let mut ev = uapi::Interrupt {
+            vcpu: self.index,
+            kind: uapi::RVMM_EVENT_INTERRUPT,
+            vector: vector.into(),
+            ..Default::default()
+        };
+        ioctl_ptr(
+            &self.vm.file,
+            "RVMM_INTERRUPT",
+            uapi::RVMM_INTERRUPT,
+            &mut ev,
+        )?;
+        Ok(())
+    }
+
+    /// Queues hardware exception `vector` for the next entry.
+    pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
+        let mut ev = uapi::Interrupt {
+            vcpu: self.index,
+            kind: uapi::RVMM_EVENT_EXCEPTION,
+            vector: vector.into(),
+            has_error_code: error_code.is_some().into(),
+            error_code: error_code.unwrap_or(0),
+            padding: 0,
+        };
+        ioctl_ptr(
+            &self.vm.file,
+            "RVMM_INTERRUPT",
+            uapi::RVMM_INTERRUPT,
+            &mut ev,
+        )?;
+        Ok(())
+    }
+
+    /// Asks for an exit as soon as the guest can take an interrupt.
+    pub fn request_interrupt_window(&self, on: bool) {
+        // SAFETY: the run page is mapped for this vCPU's lifetime.
+        unsafe { (*self.run).request_interrupt_window = on.into() };
+    }
+
+    /// Whether an interrupt could be injected at the last exit.
+    pub fn ready_for_interrupt(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.run).ready_for_interrupt_injection != 0 }
+    }
+
+    /// Sets the CPUID leaves the guest sees.
+    pub fn set_cpuid(&self, entries: &[uapi::CpuidEntry]) -> Result<()> {
+        let mut c = Box::new(uapi::Cpuid {
+            vcpu: self.index,
+            nent: entries.len() as u32,
+            ..Default::default()
+        });
+        if entries.len() > c.entries.len() {
+            return Err(Error::Ioctl {
+                op: "RVMM_SET_CPUID",
+                source: io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        c.entries[..entries.len()].copy_from_slice(entries);
+        ioctl_ptr(
+            &self.vm.file,
+            "RVMM_SET_CPUID",
+            uapi::RVMM_SET_CPUID,
+            &mut *c,
+        )?;
+        Ok(())
+    }
+
+    /// Reads MSRs; returns the values of the first ones the module could read.
+    pub fn get_msrs(&self, indexes: &[u32]) -> Result<Vec<u64>> {
+        let mut m = uapi::Msrs {
+            vcpu: self.index,
+            nmsrs: indexes.len().min(uapi::RVMM_MAX_MSR_ENTRIES) as u32,
+            ..Default::default()
+        };
+        for (e, &i) in m.entries.iter_mut().zip(indexes) {
+            e.index = i;
+        }
+        let n = ioctl_ptr(&self.vm.file, "RVMM_GET_MSRS", uapi::RVMM_GET_MSRS, &mut m)? as usize;
+        Ok(m.entries[..n].iter().map(|e| e.data).collect())
+    }
+
+    /// Writes MSRs; returns how many were written (it stops at the first refused one).
+    pub fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<usize> {
+        let mut m = uapi::Msrs {
+            vcpu: self.index,
+            nmsrs: msrs.len().min(uapi::RVMM_MAX_MSR_ENTRIES) as u32,
+            ..Default::default()
+        };
+        for (e, &(i, v)) in m.entries.iter_mut().zip(msrs) {
+            e.index = i;
+            e.data = v;
+        }
+        Ok(ioctl_ptr(&self.vm.file, "RVMM_SET_MSRS", uapi::RVMM_SET_MSRS, &mut m)? as usize)
+    }
+
     /// The data an MMIO read returns (call after a read [`Exit::Mmio`]).
     pub fn set_mmio_data(&self, value: u64) {
         // SAFETY: the run page is mapped for this vCPU's lifetime.
@@ -411,6 +514,7 @@ impl Vcpu<'_> {
                 size: run.io.size,
             },
             uapi::RVMM_EXIT_HLT => Exit::Hlt,
+            uapi::RVMM_EXIT_IRQ_WINDOW_OPEN => Exit::IrqWindowOpen,
             uapi::RVMM_EXIT_MMIO => Exit::Mmio {
                 addr: run.mmio.phys_addr,
                 len: run.mmio.len,
