@@ -6,12 +6,15 @@
 //! dispatch. VMX itself lives in [`vmx`]; the ABI in the `rvmm_uapi` crate; logic that
 //! needs no ring 0 in `rvmm_core`.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{
+    debugfs,
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
     mm::virt::VmaNew,
     new_mutex,
     prelude::*,
+    str::CString,
     sync::{Arc, Mutex},
     uaccess::{UserPtr, UserSlice},
 };
@@ -75,6 +78,48 @@ fn enable_vmx() -> Result<vmx::VmxOn> {
 struct RvmmFile {
     #[pin]
     vm: Mutex<Option<Arc<vm::Vm>>>,
+    /// The VM's debugfs directory (`rvmm-vm<N>/stats`), removed with the file.
+    #[pin]
+    debugfs: Mutex<Option<VmDebugfs>>,
+}
+
+/// `/sys/kernel/debug/rvmm-vm<N>/stats`: the VM's counters, as `RVMM_GET_STATS`.
+struct VmDebugfs {
+    _stats: Pin<KBox<debugfs::File<Arc<vm::Vm>>>>,
+    _dir: debugfs::Dir,
+}
+
+static VM_IDS: AtomicU64 = AtomicU64::new(0);
+
+fn vm_debugfs(vm: &Arc<vm::Vm>) -> Result<VmDebugfs> {
+    let id = VM_IDS.fetch_add(1, Ordering::Relaxed);
+    let name = CString::try_from_fmt(fmt!("rvmm-vm{}", id))?;
+    let dir = debugfs::Dir::new(&name);
+    let stats = KBox::pin_init(
+        dir.read_callback_file(c"stats", vm.clone(), &print_stats),
+        GFP_KERNEL,
+    )?;
+    Ok(VmDebugfs {
+        _stats: stats,
+        _dir: dir,
+    })
+}
+
+fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let Ok(s) = vm.stats() else {
+        return writeln!(f, "out of memory");
+    };
+    for (reason, &n) in s.exits.iter().enumerate().filter(|(_, &n)| n != 0) {
+        let name = rvmm_core::exit::ExitReason::from_basic(reason as u16).map_or("?", |r| r.name());
+        writeln!(f, "exit {reason} ({name}): {n}")?;
+    }
+    writeln!(f, "shadow_faults: {}", s.shadow_faults)?;
+    writeln!(f, "guest_page_faults: {}", s.guest_page_faults)?;
+    writeln!(f, "shadow_resets: {}", s.shadow_resets)?;
+    writeln!(f, "shadow_pages_allocated: {}", s.shadow_pages_allocated)?;
+    writeln!(f, "shadow_pages_peak: {}", s.shadow_pages_peak)?;
+    writeln!(f, "mmio_exits: {}", s.mmio_exits)?;
+    writeln!(f, "user_exits: {}", s.user_exits)
 }
 
 /// The ioctls of the ABI, by number: a known number with another size or direction is
@@ -104,7 +149,7 @@ impl MiscDevice for RvmmFile {
 
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
         KBox::try_pin_init(
-            try_pin_init!(RvmmFile { vm <- new_mutex!(None) }),
+            try_pin_init!(RvmmFile { vm <- new_mutex!(None), debugfs <- new_mutex!(None) }),
             GFP_KERNEL,
         )
     }
@@ -131,7 +176,10 @@ impl MiscDevice for RvmmFile {
                 if vm.is_some() {
                     return Err(EEXIST);
                 }
-                *vm = Some(vm::Vm::new()?);
+                let new = vm::Vm::new()?;
+                // Counters in debugfs are a convenience: a VM works without them.
+                *me.debugfs.lock() = vm_debugfs(&new).ok();
+                *vm = Some(new);
                 Ok(0)
             }
             _ => me.vm_ioctl(cmd, arg, user),

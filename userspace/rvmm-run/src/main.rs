@@ -15,13 +15,16 @@ use x86::vmx::vmcs::control::{
 
 /// Run guests on rvmm, the shadow-paging VT-x hypervisor module.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// The rvmm device node.
     #[arg(long, default_value = rvmm::DEFAULT_DEVICE, global = true)]
     device: String,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// `rvmm-run [OPTIONS] IMAGE` is `rvmm-run run [OPTIONS] IMAGE`.
+    #[command(flatten)]
+    run: Option<run::RunArgs>,
 }
 
 #[derive(Subcommand)]
@@ -51,11 +54,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
-    if let Command::Run(args) = &cli.command {
+    let command = match (&cli.command, &cli.run) {
+        (Some(c), _) => c,
+        (None, Some(args)) => return Ok(run::run(&cli.device, args)),
+        (None, None) => {
+            eprintln!("rvmm-run: give an IMAGE or a command; see rvmm-run --help");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Command::Run(args) = command {
         return Ok(run::run(&cli.device, args));
     }
     let dev = Rvmm::open(&cli.device)?;
-    match cli.command {
+    match command {
         Command::Info => {
             println!(
                 "rvmm API version: {} (this rvmm-run: {})",
