@@ -46,6 +46,11 @@ pub(crate) enum Pending {
     },
     /// A VMCALL: the result is in the run page.
     Hypercall,
+    /// An INS: the data is in the run page, for guest-physical `gpa`.
+    StringIn {
+        gpa: u64,
+        size: u8,
+    },
     /// An MMIO read: the data is in the run page.
     MmioRead {
         op: rvmm_core::emulate::MmioOp,
@@ -750,6 +755,15 @@ impl VcpuInner {
                 } else {
                     (self.gprs.rax & !mask) | (data & mask)
                 };
+            }
+            Pending::StringIn { gpa, size } => {
+                // SAFETY: our run page.
+                let data =
+                    unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0].to_le_bytes();
+                if let Some(p) = self.slots.ptr(gpa, size.into()) {
+                    // SAFETY: `size` bytes of a pinned guest page.
+                    unsafe { ptr::copy_nonoverlapping(data.as_ptr(), p, usize::from(size)) };
+                }
             }
             Pending::MmioRead { op, long } => {
                 // SAFETY: our run page.

@@ -73,6 +73,7 @@ fn main() {
         suite.add("io_and_hlt_exits", vm_tests::io_and_hlt_exits);
         suite.add("io_in_round_trip", vm_tests::io_in_round_trip);
         suite.add("mmio_round_trip", vm_tests::mmio_round_trip);
+        suite.add("string_io", vm_tests::string_io);
         suite.add("cpuid_values_as_set", vm_tests::cpuid_values_as_set);
         suite.add("msrs_get_set", vm_tests::msrs_get_set);
         suite.add(

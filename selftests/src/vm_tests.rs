@@ -359,6 +359,53 @@ pub fn interrupt_and_exception_injection(_: &Ctx) -> Outcome {
     )
 }
 
+pub fn string_io(_: &Ctx) -> Outcome {
+    let mut code = vec![
+        0xbe, 0x00, 0x12, 0x00, 0x00, // mov esi, 0x1200
+        0xb9, 0x04, 0x00, 0x00, 0x00, // mov ecx, 4
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xf3, 0x6e, // rep outsb
+        0xbf, 0x00, 0x13, 0x00, 0x00, // mov edi, 0x1300
+        0x6c, // insb
+        0x6c, // insb
+        0xf4, // hlt
+    ];
+    code.resize(0x200, 0);
+    code.extend_from_slice(b"rvmm"); // at 0x1200
+    let vm = TinyVm::new(&code)?;
+    let vcpu = vm.vcpu(0)?;
+    let (mut out, mut ins) = (Vec::new(), 0u32);
+    loop {
+        match vcpu.run().map_err(|e| e.to_string())? {
+            Exit::IoOut {
+                port: 0x3f8,
+                size: 1,
+                data,
+            } => out.push(data as u8),
+            Exit::IoIn {
+                port: 0x3f8,
+                size: 1,
+            } => {
+                ins += 1;
+                vcpu.set_io_in(0x40 + ins);
+            }
+            Exit::Hlt => break,
+            other => return Err(format!("unexpected exit {other:?}")),
+        }
+        check(out.len() <= 4 && ins <= 2, || {
+            format!("too many exits: {out:?}, {ins} INs")
+        })?;
+    }
+    check(out == b"rvmm", || format!("rep outsb sent {out:?}"))?;
+    let r = vcpu.regs().map_err(|e| e.to_string())?;
+    check(r.rcx == 0 && r.rsi == 0x1204 && r.rdi == 0x1302, || {
+        format!("RCX {:#x} RSI {:#x} RDI {:#x}", r.rcx, r.rsi, r.rdi)
+    })?;
+    let mut got = [0u8; 2];
+    vm._mem.read(0x1300, &mut got)?;
+    check(got == [0x41, 0x42], || format!("insb stored {got:x?}"))
+}
+
 pub fn triple_fault_is_shutdown(_: &Ctx) -> Outcome {
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
     let vm = TinyVm::new(&[0x0f, 0x0b])?;

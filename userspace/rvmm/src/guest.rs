@@ -61,6 +61,24 @@ impl GuestMem {
         Ok(())
     }
 
+    /// Copies guest-physical bytes at `gpa` into `out`.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
+        let end = gpa
+            .checked_add(out.len() as u64)
+            .filter(|&e| e <= self.size as u64);
+        if end.is_none() {
+            return Err(format!(
+                "{} bytes at guest address {gpa:#x} are outside guest memory",
+                out.len()
+            ));
+        }
+        // SAFETY: bounds checked above; the mapping is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
     pub fn write_u64(&mut self, gpa: u64, v: u64) -> Result<(), String> {
         self.write(gpa, &v.to_le_bytes())
     }
