@@ -33,10 +33,12 @@ test)
 		local line
 		if line=$(bash "$RVMM_ROOT/scripts/ktap-summary.sh" "$2" "$1"); then :; else failed=$((failed + 1)); fi
 		printf '%s\n' "$line"
-		local p f
-		p=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed.*/\1/p')
-		f=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed of ([0-9]+).*/\3-\1/p')
+		local p f s
+		p=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\1/p')
+		s=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\3/p')
+		f=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\4-\1-\3/p')
 		passed=$((passed + ${p:-0}))
+		skipped=$((${skipped:-0} + ${s:-0}))
 		TOTAL_FAILED=$((${TOTAL_FAILED:-0} + ${f:-0}))
 	}
 	step "boot QEMU TCG (no VT-x): rvmm must refuse to load"
@@ -61,7 +63,7 @@ test)
 			failed=$((failed + 1)) TOTAL_FAILED=$((${TOTAL_FAILED:-0} + 1))
 		fi
 	done
-	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed"
+	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed, ${skipped:-0} skipped"
 	[ "$failed" = 0 ] || die "$failed e2e run(s) failed (logs in $out)"
 	;;
 *) die "e2e.sh: mode must be demo or test" ;;

@@ -28,10 +28,10 @@ e2e_log=$(mktemp)
 trap 'rm -f "$e2e_log"' EXIT
 rc=0
 bash scripts/e2e.sh test 2>&1 | tee "$e2e_log" || rc=$?
-e2e=$(sed -nE 's/^e2e: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$e2e_log" | tail -n1)
-e2e_passed=${e2e% *} e2e_failed=${e2e#* }
-[ -n "$e2e" ] || { e2e_passed=0 e2e_failed=1; }
+e2e=$(sed -nE 's/^e2e: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/p' "$e2e_log" | tail -n1)
+read -r e2e_passed e2e_failed e2e_skipped <<<"$e2e"
+[ -n "$e2e" ] || { e2e_passed=0 e2e_failed=1 e2e_skipped=0; }
 dt=$(($(date +%s) - t0))
 log "all tests done in $((dt / 60))m$((dt % 60))s: host $host_passed passed, $host_failed failed; e2e $e2e_passed passed, $e2e_failed failed"
-echo "rvmm: $((host_passed + e2e_passed)) passed, $((host_failed + e2e_failed)) failed"
+echo "rvmm: $((host_passed + e2e_passed)) passed, $((host_failed + e2e_failed)) failed, $e2e_skipped skipped"
 [ "$rc" = 0 ] && [ "$host_failed" = 0 ] && [ "$e2e_failed" = 0 ]
