@@ -32,9 +32,31 @@ mod exit;
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
 const POOL_PAGES: usize = 256;
 
-/// x87/SSE state of the guest (FXSAVE format).
-#[repr(C, align(16))]
-struct FxArea([u8; 512]);
+/// x87/SSE/AVX state of the guest (standard XSAVE format; FXSAVE uses its first 512
+/// bytes).
+#[repr(C, align(64))]
+struct FxArea([u8; 1024]);
+
+/// XCR0 components rvmm gives guests: x87, SSE, AVX.
+pub(crate) const GUEST_XCR0_SUPPORTED: u64 = 0x7;
+
+fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV of XCR0 with CR4.OSXSAVE set (callers check `xsave`).
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+/// # Safety
+/// `v` must be a valid XCR0 value for this CPU.
+unsafe fn xsetbv0(v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nomem, nostack))
+    };
+}
 
 /// Work left from the last exit to userspace, finished before the next entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,6 +108,11 @@ pub(crate) struct VcpuInner {
     syscall_msrs: [u64; 4],
     syscall_msrs_set: bool,
     fx: KBox<FxArea>,
+    /// The host has XSAVE with x87, SSE and AVX enabled: the guest gets them too, and
+    /// its state is switched with XSAVE/XRSTOR (else FXSAVE/FXRSTOR, and no XSAVE).
+    pub(crate) xsave: bool,
+    /// The guest's XCR0.
+    pub(crate) xcr0: u64,
     /// VM-entry controls without "IA-32e mode guest".
     entry_base: u32,
     /// Primary processor-based controls without interrupt-window exiting.
@@ -238,7 +265,9 @@ impl Vcpu {
         // SAFETY: a page we own.
         let vmcs_pa = unsafe { rvmm_page_to_phys(vmcs.as_ptr().cast()) };
         let run = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
-        let mut fx = KBox::new(FxArea([0; 512]), GFP_KERNEL)?;
+        let mut fx = KBox::new(FxArea([0; 1024]), GFP_KERNEL)?;
+        let xsave = core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0
+            && xgetbv0() & GUEST_XCR0_SUPPORTED == GUEST_XCR0_SUPPORTED;
         fx.0[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
         fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
         let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
@@ -257,6 +286,8 @@ impl Vcpu {
             syscall_msrs: [0; 4],
             syscall_msrs_set: false,
             fx,
+            xsave,
+            xcr0: 1,
             entry_base: 0,
             proc_base: 0,
             pending_irq: None,
@@ -688,8 +719,15 @@ impl VcpuInner {
         const CR0_GUEST_BITS: u64 =
             (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 18);
         let real_cr0 = (self.cr0 & CR0_GUEST_BITS) | CR0_PE | CR0_PG | CR0_WP | (1 << 5);
-        const CR4_GUEST_BITS: u64 =
-            (1 << 2) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 16) | CR4_SMEP | CR4_SMAP;
+        const CR4_GUEST_BITS: u64 = (1 << 2)
+            | (1 << 3)
+            | (1 << 8)
+            | (1 << 9)
+            | (1 << 10)
+            | (1 << 16)
+            | (1 << 18)
+            | CR4_SMEP
+            | CR4_SMAP;
         // SMEP and SMAP act on paging: with the guest's paging off they must not act on
         // the identity shadow (whose entries are all user entries).
         let guest_bits = if self.cr0 & CR0_PG != 0 {
@@ -922,11 +960,31 @@ impl VcpuInner {
                     vmx::wrmsr_arch(m, self.syscall_msrs[i]);
                 }
             }
-            core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
+            // Guest x87/SSE/AVX state in, under the host's XCR0 (a superset of what the
+            // guest may enable, so nothing is lost whatever the guest's XCR0); then the
+            // guest's XCR0 for the guest's own XGETBV/XSAVE.
+            let host_xcr0 = if self.xsave {
+                core::arch::asm!("xrstor64 [{}]", in(reg) self.fx.0.as_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
+                let host = xgetbv0();
+                if host != self.xcr0 {
+                    xsetbv0(self.xcr0);
+                }
+                host
+            } else {
+                core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
+                0
+            };
             vmx::write_cr2(self.cr2);
             let r = vmx::enter(&mut self.gprs, launched);
             self.cr2 = vmx::read_cr2();
-            core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            if self.xsave {
+                if host_xcr0 != self.xcr0 {
+                    xsetbv0(host_xcr0);
+                }
+                core::arch::asm!("xsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
+            } else {
+                core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            }
             if self.syscall_msrs_set {
                 for (i, &m) in syscall.iter().enumerate() {
                     vmx::wrmsr_arch(m, host_sys[i]);

@@ -96,14 +96,14 @@ impl VcpuInner {
             Some(Rdmsr) => self.rdmsr(),
             Some(Wrmsr) => self.wrmsr(),
             Some(InterruptWindow) => self.interrupt_window(run),
+            Some(Xsetbv) => self.xsetbv(),
             Some(Invd) | Some(Wbinvd) | Some(Pause) => {
                 self.skip_instruction();
                 Next::Fast
             }
             Some(
                 Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff
-                | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Xsetbv | Invpcid
-                | Rdtscp,
+                | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Invpcid | Rdtscp,
             ) => self.inject(vector::UD, None),
             _ => {
                 kernel::pr_info!(
@@ -379,21 +379,34 @@ impl VcpuInner {
         let (mut a, mut b, mut c, mut d) = (r.eax, r.ebx, r.ecx, r.edx);
         match leaf {
             1 => {
-                // Hide VMX, SMX, XSAVE/OSXSAVE/AVX (no XCR0 switching yet), x2APIC,
-                // TSC deadline, PCID, MONITOR; say "hypervisor".
+                // Hide VMX, SMX, x2APIC, TSC deadline, PCID, MONITOR; XSAVE and AVX only
+                // where rvmm switches their state; OSXSAVE is the guest's CR4 bit; say
+                // "hypervisor".
                 c &= !((1 << 5)
                     | (1 << 6)
-                    | (1 << 26)
-                    | (1 << 27)
-                    | (1 << 28)
                     | (1 << 21)
                     | (1 << 24)
                     | (1 << 17)
-                    | (1 << 3));
+                    | (1 << 3)
+                    | (1 << 27));
+                if !self.xsave {
+                    c &= !((1 << 26) | (1 << 28));
+                } else if self.cr4 & (1 << 18) != 0 {
+                    c |= 1 << 27;
+                }
                 c |= 1 << 31;
                 // No local APIC is emulated yet.
                 d &= !(1 << 9);
                 b = (b & 0x00ff_ffff) & !(0xff << 16) | (1 << 16);
+            }
+            0xd if self.xsave => {
+                // x87, SSE and AVX in the standard format; no XSAVEOPT/XSAVEC/XSAVES.
+                let enabled_size = if self.xcr0 & 4 != 0 { 832 } else { 576 };
+                (a, b, c, d) = match sub {
+                    0 => (super::GUEST_XCR0_SUPPORTED as u32, enabled_size, 832, 0),
+                    2 => (256, 576, 0, 0),
+                    _ => (0, 0, 0, 0),
+                };
             }
             7 if sub == 0 => {
                 // FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
@@ -477,7 +490,8 @@ impl VcpuInner {
             CrAccess::MovTo { cr: 4, gpr } => {
                 let v = width(self.gpr(gpr));
                 let bad = v & !rvmm_core::guest_state::CR4_ALLOWED != 0
-                    || v & ((1 << 17) | (1 << 18)) != 0
+                    || v & (1 << 17) != 0
+                    || (v & (1 << 18) != 0 && !self.xsave)
                     || (long && v & CR4_PAE == 0);
                 if bad {
                     return self.inject(vector::GP, Some(0));
@@ -782,6 +796,28 @@ impl VcpuInner {
             _ => return false,
         }
         true
+    }
+
+    /// XSETBV: the guest's XCR0, within x87/SSE/AVX and the architecture's rules.
+    fn xsetbv(&mut self) -> Next {
+        let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
+        let cpl = vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3;
+        let ok = self.xsave
+            && self.cr4 & (1 << 18) != 0
+            && cpl == 0
+            && self.gprs.rcx as u32 == 0
+            && v & !super::GUEST_XCR0_SUPPORTED == 0
+            && v & 1 != 0
+            && (v & 4 == 0 || v & 2 != 0);
+        if !ok {
+            if !self.xsave || self.cr4 & (1 << 18) == 0 {
+                return self.inject(vector::UD, None);
+            }
+            return self.inject(vector::GP, Some(0));
+        }
+        self.xcr0 = v;
+        self.skip_instruction();
+        Next::Fast
     }
 
     fn interrupt_window(&mut self, run: *mut uapi::Run) -> Next {

@@ -78,7 +78,7 @@ pub fn guest_images(_: &Ctx) -> Outcome {
                 path.display()
             ));
             return Err(format!(
-                "{}: serial output differs from KVM's",
+                "{}: serial output differs from the expected one",
                 path.display()
             ));
         }
