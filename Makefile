@@ -16,7 +16,7 @@ ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else
 
-.PHONY: all help setup kernel module userspace selftests initramfs demo test check-host e2e clean
+.PHONY: all help setup kernel module userspace selftests initramfs demo test bench check-host e2e clean
 
 all: module userspace selftests
 
@@ -28,6 +28,7 @@ help:
 	@echo "make selftests  build the kselftest binary (static)"
 	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
 	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
+	@echo "make bench      benchmark guests on rvmm, KVM ept=0, KVM ept=1 in one Bochs boot"
 
 setup:
 	bash scripts/setup-host.sh
@@ -54,11 +55,15 @@ userspace:
 selftests:
 	$(MAKE) -C selftests
 
-demo:
+demo: setup module userspace selftests
 	bash scripts/e2e.sh demo
 
 test:
 	bash scripts/test.sh
+
+bench: setup module userspace selftests
+	$(MAKE) -C selftests/bench
+	bash scripts/e2e.sh bench
 
 clean:
 	-[ -f build/kdir ] && $(MAKE) -C $$(cat build/kdir) M=$(ROOT) clean

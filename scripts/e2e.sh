@@ -4,6 +4,7 @@
 # (the Makefile's demo/test targets do that first).
 #
 #   e2e.sh demo   Bochs (VT-x), 1 CPU: insmod rvmm.ko, rvmm-run info + status
+#   e2e.sh bench  Bochs, 1 CPU: benchmark guests on rvmm, KVM ept=0 and KVM ept=1
 #   e2e.sh test   QEMU TCG (no VT-x): rvmm refuses to load;
 #                 Bochs 1 CPU and 2 CPUs: the kselftests (KTAP)
 # Logs go to build/e2e/. RVMM_E2E_CPUS="1 2" chooses the Bochs runs.
@@ -26,6 +27,18 @@ demo)
 	step_done
 	sed -E 's/\r$//' "$out/demo.log" | sed -n '/RVMM-INIT/,/RVMM-DEMO-RC/p'
 	grep -q 'RVMM-DEMO-RC=0' "$out/demo.log" || die "the demo failed (serial log: $out/demo.log)"
+	;;
+bench)
+	step "boot Bochs (VT-x, 1 CPU): benchmarks on rvmm, KVM ept=0, KVM ept=1 (about 1 min)"
+	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job bench \
+		--log "$out/bench.log" --timeout 900
+	step_done
+	echo "Guest-measured ticks per operation (Bochs: ticks = emulated instructions)"
+	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH ([^ ]+) ([^ ]+) .*: ([0-9]+)$/\2 \3 \4/p' |
+		awk '{v[$1","$2]=$3; s[$1]=1}
+		END {printf "%-12s %10s %12s %12s %14s\n", "scenario", "rvmm", "KVM ept=0", "KVM ept=1", "rvmm/KVM ept=0";
+		     for (n in s) printf "%-12s %10s %12s %12s %14.2f\n", n, v[n",rvmm"], v[n",kvm-ept0"], v[n",kvm-ept1"], (v[n",kvm-ept0"] ? v[n",rvmm"]/v[n",kvm-ept0"] : 0)}' |
+		tee "$out/bench.txt"
 	;;
 test)
 	failed=0 passed=0
