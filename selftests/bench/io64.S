@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Benchmark: guest-measured TSC ticks per port I/O exit to userspace and back (OUT to an
+ * unclaimed port) (in Bochs, ticks count
+ * emulated instructions, guest and host together). Prints "io ticks/op: N".
+ */
+	.intel_syntax noprefix
+	.code64
+	.text
+	.globl _start
+	.set N, 10000
+_start:
+	/* Warm up: fault in the code and stack pages. */
+	xor	eax, eax
+	cpuid
+	rdtsc
+	shl	rdx, 32
+	or	rax, rdx
+	mov	r12, rax
+	mov	r13d, N
+1:	out	0x80, al
+	dec	r13d
+	jnz	1b
+	rdtsc
+	shl	rdx, 32
+	or	rax, rdx
+	sub	rax, r12
+	xor	edx, edx
+	mov	rcx, N
+	div	rcx
+	mov	r12, rax
+	lea	rsi, [rip + msg]
+	call	puts
+	mov	rax, r12
+	call	putdec
+	mov	al, '\n'
+	call	putc
+	mov	al, 0
+	out	0xf4, al
+	hlt
+
+/* putdec(rax) */
+putdec:
+	lea	rdi, [rip + buf + 31]
+	mov	byte ptr [rdi], 0
+	mov	rcx, 10
+2:	xor	edx, edx
+	div	rcx
+	add	dl, '0'
+	dec	rdi
+	mov	[rdi], dl
+	test	rax, rax
+	jnz	2b
+	mov	rsi, rdi
+puts:
+	lodsb
+	test	al, al
+	jz	3f
+	call	putc
+	jmp	puts
+3:	ret
+putc:
+	mov	dx, 0x3f8
+	out	dx, al
+	ret
+
+	.data
+msg:	.asciz	"io ticks/op: "
+buf:	.space	32
