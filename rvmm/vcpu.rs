@@ -860,14 +860,7 @@ impl VcpuInner {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }
         if !self.state_checked {
-            let cs_ar = vmr(guest::CS_ACCESS_RIGHTS) as u32;
-            if let Err(check) = rvmm_core::guest_state::check(
-                self.cr0,
-                self.cr4,
-                self.efer,
-                cs_ar,
-                vmr(guest::RFLAGS),
-            ) {
+            if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state()) {
                 pr_info!(
                     "vcpu {}: guest state refused before VM entry: {}\n",
                     id,
@@ -994,6 +987,39 @@ impl VcpuInner {
             vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, host_kgs);
             segs.restore_after_exit();
             r
+        }
+    }
+
+    /// The state the pre-entry checks look at (VMCS current).
+    fn guest_state(&self) -> rvmm_core::guest_state::GuestState {
+        let seg = |i: usize| {
+            let (sel, base, limit, ar) = SEGS[i];
+            rvmm_core::guest_state::Seg {
+                selector: vmr(sel) as u16,
+                base: vmr(base),
+                limit: vmr(limit) as u32,
+                ar: vmr(ar) as u32,
+            }
+        };
+        rvmm_core::guest_state::GuestState {
+            cr0: self.cr0,
+            cr4: self.cr4,
+            efer: self.efer,
+            rflags: vmr(guest::RFLAGS),
+            rip: vmr(guest::RIP),
+            // SEGS is in uapi::Sregs order (CS DS ES FS GS SS TR LDTR).
+            segs: [
+                seg(0),
+                seg(5),
+                seg(1),
+                seg(2),
+                seg(3),
+                seg(4),
+                seg(6),
+                seg(7),
+            ],
+            gdtr_base: vmr(guest::GDTR_BASE),
+            idtr_base: vmr(guest::IDTR_BASE),
         }
     }
 

@@ -111,7 +111,7 @@ while IFS= read -r line; do
 done <"$FRAGMENT"
 step_done
 
-step "build kernel with -j$(nproc) (about 6-7 min fresh; log: $dir/build.log)"
+step "build kernel with -j$(nproc) (about 4-7 min fresh; log: $dir/build.log)"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" -j"$(nproc)" bzImage modules >"$dir/build.log" 2>&1 ||
 	{ tail -n 30 "$dir/build.log" >&2; die "kernel build failed (log: $dir/build.log)"; }
 grep -q 'x86_virt_get_ref.*rvmm' "$build/Module.symvers" || die "built kernel does not export x86_virt_get_ref to rvmm" "check kernel/patches"

@@ -98,6 +98,7 @@ fn main() {
             "kill_mid_run_frees_everything",
             vm_tests::kill_mid_run_frees_everything,
         );
+        suite.add("no_kmemleak_reports", vm_tests::no_kmemleak_reports);
         suite.add("cpu_hotplug", cpu_hotplug);
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);

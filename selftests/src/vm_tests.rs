@@ -571,3 +571,33 @@ pub fn kill_mid_run_frees_everything(_: &Ctx) -> Outcome {
             .map_err(|e| e.to_string())?,
     )
 }
+
+/// kmemleak (when the kernel has it) finds no unreferenced object allocated by rvmm, after
+/// every test before this one created and tore down VMs, vCPUs and memory slots.
+pub fn no_kmemleak_reports(_: &Ctx) -> Outcome {
+    let path = Path::new("/sys/kernel/debug/kmemleak");
+    if !path.exists() {
+        return Err(format!("{}this kernel has no kmemleak", crate::ktap::SKIP));
+    }
+    // Objects younger than 5 s are never reported.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    for _ in 0..2 {
+        std::fs::write(path, "scan").map_err(|e| format!("kmemleak scan: {e}"))?;
+    }
+    let report = std::fs::read_to_string(path).map_err(|e| format!("kmemleak: {e}"))?;
+    let total = report.matches("unreferenced object").count();
+    let ours: Vec<&str> = report
+        .split("unreferenced object")
+        .filter(|r| r.contains("[rvmm]"))
+        .collect();
+    crate::ktap::diag(&format!(
+        "kmemleak: {total} suspects in all, {} allocated by rvmm",
+        ours.len()
+    ));
+    check(ours.is_empty(), || {
+        format!(
+            "kmemleak reports rvmm allocations:\nunreferenced object{}",
+            ours[0]
+        )
+    })
+}

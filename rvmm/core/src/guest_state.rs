@@ -22,8 +22,24 @@ pub enum Check {
     ReservedCrBits = 5,
     /// Reserved bits set in EFER.
     ReservedEferBits = 6,
-    /// RFLAGS bit 1 clear, or reserved bits set.
+    /// RFLAGS bit 1 clear, or reserved bits set, or VM set in IA-32e mode.
     BadRflags = 7,
+    /// RIP not canonical (64-bit code) or above 4 GiB (other code).
+    BadRip = 8,
+    /// CS unusable, not an accessed code segment, not present, or S = 0.
+    BadCs = 9,
+    /// SS not a present, writable, accessed data segment, or SS.DPL != CS.RPL.
+    BadSs = 10,
+    /// DS, ES, FS or GS usable but not present, not accessed, S = 0, or execute-only code.
+    BadDataSegment = 11,
+    /// TR unusable, not a busy TSS of the right size, S = 1 or not present.
+    BadTr = 12,
+    /// LDTR usable but not a present LDT descriptor.
+    BadLdtr = 13,
+    /// A segment's limit and granularity disagree (SDM 27.3.1.2).
+    BadLimitGranularity = 14,
+    /// GDTR, IDTR, FS, GS, TR or LDTR base not canonical in IA-32e mode.
+    BadBase = 15,
 }
 
 impl Check {
@@ -36,7 +52,15 @@ impl Check {
             Self::CsLongAndDefault32 => "CS.L=1 and CS.D=1 together are invalid in IA-32e mode",
             Self::ReservedCrBits => "reserved bits set in CR0 or CR4",
             Self::ReservedEferBits => "reserved bits set in EFER",
-            Self::BadRflags => "RFLAGS bit 1 must be 1 and reserved bits 0",
+            Self::BadRflags => "RFLAGS bit 1 must be 1, reserved bits 0, and VM 0 in IA-32e mode",
+            Self::BadRip => "RIP must be canonical in 64-bit code and below 4 GiB otherwise",
+            Self::BadCs => "CS must be a usable, present, accessed code segment (S=1)",
+            Self::BadSs => "SS must be a present, writable, accessed data segment with DPL = CS.RPL",
+            Self::BadDataSegment => "DS/ES/FS/GS, when usable, must be present, accessed, S=1 and readable",
+            Self::BadTr => "TR must be a usable, present, busy TSS (type 11, or 3 outside IA-32e mode)",
+            Self::BadLdtr => "LDTR, when usable, must be a present LDT descriptor (type 2)",
+            Self::BadLimitGranularity => "a segment limit does not fit its granularity bit",
+            Self::BadBase => "a descriptor-table or segment base is not canonical",
         }
     }
 }
@@ -46,7 +70,130 @@ pub const CR4_ALLOWED: u64 = 0x0037_0fff;
 /// EFER bits a guest may set: SCE, LME, LMA, NXE.
 pub const EFER_ALLOWED: u64 = (1 << 0) | EFER_LME | EFER_LMA | (1 << 11);
 
-/// Checks the state a vCPU is about to enter with. `cs_ar` is CS's VMX access rights.
+/// A segment register as the VMCS holds it (access rights in the VMX format).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seg {
+    /// Selector.
+    pub selector: u16,
+    /// Base.
+    pub base: u64,
+    /// Limit in bytes.
+    pub limit: u32,
+    /// Access rights: type 3:0, S 4, DPL 6:5, P 7, L 13, D/B 14, G 15, unusable 16.
+    pub ar: u32,
+}
+
+impl Seg {
+    const fn unusable(&self) -> bool {
+        self.ar & (1 << 16) != 0
+    }
+    const fn seg_type(&self) -> u32 {
+        self.ar & 0xf
+    }
+    const fn s(&self) -> bool {
+        self.ar & (1 << 4) != 0
+    }
+    const fn present(&self) -> bool {
+        self.ar & (1 << 7) != 0
+    }
+    const fn dpl(&self) -> u32 {
+        (self.ar >> 5) & 3
+    }
+    /// SDM 27.3.1.2: limit bits 11:0 not all ones need G = 0; bits 31:20 set need G = 1.
+    const fn limit_fits_granularity(&self) -> bool {
+        let g = self.ar & (1 << 15) != 0;
+        (self.limit & 0xfff == 0xfff || !g) && (self.limit & 0xfff0_0000 == 0 || g)
+    }
+}
+
+/// The guest state rvmm checks before entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestState {
+    /// CR0 as the guest sees it.
+    pub cr0: u64,
+    /// CR4 as the guest sees it.
+    pub cr4: u64,
+    /// EFER as the guest sees it.
+    pub efer: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// RIP.
+    pub rip: u64,
+    /// CS, SS, DS, ES, FS, GS, TR, LDTR.
+    pub segs: [Seg; 8],
+    /// GDTR base.
+    pub gdtr_base: u64,
+    /// IDTR base.
+    pub idtr_base: u64,
+}
+
+const fn canonical(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+/// Checks a whole guest state: control registers first, then RIP, RFLAGS and the
+/// segment registers (a subset of SDM Vol. 3C, 27.3.1, the part a VMM without
+/// unrestricted guest must hold; the processor's own checks catch the rest).
+pub fn check_state(g: &GuestState) -> Result<(), Check> {
+    let [cs, ss, ds, es, fs, gs, tr, ldtr] = g.segs;
+    check(g.cr0, g.cr4, g.efer, cs.ar, g.rflags)?;
+    let ia32e = g.efer & EFER_LME != 0 && g.cr0 & crate::mmu::mode::CR0_PG != 0;
+    let long_code = ia32e && cs.ar & (1 << 13) != 0;
+    if ia32e && g.rflags & (1 << 17) != 0 {
+        return Err(Check::BadRflags);
+    }
+    if (long_code && !canonical(g.rip)) || (!long_code && g.rip >> 32 != 0) {
+        return Err(Check::BadRip);
+    }
+    if cs.unusable() || !cs.s() || !cs.present() || cs.seg_type() & 0x9 != 0x9 {
+        return Err(Check::BadCs);
+    }
+    if !ss.unusable()
+        && (!ss.s()
+            || !ss.present()
+            || !matches!(ss.seg_type(), 3 | 7)
+            || ss.dpl() != u32::from(cs.selector & 3))
+    {
+        return Err(Check::BadSs);
+    }
+    for d in [ds, es, fs, gs] {
+        let exec_only = d.seg_type() & 0x8 != 0 && d.seg_type() & 0x2 == 0;
+        if !d.unusable() && (!d.present() || !d.s() || d.seg_type() & 1 == 0 || exec_only) {
+            return Err(Check::BadDataSegment);
+        }
+    }
+    let tr_type_ok = tr.seg_type() == 11 || (!ia32e && tr.seg_type() == 3);
+    if tr.unusable() || tr.s() || !tr.present() || !tr_type_ok || tr.selector & 4 != 0 {
+        return Err(Check::BadTr);
+    }
+    if !ldtr.unusable() && (ldtr.s() || !ldtr.present() || ldtr.seg_type() != 2) {
+        return Err(Check::BadLdtr);
+    }
+    for s in [cs, ds, es, fs, gs, tr, ldtr] {
+        if !s.unusable() && !s.limit_fits_granularity() {
+            return Err(Check::BadLimitGranularity);
+        }
+    }
+    if !ss.unusable() && !ss.limit_fits_granularity() {
+        return Err(Check::BadLimitGranularity);
+    }
+    if ia32e {
+        let bases = [
+            g.gdtr_base,
+            g.idtr_base,
+            fs.base,
+            gs.base,
+            tr.base,
+            if ldtr.unusable() { 0 } else { ldtr.base },
+        ];
+        if bases.iter().any(|&b| !canonical(b)) {
+            return Err(Check::BadBase);
+        }
+    }
+    Ok(())
+}
+
+/// Checks the control registers, EFER and RFLAGS. `cs_ar` is CS's VMX access rights.
 pub fn check(cr0: u64, cr4: u64, efer: u64, cs_ar: u32, rflags: u64) -> Result<(), Check> {
     if cr0 >> 32 != 0 || cr4 & !CR4_ALLOWED != 0 {
         return Err(Check::ReservedCrBits);
@@ -76,7 +223,96 @@ pub fn check(cr0: u64, cr4: u64, efer: u64, cs_ar: u32, rflags: u64) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mmu::mode::CR0_WP;
+    use crate::mmu::mode::{CR0_PG, CR0_WP};
+
+    fn flat(selector: u16, ar: u32) -> Seg {
+        Seg {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            ar,
+        }
+    }
+
+    fn long_state() -> GuestState {
+        let data = flat(0x10, 0xc093);
+        GuestState {
+            cr0: CR0_PE | CR0_PG | CR0_WP,
+            cr4: CR4_PAE,
+            efer: EFER_LME | EFER_LMA,
+            rflags: 2,
+            rip: 0x10_0000,
+            segs: [
+                flat(8, 0xa09b),
+                data,
+                data,
+                data,
+                data,
+                data,
+                Seg {
+                    selector: 0,
+                    base: 0,
+                    limit: 0x67,
+                    ar: 0x8b,
+                },
+                Seg {
+                    ar: 1 << 16,
+                    ..Seg::default()
+                },
+            ],
+            gdtr_base: 0x500,
+            idtr_base: 0,
+        }
+    }
+
+    #[test]
+    fn whole_state() {
+        assert_eq!(check_state(&long_state()), Ok(()));
+        let mut g = long_state();
+        g.rip = 0x8000_0000_0000;
+        assert_eq!(check_state(&g), Err(Check::BadRip));
+        let mut g = long_state();
+        g.segs[0].ar = 0xa093; // data in CS
+        assert_eq!(check_state(&g), Err(Check::BadCs));
+        let mut g = long_state();
+        g.segs[1].ar = 0xc09b; // code in SS
+        assert_eq!(check_state(&g), Err(Check::BadSs));
+        let mut g = long_state();
+        g.segs[0].selector = 0xb; // CS.RPL 3, SS.DPL 0
+        assert_eq!(check_state(&g), Err(Check::BadSs));
+        let mut g = long_state();
+        g.segs[2].ar = 0xc092; // DS not accessed
+        assert_eq!(check_state(&g), Err(Check::BadDataSegment));
+        let mut g = long_state();
+        g.segs[6].ar = 0x83; // 16-bit busy TSS in IA-32e mode
+        assert_eq!(check_state(&g), Err(Check::BadTr));
+        let mut g = long_state();
+        g.segs[7] = Seg {
+            selector: 0x18,
+            base: 0,
+            limit: 0xff,
+            ar: 0x89,
+        };
+        assert_eq!(check_state(&g), Err(Check::BadLdtr));
+        let mut g = long_state();
+        g.segs[3].limit = 0xffe; // G=1 needs limit bits 11:0 all ones
+        assert_eq!(check_state(&g), Err(Check::BadLimitGranularity));
+        g.segs[3].ar &= !(1 << 15); // with G=0: fine up to 1 MiB - 1...
+        g.segs[3].limit = 0xf_ffff;
+        assert_eq!(check_state(&g), Ok(()));
+        g.segs[3].limit = 0x10_0000; // ...not beyond
+        assert_eq!(check_state(&g), Err(Check::BadLimitGranularity));
+        let mut g = long_state();
+        g.idtr_base = 0x8000_0000_0000;
+        assert_eq!(check_state(&g), Err(Check::BadBase));
+        // 32-bit protected mode with a 32-bit busy TSS.
+        let mut g = long_state();
+        g.cr0 = CR0_PE;
+        g.efer = 0;
+        g.segs[0].ar = 0xc09b;
+        g.segs[6].ar = 0x8b;
+        assert_eq!(check_state(&g), Ok(()));
+    }
 
     const CS64: u32 = 0xa09b;
     const CS32: u32 = 0xc09b;
