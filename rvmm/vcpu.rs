@@ -32,6 +32,22 @@ mod exit;
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
 const POOL_PAGES: usize = 256;
 
+/// The host's values of what a run section switches to the guest's.
+struct HostContext {
+    kernel_gs_base: u64,
+    /// The SYSCALL MSRs, if the guest's were loaded.
+    syscall: Option<[u64; 4]>,
+    xcr0: u64,
+}
+
+/// The SYSCALL MSRs, in the order of `VcpuInner::syscall_msrs`.
+const SYSCALL_MSRS: [u32; 4] = [
+    msr::IA32_STAR,
+    msr::IA32_LSTAR,
+    msr::IA32_CSTAR,
+    msr::IA32_FMASK,
+];
+
 /// x87/SSE/AVX state of the guest (standard XSAVE format; FXSAVE uses its first 512
 /// bytes).
 #[repr(C, align(64))]
@@ -890,9 +906,12 @@ impl VcpuInner {
             self.set_window_exiting(true);
         }
         let segs = HostSegs::read();
+        // SAFETY: interrupts are off for the whole section; the guest context is put back
+        // below on every way out of the loop.
+        let host = unsafe { self.load_guest_context() };
         let mut launched = false;
-        loop {
-            let r = self.enter_once(launched, &segs);
+        let next = loop {
+            let r = self.enter_once(launched, &segs, host.xcr0);
             if r.is_err() {
                 let err = vmr(ro::VM_INSTRUCTION_ERROR);
                 pr_info!(
@@ -909,7 +928,7 @@ impl VcpuInner {
                         vmfail: 1,
                     };
                 }
-                return Next::User;
+                break Next::User;
             }
             launched = true;
             let next = self.handle_exit(run, id);
@@ -926,65 +945,97 @@ impl VcpuInner {
             match next {
                 // SAFETY: plain queries with interrupts off.
                 Next::Fast if unsafe { !rvmm_need_resched() && !rvmm_signal_pending() } => continue,
-                Next::Fast | Next::Host => return Next::Host,
-                Next::User => return Next::User,
+                Next::Fast | Next::Host => break Next::Host,
+                Next::User => break Next::User,
             }
+        };
+        // SAFETY: `host` is what `load_guest_context` saved in this section.
+        unsafe { self.save_guest_context(&host) };
+        next
+    }
+
+    /// Loads the guest's FPU/SSE/AVX state and the MSRs switched by hand, once per
+    /// section (not per entry: nothing in the section uses them on the host's behalf —
+    /// the task's FPU state is saved by kernel_fpu_begin, KERNEL_GS_BASE matters only at
+    /// a SWAPGS and the SYSCALL MSRs only at a SYSCALL, both after the section).
+    ///
+    /// # Safety
+    /// Interrupts off, inside `rvmm_fpu_begin`; `save_guest_context` must follow in the
+    /// same section.
+    unsafe fn load_guest_context(&mut self) -> HostContext {
+        // SAFETY: see above; the MSRs exist on every x86-64 CPU with VMX.
+        unsafe {
+            let mut host = HostContext {
+                kernel_gs_base: vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE),
+                syscall: None,
+                xcr0: 0,
+            };
+            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
+            if self.syscall_msrs_set {
+                let mut saved = [0; 4];
+                for (i, &m) in SYSCALL_MSRS.iter().enumerate() {
+                    saved[i] = vmx::rdmsr_arch(m);
+                    vmx::wrmsr_arch(m, self.syscall_msrs[i]);
+                }
+                host.syscall = Some(saved);
+            }
+            // Under the host's XCR0, a superset of what the guest may enable: nothing of
+            // the guest's state is lost whatever its own XCR0.
+            if self.xsave {
+                host.xcr0 = xgetbv0();
+                core::arch::asm!("xrstor64 [{}]", in(reg) self.fx.0.as_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
+            } else {
+                core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
+            }
+            host
         }
     }
 
-    fn enter_once(&mut self, launched: bool, segs: &HostSegs) -> Result<(), vmx::VmFail> {
-        // SAFETY: interrupts are off and our VMCS is current with complete state (run
-        // section). The MSRs switched here are restored before the host can use them:
-        // KERNEL_GS_BASE matters only at the next SWAPGS, the SYSCALL MSRs only at the
-        // next SYSCALL, both after the section ends.
+    /// # Safety
+    /// After `load_guest_context` in the same section, with its result.
+    unsafe fn save_guest_context(&mut self, host: &HostContext) {
+        // SAFETY: see `load_guest_context`.
         unsafe {
-            let host_kgs = vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE);
-            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
-            let syscall = [
-                msr::IA32_STAR,
-                msr::IA32_LSTAR,
-                msr::IA32_CSTAR,
-                msr::IA32_FMASK,
-            ];
-            let mut host_sys = [0u64; 4];
-            if self.syscall_msrs_set {
-                for (i, &m) in syscall.iter().enumerate() {
-                    host_sys[i] = vmx::rdmsr_arch(m);
-                    vmx::wrmsr_arch(m, self.syscall_msrs[i]);
-                }
-            }
-            // Guest x87/SSE/AVX state in, under the host's XCR0 (a superset of what the
-            // guest may enable, so nothing is lost whatever the guest's XCR0); then the
-            // guest's XCR0 for the guest's own XGETBV/XSAVE.
-            let host_xcr0 = if self.xsave {
-                core::arch::asm!("xrstor64 [{}]", in(reg) self.fx.0.as_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
-                let host = xgetbv0();
-                if host != self.xcr0 {
-                    xsetbv0(self.xcr0);
-                }
-                host
-            } else {
-                core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
-                0
-            };
-            vmx::write_cr2(self.cr2);
-            let r = vmx::enter(&mut self.gprs, launched);
-            self.cr2 = vmx::read_cr2();
             if self.xsave {
-                if host_xcr0 != self.xcr0 {
-                    xsetbv0(host_xcr0);
-                }
                 core::arch::asm!("xsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
             } else {
                 core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
             }
-            if self.syscall_msrs_set {
-                for (i, &m) in syscall.iter().enumerate() {
-                    vmx::wrmsr_arch(m, host_sys[i]);
+            // The guest cannot change the SYSCALL MSRs without an exit (WRMSR, which ends
+            // the section), so `syscall_msrs` is current: only the host's go back.
+            if let Some(saved) = host.syscall {
+                for (&m, &v) in SYSCALL_MSRS.iter().zip(saved.iter()) {
+                    vmx::wrmsr_arch(m, v);
                 }
             }
+            // SWAPGS in the guest changes KERNEL_GS_BASE without an exit: read it back.
             self.kernel_gs_base = vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE);
-            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, host_kgs);
+            vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, host.kernel_gs_base);
+        }
+    }
+
+    /// One VM entry and exit. Per entry only what the host cannot run with: the guest's
+    /// XCR0 (NMI handlers may use XSAVE features) and CR2.
+    fn enter_once(
+        &mut self,
+        launched: bool,
+        segs: &HostSegs,
+        host_xcr0: u64,
+    ) -> Result<(), vmx::VmFail> {
+        // SAFETY: interrupts are off, our VMCS is current with complete state, and the
+        // guest context is loaded (run section); XCR0 values are the guest's, checked at
+        // XSETBV, and the host's, read at the section start.
+        unsafe {
+            let switch_xcr0 = self.xsave && host_xcr0 != self.xcr0;
+            if switch_xcr0 {
+                xsetbv0(self.xcr0);
+            }
+            vmx::write_cr2(self.cr2);
+            let r = vmx::enter(&mut self.gprs, launched);
+            self.cr2 = vmx::read_cr2();
+            if switch_xcr0 {
+                xsetbv0(host_xcr0);
+            }
             segs.restore_after_exit();
             r
         }

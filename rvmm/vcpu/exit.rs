@@ -708,10 +708,22 @@ impl VcpuInner {
 
     fn wrmsr(&mut self) -> Next {
         let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
-        if !self.set_msr(self.gprs.rcx as u32, v) {
+        let index = self.gprs.rcx as u32;
+        if !self.set_msr(index, v) {
             return self.inject(vector::GP, Some(0));
         }
         self.skip_instruction();
+        match index {
+            // Loaded in the CPU for the whole section: update it there too.
+            // SAFETY: inside a run section with the guest's context loaded; `v` is canonical
+            // (checked by `set_msr`).
+            msr::IA32_KERNEL_GSBASE => unsafe { crate::vmx::wrmsr_arch(index, v) },
+            // Loaded at the section's start: end the section so the next one loads them.
+            msr::IA32_STAR | msr::IA32_LSTAR | msr::IA32_CSTAR | msr::IA32_FMASK => {
+                return Next::Host
+            }
+            _ => {}
+        }
         Next::Fast
     }
 
