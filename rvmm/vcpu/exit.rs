@@ -21,6 +21,12 @@ use super::{vmr, vmw, Next, Pending, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 
+/// The host's TSC.
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 impl VcpuInner {
     pub(super) fn handle_exit(&mut self, run: *mut uapi::Run, id: u32) -> Next {
         let reason = vmr(ro::EXIT_REASON) as u32;
@@ -567,6 +573,22 @@ impl VcpuInner {
         if io.string {
             return self.string_io(run, io);
         }
+        let data = if io.input {
+            0
+        } else {
+            self.gprs.rax & ((1u64 << (8 * u32::from(io.size))) - 1)
+        };
+        if io.input {
+            self.pending = Pending::IoIn { size: io.size };
+        }
+        self.skip_instruction();
+        self.io_exit(run, io, data)
+    }
+
+    /// Fills the run page for a port I/O exit of one element (`data` for an OUT).
+    fn io_exit(&mut self, run: *mut uapi::Run, io: IoAccess, data: u64) -> Next {
+        let mut io_data = [0u64; 32];
+        io_data[0] = data;
         // SAFETY: our run page.
         unsafe {
             (*run).io = uapi::ExitIo {
@@ -580,16 +602,8 @@ impl VcpuInner {
                 count: 1,
                 data_offset: core::mem::offset_of!(uapi::Run, io_data) as u64,
             };
-            let mut data = [0u64; 32];
-            if !io.input {
-                data[0] = self.gprs.rax & ((1u64 << (8 * u32::from(io.size))) - 1);
-            }
-            ptr::write_volatile(ptr::addr_of_mut!((*run).io_data), data);
+            ptr::write_volatile(ptr::addr_of_mut!((*run).io_data), io_data);
         }
-        if io.input {
-            self.pending = Pending::IoIn { size: io.size };
-        }
-        self.skip_instruction();
         self.exit_to_user(run, uapi::RVMM_EXIT_IO)
     }
 
@@ -656,7 +670,7 @@ impl VcpuInner {
         } else {
             u64::from(io.size)
         };
-        let mut data = [0u64; 32];
+        let mut data = 0;
         if io.input {
             self.gprs.rdi =
                 (self.gprs.rdi & !addr_mask) | (self.gprs.rdi.wrapping_add(step) & addr_mask);
@@ -665,7 +679,7 @@ impl VcpuInner {
             let mut bytes = [0u8; 8];
             // SAFETY: `p` points at `size` bytes of a pinned guest page.
             unsafe { ptr::copy_nonoverlapping(p, bytes.as_mut_ptr(), usize::from(io.size)) };
-            data[0] = u64::from_le_bytes(bytes);
+            data = u64::from_le_bytes(bytes);
             self.gprs.rsi =
                 (self.gprs.rsi & !addr_mask) | (self.gprs.rsi.wrapping_add(step) & addr_mask);
         }
@@ -678,22 +692,7 @@ impl VcpuInner {
         if done {
             self.skip_instruction();
         }
-        // SAFETY: our run page.
-        unsafe {
-            (*run).io = uapi::ExitIo {
-                direction: if io.input {
-                    uapi::RVMM_EXIT_IO_IN
-                } else {
-                    uapi::RVMM_EXIT_IO_OUT
-                },
-                size: io.size,
-                port: io.port,
-                count: 1,
-                data_offset: core::mem::offset_of!(uapi::Run, io_data) as u64,
-            };
-            ptr::write_volatile(ptr::addr_of_mut!((*run).io_data), data);
-        }
-        self.exit_to_user(run, uapi::RVMM_EXIT_IO)
+        self.io_exit(run, io, data)
     }
 
     fn rdmsr(&mut self) -> Next {
@@ -742,10 +741,7 @@ impl VcpuInner {
             msr::IA32_SYSENTER_ESP => vmr(guest::IA32_SYSENTER_ESP),
             msr::IA32_SYSENTER_EIP => vmr(guest::IA32_SYSENTER_EIP),
             msr::IA32_PAT => vmr(guest::IA32_PAT_FULL),
-            // SAFETY: RDTSC has no side effects.
-            msr::IA32_TIME_STAMP_COUNTER => {
-                unsafe { core::arch::x86_64::_rdtsc() }.wrapping_add(vmr(control::TSC_OFFSET_FULL))
-            }
+            msr::IA32_TIME_STAMP_COUNTER => rdtsc().wrapping_add(vmr(control::TSC_OFFSET_FULL)),
             msr::IA32_APIC_BASE => 0xfee0_0900,
             msr::IA32_MISC_ENABLE => 1,
             _ => return None,
@@ -797,13 +793,7 @@ impl VcpuInner {
                 }
                 vmw(guest::IA32_PAT_FULL, v)
             }
-            msr::IA32_TIME_STAMP_COUNTER => {
-                // SAFETY: RDTSC has no side effects.
-                vmw(
-                    control::TSC_OFFSET_FULL,
-                    v.wrapping_sub(unsafe { core::arch::x86_64::_rdtsc() }),
-                )
-            }
+            msr::IA32_TIME_STAMP_COUNTER => vmw(control::TSC_OFFSET_FULL, v.wrapping_sub(rdtsc())),
             msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE => {}
             _ => return false,
         }

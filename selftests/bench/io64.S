@@ -39,31 +39,7 @@ _start:
 	out	0xf4, al
 	hlt
 
-/* putdec(rax) */
-putdec:
-	lea	rdi, [rip + buf + 31]
-	mov	byte ptr [rdi], 0
-	mov	rcx, 10
-2:	xor	edx, edx
-	div	rcx
-	add	dl, '0'
-	dec	rdi
-	mov	[rdi], dl
-	test	rax, rax
-	jnz	2b
-	mov	rsi, rdi
-puts:
-	lodsb
-	test	al, al
-	jz	3f
-	call	putc
-	jmp	puts
-3:	ret
-putc:
-	mov	dx, 0x3f8
-	out	dx, al
-	ret
+	.include "lib.inc"
 
 	.data
 msg:	.asciz	"io ticks/op: "
-buf:	.space	32

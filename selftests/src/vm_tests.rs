@@ -95,7 +95,9 @@ pub fn guest_images(_: &Ctx) -> Outcome {
     check(n >= 2, || {
         format!("only {n} guest images found in {}", dir.display())
     })?;
-    crate::ktap::diag(&format!("{n} guest images gave the expected output and status"));
+    crate::ktap::diag(&format!(
+        "{n} guest images gave the expected output and status"
+    ));
     Ok(())
 }
 
