@@ -22,6 +22,7 @@
 #include <asm/fpu/api.h>
 #include <asm/msr.h>
 #include <asm/special_insns.h>
+#include <asm/tsc.h>
 #include <asm/tlbflush.h>
 #include <asm/virt.h>
 
@@ -259,4 +260,9 @@ struct page *rvmm_alloc_page_dma32(void)
 void rvmm_free_page(struct page *page)
 {
 	__free_page(page);
+}
+
+unsigned int rvmm_tsc_khz(void)
+{
+	return tsc_khz;
 }

@@ -35,4 +35,5 @@ int rvmm_cpu(void);
 struct page *rvmm_alloc_page_dma32(void);
 void rvmm_free_page(struct page *page);
 bool rvmm_task_has_io_bitmap(void);
+unsigned int rvmm_tsc_khz(void);
 #endif

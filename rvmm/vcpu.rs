@@ -133,6 +133,10 @@ pub(crate) struct VcpuInner {
     entry_base: u32,
     /// Primary processor-based controls without interrupt-window exiting.
     proc_base: u32,
+    /// VMX-preemption timer value written before each entry (0: no timer). It bounds the
+    /// time in the guest even where external interrupts fail to exit: Bochs 2.7 takes no
+    /// external-interrupt exit while the guest has RFLAGS.IF = 0.
+    preemption_quantum: u64,
     /// An external interrupt userspace queued (RVMM_INTERRUPT), waiting for the guest to
     /// be interruptible.
     pending_irq: Option<u8>,
@@ -306,6 +310,7 @@ impl Vcpu {
             xcr0: 1,
             entry_base: 0,
             proc_base: 0,
+            preemption_quantum: 0,
             pending_irq: None,
             pending_exception: None,
             cpuid: KVec::new(),
@@ -517,7 +522,7 @@ impl VcpuInner {
         let caps = vmx::read_caps();
         let pin = AllowedControls(caps.pinbased).adjust(
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
-            0,
+            PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
         );
         let proc = AllowedControls(caps.procbased).adjust(
             (PrimaryControls::HLT_EXITING
@@ -553,6 +558,13 @@ impl VcpuInner {
             return Err(EOPNOTSUPP);
         };
         self.entry_base = entry;
+        if pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0 {
+            // The timer counts down at the TSC rate >> IA32_VMX_MISC[4:0]: 4 ms a slice.
+            // SAFETY: reads a kernel variable.
+            let khz = u64::from(unsafe { rvmm_tsc_khz() }).max(1000);
+            self.preemption_quantum =
+                ((khz * 4) >> (caps.misc & 0x1f)).clamp(1, u64::from(u32::MAX));
+        }
         self.proc_base = proc;
         self.with_vmcs(|g| {
             vmw(control::PINBASED_EXEC_CONTROLS, pin.into());
@@ -1029,6 +1041,9 @@ impl VcpuInner {
             let switch_xcr0 = self.xsave && host_xcr0 != self.xcr0;
             if switch_xcr0 {
                 xsetbv0(self.xcr0);
+            }
+            if self.preemption_quantum != 0 {
+                vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
             }
             vmx::write_cr2(self.cr2);
             let r = vmx::enter(&mut self.gprs, launched);

@@ -85,9 +85,9 @@ impl VcpuInner {
         match ExitReason::from_basic(basic) {
             Some(ExceptionNmi) => self.exception_or_nmi(run, qual),
             // Interrupts for the host exit here whatever the guest's RFLAGS.IF, as the SDM
-            // says. (Bochs 2.7 does not: it takes no such exit while the guest runs with
-            // IF = 0, so there a guest spinning with interrupts off keeps its CPU.)
-            Some(ExternalInterrupt) => Next::Host,
+            // says. (Bochs 2.7 does not while the guest has IF = 0: there the preemption
+            // timer gives the CPU back.)
+            Some(ExternalInterrupt) | Some(PreemptionTimer) => Next::Host,
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
             Some(Cpuid) => self.cpuid(),
             Some(Hlt) => {

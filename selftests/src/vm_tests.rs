@@ -451,9 +451,9 @@ pub fn signal_interrupts_spinning_guest(_: &Ctx) -> Outcome {
         sa.sa_sigaction = on_sigusr1 as *const () as usize;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
-    // sti; jmp . (IF = 1: Bochs 2.7 takes no external-interrupt exit from a guest with
-    // IF = 0, though the SDM says it should; see vcpu/exit.rs.)
-    let vm = TinyVm::new(&[0xfb, 0xeb, 0xfe])?;
+    // cli; jmp . : with interrupts off in the guest (Bochs 2.7 takes no external-interrupt
+    // exit then; rvmm's VMX-preemption timer must give the CPU back).
+    let vm = TinyVm::new(&[0xfa, 0xeb, 0xfe])?;
     let vcpu = vm.vcpu(0)?;
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() } as usize;
@@ -544,7 +544,7 @@ pub fn kill_mid_run_frees_everything(_: &Ctx) -> Outcome {
     let before = sys::meminfo_kb("MemFree").unwrap_or(0);
     for _ in 0..3 {
         let pid = sys::fork_child(|| {
-            let vm = TinyVm::new(&[0xfb, 0xeb, 0xfe])?;
+            let vm = TinyVm::new(&[0xfa, 0xeb, 0xfe])?;
             let vcpu = vm.vcpu(0)?;
             let _ = vcpu.run();
             Err("the spinning guest returned".into())
