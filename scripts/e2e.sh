@@ -34,10 +34,11 @@ bench)
 		--log "$out/bench.log" --timeout 900
 	step_done
 	echo "Guest-measured ticks per operation (Bochs: ticks = emulated instructions)"
-	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH ([^ ]+) ([^ ]+) .*: ([0-9]+)$/\2 \3 \4/p' |
-		awk '{v[$1","$2]=$3; s[$1]=1}
+	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH ([^ ]+) ([^ ]+) ticks\/op: ([0-9]+)$/\3 \2 \4/p' |
+		awk '!($1 in s) {order[n++] = $1} {v[$1","$2] = $3; s[$1] = 1}
 		END {printf "%-12s %10s %12s %12s %14s\n", "scenario", "rvmm", "KVM ept=0", "KVM ept=1", "rvmm/KVM ept=0";
-		     for (n in s) printf "%-12s %10s %12s %12s %14.2f\n", n, v[n",rvmm"], v[n",kvm-ept0"], v[n",kvm-ept1"], (v[n",kvm-ept0"] ? v[n",rvmm"]/v[n",kvm-ept0"] : 0)}' |
+		     for (i = 0; i < n; i++) { k = order[i];
+		       printf "%-12s %10s %12s %12s %14.2f\n", k, v[k",rvmm"], v[k",kvm-ept0"], v[k",kvm-ept1"], (v[k",kvm-ept0"] ? v[k",rvmm"]/v[k",kvm-ept0"] : 0) }}' |
 		tee "$out/bench.txt"
 	;;
 test)
