@@ -176,9 +176,142 @@ not_present:
 	jne	8b
 	mov	al, '\n'
 	call	putc
+	call	ring3_cases
 	mov	al, 0x10
 	out	0xf4, al
 	hlt
+
+/*
+ * The same accesses from ring 3 (WP and SMEP do not apply there): our own GDT with user
+ * segments and a TSS, user-accessible tables down to a user code page and a user stack
+ * page, IRETQ to ring 3, and INT 0x80 back to ring 0.
+ */
+	.set UCODE, 0x1c0000
+	.set USTACK, 0x1c1000
+	.set RSP0, 0x1f0000
+ring3_cases:
+	/* WP and SMEP back to 0 (they do not matter for user accesses). */
+	mov	rax, cr0
+	and	rax, ~(1 << 16)
+	mov	cr0, rax
+	mov	rax, cr4
+	and	rax, ~(1 << 20)
+	mov	cr4, rax
+	/* GDT: TSS descriptor base, then load GDT, segments and TR. */
+	lea	rax, [rip + tss]
+	mov	word ptr [rip + gdt_tss + 2], ax
+	shr	rax, 16
+	mov	byte ptr [rip + gdt_tss + 4], al
+	mov	byte ptr [rip + gdt_tss + 7], ah
+	shr	rax, 16
+	mov	dword ptr [rip + gdt_tss + 8], eax
+	lea	rax, [rip + gdtr]
+	lgdt	[rax]
+	lea	rax, [rip + 17f]
+	push	0x8
+	push	rax
+	retfq
+17:	mov	ax, 0x10
+	mov	ds, ax
+	mov	es, ax
+	mov	ss, ax
+	mov	ax, 0x28
+	ltr	ax
+	/* INT 0x80 gate, DPL 3. */
+	lea	rax, [rip + int80]
+	mov	rdi, IDT + 0x80 * 16
+	mov	word ptr [rdi], ax
+	mov	word ptr [rdi + 2], 0x8
+	mov	word ptr [rdi + 4], 0xee00
+	shr	rax, 16
+	mov	word ptr [rdi + 6], ax
+	shr	rax, 16
+	mov	dword ptr [rdi + 8], eax
+	mov	dword ptr [rdi + 12], 0
+	/* User code: the three accesses, each followed by INT 0x80. */
+	lea	rsi, [rip + ucode]
+	mov	rdi, UCODE
+	mov	ecx, ucode_end - ucode
+	rep	movsb
+	/* User paths: PDPT and PD entries already carry U/S; PT0 entries for the user
+	 * code and stack pages. */
+	mov	qword ptr [PDPT], PD | 7
+	mov	qword ptr [PD], PT0 | 7
+	mov	qword ptr [PT0 + (UCODE >> 12) * 8], UCODE | 7
+	mov	qword ptr [PT0 + (USTACK >> 12) * 8], USTACK | 7
+	mov	rax, cr3
+	mov	cr3, rax
+	xor	r13, r13
+18:	lea	rsi, [rip + s_cpl3]
+	call	puts
+	mov	al, r13b
+	and	al, 1
+	call	putdigit
+	mov	al, r13b
+	shr	al, 1
+	and	al, 1
+	call	putdigit
+	mov	al, r13b
+	shr	al, 2
+	call	putdigit
+	xor	r14, r14
+19:	mov	rax, TESTPA | 1
+	test	r13, 1
+	jz	20f
+	or	rax, 4
+20:	test	r13, 2
+	jz	21f
+	or	rax, 2
+21:	test	r13, 4
+	jz	22f
+	bts	rax, 63
+22:	mov	[PT1], rax
+	mov	rdi, TESTVA
+	invlpg	[rdi]
+	mov	byte ptr [rip + faulted], 0
+	call	user_access
+	mov	al, ' '
+	call	putc
+	call	print_result
+	inc	r14
+	cmp	r14, 3
+	jne	19b
+	mov	al, '\n'
+	call	putc
+	inc	r13
+	cmp	r13, 8
+	jne	18b
+	ret
+
+/* user_access: runs the user code (access r14 of [rdi]) in ring 3; returns here. */
+user_access:
+	mov	[rip + ksp], rsp
+	push	0x1b			/* SS: user data, RPL 3 */
+	push	USTACK + 0x1000
+	push	0x2			/* RFLAGS: interrupts off */
+	push	0x23			/* CS: user code, RPL 3 */
+	push	UCODE
+	iretq
+int80:
+	mov	rsp, [rip + ksp]
+	mov	ax, 0x10
+	mov	ds, ax
+	mov	es, ax
+	ret
+
+/* Copied to UCODE; position independent. */
+ucode:
+	cmp	r14, 1
+	je	23f
+	ja	24f
+	.byte	0x8a, 0x07		/* mov al, [rdi] */
+	int	0x80
+23:	mov	al, 0xc3
+	.byte	0x88, 0x07		/* mov [rdi], al */
+	int	0x80
+24:	call	rdi
+	int	0x80
+ucode_end:
 
 /* access: r14 selects read, write or fetch of [rdi]; sets faulted/last_ec. */
 access:
@@ -273,3 +406,20 @@ s_wp:	.asciz	"wp="
 s_smep:	.asciz	" smep="
 s_flags: .asciz	" us,rw,xd="
 s_np:	.asciz	"not present:"
+s_cpl3:	.asciz	"cpl=3 us,rw,xd="
+	.balign	8
+ksp:	.quad	0
+gdt:	.quad	0
+	.quad	0x00af9a000000ffff	/* 0x08 kernel code */
+	.quad	0x00cf92000000ffff	/* 0x10 kernel data */
+	.quad	0x00cff2000000ffff	/* 0x18 user data */
+	.quad	0x00affa000000ffff	/* 0x20 user code */
+gdt_tss: .quad	0x0000890000000067	/* 0x28 TSS (base filled in) */
+	.quad	0
+gdt_end:
+gdtr:	.word	gdt_end - gdt - 1
+	.quad	gdt
+	.balign	16
+tss:	.long	0
+	.quad	RSP0			/* RSP0 */
+	.space	104 - 12
