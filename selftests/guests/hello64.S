@@ -8,7 +8,14 @@
 	.text
 	.globl _start
 _start:
-	lea	msg(%rip), %rsi
+	/* A command line (rvmm-run --append) comes in RDI: echo it first. */
+	test	%rdi, %rdi
+	jz	0f
+	mov	%rdi, %rsi
+	call	puts
+	lea	nl(%rip), %rsi
+	call	puts
+0:	lea	msg(%rip), %rsi
 	call	puts
 	/* Write and read back one word in each of 16 pages above 8 MiB. */
 	mov	$0x800000, %rdi
@@ -46,6 +53,7 @@ puts:
 	jmp	2b
 3:	ret
 
+nl:	.asciz "\n"
 msg:	.asciz "hello from a 64-bit guest\n"
 ok:	.asciz "memory and cpuid ok\n"
 bad:	.asciz "FAILED\n"

@@ -82,6 +82,10 @@ fn main() {
         );
         suite.add("guest_images_match_kvm", vm_tests::guest_images);
         suite.add(
+            "command_line_reaches_guest",
+            vm_tests::command_line_reaches_guest,
+        );
+        suite.add(
             "triple_fault_is_shutdown",
             vm_tests::triple_fault_is_shutdown,
         );

@@ -101,6 +101,20 @@ pub fn guest_images(_: &Ctx) -> Outcome {
     Ok(())
 }
 
+/// rvmm-run's --append reaches the guest (hello64 echoes it).
+pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
+    let out = Command::new("rvmm-run")
+        .args(["--append", "console=ttyS0 rvmm=1"])
+        .arg(Path::new(GUESTS).join("hello64.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    check(
+        got.starts_with("console=ttyS0 rvmm=1\nhello from a 64-bit guest\n"),
+        || format!("guest printed {got:?}"),
+    )
+}
+
 /// OUT of a byte to 0xf4, then HLT.
 fn out_hlt(byte: u8) -> [u8; 6] {
     [0xb0, byte, 0xe6, 0xf4, 0xf4, 0x90]

@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// CPU mode at entry [default: protected for ELF32 images, long otherwise].
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// A command line for the guest: written NUL-terminated at guest-physical 0x9000,
+    /// whose address the guest finds in RDI (EDI) at entry.
+    #[arg(long)]
+    pub append: Option<String>,
     /// Run on /dev/kvm instead of /dev/rvmm (to compare).
     #[arg(long)]
     pub kvm: bool,
@@ -178,7 +182,16 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
         Mode::Long => machine::EntryMode::Long,
         Mode::Protected => machine::EntryMode::Protected,
     };
-    let (regs, sregs) = machine::setup(&mut mem, mode, entry, stack)?;
+    let (mut regs, sregs) = machine::setup(&mut mem, mode, entry, stack)?;
+    if let Some(text) = &args.append {
+        const CMDLINE: u64 = 0x9000;
+        if text.len() >= 0x1000 || text.contains('\0') {
+            return Err("--append: at most 4095 bytes, no NUL".into());
+        }
+        mem.write(CMDLINE, text.as_bytes())?;
+        mem.write(CMDLINE + text.len() as u64, &[0])?;
+        regs.rdi = CMDLINE;
+    }
     let mut cpu: Box<dyn Backend> = if args.kvm {
         Box::new(KvmBackend::new(&mem)?)
     } else {
