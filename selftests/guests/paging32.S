@@ -21,6 +21,8 @@
 	.set TESTVA, 0x40000000
 	.set TESTPA, 0x300000
 	.set IDT, 0x180000
+	.set UCODE, 0x1c0000		/* user code page (ring-3 cases) */
+	.set USTACK, 0x1c1000		/* user stack page */
 
 _start:
 	mov	esp, 0x1ff000
@@ -63,6 +65,34 @@ _start:
 	add	eax, 0x1000
 	add	edi, 8
 	loop	2b
+	/* Ring 3: our GDT with user segments and a TSS, an INT 0x80 gate (DPL 3), the
+	 * user code, and user entries for its page and the user stack in both tables. */
+	lea	eax, tss
+	mov	word ptr [gdt_tss + 2], ax
+	shr	eax, 16
+	mov	byte ptr [gdt_tss + 4], al
+	mov	byte ptr [gdt_tss + 7], ah
+	lgdt	gdtr
+	ljmp	0x18, offset 36f
+36:	mov	ax, 0x30
+	ltr	ax
+	lea	eax, int80
+	mov	edi, IDT + 0x80 * 8
+	mov	word ptr [edi], ax
+	mov	word ptr [edi + 2], 0x18
+	mov	word ptr [edi + 4], 0xee00
+	shr	eax, 16
+	mov	word ptr [edi + 6], ax
+	lea	esi, ucode
+	mov	edi, UCODE
+	mov	ecx, ucode_end - ucode
+	rep	movsb
+	mov	dword ptr [PD32], PT32A | 7
+	mov	dword ptr [PT32A + (UCODE >> 12) * 4], UCODE | 7
+	mov	dword ptr [PT32A + (USTACK >> 12) * 4], USTACK | 7
+	mov	dword ptr [PDA], PTA | 7
+	mov	dword ptr [PTA + (UCODE >> 12) * 8], UCODE | 7
+	mov	dword ptr [PTA + (USTACK >> 12) * 8], USTACK | 7
 	/* The test page: "jmp ebx" at offset 0, so a fetch comes back. */
 	mov	word ptr [TESTPA], 0xe3ff
 
@@ -158,7 +188,98 @@ all_cases:
 	cmp	byte ptr acc, 3
 	jne	11b
 	mov	al, '\n'
-	jmp	putc
+	call	putc
+	jmp	ring3_cases
+
+/*
+ * The same accesses from ring 3: user-accessible tables down to a user code page and a
+ * user stack page, IRETD to ring 3, INT 0x80 back (GDT and TSS set up in _start).
+ */
+ring3_cases:
+	mov	eax, cr0
+	and	eax, ~(1 << 16)
+	mov	cr0, eax
+	mov	eax, cr4
+	and	eax, ~(1 << 20)
+	mov	cr4, eax
+	mov	byte ptr flags, 0
+27:	lea	esi, s_cpl3
+	call	puts
+	mov	al, flags
+	and	al, 1
+	call	putdigit
+	mov	al, flags
+	shr	al, 1
+	and	al, 1
+	call	putdigit
+	mov	al, flags
+	shr	al, 2
+	call	putdigit
+	mov	byte ptr acc, 0
+28:	mov	eax, TESTPA | 1
+	test	byte ptr flags, 1
+	jz	29f
+	or	eax, 4
+29:	test	byte ptr flags, 2
+	jz	30f
+	or	eax, 2
+30:	call	set_pte_raw
+	mov	al, ' '
+	call	putc
+	mov	byte ptr faulted, 0
+	call	user_access
+	call	print_result
+	inc	byte ptr acc
+	cmp	byte ptr acc, 3
+	jne	28b
+	mov	al, '\n'
+	call	putc
+	inc	byte ptr flags
+	mov	al, 8
+	cmp	byte ptr pae, 0
+	jne	31f
+	mov	al, 4
+31:	cmp	flags, al
+	jne	27b
+	ret
+
+/* user_access: access `acc` of TESTVA from ring 3; returns here through INT 0x80. */
+user_access:
+	mov	ksp, esp
+	movzx	ecx, byte ptr acc
+	mov	edi, TESTVA
+	push	0x2b			/* SS: user data, RPL 3 */
+	push	USTACK + 0x1000
+	push	0x2			/* EFLAGS: interrupts off */
+	push	0x23			/* CS: user code, RPL 3 */
+	push	UCODE
+	iretd
+int80:
+	mov	esp, ksp
+	mov	ax, 0x10
+	mov	ds, ax
+	mov	es, ax
+	ret
+
+/* Copied to UCODE; position independent. ECX: 0 read, 1 write, 2 fetch. */
+ucode:
+	mov	ax, 0x2b
+	mov	ds, ax
+	mov	es, ax
+	cmp	ecx, 1
+	je	32f
+	ja	33f
+	.byte	0x8a, 0x07		/* mov al, [edi] */
+	int	0x80
+32:	mov	al, 0xff
+	.byte	0x88, 0x07		/* mov [edi], al */
+	int	0x80
+33:	call	34f
+34:	pop	ebx
+	add	ebx, 35f - 34b		/* where "jmp ebx" in the test page returns */
+	jmp	edi
+35:	int	0x80
+ucode_end:
 
 one_line:
 	lea	esi, s_wp
@@ -318,3 +439,21 @@ s_wp:	.asciz	"wp="
 s_smep:	.asciz	" smep="
 s_flags: .asciz	" us,rw,xd="
 s_np:	.asciz	"not present:"
+s_cpl3:	.asciz	"cpl=3 us,rw,xd="
+	.balign	4
+ksp:	.long	0
+gdt:	.quad	0
+	.quad	0			/* 0x08 unused */
+	.quad	0x00cf92000000ffff	/* 0x10 kernel data */
+	.quad	0x00cf9a000000ffff	/* 0x18 kernel code */
+	.quad	0x00cffa000000ffff	/* 0x20 user code */
+	.quad	0x00cff2000000ffff	/* 0x28 user data */
+gdt_tss: .quad	0x0000890000000067	/* 0x30 TSS (base filled in) */
+gdt_end:
+gdtr:	.word	gdt_end - gdt - 1
+	.long	gdt
+	.balign	16
+tss:	.long	0
+	.long	0x1f0000		/* ESP0 */
+	.long	0x10			/* SS0 */
+	.space	104 - 12
