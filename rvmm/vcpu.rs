@@ -109,6 +109,10 @@ pub(crate) struct Stats {
 pub(crate) struct VcpuInner {
     /// The VMCS region (owned; its physical address is `vmcs_pa`).
     _vmcs: Page,
+    /// MSR bitmap: every MSR access exits except those to FS/GS/KernelGS base, which are
+    /// guest state the CPU (VMCS fields) or the run section (KERNEL_GS_BASE) switches.
+    _msr_bitmap: Page,
+    msr_bitmap_pa: u64,
     vmcs_pa: u64,
     gprs: Gprs,
     /// Guest views of the control registers and EFER.
@@ -285,6 +289,29 @@ impl Vcpu {
         // SAFETY: a page we own.
         let vmcs_pa = unsafe { rvmm_page_to_phys(vmcs.as_ptr().cast()) };
         let run = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+        let msr_bitmap = Page::alloc_page(GFP_KERNEL)?;
+        let ones = [0xffu8; 256];
+        for off in (0..4096).step_by(256) {
+            // SAFETY: 256 bytes within a 4096-byte page we own.
+            unsafe { msr_bitmap.write_raw(ones.as_ptr(), off, ones.len())? };
+        }
+        // FS_BASE, GS_BASE and KERNEL_GS_BASE (0xc000_0100..=0xc000_0102) share byte 0x20 of
+        // the high-MSR read (0x400) and write (0xc00) bitmaps (SDM 25.6.9): bits 0-2 clear.
+        const PASSTHROUGH: [u32; 3] = [
+            msr::IA32_FS_BASE,
+            msr::IA32_GS_BASE,
+            msr::IA32_KERNEL_GSBASE,
+        ];
+        let mut byte = 0xffu8;
+        for m in PASSTHROUGH {
+            byte &= !(1 << ((m - 0xc000_0100) % 8));
+        }
+        for base in [0x400, 0xc00] {
+            // SAFETY: one byte within the page.
+            unsafe { msr_bitmap.write_raw(&byte, base + 0x20, 1)? };
+        }
+        // SAFETY: a page we own.
+        let msr_bitmap_pa = unsafe { rvmm_page_to_phys(msr_bitmap.as_ptr().cast()) };
         let mut fx = KBox::new(FxArea([0; 1024]), GFP_KERNEL)?;
         let xsave = core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0
             && xgetbv0() & GUEST_XCR0_SUPPORTED == GUEST_XCR0_SUPPORTED;
@@ -293,6 +320,8 @@ impl Vcpu {
         let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
         let inner = VcpuInner {
             _vmcs: vmcs,
+            _msr_bitmap: msr_bitmap,
+            msr_bitmap_pa,
             vmcs_pa,
             gprs: Gprs::default(),
             cr0: CR0_PE | (1 << 4),
@@ -536,7 +565,8 @@ impl VcpuInner {
                 | PrimaryControls::MOV_DR_EXITING
                 | PrimaryControls::UNCOND_IO_EXITING
                 | PrimaryControls::MONITOR_EXITING
-                | PrimaryControls::USE_TSC_OFFSETTING)
+                | PrimaryControls::USE_TSC_OFFSETTING
+                | PrimaryControls::USE_MSR_BITMAPS)
                 .bits(),
             0,
         );
@@ -573,6 +603,7 @@ impl VcpuInner {
             vmw(control::VMENTRY_CONTROLS, entry.into());
             vmw(control::EXCEPTION_BITMAP, 1 << rvmm_core::exit::vector::PF);
             vmw(control::TSC_OFFSET_FULL, 0);
+            vmw(control::MSR_BITMAPS_ADDR_FULL, g.msr_bitmap_pa);
             vmw(control::PAGE_FAULT_ERR_CODE_MASK, 0);
             vmw(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
             vmw(control::CR3_TARGET_COUNT, 0);
