@@ -333,11 +333,13 @@ fn write_to<T: uapi::AbiStruct>(
 
 /// Copies an ABI structure out to userspace (EFAULT on a bad pointer).
 fn write_struct<T: uapi::AbiStruct>(user: UserSlice, value: &T) -> Result<isize> {
-    let bytes = core::mem::size_of::<T>();
+    let (ptr, bytes) = (
+        core::ptr::from_ref(value).cast::<u8>(),
+        core::mem::size_of::<T>(),
+    );
     // SAFETY: every ABI structure is `#[repr(C)]` without padding (checked at compile
     // time by `abi_struct!`), so all of its `bytes` bytes are initialised.
-    let slice =
-        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(value).cast::<u8>(), bytes) };
+    let slice = unsafe { core::slice::from_raw_parts(ptr, bytes) };
     user.writer().write_slice(slice)?;
     Ok(0)
 }

@@ -855,8 +855,8 @@ impl VcpuInner {
             }
             Pending::StringIn { gpa, size } => {
                 // SAFETY: our run page.
-                let data =
-                    unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0].to_le_bytes();
+                let io_data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) };
+                let data = io_data[0].to_le_bytes();
                 if let Some(p) = self.slots.ptr(gpa, size.into()) {
                     // SAFETY: `size` bytes of a pinned guest page.
                     unsafe { ptr::copy_nonoverlapping(data.as_ptr(), p, usize::from(size)) };

@@ -298,10 +298,8 @@ pub(crate) fn check_all_cpus() -> Result<uapi::Status> {
         // SAFETY: `rev` is 4 readable bytes and the page is 4096 bytes long.
         unsafe { page.write_raw(rev.as_ptr(), 0, rev.len())? };
         // SAFETY: `page` is a valid page we own.
-        pas.push(
-            unsafe { rvmm_page_to_phys(page.as_ptr().cast()) },
-            GFP_KERNEL,
-        )?;
+        let pa = unsafe { rvmm_page_to_phys(page.as_ptr().cast()) };
+        pas.push(pa, GFP_KERNEL)?;
         pages.push(page, GFP_KERNEL)?;
     }
     let mut ctx = CheckCtx {
