@@ -44,39 +44,24 @@ _start:
 	call	bench
 	mov	rax, 0x1000
 	mov	cr3, rax
-	mov	al, 0
-	out	0xf4, al
-	hlt
+	jmp	done
 
 /* bench(r15 = K): warm once, then SWITCHES switches; prints the ticks per switch. */
 bench:
 	mov	r14, SWITCHES
 	call	round_robin		/* warm: K switches */
 	mov	r14, SWITCHES
-	rdtsc
-	shl	rdx, 32
-	or	rax, rdx
-	mov	r12, rax
+	call	tsc_start
 	call	round_robin
-	rdtsc
-	shl	rdx, 32
-	or	rax, rdx
-	sub	rax, r12
-	xor	edx, edx
 	mov	rcx, SWITCHES
-	div	rcx
+	call	tsc_per_op
 	mov	r12, rax
 	lea	rsi, [rip + msg]
 	call	puts
 	mov	rax, r15
 	call	putdec
-	lea	rsi, [rip + msg2]
-	call	puts
 	mov	rax, r12
-	call	putdec
-	mov	al, '\n'
-	call	putc
-	ret
+	jmp	print_ticks
 
 /* round_robin: r14 switches over address spaces 0..r15-1, reading each private page. */
 round_robin:
@@ -99,4 +84,3 @@ round_robin:
 
 	.data
 msg:	.asciz	"cr3-k"
-msg2:	.asciz	" ticks/op: "

@@ -13,33 +13,21 @@ _start:
 	/* Warm up: fault in the code and stack pages. */
 	xor	eax, eax
 	cpuid
-	rdtsc
-	shl	rdx, 32
-	or	rax, rdx
-	mov	r12, rax
+	call	tsc_start
 	mov	r13d, N
 1:	out	0x80, al
 	dec	r13d
 	jnz	1b
-	rdtsc
-	shl	rdx, 32
-	or	rax, rdx
-	sub	rax, r12
-	xor	edx, edx
 	mov	rcx, N
-	div	rcx
+	call	tsc_per_op
 	mov	r12, rax
 	lea	rsi, [rip + msg]
 	call	puts
 	mov	rax, r12
-	call	putdec
-	mov	al, '\n'
-	call	putc
-	mov	al, 0
-	out	0xf4, al
-	hlt
+	call	print_ticks
+	jmp	done
 
 	.include "lib.inc"
 
 	.data
-msg:	.asciz	"io ticks/op: "
+msg:	.asciz	"io"
