@@ -78,9 +78,18 @@ unsafe fn xsetbv0(v: u64) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pending {
     None,
-    /// An IN: the data is in the run page.
+    /// An IN: the data is in the run page. As KVM does, the instruction completes (RIP
+    /// moves past it) on the next run, so registers read during the exit show it
+    /// unexecuted; a RIP changed by userspace in between cancels the completion.
     IoIn {
         size: u8,
+        rip: u64,
+        len: u8,
+    },
+    /// An OUT: completes (RIP moves past it) on the next run, as an IN does.
+    IoOut {
+        rip: u64,
+        len: u8,
     },
     /// A VMCALL: the result is in the run page.
     Hypercall,
@@ -836,10 +845,31 @@ impl VcpuInner {
         }
     }
 
+    /// Moves RIP past a port I/O instruction that exited to userspace at `rip`, unless
+    /// userspace has moved RIP since; returns whether it did.
+    fn complete_io(&mut self, rip: u64, len: u8) -> bool {
+        if vmr(guest::RIP) != rip {
+            return false;
+        }
+        vmw(guest::RIP, rip + u64::from(len));
+        let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
+        if intr_state & 3 != 0 {
+            vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+        }
+        true
+    }
+
     fn complete_pending(&mut self, run: *mut uapi::Run) {
         match self.pending {
             Pending::None => {}
-            Pending::IoIn { size } => {
+            Pending::IoOut { rip, len } => {
+                self.with_vmcs(|v| v.complete_io(rip, len));
+            }
+            Pending::IoIn { size, rip, len } => {
+                if !self.with_vmcs(|v| v.complete_io(rip, len)) {
+                    self.pending = Pending::None;
+                    return;
+                }
                 // SAFETY: our run page; io_data is plain bytes.
                 let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
                 let mask = match size {

@@ -29,17 +29,18 @@ demo)
 	grep -q 'RVMM-DEMO-RC=0' "$out/demo.log" || die "the demo failed (serial log: $out/demo.log)"
 	;;
 bench)
-	step "boot Bochs (VT-x, 1 CPU): benchmarks on rvmm, KVM ept=0, KVM ept=1 (about 1 min)"
+	step "boot Bochs (VT-x, 1 CPU): benchmarks on rvmm, KVM ept=0, KVM ept=1 (about 5 min)"
 	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job bench \
-		--log "$out/bench.log" --timeout 900
+		--log "$out/bench.log" --timeout 1200
 	step_done
-	echo "Guest-measured ticks per operation (Bochs: ticks = emulated instructions)"
-	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH ([^ ]+) ([^ ]+) ticks\/op: ([0-9]+)$/\3 \2 \4/p' |
-		awk '!($1 in s) {order[n++] = $1} {v[$1","$2] = $3; s[$1] = 1}
-		END {printf "%-12s %10s %12s %12s %14s\n", "scenario", "rvmm", "KVM ept=0", "KVM ept=1", "rvmm/KVM ept=0";
-		     for (i = 0; i < n; i++) { k = order[i];
-		       printf "%-12s %10s %12s %12s %14.2f\n", k, v[k",rvmm"], v[k",kvm-ept0"], v[k",kvm-ept1"], (v[k",kvm-ept0"] ? v[k",rvmm"]/v[k",kvm-ept0"] : 0) }}' |
-		tee "$out/bench.txt"
+	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH-CSV //p' >"$out/bench.csv"
+	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH-RC ([^ ]+) ([0-9]+)$/\2 \3/p' |
+		while read -r config rc; do
+			[ "$rc" = 0 ] || log "WARNING: bench on $config failed (status $rc): see $out/bench.log"
+		done
+	[ -s "$out/bench.csv" ] || die "no benchmark results in $out/bench.log"
+	"$RVMM_ROOT/target/x86_64-unknown-linux-gnu/release/rvmm-run" bench table "$out/bench.csv" | tee "$out/bench.txt"
+	echo "CSV: $out/bench.csv; table: $out/bench.txt"
 	;;
 test)
 	failed=0 passed=0

@@ -578,10 +578,16 @@ impl VcpuInner {
         } else {
             self.gprs.rax & ((1u64 << (8 * u32::from(io.size))) - 1)
         };
-        if io.input {
-            self.pending = Pending::IoIn { size: io.size };
-        }
-        self.skip_instruction();
+        let (rip, len) = (vmr(guest::RIP), vmr(ro::VMEXIT_INSTRUCTION_LEN) as u8);
+        self.pending = if io.input {
+            Pending::IoIn {
+                size: io.size,
+                rip,
+                len,
+            }
+        } else {
+            Pending::IoOut { rip, len }
+        };
         self.io_exit(run, io, data)
     }
 

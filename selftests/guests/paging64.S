@@ -80,6 +80,9 @@ _start:
 	shr	ebx, 7
 	and	ebx, 1
 	mov	[rip + have_smep], bl
+	/* Leave no other CPUID value in the final state (compared across CPU models). */
+	xor	edx, edx
+	xor	ecx, ecx
 
 	xor	r12, r12		/* r12: bit 0 = WP, bit 1 = SMEP */
 case_env:

@@ -82,6 +82,10 @@ fn main() {
         );
         suite.add("guest_images_match_kvm", vm_tests::guest_images);
         suite.add(
+            "guest_images_differential",
+            vm_tests::guest_images_differential,
+        );
+        suite.add(
             "command_line_reaches_guest",
             vm_tests::command_line_reaches_guest,
         );

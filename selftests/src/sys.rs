@@ -24,8 +24,12 @@ pub fn online_cpus() -> u32 {
 
 /// finit_module(2).
 pub fn insmod(path: &Path) -> io::Result<()> {
+    insmod_with(path, c"")
+}
+
+/// finit_module(2) with module parameters ("name=value ...").
+pub fn insmod_with(path: &Path, params: &std::ffi::CStr) -> io::Result<()> {
     let f = File::open(path)?;
-    let params = c"";
     // SAFETY: valid fd and NUL-terminated parameter string.
     let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
     if r < 0 {

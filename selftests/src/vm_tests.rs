@@ -101,6 +101,105 @@ pub fn guest_images(_: &Ctx) -> Outcome {
     Ok(())
 }
 
+/// One run of an image through rvmm-run: serial output, exit status, final state line.
+fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), String> {
+    let mut cmd = Command::new("rvmm-run");
+    cmd.args(["run", "--dump-regs"]);
+    if kvm {
+        cmd.arg("--kvm");
+    }
+    let out = cmd
+        .arg(path)
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let state = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("rvmm-run: final state: "))
+        .ok_or_else(|| format!("{}: no final state from rvmm-run: {stderr}", path.display()))?;
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code(),
+        state.to_owned(),
+    ))
+}
+
+/// Differential run: every guest image on rvmm and on KVM with ept=0 (shadow paging),
+/// in this same machine: serial output, exit status and the final architectural state
+/// (general registers, RIP, RFLAGS, CR0/CR3/CR4/EFER) must be identical, and equal to
+/// the state recorded in expected/NAME.state (which the host's KVM checks too, where it
+/// can run the image).
+pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
+    for (ko, name, params) in [
+        ("irqbypass.ko", "irqbypass", c""),
+        ("kvm.ko", "kvm", c""),
+        ("kvm-intel.ko", "kvm_intel", c"ept=0"),
+    ] {
+        if !sys::module_loaded(name) {
+            sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
+        }
+    }
+    let ept = std::fs::read_to_string("/sys/module/kvm_intel/parameters/ept")
+        .map_err(|e| format!("kvm_intel ept parameter: {e}"))?;
+    let result = (|| {
+        check(ept.trim() == "N", || {
+            format!("kvm_intel has ept={}", ept.trim())
+        })?;
+        let dir = Path::new(GUESTS);
+        let mut n = 0;
+        let mut bad = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_none_or(|e| e != "elf") {
+                continue;
+            }
+            n += 1;
+            let rvmm = run_image(&path, false)?;
+            let kvm = run_image(&path, true)?;
+            if rvmm != kvm {
+                crate::ktap::diag(&format!(
+                    "{}:\n-- rvmm (status {:?}):\n{}\n{}\n-- KVM ept=0 (status {:?}):\n{}\n{}",
+                    path.display(),
+                    rvmm.1,
+                    rvmm.0,
+                    rvmm.2,
+                    kvm.1,
+                    kvm.0,
+                    kvm.2
+                ));
+                bad.push(format!("{}: rvmm and KVM ept=0 differ", path.display()));
+                continue;
+            }
+            let want = std::fs::read_to_string(path.with_extension("state"))
+                .map_err(|e| format!("{}.state: {e}", path.display()))?;
+            if want.trim() != rvmm.2 {
+                crate::ktap::diag(&format!(
+                    "{}: final state {}\n  differs from the recorded {}",
+                    path.display(),
+                    rvmm.2,
+                    want.trim()
+                ));
+                bad.push(format!(
+                    "{}: final state differs from the recorded one",
+                    path.display()
+                ));
+            }
+        }
+        check(n >= 2, || {
+            format!("only {n} guest images found in {}", dir.display())
+        })?;
+        check(bad.is_empty(), || bad.join("; "))?;
+        crate::ktap::diag(&format!(
+            "{n} guest images: rvmm and KVM ept=0 gave the same output, status and final state"
+        ));
+        Ok(())
+    })();
+    for name in ["kvm_intel", "kvm", "irqbypass"] {
+        sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
+    }
+    result
+}
+
 /// rvmm-run's --append reaches the guest (hello64 echoes it).
 pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")

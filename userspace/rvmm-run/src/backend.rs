@@ -13,6 +13,8 @@ pub trait Backend {
     fn set_regs(&mut self, regs: &Regs) -> Result<(), String>;
     fn regs(&mut self) -> Result<Regs, String>;
     fn set_sregs(&mut self, sregs: &Sregs) -> Result<(), String>;
+    /// The control registers and EFER (the rest of `Sregs` left zero by KVM's backend).
+    fn sregs(&mut self) -> Result<Sregs, String>;
     fn run(&mut self) -> Result<Exit, String>;
     /// The value of the IN that caused the last exit.
     fn set_io_in(&mut self, value: u32);
@@ -22,6 +24,10 @@ pub trait Backend {
     fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
         None
     }
+    /// Every counter the backend keeps for this VM, by name (monotonic ones only).
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, String>;
+    /// The counters one exit to userspace adds (the benchmark marker's own exit).
+    fn user_exit_counters(&self) -> &'static [&'static str];
 }
 
 /// rvmm: the VM owns the vCPU's run mapping, so both live here.
@@ -72,8 +78,37 @@ impl Backend for RvmmBackend {
     fn set_mmio_data(&mut self, value: u64) {
         self.vcpu.set_mmio_data(value);
     }
+    fn sregs(&mut self) -> Result<Sregs, String> {
+        self.vcpu.sregs().map_err(|e| e.to_string())
+    }
     fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
         self._vm.stats().ok()
+    }
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, String> {
+        let s = self
+            ._vm
+            .stats()
+            .map_err(|e| format!("RVMM_GET_STATS: {e}"))?;
+        let mut v: Vec<(String, u64)> = s
+            .exits
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &n)| {
+                rvmm_core::exit::ExitReason::from_basic(i as u16)
+                    .map(|r| (format!("exit:{}", r.name()), n))
+            })
+            .collect();
+        v.push(("exits".into(), s.exits.iter().sum()));
+        v.push(("user_exits".into(), s.user_exits));
+        v.push(("shadow_faults".into(), s.shadow_faults));
+        v.push(("guest_page_faults".into(), s.guest_page_faults));
+        v.push(("shadow_resets".into(), s.shadow_resets));
+        v.push(("shadow_pages_allocated".into(), s.shadow_pages_allocated));
+        v.push(("mmio_exits".into(), s.mmio_exits));
+        Ok(v)
+    }
+    fn user_exit_counters(&self) -> &'static [&'static str] {
+        &["exits", "exit:I/O instruction", "user_exits"]
     }
 }
 
@@ -81,6 +116,61 @@ impl Backend for RvmmBackend {
 pub struct KvmBackend {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
+    vm_stats: std::fs::File,
+    vcpu_stats: std::fs::File,
+}
+
+/// KVM_GET_STATS_FD: the binary statistics file of a VM or vCPU.
+fn stats_fd(fd: &impl std::os::fd::AsRawFd) -> Result<std::fs::File, String> {
+    use std::os::fd::FromRawFd;
+    const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce; // _IO(KVMIO, 0xce)
+                                                              // SAFETY: the ioctl takes no argument and returns a new file descriptor.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    if r < 0 {
+        return Err(format!(
+            "KVM_GET_STATS_FD: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(r) })
+}
+
+/// The cumulative counters of a KVM statistics file (Documentation/virt/kvm/api.rst,
+/// KVM_GET_STATS_FD): a header, descriptors with names, then the data.
+fn kvm_stats(f: &std::fs::File) -> Result<Vec<(String, u64)>, String> {
+    use std::os::unix::fs::FileExt;
+    let rd = |off: u64, len: usize| -> Result<Vec<u8>, String> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, off)
+            .map_err(|e| format!("KVM stats: {e}"))?;
+        Ok(b)
+    };
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let h = rd(0, 24)?;
+    let (name_size, num_desc) = (u32_at(&h, 4) as usize, u32_at(&h, 8) as usize);
+    let (desc_off, data_off) = (u32_at(&h, 16) as u64, u32_at(&h, 20) as u64);
+    let desc_len = 16 + name_size;
+    let descs = rd(desc_off, desc_len * num_desc)?;
+    let mut v = Vec::new();
+    for d in descs.chunks_exact(desc_len) {
+        const TYPE_MASK: u32 = 0xf;
+        const TYPE_CUMULATIVE: u32 = 0;
+        let flags = u32_at(d, 0);
+        let size = u16::from_le_bytes([d[6], d[7]]);
+        if flags & TYPE_MASK != TYPE_CUMULATIVE || size != 1 {
+            continue;
+        }
+        let offset = u32_at(d, 8) as u64;
+        let name = &d[16..];
+        let name = String::from_utf8_lossy(
+            &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())],
+        )
+        .into_owned();
+        let val = u64::from_le_bytes(rd(data_off + offset, 8)?.try_into().unwrap());
+        v.push((name, val));
+    }
+    Ok(v)
 }
 
 impl KvmBackend {
@@ -100,12 +190,27 @@ impl KvmBackend {
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+        // KVM passes leaf 1's EBX through as the host CPU that answered had it: its APIC
+        // ID (bits 31:24) would vary with the CPU rvmm-run ran on. Give the vCPU APIC ID 0
+        // and one logical processor, as rvmm does.
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0xffff) | (1 << 16);
+            }
+        }
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        Ok(Self { vcpu, _vm: vm })
+        let vm_stats = stats_fd(&vm)?;
+        let vcpu_stats = stats_fd(&vcpu)?;
+        Ok(Self {
+            vcpu,
+            _vm: vm,
+            vm_stats,
+            vcpu_stats,
+        })
     }
 }
 
@@ -262,6 +367,31 @@ impl Backend for KvmBackend {
             Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
             Err(e) => Err(format!("KVM_RUN: {e}")),
         }
+    }
+    fn sregs(&mut self) -> Result<Sregs, String> {
+        let k = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        Ok(Sregs {
+            cr0: k.cr0,
+            cr2: k.cr2,
+            cr3: k.cr3,
+            cr4: k.cr4,
+            cr8: k.cr8,
+            efer: k.efer,
+            ..Default::default()
+        })
+    }
+    /// KVM's binary statistics of the VM and of its vCPU (cumulative counters only).
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, String> {
+        let mut v = kvm_stats(&self.vm_stats)?;
+        v.extend(kvm_stats(&self.vcpu_stats)?);
+        v.sort();
+        Ok(v)
+    }
+    fn user_exit_counters(&self) -> &'static [&'static str] {
+        &["exits", "io_exits"]
     }
     fn set_mmio_data(&mut self, value: u64) {
         let run = self.vcpu.get_kvm_run();

@@ -3,6 +3,7 @@
 //! `rvmm-run`: create VMs on rvmm and inspect the module.
 
 mod backend;
+mod bench;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,10 @@ enum Command {
     /// error, 3 triple fault, 4 failed VM entry, 5 an exit rvmm-run or the module cannot
     /// handle.
     Run(run::RunArgs),
+    /// Benchmarks: run benchmark guests on one backend and record guest-measured ticks
+    /// and exits per operation (`bench run`), or print recorded results (`bench table`).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -62,8 +67,18 @@ fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
             return Ok(ExitCode::from(2));
         }
     };
-    if let Command::Run(args) = command {
-        return Ok(run::run(&cli.device, args));
+    match command {
+        Command::Run(args) => return Ok(run::run(&cli.device, args)),
+        Command::Bench(b) => {
+            return Ok(match bench::bench(&cli.device, b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rvmm-run bench: {e}");
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        _ => {}
     }
     let dev = Rvmm::open(&cli.device)?;
     match command {
@@ -103,7 +118,7 @@ fn run(cli: &Cli) -> Result<ExitCode, rvmm::Error> {
                 ExitCode::FAILURE
             })
         }
-        Command::Run(_) => unreachable!("handled above"),
+        Command::Run(_) | Command::Bench(_) => unreachable!("handled above"),
     }
 }
 

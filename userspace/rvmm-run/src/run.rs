@@ -39,6 +39,36 @@ pub struct RunArgs {
     /// Print the VM's exit counters (by reason) and shadow MMU counters to stderr at the end.
     #[arg(long)]
     pub stats: bool,
+    /// Touch every page of guest memory in rvmm-run before the guest starts, so that
+    /// host page allocation is not part of what the guest measures.
+    #[arg(long)]
+    pub prefault: bool,
+}
+
+/// What a run hands to its observer (the benchmark driver).
+pub trait Observer {
+    /// The guest wrote `value` to the benchmark marker port.
+    fn mark(&mut self, cpu: &mut dyn Backend, value: u32) -> Result<(), String>;
+    /// A byte the guest wrote to its serial port.
+    fn serial(&mut self, byte: u8);
+}
+
+/// Where serial output goes: stdout, or the observer.
+struct SerialOut(Option<std::rc::Rc<std::cell::RefCell<Vec<u8>>>>);
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.0 {
+            Some(v) => {
+                v.borrow_mut().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => std::io::stdout().write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -70,6 +100,9 @@ impl Trigger for NoIrq {
 
 const COM1: u16 = 0x3f8;
 const DEBUG_EXIT: u16 = 0xf4;
+/// The benchmark guests' marker port: 1 = measured section begins, 2 = it ends (RCX =
+/// operations in it). Ignored outside `rvmm-run bench`.
+pub const BENCH_MARK: u16 = 0xf6;
 
 /// Loads `image`; returns its entry point and the mode it wants by default.
 fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<(u64, Mode), String> {
@@ -161,7 +194,7 @@ fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
 }
 
 pub fn run(device: &str, args: &RunArgs) -> ExitCode {
-    match run_inner(device, args) {
+    match run_inner(device, args, None) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rvmm-run: {e}");
@@ -170,12 +203,20 @@ pub fn run(device: &str, args: &RunArgs) -> ExitCode {
     }
 }
 
-fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
+/// Runs `args.image` to its end; returns the exit status rvmm-run would exit with.
+pub fn run_inner(
+    device: &str,
+    args: &RunArgs,
+    mut observer: Option<&mut dyn Observer>,
+) -> Result<ExitCode, String> {
     if args.mem < 2 || args.mem > 4096 {
         return Err(format!("--mem {} MiB: give 2 to 4096", args.mem));
     }
     let mut mem =
         GuestMem::new((args.mem << 20) as usize).map_err(|e| format!("guest memory: {e}"))?;
+    if args.prefault {
+        mem.prefault();
+    }
     let (entry, default_mode) = load(&mut mem, args)?;
     let stack = (args.mem << 20) - 16;
     let mode = match args.mode.unwrap_or(default_mode) {
@@ -199,11 +240,28 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
     };
     cpu.set_sregs(&sregs)?;
     cpu.set_regs(&regs)?;
-    let mut serial = Serial::new(NoIrq, std::io::stdout());
+    let capture = observer
+        .as_ref()
+        .map(|_| std::rc::Rc::new(std::cell::RefCell::new(Vec::new())));
+    let mut serial = Serial::new(NoIrq, SerialOut(capture.clone()));
     let code = loop {
         match cpu.run()? {
             Exit::IoOut { port, data, .. } if (COM1..COM1 + 8).contains(&port) => {
                 let _ = serial.write((port - COM1) as u8, data as u8);
+                if let (Some(o), Some(c)) = (observer.as_deref_mut(), &capture) {
+                    for b in c.borrow_mut().drain(..) {
+                        o.serial(b);
+                    }
+                }
+            }
+            Exit::IoOut {
+                port: BENCH_MARK,
+                data,
+                ..
+            } => {
+                if let Some(o) = observer.as_deref_mut() {
+                    o.mark(cpu.as_mut(), data)?;
+                }
             }
             Exit::IoOut {
                 port: DEBUG_EXIT,
@@ -278,8 +336,7 @@ fn run_inner(device: &str, args: &RunArgs) -> Result<ExitCode, String> {
         }
     }
     if args.dump_regs {
-        let r = cpu.regs()?;
-        eprintln!("rvmm-run: regs {r:x?}");
+        eprintln!("{}", final_state(cpu.as_mut())?);
     }
     Ok(code)
 }
@@ -304,4 +361,38 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         "rvmm-run: shadow pages allocated {}, peak {}, exits to userspace {}",
         s.shadow_pages_allocated, s.shadow_pages_peak, s.user_exits
     );
+}
+
+/// The architectural state a run ends in, on one line: the general registers, RIP,
+/// RFLAGS and the control registers (what the differential tests compare).
+pub fn final_state(cpu: &mut dyn Backend) -> Result<String, String> {
+    let r = cpu.regs()?;
+    let s = cpu.sregs()?;
+    Ok(format!(
+        "rvmm-run: final state: rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
+         rsp={:#x} rbp={:#x} r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} \
+         r14={:#x} r15={:#x} rip={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        r.rax,
+        r.rbx,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        r.rsp,
+        r.rbp,
+        r.r8,
+        r.r9,
+        r.r10,
+        r.r11,
+        r.r12,
+        r.r13,
+        r.r14,
+        r.r15,
+        r.rip,
+        r.rflags,
+        s.cr0,
+        s.cr3,
+        s.cr4,
+        s.efer
+    ))
 }

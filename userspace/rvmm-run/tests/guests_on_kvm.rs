@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! Differential check of the guest images on this host's KVM: each image's serial
-//! output and exit status must be the expected ones (selftests/guests/expected), the
-//! same ones the kselftests require of rvmm in Bochs. Needs `make -C selftests/guests`
+//! output, exit status and final architectural state must be the expected ones
+//! (selftests/guests/expected), the same ones the kselftests require of rvmm and of
+//! KVM ept=0 in Bochs. Needs `make -C selftests/guests`
 //! first (scripts/test.sh does it); skipped, loudly, where /dev/kvm is missing.
 
 use std::path::PathBuf;
@@ -39,6 +40,49 @@ const PREFIX_ON_THIS_KVM: &[(&str, usize, &str)] = &[(
     "nested KVM here fails the guest's first interrupt delivery from ring 3",
 )];
 
+/// KVM on Intel (and rvmm) leave RIP at an OUT that exits to userspace until the next
+/// run completes it; this host's /dev/kvm moves RIP past it before the exit (seen
+/// 2026-11-25: hello64 ends at 0x100062 here, at 0x100060 on KVM ept=0 and rvmm in
+/// Bochs). The images end with OUT imm8 (2 bytes) or OUT DX (1 byte): any other
+/// difference fails.
+fn same_state_but_host_rip_quirk(got: &str, want: &str) -> bool {
+    let rip = |s: &str| {
+        s.split(' ')
+            .find_map(|f| f.strip_prefix("rip=0x"))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+    };
+    let without_rip = |s: &str| {
+        s.split(' ')
+            .filter(|f| !f.starts_with("rip="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match (rip(got), rip(want)) {
+        (Some(g), Some(w)) => {
+            without_rip(got) == without_rip(want) && (g == w || g == w + 1 || g == w + 2)
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn host_rip_quirk_is_narrow() {
+    let w = "rax=0x2a rip=0x100060 rflags=0x46";
+    assert!(same_state_but_host_rip_quirk(w, w));
+    assert!(same_state_but_host_rip_quirk(
+        "rax=0x2a rip=0x100062 rflags=0x46",
+        w
+    ));
+    assert!(!same_state_but_host_rip_quirk(
+        "rax=0x2a rip=0x100063 rflags=0x46",
+        w
+    ));
+    assert!(!same_state_but_host_rip_quirk(
+        "rax=0x2b rip=0x100060 rflags=0x46",
+        w
+    ));
+}
+
 #[test]
 fn guest_images_match_expected_output_on_kvm() {
     if !std::path::Path::new("/dev/kvm").exists() {
@@ -71,7 +115,7 @@ fn guest_images_match_expected_output_on_kvm() {
             .parse()
             .unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_rvmm-run"))
-            .args(["run", "--kvm"])
+            .args(["run", "--kvm", "--dump-regs"])
             .arg(&image)
             .output()
             .unwrap();
@@ -94,6 +138,19 @@ fn guest_images_match_expected_output_on_kvm() {
             Some(want_rc),
             "{name}: exit status on KVM; stderr: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        // The final architectural state: the one rvmm and KVM ept=0 must reach in Bochs.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let state = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("rvmm-run: final state: "))
+            .unwrap_or_else(|| panic!("{name}: no final state: {stderr}"));
+        let want_state = std::fs::read_to_string(expected.join(format!("{name}.state")))
+            .unwrap_or_else(|e| panic!("{name}.state: {e}"));
+        assert!(
+            same_state_but_host_rip_quirk(state, want_state.trim()),
+            "{name}: final state on KVM\n  {state}\nwant\n  {}",
+            want_state.trim()
         );
         n += 1;
     }

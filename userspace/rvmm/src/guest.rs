@@ -43,6 +43,14 @@ impl GuestMem {
     }
 
     /// Copies `data` to guest-physical `gpa`; errors if it does not fit.
+    /// Writes a zero to every page, so that the host allocates them all now.
+    pub fn prefault(&mut self) {
+        for off in (0..self.size).step_by(4096) {
+            // SAFETY: `off` lies inside the mapping this struct owns.
+            unsafe { self.ptr.add(off).write_volatile(0) };
+        }
+    }
+
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
         let end = gpa
             .checked_add(data.len() as u64)
