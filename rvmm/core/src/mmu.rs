@@ -11,6 +11,7 @@
 //! here, with the architectural error code.
 
 pub mod mode;
+pub mod pool;
 pub mod shadow;
 pub mod spte;
 pub mod walker;

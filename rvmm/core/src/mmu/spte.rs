@@ -71,6 +71,7 @@ mod tests {
             nx,
             dirty,
             rw_all: rw,
+            path: Default::default(),
         }
     }
 

@@ -112,6 +112,19 @@ pub struct Walk {
     pub dirty: bool,
     /// Raw permission bits: all levels R/W.
     pub rw_all: bool,
+    /// The tables the walk went through: `table[l - 1]` is the guest-physical address of
+    /// the level-`l` table, `pte[l - 1]` the entry it used there (after the A/D update),
+    /// for the levels from the top down to `level`.
+    pub path: Path,
+}
+
+/// The guest tables of a walk, by level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Path {
+    /// Guest-physical address of the table at each level.
+    pub table: [u64; 4],
+    /// The entry used at each level.
+    pub pte: [u64; 4],
 }
 
 /// A refused access: the guest sees a #PF with this error code and CR2.
@@ -161,6 +174,7 @@ pub fn walk(
                 nx: false,
                 dirty: true,
                 rw_all: true,
+                path: Path::default(),
             });
         }
         PagingMode::Bits32 { .. } => (2u8, 4u8, cr3 & 0xffff_f000),
@@ -176,6 +190,7 @@ pub fn walk(
 
     let mut entries = [(0u64, 0u64); 4]; // (gpa of entry, value), top level first
     let mut n = 0;
+    let mut path = Path::default();
     let (mut rw, mut us, mut nx) = (true, true, false);
     let mut level = levels;
     let leaf_level;
@@ -241,6 +256,7 @@ pub fn walk(
         }
         entries[n] = (egpa, e);
         n += 1;
+        path.table[usize::from(level) - 1] = table;
         if !pae_pdpte {
             rw &= e & RW != 0;
             us &= e & US != 0;
@@ -308,6 +324,7 @@ pub fn walk(
         if new != e {
             mem.write_entry(egpa, size, new);
         }
+        path.pte[usize::from(leaf_level) + n - 2 - i] = new;
     }
     let writable = rw || (!access.user && !ctx.wp);
     Ok(Walk {
@@ -318,6 +335,7 @@ pub fn walk(
         nx,
         dirty,
         rw_all: rw,
+        path,
     })
 }
 

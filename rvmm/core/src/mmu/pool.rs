@@ -1,0 +1,1087 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The shadow page pool and the CR3 (root) cache, for guests with 4-level paging.
+//!
+//! Every shadow page (sp) shadows one guest table, keyed by the table's guest frame
+//! number (gfn) and its [`Role`]: level, the rights the levels above it grant, the
+//! permission context (CR0.WP, CR4.SMEP/SMAP, EFER.NXE), or "direct" for the pieces of a
+//! guest large page. A hash on the gfn finds an existing sp before a new one is built,
+//! so a guest table used by many parents (the kernel half of every address space) has
+//! one shadow, linked from all of them; parent links let an sp be unlinked everywhere.
+//!
+//! Roots survive CR3 loads: a root cache keeps the most recent roots pinned, and a CR3
+//! load whose root is in the pool only brings out-of-sync shadows up to date.
+//!
+//! Coherence: the guest frame of every shadowed table is write-protected in every leaf
+//! that maps it (the rmap, keyed by host frame, finds those leaves). A guest write to it
+//! makes its shadows *unsync* and the frame writable again, with no emulation; an
+//! unsync shadow is resynced on a flushing CR3 load (and, for upper levels, on INVLPG),
+//! where the architecture lets the TLB and paging-structure caches be stale until then.
+//! A table unsynced again and again without being walked (write flooding: fork, a
+//! table page reused as data) is unshadowed.
+//!
+//! All memory is fixed at creation (the module allocates it once per VM): the fault,
+//! CR3 and INVLPG paths allocate nothing. When the pool is full, the least recently
+//! used shadow that is not a root is reclaimed; [`Full`] asks the caller to start over
+//! ([`Pool::reset`]).
+
+use super::spte::{self, SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_RW, SPTE_US};
+use super::walker::{self, Access, GuestMemory, PermCtx, Walk, WalkFault};
+use super::PagingMode;
+
+/// No index.
+pub const NIL: u32 = u32::MAX;
+/// Most roots the cache can keep.
+pub const MAX_ROOTS: usize = 64;
+/// Unsyncs without a walk through the table before it is unshadowed.
+pub const FLOOD_LIMIT: u8 = 3;
+/// Neighbouring entries filled on a fault (an aligned group of this many).
+pub const PREFETCH: usize = 8;
+
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_US: u64 = 1 << 2;
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
+const PTE_PS: u64 = 1 << 7;
+const PTE_XD: u64 = 1 << 63;
+
+/// What a shadow page shadows, besides the guest frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Role(pub u16);
+
+impl Role {
+    const LEVEL: u16 = 7;
+    const DIRECT: u16 = 1 << 3;
+    const W: u16 = 1 << 4;
+    const U: u16 = 1 << 5;
+    const NX: u16 = 1 << 6;
+    const WP: u16 = 1 << 7;
+    const SMEP: u16 = 1 << 8;
+    const SMAP: u16 = 1 << 9;
+    const NXE: u16 = 1 << 10;
+
+    /// The role of a root (level 4, all rights) under `ctx`.
+    pub fn root(ctx: &PermCtx) -> Self {
+        let mut r = 4 | Self::W | Self::U;
+        for (on, bit) in [
+            (ctx.wp, Self::WP),
+            (ctx.smep, Self::SMEP),
+            (ctx.smap, Self::SMAP),
+            (ctx.nxe, Self::NXE),
+        ] {
+            if on {
+                r |= bit;
+            }
+        }
+        Self(r)
+    }
+
+    /// Level of the shadowed table (1 = page table).
+    pub const fn level(self) -> u8 {
+        (self.0 & Self::LEVEL) as u8
+    }
+
+    /// Shadows a piece of a guest large page, not a guest table.
+    pub const fn direct(self) -> bool {
+        self.0 & Self::DIRECT != 0
+    }
+
+    /// The role of a child reached through guest entry `pte` of a table with this role.
+    fn child(self, pte: u64, direct: bool) -> Self {
+        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT)) | u16::from(self.level() - 1);
+        if direct {
+            r |= Self::DIRECT;
+        }
+        if pte & PTE_RW == 0 {
+            r &= !Self::W;
+        }
+        if pte & PTE_US == 0 {
+            r &= !Self::U;
+        }
+        if pte & PTE_XD != 0 && self.0 & Self::NXE != 0 {
+            r |= Self::NX;
+        }
+        Self(r)
+    }
+}
+
+/// Metadata of one shadow page.
+#[derive(Clone, Copy, Debug)]
+pub struct Sp {
+    /// Guest frame of the shadowed table (first frame covered, when direct).
+    pub gfn: u64,
+    pub role: Role,
+    pub valid: bool,
+    pub unsync: bool,
+    /// Unsyncs since the last walk through this table.
+    pub flood: u8,
+    /// Root-cache and vCPU references, and faults in progress: a pinned sp is never
+    /// reclaimed or unshadowed.
+    pub pins: u16,
+    parents: u32,
+    hash_next: u32,
+    lru_prev: u32,
+    lru_next: u32,
+}
+
+impl Default for Sp {
+    fn default() -> Self {
+        Self {
+            gfn: 0,
+            role: Role(0),
+            valid: false,
+            unsync: false,
+            flood: 0,
+            pins: 0,
+            parents: NIL,
+            hash_next: NIL,
+            lru_prev: NIL,
+            lru_next: NIL,
+        }
+    }
+}
+
+/// A parent link: entry `at` (sp << 9 | index) points at the sp owning the list.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Link {
+    at: u32,
+    next: u32,
+}
+
+/// An rmap node: leaf entry `at` (sp << 9 | index) maps host frame `hpa`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rmap {
+    hpa: u64,
+    at: u32,
+    next: u32,
+}
+
+/// Counters, cumulative over the pool's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// #PF exits fixed by syncing the missing entry.
+    pub faults_fixed: u64,
+    /// Guest writes to write-protected page tables.
+    pub pt_writes: u64,
+    /// Shadow pages that went out of sync.
+    pub unsyncs: u64,
+    /// Shadow pages brought back in sync.
+    pub resyncs: u64,
+    /// Tables unshadowed for write flooding.
+    pub flood_unshadows: u64,
+    /// Entries filled ahead of a fault.
+    pub prefetched: u64,
+    /// Shadow pages in use now, and at most.
+    pub pages_in_use: u64,
+    pub pages_peak: u64,
+    /// Shadow pages reclaimed (least recently used) to make room.
+    pub reclaimed: u64,
+    /// CR3 loads that found their root, and that built one.
+    pub root_hits: u64,
+    pub root_misses: u64,
+    /// Shadow pages zapped (reclaim, flooding, reset).
+    pub zaps: u64,
+    /// Whole-pool resets.
+    pub resets: u64,
+}
+
+/// The pool's scalar state.
+#[derive(Clone, Copy, Debug)]
+pub struct State {
+    free_sp: u32,
+    lru_head: u32,
+    lru_tail: u32,
+    free_link: u32,
+    free_rmap: u32,
+    n_unsync: usize,
+    roots: [u32; MAX_ROOTS],
+    n_roots: usize,
+    /// How many roots the cache keeps (at most [`MAX_ROOTS`]).
+    pub max_roots: usize,
+    /// Bumped by [`Pool::reset`]: a vCPU whose root is older must load it again.
+    pub generation: u64,
+    pub stats: PoolStats,
+}
+
+impl State {
+    pub const fn new(max_roots: usize) -> Self {
+        Self {
+            free_sp: NIL,
+            lru_head: NIL,
+            lru_tail: NIL,
+            free_link: NIL,
+            free_rmap: NIL,
+            n_unsync: 0,
+            roots: [NIL; MAX_ROOTS],
+            n_roots: 0,
+            max_roots: if max_roots > MAX_ROOTS {
+                MAX_ROOTS
+            } else if max_roots == 0 {
+                1
+            } else {
+                max_roots
+            },
+            generation: 0,
+            stats: PoolStats {
+                faults_fixed: 0,
+                pt_writes: 0,
+                unsyncs: 0,
+                resyncs: 0,
+                flood_unshadows: 0,
+                prefetched: 0,
+                pages_in_use: 0,
+                pages_peak: 0,
+                reclaimed: 0,
+                root_hits: 0,
+                root_misses: 0,
+                zaps: 0,
+                resets: 0,
+            },
+        }
+    }
+}
+
+/// The shadow table pages: one per sp index.
+pub trait Tables {
+    /// The table of sp `i`.
+    fn table(&mut self, i: u32) -> &mut [u64; 512];
+    /// Its host-physical address.
+    fn pa(&self, i: u32) -> u64;
+    /// The sp whose table is at host-physical `pa` (one that `pa` returned).
+    fn index(&self, pa: u64) -> u32;
+}
+
+/// Guest-physical memory: the walker's view plus where each frame lives in the host.
+pub trait GuestPhys: GuestMemory {
+    /// Host-physical address of guest-physical `gpa`'s frame and whether the slot is
+    /// read-only; `None` outside guest RAM (MMIO).
+    fn host_pa(&mut self, gpa: u64) -> Option<(u64, bool)>;
+}
+
+/// The pool ran out of pages, links or rmap nodes with nothing left to reclaim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Full;
+
+/// What a #PF exit comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fix {
+    /// The shadow now maps the page: re-enter the guest.
+    Mapped,
+    /// The guest's own tables refuse the access: inject this #PF.
+    GuestFault(WalkFault),
+    /// The page is not RAM (or a write to read-only RAM): emulate the access.
+    Mmio { gpa: u64, walk: Walk },
+}
+
+/// The pool over its storage. The arrays are sized at creation: `sps` one per table
+/// page, `buckets` and `rbuckets` powers of two, `links` and `rmaps` as many nodes as
+/// parent links and leaf entries may exist, `unsync` one per table page.
+pub struct Pool<'a, T: Tables> {
+    pub sps: &'a mut [Sp],
+    pub buckets: &'a mut [u32],
+    pub links: &'a mut [Link],
+    pub rmaps: &'a mut [Rmap],
+    pub rbuckets: &'a mut [u32],
+    pub unsync: &'a mut [u32],
+    pub st: &'a mut State,
+    pub tables: &'a mut T,
+}
+
+fn hash(v: u64, len: usize) -> usize {
+    (v.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & (len - 1)
+}
+
+const fn at(sp: u32, index: usize) -> u32 {
+    (sp << 9) | index as u32
+}
+
+fn index_of(gva: u64, level: u8) -> usize {
+    ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize
+}
+
+impl<T: Tables> Pool<'_, T> {
+    /// Makes every page free and forgets every shadow (the tables must be zero, as
+    /// after creation; [`Pool::reset`] zeroes what it drops).
+    pub fn init(&mut self) {
+        let n = self.sps.len();
+        for (i, sp) in self.sps.iter_mut().enumerate() {
+            *sp = Sp::default();
+            sp.hash_next = if i + 1 < n { i as u32 + 1 } else { NIL };
+        }
+        self.st.free_sp = if self.sps.is_empty() { NIL } else { 0 };
+        self.buckets.fill(NIL);
+        self.rbuckets.fill(NIL);
+        let n = self.links.len();
+        for (i, l) in self.links.iter_mut().enumerate() {
+            l.next = if i + 1 < n { i as u32 + 1 } else { NIL };
+        }
+        self.st.free_link = if n == 0 { NIL } else { 0 };
+        let n = self.rmaps.len();
+        for (i, r) in self.rmaps.iter_mut().enumerate() {
+            r.next = if i + 1 < n { i as u32 + 1 } else { NIL };
+        }
+        self.st.free_rmap = if n == 0 { NIL } else { 0 };
+        self.st.lru_head = NIL;
+        self.st.lru_tail = NIL;
+        self.st.n_unsync = 0;
+        self.st.n_roots = 0;
+        self.st.stats.pages_in_use = 0;
+    }
+
+    /// Drops every shadow, roots included; vCPUs must load their roots again (the
+    /// generation changes).
+    pub fn reset(&mut self) {
+        for i in 0..self.sps.len() as u32 {
+            if self.sps[i as usize].valid {
+                self.tables.table(i).fill(0);
+                self.st.stats.zaps += 1;
+            }
+        }
+        self.init();
+        self.st.generation += 1;
+        self.st.stats.resets += 1;
+    }
+
+    // ---- hash, LRU, free lists ----
+
+    fn find(&self, gfn: u64, role: Role) -> u32 {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            if sp.gfn == gfn && sp.role == role {
+                return i;
+            }
+            i = sp.hash_next;
+        }
+        NIL
+    }
+
+    /// The shadows of guest table `gfn` (not the direct ones), through `f`.
+    fn for_gfn(&self, gfn: u64, mut f: impl FnMut(u32, &Sp)) {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            let next = sp.hash_next;
+            if sp.gfn == gfn && !sp.role.direct() {
+                f(i, sp);
+            }
+            i = next;
+        }
+    }
+
+    /// Whether guest frame `gfn` holds a table whose shadows are in sync (so writes
+    /// to it must trap).
+    pub fn protected(&self, gfn: u64) -> bool {
+        let mut p = false;
+        self.for_gfn(gfn, |_, sp| p |= !sp.unsync);
+        p
+    }
+
+    fn shadowed(&self, gfn: u64) -> bool {
+        let mut p = false;
+        self.for_gfn(gfn, |_, _| p = true);
+        p
+    }
+
+    fn lru_unlink(&mut self, i: u32) {
+        let (p, n) = {
+            let sp = &self.sps[i as usize];
+            (sp.lru_prev, sp.lru_next)
+        };
+        if p != NIL {
+            self.sps[p as usize].lru_next = n;
+        } else {
+            self.st.lru_head = n;
+        }
+        if n != NIL {
+            self.sps[n as usize].lru_prev = p;
+        } else {
+            self.st.lru_tail = p;
+        }
+    }
+
+    fn lru_push(&mut self, i: u32) {
+        let h = self.st.lru_head;
+        {
+            let sp = &mut self.sps[i as usize];
+            sp.lru_prev = NIL;
+            sp.lru_next = h;
+        }
+        if h != NIL {
+            self.sps[h as usize].lru_prev = i;
+        } else {
+            self.st.lru_tail = i;
+        }
+        self.st.lru_head = i;
+    }
+
+    /// Marks sp `i` as just used.
+    fn touch(&mut self, i: u32) {
+        if self.st.lru_head != i {
+            self.lru_unlink(i);
+            self.lru_push(i);
+        }
+    }
+
+    fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<u32, Full> {
+        if self.st.free_sp == NIL {
+            self.reclaim()?;
+        }
+        let i = self.st.free_sp;
+        self.st.free_sp = self.sps[i as usize].hash_next;
+        let b = hash(gfn, self.buckets.len());
+        self.sps[i as usize] = Sp {
+            gfn,
+            role,
+            valid: true,
+            hash_next: self.buckets[b],
+            ..Sp::default()
+        };
+        self.buckets[b] = i;
+        self.lru_push(i);
+        let s = &mut self.st.stats;
+        s.pages_in_use += 1;
+        s.pages_peak = s.pages_peak.max(s.pages_in_use);
+        Ok(i)
+    }
+
+    /// Frees the least recently used sp that nothing pins.
+    fn reclaim(&mut self) -> Result<(), Full> {
+        let mut i = self.st.lru_tail;
+        while i != NIL {
+            if self.sps[i as usize].pins == 0 {
+                self.zap(i)?;
+                self.st.stats.reclaimed += 1;
+                return Ok(());
+            }
+            i = self.sps[i as usize].lru_prev;
+        }
+        Err(Full)
+    }
+
+    fn link_add(&mut self, child: u32, parent_at: u32) -> Result<(), Full> {
+        let n = self.st.free_link;
+        if n == NIL {
+            return Err(Full);
+        }
+        self.st.free_link = self.links[n as usize].next;
+        self.links[n as usize] = Link {
+            at: parent_at,
+            next: self.sps[child as usize].parents,
+        };
+        self.sps[child as usize].parents = n;
+        Ok(())
+    }
+
+    fn link_remove(&mut self, child: u32, parent_at: u32) {
+        let mut prev = NIL;
+        let mut n = self.sps[child as usize].parents;
+        while n != NIL {
+            let l = self.links[n as usize];
+            if l.at == parent_at {
+                if prev == NIL {
+                    self.sps[child as usize].parents = l.next;
+                } else {
+                    self.links[prev as usize].next = l.next;
+                }
+                self.links[n as usize].next = self.st.free_link;
+                self.st.free_link = n;
+                return;
+            }
+            prev = n;
+            n = l.next;
+        }
+    }
+
+    fn rmap_add(&mut self, hpa: u64, leaf_at: u32) -> Result<(), Full> {
+        let n = self.st.free_rmap;
+        if n == NIL {
+            return Err(Full);
+        }
+        self.st.free_rmap = self.rmaps[n as usize].next;
+        let b = hash(hpa >> 12, self.rbuckets.len());
+        self.rmaps[n as usize] = Rmap {
+            hpa,
+            at: leaf_at,
+            next: self.rbuckets[b],
+        };
+        self.rbuckets[b] = n;
+        Ok(())
+    }
+
+    fn rmap_remove(&mut self, hpa: u64, leaf_at: u32) {
+        let b = hash(hpa >> 12, self.rbuckets.len());
+        let mut prev = NIL;
+        let mut n = self.rbuckets[b];
+        while n != NIL {
+            let r = self.rmaps[n as usize];
+            if r.at == leaf_at && r.hpa == hpa {
+                if prev == NIL {
+                    self.rbuckets[b] = r.next;
+                } else {
+                    self.rmaps[prev as usize].next = r.next;
+                }
+                self.rmaps[n as usize].next = self.st.free_rmap;
+                self.st.free_rmap = n;
+                return;
+            }
+            prev = n;
+            n = r.next;
+        }
+    }
+
+    /// Clears R/W in every leaf that maps host frame `hpa`.
+    fn write_protect_hpa(&mut self, hpa: u64) {
+        let mut n = self.rbuckets[hash(hpa >> 12, self.rbuckets.len())];
+        while n != NIL {
+            let r = self.rmaps[n as usize];
+            if r.hpa == hpa {
+                self.tables.table(r.at >> 9)[(r.at & 511) as usize] &= !SPTE_RW;
+            }
+            n = r.next;
+        }
+    }
+
+    fn write_protect(&mut self, guest: &mut impl GuestPhys, gfn: u64) {
+        if let Some((hpa, _)) = guest.host_pa(gfn << 12) {
+            self.write_protect_hpa(hpa & SPTE_ADDR);
+        }
+    }
+
+    // ---- entries ----
+
+    fn is_leaf(&self, sp: u32) -> bool {
+        self.sps[sp as usize].role.level() == 1
+    }
+
+    /// Forgets what entry `index` of `sp` (value `e`, present) links or maps.
+    fn drop_entry(&mut self, sp: u32, index: usize, e: u64) {
+        if self.is_leaf(sp) {
+            self.rmap_remove(e & SPTE_ADDR, at(sp, index));
+        } else {
+            let child = self.tables.index(e & SPTE_ADDR);
+            self.link_remove(child, at(sp, index));
+        }
+    }
+
+    /// Sets entry `index` of `sp` to `new`, keeping links and the rmap right.
+    fn set_entry(&mut self, sp: u32, index: usize, new: u64) -> Result<(), Full> {
+        let old = self.tables.table(sp)[index];
+        if old == new {
+            return Ok(());
+        }
+        if old & SPTE_P != 0 {
+            if self.is_leaf(sp) && new & SPTE_P != 0 && (old ^ new) & SPTE_ADDR == 0 {
+                // Same frame, other rights.
+                self.tables.table(sp)[index] = new;
+                return Ok(());
+            }
+            self.drop_entry(sp, index, old);
+        }
+        self.tables.table(sp)[index] = 0;
+        if new & SPTE_P != 0 {
+            if self.is_leaf(sp) {
+                self.rmap_add(new & SPTE_ADDR, at(sp, index))?;
+            } else {
+                let child = self.tables.index(new & SPTE_ADDR);
+                self.link_add(child, at(sp, index))?;
+            }
+            self.tables.table(sp)[index] = new;
+        }
+        Ok(())
+    }
+
+    fn clear_entries(&mut self, sp: u32) {
+        for index in 0..512 {
+            let e = self.tables.table(sp)[index];
+            if e & SPTE_P != 0 {
+                self.drop_entry(sp, index, e);
+                self.tables.table(sp)[index] = 0;
+            }
+        }
+    }
+
+    /// Unshadows sp `i`: unlinked from every parent, its entries dropped, its page
+    /// freed. Not for pinned sps.
+    fn zap(&mut self, i: u32) -> Result<(), Full> {
+        let mut n = self.sps[i as usize].parents;
+        while n != NIL {
+            let l = self.links[n as usize];
+            self.tables.table(l.at >> 9)[(l.at & 511) as usize] = 0;
+            self.links[n as usize].next = self.st.free_link;
+            self.st.free_link = n;
+            n = l.next;
+        }
+        self.sps[i as usize].parents = NIL;
+        self.clear_entries(i);
+        // Out of the hash chain.
+        let gfn = self.sps[i as usize].gfn;
+        let b = hash(gfn, self.buckets.len());
+        if self.buckets[b] == i {
+            self.buckets[b] = self.sps[i as usize].hash_next;
+        } else {
+            let mut p = self.buckets[b];
+            while p != NIL {
+                let next = self.sps[p as usize].hash_next;
+                if next == i {
+                    self.sps[p as usize].hash_next = self.sps[i as usize].hash_next;
+                    break;
+                }
+                p = next;
+            }
+        }
+        if self.sps[i as usize].unsync {
+            if let Some(k) = self.unsync[..self.st.n_unsync].iter().position(|&u| u == i) {
+                self.st.n_unsync -= 1;
+                self.unsync[k] = self.unsync[self.st.n_unsync];
+            }
+        }
+        self.lru_unlink(i);
+        self.sps[i as usize] = Sp {
+            hash_next: self.st.free_sp,
+            ..Sp::default()
+        };
+        self.st.free_sp = i;
+        self.st.stats.pages_in_use -= 1;
+        self.st.stats.zaps += 1;
+        Ok(())
+    }
+
+    // ---- sync ----
+
+    fn mark_unsync(&mut self, i: u32) {
+        let sp = &mut self.sps[i as usize];
+        if !sp.unsync {
+            sp.unsync = true;
+            self.unsync[self.st.n_unsync] = i;
+            self.st.n_unsync += 1;
+            self.st.stats.unsyncs += 1;
+        }
+    }
+
+    /// The guest wrote (or is about to write) its table at `gfn`: its shadows go out
+    /// of sync, or are unshadowed if the table is written over and over without use.
+    fn unsync_gfn(&mut self, gfn: u64) {
+        self.st.stats.pt_writes += 1;
+        let mut list = [NIL; 16];
+        let mut n = 0;
+        let mut flooded = false;
+        self.for_gfn(gfn, |i, sp| {
+            if n < list.len() {
+                list[n] = i;
+                n += 1;
+            }
+            flooded |= sp.flood >= FLOOD_LIMIT && sp.pins == 0;
+        });
+        for &i in &list[..n] {
+            let sp = &mut self.sps[i as usize];
+            sp.flood = sp.flood.saturating_add(1);
+            if flooded && sp.pins == 0 {
+                if self.zap(i).is_ok() {
+                    self.st.stats.flood_unshadows += 1;
+                }
+            } else {
+                self.mark_unsync(i);
+            }
+        }
+    }
+
+    /// The shadow leaf for guest PTE `pte` in a table whose role is `role`, or `None`
+    /// where the entry cannot be cached (not present, not accessed, reserved bits, not
+    /// RAM). Dirty pages and pages that are not page tables in sync may be writable.
+    fn leaf_from_pte(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        role: Role,
+        pte: u64,
+        ctx: &PermCtx,
+    ) -> Option<u64> {
+        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        let reserved =
+            (pte & !phys & ((1 << 52) - 1) & !PTE_XD) | if ctx.nxe { 0 } else { pte & PTE_XD };
+        if pte & PTE_P == 0 || pte & PTE_A == 0 || reserved != 0 {
+            return None;
+        }
+        let gpa = pte & phys & !0xfff;
+        let (hpa, ro) = guest.host_pa(gpa)?;
+        let writable = role.0 & Role::W != 0
+            && pte & PTE_RW != 0
+            && pte & PTE_D != 0
+            && !ro
+            && !self.protected(gpa >> 12);
+        let user = role.0 & Role::U != 0 && pte & PTE_US != 0;
+        let nx = role.0 & Role::NX != 0 || (ctx.nxe && pte & PTE_XD != 0);
+        Some(
+            SPTE_P
+                | spte::SPTE_A
+                | spte::SPTE_D
+                | (hpa & SPTE_ADDR)
+                | if writable { SPTE_RW } else { 0 }
+                | if user { SPTE_US } else { 0 }
+                | if nx { SPTE_NX } else { 0 },
+        )
+    }
+
+    /// Brings sp `i` back in sync with the guest table: leaves are recomputed in place
+    /// from the guest's entries (or dropped), links to children whose guest entry
+    /// changed are dropped.
+    fn resync(&mut self, guest: &mut impl GuestPhys, i: u32, ctx: &PermCtx) -> Result<(), Full> {
+        let sp = self.sps[i as usize];
+        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        for index in 0..512 {
+            let e = self.tables.table(i)[index];
+            if e & SPTE_P == 0 {
+                continue;
+            }
+            let pte = guest
+                .read_entry((sp.gfn << 12) + 8 * index as u64, 8)
+                .unwrap_or(0);
+            let new = if sp.role.level() == 1 {
+                self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
+            } else {
+                // Keep the link while the guest entry still leads to the same shadow.
+                let child = self.sps[self.tables.index(e & SPTE_ADDR) as usize];
+                let large = pte & PTE_PS != 0;
+                let size_mask = if large {
+                    (1u64 << (12 + 9 * u32::from(sp.role.level() - 1))) - 1
+                } else {
+                    0xfff
+                };
+                let keep = pte & PTE_P != 0
+                    && child.role == sp.role.child(pte, large)
+                    && child.gfn == (pte & phys & !size_mask) >> 12;
+                if keep {
+                    e
+                } else {
+                    0
+                }
+            };
+            self.set_entry(i, index, new)?;
+        }
+        self.st.stats.resyncs += 1;
+        Ok(())
+    }
+
+    /// Resyncs every unsync shadow (a flushing CR3 load), or only the upper-level ones
+    /// (INVLPG flushes the paging-structure caches); then write-protects their tables.
+    fn sync(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        ctx: &PermCtx,
+        upper_only: bool,
+    ) -> Result<(), Full> {
+        // Out of sync no more first, so that leaves computed below see every table
+        // that must stay protected.
+        let mut k = 0;
+        let mut done = 0;
+        while k < self.st.n_unsync {
+            let i = self.unsync[k];
+            if upper_only && self.sps[i as usize].role.level() == 1 {
+                k += 1;
+                continue;
+            }
+            self.sps[i as usize].unsync = false;
+            self.st.n_unsync -= 1;
+            self.unsync[k] = self.unsync[self.st.n_unsync];
+            // Keep the ones to resync after the live list.
+            self.unsync[self.sps.len() - 1 - done] = i;
+            done += 1;
+        }
+        for d in 0..done {
+            let i = self.unsync[self.sps.len() - 1 - d];
+            if self.sps[i as usize].valid {
+                self.resync(guest, i, ctx)?;
+            }
+        }
+        for d in 0..done {
+            let i = self.unsync[self.sps.len() - 1 - d];
+            let sp = self.sps[i as usize];
+            if sp.valid && !sp.unsync {
+                self.write_protect(guest, sp.gfn);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sp for guest table (or large-page piece) `gfn` with `role`, built if
+    /// missing; linked from entry `index` of `parent`.
+    fn child(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        parent: u32,
+        index: usize,
+        gfn: u64,
+        role: Role,
+    ) -> Result<u32, Full> {
+        let e = self.tables.table(parent)[index];
+        if e & SPTE_P != 0 {
+            let c = self.tables.index(e & SPTE_ADDR);
+            let sp = &self.sps[c as usize];
+            if sp.gfn == gfn && sp.role == role {
+                return Ok(c);
+            }
+        }
+        let mut c = self.find(gfn, role);
+        if c == NIL {
+            c = self.alloc_sp(gfn, role)?;
+            if !role.direct() {
+                self.protect_new(guest, c);
+            }
+        }
+        self.set_entry(parent, index, spte::table(self.tables.pa(c)))?;
+        Ok(c)
+    }
+
+    /// A new shadow of a guest table: in sync and write-protected, unless the table's
+    /// other shadows are out of sync (then it joins them).
+    fn protect_new(&mut self, guest: &mut impl GuestPhys, c: u32) {
+        let gfn = self.sps[c as usize].gfn;
+        let mut others_unsync = false;
+        self.for_gfn(gfn, |i, sp| others_unsync |= i != c && sp.unsync);
+        if others_unsync {
+            self.mark_unsync(c);
+            self.st.stats.unsyncs -= 1;
+        } else {
+            self.write_protect(guest, gfn);
+        }
+    }
+
+    // ---- the operations the vCPU calls ----
+
+    /// MOV CR3 (flushing): brings out-of-sync shadows up to date and returns the root
+    /// for `cr3` under `ctx`, from the pool if it is there. `prev` is the vCPU's current
+    /// root (unpinned), or NIL.
+    pub fn load_root(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        cr3: u64,
+        ctx: &PermCtx,
+        prev: u32,
+    ) -> Result<u32, Full> {
+        self.sync(guest, ctx, false)?;
+        let gfn = (cr3 & ((1u64 << ctx.maxphyaddr) - 1)) >> 12;
+        let role = Role::root(ctx);
+        let mut r = self.find(gfn, role);
+        if r != NIL {
+            self.st.stats.root_hits += 1;
+        } else {
+            self.st.stats.root_misses += 1;
+            r = self.alloc_sp(gfn, role)?;
+            self.protect_new(guest, r);
+        }
+        self.touch(r);
+        // The vCPU's reference moves to the new root.
+        self.sps[r as usize].pins += 1;
+        if prev != NIL && self.sps[prev as usize].valid {
+            self.sps[prev as usize].pins -= 1;
+        }
+        // Most recent first in the root cache; the oldest falls out.
+        let n = self.st.n_roots;
+        match self.st.roots[..n].iter().position(|&x| x == r) {
+            Some(k) => self.st.roots.copy_within(0..k, 1),
+            None => {
+                self.sps[r as usize].pins += 1;
+                if n == self.st.max_roots {
+                    let old = self.st.roots[n - 1];
+                    self.sps[old as usize].pins -= 1;
+                } else {
+                    self.st.n_roots += 1;
+                }
+                self.st.roots.copy_within(0..self.st.n_roots - 1, 1);
+            }
+        }
+        self.st.roots[0] = r;
+        Ok(r)
+    }
+
+    /// Drops the vCPU's reference to its root (it leaves 4-level paging, or goes away).
+    pub fn put_root(&mut self, root: u32) {
+        if root != NIL && self.sps[root as usize].valid && self.sps[root as usize].pins > 0 {
+            self.sps[root as usize].pins -= 1;
+        }
+    }
+
+    /// The host-physical address of a root's table (the real CR3).
+    pub fn root_pa(&self, root: u32) -> u64 {
+        self.tables.pa(root)
+    }
+
+    /// A #PF exit at `gva` under root `root`: walks the guest's tables and syncs the
+    /// missing entry (building the shadows on the way, prefetching neighbours), or
+    /// says what else it is.
+    pub fn page_fault(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        root: u32,
+        cr3: u64,
+        gva: u64,
+        access: Access,
+        ctx: &PermCtx,
+    ) -> Result<Fix, Full> {
+        let w = match walker::walk(guest, PagingMode::Long4, cr3, gva, access, ctx) {
+            Ok(w) => w,
+            Err(f) => return Ok(Fix::GuestFault(f)),
+        };
+        let mut path = [NIL; 5];
+        let r = self.fault_path(guest, root, gva, access, ctx, &w, &mut path);
+        for &i in path.iter().filter(|&&i| i != NIL) {
+            self.sps[i as usize].pins -= 1;
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fault_path(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        root: u32,
+        gva: u64,
+        access: Access,
+        ctx: &PermCtx,
+        w: &Walk,
+        path: &mut [u32; 5],
+    ) -> Result<Fix, Full> {
+        let mut sp = root;
+        let mut n = 0;
+        let mut pin = |pool: &mut Self, i: u32| {
+            pool.sps[i as usize].pins += 1;
+            pool.sps[i as usize].flood = 0;
+            pool.touch(i);
+            path[n] = i;
+            n += 1;
+        };
+        pin(self, sp);
+        // Guest tables from the top down to the one holding the leaf entry.
+        for level in (w.level + 1..=4).rev() {
+            let pte = w.path.pte[usize::from(level) - 1];
+            let role = self.sps[sp as usize].role.child(pte, false);
+            let gfn = w.path.table[usize::from(level) - 2] >> 12;
+            sp = self.child(guest, sp, index_of(gva, level), gfn, role)?;
+            pin(self, sp);
+        }
+        // A large page: direct pieces down to 4 KiB.
+        let mut level = w.level;
+        if level > 1 {
+            let pte = w.path.pte[usize::from(level) - 1];
+            let mut role = self.sps[sp as usize].role.child(pte, true);
+            while level > 1 {
+                let piece = 12 + 9 * (u32::from(level) - 1);
+                let gfn = ((w.gpa >> piece) << piece) >> 12;
+                sp = self.child(guest, sp, index_of(gva, level), gfn, role)?;
+                pin(self, sp);
+                level -= 1;
+                role = Role((role.0 & !Role::LEVEL) | u16::from(level - 1));
+            }
+        }
+        let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
+            return Ok(Fix::Mmio {
+                gpa: w.gpa,
+                walk: *w,
+            });
+        };
+        if ro && access.write {
+            return Ok(Fix::Mmio {
+                gpa: w.gpa,
+                walk: *w,
+            });
+        }
+        let mut leaf = spte::leaf(w, access, ctx, hpa);
+        if ro {
+            leaf &= !SPTE_RW;
+        }
+        let gfn = w.gpa >> 12;
+        if leaf & SPTE_RW != 0 && self.protected(gfn) {
+            if access.write {
+                self.unsync_gfn(gfn);
+            } else {
+                leaf &= !SPTE_RW;
+            }
+        }
+        let index = index_of(gva, 1);
+        self.set_entry(sp, index, leaf)?;
+        self.st.stats.faults_fixed += 1;
+        self.prefetch(guest, sp, index, w, ctx)?;
+        Ok(Fix::Mapped)
+    }
+
+    /// Fills the empty entries of `index`'s aligned group in leaf sp `sp` from the
+    /// guest's table (or, for a large page, from the same large entry).
+    fn prefetch(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        sp: u32,
+        index: usize,
+        w: &Walk,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
+        let s = self.sps[sp as usize];
+        let first = index & !(PREFETCH - 1);
+        for j in first..first + PREFETCH {
+            if j == index || self.tables.table(sp)[j] & SPTE_P != 0 {
+                continue;
+            }
+            let leaf = if s.role.direct() {
+                let gpa = (s.gfn + j as u64) << 12;
+                match guest.host_pa(gpa) {
+                    Some((hpa, ro)) => {
+                        let mut l = spte::leaf(w, Access::default(), ctx, hpa);
+                        if ro || self.protected(gpa >> 12) {
+                            l &= !SPTE_RW;
+                        }
+                        Some(l)
+                    }
+                    None => None,
+                }
+            } else {
+                match guest.read_entry((s.gfn << 12) + 8 * j as u64, 8) {
+                    Some(pte) => self.leaf_from_pte(guest, s.role, pte, ctx),
+                    None => None,
+                }
+            };
+            if let Some(l) = leaf {
+                self.set_entry(sp, j, l)?;
+                self.st.stats.prefetched += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// INVLPG `gva` under root `root`: the upper-level shadows come back in sync (the
+    /// paging-structure caches are flushed) and `gva`'s shadow entry is dropped.
+    pub fn invlpg(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        root: u32,
+        gva: u64,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
+        self.sync(guest, ctx, true)?;
+        let mut sp = root;
+        for level in (1..=4).rev() {
+            let index = index_of(gva, level);
+            let e = self.tables.table(sp)[index];
+            if e & SPTE_P == 0 {
+                return Ok(());
+            }
+            if level == 1 {
+                return self.set_entry(sp, index, 0);
+            }
+            sp = self.tables.index(e & SPTE_ADDR);
+        }
+        Ok(())
+    }
+
+    /// Number of shadows out of sync now.
+    pub fn unsync_count(&self) -> usize {
+        self.st.n_unsync
+    }
+
+    /// Whether guest frame `gfn` holds a shadowed table (for tests and counters).
+    pub fn is_shadowed(&self, gfn: u64) -> bool {
+        self.shadowed(gfn)
+    }
+}
+
+#[cfg(test)]
+mod tests;

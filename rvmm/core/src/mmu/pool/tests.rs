@@ -1,0 +1,679 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The pool against a reference walker written from the SDM (Vol. 3A, 4.5 and 4.6):
+//! random page-table forests and random operations; every access through the shadow
+//! gives what the reference gives, except where the architecture lets a TLB be stale.
+
+extern crate std;
+use super::*;
+use proptest::prelude::*;
+use std::vec;
+use std::vec::Vec;
+
+/// Guest memory: 2 MiB. Frames 0-3: the kernel's identity map of all of it (PML4 entry 0
+/// of every address space, never changed by the tests); 4-11: roots (PML4s); 16-47:
+/// tables the tests rewrite; 64-511: data.
+const GPAGES: u64 = 512;
+const HOST_OFF: u64 = 0x40_0000_0000;
+const SHADOW_BASE: u64 = 0x80_0000_0000;
+const ROOTS: u64 = 4;
+const NROOTS: u64 = 8;
+const TABLES: u64 = 16;
+const NTABLES: u64 = 32;
+const DATA: u64 = 64;
+
+struct Guest {
+    mem: Vec<u64>,
+}
+
+impl GuestMemory for Guest {
+    fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        assert_eq!(size, 8);
+        self.mem.get((gpa / 8) as usize).copied()
+    }
+    fn write_entry(&mut self, gpa: u64, _size: u8, value: u64) {
+        self.mem[(gpa / 8) as usize] = value;
+    }
+}
+
+impl GuestPhys for Guest {
+    fn host_pa(&mut self, gpa: u64) -> Option<(u64, bool)> {
+        (gpa >> 12 < GPAGES).then_some(((gpa & !0xfff) + HOST_OFF, false))
+    }
+}
+
+struct VecTables(Vec<[u64; 512]>);
+
+impl Tables for VecTables {
+    fn table(&mut self, i: u32) -> &mut [u64; 512] {
+        &mut self.0[i as usize]
+    }
+    fn pa(&self, i: u32) -> u64 {
+        SHADOW_BASE + u64::from(i) * 4096
+    }
+    fn index(&self, pa: u64) -> u32 {
+        ((pa - SHADOW_BASE) / 4096) as u32
+    }
+}
+
+struct Store {
+    sps: Vec<Sp>,
+    buckets: Vec<u32>,
+    links: Vec<Link>,
+    rmaps: Vec<Rmap>,
+    rbuckets: Vec<u32>,
+    unsync: Vec<u32>,
+    st: State,
+    tables: VecTables,
+}
+
+impl Store {
+    fn new(pages: usize, roots: usize) -> Self {
+        let mut s = Self {
+            sps: vec![Sp::default(); pages],
+            buckets: vec![NIL; pages.next_power_of_two()],
+            links: vec![Link::default(); pages * 8],
+            rmaps: vec![Rmap::default(); pages * 64],
+            rbuckets: vec![NIL; (pages * 16).next_power_of_two()],
+            unsync: vec![NIL; pages],
+            st: State::new(roots),
+            tables: VecTables(vec![[0; 512]; pages]),
+        };
+        s.pool().init();
+        s
+    }
+    fn pool(&mut self) -> Pool<'_, VecTables> {
+        Pool {
+            sps: &mut self.sps,
+            buckets: &mut self.buckets,
+            links: &mut self.links,
+            rmaps: &mut self.rmaps,
+            rbuckets: &mut self.rbuckets,
+            unsync: &mut self.unsync,
+            st: &mut self.st,
+            tables: &mut self.tables,
+        }
+    }
+}
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const US: u64 = 4;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const XD: u64 = 1 << 63;
+/// A walk that met a table outside guest RAM (the module stops the vCPU there).
+const UNBACKED: u32 = u32::MAX;
+
+/// The reference: SDM 4.5 (4-level paging) and 4.6 (access rights), no side effects.
+/// Ok(gpa, entries used (their gpas)) or Err(#PF error code).
+fn reference(
+    mem: &[u64],
+    cr3: u64,
+    gva: u64,
+    acc: Access,
+    ctx: &PermCtx,
+) -> Result<(u64, Vec<u64>), u32> {
+    let ec_base = u32::from(acc.write) << 1
+        | u32::from(acc.user) << 2
+        | u32::from(acc.fetch && (ctx.nxe || ctx.smep)) << 4;
+    let maxphy_mask = (1u64 << ctx.maxphyaddr) - 1;
+    let mut table = cr3 & maxphy_mask & !0xfff;
+    let (mut rw, mut us, mut xd) = (true, true, false);
+    let mut used = Vec::new();
+    for level in (1..=4u32).rev() {
+        let index = (gva >> (12 + 9 * (level - 1))) & 511;
+        let egpa = table + 8 * index;
+        let Some(&e) = mem.get((egpa / 8) as usize) else {
+            return Err(UNBACKED);
+        };
+        if e & P == 0 {
+            return Err(ec_base);
+        }
+        // Reserved: physical-address bits at or above MAXPHYADDR; XD without NXE; PS in
+        // a PML4E; PS in a PDPTE without 1-GiB pages; the low frame bits of large pages.
+        let mut rsvd = e & !maxphy_mask & ((1 << 52) - 1) & !XD != 0;
+        rsvd |= !ctx.nxe && e & XD != 0;
+        let large = level > 1 && e & PS != 0;
+        rsvd |= level == 4 && large;
+        rsvd |= level == 3 && large && !ctx.gbpages;
+        rsvd |= level == 3 && large && e & 0x3fff_e000 != 0;
+        rsvd |= level == 2 && large && e & 0x1f_e000 != 0;
+        if rsvd {
+            return Err(ec_base | 1 | 8);
+        }
+        used.push(egpa);
+        rw &= e & RW != 0;
+        us &= e & US != 0;
+        xd |= ctx.nxe && e & XD != 0;
+        if level == 1 || (large && level < 4) {
+            let size = 1u64 << (12 + 9 * (level - 1));
+            let gpa = (e & maxphy_mask & !(size - 1)) | (gva & (size - 1));
+            let denied = if acc.user {
+                !us || (acc.write && !rw) || (acc.fetch && xd)
+            } else if acc.fetch {
+                xd || (us && ctx.smep)
+            } else {
+                (us && ctx.smap && !ctx.ac) || (acc.write && !rw && ctx.wp)
+            };
+            if denied {
+                return Err(ec_base | 1);
+            }
+            return Ok((gpa, used));
+        }
+        table = e & maxphy_mask & !0xfff;
+    }
+    unreachable!()
+}
+
+/// The CPU over the shadow: CR0.WP = 1, EFER.NXE = 1, CR4.SMEP/SMAP as the guest has
+/// them. Host-physical address of the access, or a fault.
+fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> Option<u64> {
+    let mut table = root_pa;
+    let (mut rw, mut us, mut nx) = (true, true, false);
+    for level in (1..=4u8).rev() {
+        let i = t.index(table);
+        let e = t.table(i)[index_of(gva, level)];
+        if e & SPTE_P == 0 {
+            return None;
+        }
+        rw &= e & SPTE_RW != 0;
+        us &= e & SPTE_US != 0;
+        nx |= e & SPTE_NX != 0;
+        table = e & SPTE_ADDR;
+    }
+    let denied = if acc.user {
+        !us || (acc.write && !rw) || (acc.fetch && nx)
+    } else if acc.fetch {
+        nx || (us && ctx.smep)
+    } else {
+        (us && ctx.smap && !ctx.ac) || (acc.write && !rw)
+    };
+    (!denied).then_some(table | (gva & 0xfff))
+}
+
+struct Machine {
+    s: Store,
+    g: Guest,
+    cr3: u64,
+    root: u32,
+    ctx: PermCtx,
+    generation: u64,
+}
+
+impl Machine {
+    fn new(pages: usize, roots: usize) -> Self {
+        let mut g = Guest {
+            mem: vec![0; (GPAGES * 512) as usize],
+        };
+        // Kernel identity map of the 2 MiB: PML4[0] (in every root) -> 1 -> 2 -> 3.
+        g.mem[512] = (2 << 12) | P | RW;
+        g.mem[2 * 512] = (3 << 12) | P | RW;
+        for f in 0..GPAGES {
+            g.mem[(3 * 512 + f) as usize] = (f << 12) | P | RW;
+        }
+        for r in ROOTS..ROOTS + NROOTS {
+            g.mem[(r * 512) as usize] = (1 << 12) | P | RW;
+        }
+        let mut m = Self {
+            s: Store::new(pages, roots),
+            g,
+            cr3: ROOTS << 12,
+            root: NIL,
+            ctx: PermCtx::default(),
+            generation: 0,
+        };
+        m.load_cr3(ROOTS << 12);
+        m
+    }
+
+    fn load_cr3(&mut self, cr3: u64) {
+        self.cr3 = cr3;
+        let prev = if self.generation == self.s.st.generation {
+            self.root
+        } else {
+            NIL
+        };
+        self.root = match self.s.pool().load_root(&mut self.g, cr3, &self.ctx, prev) {
+            Ok(r) => r,
+            Err(Full) => {
+                self.s.pool().reset();
+                self.s
+                    .pool()
+                    .load_root(&mut self.g, cr3, &self.ctx, NIL)
+                    .expect("an empty pool has room for a root")
+            }
+        };
+        self.generation = self.s.st.generation;
+    }
+
+    /// An access by the guest: through the shadow, with #PF exits handled by the pool.
+    /// Returns the result and whether the shadow gave it without an exit.
+    fn access(&mut self, gva: u64, acc: Access) -> (Result<u64, u32>, bool) {
+        for tries in 0..8 {
+            if self.generation != self.s.st.generation {
+                self.load_cr3(self.cr3);
+            }
+            let root_pa = self.s.pool().root_pa(self.root);
+            if let Some(hpa) = hw(&mut self.s.tables, root_pa, gva, acc, &self.ctx) {
+                return (Ok(hpa - HOST_OFF), tries == 0);
+            }
+            match self
+                .s
+                .pool()
+                .page_fault(&mut self.g, self.root, self.cr3, gva, acc, &self.ctx)
+            {
+                Ok(Fix::Mapped) => {}
+                Ok(Fix::GuestFault(f)) if f.unbacked_table.is_some() => {
+                    return (Err(UNBACKED), false)
+                }
+                Ok(Fix::GuestFault(f)) => return (Err(f.error_code), false),
+                Ok(Fix::Mmio { gpa, .. }) => return (Ok(gpa), false),
+                Err(Full) => self.s.pool().reset(),
+            }
+        }
+        panic!("no progress at {gva:#x} {acc:?}");
+    }
+
+    /// A guest write of `value` to guest-physical `gpa`, by the kernel, through its
+    /// identity map (so through the shadow and its write protection).
+    fn write(&mut self, gpa: u64, value: u64) {
+        let acc = Access {
+            write: true,
+            ..Access::default()
+        };
+        let (r, _) = self.access(gpa, acc);
+        assert_eq!(r, Ok(gpa), "kernel write to {gpa:#x}");
+        self.g.mem[(gpa / 8) as usize] = value;
+    }
+
+    fn invlpg(&mut self, gva: u64) {
+        if self
+            .s
+            .pool()
+            .invlpg(&mut self.g, self.root, gva, &self.ctx)
+            .is_err()
+        {
+            self.s.pool().reset();
+        }
+    }
+}
+
+fn rd() -> Access {
+    Access::default()
+}
+fn wr_user() -> Access {
+    Access {
+        write: true,
+        user: true,
+        fetch: false,
+    }
+}
+
+/// A private page per address space at 512 GiB * (1 + k / 2) ..., mapped by tables
+/// from the rewritable range; returns its gva.
+fn map_private(m: &mut Machine, k: u64) -> u64 {
+    let root = ROOTS + k;
+    let pdpt = TABLES + 3 * k;
+    let (pd, pt) = (pdpt + 1, pdpt + 2);
+    let flags = P | RW | US;
+    m.g.mem[(root * 512 + 1) as usize] = (pdpt << 12) | flags;
+    m.g.mem[(pdpt * 512) as usize] = (pd << 12) | flags;
+    m.g.mem[(pd * 512) as usize] = (pt << 12) | flags;
+    m.g.mem[(pt * 512) as usize] = ((DATA + k) << 12) | flags;
+    1 << 39
+}
+
+#[test]
+fn warm_switch_among_roots_takes_no_fault_and_builds_nothing() {
+    let mut m = Machine::new(128, 16);
+    let gva = (0..8).map(|k| map_private(&mut m, k)).last().unwrap();
+    for round in 0..3 {
+        let before = m.s.st.stats;
+        for k in 0..8 {
+            m.load_cr3((ROOTS + k) << 12);
+            let (r, hit) = m.access(gva, rd());
+            assert_eq!(r, Ok((DATA + k) << 12));
+            if round > 0 {
+                assert!(
+                    hit,
+                    "round {round}, address space {k}: the cached root faulted"
+                );
+            }
+        }
+        let after = m.s.st.stats;
+        if round > 0 {
+            assert_eq!(after.root_hits - before.root_hits, 8);
+            assert_eq!(after.root_misses, before.root_misses);
+            assert_eq!(after.faults_fixed, before.faults_fixed);
+            assert_eq!(after.pages_in_use, before.pages_in_use);
+        }
+    }
+    // The kernel half's tables are shared: 8 roots + 3 kernel tables (PDPT, PD, PT of the
+    // identity map: only touched through PT 3) + 3 private tables per address space.
+    assert_eq!(m.s.st.stats.pages_in_use, 8 + 3 * 8);
+}
+
+#[test]
+fn a_small_root_cache_evicts_but_stays_correct() {
+    let mut m = Machine::new(128, 2);
+    for k in 0..8 {
+        map_private(&mut m, k);
+    }
+    for _ in 0..2 {
+        for k in 0..8 {
+            m.load_cr3((ROOTS + k) << 12);
+            assert_eq!(m.access(1 << 39, rd()).0, Ok((DATA + k) << 12));
+        }
+    }
+    // Evicted roots stay in the pool (unpinned) until reclaimed: still hits.
+    assert!(m.s.st.stats.root_hits >= 8);
+}
+
+#[test]
+fn table_write_goes_unsync_and_resyncs_on_cr3_load() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    let pt = TABLES + 2;
+    assert!(m.s.pool().is_shadowed(pt));
+    // The kernel remaps the page: the PT is write-protected, so this write exits.
+    let before = m.s.st.stats;
+    m.write(pt << 12, ((DATA + 5) << 12) | P | RW | US);
+    let after = m.s.st.stats;
+    assert_eq!(after.pt_writes, before.pt_writes + 1);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    // A second write to the same table does not exit (it is out of sync).
+    m.write((pt << 12) + 8, ((DATA + 6) << 12) | P | RW | US);
+    assert_eq!(m.s.st.stats.pt_writes, after.pt_writes);
+    // Before a flush the TLB may still give the old page; after MOV CR3 never.
+    m.load_cr3(m.cr3);
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    assert!(m.s.st.stats.resyncs >= 1);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 5) << 12));
+    assert_eq!(m.access(gva + 0x1000, rd()).0, Ok((DATA + 6) << 12));
+    // And the table is protected again.
+    m.write((pt << 12) + 16, 0);
+    assert_eq!(m.s.st.stats.pt_writes, after.pt_writes + 1);
+}
+
+#[test]
+fn invlpg_refreshes_the_page_it_names() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    m.write((TABLES + 2) << 12, ((DATA + 9) << 12) | P | RW | US);
+    m.invlpg(gva);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 9) << 12));
+}
+
+#[test]
+fn a_table_page_reused_as_data_is_unshadowed() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // The guest frees its private mapping and writes data into the old PT, flushing
+    // in between, without walking through it again.
+    m.write(((ROOTS) << 12) + 8, 0);
+    let pt = TABLES + 2;
+    for i in 0..(FLOOD_LIMIT as u64 + 2) {
+        m.write((pt << 12) + 8 * i, 0xdead_beef_0000 + i);
+        m.load_cr3(m.cr3);
+    }
+    assert!(m.s.st.stats.flood_unshadows >= 1);
+    assert!(!m.s.pool().is_shadowed(pt));
+    let before = m.s.st.stats.pt_writes;
+    m.write(pt << 12, 1);
+    assert_eq!(
+        m.s.st.stats.pt_writes, before,
+        "an unshadowed page traps no more"
+    );
+}
+
+#[test]
+fn faults_prefetch_neighbours_that_the_guest_has_accessed() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    for i in 1..8 {
+        m.g.mem[(pt * 512 + i) as usize] = ((DATA + i) << 12) | P | RW | US | A;
+    }
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.s.st.stats.prefetched, 7);
+    let (r, hit) = m.access(gva + 0x3000, rd());
+    assert_eq!((r, hit), (Ok((DATA + 3) << 12), true));
+}
+
+#[test]
+fn a_large_page_is_shadowed_by_direct_pieces() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    // PD entry 1: a 2-MiB page at guest-physical 0 (all of guest memory).
+    let pd = TABLES + 1;
+    m.g.mem[(pd * 512 + 1) as usize] = P | RW | US | PS;
+    let big = gva + (1 << 21);
+    assert_eq!(m.access(big + 0x5123, rd()).0, Ok(0x5123));
+    // Writes to a shadowed table through the large page trap too.
+    let before = m.s.st.stats.pt_writes;
+    assert_eq!(m.access(big + (pd << 12), wr_user()).0, Ok(pd << 12));
+    assert_eq!(m.s.st.stats.pt_writes, before + 1);
+}
+
+#[test]
+fn a_full_pool_reclaims_the_least_recently_used() {
+    let mut m = Machine::new(12, 2);
+    for k in 0..8 {
+        map_private(&mut m, k);
+    }
+    for k in 0..8 {
+        m.load_cr3((ROOTS + k) << 12);
+        assert_eq!(m.access(1 << 39, rd()).0, Ok((DATA + k) << 12));
+    }
+    assert!(m.s.st.stats.reclaimed > 0);
+}
+
+/// A random guest operation.
+#[derive(Clone, Debug)]
+enum Op {
+    Access {
+        va: usize,
+        kind: u8,
+        user: bool,
+    },
+    Write {
+        frame: u64,
+        index: usize,
+        value: u64,
+    },
+    Invlpg {
+        va: usize,
+    },
+    Cr3 {
+        root: u64,
+    },
+    Ctx {
+        wp: bool,
+        nxe: bool,
+        smep: bool,
+        smap: bool,
+    },
+}
+
+const IDX: [u64; 4] = [0, 1, 2, 511];
+
+fn va_of(sel: usize) -> u64 {
+    let pml4 = 1 + (sel % 3) as u64;
+    let s = sel / 3;
+    (pml4 << 39) | (IDX[s % 4] << 30) | (IDX[(s / 4) % 4] << 21) | (IDX[(s / 16) % 4] << 12)
+}
+
+fn value() -> impl Strategy<Value = u64> {
+    let flags = (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(rw, us, a, d, xd)| {
+            P | if rw { RW } else { 0 }
+                | if us { US } else { 0 }
+                | if a { A } else { 0 }
+                | if d { D } else { 0 }
+                | if xd { XD } else { 0 }
+        });
+    prop_oneof![
+        2 => Just(0u64),
+        6 => (TABLES..TABLES + NTABLES, flags.clone()).prop_map(|(f, fl)| (f << 12) | fl),
+        3 => (DATA..GPAGES, flags.clone()).prop_map(|(f, fl)| (f << 12) | fl),
+        1 => (0u64..2, flags.clone()).prop_map(|(f, fl)| (f << 21) | fl | PS),
+        1 => (GPAGES..GPAGES + 8, flags).prop_map(|(f, fl)| (f << 12) | fl),
+        1 => any::<u64>(),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0usize..192, 0u8..3, any::<bool>())
+            .prop_map(|(va, kind, user)| Op::Access { va, kind, user }),
+        5 => (
+            prop_oneof![
+                3 => TABLES..TABLES + NTABLES,
+                1 => ROOTS..ROOTS + NROOTS,
+            ],
+            0usize..4,
+            value()
+        )
+            .prop_map(|(frame, i, value)| Op::Write {
+                frame,
+                index: if frame < TABLES { 1 + i % 3 } else { IDX[i] as usize },
+                value
+            }),
+        1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
+        2 => (ROOTS..ROOTS + NROOTS).prop_map(|root| Op::Cr3 { root }),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(wp, nxe, smep, smap)| Op::Ctx { wp, nxe, smep, smap }),
+    ]
+}
+
+fn run_ops(pages: usize, roots: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut m = Machine::new(pages, roots);
+    let mut seq = 1u64;
+    let mut last_write = 0u64;
+    let mut last_flush = 0u64;
+    let mut invlpg_at = [0u64; 192];
+    for op in ops {
+        seq += 1;
+        match *op {
+            Op::Access { va, kind, user } => {
+                let acc = Access {
+                    write: kind == 1,
+                    user,
+                    fetch: kind == 2,
+                };
+                let gva = va_of(va);
+                let want = reference(&m.g.mem, m.cr3, gva, acc, &m.ctx);
+                let (got, hit) = m.access(gva, acc);
+                // A TLB may be stale for a page whose tables changed since the last
+                // flush that covered it (MOV CR3, or INVLPG of that page).
+                let may_be_stale = last_write > last_flush && invlpg_at[va] < last_write;
+                if !hit || !may_be_stale {
+                    let want_r = want.clone().map(|(gpa, _)| gpa);
+                    prop_assert_eq!(
+                        got,
+                        want_r,
+                        "{:#x} {:?} ({} exit)",
+                        gva,
+                        acc,
+                        if hit { "no" } else { "after an" }
+                    );
+                    if let Ok((_, used)) = want {
+                        // The access left the guest's A flags set, and D for a write.
+                        for &e in &used {
+                            prop_assert!(m.g.mem[(e / 8) as usize] & A != 0, "A at {:#x}", e);
+                        }
+                        if acc.write {
+                            let leaf = *used.last().unwrap();
+                            prop_assert!(m.g.mem[(leaf / 8) as usize] & D != 0, "D at {:#x}", leaf);
+                        }
+                    }
+                }
+            }
+            Op::Write {
+                frame,
+                index,
+                value,
+            } => {
+                m.write((frame << 12) + 8 * index as u64, value);
+                last_write = seq;
+            }
+            Op::Invlpg { va } => {
+                m.invlpg(va_of(va));
+                invlpg_at[va] = seq;
+            }
+            Op::Cr3 { root } => {
+                m.load_cr3(root << 12);
+                last_flush = seq;
+            }
+            Op::Ctx {
+                wp,
+                nxe,
+                smep,
+                smap,
+            } => {
+                m.ctx = PermCtx {
+                    wp,
+                    nxe,
+                    smep,
+                    smap,
+                    ..m.ctx
+                };
+                m.load_cr3(m.cr3);
+                last_flush = seq;
+            }
+        }
+    }
+    // Every shadow is consistent with the pool's books: unsync list and flags agree.
+    let n = m.s.pool().unsync_count();
+    let flagged = m.s.sps.iter().filter(|s| s.valid && s.unsync).count();
+    prop_assert_eq!(n, flagged);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn shadow_agrees_with_the_reference(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops(96, 16, &ops)?;
+    }
+
+    #[test]
+    fn a_tiny_pool_agrees_too(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops(10, 2, &ops)?;
+    }
+}
+
+#[test]
+fn prefetch_never_maps_a_shadowed_table_writable() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // The kernel's PTEs of frames TABLES..TABLES+8 are accessed and dirty, as after
+    // earlier writes; none is in the shadow yet.
+    for f in TABLES..TABLES + 8 {
+        m.g.mem[(3 * 512 + f) as usize] |= A | D;
+    }
+    // A kernel access to an unshadowed neighbour prefetches the group.
+    let free = TABLES + 5;
+    assert_eq!(m.access(free << 12, rd()).0, Ok(free << 12));
+    assert!(m.s.st.stats.prefetched >= 7);
+    let before = m.s.st.stats.pt_writes;
+    m.write((TABLES + 2) << 12, 0);
+    assert_eq!(
+        m.s.st.stats.pt_writes,
+        before + 1,
+        "the PT write did not trap"
+    );
+}
