@@ -456,6 +456,37 @@ abi_struct! {
         pub user_exits: u64 => "__u64 user_exits",
         /// MMIO exits (decoded accesses outside guest RAM).
         pub mmio_exits: u64 => "__u64 mmio_exits",
+        /// Shadow page pool (4-level guests): guest writes to write-protected page
+        /// tables.
+        pub pt_writes: u64 => "__u64 pt_writes",
+        /// Pool: shadow pages that went out of sync, and that were resynced.
+        pub unsyncs: u64 => "__u64 unsyncs",
+        pub resyncs: u64 => "__u64 resyncs",
+        /// Pool: guest tables unshadowed for write flooding.
+        pub flood_unshadows: u64 => "__u64 flood_unshadows",
+        /// Pool: entries filled ahead of a fault.
+        pub prefetched: u64 => "__u64 prefetched",
+        /// Pool: pages in use now, at most, and reclaimed (least recently used).
+        pub pool_pages_in_use: u64 => "__u64 pool_pages_in_use",
+        pub pool_pages_peak: u64 => "__u64 pool_pages_peak",
+        pub pool_reclaimed: u64 => "__u64 pool_reclaimed",
+        /// Pool: CR3 loads that found their root cached, and that built one.
+        pub root_hits: u64 => "__u64 root_hits",
+        pub root_misses: u64 => "__u64 root_misses",
+        /// Pool: shadow pages zapped, and whole-pool resets.
+        pub zaps: u64 => "__u64 zaps",
+        pub pool_resets: u64 => "__u64 pool_resets",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_SET_SHADOW_LIMITS`: the VM's shadow page pool, before its first vCPU is
+    /// created (EBUSY after). Zero keeps the module parameter's value.
+    pub struct ShadowLimits as "rvmm_shadow_limits" {
+        /// Pool pages (4 KiB each): 64 to 65536.
+        pub pages: u32 => "__u32 pages",
+        /// Roots the CR3 cache keeps: 1 to 64.
+        pub roots: u32 => "__u32 roots",
     }
 }
 
@@ -670,6 +701,8 @@ pub const RVMM_SET_CPUID: u32 = ioc(IOC_WRITE, 0x1a, core::mem::size_of::<Cpuid>
 pub const RVMM_GET_MSRS: u32 = ioc(IOC_READ | IOC_WRITE, 0x1b, core::mem::size_of::<Msrs>());
 /// `RVMM_SET_MSRS`: writes [`Msrs`]; returns the number of entries written.
 pub const RVMM_SET_MSRS: u32 = ioc(IOC_WRITE, 0x1c, core::mem::size_of::<Msrs>());
+/// `RVMM_SET_SHADOW_LIMITS`: sets [`ShadowLimits`].
+pub const RVMM_SET_SHADOW_LIMITS: u32 = ioc(IOC_WRITE, 0x1d, core::mem::size_of::<ShadowLimits>());
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[
@@ -687,5 +720,75 @@ pub const IOCTLS: &[(&str, u32, &str)] = &[
         "RVMM_GET_STATUS",
         RVMM_GET_STATUS,
         "_IOR(RVMM_IOCTL_TYPE, 0x02, struct rvmm_status)",
+    ),
+    (
+        "RVMM_CREATE_VM",
+        RVMM_CREATE_VM,
+        "_IO(RVMM_IOCTL_TYPE, 0x10)",
+    ),
+    (
+        "RVMM_SET_MEMORY_REGION",
+        RVMM_SET_MEMORY_REGION,
+        "_IOW(RVMM_IOCTL_TYPE, 0x11, struct rvmm_memory_region)",
+    ),
+    (
+        "RVMM_CREATE_VCPU",
+        RVMM_CREATE_VCPU,
+        "_IO(RVMM_IOCTL_TYPE, 0x12)",
+    ),
+    (
+        "RVMM_GET_REGS",
+        RVMM_GET_REGS,
+        "_IOWR(RVMM_IOCTL_TYPE, 0x13, struct rvmm_vcpu_regs)",
+    ),
+    (
+        "RVMM_SET_REGS",
+        RVMM_SET_REGS,
+        "_IOW(RVMM_IOCTL_TYPE, 0x14, struct rvmm_vcpu_regs)",
+    ),
+    (
+        "RVMM_GET_SREGS",
+        RVMM_GET_SREGS,
+        "_IOWR(RVMM_IOCTL_TYPE, 0x15, struct rvmm_vcpu_sregs)",
+    ),
+    (
+        "RVMM_SET_SREGS",
+        RVMM_SET_SREGS,
+        "_IOW(RVMM_IOCTL_TYPE, 0x16, struct rvmm_vcpu_sregs)",
+    ),
+    (
+        "RVMM_RUN",
+        RVMM_RUN,
+        "_IO(RVMM_IOCTL_TYPE, 0x17)",
+    ),
+    (
+        "RVMM_GET_STATS",
+        RVMM_GET_STATS,
+        "_IOR(RVMM_IOCTL_TYPE, 0x18, struct rvmm_vm_stats)",
+    ),
+    (
+        "RVMM_INTERRUPT",
+        RVMM_INTERRUPT,
+        "_IOW(RVMM_IOCTL_TYPE, 0x19, struct rvmm_interrupt)",
+    ),
+    (
+        "RVMM_SET_CPUID",
+        RVMM_SET_CPUID,
+        "_IOW(RVMM_IOCTL_TYPE, 0x1a, struct rvmm_cpuid)",
+    ),
+    (
+        "RVMM_GET_MSRS",
+        RVMM_GET_MSRS,
+        "_IOWR(RVMM_IOCTL_TYPE, 0x1b, struct rvmm_msrs)",
+    ),
+    (
+        "RVMM_SET_MSRS",
+        RVMM_SET_MSRS,
+        "_IOW(RVMM_IOCTL_TYPE, 0x1c, struct rvmm_msrs)",
+    ),
+    (
+        "RVMM_SET_SHADOW_LIMITS",
+        RVMM_SET_SHADOW_LIMITS,
+        "_IOW(RVMM_IOCTL_TYPE, 0x1d, struct rvmm_shadow_limits)",
     ),
 ];
