@@ -22,6 +22,7 @@ use rvmm_uapi as uapi;
 
 mod ffi;
 mod mmu;
+mod shadow;
 mod vcpu;
 mod vm;
 mod vmx;
@@ -32,6 +33,16 @@ module! {
     authors: ["rvmm developers"],
     description: "rvmm: a VT-x hypervisor with shadow paging",
     license: "GPL",
+    params: {
+        shadow_pages: u32 {
+            default: 1024,
+            description: "Shadow page pool pages per VM (4 KiB each, 64-65536); RVMM_SET_SHADOW_LIMITS overrides it per VM",
+        },
+        shadow_roots: u32 {
+            default: 64,
+            description: "Roots (address spaces) the CR3 cache keeps per VM (1-64)",
+        },
+    },
 }
 
 #[pin_data]
@@ -119,6 +130,18 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "shadow_pages_allocated: {}", s.shadow_pages_allocated)?;
     writeln!(f, "shadow_pages_peak: {}", s.shadow_pages_peak)?;
     writeln!(f, "mmio_exits: {}", s.mmio_exits)?;
+    writeln!(f, "pt_writes: {}", s.pt_writes)?;
+    writeln!(f, "unsyncs: {}", s.unsyncs)?;
+    writeln!(f, "resyncs: {}", s.resyncs)?;
+    writeln!(f, "flood_unshadows: {}", s.flood_unshadows)?;
+    writeln!(f, "prefetched: {}", s.prefetched)?;
+    writeln!(f, "pool_pages_in_use: {}", s.pool_pages_in_use)?;
+    writeln!(f, "pool_pages_peak: {}", s.pool_pages_peak)?;
+    writeln!(f, "pool_reclaimed: {}", s.pool_reclaimed)?;
+    writeln!(f, "root_hits: {}", s.root_hits)?;
+    writeln!(f, "root_misses: {}", s.root_misses)?;
+    writeln!(f, "zaps: {}", s.zaps)?;
+    writeln!(f, "pool_resets: {}", s.pool_resets)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }
 
@@ -138,6 +161,7 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_RUN,
     uapi::RVMM_GET_STATS,
     uapi::RVMM_INTERRUPT,
+    uapi::RVMM_SET_SHADOW_LIMITS,
     uapi::RVMM_SET_CPUID,
     uapi::RVMM_GET_MSRS,
     uapi::RVMM_SET_MSRS,
@@ -222,6 +246,10 @@ impl RvmmFile {
                 Ok(0)
             }
             uapi::RVMM_CREATE_VCPU => vm.create_vcpu(arg),
+            uapi::RVMM_SET_SHADOW_LIMITS => {
+                let l: uapi::ShadowLimits = read_struct(user)?;
+                vm.shadow.set_limits(&l).map(|_| 0)
+            }
             uapi::RVMM_GET_REGS => {
                 let (reader, writer) = user.reader_writer();
                 let mut r: uapi::VcpuRegs = read_from(reader)?;

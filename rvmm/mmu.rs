@@ -215,6 +215,12 @@ impl MemSlots {
 /// Guest-physical memory for the walker.
 pub(crate) struct GuestMem<'a>(pub(crate) &'a MemSlots);
 
+impl rvmm_core::mmu::pool::GuestPhys for GuestMem<'_> {
+    fn host_pa(&mut self, gpa: u64) -> Option<(u64, bool)> {
+        self.0.host_pa(gpa)
+    }
+}
+
 impl GuestMemory for GuestMem<'_> {
     fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
         let p = self.0.ptr(gpa, u64::from(size))?;
@@ -244,10 +250,10 @@ impl GuestMemory for GuestMem<'_> {
 }
 
 /// A zeroed page below 4 GiB, freed on drop.
-struct Dma32Page(ptr::NonNull<c_void>);
+pub(crate) struct Dma32Page(ptr::NonNull<c_void>);
 
 impl Dma32Page {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         // SAFETY: no preconditions; returns a fresh order-0 page or NULL.
         ptr::NonNull::new(unsafe { rvmm_alloc_page_dma32() })
             .map(Self)
@@ -266,6 +272,14 @@ impl Drop for Dma32Page {
 unsafe impl Send for Dma32Page {}
 // SAFETY: no interior access through `&Dma32Page`.
 unsafe impl Sync for Dma32Page {}
+
+impl Dma32Page {
+    /// Host-physical address of the page.
+    pub(crate) fn pa(&self) -> u64 {
+        // SAFETY: a page we own.
+        unsafe { rvmm_page_to_phys(self.0.as_ptr()) }
+    }
+}
 
 /// Shadow table pages, allocated when the vCPU is created (below 4 GiB, as a PAE root
 /// must be) and handed out without allocating on the #PF path.

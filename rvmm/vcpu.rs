@@ -157,7 +157,14 @@ pub(crate) struct VcpuInner {
     pending_exception: Option<(u8, Option<u32>)>,
     /// CPUID entries set by userspace (function, index, significant index, eax..edx).
     cpuid: KVec<uapi::CpuidEntry>,
-    // Shadow MMU.
+    // Shadow MMU: the VM's pool for 4-level paging (one vCPU), else a TLB-like shadow
+    // of this vCPU's own.
+    shadow: Arc<crate::shadow::Shadow>,
+    /// The pool root in use (pool::NIL when none) and the pool generation it is from.
+    proot: u32,
+    proot_gen: u64,
+    on_pool: bool,
+    slots_changed: bool,
     pool: Pool,
     root: Option<Root>,
     mode: PagingMode,
@@ -289,7 +296,7 @@ const SEGS: [(u32, u32, u32, u32); 8] = [
 ];
 
 impl Vcpu {
-    pub(crate) fn new(id: u32) -> Result<Arc<Self>> {
+    pub(crate) fn new(id: u32, shadow: Arc<crate::shadow::Shadow>) -> Result<Arc<Self>> {
         let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
         let vmcs = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
         let rev = basic.revision_id().to_ne_bytes();
@@ -352,6 +359,11 @@ impl Vcpu {
             pending_irq: None,
             pending_exception: None,
             cpuid: KVec::new(),
+            shadow,
+            proot: rvmm_core::mmu::pool::NIL,
+            proot_gen: 0,
+            on_pool: false,
+            slots_changed: false,
             pool: Pool::new(POOL_PAGES)?,
             root: None,
             mode: PagingMode::None,
@@ -506,6 +518,7 @@ impl Vcpu {
         if slots.generation != g.slots.generation {
             g.slots = slots;
             g.need_reset = true;
+            g.slots_changed = true;
         }
         g.complete_pending(run);
         // SAFETY: `run` points at our run page (see `run_ptr`); userspace may write it
@@ -823,6 +836,13 @@ impl VcpuInner {
     /// Drops the whole shadow and makes an empty root (a full TLB flush). The VMCS must
     /// be current.
     pub(crate) fn reset_shadow(&mut self) -> bool {
+        if self.mode == PagingMode::Long4 && self.shadow.usable() {
+            if self.load_pool_root() {
+                return true;
+            }
+        } else if self.on_pool {
+            self.leave_pool();
+        }
         self.pool.reset();
         self.stats.shadow_resets += 1;
         self.large_mapped = false;
@@ -843,6 +863,60 @@ impl VcpuInner {
                 false
             }
         }
+    }
+
+    /// MOV CR3 (or a flushing paging change) under 4-level paging: the root for CR3
+    /// from the VM's pool, out-of-sync shadows brought up to date. The VMCS must be
+    /// current.
+    fn load_pool_root(&mut self) -> bool {
+        let ctx = self.perm_ctx();
+        let slots = self.slots.clone();
+        let shadow = self.shadow.clone();
+        let mut guard = shadow.pool.lock();
+        let Some(storage) = guard.as_deref_mut() else {
+            return false;
+        };
+        let mut pool = storage.pool();
+        if core::mem::take(&mut self.slots_changed) {
+            // Host frames may have changed under every shadow.
+            pool.reset();
+        }
+        let prev = if self.on_pool && self.proot_gen == pool.st.generation {
+            self.proot
+        } else {
+            rvmm_core::mmu::pool::NIL
+        };
+        let mut mem = crate::mmu::GuestMem(&slots);
+        let root = match pool.load_root(&mut mem, self.cr3, &ctx, prev) {
+            Ok(r) => r,
+            Err(_) => {
+                pool.reset();
+                self.stats.shadow_resets += 1;
+                match pool.load_root(&mut mem, self.cr3, &ctx, rvmm_core::mmu::pool::NIL) {
+                    Ok(r) => r,
+                    Err(_) => return false,
+                }
+            }
+        };
+        self.proot = root;
+        self.proot_gen = pool.st.generation;
+        vmw(guest::CR3, pool.root_pa(root));
+        self.on_pool = true;
+        self.need_reset = false;
+        true
+    }
+
+    /// Leaves the pool (the guest left 4-level paging).
+    fn leave_pool(&mut self) {
+        let shadow = self.shadow.clone();
+        if let Some(storage) = shadow.pool.lock().as_deref_mut() {
+            let mut pool = storage.pool();
+            if self.proot_gen == pool.st.generation {
+                pool.put_root(self.proot);
+            }
+        }
+        self.proot = rvmm_core::mmu::pool::NIL;
+        self.on_pool = false;
     }
 
     /// Moves RIP past a port I/O instruction that exited to userspace at `rip`, unless

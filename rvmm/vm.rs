@@ -8,6 +8,7 @@ use kernel::{new_mutex, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_uapi as uapi;
 
 use crate::mmu::MemSlots;
+use crate::shadow::Shadow;
 use crate::vcpu::Vcpu;
 
 #[pin_data]
@@ -16,15 +17,25 @@ pub(crate) struct Vm {
     slots: Mutex<Arc<MemSlots>>,
     #[pin]
     vcpus: Mutex<[Option<Arc<Vcpu>>; uapi::RVMM_MAX_VCPUS as usize]>,
+    /// The shadow page pool and CR3 cache.
+    pub(crate) shadow: Arc<Shadow>,
 }
 
 impl Vm {
     pub(crate) fn new() -> Result<Arc<Self>> {
         let slots = Arc::new(MemSlots::new(), GFP_KERNEL)?;
+        let shadow = Arc::pin_init(
+            Shadow::new(
+                crate::module_parameters::shadow_pages.value(),
+                crate::module_parameters::shadow_roots.value(),
+            ),
+            GFP_KERNEL,
+        )?;
         Arc::pin_init(
             pin_init!(Self {
                 slots <- new_mutex!(slots),
                 vcpus <- new_mutex!([const { None }; uapi::RVMM_MAX_VCPUS as usize]),
+                shadow,
             }),
             GFP_KERNEL,
         )
@@ -55,7 +66,9 @@ impl Vm {
         if vcpus[id].is_some() {
             return Err(EEXIST);
         }
-        vcpus[id] = Some(Vcpu::new(id as u32)?);
+        let vcpu = Vcpu::new(id as u32, self.shadow.clone())?;
+        self.shadow.vcpu_added()?;
+        vcpus[id] = Some(vcpu);
         Ok(id as isize)
     }
 
@@ -73,6 +86,19 @@ impl Vm {
         for v in vcpus.iter() {
             v.add_stats(&mut out);
         }
+        let p = self.shadow.stats();
+        out.pt_writes = p.pt_writes;
+        out.unsyncs = p.unsyncs;
+        out.resyncs = p.resyncs;
+        out.flood_unshadows = p.flood_unshadows;
+        out.prefetched = p.prefetched;
+        out.pool_pages_in_use = p.pages_in_use;
+        out.pool_pages_peak = p.pages_peak;
+        out.pool_reclaimed = p.reclaimed;
+        out.root_hits = p.root_hits;
+        out.root_misses = p.root_misses;
+        out.zaps = p.zaps;
+        out.pool_resets = p.resets;
         Ok(out)
     }
 

@@ -11,6 +11,7 @@ use rvmm_core::exit::{
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::shadow::OutOfTables;
+use rvmm_core::mmu::pool::Fix as PoolFix;
 use rvmm_core::mmu::{spte, walker, Access, PermCtx};
 use rvmm_uapi as uapi;
 use x86::msr;
@@ -191,7 +192,7 @@ impl VcpuInner {
         self.inject(vec, ec)
     }
 
-    fn perm_ctx(&self) -> PermCtx {
+    pub(super) fn perm_ctx(&self) -> PermCtx {
         PermCtx {
             wp: self.cr0 & CR0_WP != 0,
             smep: self.cr4 & CR4_SMEP != 0,
@@ -208,6 +209,9 @@ impl VcpuInner {
     fn page_fault(&mut self, run: *mut uapi::Run, gva: u64, ec: u32) -> Next {
         let access = Access::from_error_code(ec);
         let ctx = self.perm_ctx();
+        if self.on_pool {
+            return self.pool_fault(run, gva, ec, access, &ctx);
+        }
         let slots = self.slots.clone();
         let w = walker::walk(
             &mut GuestMem(&slots),
@@ -368,7 +372,129 @@ impl VcpuInner {
         root.map(&mut self.pool, gva & !0xfff, leaf)
     }
 
-    fn invlpg(&mut self, _run: *mut uapi::Run, gva: u64) -> Next {
+    /// A #PF under the VM's pool: sync the missing entry (or report the guest's fault,
+    /// or MMIO).
+    fn pool_fault(
+        &mut self,
+        run: *mut uapi::Run,
+        gva: u64,
+        ec: u32,
+        access: Access,
+        ctx: &PermCtx,
+    ) -> Next {
+        let slots = self.slots.clone();
+        let shadow = self.shadow.clone();
+        let fix = {
+            let mut guard = shadow.pool.lock();
+            let Some(storage) = guard.as_deref_mut() else {
+                return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [gva, 1, 0, 0]);
+            };
+            let mut pool = storage.pool();
+            if pool.st.generation != self.proot_gen {
+                None
+            } else {
+                Some(pool.page_fault(
+                    &mut GuestMem(&slots),
+                    self.proot,
+                    self.cr3,
+                    gva,
+                    access,
+                    ctx,
+                ))
+            }
+        };
+        match fix {
+            // The pool was reset (full): load the root again and retry the access.
+            None | Some(Err(_)) => {
+                if let Some(Err(_)) = fix {
+                    if let Some(storage) = shadow.pool.lock().as_deref_mut() {
+                        storage.pool().reset();
+                    }
+                    self.stats.shadow_resets += 1;
+                }
+                if !self.reset_shadow() {
+                    return self.internal_error(
+                        run,
+                        uapi::RVMM_INTERNAL_NO_SHADOW,
+                        [gva, 0, vmr(guest::RIP), 0],
+                    );
+                }
+                Next::Fast
+            }
+            Some(Ok(PoolFix::Mapped)) => {
+                self.stats.shadow_faults += 1;
+                let rip = vmr(guest::RIP);
+                if (gva, rip) == self.last_fault {
+                    self.repeat_faults += 1;
+                    if self.repeat_faults > 64 {
+                        self.repeat_faults = 0;
+                        kernel::pr_err!(
+                            "shadow fault loop (pool): gva {:#x} ec {:#x} rip {:#x}\n",
+                            gva,
+                            ec,
+                            rip
+                        );
+                        return self.internal_error(
+                            run,
+                            uapi::RVMM_INTERNAL_NO_SHADOW,
+                            [gva, u64::from(ec), rip, 0],
+                        );
+                    }
+                } else {
+                    self.last_fault = (gva, rip);
+                    self.repeat_faults = 0;
+                }
+                Next::Fast
+            }
+            Some(Ok(PoolFix::GuestFault(f))) => {
+                if let Some(table) = f.unbacked_table {
+                    return self.internal_error(
+                        run,
+                        uapi::RVMM_INTERNAL_EMULATION,
+                        [table, gva, vmr(guest::RIP), 1],
+                    );
+                }
+                self.stats.guest_faults += 1;
+                self.cr2 = gva;
+                self.inject(vector::PF, Some(f.error_code))
+            }
+            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(run, gpa, ctx),
+        }
+    }
+
+    fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
+        if self.on_pool {
+            let slots = self.slots.clone();
+            let shadow = self.shadow.clone();
+            let ctx = self.perm_ctx();
+            // 0: done; 1: the root is from an older pool generation; 2: the pool is full.
+            let outcome = match shadow.pool.lock().as_deref_mut() {
+                Some(storage) => {
+                    let mut pool = storage.pool();
+                    if pool.st.generation != self.proot_gen {
+                        1
+                    } else if pool
+                        .invlpg(&mut GuestMem(&slots), self.proot, gva, &ctx)
+                        .is_err()
+                    {
+                        pool.reset();
+                        2
+                    } else {
+                        0
+                    }
+                }
+                None => 1,
+            };
+            if outcome != 0 && !self.reset_shadow() {
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_NO_SHADOW,
+                    [gva, 0, vmr(guest::RIP), 2],
+                );
+            }
+            self.skip_instruction();
+            return Next::Fast;
+        }
         if self.large_mapped {
             // A large guest page is shadowed by many 4-KiB entries: flush everything.
             self.reset_shadow();

@@ -459,22 +459,27 @@ abi_struct! {
         /// Shadow page pool (4-level guests): guest writes to write-protected page
         /// tables.
         pub pt_writes: u64 => "__u64 pt_writes",
-        /// Pool: shadow pages that went out of sync, and that were resynced.
+        /// Pool: shadow pages that went out of sync.
         pub unsyncs: u64 => "__u64 unsyncs",
+        /// Pool: shadow pages brought back in sync.
         pub resyncs: u64 => "__u64 resyncs",
         /// Pool: guest tables unshadowed for write flooding.
         pub flood_unshadows: u64 => "__u64 flood_unshadows",
         /// Pool: entries filled ahead of a fault.
         pub prefetched: u64 => "__u64 prefetched",
-        /// Pool: pages in use now, at most, and reclaimed (least recently used).
+        /// Pool: pages in use now.
         pub pool_pages_in_use: u64 => "__u64 pool_pages_in_use",
+        /// Pool: most pages in use at once.
         pub pool_pages_peak: u64 => "__u64 pool_pages_peak",
+        /// Pool: pages reclaimed (least recently used, not a cached root).
         pub pool_reclaimed: u64 => "__u64 pool_reclaimed",
-        /// Pool: CR3 loads that found their root cached, and that built one.
+        /// Pool: CR3 loads that found their root in the pool.
         pub root_hits: u64 => "__u64 root_hits",
+        /// Pool: CR3 loads that built a new root.
         pub root_misses: u64 => "__u64 root_misses",
-        /// Pool: shadow pages zapped, and whole-pool resets.
+        /// Pool: shadow pages zapped (reclaim, flooding, resets).
         pub zaps: u64 => "__u64 zaps",
+        /// Pool: whole-pool resets (pool full, memory map changed).
         pub pool_resets: u64 => "__u64 pool_resets",
     }
 }

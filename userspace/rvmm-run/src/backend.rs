@@ -105,6 +105,15 @@ impl Backend for RvmmBackend {
         v.push(("shadow_resets".into(), s.shadow_resets));
         v.push(("shadow_pages_allocated".into(), s.shadow_pages_allocated));
         v.push(("mmio_exits".into(), s.mmio_exits));
+        v.push(("pt_writes".into(), s.pt_writes));
+        v.push(("unsyncs".into(), s.unsyncs));
+        v.push(("resyncs".into(), s.resyncs));
+        v.push(("flood_unshadows".into(), s.flood_unshadows));
+        v.push(("prefetched".into(), s.prefetched));
+        v.push(("pool_reclaimed".into(), s.pool_reclaimed));
+        v.push(("root_hits".into(), s.root_hits));
+        v.push(("root_misses".into(), s.root_misses));
+        v.push(("zaps".into(), s.zaps));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

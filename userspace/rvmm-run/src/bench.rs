@@ -241,6 +241,15 @@ fn shown(counter: &str) -> bool {
         || matches!(
             counter,
             "shadow_faults"
+                | "pt_writes"
+                | "unsyncs"
+                | "resyncs"
+                | "flood_unshadows"
+                | "prefetched"
+                | "root_hits"
+                | "root_misses"
+                | "pool_reclaimed"
+                | "zaps"
                 | "guest_page_faults"
                 | "shadow_resets"
                 | "shadow_pages_allocated"

@@ -361,6 +361,24 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         "rvmm-run: shadow pages allocated {}, peak {}, exits to userspace {}",
         s.shadow_pages_allocated, s.shadow_pages_peak, s.user_exits
     );
+    eprintln!(
+        "rvmm-run: pool: root cache hits {}, misses {}; page-table writes {}, unsyncs {}, \
+         resyncs {}, flood unshadows {}, prefetched {}; pages in use {}, peak {}, \
+         reclaimed {}; zaps {}, resets {}; MMIO exits {}",
+        s.root_hits,
+        s.root_misses,
+        s.pt_writes,
+        s.unsyncs,
+        s.resyncs,
+        s.flood_unshadows,
+        s.prefetched,
+        s.pool_pages_in_use,
+        s.pool_pages_peak,
+        s.pool_reclaimed,
+        s.zaps,
+        s.pool_resets,
+        s.mmio_exits
+    );
 }
 
 /// The architectural state a run ends in, on one line: the general registers, RIP,

@@ -111,8 +111,11 @@ impl Role {
 pub struct Sp {
     /// Guest frame of the shadowed table (first frame covered, when direct).
     pub gfn: u64,
+    /// What it shadows besides the frame.
     pub role: Role,
+    /// In use (else on the free list).
     pub valid: bool,
+    /// Out of sync with the guest table (the table is writable).
     pub unsync: bool,
     /// Unsyncs since the last walk through this table.
     pub flood: u8,
@@ -172,13 +175,15 @@ pub struct PoolStats {
     pub flood_unshadows: u64,
     /// Entries filled ahead of a fault.
     pub prefetched: u64,
-    /// Shadow pages in use now, and at most.
+    /// Shadow pages in use now.
     pub pages_in_use: u64,
+    /// Most shadow pages in use at once.
     pub pages_peak: u64,
     /// Shadow pages reclaimed (least recently used) to make room.
     pub reclaimed: u64,
-    /// CR3 loads that found their root, and that built one.
+    /// CR3 loads that found their root in the pool.
     pub root_hits: u64,
+    /// CR3 loads that built a new root.
     pub root_misses: u64,
     /// Shadow pages zapped (reclaim, flooding, reset).
     pub zaps: u64,
@@ -201,10 +206,12 @@ pub struct State {
     pub max_roots: usize,
     /// Bumped by [`Pool::reset`]: a vCPU whose root is older must load it again.
     pub generation: u64,
+    /// Counters.
     pub stats: PoolStats,
 }
 
 impl State {
+    /// A pool state whose root cache keeps `max_roots` roots (1 to [`MAX_ROOTS`]).
     pub const fn new(max_roots: usize) -> Self {
         Self {
             free_sp: NIL,
@@ -271,20 +278,33 @@ pub enum Fix {
     /// The guest's own tables refuse the access: inject this #PF.
     GuestFault(WalkFault),
     /// The page is not RAM (or a write to read-only RAM): emulate the access.
-    Mmio { gpa: u64, walk: Walk },
+    Mmio {
+        /// The guest-physical address accessed.
+        gpa: u64,
+        /// The guest's translation.
+        walk: Walk,
+    },
 }
 
 /// The pool over its storage. The arrays are sized at creation: `sps` one per table
 /// page, `buckets` and `rbuckets` powers of two, `links` and `rmaps` as many nodes as
 /// parent links and leaf entries may exist, `unsync` one per table page.
 pub struct Pool<'a, T: Tables> {
+    /// Shadow page metadata, one per table page.
     pub sps: &'a mut [Sp],
+    /// Hash of shadow pages by guest frame.
     pub buckets: &'a mut [u32],
+    /// Parent-link nodes.
     pub links: &'a mut [Link],
+    /// Rmap nodes (leaf entries by host frame).
     pub rmaps: &'a mut [Rmap],
+    /// Hash of rmap nodes by host frame.
     pub rbuckets: &'a mut [u32],
+    /// The out-of-sync shadow pages.
     pub unsync: &'a mut [u32],
+    /// Scalar state and counters.
     pub st: &'a mut State,
+    /// The table pages.
     pub tables: &'a mut T,
 }
 

@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The VM's shadow page pool and CR3 cache: the storage of `rvmm_core::mmu::pool`,
+//! allocated once when the VM's first vCPU is created, behind a spinlock that the
+//! vCPUs take with interrupts off (on #PF, MOV CR3 and INVLPG exits). Nothing on those
+//! paths allocates.
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use kernel::{new_mutex, new_spinlock, prelude::*, sync::Mutex, sync::SpinLock};
+use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
+use rvmm_uapi as uapi;
+
+use crate::ffi::rvmm_pa_to_va;
+use crate::mmu::Dma32Page;
+
+/// The pool's table pages: DMA32 pages (any host-physical address works for a 4-level
+/// root, but the vCPU's PAE roots share the allocator), and a hash from host-physical
+/// address back to the page index.
+pub(crate) struct PoolTables {
+    _pages: KVVec<Dma32Page>,
+    pas: KVVec<u64>,
+    by_pa: KVVec<u32>,
+}
+
+impl PoolTables {
+    fn new(n: usize) -> Result<Self> {
+        let mut pages = KVVec::with_capacity(n, GFP_KERNEL)?;
+        let mut pas = KVVec::with_capacity(n, GFP_KERNEL)?;
+        let mut by_pa = KVVec::new();
+        by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL)?;
+        for i in 0..n {
+            let p = Dma32Page::new()?;
+            let pa = p.pa();
+            pas.push(pa, GFP_KERNEL)?;
+            pages.push(p, GFP_KERNEL)?;
+            let mask = by_pa.len() - 1;
+            let mut h = Self::slot(pa, mask);
+            while by_pa[h] != NIL {
+                h = (h + 1) & mask;
+            }
+            by_pa[h] = i as u32;
+        }
+        Ok(Self {
+            _pages: pages,
+            pas,
+            by_pa,
+        })
+    }
+
+    fn slot(pa: u64, mask: usize) -> usize {
+        ((pa >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & mask
+    }
+}
+
+impl Tables for PoolTables {
+    fn table(&mut self, i: u32) -> &mut [u64; 512] {
+        // SAFETY: `pas[i]` is a 4-KiB page this struct owns, reachable through the direct
+        // map; `&mut self` makes the reference exclusive (the pool is behind a lock).
+        unsafe { &mut *rvmm_pa_to_va(self.pas[i as usize]).cast::<[u64; 512]>() }
+    }
+    fn pa(&self, i: u32) -> u64 {
+        self.pas[i as usize]
+    }
+    fn index(&self, pa: u64) -> u32 {
+        let mask = self.by_pa.len() - 1;
+        let mut h = Self::slot(pa, mask);
+        loop {
+            let i = self.by_pa[h];
+            if i == NIL || self.pas[i as usize] == pa {
+                return i;
+            }
+            h = (h + 1) & mask;
+        }
+    }
+}
+
+/// The pool's storage.
+pub(crate) struct ShadowPool {
+    sps: KVVec<Sp>,
+    buckets: KVVec<u32>,
+    links: KVVec<Link>,
+    rmaps: KVVec<Rmap>,
+    rbuckets: KVVec<u32>,
+    unsync: KVVec<u32>,
+    st: State,
+    tables: PoolTables,
+}
+
+impl ShadowPool {
+    fn new(pages: usize, roots: usize) -> Result<KBox<Self>> {
+        let mut p = KBox::new(
+            Self {
+                sps: KVVec::from_elem(Sp::default(), pages, GFP_KERNEL)?,
+                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), GFP_KERNEL)?,
+                links: KVVec::from_elem(Link::default(), pages * 8, GFP_KERNEL)?,
+                rmaps: KVVec::from_elem(Rmap::default(), pages * 64, GFP_KERNEL)?,
+                rbuckets: KVVec::from_elem(NIL, (pages * 16).next_power_of_two(), GFP_KERNEL)?,
+                unsync: KVVec::from_elem(NIL, pages, GFP_KERNEL)?,
+                st: State::new(roots),
+                tables: PoolTables::new(pages)?,
+            },
+            GFP_KERNEL,
+        )?;
+        p.pool().init();
+        Ok(p)
+    }
+
+    /// The pool over this storage.
+    pub(crate) fn pool(&mut self) -> Pool<'_, PoolTables> {
+        Pool {
+            sps: &mut self.sps,
+            buckets: &mut self.buckets,
+            links: &mut self.links,
+            rmaps: &mut self.rmaps,
+            rbuckets: &mut self.rbuckets,
+            unsync: &mut self.unsync,
+            st: &mut self.st,
+            tables: &mut self.tables,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        self.st.stats
+    }
+}
+
+/// A VM's shadow state: the pool (once a vCPU exists) and the limits it is made with.
+#[pin_data]
+pub(crate) struct Shadow {
+    #[pin]
+    pub(crate) pool: SpinLock<Option<KBox<ShadowPool>>>,
+    #[pin]
+    limits: Mutex<uapi::ShadowLimits>,
+    /// vCPUs of the VM. The pool serves a VM with one vCPU; with more, each vCPU keeps
+    /// its own TLB-like shadow (write protection across vCPUs needs remote kicks, which
+    /// rvmm does not do yet).
+    pub(crate) vcpus: AtomicU32,
+}
+
+impl Shadow {
+    pub(crate) fn new(pages: u32, roots: u32) -> impl PinInit<Self> {
+        pin_init!(Self {
+            pool <- new_spinlock!(None),
+            limits <- new_mutex!(uapi::ShadowLimits { pages, roots }),
+            vcpus: AtomicU32::new(0),
+        })
+    }
+
+    /// RVMM_SET_SHADOW_LIMITS: only before the pool exists.
+    pub(crate) fn set_limits(&self, l: &uapi::ShadowLimits) -> Result {
+        let mut limits = self.limits.lock();
+        if self.pool.lock().is_some() {
+            pr_info!("set shadow limits: the VM already has vCPUs; set limits before creating them\n");
+            return Err(EBUSY);
+        }
+        let pages = if l.pages == 0 { limits.pages } else { l.pages };
+        let roots = if l.roots == 0 { limits.roots } else { l.roots };
+        if !(64..=65536).contains(&pages) || !(1..=MAX_ROOTS as u32).contains(&roots) {
+            pr_info!(
+                "set shadow limits: pages {} (64..65536) or roots {} (1..{}) out of range\n",
+                pages,
+                roots,
+                MAX_ROOTS
+            );
+            return Err(EINVAL);
+        }
+        *limits = uapi::ShadowLimits { pages, roots };
+        Ok(())
+    }
+
+    /// A vCPU is being created: make the pool if this is the first.
+    pub(crate) fn vcpu_added(&self) -> Result {
+        let limits = self.limits.lock();
+        if self.pool.lock().is_none() {
+            let p = ShadowPool::new(limits.pages as usize, limits.roots as usize)?;
+            *self.pool.lock() = Some(p);
+        }
+        self.vcpus.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether vCPUs may use the pool.
+    pub(crate) fn usable(&self) -> bool {
+        self.vcpus.load(Ordering::Relaxed) == 1
+    }
+
+    /// The pool's counters (zero before a vCPU exists).
+    pub(crate) fn stats(&self) -> PoolStats {
+        self.pool
+            .lock()
+            .as_ref()
+            .map_or(PoolStats::default(), |p| p.stats())
+    }
+}
