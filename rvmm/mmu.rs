@@ -235,6 +235,19 @@ impl GuestMemory for GuestMem<'_> {
         })
     }
 
+    fn read_entries(&mut self, gpa: u64, out: &mut [u64]) -> bool {
+        let Some(p) = self.0.ptr(gpa, 8 * out.len() as u64) else {
+            return false;
+        };
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: `p` points at `out.len()` naturally aligned entries of a pinned
+            // guest page (`ptr` checked the range); the guest may change them
+            // concurrently, hence volatile reads.
+            *o = unsafe { ptr::read_volatile(p.cast::<u64>().add(i)) };
+        }
+        true
+    }
+
     fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
         if let Some(p) = self.0.ptr(gpa, u64::from(size)) {
             // SAFETY: as in `read_entry`; entries are naturally aligned.

@@ -114,6 +114,7 @@ impl Backend for RvmmBackend {
         v.push(("root_hits".into(), s.root_hits));
         v.push(("root_misses".into(), s.root_misses));
         v.push(("zaps".into(), s.zaps));
+        v.push(("pool_resets".into(), s.pool_resets));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

@@ -1037,6 +1037,12 @@ impl<T: Tables> Pool<'_, T> {
     ) -> Result<(), Full> {
         let s = self.sps[sp as usize];
         let first = index & !(PREFETCH - 1);
+        let mut ptes = [0u64; PREFETCH];
+        if !s.role.direct()
+            && !guest.read_entries((s.gfn << 12) + 8 * first as u64, &mut ptes)
+        {
+            return Ok(());
+        }
         for j in first..first + PREFETCH {
             if j == index || self.tables.table(sp)[j] & SPTE_P != 0 {
                 continue;
@@ -1054,10 +1060,12 @@ impl<T: Tables> Pool<'_, T> {
                     None => None,
                 }
             } else {
-                match guest.read_entry((s.gfn << 12) + 8 * j as u64, 8) {
-                    Some(pte) => self.leaf_from_pte(guest, s.role, pte, ctx),
-                    None => None,
+                let pte = ptes[j - first];
+                // Cheap test first: most misses are entries never accessed.
+                if pte & (PTE_P | PTE_A) != PTE_P | PTE_A {
+                    continue;
                 }
+                self.leaf_from_pte(guest, s.role, pte, ctx)
             };
             if let Some(l) = leaf {
                 self.set_entry(sp, j, l)?;
@@ -1068,7 +1076,8 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     /// INVLPG `gva` under root `root`: the upper-level shadows come back in sync (the
-    /// paging-structure caches are flushed) and `gva`'s shadow entry is dropped.
+    /// paging-structure caches are flushed) and `gva`'s shadow entry is refreshed from
+    /// the guest's PTE (dropped where it cannot be cached).
     pub fn invlpg(
         &mut self,
         guest: &mut impl GuestPhys,
@@ -1085,7 +1094,18 @@ impl<T: Tables> Pool<'_, T> {
                 return Ok(());
             }
             if level == 1 {
-                return self.set_entry(sp, index, 0);
+                // The entry comes back from the guest's current PTE (the path down to
+                // it is in sync), as KVM's invlpg does: no fault to refill it.
+                let s = self.sps[sp as usize];
+                let new = if s.role.direct() {
+                    0
+                } else {
+                    match guest.read_entry((s.gfn << 12) + 8 * index as u64, 8) {
+                        Some(pte) => self.leaf_from_pte(guest, s.role, pte, ctx).unwrap_or(0),
+                        None => 0,
+                    }
+                };
+                return self.set_entry(sp, index, new);
             }
             sp = self.tables.index(e & SPTE_ADDR);
         }

@@ -93,6 +93,17 @@ pub trait GuestMemory {
     fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64>;
     /// Writes back an entry whose accessed/dirty flags the walk set.
     fn write_entry(&mut self, gpa: u64, size: u8, value: u64);
+    /// Reads `out.len()` consecutive 8-byte entries from `gpa` (within one page);
+    /// false if the page is not guest RAM.
+    fn read_entries(&mut self, gpa: u64, out: &mut [u64]) -> bool {
+        for (i, o) in out.iter_mut().enumerate() {
+            match self.read_entry(gpa + 8 * i as u64, 8) {
+                Some(v) => *o = v,
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// A successful translation.

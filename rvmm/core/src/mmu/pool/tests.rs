@@ -403,9 +403,14 @@ fn invlpg_refreshes_the_page_it_names() {
     let mut m = Machine::new(64, 16);
     let gva = map_private(&mut m, 0);
     assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
-    m.write((TABLES + 2) << 12, ((DATA + 9) << 12) | P | RW | US);
+    // Accessed, so the entry can be cached: INVLPG refreshes it without a fault.
+    m.write((TABLES + 2) << 12, ((DATA + 9) << 12) | P | RW | US | A);
     m.invlpg(gva);
-    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 9) << 12));
+    assert_eq!(m.access(gva, rd()), (Ok((DATA + 9) << 12), true));
+    // Not accessed: dropped, and refilled by a fault that sets A.
+    m.write((TABLES + 2) << 12, ((DATA + 10) << 12) | P | RW | US);
+    m.invlpg(gva);
+    assert_eq!(m.access(gva, rd()), (Ok((DATA + 10) << 12), false));
 }
 
 #[test]
