@@ -142,6 +142,7 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "root_misses: {}", s.root_misses)?;
     writeln!(f, "zaps: {}", s.zaps)?;
     writeln!(f, "pool_resets: {}", s.pool_resets)?;
+    writeln!(f, "mmio_fast: {}", s.mmio_fast)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }
 

@@ -103,6 +103,9 @@ impl ShadowPool {
             GFP_KERNEL,
         )?;
         p.pool().init();
+        // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52.
+        let maxphy = core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff;
+        p.st.mmio_sptes = maxphy < 52;
         Ok(p)
     }
 
@@ -151,7 +154,9 @@ impl Shadow {
     pub(crate) fn set_limits(&self, l: &uapi::ShadowLimits) -> Result {
         let mut limits = self.limits.lock();
         if self.pool.lock().is_some() {
-            pr_info!("set shadow limits: the VM already has vCPUs; set limits before creating them\n");
+            pr_info!(
+                "set shadow limits: the VM already has vCPUs; set limits before creating them\n"
+            );
             return Err(EBUSY);
         }
         let pages = if l.pages == 0 { limits.pages } else { l.pages };

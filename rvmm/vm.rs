@@ -99,6 +99,7 @@ impl Vm {
         out.root_misses = p.root_misses;
         out.zaps = p.zaps;
         out.pool_resets = p.resets;
+        out.mmio_fast = p.mmio_fast;
         Ok(out)
     }
 

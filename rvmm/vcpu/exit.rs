@@ -10,8 +10,8 @@ use rvmm_core::exit::{
     combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, EXIT_REASON_FAILED_ENTRY,
 };
 use rvmm_core::mmu::mode::*;
-use rvmm_core::mmu::shadow::OutOfTables;
 use rvmm_core::mmu::pool::Fix as PoolFix;
+use rvmm_core::mmu::shadow::OutOfTables;
 use rvmm_core::mmu::{spte, walker, Access, PermCtx};
 use rvmm_uapi as uapi;
 use x86::msr;
@@ -210,6 +210,25 @@ impl VcpuInner {
         let access = Access::from_error_code(ec);
         let ctx = self.perm_ctx();
         if self.on_pool {
+            // A reserved-bit fault can only come from an MMIO entry of the pool: the
+            // guest-physical address is in it, no guest walk needed.
+            if ec & (1 << 3) != 0 {
+                let shadow = self.shadow.clone();
+                let gpa = match shadow.pool.lock().as_deref_mut() {
+                    Some(storage) => {
+                        let mut pool = storage.pool();
+                        if pool.st.generation == self.proot_gen {
+                            pool.mmio_fast(self.proot, gva, access, &ctx)
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(gpa) = gpa {
+                    return self.mmio(run, gpa, &ctx);
+                }
+            }
             return self.pool_fault(run, gva, ec, access, &ctx);
         }
         let slots = self.slots.clone();

@@ -85,6 +85,9 @@ fn main() {
             "guest_images_differential",
             vm_tests::guest_images_differential,
         );
+        suite.add("cr3_cache_warm_switch", vm_tests::cr3_cache_warm_switch);
+        suite.add("pool_fork_unsync_resync", vm_tests::pool_fork_unsync_resync);
+        suite.add("pool_table_reuse", vm_tests::pool_table_reuse);
         suite.add(
             "command_line_reaches_guest",
             vm_tests::command_line_reaches_guest,

@@ -200,6 +200,120 @@ pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
     result
 }
 
+/// Where the initramfs keeps the benchmark guests.
+const BENCH: &str = "/lib/rvmm/bench";
+
+/// `rvmm-run bench run IMAGE`: per scenario, the counters per operation.
+fn bench_counters(image: &str) -> Result<Vec<(String, Vec<(String, f64)>)>, String> {
+    let out = Command::new("rvmm-run")
+        .args(["bench", "run"])
+        .arg(Path::new(BENCH).join(image))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    check(out.status.success(), || {
+        format!(
+            "rvmm-run bench run {image}: {:?}: {}{text}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let mut v = Vec::new();
+    for line in text.lines() {
+        crate::ktap::diag(line);
+        // "rvmm SCENARIO ticks/op N ops N per op: k=v k=v ..."
+        let mut words = line.split_whitespace();
+        let (Some(_), Some(scenario)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let counters = line
+            .split_once("per op:")
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .filter_map(|kv| {
+                        let (k, x) = kv.split_once('=')?;
+                        Some((k.to_owned(), x.parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.push((scenario.to_owned(), counters));
+    }
+    Ok(v)
+}
+
+fn counter(c: &[(String, f64)], name: &str) -> f64 {
+    c.iter().find(|(k, _)| k == name).map_or(0.0, |(_, x)| *x)
+}
+
+/// The CR3 cache: after a warm-up, a switch among 1, 4, 16 and 64 address spaces is
+/// one exit (the MOV CR3), a root-cache hit, no shadow fault and no new root.
+pub fn cr3_cache_warm_switch(_: &Ctx) -> Outcome {
+    let results = bench_counters("cr3_64.elf")?;
+    check(results.len() == 4, || {
+        format!("{} results, want 4", results.len())
+    })?;
+    for (scenario, c) in &results {
+        check(
+            counter(c, "exits") == 1.0
+                && counter(c, "exit:CR access") == 1.0
+                && counter(c, "root_hits") == 1.0
+                && counter(c, "root_misses") == 0.0
+                && counter(c, "shadow_faults") == 0.0,
+            || format!("{scenario}: per switch {c:?}; want 1 exit (CR), 1 root hit, no fault"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Fork-like copy and write-protect of 4 MiB: the guest's writes to shadowed tables
+/// unsync them (no emulation), CR3 loads resync them, the roots are cache hits, and the
+/// guest sees its own 128 copy-on-write faults per fork.
+pub fn pool_fork_unsync_resync(_: &Ctx) -> Outcome {
+    let results = bench_counters("fork64.elf")?;
+    let (_, c) = results.first().ok_or("no result")?;
+    check(
+        counter(c, "pt_writes") >= 1.0
+            && counter(c, "unsyncs") >= 1.0
+            && counter(c, "resyncs") >= 1.0
+            && counter(c, "root_hits") >= 2.0
+            && counter(c, "root_misses") == 0.0
+            && counter(c, "guest_page_faults") == 128.0,
+        || format!("per fork {c:?}"),
+    )
+}
+
+/// Page tables reused as data are unshadowed (write flooding) and the guest still sees
+/// exactly what it wrote; a data page turned back into a table is shadowed again.
+pub fn pool_table_reuse(_: &Ctx) -> Outcome {
+    let out = Command::new("rvmm-run")
+        .args(["run", "--stats"])
+        .arg(Path::new(GUESTS).join("ptreuse64.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(stdout.ends_with("page table again: ok\n"), || {
+        format!("ptreuse64 printed {stdout:?}")
+    })?;
+    let pool = stderr
+        .lines()
+        .find(|l| l.starts_with("rvmm-run: pool:"))
+        .ok_or_else(|| format!("no pool counters in {stderr}"))?;
+    crate::ktap::diag(pool);
+    let field = |name: &str| -> u64 {
+        pool.split(name)
+            .nth(1)
+            .and_then(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    check(
+        field("flood unshadows") >= 1 && field("page-table writes") >= 1,
+        || format!("want flood unshadows and page-table writes: {pool}"),
+    )
+}
+
 /// rvmm-run's --append reaches the guest (hello64 echoes it).
 pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")

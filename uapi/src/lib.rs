@@ -481,6 +481,8 @@ abi_struct! {
         pub zaps: u64 => "__u64 zaps",
         /// Pool: whole-pool resets (pool full, memory map changed).
         pub pool_resets: u64 => "__u64 pool_resets",
+        /// MMIO exits resolved from a cached MMIO entry, without a guest walk.
+        pub mmio_fast: u64 => "__u64 mmio_fast",
     }
 }
 
@@ -761,11 +763,7 @@ pub const IOCTLS: &[(&str, u32, &str)] = &[
         RVMM_SET_SREGS,
         "_IOW(RVMM_IOCTL_TYPE, 0x16, struct rvmm_vcpu_sregs)",
     ),
-    (
-        "RVMM_RUN",
-        RVMM_RUN,
-        "_IO(RVMM_IOCTL_TYPE, 0x17)",
-    ),
+    ("RVMM_RUN", RVMM_RUN, "_IO(RVMM_IOCTL_TYPE, 0x17)"),
     (
         "RVMM_GET_STATS",
         RVMM_GET_STATS,

@@ -95,12 +95,7 @@ fn structs() -> Vec<(&'static str, &'static [CField], &'static [usize], usize)> 
             ExitInternal::offsets(),
             size_of::<ExitInternal>(),
         ),
-        (
-            Run::C_NAME,
-            Run::C_FIELDS,
-            Run::offsets(),
-            size_of::<Run>(),
-        ),
+        (Run::C_NAME, Run::C_FIELDS, Run::offsets(), size_of::<Run>()),
         (
             VmStats::C_NAME,
             VmStats::C_FIELDS,

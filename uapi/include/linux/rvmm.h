@@ -214,6 +214,7 @@ struct rvmm_vm_stats {
 	__u64 root_misses;
 	__u64 zaps;
 	__u64 pool_resets;
+	__u64 mmio_fast;
 };
 
 struct rvmm_shadow_limits {

@@ -115,6 +115,7 @@ impl Backend for RvmmBackend {
         v.push(("root_misses".into(), s.root_misses));
         v.push(("zaps".into(), s.zaps));
         v.push(("pool_resets".into(), s.pool_resets));
+        v.push(("mmio_fast".into(), s.mmio_fast));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

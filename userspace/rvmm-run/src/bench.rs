@@ -250,6 +250,8 @@ fn shown(counter: &str) -> bool {
                 | "root_misses"
                 | "pool_reclaimed"
                 | "zaps"
+                | "mmio_exits"
+                | "mmio_fast"
                 | "guest_page_faults"
                 | "shadow_resets"
                 | "shadow_pages_allocated"

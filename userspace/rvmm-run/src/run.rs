@@ -364,7 +364,7 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
     eprintln!(
         "rvmm-run: pool: root cache hits {}, misses {}; page-table writes {}, unsyncs {}, \
          resyncs {}, flood unshadows {}, prefetched {}; pages in use {}, peak {}, \
-         reclaimed {}; zaps {}, resets {}; MMIO exits {}",
+         reclaimed {}; zaps {}, resets {}; MMIO exits {} ({} without a guest walk)",
         s.root_hits,
         s.root_misses,
         s.pt_writes,
@@ -377,7 +377,8 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         s.pool_reclaimed,
         s.zaps,
         s.pool_resets,
-        s.mmio_exits
+        s.mmio_exits,
+        s.mmio_fast
     );
 }
 

@@ -38,6 +38,15 @@ pub const FLOOD_LIMIT: u8 = 3;
 /// Neighbouring entries filled on a fault (an aligned group of this many).
 pub const PREFETCH: usize = 8;
 
+/// A shadow entry for a page that is not RAM: present with bit 51 set, reserved while
+/// MAXPHYADDR < 52, so an access faults with the RSVD error-code bit and the hypervisor
+/// finds the guest-physical address in the entry instead of walking the guest's tables.
+pub const SPTE_MMIO: u64 = 1 << 51;
+/// The guest rights of an MMIO entry (ignored bits): writable, user, execute-disable.
+const MMIO_W: u64 = 1 << 52;
+const MMIO_U: u64 = 1 << 53;
+const MMIO_NX: u64 = 1 << 54;
+
 const PTE_P: u64 = 1;
 const PTE_RW: u64 = 1 << 1;
 const PTE_US: u64 = 1 << 2;
@@ -189,6 +198,8 @@ pub struct PoolStats {
     pub zaps: u64,
     /// Whole-pool resets.
     pub resets: u64,
+    /// MMIO accesses resolved from an MMIO entry, without a guest walk.
+    pub mmio_fast: u64,
 }
 
 /// The pool's scalar state.
@@ -206,6 +217,8 @@ pub struct State {
     pub max_roots: usize,
     /// Bumped by [`Pool::reset`]: a vCPU whose root is older must load it again.
     pub generation: u64,
+    /// Make MMIO entries ([`SPTE_MMIO`]): only where bit 51 is reserved.
+    pub mmio_sptes: bool,
     /// Counters.
     pub stats: PoolStats,
 }
@@ -230,6 +243,7 @@ impl State {
                 max_roots
             },
             generation: 0,
+            mmio_sptes: false,
             stats: PoolStats {
                 faults_fixed: 0,
                 pt_writes: 0,
@@ -244,6 +258,7 @@ impl State {
                 root_misses: 0,
                 zaps: 0,
                 resets: 0,
+                mmio_fast: 0,
             },
         }
     }
@@ -577,6 +592,9 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Forgets what entry `index` of `sp` (value `e`, present) links or maps.
     fn drop_entry(&mut self, sp: u32, index: usize, e: u64) {
+        if e & SPTE_MMIO != 0 {
+            return;
+        }
         if self.is_leaf(sp) {
             self.rmap_remove(e & SPTE_ADDR, at(sp, index));
         } else {
@@ -592,7 +610,11 @@ impl<T: Tables> Pool<'_, T> {
             return Ok(());
         }
         if old & SPTE_P != 0 {
-            if self.is_leaf(sp) && new & SPTE_P != 0 && (old ^ new) & SPTE_ADDR == 0 {
+            if self.is_leaf(sp)
+                && new & SPTE_P != 0
+                && (old ^ new) & (SPTE_ADDR | SPTE_MMIO) == 0
+                && new & SPTE_MMIO == 0
+            {
                 // Same frame, other rights.
                 self.tables.table(sp)[index] = new;
                 return Ok(());
@@ -601,7 +623,9 @@ impl<T: Tables> Pool<'_, T> {
         }
         self.tables.table(sp)[index] = 0;
         if new & SPTE_P != 0 {
-            if self.is_leaf(sp) {
+            if new & SPTE_MMIO != 0 {
+                // No host frame: nothing to write-protect.
+            } else if self.is_leaf(sp) {
                 self.rmap_add(new & SPTE_ADDR, at(sp, index))?;
             } else {
                 let child = self.tables.index(new & SPTE_ADDR);
@@ -995,6 +1019,15 @@ impl<T: Tables> Pool<'_, T> {
             }
         }
         let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
+            if self.st.mmio_sptes && w.gpa < SPTE_MMIO {
+                let e = SPTE_P
+                    | SPTE_MMIO
+                    | (w.gpa & SPTE_ADDR)
+                    | if w.rw_all { MMIO_W } else { 0 }
+                    | if w.user { MMIO_U } else { 0 }
+                    | if w.nx { MMIO_NX } else { 0 };
+                self.set_entry(sp, index_of(gva, 1), e)?;
+            }
             return Ok(Fix::Mmio {
                 gpa: w.gpa,
                 walk: *w,
@@ -1038,9 +1071,7 @@ impl<T: Tables> Pool<'_, T> {
         let s = self.sps[sp as usize];
         let first = index & !(PREFETCH - 1);
         let mut ptes = [0u64; PREFETCH];
-        if !s.role.direct()
-            && !guest.read_entries((s.gfn << 12) + 8 * first as u64, &mut ptes)
-        {
+        if !s.role.direct() && !guest.read_entries((s.gfn << 12) + 8 * first as u64, &mut ptes) {
             return Ok(());
         }
         for j in first..first + PREFETCH {
@@ -1110,6 +1141,39 @@ impl<T: Tables> Pool<'_, T> {
             sp = self.tables.index(e & SPTE_ADDR);
         }
         Ok(())
+    }
+
+    /// A #PF with the RSVD bit: the guest-physical address of `gva` if its shadow entry
+    /// is an MMIO entry whose cached guest rights allow `access` (else the slow path
+    /// decides, with a full walk).
+    pub fn mmio_fast(&mut self, root: u32, gva: u64, access: Access, ctx: &PermCtx) -> Option<u64> {
+        let mut sp = root;
+        for level in (1..=4).rev() {
+            let e = self.tables.table(sp)[index_of(gva, level)];
+            if e & SPTE_P == 0 {
+                return None;
+            }
+            if level == 1 {
+                if e & SPTE_MMIO == 0 {
+                    return None;
+                }
+                let (w, u, nx) = (e & MMIO_W != 0, e & MMIO_U != 0, e & MMIO_NX != 0);
+                let denied = if access.user {
+                    !u || (access.write && !w) || (access.fetch && nx)
+                } else if access.fetch {
+                    nx || (u && ctx.smep)
+                } else {
+                    (u && ctx.smap && !ctx.ac) || (access.write && !w && ctx.wp)
+                };
+                if denied {
+                    return None;
+                }
+                self.st.stats.mmio_fast += 1;
+                return Some((e & SPTE_ADDR & !SPTE_MMIO) | (gva & 0xfff));
+            }
+            sp = self.tables.index(e & SPTE_ADDR);
+        }
+        None
     }
 
     /// Number of shadows out of sync now.

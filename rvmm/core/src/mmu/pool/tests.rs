@@ -168,15 +168,19 @@ fn reference(
 }
 
 /// The CPU over the shadow: CR0.WP = 1, EFER.NXE = 1, CR4.SMEP/SMAP as the guest has
-/// them. Host-physical address of the access, or a fault.
-fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> Option<u64> {
+/// them, MAXPHYADDR 46. Host-physical address of the access, or a fault (Err(true) for
+/// a reserved-bit fault).
+fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> Result<u64, bool> {
     let mut table = root_pa;
     let (mut rw, mut us, mut nx) = (true, true, false);
     for level in (1..=4u8).rev() {
         let i = t.index(table);
         let e = t.table(i)[index_of(gva, level)];
         if e & SPTE_P == 0 {
-            return None;
+            return Err(false);
+        }
+        if e & !((1u64 << 46) - 1) & ((1 << 52) - 1) != 0 {
+            return Err(true);
         }
         rw &= e & SPTE_RW != 0;
         us &= e & SPTE_US != 0;
@@ -190,7 +194,11 @@ fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> 
     } else {
         (us && ctx.smap && !ctx.ac) || (acc.write && !rw)
     };
-    (!denied).then_some(table | (gva & 0xfff))
+    if denied {
+        Err(false)
+    } else {
+        Ok(table | (gva & 0xfff))
+    }
 }
 
 struct Machine {
@@ -216,8 +224,10 @@ impl Machine {
         for r in ROOTS..ROOTS + NROOTS {
             g.mem[(r * 512) as usize] = (1 << 12) | P | RW;
         }
+        let mut store = Store::new(pages, roots);
+        store.st.mmio_sptes = true;
         let mut m = Self {
-            s: Store::new(pages, roots),
+            s: store,
             g,
             cr3: ROOTS << 12,
             root: NIL,
@@ -256,8 +266,14 @@ impl Machine {
                 self.load_cr3(self.cr3);
             }
             let root_pa = self.s.pool().root_pa(self.root);
-            if let Some(hpa) = hw(&mut self.s.tables, root_pa, gva, acc, &self.ctx) {
-                return (Ok(hpa - HOST_OFF), tries == 0);
+            match hw(&mut self.s.tables, root_pa, gva, acc, &self.ctx) {
+                Ok(hpa) => return (Ok(hpa - HOST_OFF), tries == 0),
+                Err(true) => {
+                    if let Some(gpa) = self.s.pool().mmio_fast(self.root, gva, acc, &self.ctx) {
+                        return (Ok(gpa), tries == 0);
+                    }
+                }
+                Err(false) => {}
             }
             match self
                 .s
@@ -681,4 +697,30 @@ fn prefetch_never_maps_a_shadowed_table_writable() {
         before + 1,
         "the PT write did not trap"
     );
+}
+
+#[test]
+fn repeated_mmio_takes_no_walk() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    // PTE 1: a page beyond guest RAM (a device).
+    m.g.mem[(pt * 512 + 1) as usize] = ((GPAGES + 3) << 12) | P | RW | US | A | D;
+    let dev = gva + 0x1000;
+    assert_eq!(
+        m.access(dev + 8, rd()),
+        (Ok(((GPAGES + 3) << 12) + 8), false)
+    );
+    assert_eq!(m.s.st.stats.mmio_fast, 0);
+    assert_eq!(
+        m.access(dev + 16, wr_user()),
+        (Ok(((GPAGES + 3) << 12) + 16), true)
+    );
+    assert_eq!(m.s.st.stats.mmio_fast, 1);
+    // The cached rights still apply: a read-only device page refuses a user write
+    // through the slow path, with the guest's error code.
+    m.write((pt << 12) + 8, ((GPAGES + 3) << 12) | P | US | A | D);
+    m.invlpg(dev);
+    assert_eq!(m.access(dev, rd()).0, Ok((GPAGES + 3) << 12));
+    assert_eq!(m.access(dev, wr_user()), (Err(1 | 2 | 4), false));
 }
