@@ -870,9 +870,8 @@ impl VcpuInner {
     /// current.
     fn load_pool_root(&mut self) -> bool {
         let ctx = self.perm_ctx();
-        let slots = self.slots.clone();
-        let shadow = self.shadow.clone();
-        let mut guard = shadow.pool.lock();
+        // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
+        let mut guard = self.shadow.pool.lock();
         let Some(storage) = guard.as_deref_mut() else {
             return false;
         };
@@ -886,7 +885,7 @@ impl VcpuInner {
         } else {
             rvmm_core::mmu::pool::NIL
         };
-        let mut mem = crate::mmu::GuestMem(&slots);
+        let mut mem = crate::mmu::GuestMem(&self.slots);
         let root = match pool.load_root(&mut mem, self.cr3, &ctx, prev) {
             Ok(r) => r,
             Err(_) => {

@@ -213,8 +213,7 @@ impl VcpuInner {
             // A reserved-bit fault can only come from an MMIO entry of the pool: the
             // guest-physical address is in it, no guest walk needed.
             if ec & (1 << 3) != 0 {
-                let shadow = self.shadow.clone();
-                let gpa = match shadow.pool.lock().as_deref_mut() {
+                let gpa = match self.shadow.pool.lock().as_deref_mut() {
                     Some(storage) => {
                         let mut pool = storage.pool();
                         if pool.st.generation == self.proot_gen {
@@ -401,11 +400,10 @@ impl VcpuInner {
         access: Access,
         ctx: &PermCtx,
     ) -> Next {
-        let slots = self.slots.clone();
-        let shadow = self.shadow.clone();
         let fix = {
-            let mut guard = shadow.pool.lock();
+            let mut guard = self.shadow.pool.lock();
             let Some(storage) = guard.as_deref_mut() else {
+                drop(guard);
                 return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [gva, 1, 0, 0]);
             };
             let mut pool = storage.pool();
@@ -413,7 +411,7 @@ impl VcpuInner {
                 None
             } else {
                 Some(pool.page_fault(
-                    &mut GuestMem(&slots),
+                    &mut GuestMem(&self.slots),
                     self.proot,
                     self.cr3,
                     gva,
@@ -426,7 +424,7 @@ impl VcpuInner {
             // The pool was reset (full): load the root again and retry the access.
             None | Some(Err(_)) => {
                 if let Some(Err(_)) = fix {
-                    if let Some(storage) = shadow.pool.lock().as_deref_mut() {
+                    if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
                         storage.pool().reset();
                     }
                     self.stats.shadow_resets += 1;
@@ -483,17 +481,15 @@ impl VcpuInner {
 
     fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
-            let slots = self.slots.clone();
-            let shadow = self.shadow.clone();
             let ctx = self.perm_ctx();
             // 0: done; 1: the root is from an older pool generation; 2: the pool is full.
-            let outcome = match shadow.pool.lock().as_deref_mut() {
+            let outcome = match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
                     if pool.st.generation != self.proot_gen {
                         1
                     } else if pool
-                        .invlpg(&mut GuestMem(&slots), self.proot, gva, &ctx)
+                        .invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx)
                         .is_err()
                     {
                         pool.reset();

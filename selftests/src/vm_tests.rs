@@ -256,7 +256,7 @@ pub fn cr3_cache_warm_switch(_: &Ctx) -> Outcome {
     for (scenario, c) in &results {
         check(
             counter(c, "exits") == 1.0
-                && counter(c, "exit:CR access") == 1.0
+                && counter(c, "exit:CR_access") == 1.0
                 && counter(c, "root_hits") == 1.0
                 && counter(c, "root_misses") == 0.0
                 && counter(c, "shadow_faults") == 0.0,

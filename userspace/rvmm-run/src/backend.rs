@@ -95,7 +95,7 @@ impl Backend for RvmmBackend {
             .enumerate()
             .filter_map(|(i, &n)| {
                 rvmm_core::exit::ExitReason::from_basic(i as u16)
-                    .map(|r| (format!("exit:{}", r.name()), n))
+                    .map(|r| (format!("exit:{}", r.name().replace(' ', "_")), n))
             })
             .collect();
         v.push(("exits".into(), s.exits.iter().sum()));
@@ -119,7 +119,7 @@ impl Backend for RvmmBackend {
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {
-        &["exits", "exit:I/O instruction", "user_exits"]
+        &["exits", "exit:I/O_instruction", "user_exits"]
     }
 }
 

@@ -131,6 +131,10 @@ pub struct Sp {
     /// Root-cache and vCPU references, and faults in progress: a pinned sp is never
     /// reclaimed or unshadowed.
     pub pins: u16,
+    /// In the root cache.
+    pub cached: bool,
+    /// When it was last loaded as a root.
+    pub stamp: u64,
     parents: u32,
     hash_next: u32,
     lru_prev: u32,
@@ -146,6 +150,8 @@ impl Default for Sp {
             unsync: false,
             flood: 0,
             pins: 0,
+            cached: false,
+            stamp: 0,
             parents: NIL,
             hash_next: NIL,
             lru_prev: NIL,
@@ -213,6 +219,7 @@ pub struct State {
     n_unsync: usize,
     roots: [u32; MAX_ROOTS],
     n_roots: usize,
+    clock: u64,
     /// How many roots the cache keeps (at most [`MAX_ROOTS`]).
     pub max_roots: usize,
     /// Bumped by [`Pool::reset`]: a vCPU whose root is older must load it again.
@@ -235,6 +242,7 @@ impl State {
             n_unsync: 0,
             roots: [NIL; MAX_ROOTS],
             n_roots: 0,
+            clock: 0,
             max_roots: if max_roots > MAX_ROOTS {
                 MAX_ROOTS
             } else if max_roots == 0 {
@@ -815,6 +823,9 @@ impl<T: Tables> Pool<'_, T> {
         ctx: &PermCtx,
         upper_only: bool,
     ) -> Result<(), Full> {
+        if self.st.n_unsync == 0 {
+            return Ok(());
+        }
         // Out of sync no more first, so that leaves computed below see every table
         // that must stay protected.
         let mut k = 0;
@@ -914,28 +925,43 @@ impl<T: Tables> Pool<'_, T> {
             r = self.alloc_sp(gfn, role)?;
             self.protect_new(guest, r);
         }
-        self.touch(r);
+        if !self.sps[r as usize].cached {
+            // Cached roots are pinned: their place in the LRU list matters only once
+            // they leave the cache.
+            self.touch(r);
+        }
         // The vCPU's reference moves to the new root.
         self.sps[r as usize].pins += 1;
         if prev != NIL && self.sps[prev as usize].valid {
             self.sps[prev as usize].pins -= 1;
         }
-        // Most recent first in the root cache; the oldest falls out.
-        let n = self.st.n_roots;
-        match self.st.roots[..n].iter().position(|&x| x == r) {
-            Some(k) => self.st.roots.copy_within(0..k, 1),
-            None => {
-                self.sps[r as usize].pins += 1;
-                if n == self.st.max_roots {
-                    let old = self.st.roots[n - 1];
-                    self.sps[old as usize].pins -= 1;
-                } else {
-                    self.st.n_roots += 1;
+        // The root cache: a hit only refreshes the root's stamp; a new root takes a free
+        // place or the least recently loaded one's.
+        self.st.clock += 1;
+        let sp = &mut self.sps[r as usize];
+        sp.stamp = self.st.clock;
+        if !sp.cached {
+            sp.cached = true;
+            sp.pins += 1;
+            let n = self.st.n_roots;
+            if n < self.st.max_roots {
+                self.st.roots[n] = r;
+                self.st.n_roots += 1;
+            } else {
+                let mut k = 0;
+                for j in 1..n {
+                    if self.sps[self.st.roots[j] as usize].stamp
+                        < self.sps[self.st.roots[k] as usize].stamp
+                    {
+                        k = j;
+                    }
                 }
-                self.st.roots.copy_within(0..self.st.n_roots - 1, 1);
+                let old = &mut self.sps[self.st.roots[k] as usize];
+                old.cached = false;
+                old.pins -= 1;
+                self.st.roots[k] = r;
             }
         }
-        self.st.roots[0] = r;
         Ok(r)
     }
 
