@@ -20,7 +20,9 @@ use rvmm_core::mmu::shadow::{Format, Root};
 use rvmm_core::mmu::PagingMode;
 use rvmm_uapi as uapi;
 use x86::msr;
-use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
+use x86::vmx::vmcs::control::{
+    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
+};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::ffi::*;
@@ -165,6 +167,8 @@ pub(crate) struct VcpuInner {
     proot_gen: u64,
     on_pool: bool,
     slots_changed: bool,
+    /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
+    pub(crate) invpcid: bool,
     pool: Pool,
     root: Option<Root>,
     mode: PagingMode,
@@ -364,6 +368,7 @@ impl Vcpu {
             proot_gen: 0,
             on_pool: false,
             slots_changed: false,
+            invpcid: false,
             pool: Pool::new(POOL_PAGES)?,
             root: None,
             mode: PagingMode::None,
@@ -590,7 +595,7 @@ impl VcpuInner {
                 | PrimaryControls::USE_TSC_OFFSETTING
                 | PrimaryControls::USE_MSR_BITMAPS)
                 .bits(),
-            0,
+            PrimaryControls::SECONDARY_CONTROLS.bits(),
         );
         let exit = AllowedControls(caps.exit).adjust(
             (ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -618,7 +623,20 @@ impl VcpuInner {
                 ((khz * 4) >> (caps.misc & 0x1f)).clamp(1, u64::from(u32::MAX));
         }
         self.proc_base = proc;
+        // Secondary controls only for INVPCID (which then exits, with INVLPG exiting);
+        // without them a guest INVPCID is #UD and CPUID does not show it.
+        let proc2 = if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
+            AllowedControls(caps.procbased2)
+                .adjust(0, SecondaryControls::ENABLE_INVPCID.bits())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
         self.with_vmcs(|g| {
+            if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
+                vmw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());
+            }
             vmw(control::PINBASED_EXEC_CONTROLS, pin.into());
             vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
             vmw(control::VMEXIT_CONTROLS, exit.into());
@@ -836,8 +854,15 @@ impl VcpuInner {
     /// Drops the whole shadow and makes an empty root (a full TLB flush). The VMCS must
     /// be current.
     pub(crate) fn reset_shadow(&mut self) -> bool {
+        self.load_cr3_shadow(true)
+    }
+
+    /// The shadow for a (new) CR3: from the VM's pool under 4-level paging, where
+    /// `flush` says whether out-of-sync shadows must be brought up to date (MOV CR3
+    /// with PCIDs and bit 63 set does not flush); else a new per-vCPU shadow.
+    pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
         if self.mode == PagingMode::Long4 && self.shadow.usable() {
-            if self.load_pool_root() {
+            if self.load_pool_root(flush) {
                 return true;
             }
         } else if self.on_pool {
@@ -868,7 +893,7 @@ impl VcpuInner {
     /// MOV CR3 (or a flushing paging change) under 4-level paging: the root for CR3
     /// from the VM's pool, out-of-sync shadows brought up to date. The VMCS must be
     /// current.
-    fn load_pool_root(&mut self) -> bool {
+    fn load_pool_root(&mut self, flush: bool) -> bool {
         let ctx = self.perm_ctx();
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
         let mut guard = self.shadow.pool.lock();
@@ -876,7 +901,7 @@ impl VcpuInner {
             return false;
         };
         let mut pool = storage.pool();
-        if core::mem::take(&mut self.slots_changed) {
+        if core::mem::take(&mut self.slots_changed) && pool.st.stats.pages_in_use != 0 {
             // Host frames may have changed under every shadow.
             pool.reset();
         }
@@ -886,12 +911,12 @@ impl VcpuInner {
             rvmm_core::mmu::pool::NIL
         };
         let mut mem = crate::mmu::GuestMem(&self.slots);
-        let root = match pool.load_root(&mut mem, self.cr3, &ctx, prev) {
+        let root = match pool.load_root(&mut mem, self.cr3, &ctx, prev, flush) {
             Ok(r) => r,
             Err(_) => {
                 pool.reset();
                 self.stats.shadow_resets += 1;
-                match pool.load_root(&mut mem, self.cr3, &ctx, rvmm_core::mmu::pool::NIL) {
+                match pool.load_root(&mut mem, self.cr3, &ctx, rvmm_core::mmu::pool::NIL, true) {
                     Ok(r) => r,
                     Err(_) => return false,
                 }

@@ -7,12 +7,13 @@ use core::ptr;
 
 use rvmm_core::emulate::{MmioOp, Source};
 use rvmm_core::exit::{
-    combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, EXIT_REASON_FAILED_ENTRY,
+    combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, MemOperand,
+    EXIT_REASON_FAILED_ENTRY,
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::Fix as PoolFix;
 use rvmm_core::mmu::shadow::OutOfTables;
-use rvmm_core::mmu::{spte, walker, Access, PermCtx};
+use rvmm_core::mmu::{spte, walker, Access, GuestMemory, PermCtx};
 use rvmm_uapi as uapi;
 use x86::msr;
 use x86::vmx::vmcs::control::PrimaryControls;
@@ -96,6 +97,7 @@ impl VcpuInner {
                 self.exit_to_user(run, uapi::RVMM_EXIT_HLT)
             }
             Some(Invlpg) => self.invlpg(run, qual),
+            Some(Invpcid) => self.invpcid(run, qual),
             Some(Vmcall) => self.vmcall(run),
             Some(CrAccess) => self.cr_access(run, qual),
             Some(DrAccess) => self.dr_access(qual),
@@ -110,7 +112,7 @@ impl VcpuInner {
             }
             Some(
                 Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff
-                | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Invpcid | Rdtscp,
+                | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Rdtscp,
             ) => self.inject(vector::UD, None),
             _ => {
                 kernel::pr_info!(
@@ -520,6 +522,91 @@ impl VcpuInner {
         Next::Fast
     }
 
+    /// INVPCID (SDM Vol. 2A): type 0 invalidates one address of one PCID, 1 one PCID,
+    /// 2 and 3 every PCID. The shadow is shared by PCIDs: type 0 for the current PCID is
+    /// an INVLPG, anything else brings every out-of-sync shadow up to date.
+    fn invpcid(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+        // Segment bases in instruction-information order: ES CS SS DS FS GS.
+        const SEG_BASES: [u32; 6] = [
+            guest::ES_BASE,
+            guest::CS_BASE,
+            guest::SS_BASE,
+            guest::DS_BASE,
+            guest::FS_BASE,
+            guest::GS_BASE,
+        ];
+        let slots = self.slots.clone();
+        if vmr(guest::CS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
+            return self.inject(vector::GP, Some(0));
+        }
+        let op = MemOperand::decode(vmr(ro::VMEXIT_INSTRUCTION_INFO) as u32);
+        let kind = self.gpr(op.reg2);
+        let long = self.efer & EFER_LMA != 0;
+        let ea = op.effective(qual, |r| self.gpr(r));
+        let seg_base = match op.seg {
+            4 => vmr(guest::FS_BASE),
+            5 => vmr(guest::GS_BASE),
+            s if !long => vmr(SEG_BASES[usize::from(s)]),
+            _ => 0,
+        };
+        let la = seg_base.wrapping_add(ea);
+        // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
+        // address in bits 127:64.
+        let mut desc = [0u64; 2];
+        let ctx = self.perm_ctx();
+        let read = Access::default();
+        for (i, d) in desc.iter_mut().enumerate() {
+            let a = la.wrapping_add(8 * i as u64);
+            match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, a, read, &ctx) {
+                Ok(w) => match GuestMem(&slots).read_entry(w.gpa, 8) {
+                    Some(v) if w.gpa & 7 == 0 => *d = v,
+                    _ => {
+                        return self.internal_error(
+                            run,
+                            uapi::RVMM_INTERNAL_EMULATION,
+                            [a, w.gpa, vmr(guest::RIP), 5],
+                        )
+                    }
+                },
+                Err(f) => {
+                    self.cr2 = a;
+                    return self.inject(vector::PF, Some(f.error_code));
+                }
+            }
+        }
+        let (pcid, addr) = (desc[0], desc[1]);
+        let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
+        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) {
+            return self.inject(vector::GP, Some(0));
+        }
+        let current = if self.cr4 & CR4_PCIDE != 0 {
+            self.cr3 & 0xfff
+        } else {
+            0
+        };
+        if kind == 0 && pcid == current {
+            // Like INVLPG (which skips the instruction itself).
+            return self.invlpg(run, addr);
+        }
+        let ok = if self.on_pool {
+            match self.shadow.pool.lock().as_deref_mut() {
+                Some(storage) => {
+                    let mut pool = storage.pool();
+                    pool.st.generation == self.proot_gen
+                        && pool.flush_all(&mut GuestMem(&self.slots), &ctx).is_ok()
+                }
+                None => false,
+            }
+        } else {
+            false
+        };
+        if !ok && !self.reset_shadow() {
+            return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [addr, kind, 0, 3]);
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
     fn cpuid(&mut self) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
@@ -529,13 +616,9 @@ impl VcpuInner {
                 // Hide VMX, SMX, x2APIC, TSC deadline, PCID, MONITOR; XSAVE and AVX only
                 // where rvmm switches their state; OSXSAVE is the guest's CR4 bit; say
                 // "hypervisor".
-                c &= !((1 << 5)
-                    | (1 << 6)
-                    | (1 << 21)
-                    | (1 << 24)
-                    | (1 << 17)
-                    | (1 << 3)
-                    | (1 << 27));
+                c &= !((1 << 5) | (1 << 6) | (1 << 21) | (1 << 24) | (1 << 3) | (1 << 27));
+                // PCID is the shadow MMU's business (the real CR3 has none): always.
+                c |= 1 << 17;
                 if !self.xsave {
                     c &= !((1 << 26) | (1 << 28));
                 } else if self.cr4 & (1 << 18) != 0 {
@@ -558,6 +641,10 @@ impl VcpuInner {
             7 if sub == 0 => {
                 // FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
                 b &= (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20);
+                // INVPCID where it exits to us.
+                if self.invpcid {
+                    b |= 1 << 10;
+                }
                 c = 0;
                 d = 0;
             }
@@ -627,17 +714,21 @@ impl VcpuInner {
             }
             CrAccess::MovTo { cr: 3, gpr } => {
                 let v = self.gpr(gpr);
+                // With PCIDs, bit 63 set keeps the TLB entries (no flush).
+                let keep = self.cr4 & CR4_PCIDE != 0 && v & (1 << 63) != 0;
                 self.cr3 = if long {
                     v & !(1 << 63)
                 } else {
                     v & 0xffff_ffff
                 };
-                self.reset_shadow();
+                self.load_cr3_shadow(!keep);
             }
             CrAccess::MovTo { cr: 4, gpr } => {
                 let v = width(self.gpr(gpr));
+                // PCIDE: only in IA-32e mode with CR3[11:0] = 0 (SDM 4.10.1).
+                let pcide_on = v & CR4_PCIDE != 0 && self.cr4 & CR4_PCIDE == 0;
                 let bad = v & !rvmm_core::guest_state::CR4_ALLOWED != 0
-                    || v & (1 << 17) != 0
+                    || (pcide_on && (!long || self.cr3 & 0xfff != 0))
                     || (v & (1 << 18) != 0 && !self.xsave)
                     || (long && v & CR4_PAE == 0);
                 if bad {
@@ -668,7 +759,8 @@ impl VcpuInner {
     }
 
     fn set_cr0(&mut self, v: u64) -> Result<(), Next> {
-        let reserved = v >> 32 != 0;
+        // Paging off with PCIDs on is #GP (SDM 4.10.1).
+        let reserved = v >> 32 != 0 || (v & CR0_PG == 0 && self.cr4 & CR4_PCIDE != 0);
         let pg_without_pe = v & CR0_PG != 0 && v & CR0_PE == 0;
         let long_without_pae =
             v & CR0_PG != 0 && self.efer & EFER_LME != 0 && self.cr4 & CR4_PAE == 0;

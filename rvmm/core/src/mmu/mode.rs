@@ -12,6 +12,8 @@ pub const CR0_PG: u64 = 1 << 31;
 pub const CR4_PSE: u64 = 1 << 4;
 /// CR4.PAE.
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.PCIDE.
+pub const CR4_PCIDE: u64 = 1 << 17;
 /// CR4.SMEP.
 pub const CR4_SMEP: u64 = 1 << 20;
 /// CR4.SMAP.

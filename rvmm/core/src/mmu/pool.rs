@@ -904,17 +904,22 @@ impl<T: Tables> Pool<'_, T> {
 
     // ---- the operations the vCPU calls ----
 
-    /// MOV CR3 (flushing): brings out-of-sync shadows up to date and returns the root
-    /// for `cr3` under `ctx`, from the pool if it is there. `prev` is the vCPU's current
-    /// root (unpinned), or NIL.
+    /// MOV CR3: returns the root for `cr3` under `ctx`, from the pool if it is there;
+    /// with `flush` (any MOV CR3 without PCIDs, or with bit 63 clear) out-of-sync
+    /// shadows are brought up to date first (with PCIDs and bit 63 set, the TLB may keep
+    /// stale entries, and so may the shadow). `prev` is the vCPU's current root
+    /// (unpinned), or NIL.
     pub fn load_root(
         &mut self,
         guest: &mut impl GuestPhys,
         cr3: u64,
         ctx: &PermCtx,
         prev: u32,
+        flush: bool,
     ) -> Result<u32, Full> {
-        self.sync(guest, ctx, false)?;
+        if flush {
+            self.sync(guest, ctx, false)?;
+        }
         let gfn = (cr3 & ((1u64 << ctx.maxphyaddr) - 1)) >> 12;
         let role = Role::root(ctx);
         let mut r = self.find(gfn, role);
@@ -1200,6 +1205,12 @@ impl<T: Tables> Pool<'_, T> {
             sp = self.tables.index(e & SPTE_ADDR);
         }
         None
+    }
+
+    /// Flushes every TLB entry (INVPCID of all contexts, a single context): every
+    /// out-of-sync shadow is brought up to date.
+    pub fn flush_all(&mut self, guest: &mut impl GuestPhys, ctx: &PermCtx) -> Result<(), Full> {
+        self.sync(guest, ctx, false)
     }
 
     /// Number of shadows out of sync now.

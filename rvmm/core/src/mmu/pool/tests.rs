@@ -239,19 +239,28 @@ impl Machine {
     }
 
     fn load_cr3(&mut self, cr3: u64) {
+        self.load_cr3_pcid(cr3, true);
+    }
+
+    /// MOV CR3 with PCIDs: without `flush` (bit 63 set) the TLB may stay stale.
+    fn load_cr3_pcid(&mut self, cr3: u64, flush: bool) {
         self.cr3 = cr3;
         let prev = if self.generation == self.s.st.generation {
             self.root
         } else {
             NIL
         };
-        self.root = match self.s.pool().load_root(&mut self.g, cr3, &self.ctx, prev) {
+        self.root = match self
+            .s
+            .pool()
+            .load_root(&mut self.g, cr3, &self.ctx, prev, flush)
+        {
             Ok(r) => r,
             Err(Full) => {
                 self.s.pool().reset();
                 self.s
                     .pool()
-                    .load_root(&mut self.g, cr3, &self.ctx, NIL)
+                    .load_root(&mut self.g, cr3, &self.ctx, NIL, true)
                     .expect("an empty pool has room for a root")
             }
         };
@@ -512,6 +521,7 @@ enum Op {
     },
     Cr3 {
         root: u64,
+        flush: bool,
     },
     Ctx {
         wp: bool,
@@ -572,7 +582,8 @@ fn op() -> impl Strategy<Value = Op> {
                 value
             }),
         1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
-        2 => (ROOTS..ROOTS + NROOTS).prop_map(|root| Op::Cr3 { root }),
+        2 => (ROOTS..ROOTS + NROOTS, any::<bool>())
+            .prop_map(|(root, flush)| Op::Cr3 { root, flush }),
         1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(wp, nxe, smep, smap)| Op::Ctx { wp, nxe, smep, smap }),
     ]
@@ -633,9 +644,11 @@ fn run_ops(pages: usize, roots: usize, ops: &[Op]) -> Result<(), TestCaseError> 
                 m.invlpg(va_of(va));
                 invlpg_at[va] = seq;
             }
-            Op::Cr3 { root } => {
-                m.load_cr3(root << 12);
-                last_flush = seq;
+            Op::Cr3 { root, flush } => {
+                m.load_cr3_pcid(root << 12, flush);
+                if flush {
+                    last_flush = seq;
+                }
             }
             Op::Ctx {
                 wp,
