@@ -143,6 +143,7 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "zaps: {}", s.zaps)?;
     writeln!(f, "pool_resets: {}", s.pool_resets)?;
     writeln!(f, "mmio_fast: {}", s.mmio_fast)?;
+    writeln!(f, "pt_emulated: {}", s.pt_emulated)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }
 

@@ -106,6 +106,7 @@ impl ShadowPool {
         // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52.
         let maxphy = core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff;
         p.st.mmio_sptes = maxphy < 52;
+        p.st.emulate_writes = true;
         Ok(p)
     }
 

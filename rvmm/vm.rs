@@ -100,6 +100,7 @@ impl Vm {
         out.zaps = p.zaps;
         out.pool_resets = p.resets;
         out.mmio_fast = p.mmio_fast;
+        out.pt_emulated = p.pt_emulated;
         Ok(out)
     }
 

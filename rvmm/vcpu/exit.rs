@@ -5,7 +5,7 @@
 
 use core::ptr;
 
-use rvmm_core::emulate::{MmioOp, Source};
+use rvmm_core::emulate::{MmioOp, Source, WriteKind};
 use rvmm_core::exit::{
     combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, MemOperand,
     EXIT_REASON_FAILED_ENTRY,
@@ -478,7 +478,101 @@ impl VcpuInner {
                 self.inject(vector::PF, Some(f.error_code))
             }
             Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(run, gpa, ctx),
+            Some(Ok(PoolFix::WriteProtected { gpa, .. })) => self.pt_write(run, gva, gpa, ctx),
         }
+    }
+
+    /// A write to a write-protected upper-level guest page table: emulate the
+    /// instruction (MOV, XCHG, CMPXCHG, OR, AND, BTS, BTR), then let the pool update the
+    /// shadow entries it covers. What the emulator does not handle unsyncs the table
+    /// instead, and the instruction runs again natively.
+    fn pt_write(&mut self, run: *mut uapi::Run, gva: u64, gpa: u64, ctx: &PermCtx) -> Next {
+        let rip = vmr(guest::RIP);
+        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
+        let mut code = [0u8; 15];
+        let n = self.fetch_code(rip, ctx, &mut code);
+        let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
+        let emulated = match op {
+            // Within one page (the fault's), naturally aligned or not.
+            Ok(op) if (gpa & 0xfff) + u64::from(op.size) <= 0x1000 => {
+                match self.slots.ptr(gpa, u64::from(op.size)) {
+                    Some(p) => {
+                        let mut bytes = [0u8; 8];
+                        // SAFETY: `p` points at `op.size` (<= 8) bytes of a pinned guest
+                        // page (`ptr` checked the range).
+                        unsafe { ptr::copy_nonoverlapping(p, bytes.as_mut_ptr(), op.size.into()) };
+                        let old = u64::from_le_bytes(bytes);
+                        let src = match op.src {
+                            Source::Reg(r) => self.gpr(r),
+                            Source::HighByte(r) => self.gpr(r) >> 8,
+                            Source::Imm(v) => v,
+                        };
+                        let e = rvmm_core::emulate::apply_write(
+                            &op,
+                            old,
+                            src,
+                            self.gprs.rax,
+                            vmr(guest::RFLAGS),
+                        );
+                        let new = e.mem.to_le_bytes();
+                        // SAFETY: as above.
+                        unsafe { ptr::copy_nonoverlapping(new.as_ptr(), p, op.size.into()) };
+                        if let Some((_, v)) = e.reg {
+                            // XCHG: the source register; CMPXCHG: rAX. Merged as a MOV
+                            // of the operand size (32-bit results zero-extend).
+                            let (r, shift) = match (op.kind, op.src) {
+                                (WriteKind::Xchg, Source::HighByte(h)) => (h, 8),
+                                (WriteKind::Xchg, Source::Reg(r)) => (r, 0),
+                                _ => (0, 0),
+                            };
+                            let merged = match op.size {
+                                8 => v,
+                                4 => v & 0xffff_ffff,
+                                2 => (self.gpr(r) & !0xffff) | (v & 0xffff),
+                                _ => (self.gpr(r) & !(0xff << shift)) | ((v & 0xff) << shift),
+                            };
+                            self.set_gpr(r, merged);
+                        }
+                        vmw(guest::RFLAGS, e.rflags);
+                        vmw(guest::RIP, rip + u64::from(op.len));
+                        Some(op.size)
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let r = {
+            let mut guard = self.shadow.pool.lock();
+            match guard.as_deref_mut() {
+                Some(storage) => {
+                    let mut pool = storage.pool();
+                    match emulated {
+                        Some(size) => pool.pt_written(&mut GuestMem(&self.slots), gpa, size, ctx),
+                        None => {
+                            pool.unprotect(gpa >> 12);
+                            Ok(())
+                        }
+                    }
+                }
+                None => Ok(()),
+            }
+        };
+        if r.is_err() {
+            if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
+                storage.pool().reset();
+            }
+            self.stats.shadow_resets += 1;
+            if !self.reset_shadow() {
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_NO_SHADOW,
+                    [gva, 0, vmr(guest::RIP), 4],
+                );
+            }
+        }
+        Next::Fast
     }
 
     fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {

@@ -483,6 +483,9 @@ abi_struct! {
         pub pool_resets: u64 => "__u64 pool_resets",
         /// MMIO exits resolved from a cached MMIO entry, without a guest walk.
         pub mmio_fast: u64 => "__u64 mmio_fast",
+        /// Pool: guest writes to upper-level page tables emulated (entries updated in
+        /// place, no unsync).
+        pub pt_emulated: u64 => "__u64 pt_emulated",
     }
 }
 

@@ -60,17 +60,33 @@ pub enum DecodeError {
     Unsupported(u8),
 }
 
-/// Decodes `code` (the bytes at the guest's RIP). `long` is 64-bit mode, `default32`
-/// the code segment's D bit (ignored in 64-bit mode).
-pub fn decode(code: &[u8], long: bool, default32: bool) -> Result<Decoded, DecodeError> {
+/// An instruction's prefixes, opcode and memory operand, as far as the decoders need.
+struct Parsed {
+    /// Operand size in bytes (2, 4 or 8) of a word-sized operation.
+    word: u8,
+    rex: u8,
+    /// Opcode (the second byte of a 0F xx opcode).
+    op: u8,
+    two_byte: bool,
+    /// ModRM reg field, with REX.R.
+    reg: u8,
+    /// Index of the first byte after ModRM, SIB and displacement.
+    next: usize,
+    rep: bool,
+}
+
+fn parse(code: &[u8], long: bool, default32: bool) -> Result<Parsed, DecodeError> {
     let mut i = 0;
     let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
     let (mut opsize16, mut addr_override, mut rex) = (false, false, 0u8);
+    let mut rep = false;
     loop {
         match at(i)? {
             0x66 => opsize16 = true,
             0x67 => addr_override = true,
-            0xf0 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 => {}
+            0xf0 => {} // LOCK: the emulation is atomic for the guest (its vCPU waits)
+            0xf2 | 0xf3 => rep = true,
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 => {}
             b @ 0x40..=0x4f if long => {
                 rex = b;
                 i += 1;
@@ -129,6 +145,31 @@ pub fn decode(code: &[u8], long: bool, default32: bool) -> Result<Decoded, Decod
             _ => 0,
         };
     }
+    Ok(Parsed {
+        word,
+        rex,
+        op,
+        two_byte,
+        reg,
+        next: i,
+        rep,
+    })
+}
+
+/// Decodes `code` (the bytes at the guest's RIP). `long` is 64-bit mode, `default32`
+/// the code segment's D bit (ignored in 64-bit mode).
+pub fn decode(code: &[u8], long: bool, default32: bool) -> Result<Decoded, DecodeError> {
+    let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
+    let Parsed {
+        word,
+        rex,
+        op,
+        two_byte,
+        reg,
+        next,
+        ..
+    } = parse(code, long, default32)?;
+    let mut i = next;
     let reg8 = |r: u8| {
         if rex == 0 && (4..8).contains(&r) {
             Source::HighByte(r - 4)
@@ -401,5 +442,402 @@ mod tests {
             decode(&[0xc7, 0x05, 0, 0, 0, 0, 1, 2], true, false),
             Err(DecodeError::Truncated)
         );
+    }
+}
+
+/// A decoded write to a guest page table: what the guest writes and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// MOV: the memory gets `src`.
+    Mov,
+    /// XCHG: the memory gets `src`, the register the old value.
+    Xchg,
+    /// CMPXCHG: if rAX equals the memory, the memory gets `src` (ZF = 1), else rAX gets
+    /// the memory (ZF = 0); flags as CMP.
+    Cmpxchg,
+    /// OR, AND: the memory gets the result; CF = OF = 0, SF, ZF, PF from the result.
+    Or,
+    /// See `Or`.
+    And,
+    /// BTS, BTR: bit `src` (modulo the operand width) set or cleared; CF = its old value.
+    Bts,
+    /// See `Bts`.
+    Btr,
+}
+
+/// A decoded page-table write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOp {
+    /// What it does.
+    pub kind: WriteKind,
+    /// Operand size in bytes.
+    pub size: u8,
+    /// The data (register, or immediate) - for XCHG and CMPXCHG always a register.
+    pub src: Source,
+    /// Instruction length.
+    pub len: u8,
+}
+
+/// Decodes a store to memory the way guests write page tables: MOV (88, 89, C6, C7),
+/// XCHG (86, 87), CMPXCHG (0F B0, 0F B1), OR (08, 09, 80/1, 81/1, 83/1), AND (20, 21,
+/// 80/4, 81/4, 83/4), BTS/BTR (0F AB, 0F B3, 0F BA /5 /6), with or without LOCK. REP
+/// string stores and CMPXCHG8B/16B are not handled (yet).
+pub fn decode_write(code: &[u8], long: bool, default32: bool) -> Result<WriteOp, DecodeError> {
+    let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
+    let p = parse(code, long, default32)?;
+    if p.rep {
+        return Err(DecodeError::Unsupported(p.op));
+    }
+    let mut i = p.next;
+    let reg8 = |r: u8| {
+        if p.rex == 0 && (4..8).contains(&r) {
+            Source::HighByte(r - 4)
+        } else {
+            Source::Reg(r)
+        }
+    };
+    let mut imm = |n: u8, sext_to: u8| -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for k in 0..usize::from(n) {
+            v |= u64::from(at(i + k)?) << (8 * k);
+        }
+        i += usize::from(n);
+        // Sign-extend from n bytes to the operand size.
+        let shift = 64 - 8 * u32::from(n);
+        let v = ((v << shift) as i64 >> shift) as u64;
+        Ok(if sext_to >= 8 {
+            v
+        } else {
+            v & ((1u64 << (8 * sext_to)) - 1)
+        })
+    };
+    let w = p.word;
+    let sub = p.reg & 7;
+    use WriteKind::*;
+    let (kind, size, src) = match (p.two_byte, p.op) {
+        (false, 0x88) => (Mov, 1, reg8(p.reg)),
+        (false, 0x89) => (Mov, w, Source::Reg(p.reg)),
+        (false, 0xc6) if sub == 0 => (Mov, 1, Source::Imm(imm(1, 1)?)),
+        (false, 0xc7) if sub == 0 => (Mov, w, Source::Imm(imm(w.min(4), w)?)),
+        (false, 0x86) => (Xchg, 1, reg8(p.reg)),
+        (false, 0x87) => (Xchg, w, Source::Reg(p.reg)),
+        (true, 0xb0) => (Cmpxchg, 1, reg8(p.reg)),
+        (true, 0xb1) => (Cmpxchg, w, Source::Reg(p.reg)),
+        (false, 0x08) => (Or, 1, reg8(p.reg)),
+        (false, 0x09) => (Or, w, Source::Reg(p.reg)),
+        (false, 0x20) => (And, 1, reg8(p.reg)),
+        (false, 0x21) => (And, w, Source::Reg(p.reg)),
+        (false, 0x80) if sub == 1 || sub == 4 => {
+            (if sub == 1 { Or } else { And }, 1, Source::Imm(imm(1, 1)?))
+        }
+        (false, 0x81) if sub == 1 || sub == 4 => (
+            if sub == 1 { Or } else { And },
+            w,
+            Source::Imm(imm(w.min(4), w)?),
+        ),
+        (false, 0x83) if sub == 1 || sub == 4 => {
+            (if sub == 1 { Or } else { And }, w, Source::Imm(imm(1, w)?))
+        }
+        (true, 0xab) => (Bts, w, Source::Reg(p.reg)),
+        (true, 0xb3) => (Btr, w, Source::Reg(p.reg)),
+        (true, 0xba) if sub == 5 || sub == 6 => {
+            (if sub == 5 { Bts } else { Btr }, w, Source::Imm(imm(1, 1)?))
+        }
+        (two, op) => return Err(DecodeError::Unsupported(if two { 0x0f } else { op })),
+    };
+    Ok(WriteOp {
+        kind,
+        size,
+        src,
+        len: i as u8,
+    })
+}
+
+/// RFLAGS bits the write emulation sets.
+pub mod flags {
+    /// Carry.
+    pub const CF: u64 = 1 << 0;
+    /// Parity (of the low byte).
+    pub const PF: u64 = 1 << 2;
+    /// Auxiliary carry.
+    pub const AF: u64 = 1 << 4;
+    /// Zero.
+    pub const ZF: u64 = 1 << 6;
+    /// Sign.
+    pub const SF: u64 = 1 << 7;
+    /// Overflow.
+    pub const OF: u64 = 1 << 11;
+}
+
+/// The effect of a page-table write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteEffect {
+    /// The new memory value (`size` bytes).
+    pub mem: u64,
+    /// A register to update (XCHG: the source; CMPXCHG: rAX on a mismatch) and its new
+    /// value for the operand size (merged by the caller as a MOV of that size would).
+    pub reg: Option<(u8, u64)>,
+    /// The new RFLAGS.
+    pub rflags: u64,
+}
+
+fn szp(v: u64, size: u8) -> u64 {
+    use flags::*;
+    let bits = 8 * u32::from(size);
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let v = v & mask;
+    let mut f = 0;
+    if v == 0 {
+        f |= ZF;
+    }
+    if v >> (bits - 1) & 1 != 0 {
+        f |= SF;
+    }
+    if (v as u8).count_ones() % 2 == 0 {
+        f |= PF;
+    }
+    f
+}
+
+/// What `op` does to memory holding `old`, given the source value `src` (the register or
+/// immediate, not yet masked), rAX and RFLAGS.
+pub fn apply_write(op: &WriteOp, old: u64, src: u64, rax: u64, rflags: u64) -> WriteEffect {
+    use flags::*;
+    let bits = 8 * u32::from(op.size);
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let (old, src, acc) = (old & mask, src & mask, rax & mask);
+    let arith = CF | PF | AF | ZF | SF | OF;
+    match op.kind {
+        WriteKind::Mov => WriteEffect {
+            mem: src,
+            reg: None,
+            rflags,
+        },
+        WriteKind::Xchg => WriteEffect {
+            mem: src,
+            reg: match op.src {
+                Source::Reg(r) => Some((r, old)),
+                Source::HighByte(r) => Some((r + 4, old)),
+                Source::Imm(_) => None,
+            },
+            rflags,
+        },
+        WriteKind::Cmpxchg => {
+            // Flags of CMP rAX, old: rAX - old.
+            let diff = acc.wrapping_sub(old) & mask;
+            let sign = |v: u64| v >> (bits - 1) & 1;
+            let mut f = szp(diff, op.size);
+            if acc < old {
+                f |= CF;
+            }
+            if sign(acc) != sign(old) && sign(diff) != sign(acc) {
+                f |= OF;
+            }
+            if (acc ^ old ^ diff) & 0x10 != 0 {
+                f |= AF;
+            }
+            let rflags = (rflags & !arith) | f;
+            if acc == old {
+                WriteEffect {
+                    mem: src,
+                    reg: None,
+                    rflags,
+                }
+            } else {
+                WriteEffect {
+                    mem: old,
+                    reg: Some((0, old)),
+                    rflags,
+                }
+            }
+        }
+        WriteKind::Or | WriteKind::And => {
+            let r = if op.kind == WriteKind::Or {
+                old | src
+            } else {
+                old & src
+            };
+            WriteEffect {
+                mem: r,
+                reg: None,
+                rflags: (rflags & !(CF | OF | SF | ZF | PF)) | szp(r, op.size),
+            }
+        }
+        WriteKind::Bts | WriteKind::Btr => {
+            let bit = src % u64::from(bits);
+            let was = old >> bit & 1;
+            let mem = if op.kind == WriteKind::Bts {
+                old | 1 << bit
+            } else {
+                old & !(1 << bit)
+            };
+            WriteEffect {
+                mem,
+                reg: None,
+                rflags: (rflags & !CF) | if was != 0 { CF } else { 0 },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    fn d(code: &[u8]) -> WriteOp {
+        decode_write(code, true, false).unwrap()
+    }
+
+    #[test]
+    fn decodes_the_page_table_writes_linux_makes() {
+        // mov [rdi], rax (set_pte, set_pmd)
+        assert_eq!(
+            d(&[0x48, 0x89, 0x07]),
+            WriteOp {
+                kind: WriteKind::Mov,
+                size: 8,
+                src: Source::Reg(0),
+                len: 3
+            }
+        );
+        // mov qword [rdi], 0 (pmd_clear)
+        assert_eq!(
+            d(&[0x48, 0xc7, 0x07, 0, 0, 0, 0]),
+            WriteOp {
+                kind: WriteKind::Mov,
+                size: 8,
+                src: Source::Imm(0),
+                len: 7
+            }
+        );
+        // xchg [rdi], rax (ptep_get_and_clear)
+        assert_eq!(d(&[0x48, 0x87, 0x07]).kind, WriteKind::Xchg);
+        // lock cmpxchg [rdi], rdx
+        assert_eq!(
+            d(&[0xf0, 0x48, 0x0f, 0xb1, 0x17]),
+            WriteOp {
+                kind: WriteKind::Cmpxchg,
+                size: 8,
+                src: Source::Reg(2),
+                len: 5
+            }
+        );
+        // lock bts qword [rdi], 1 ; lock btr qword [rdi], 1 (set_bit/clear_bit)
+        assert_eq!(
+            d(&[0xf0, 0x48, 0x0f, 0xba, 0x2f, 0x01]),
+            WriteOp {
+                kind: WriteKind::Bts,
+                size: 8,
+                src: Source::Imm(1),
+                len: 6
+            }
+        );
+        assert_eq!(
+            d(&[0xf0, 0x48, 0x0f, 0xba, 0x37, 0x01]).kind,
+            WriteKind::Btr
+        );
+        // lock or qword [rdi], 2 ; lock and [rdi], rax ; or dword [rdi+8], 0x80000000
+        assert_eq!(
+            d(&[0xf0, 0x48, 0x83, 0x0f, 0x02]),
+            WriteOp {
+                kind: WriteKind::Or,
+                size: 8,
+                src: Source::Imm(2),
+                len: 5
+            }
+        );
+        assert_eq!(d(&[0xf0, 0x48, 0x21, 0x07]).kind, WriteKind::And);
+        assert_eq!(
+            d(&[0x81, 0x4f, 0x08, 0, 0, 0, 0x80]),
+            WriteOp {
+                kind: WriteKind::Or,
+                size: 4,
+                src: Source::Imm(0x8000_0000),
+                len: 7
+            }
+        );
+        // mov [r8 + rcx*8], r9 (REX.B, REX.X, REX.R)
+        assert_eq!(
+            d(&[0x4f, 0x89, 0x0c, 0xc8]),
+            WriteOp {
+                kind: WriteKind::Mov,
+                size: 8,
+                src: Source::Reg(9),
+                len: 4
+            }
+        );
+        // 32-bit code: mov [edi], eax
+        assert_eq!(decode_write(&[0x89, 0x07], false, true).unwrap().size, 4);
+        // rep stosq and cmpxchg16b: not (yet)
+        assert!(decode_write(&[0xf3, 0x48, 0xab], true, false).is_err());
+        assert!(decode_write(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], true, false).is_err());
+        assert_eq!(
+            decode_write(&[0x48, 0x89], true, false),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    #[test]
+    fn write_semantics() {
+        use flags::*;
+        let op = |kind, size, src| WriteOp {
+            kind,
+            size,
+            src,
+            len: 3,
+        };
+        let e = apply_write(
+            &op(WriteKind::Xchg, 8, Source::Reg(3)),
+            0x1003,
+            0x2003,
+            0,
+            0x2,
+        );
+        assert_eq!((e.mem, e.reg, e.rflags), (0x2003, Some((3, 0x1003)), 0x2));
+        // CMPXCHG: equal -> store, ZF; different -> rAX loaded, ZF clear.
+        let c = op(WriteKind::Cmpxchg, 8, Source::Reg(2));
+        let e = apply_write(&c, 0x1003, 0x2003, 0x1003, 0x2);
+        assert_eq!((e.mem, e.reg), (0x2003, None));
+        assert_ne!(e.rflags & ZF, 0);
+        let e = apply_write(&c, 0x1003, 0x2003, 0x1007, 0x2 | ZF);
+        assert_eq!((e.mem, e.reg), (0x1003, Some((0, 0x1003))));
+        assert_eq!(e.rflags & ZF, 0);
+        // LOCK BTR of the R/W bit: CF = old bit.
+        let e = apply_write(&op(WriteKind::Btr, 8, Source::Imm(1)), 0x1003, 1, 0, 0x2);
+        assert_eq!((e.mem, e.rflags & CF), (0x1001, CF));
+        let e = apply_write(
+            &op(WriteKind::Bts, 8, Source::Imm(65)),
+            0x1001,
+            65,
+            0,
+            0x2 | CF,
+        );
+        assert_eq!((e.mem, e.rflags & CF), (0x1003, 0));
+        // AND to zero sets ZF, clears CF/OF.
+        let e = apply_write(
+            &op(WriteKind::And, 8, Source::Reg(0)),
+            0x1003,
+            0,
+            0,
+            CF | OF,
+        );
+        assert_eq!((e.mem, e.rflags & (ZF | CF | OF | PF)), (0, ZF | PF));
+        // 32-bit OR keeps only 32 bits.
+        let e = apply_write(
+            &op(WriteKind::Or, 4, Source::Imm(0x8000_0000)),
+            0x1_0000_0001,
+            0x8000_0000,
+            0,
+            0,
+        );
+        assert_eq!((e.mem, e.rflags & SF), (0x8000_0001, SF));
     }
 }

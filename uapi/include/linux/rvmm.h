@@ -215,6 +215,7 @@ struct rvmm_vm_stats {
 	__u64 zaps;
 	__u64 pool_resets;
 	__u64 mmio_fast;
+	__u64 pt_emulated;
 };
 
 struct rvmm_shadow_limits {

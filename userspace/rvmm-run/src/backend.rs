@@ -116,6 +116,7 @@ impl Backend for RvmmBackend {
         v.push(("zaps".into(), s.zaps));
         v.push(("pool_resets".into(), s.pool_resets));
         v.push(("mmio_fast".into(), s.mmio_fast));
+        v.push(("pt_emulated".into(), s.pt_emulated));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

@@ -242,6 +242,7 @@ fn shown(counter: &str) -> bool {
             counter,
             "shadow_faults"
                 | "pt_writes"
+                | "pt_emulated"
                 | "unsyncs"
                 | "resyncs"
                 | "flood_unshadows"

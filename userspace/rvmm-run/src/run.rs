@@ -362,12 +362,13 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         s.shadow_pages_allocated, s.shadow_pages_peak, s.user_exits
     );
     eprintln!(
-        "rvmm-run: pool: root cache hits {}, misses {}; page-table writes {}, unsyncs {}, \
+        "rvmm-run: pool: root cache hits {}, misses {}; page-table writes {} ({} emulated), unsyncs {}, \
          resyncs {}, flood unshadows {}, prefetched {}; pages in use {}, peak {}, \
          reclaimed {}; zaps {}, resets {}; MMIO exits {} ({} without a guest walk)",
         s.root_hits,
         s.root_misses,
         s.pt_writes,
+        s.pt_emulated,
         s.unsyncs,
         s.resyncs,
         s.flood_unshadows,

@@ -206,6 +206,8 @@ pub struct PoolStats {
     pub resets: u64,
     /// MMIO accesses resolved from an MMIO entry, without a guest walk.
     pub mmio_fast: u64,
+    /// Guest writes to upper-level tables emulated (entries updated in place).
+    pub pt_emulated: u64,
 }
 
 /// The pool's scalar state.
@@ -226,6 +228,9 @@ pub struct State {
     pub generation: u64,
     /// Make MMIO entries ([`SPTE_MMIO`]): only where bit 51 is reserved.
     pub mmio_sptes: bool,
+    /// Writes to upper-level tables are emulated ([`Fix::WriteProtected`]) rather than
+    /// unsynced.
+    pub emulate_writes: bool,
     /// Counters.
     pub stats: PoolStats,
 }
@@ -252,6 +257,7 @@ impl State {
             },
             generation: 0,
             mmio_sptes: false,
+            emulate_writes: false,
             stats: PoolStats {
                 faults_fixed: 0,
                 pt_writes: 0,
@@ -267,6 +273,7 @@ impl State {
                 zaps: 0,
                 resets: 0,
                 mmio_fast: 0,
+                pt_emulated: 0,
             },
         }
     }
@@ -300,6 +307,15 @@ pub enum Fix {
     Mapped,
     /// The guest's own tables refuse the access: inject this #PF.
     GuestFault(WalkFault),
+    /// A write to an upper-level page table of the guest, write-protected: emulate the
+    /// instruction, then report the write ([`Pool::pt_written`]); or, if it cannot be
+    /// emulated, [`Pool::unprotect`] the table and retry.
+    WriteProtected {
+        /// The guest-physical address written.
+        gpa: u64,
+        /// The guest's translation.
+        walk: Walk,
+    },
     /// The page is not RAM (or a write to read-only RAM): emulate the access.
     Mmio {
         /// The guest-physical address accessed.
@@ -779,40 +795,105 @@ impl<T: Tables> Pool<'_, T> {
     /// from the guest's entries (or dropped), links to children whose guest entry
     /// changed are dropped.
     fn resync(&mut self, guest: &mut impl GuestPhys, i: u32, ctx: &PermCtx) -> Result<(), Full> {
-        let sp = self.sps[i as usize];
-        let phys = (1u64 << ctx.maxphyaddr) - 1;
         for index in 0..512 {
-            let e = self.tables.table(i)[index];
-            if e & SPTE_P == 0 {
-                continue;
-            }
-            let pte = guest
-                .read_entry((sp.gfn << 12) + 8 * index as u64, 8)
-                .unwrap_or(0);
-            let new = if sp.role.level() == 1 {
-                self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
-            } else {
-                // Keep the link while the guest entry still leads to the same shadow.
-                let child = self.sps[self.tables.index(e & SPTE_ADDR) as usize];
-                let large = pte & PTE_PS != 0;
-                let size_mask = if large {
-                    (1u64 << (12 + 9 * u32::from(sp.role.level() - 1))) - 1
-                } else {
-                    0xfff
-                };
-                let keep = pte & PTE_P != 0
-                    && child.role == sp.role.child(pte, large)
-                    && child.gfn == (pte & phys & !size_mask) >> 12;
-                if keep {
-                    e
-                } else {
-                    0
-                }
-            };
-            self.set_entry(i, index, new)?;
+            self.resync_entry(guest, i, index, ctx)?;
         }
         self.st.stats.resyncs += 1;
         Ok(())
+    }
+
+    /// Entry `index` of sp `i` from the guest's entry: a leaf recomputed (or dropped), a
+    /// link kept while the guest entry still leads to the same shadow (else dropped).
+    fn resync_entry(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        i: u32,
+        index: usize,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
+        let e = self.tables.table(i)[index];
+        if e & SPTE_P == 0 {
+            return Ok(());
+        }
+        let sp = self.sps[i as usize];
+        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        let pte = guest
+            .read_entry((sp.gfn << 12) + 8 * index as u64, 8)
+            .unwrap_or(0);
+        let new = if sp.role.level() == 1 {
+            self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
+        } else {
+            let child = self.sps[self.tables.index(e & SPTE_ADDR) as usize];
+            let large = pte & PTE_PS != 0;
+            let size_mask = if large {
+                (1u64 << (12 + 9 * u32::from(sp.role.level() - 1))) - 1
+            } else {
+                0xfff
+            };
+            let keep = pte & PTE_P != 0
+                && child.role == sp.role.child(pte, large)
+                && child.gfn == (pte & phys & !size_mask) >> 12;
+            if keep {
+                e
+            } else {
+                0
+            }
+        };
+        self.set_entry(i, index, new)
+    }
+
+    /// The vCPU emulated a guest write of `size` bytes at `gpa`, a write-protected
+    /// upper-level table ([`Fix::WriteProtected`]): the entries it covers are updated in
+    /// place in every shadow of the table. A table written [`FLOOD_LIMIT`] times without
+    /// a walk through it is unshadowed instead.
+    pub fn pt_written(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        gpa: u64,
+        size: u8,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
+        self.st.stats.pt_emulated += 1;
+        let gfn = gpa >> 12;
+        let first = ((gpa & 0xfff) / 8) as usize;
+        let last = (((gpa & 0xfff) + u64::from(size.max(1)) - 1) / 8).min(511) as usize;
+        let mut list = [NIL; 16];
+        let mut n = 0;
+        let mut flooded = false;
+        self.for_gfn(gfn, |i, sp| {
+            if n < list.len() {
+                list[n] = i;
+                n += 1;
+            }
+            flooded |= sp.flood >= FLOOD_LIMIT && sp.pins == 0;
+        });
+        for &i in &list[..n] {
+            let sp = &mut self.sps[i as usize];
+            sp.flood = sp.flood.saturating_add(1);
+            if flooded && sp.pins == 0 {
+                self.zap(i)?;
+                self.st.stats.flood_unshadows += 1;
+                continue;
+            }
+            for index in first..=last {
+                self.resync_entry(guest, i, index, ctx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The vCPU could not emulate a write to a protected table: let the guest write it
+    /// (its shadows go out of sync).
+    pub fn unprotect(&mut self, gfn: u64) {
+        self.unsync_gfn(gfn);
+    }
+
+    /// Whether a shadow of guest table `gfn` is an upper-level one (whose writes are
+    /// emulated rather than unsynced).
+    fn upper_shadow(&self, gfn: u64) -> bool {
+        let mut upper = false;
+        self.for_gfn(gfn, |_, sp| upper |= sp.role.level() > 1);
+        upper
     }
 
     /// Resyncs every unsync shadow (a flushing CR3 load), or only the upper-level ones
@@ -1075,8 +1156,15 @@ impl<T: Tables> Pool<'_, T> {
             leaf &= !SPTE_RW;
         }
         let gfn = w.gpa >> 12;
+        let mut emulate = false;
         if leaf & SPTE_RW != 0 && self.protected(gfn) {
-            if access.write {
+            if access.write && self.st.emulate_writes && self.upper_shadow(gfn) {
+                // Upper-level tables stay in sync: the vCPU emulates the write and the
+                // shadow entries follow (pt_written). The page stays read-only.
+                leaf &= !SPTE_RW;
+                emulate = true;
+                self.st.stats.pt_writes += 1;
+            } else if access.write {
                 self.unsync_gfn(gfn);
             } else {
                 leaf &= !SPTE_RW;
@@ -1084,6 +1172,12 @@ impl<T: Tables> Pool<'_, T> {
         }
         let index = index_of(gva, 1);
         self.set_entry(sp, index, leaf)?;
+        if emulate {
+            return Ok(Fix::WriteProtected {
+                gpa: w.gpa,
+                walk: *w,
+            });
+        }
         self.st.stats.faults_fixed += 1;
         self.prefetch(guest, sp, index, w, ctx)?;
         Ok(Fix::Mapped)

@@ -202,6 +202,11 @@ fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> 
 }
 
 struct Machine {
+    /// The value a guest write in progress stores (None: an abstract access, which
+    /// writes back what is there).
+    write_value: Option<u64>,
+    /// The last write was emulated (upper-level table).
+    emulated: bool,
     s: Store,
     g: Guest,
     cr3: u64,
@@ -227,6 +232,8 @@ impl Machine {
         let mut store = Store::new(pages, roots);
         store.st.mmio_sptes = true;
         let mut m = Self {
+            write_value: None,
+            emulated: false,
             s: store,
             g,
             cr3: ROOTS << 12,
@@ -295,6 +302,22 @@ impl Machine {
                 }
                 Ok(Fix::GuestFault(f)) => return (Err(f.error_code), false),
                 Ok(Fix::Mmio { gpa, .. }) => return (Ok(gpa), false),
+                Ok(Fix::WriteProtected { gpa, .. }) => {
+                    // The vCPU emulates the store, then the pool follows it.
+                    let a = (gpa / 8) as usize;
+                    let v = self.write_value.unwrap_or(self.g.mem[a]);
+                    self.g.mem[a] = v;
+                    self.emulated = true;
+                    if self
+                        .s
+                        .pool()
+                        .pt_written(&mut self.g, gpa & !7, 8, &self.ctx)
+                        .is_err()
+                    {
+                        self.s.pool().reset();
+                    }
+                    return (Ok(gpa), false);
+                }
                 Err(Full) => self.s.pool().reset(),
             }
         }
@@ -308,9 +331,14 @@ impl Machine {
             write: true,
             ..Access::default()
         };
+        self.write_value = Some(value);
+        self.emulated = false;
         let (r, _) = self.access(gpa, acc);
+        self.write_value = None;
         assert_eq!(r, Ok(gpa), "kernel write to {gpa:#x}");
-        self.g.mem[(gpa / 8) as usize] = value;
+        if !self.emulated {
+            self.g.mem[(gpa / 8) as usize] = value;
+        }
     }
 
     fn invlpg(&mut self, gva: u64) {
@@ -589,8 +617,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_ops(pages: usize, roots: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut m = Machine::new(pages, roots);
+    m.s.st.emulate_writes = emulate;
     let mut seq = 1u64;
     let mut last_write = 0u64;
     let mut last_flush = 0u64;
@@ -680,12 +709,22 @@ proptest! {
 
     #[test]
     fn shadow_agrees_with_the_reference(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(96, 16, &ops)?;
+        run_ops(96, 16, false, &ops)?;
     }
 
     #[test]
     fn a_tiny_pool_agrees_too(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(10, 2, &ops)?;
+        run_ops(10, 2, false, &ops)?;
+    }
+
+    #[test]
+    fn emulated_upper_level_writes_agree_too(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops(96, 16, true, &ops)?;
+    }
+
+    #[test]
+    fn emulated_writes_in_a_tiny_pool(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops(10, 2, true, &ops)?;
     }
 }
 
@@ -736,4 +775,29 @@ fn repeated_mmio_takes_no_walk() {
     m.invlpg(dev);
     assert_eq!(m.access(dev, rd()).0, Ok((GPAGES + 3) << 12));
     assert_eq!(m.access(dev, wr_user()), (Err(1 | 2 | 4), false));
+}
+
+#[test]
+fn upper_level_writes_are_emulated_and_stay_in_sync() {
+    let mut m = Machine::new(64, 16);
+    m.s.st.emulate_writes = true;
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // Point the PD entry at another PT (TABLES + 9) that maps DATA + 7.
+    m.g.mem[((TABLES + 9) * 512) as usize] = ((DATA + 7) << 12) | P | RW | US;
+    m.write((TABLES + 1) << 12, ((TABLES + 9) << 12) | P | RW | US);
+    assert!(m.emulated);
+    assert_eq!(m.s.st.stats.pt_emulated, 1);
+    assert_eq!(
+        m.s.pool().unsync_count(),
+        0,
+        "an upper-level table stays in sync"
+    );
+    // The link was dropped in place: the next access walks the new PT, no flush needed
+    // (a real TLB could still give the old page here; the shadow never does).
+    assert_eq!(m.access(gva, rd()), (Ok((DATA + 7) << 12), false));
+    // A leaf table's write unsyncs as before.
+    m.write((TABLES + 9) << 12, ((DATA + 8) << 12) | P | RW | US);
+    assert!(!m.emulated);
+    assert_eq!(m.s.pool().unsync_count(), 1);
 }
