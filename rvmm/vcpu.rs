@@ -861,7 +861,7 @@ impl VcpuInner {
     /// `flush` says whether out-of-sync shadows must be brought up to date (MOV CR3
     /// with PCIDs and bit 63 set does not flush); else a new per-vCPU shadow.
     pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
-        if self.mode == PagingMode::Long4 && self.shadow.usable() {
+        if self.mode != PagingMode::None && self.shadow.usable() {
             if self.load_pool_root(flush) {
                 return true;
             }
@@ -911,12 +911,19 @@ impl VcpuInner {
             rvmm_core::mmu::pool::NIL
         };
         let mut mem = crate::mmu::GuestMem(&self.slots);
-        let root = match pool.load_root(&mut mem, self.cr3, &ctx, prev, flush) {
+        let root = match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, prev, flush) {
             Ok(r) => r,
             Err(_) => {
                 pool.reset();
                 self.stats.shadow_resets += 1;
-                match pool.load_root(&mut mem, self.cr3, &ctx, rvmm_core::mmu::pool::NIL, true) {
+                match pool.load_root(
+                    &mut mem,
+                    self.mode,
+                    self.cr3,
+                    &ctx,
+                    rvmm_core::mmu::pool::NIL,
+                    true,
+                ) {
                     Ok(r) => r,
                     Err(_) => return false,
                 }

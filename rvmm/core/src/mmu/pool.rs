@@ -55,29 +55,52 @@ const PTE_D: u64 = 1 << 6;
 const PTE_PS: u64 = 1 << 7;
 const PTE_XD: u64 = 1 << 63;
 
+/// Guest paging modes the pool shadows (in `Role`): 4-level paging.
+pub const MODE_LONG4: u8 = 0;
+/// PAE paging: a PAE shadow, table for table.
+pub const MODE_PAE: u8 = 1;
+/// 32-bit paging: a PAE-format shadow in which a guest page directory is split into four
+/// shadow PDs (quadrants of 1 GiB) and a guest page table into two shadow PTs (2 MiB).
+pub const MODE_BITS32: u8 = 2;
+
 /// What a shadow page shadows, besides the guest frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Role(pub u16);
+pub struct Role(pub u32);
 
 impl Role {
-    const LEVEL: u16 = 7;
-    const DIRECT: u16 = 1 << 3;
-    const W: u16 = 1 << 4;
-    const U: u16 = 1 << 5;
-    const NX: u16 = 1 << 6;
-    const WP: u16 = 1 << 7;
-    const SMEP: u16 = 1 << 8;
-    const SMAP: u16 = 1 << 9;
-    const NXE: u16 = 1 << 10;
+    const LEVEL: u32 = 7;
+    const DIRECT: u32 = 1 << 3;
+    const W: u32 = 1 << 4;
+    const U: u32 = 1 << 5;
+    const NX: u32 = 1 << 6;
+    const WP: u32 = 1 << 7;
+    const SMEP: u32 = 1 << 8;
+    const SMAP: u32 = 1 << 9;
+    const NXE: u32 = 1 << 10;
+    const MODE_SHIFT: u32 = 11;
+    const MODE: u32 = 3 << 11;
+    const QUAD_SHIFT: u32 = 13;
+    const QUAD: u32 = 3 << 13;
+    const PSE: u32 = 1 << 15;
+    const PDPT_SHIFT: u32 = 16;
+    const PDPT: u32 = 0x7f << 16;
 
-    /// The role of a root (level 4, all rights) under `ctx`.
-    pub fn root(ctx: &PermCtx) -> Self {
-        let mut r = 4 | Self::W | Self::U;
+    /// The role of a root under `ctx`, for guest paging `mode`: level 4 for 4-level
+    /// paging; else the 4-entry PAE PDPT the CPU loads, level 3 - for a PAE guest a copy
+    /// of its PDPTE registers (not a shadow of memory: direct, keyed by the PDPT's place
+    /// in its page), for a 32-bit guest the four quadrants of its page directory.
+    pub fn root(ctx: &PermCtx, mode: u8, pse: bool, cr3: u64) -> Self {
+        let mut r = Self::W | Self::U | (u32::from(mode) << Self::MODE_SHIFT);
+        r |= match mode {
+            MODE_LONG4 => 4,
+            MODE_PAE => 3 | Self::DIRECT | ((((cr3 >> 5) & 0x7f) as u32) << Self::PDPT_SHIFT),
+            _ => 3 | if pse { Self::PSE } else { 0 },
+        };
         for (on, bit) in [
             (ctx.wp, Self::WP),
             (ctx.smep, Self::SMEP),
             (ctx.smap, Self::SMAP),
-            (ctx.nxe, Self::NXE),
+            (ctx.nxe && mode != MODE_BITS32, Self::NXE),
         ] {
             if on {
                 r |= bit;
@@ -91,28 +114,79 @@ impl Role {
         (self.0 & Self::LEVEL) as u8
     }
 
-    /// Shadows a piece of a guest large page, not a guest table.
+    /// Shadows a piece of a guest large page (or a PAE guest's PDPTE registers), not a
+    /// guest table.
     pub const fn direct(self) -> bool {
         self.0 & Self::DIRECT != 0
     }
 
-    /// The role of a child reached through guest entry `pte` of a table with this role.
-    fn child(self, pte: u64, direct: bool) -> Self {
-        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT)) | u16::from(self.level() - 1);
+    /// The guest paging mode.
+    pub const fn mode(self) -> u8 {
+        ((self.0 & Self::MODE) >> Self::MODE_SHIFT) as u8
+    }
+
+    /// Which part of a 32-bit guest table this shadows.
+    pub const fn quadrant(self) -> u32 {
+        (self.0 & Self::QUAD) >> Self::QUAD_SHIFT
+    }
+
+    /// The role of a child reached through guest entry `pte` of a table with this role
+    /// (the PDPTEs of a PAE root and the quadrants of a 32-bit root carry no rights).
+    fn child(self, pte: u64, direct: bool, quadrant: u32) -> Self {
+        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT | Self::QUAD | Self::PDPT))
+            | u32::from(self.level() - 1)
+            | (quadrant << Self::QUAD_SHIFT);
         if direct {
             r |= Self::DIRECT;
         }
-        if pte & PTE_RW == 0 {
-            r &= !Self::W;
-        }
-        if pte & PTE_US == 0 {
-            r &= !Self::U;
-        }
-        if pte & PTE_XD != 0 && self.0 & Self::NXE != 0 {
-            r |= Self::NX;
+        let rights = !(self.level() == 3 && self.mode() != MODE_LONG4);
+        if rights {
+            if pte & PTE_RW == 0 {
+                r &= !Self::W;
+            }
+            if pte & PTE_US == 0 {
+                r &= !Self::U;
+            }
+            if pte & PTE_XD != 0 && self.0 & Self::NXE != 0 {
+                r |= Self::NX;
+            }
         }
         Self(r)
     }
+
+    /// The role of the next piece down inside a direct shadow (same rights).
+    fn piece(self) -> Self {
+        Self((self.0 & !Self::LEVEL) | u32::from(self.level() - 1))
+    }
+}
+
+/// The top shadow level for a guest mode.
+const fn top_level(mode: u8) -> u8 {
+    if mode == MODE_LONG4 {
+        4
+    } else {
+        3
+    }
+}
+
+/// Index of `gva` in a shadow table of `level` for `mode`.
+fn sindex(gva: u64, level: u8, mode: u8) -> usize {
+    if level == 3 && mode != MODE_LONG4 {
+        ((gva >> 30) & 3) as usize
+    } else {
+        index_of(gva, level)
+    }
+}
+
+/// Whether guest entry `pte` at guest `level` maps a large page.
+fn large(pte: u64, level: u8, role: Role, ctx: &PermCtx) -> bool {
+    pte & PTE_PS != 0
+        && match (role.mode(), level) {
+            (MODE_LONG4, 3) => ctx.gbpages,
+            (MODE_BITS32, 2) => role.0 & Role::PSE != 0,
+            (_, 2) => true,
+            _ => false,
+        }
 }
 
 /// Metadata of one shadow page.
@@ -766,12 +840,20 @@ impl<T: Tables> Pool<'_, T> {
         ctx: &PermCtx,
     ) -> Option<u64> {
         let phys = (1u64 << ctx.maxphyaddr) - 1;
-        let reserved =
-            (pte & !phys & ((1 << 52) - 1) & !PTE_XD) | if ctx.nxe { 0 } else { pte & PTE_XD };
+        let bits32 = role.mode() == MODE_BITS32;
+        let reserved = if bits32 {
+            0
+        } else {
+            (pte & !phys & ((1 << 52) - 1) & !PTE_XD) | if ctx.nxe { 0 } else { pte & PTE_XD }
+        };
         if pte & PTE_P == 0 || pte & PTE_A == 0 || reserved != 0 {
             return None;
         }
-        let gpa = pte & phys & !0xfff;
+        let gpa = if bits32 {
+            pte & 0xffff_f000
+        } else {
+            pte & phys & !0xfff
+        };
         let (hpa, ro) = guest.host_pa(gpa)?;
         let writable = role.0 & Role::W != 0
             && pte & PTE_RW != 0
@@ -779,7 +861,7 @@ impl<T: Tables> Pool<'_, T> {
             && !ro
             && !self.protected(gpa >> 12);
         let user = role.0 & Role::U != 0 && pte & PTE_US != 0;
-        let nx = role.0 & Role::NX != 0 || (ctx.nxe && pte & PTE_XD != 0);
+        let nx = role.0 & Role::NX != 0 || (!bits32 && ctx.nxe && pte & PTE_XD != 0);
         Some(
             SPTE_P
                 | spte::SPTE_A
@@ -789,6 +871,71 @@ impl<T: Tables> Pool<'_, T> {
                 | if user { SPTE_US } else { 0 }
                 | if nx { SPTE_NX } else { 0 },
         )
+    }
+
+    /// The guest entry behind entry `j` of sp `sp`: its guest-physical address and size;
+    /// `None` for direct shadows and for roots that are not a guest table's shadow.
+    fn gentry(sp: &Sp, j: usize) -> Option<(u64, u8)> {
+        if sp.role.direct() {
+            return None;
+        }
+        let base = sp.gfn << 12;
+        let q = u64::from(sp.role.quadrant());
+        match (sp.role.mode(), sp.role.level()) {
+            (MODE_LONG4, _) => Some((base + 8 * j as u64, 8)),
+            (MODE_PAE, 3) | (MODE_BITS32, 3) => None,
+            (MODE_PAE, _) => Some((base + 8 * j as u64, 8)),
+            (_, 2) => Some((base + 4 * (q * 256 + j as u64 / 2), 4)),
+            _ => Some((base + 4 * (q * 512 + j as u64), 4)),
+        }
+    }
+
+    /// The shadow that entry `j` of sp `sp` must point at, given the guest entry `pte`
+    /// behind it (ignored where there is none): the guest frame and role; `None` where
+    /// the entry leads nowhere (not present, reserved bits).
+    fn expected_child(sp: &Sp, j: usize, pte: u64, ctx: &PermCtx) -> Option<(u64, Role)> {
+        let level = sp.role.level();
+        let mode = sp.role.mode();
+        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        if sp.role.direct() {
+            if level == 3 && mode == MODE_PAE {
+                // A PDPTE register: its page directory (bits 2:1, 8:5 and 63 reserved).
+                if pte & PTE_P == 0 || pte & (0x1e6 | PTE_XD | (!phys & ((1 << 63) - 1))) != 0 {
+                    return None;
+                }
+                return Some(((pte & phys & !0xfff) >> 12, sp.role.child(0, false, 0)));
+            }
+            // A piece of a large page: the next piece down.
+            let span = 1u64 << (9 * u32::from(level - 1));
+            return Some((sp.gfn + j as u64 * span, sp.role.piece()));
+        }
+        if level == 3 && mode == MODE_BITS32 {
+            // Quadrant j of the guest page directory.
+            return Some((sp.gfn, sp.role.child(0, false, j as u32)));
+        }
+        if pte & PTE_P == 0 {
+            return None;
+        }
+        if mode == MODE_BITS32 {
+            let pte = pte & 0xffff_ffff;
+            if large(pte, level, sp.role, ctx) {
+                // PSE-36: bits 20:13 are physical bits 39:32; each shadow PT maps half.
+                let frame = (pte & 0xffc0_0000) | (((pte >> 13) & 0xff) << 32);
+                return Some((
+                    (frame >> 12) + 512 * (j as u64 & 1),
+                    sp.role.child(pte, true, 0),
+                ));
+            }
+            return Some((
+                (pte & 0xffff_f000) >> 12,
+                sp.role.child(pte, false, j as u32 & 1),
+            ));
+        }
+        if large(pte, level, sp.role, ctx) {
+            let span = (1u64 << (12 + 9 * u32::from(level - 1))) - 1;
+            return Some(((pte & phys & !span) >> 12, sp.role.child(pte, true, 0)));
+        }
+        Some(((pte & phys & !0xfff) >> 12, sp.role.child(pte, false, 0)))
     }
 
     /// Brings sp `i` back in sync with the guest table: leaves are recomputed in place
@@ -816,27 +963,19 @@ impl<T: Tables> Pool<'_, T> {
             return Ok(());
         }
         let sp = self.sps[i as usize];
-        let phys = (1u64 << ctx.maxphyaddr) - 1;
-        let pte = guest
-            .read_entry((sp.gfn << 12) + 8 * index as u64, 8)
-            .unwrap_or(0);
+        let Some((gpa, size)) = Self::gentry(&sp, index) else {
+            // Root quadrants and PDPTE copies do not follow guest memory.
+            return Ok(());
+        };
+        let pte = guest.read_entry(gpa, size).unwrap_or(0);
         let new = if sp.role.level() == 1 {
             self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
         } else {
+            // Keep the link while the guest entry still leads to the same shadow.
             let child = self.sps[self.tables.index(e & SPTE_ADDR) as usize];
-            let large = pte & PTE_PS != 0;
-            let size_mask = if large {
-                (1u64 << (12 + 9 * u32::from(sp.role.level() - 1))) - 1
-            } else {
-                0xfff
-            };
-            let keep = pte & PTE_P != 0
-                && child.role == sp.role.child(pte, large)
-                && child.gfn == (pte & phys & !size_mask) >> 12;
-            if keep {
-                e
-            } else {
-                0
+            match Self::expected_child(&sp, index, pte, ctx) {
+                Some((gfn, role)) if gfn == child.gfn && role == child.role => e,
+                _ => 0,
             }
         };
         self.set_entry(i, index, new)
@@ -855,8 +994,8 @@ impl<T: Tables> Pool<'_, T> {
     ) -> Result<(), Full> {
         self.st.stats.pt_emulated += 1;
         let gfn = gpa >> 12;
-        let first = ((gpa & 0xfff) / 8) as usize;
-        let last = (((gpa & 0xfff) + u64::from(size.max(1)) - 1) / 8).min(511) as usize;
+        let lo = gpa & 0xfff;
+        let hi = (lo + u64::from(size.max(1)) - 1).min(0xfff);
         let mut list = [NIL; 16];
         let mut n = 0;
         let mut flooded = false;
@@ -875,7 +1014,29 @@ impl<T: Tables> Pool<'_, T> {
                 self.st.stats.flood_unshadows += 1;
                 continue;
             }
-            for index in first..=last {
+            // The shadow entries that the written guest entries stand behind.
+            let role = self.sps[i as usize].role;
+            let (first, last) = match (role.mode(), role.level()) {
+                (MODE_BITS32, 3) => continue,
+                (MODE_BITS32, 2) => {
+                    let q = u64::from(role.quadrant()) * 256;
+                    let (g0, g1) = ((lo / 4).max(q), (hi / 4).min(q + 255));
+                    if g0 > g1 {
+                        continue;
+                    }
+                    (2 * (g0 - q), 2 * (g1 - q) + 1)
+                }
+                (MODE_BITS32, _) => {
+                    let h = u64::from(role.quadrant()) * 512;
+                    let (g0, g1) = ((lo / 4).max(h), (hi / 4).min(h + 511));
+                    if g0 > g1 {
+                        continue;
+                    }
+                    (g0 - h, g1 - h)
+                }
+                _ => (lo / 8, hi / 8),
+            };
+            for index in first as usize..=last as usize {
                 self.resync_entry(guest, i, index, ctx)?;
             }
         }
@@ -965,7 +1126,15 @@ impl<T: Tables> Pool<'_, T> {
                 self.protect_new(guest, c);
             }
         }
-        self.set_entry(parent, index, spte::table(self.tables.pa(c)))?;
+        let prole = self.sps[parent as usize].role;
+        let pa = self.tables.pa(c);
+        // The CPU loads a PAE-format root's four entries as PDPTEs: P and address only.
+        let e = if prole.level() == 3 && prole.mode() != MODE_LONG4 {
+            spte::pae_pdpte(pa)
+        } else {
+            spte::table(pa)
+        };
+        self.set_entry(parent, index, e)?;
         Ok(c)
     }
 
@@ -990,9 +1159,11 @@ impl<T: Tables> Pool<'_, T> {
     /// shadows are brought up to date first (with PCIDs and bit 63 set, the TLB may keep
     /// stale entries, and so may the shadow). `prev` is the vCPU's current root
     /// (unpinned), or NIL.
+    #[allow(clippy::too_many_arguments)]
     pub fn load_root(
         &mut self,
         guest: &mut impl GuestPhys,
+        mode: PagingMode,
         cr3: u64,
         ctx: &PermCtx,
         prev: u32,
@@ -1001,15 +1172,23 @@ impl<T: Tables> Pool<'_, T> {
         if flush {
             self.sync(guest, ctx, false)?;
         }
-        let gfn = (cr3 & ((1u64 << ctx.maxphyaddr) - 1)) >> 12;
-        let role = Role::root(ctx);
+        let (m, pse, cr3) = match mode {
+            PagingMode::Long4 => (MODE_LONG4, false, cr3 & ((1u64 << ctx.maxphyaddr) - 1)),
+            PagingMode::Pae => (MODE_PAE, false, cr3 & 0xffff_ffe0),
+            PagingMode::Bits32 { pse } => (MODE_BITS32, pse, cr3 & 0xffff_f000),
+            PagingMode::None => return Err(Full),
+        };
+        let gfn = cr3 >> 12;
+        let role = Role::root(ctx, m, pse, cr3);
         let mut r = self.find(gfn, role);
         if r != NIL {
             self.st.stats.root_hits += 1;
         } else {
             self.st.stats.root_misses += 1;
             r = self.alloc_sp(gfn, role)?;
-            self.protect_new(guest, r);
+            if !role.direct() {
+                self.protect_new(guest, r);
+            }
         }
         if !self.sps[r as usize].cached {
             // Cached roots are pinned: their place in the LRU list matters only once
@@ -1020,6 +1199,19 @@ impl<T: Tables> Pool<'_, T> {
         self.sps[r as usize].pins += 1;
         if prev != NIL && self.sps[prev as usize].valid {
             self.sps[prev as usize].pins -= 1;
+        }
+        if m == MODE_PAE {
+            // MOV CR3 loads the four PDPTEs: the root is their copy.
+            for j in 0..4 {
+                let pdpte = guest.read_entry(cr3 + 8 * j as u64, 8).unwrap_or(0);
+                let sp = self.sps[r as usize];
+                match Self::expected_child(&sp, j, pdpte, ctx) {
+                    Some((gfn, role)) => {
+                        self.child(guest, r, j, gfn, role)?;
+                    }
+                    None => self.set_entry(r, j, 0)?,
+                }
+            }
         }
         // The root cache: a hit only refreshes the root's stamp; a new root takes a free
         // place or the least recently loaded one's.
@@ -1075,7 +1267,15 @@ impl<T: Tables> Pool<'_, T> {
         access: Access,
         ctx: &PermCtx,
     ) -> Result<Fix, Full> {
-        let w = match walker::walk(guest, PagingMode::Long4, cr3, gva, access, ctx) {
+        let role = self.sps[root as usize].role;
+        let mode = match role.mode() {
+            MODE_LONG4 => PagingMode::Long4,
+            MODE_PAE => PagingMode::Pae,
+            _ => PagingMode::Bits32 {
+                pse: role.0 & Role::PSE != 0,
+            },
+        };
+        let w = match walker::walk(guest, mode, cr3, gva, access, ctx) {
             Ok(w) => w,
             Err(f) => return Ok(Fix::GuestFault(f)),
         };
@@ -1108,27 +1308,23 @@ impl<T: Tables> Pool<'_, T> {
             n += 1;
         };
         pin(self, sp);
-        // Guest tables from the top down to the one holding the leaf entry.
-        for level in (w.level + 1..=4).rev() {
-            let pte = w.path.pte[usize::from(level) - 1];
-            let role = self.sps[sp as usize].role.child(pte, false);
-            let gfn = w.path.table[usize::from(level) - 2] >> 12;
-            sp = self.child(guest, sp, index_of(gva, level), gfn, role)?;
+        // From the root down to the shadow page table: guest tables, then the pieces of
+        // a large page.
+        let mode = self.sps[root as usize].role.mode();
+        for level in (2..=top_level(mode)).rev() {
+            let cur = self.sps[sp as usize];
+            let j = sindex(gva, level, mode);
+            // The guest entry behind shadow entry j, from the walk.
+            let pte = match (mode, level) {
+                _ if cur.role.direct() && !(level == 3 && mode == MODE_PAE) => 0,
+                (MODE_BITS32, 3) => 0,
+                (MODE_BITS32, _) => w.path.pte[1],
+                (_, l) => w.path.pte[usize::from(l) - 1],
+            };
+            // A walk that succeeded always leads somewhere.
+            let (gfn, role) = Self::expected_child(&cur, j, pte, ctx).ok_or(Full)?;
+            sp = self.child(guest, sp, j, gfn, role)?;
             pin(self, sp);
-        }
-        // A large page: direct pieces down to 4 KiB.
-        let mut level = w.level;
-        if level > 1 {
-            let pte = w.path.pte[usize::from(level) - 1];
-            let mut role = self.sps[sp as usize].role.child(pte, true);
-            while level > 1 {
-                let piece = 12 + 9 * (u32::from(level) - 1);
-                let gfn = ((w.gpa >> piece) << piece) >> 12;
-                sp = self.child(guest, sp, index_of(gva, level), gfn, role)?;
-                pin(self, sp);
-                level -= 1;
-                role = Role((role.0 & !Role::LEVEL) | u16::from(level - 1));
-            }
         }
         let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
             if self.st.mmio_sptes && w.gpa < SPTE_MMIO {
@@ -1196,8 +1392,24 @@ impl<T: Tables> Pool<'_, T> {
         let s = self.sps[sp as usize];
         let first = index & !(PREFETCH - 1);
         let mut ptes = [0u64; PREFETCH];
-        if !s.role.direct() && !guest.read_entries((s.gfn << 12) + 8 * first as u64, &mut ptes) {
-            return Ok(());
+        match Self::gentry(&s, first) {
+            Some((gpa, 8)) => {
+                if !guest.read_entries(gpa, &mut ptes) {
+                    return Ok(());
+                }
+            }
+            Some((gpa, _)) => {
+                // 4-byte entries: half as many 8-byte reads.
+                let mut pairs = [0u64; PREFETCH / 2];
+                if !guest.read_entries(gpa, &mut pairs) {
+                    return Ok(());
+                }
+                for (k, p) in pairs.iter().enumerate() {
+                    ptes[2 * k] = p & 0xffff_ffff;
+                    ptes[2 * k + 1] = p >> 32;
+                }
+            }
+            None => {}
         }
         for j in first..first + PREFETCH {
             if j == index || self.tables.table(sp)[j] & SPTE_P != 0 {
@@ -1243,8 +1455,9 @@ impl<T: Tables> Pool<'_, T> {
     ) -> Result<(), Full> {
         self.sync(guest, ctx, true)?;
         let mut sp = root;
-        for level in (1..=4).rev() {
-            let index = index_of(gva, level);
+        let mode = self.sps[root as usize].role.mode();
+        for level in (1..=top_level(mode)).rev() {
+            let index = sindex(gva, level, mode);
             let e = self.tables.table(sp)[index];
             if e & SPTE_P == 0 {
                 return Ok(());
@@ -1253,13 +1466,12 @@ impl<T: Tables> Pool<'_, T> {
                 // The entry comes back from the guest's current PTE (the path down to
                 // it is in sync), as KVM's invlpg does: no fault to refill it.
                 let s = self.sps[sp as usize];
-                let new = if s.role.direct() {
-                    0
-                } else {
-                    match guest.read_entry((s.gfn << 12) + 8 * index as u64, 8) {
+                let new = match Self::gentry(&s, index) {
+                    None => 0,
+                    Some((gpa, size)) => match guest.read_entry(gpa, size) {
                         Some(pte) => self.leaf_from_pte(guest, s.role, pte, ctx).unwrap_or(0),
                         None => 0,
-                    }
+                    },
                 };
                 return self.set_entry(sp, index, new);
             }
@@ -1273,8 +1485,9 @@ impl<T: Tables> Pool<'_, T> {
     /// decides, with a full walk).
     pub fn mmio_fast(&mut self, root: u32, gva: u64, access: Access, ctx: &PermCtx) -> Option<u64> {
         let mut sp = root;
-        for level in (1..=4).rev() {
-            let e = self.tables.table(sp)[index_of(gva, level)];
+        let mode = self.sps[root as usize].role.mode();
+        for level in (1..=top_level(mode)).rev() {
+            let e = self.tables.table(sp)[sindex(gva, level, mode)];
             if e & SPTE_P == 0 {
                 return None;
             }

@@ -28,11 +28,21 @@ struct Guest {
 
 impl GuestMemory for Guest {
     fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
-        assert_eq!(size, 8);
-        self.mem.get((gpa / 8) as usize).copied()
+        let q = *self.mem.get((gpa / 8) as usize)?;
+        Some(if size == 8 {
+            q
+        } else {
+            (q >> (8 * (gpa & 4))) & 0xffff_ffff
+        })
     }
-    fn write_entry(&mut self, gpa: u64, _size: u8, value: u64) {
-        self.mem[(gpa / 8) as usize] = value;
+    fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
+        let q = &mut self.mem[(gpa / 8) as usize];
+        if size == 8 {
+            *q = value;
+        } else {
+            let sh = 8 * (gpa & 4);
+            *q = (*q & !(0xffff_ffff << sh)) | ((value & 0xffff_ffff) << sh);
+        }
     }
 }
 
@@ -106,6 +116,130 @@ const XD: u64 = 1 << 63;
 /// A walk that met a table outside guest RAM (the module stops the vCPU there).
 const UNBACKED: u32 = u32::MAX;
 
+fn rd_entry(mem: &[u64], gpa: u64, size: u8) -> Option<u64> {
+    let q = *mem.get((gpa / 8) as usize)?;
+    Some(if size == 8 {
+        q
+    } else {
+        (q >> (8 * (gpa & 4))) & 0xffff_ffff
+    })
+}
+
+/// The SDM 4.6 access-rights check on the combined rights of a translation.
+fn denied(acc: Access, rw: bool, us: bool, xd: bool, ctx: &PermCtx) -> bool {
+    if acc.user {
+        !us || (acc.write && !rw) || (acc.fetch && xd)
+    } else if acc.fetch {
+        xd || (us && ctx.smep)
+    } else {
+        (us && ctx.smap && !ctx.ac) || (acc.write && !rw && ctx.wp)
+    }
+}
+
+/// The reference for 32-bit paging (SDM 4.3) and PAE paging (SDM 4.4), no side effects.
+fn reference32(
+    mem: &[u64],
+    mode: u8,
+    cr3: u64,
+    gva: u64,
+    acc: Access,
+    ctx: &PermCtx,
+) -> Result<(u64, Vec<u64>), u32> {
+    let gva = gva & 0xffff_ffff;
+    let pae = mode == MODE_PAE;
+    let ec_base = u32::from(acc.write) << 1
+        | u32::from(acc.user) << 2
+        | u32::from(acc.fetch && ((pae && ctx.nxe) || ctx.smep)) << 4;
+    let maxphy_mask = (1u64 << ctx.maxphyaddr) - 1;
+    let unbacked = |_| UNBACKED;
+    let (mut rw, mut us, mut xd) = (true, true, false);
+    let mut used = Vec::new();
+    let mut rsvd8 = |e: u64| e & !maxphy_mask & ((1 << 63) - 1) != 0 || (!ctx.nxe && e & XD != 0);
+    let table;
+    if pae {
+        // PDPTE: only P and the address; bits 2:1, 8:5 and 63 reserved.
+        let egpa = (cr3 & 0xffff_ffe0) + 8 * ((gva >> 30) & 3);
+        let e = rd_entry(mem, egpa, 8).ok_or(0).map_err(unbacked)?;
+        if e & P == 0 {
+            return Err(ec_base);
+        }
+        if e & 0x1e6 != 0 || e & XD != 0 || e & !maxphy_mask & ((1 << 63) - 1) != 0 {
+            return Err(ec_base | 1 | 8);
+        }
+        used.push(egpa);
+        let egpa = (e & maxphy_mask & !0xfff) + 8 * ((gva >> 21) & 511);
+        let e = rd_entry(mem, egpa, 8).ok_or(0).map_err(unbacked)?;
+        if e & P == 0 {
+            return Err(ec_base);
+        }
+        if rsvd8(e) || (e & PS != 0 && e & 0x1f_e000 != 0) {
+            return Err(ec_base | 1 | 8);
+        }
+        used.push(egpa);
+        rw &= e & RW != 0;
+        us &= e & US != 0;
+        xd |= ctx.nxe && e & XD != 0;
+        if e & PS != 0 {
+            if denied(acc, rw, us, xd, ctx) {
+                return Err(ec_base | 1);
+            }
+            return Ok(((e & maxphy_mask & !0x1f_ffff) | (gva & 0x1f_ffff), used));
+        }
+        table = e & maxphy_mask & !0xfff;
+        let egpa = table + 8 * ((gva >> 12) & 511);
+        let e = rd_entry(mem, egpa, 8).ok_or(0).map_err(unbacked)?;
+        if e & P == 0 {
+            return Err(ec_base);
+        }
+        if rsvd8(e) {
+            return Err(ec_base | 1 | 8);
+        }
+        used.push(egpa);
+        rw &= e & RW != 0;
+        us &= e & US != 0;
+        xd |= ctx.nxe && e & XD != 0;
+        if denied(acc, rw, us, xd, ctx) {
+            return Err(ec_base | 1);
+        }
+        return Ok(((e & maxphy_mask & !0xfff) | (gva & 0xfff), used));
+    }
+    // 32-bit paging: 4-byte entries, no XD; 4-MiB pages with CR4.PSE (PSE-36).
+    let pse = ctx.gbpages; // the tests pass CR4.PSE here for 32-bit paging
+    let egpa = (cr3 & 0xffff_f000) + 4 * ((gva >> 22) & 0x3ff);
+    let e = rd_entry(mem, egpa, 4).ok_or(0).map_err(unbacked)?;
+    if e & P == 0 {
+        return Err(ec_base);
+    }
+    used.push(egpa);
+    rw &= e & RW != 0;
+    us &= e & US != 0;
+    if pse && e & PS != 0 {
+        // Bit 21 is reserved (MAXPHYADDR 46 > 40: PSE-36 bits 20:13 are all address).
+        if e & (1 << 21) != 0 {
+            return Err(ec_base | 1 | 8);
+        }
+        if denied(acc, rw, us, false, ctx) {
+            return Err(ec_base | 1);
+        }
+        let frame = (e & 0xffc0_0000) | (((e >> 13) & 0xff) << 32);
+        return Ok((frame | (gva & 0x3f_ffff), used));
+    }
+    table = e & 0xffff_f000;
+    let egpa = table + 4 * ((gva >> 12) & 0x3ff);
+    let e = rd_entry(mem, egpa, 4).ok_or(0).map_err(unbacked)?;
+    if e & P == 0 {
+        return Err(ec_base);
+    }
+    used.push(egpa);
+    rw &= e & RW != 0;
+    us &= e & US != 0;
+    let _ = &mut rsvd8;
+    if denied(acc, rw, us, false, ctx) {
+        return Err(ec_base | 1);
+    }
+    Ok(((e & 0xffff_f000) | (gva & 0xfff), used))
+}
+
 /// The reference: SDM 4.5 (4-level paging) and 4.6 (access rights), no side effects.
 /// Ok(gpa, entries used (their gpas)) or Err(#PF error code).
 fn reference(
@@ -170,12 +304,33 @@ fn reference(
 /// The CPU over the shadow: CR0.WP = 1, EFER.NXE = 1, CR4.SMEP/SMAP as the guest has
 /// them, MAXPHYADDR 46. Host-physical address of the access, or a fault (Err(true) for
 /// a reserved-bit fault).
-fn hw(t: &mut VecTables, root_pa: u64, gva: u64, acc: Access, ctx: &PermCtx) -> Result<u64, bool> {
+fn hw(
+    t: &mut VecTables,
+    mode: u8,
+    root_pa: u64,
+    gva: u64,
+    acc: Access,
+    ctx: &PermCtx,
+) -> Result<u64, bool> {
     let mut table = root_pa;
     let (mut rw, mut us, mut nx) = (true, true, false);
-    for level in (1..=4u8).rev() {
+    let gva = if mode == MODE_LONG4 {
+        gva
+    } else {
+        gva & 0xffff_ffff
+    };
+    for level in (1..=top_level(mode)).rev() {
         let i = t.index(table);
-        let e = t.table(i)[index_of(gva, level)];
+        let e = t.table(i)[sindex(gva, level, mode)];
+        if level == 3 && mode != MODE_LONG4 {
+            // A PDPTE: P and the address only (anything else would fail VM entry).
+            assert_eq!(e & !(SPTE_ADDR | SPTE_P), 0, "PDPTE {e:#x}");
+            if e & SPTE_P == 0 {
+                return Err(false);
+            }
+            table = e & SPTE_ADDR;
+            continue;
+        }
         if e & SPTE_P == 0 {
             return Err(false);
         }
@@ -213,21 +368,36 @@ struct Machine {
     root: u32,
     ctx: PermCtx,
     generation: u64,
+    mode: u8,
 }
 
 impl Machine {
     fn new(pages: usize, roots: usize) -> Self {
+        Self::with_mode(pages, roots, MODE_LONG4)
+    }
+
+    fn with_mode(pages: usize, roots: usize, mode: u8) -> Self {
         let mut g = Guest {
             mem: vec![0; (GPAGES * 512) as usize],
         };
-        // Kernel identity map of the 2 MiB: PML4[0] (in every root) -> 1 -> 2 -> 3.
+        // Kernel identity map of the 2 MiB: PML4[0] (in every root) -> 1 -> 2 -> 3;
+        // with PAE, PDPTE 0 -> 2 -> 3; with 32-bit paging, PDE 0 -> 3 (4-byte entries).
         g.mem[512] = (2 << 12) | P | RW;
         g.mem[2 * 512] = (3 << 12) | P | RW;
         for f in 0..GPAGES {
-            g.mem[(3 * 512 + f) as usize] = (f << 12) | P | RW;
+            if mode == MODE_BITS32 {
+                let sh = 32 * (f & 1);
+                g.mem[(3 * 512 + f / 2) as usize] |= ((f << 12) | P | RW) << sh;
+            } else {
+                g.mem[(3 * 512 + f) as usize] = (f << 12) | P | RW;
+            }
         }
         for r in ROOTS..ROOTS + NROOTS {
-            g.mem[(r * 512) as usize] = (1 << 12) | P | RW;
+            g.mem[(r * 512) as usize] = match mode {
+                MODE_LONG4 => (1 << 12) | P | RW,
+                MODE_PAE => (2 << 12) | P,
+                _ => (3 << 12) | P | RW,
+            };
         }
         let mut store = Store::new(pages, roots);
         store.st.mmio_sptes = true;
@@ -238,11 +408,34 @@ impl Machine {
             g,
             cr3: ROOTS << 12,
             root: NIL,
-            ctx: PermCtx::default(),
+            ctx: PermCtx {
+                // 32-bit paging: the tests' CR4.PSE.
+                gbpages: true,
+                ..PermCtx::default()
+            },
             generation: 0,
+            mode,
         };
         m.load_cr3(ROOTS << 12);
         m
+    }
+
+    fn paging(&self) -> PagingMode {
+        match self.mode {
+            MODE_LONG4 => PagingMode::Long4,
+            MODE_PAE => PagingMode::Pae,
+            _ => PagingMode::Bits32 {
+                pse: self.ctx.gbpages,
+            },
+        }
+    }
+
+    fn reference(&self, gva: u64, acc: Access) -> Result<(u64, Vec<u64>), u32> {
+        if self.mode == MODE_LONG4 {
+            reference(&self.g.mem, self.cr3, gva, acc, &self.ctx)
+        } else {
+            reference32(&self.g.mem, self.mode, self.cr3, gva, acc, &self.ctx)
+        }
     }
 
     fn load_cr3(&mut self, cr3: u64) {
@@ -252,6 +445,7 @@ impl Machine {
     /// MOV CR3 with PCIDs: without `flush` (bit 63 set) the TLB may stay stale.
     fn load_cr3_pcid(&mut self, cr3: u64, flush: bool) {
         self.cr3 = cr3;
+        let paging = self.paging();
         let prev = if self.generation == self.s.st.generation {
             self.root
         } else {
@@ -260,14 +454,14 @@ impl Machine {
         self.root = match self
             .s
             .pool()
-            .load_root(&mut self.g, cr3, &self.ctx, prev, flush)
+            .load_root(&mut self.g, paging, cr3, &self.ctx, prev, flush)
         {
             Ok(r) => r,
             Err(Full) => {
                 self.s.pool().reset();
                 self.s
                     .pool()
-                    .load_root(&mut self.g, cr3, &self.ctx, NIL, true)
+                    .load_root(&mut self.g, paging, cr3, &self.ctx, NIL, true)
                     .expect("an empty pool has room for a root")
             }
         };
@@ -282,7 +476,7 @@ impl Machine {
                 self.load_cr3(self.cr3);
             }
             let root_pa = self.s.pool().root_pa(self.root);
-            match hw(&mut self.s.tables, root_pa, gva, acc, &self.ctx) {
+            match hw(&mut self.s.tables, self.mode, root_pa, gva, acc, &self.ctx) {
                 Ok(hpa) => return (Ok(hpa - HOST_OFF), tries == 0),
                 Err(true) => {
                     if let Some(gpa) = self.s.pool().mmio_fast(self.root, gva, acc, &self.ctx) {
@@ -304,14 +498,16 @@ impl Machine {
                 Ok(Fix::Mmio { gpa, .. }) => return (Ok(gpa), false),
                 Ok(Fix::WriteProtected { gpa, .. }) => {
                     // The vCPU emulates the store, then the pool follows it.
-                    let a = (gpa / 8) as usize;
-                    let v = self.write_value.unwrap_or(self.g.mem[a]);
-                    self.g.mem[a] = v;
+                    let size = self.esize();
+                    let at = gpa & !(u64::from(size) - 1);
+                    let old = self.g.read_entry(at, size).unwrap();
+                    let v = self.write_value.unwrap_or(old);
+                    self.g.write_entry(at, size, v);
                     self.emulated = true;
                     if self
                         .s
                         .pool()
-                        .pt_written(&mut self.g, gpa & !7, 8, &self.ctx)
+                        .pt_written(&mut self.g, at, size, &self.ctx)
                         .is_err()
                     {
                         self.s.pool().reset();
@@ -337,7 +533,17 @@ impl Machine {
         self.write_value = None;
         assert_eq!(r, Ok(gpa), "kernel write to {gpa:#x}");
         if !self.emulated {
-            self.g.mem[(gpa / 8) as usize] = value;
+            let size = self.esize();
+            self.g.write_entry(gpa, size, value);
+        }
+    }
+
+    /// Page-table entry size.
+    fn esize(&self) -> u8 {
+        if self.mode == MODE_BITS32 {
+            4
+        } else {
+            8
         }
     }
 
@@ -561,10 +767,33 @@ enum Op {
 
 const IDX: [u64; 4] = [0, 1, 2, 511];
 
-fn va_of(sel: usize) -> u64 {
-    let pml4 = 1 + (sel % 3) as u64;
+/// 32-bit paging: page-directory entries the tests use (all four quadrants, both halves
+/// of a page table), and page-table entries.
+const PDES: [u64; 9] = [1, 2, 255, 256, 511, 512, 767, 768, 1023];
+const PTES: [u64; 5] = [0, 1, 511, 512, 1023];
+/// Entries the tests rewrite in a 32-bit table.
+const IDX32: [u64; 10] = [0, 1, 2, 255, 256, 511, 512, 767, 768, 1023];
+
+fn va_of(sel: usize, mode: u8) -> u64 {
+    let top = 1 + (sel % 3) as u64;
     let s = sel / 3;
-    (pml4 << 39) | (IDX[s % 4] << 30) | (IDX[(s / 4) % 4] << 21) | (IDX[(s / 16) % 4] << 12)
+    match mode {
+        MODE_LONG4 => {
+            (top << 39) | (IDX[s % 4] << 30) | (IDX[(s / 4) % 4] << 21) | (IDX[(s / 16) % 4] << 12)
+        }
+        MODE_PAE => (top << 30) | (IDX[s % 4] << 21) | (IDX[(s / 4) % 4] << 12),
+        _ => (PDES[sel % 9] << 22) | (PTES[(sel / 9) % 5] << 12),
+    }
+}
+
+/// The entry a write op rewrites, in a root (top-level table) or another table.
+fn write_index(mode: u8, root: bool, i: usize) -> usize {
+    match (mode, root) {
+        (MODE_BITS32, true) => PDES[i % 9] as usize,
+        (MODE_BITS32, false) => IDX32[i % 10] as usize,
+        (_, true) => 1 + i % 3,
+        _ => IDX[i % 4] as usize,
+    }
 }
 
 fn value() -> impl Strategy<Value = u64> {
@@ -601,14 +830,10 @@ fn op() -> impl Strategy<Value = Op> {
                 3 => TABLES..TABLES + NTABLES,
                 1 => ROOTS..ROOTS + NROOTS,
             ],
-            0usize..4,
+            0usize..90,
             value()
         )
-            .prop_map(|(frame, i, value)| Op::Write {
-                frame,
-                index: if frame < TABLES { 1 + i % 3 } else { IDX[i] as usize },
-                value
-            }),
+            .prop_map(|(frame, index, value)| Op::Write { frame, index, value }),
         1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
         2 => (ROOTS..ROOTS + NROOTS, any::<bool>())
             .prop_map(|(root, flush)| Op::Cr3 { root, flush }),
@@ -617,8 +842,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut m = Machine::new(pages, roots);
+fn run_ops(
+    pages: usize,
+    roots: usize,
+    emulate: bool,
+    mode: u8,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let mut m = Machine::with_mode(pages, roots, mode);
     m.s.st.emulate_writes = emulate;
     let mut seq = 1u64;
     let mut last_write = 0u64;
@@ -633,8 +864,8 @@ fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), 
                     user,
                     fetch: kind == 2,
                 };
-                let gva = va_of(va);
-                let want = reference(&m.g.mem, m.cr3, gva, acc, &m.ctx);
+                let gva = va_of(va, mode);
+                let want = m.reference(gva, acc);
                 let (got, hit) = m.access(gva, acc);
                 // A TLB may be stale for a page whose tables changed since the last
                 // flush that covered it (MOV CR3, or INVLPG of that page).
@@ -651,12 +882,16 @@ fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), 
                     );
                     if let Ok((_, used)) = want {
                         // The access left the guest's A flags set, and D for a write.
-                        for &e in &used {
-                            prop_assert!(m.g.mem[(e / 8) as usize] & A != 0, "A at {:#x}", e);
+                        // (PAE PDPTEs have no A flag.)
+                        let first = usize::from(mode == MODE_PAE);
+                        for &e in &used[first..] {
+                            let v = rd_entry(&m.g.mem, e, m.esize()).unwrap();
+                            prop_assert!(v & A != 0, "A at {:#x}", e);
                         }
                         if acc.write {
                             let leaf = *used.last().unwrap();
-                            prop_assert!(m.g.mem[(leaf / 8) as usize] & D != 0, "D at {:#x}", leaf);
+                            let v = rd_entry(&m.g.mem, leaf, m.esize()).unwrap();
+                            prop_assert!(v & D != 0, "D at {:#x}", leaf);
                         }
                     }
                 }
@@ -666,11 +901,20 @@ fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), 
                 index,
                 value,
             } => {
-                m.write((frame << 12) + 8 * index as u64, value);
+                let root = (ROOTS..ROOTS + NROOTS).contains(&frame);
+                let i = write_index(mode, root, index) as u64;
+                m.write((frame << 12) + u64::from(m.esize()) * i, value);
                 last_write = seq;
+                if mode == MODE_PAE && root {
+                    // PDPTEs are registers loaded by MOV CR3: an OS reloads CR3 after
+                    // changing them (and the reference reads them from memory).
+                    let cr3 = m.cr3;
+                    m.load_cr3(cr3);
+                    last_flush = seq;
+                }
             }
             Op::Invlpg { va } => {
-                m.invlpg(va_of(va));
+                m.invlpg(va_of(va, mode));
                 invlpg_at[va] = seq;
             }
             Op::Cr3 { root, flush } => {
@@ -705,26 +949,46 @@ fn run_ops(pages: usize, roots: usize, emulate: bool, ops: &[Op]) -> Result<(), 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
     fn shadow_agrees_with_the_reference(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(96, 16, false, &ops)?;
+        run_ops(96, 16, false, MODE_LONG4, &ops)?;
     }
 
     #[test]
     fn a_tiny_pool_agrees_too(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(10, 2, false, &ops)?;
+        run_ops(10, 2, false, MODE_LONG4, &ops)?;
     }
 
     #[test]
     fn emulated_upper_level_writes_agree_too(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(96, 16, true, &ops)?;
+        run_ops(96, 16, true, MODE_LONG4, &ops)?;
     }
 
     #[test]
     fn emulated_writes_in_a_tiny_pool(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops(10, 2, true, &ops)?;
+        run_ops(10, 2, true, MODE_LONG4, &ops)?;
+    }
+
+    #[test]
+    fn pae_guests_agree(ops in proptest::collection::vec(op(), 1..120), emulate: bool) {
+        run_ops(96, 16, emulate, MODE_PAE, &ops)?;
+    }
+
+    #[test]
+    fn pae_guests_in_a_tiny_pool(ops in proptest::collection::vec(op(), 1..120), emulate: bool) {
+        run_ops(10, 2, emulate, MODE_PAE, &ops)?;
+    }
+
+    #[test]
+    fn bits32_guests_agree(ops in proptest::collection::vec(op(), 1..120), emulate: bool) {
+        run_ops(96, 16, emulate, MODE_BITS32, &ops)?;
+    }
+
+    #[test]
+    fn bits32_guests_in_a_tiny_pool(ops in proptest::collection::vec(op(), 1..120), emulate: bool) {
+        run_ops(10, 2, emulate, MODE_BITS32, &ops)?;
     }
 }
 
@@ -800,4 +1064,52 @@ fn upper_level_writes_are_emulated_and_stay_in_sync() {
     m.write((TABLES + 9) << 12, ((DATA + 8) << 12) | P | RW | US);
     assert!(!m.emulated);
     assert_eq!(m.s.pool().unsync_count(), 1);
+}
+
+#[test]
+fn bits32_quadrants_and_halves() {
+    let mut m = Machine::with_mode(64, 16, MODE_BITS32);
+    let pt = TABLES;
+    // PDE 768 (quadrant 3) -> pt; PTEs 1 (lower half) and 1023 (upper half) -> data.
+    m.g.write_entry((ROOTS << 12) + 4 * 768, 4, (pt << 12) | P | RW | US);
+    m.g.write_entry((pt << 12) + 4, 4, ((DATA + 1) << 12) | P | RW | US);
+    m.g.write_entry((pt << 12) + 4 * 1023, 4, ((DATA + 2) << 12) | P | RW | US);
+    let (lo, hi) = ((768 << 22) | (1 << 12), (768 << 22) | (1023 << 12));
+    assert_eq!(m.access(lo, rd()).0, Ok((DATA + 1) << 12));
+    assert_eq!(m.access(hi, rd()).0, Ok((DATA + 2) << 12));
+    assert_eq!(m.access(lo + 0x1000, rd()).0, Err(0));
+    // The guest PT has two shadows (one per 2 MiB half), the PD one per quadrant used.
+    let halves: Vec<u32> =
+        m.s.sps
+            .iter()
+            .filter(|s| s.valid && s.gfn == pt)
+            .map(|s| s.role.quadrant())
+            .collect();
+    assert_eq!(halves.len(), 2, "{halves:?}");
+    // A write to the upper half's PTE goes unsync; a CR3 load brings the new page.
+    m.write((pt << 12) + 4 * 1023, ((DATA + 3) << 12) | P | RW | US);
+    m.load_cr3(m.cr3);
+    assert_eq!(m.access(hi, rd()).0, Ok((DATA + 3) << 12));
+    // A 4-MiB page (PSE) at PDE 1: guest-physical 0..4 MiB (2 MiB of it RAM).
+    m.g.write_entry((ROOTS << 12) + 4, 4, P | RW | US | PS);
+    m.load_cr3(m.cr3);
+    assert_eq!(m.access((1 << 22) + 0x12345, rd()).0, Ok(0x12345));
+    assert_eq!(m.access((1 << 22) + 0x25_0000, rd()).0, Ok(0x25_0000)); // MMIO
+}
+
+#[test]
+fn pae_root_is_the_pdpte_registers() {
+    let mut m = Machine::with_mode(64, 16, MODE_PAE);
+    let (pd, pt) = (TABLES, TABLES + 1);
+    m.g.mem[(ROOTS * 512 + 2) as usize] = (pd << 12) | P;
+    m.g.mem[(pd * 512 + 5) as usize] = (pt << 12) | P | RW | US;
+    m.g.mem[(pt * 512 + 7) as usize] = ((DATA + 4) << 12) | P | RW | US;
+    m.load_cr3(m.cr3);
+    let gva = (2 << 30) | (5 << 21) | (7 << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
+    // A reserved bit in a PDPTE: that gigabyte faults (RSVD from the walk).
+    m.g.mem[(ROOTS * 512 + 3) as usize] = (pd << 12) | P | RW;
+    m.load_cr3(m.cr3);
+    assert_eq!(m.access(3 << 30, rd()).0, Err(1 | 8));
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
 }
