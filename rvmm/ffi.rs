@@ -37,6 +37,7 @@ extern "C" {
     pub(crate) fn rvmm_cond_resched();
     pub(crate) fn rvmm_read_cr3() -> u64;
     pub(crate) fn rvmm_cpu() -> i32;
+    pub(crate) fn rvmm_kick_cpu(cpu: i32);
     pub(crate) fn rvmm_tsc_khz() -> u32;
     pub(crate) fn cr4_read_shadow() -> usize;
     pub(crate) fn rvmm_alloc_page_dma32() -> *mut c_void;

@@ -16,6 +16,7 @@
 #include <linux/sched/signal.h>
 #include <linux/percpu.h>
 #include <linux/smp.h>
+#include <trace/events/ipi.h>
 #include <linux/syscore_ops.h>
 #include <asm/apic.h>
 #include <asm/desc.h>
@@ -249,6 +250,12 @@ u64 rvmm_read_cr3(void)
 int rvmm_cpu(void)
 {
 	return smp_processor_id();
+}
+
+/* Makes `cpu` take an interrupt, so a vCPU running there leaves guest mode (KVM's kick). */
+void rvmm_kick_cpu(int cpu)
+{
+	smp_send_reschedule(cpu);
 }
 
 /* A zeroed page below 4 GiB (a PAE shadow root must be: CR3 is 32 bits there). */

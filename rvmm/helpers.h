@@ -32,6 +32,7 @@ bool rvmm_signal_pending(void);
 void rvmm_cond_resched(void);
 u64 rvmm_read_cr3(void);
 int rvmm_cpu(void);
+void rvmm_kick_cpu(int cpu);
 struct page *rvmm_alloc_page_dma32(void);
 void rvmm_free_page(struct page *page);
 bool rvmm_task_has_io_bitmap(void);

@@ -5,13 +5,15 @@
 //! vCPUs take with interrupts off (on #PF, MOV CR3 and INVLPG exits). Nothing on those
 //! paths allocates.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Mutex, sync::SpinLock};
 use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
 use rvmm_uapi as uapi;
 
-use crate::ffi::rvmm_pa_to_va;
+use crate::ffi::{rvmm_kick_cpu, rvmm_pa_to_va};
+
+const MAX_VCPUS: usize = uapi::RVMM_MAX_VCPUS as usize;
 use crate::mmu::Dma32Page;
 
 /// The pool's table pages: DMA32 pages (any host-physical address works for a 4-level
@@ -136,10 +138,14 @@ pub(crate) struct Shadow {
     pub(crate) pool: SpinLock<Option<KBox<ShadowPool>>>,
     #[pin]
     limits: Mutex<uapi::ShadowLimits>,
-    /// vCPUs of the VM. The pool serves a VM with one vCPU; with more, each vCPU keeps
-    /// its own TLB-like shadow (write protection across vCPUs needs remote kicks, which
-    /// rvmm does not do yet).
+    /// vCPUs of the VM.
     pub(crate) vcpus: AtomicU32,
+    /// Per vCPU: the CPU it is in guest mode on (-1: not in guest mode), and how many
+    /// times it has left guest mode. A change that takes rights away from shadow entries
+    /// waits until every other vCPU in guest mode has left it: without VPIDs, the next VM
+    /// entry flushes its TLB.
+    running: [AtomicI32; MAX_VCPUS],
+    exits: [AtomicU64; MAX_VCPUS],
 }
 
 impl Shadow {
@@ -148,6 +154,8 @@ impl Shadow {
             pool <- new_spinlock!(None),
             limits <- new_mutex!(uapi::ShadowLimits { pages, roots }),
             vcpus: AtomicU32::new(0),
+            running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
+            exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
         })
     }
 
@@ -186,9 +194,56 @@ impl Shadow {
         Ok(())
     }
 
-    /// Whether vCPUs may use the pool.
+    /// Whether vCPUs may use the pool (once it exists, always).
     pub(crate) fn usable(&self) -> bool {
-        self.vcpus.load(Ordering::Relaxed) == 1
+        self.vcpus.load(Ordering::Relaxed) != 0
+    }
+
+    /// vCPU `id` is about to enter the guest on `cpu`.
+    pub(crate) fn entering(&self, id: u32, cpu: i32) {
+        self.running[id as usize].store(cpu, Ordering::SeqCst);
+    }
+
+    /// vCPU `id` left the guest.
+    pub(crate) fn exited(&self, id: u32) {
+        self.running[id as usize].store(-1, Ordering::Release);
+        self.exits[id as usize].fetch_add(1, Ordering::Release);
+    }
+
+    /// After a pool change that took rights away from shadow entries (pool lock
+    /// released): makes every other vCPU in guest mode leave it, and waits until it has.
+    /// Called with interrupts off; a vCPU in guest mode holds no lock, so this cannot
+    /// wait for a CPU that waits for this one.
+    pub(crate) fn kick_others(&self, me: u32) {
+        if self.vcpus.load(Ordering::Relaxed) < 2 {
+            return;
+        }
+        // The entries changed before this point; a vCPU that enters after this read
+        // enters with a flushed TLB.
+        fence(Ordering::SeqCst);
+        let mut seen = [(-1i32, 0u64); MAX_VCPUS];
+        for (j, s) in seen.iter_mut().enumerate() {
+            if j as u32 == me {
+                continue;
+            }
+            let cpu = self.running[j].load(Ordering::SeqCst);
+            if cpu >= 0 {
+                *s = (cpu, self.exits[j].load(Ordering::Acquire));
+                // SAFETY: `cpu` is an online CPU (a vCPU runs there with interrupts off,
+                // so it cannot go offline under it); a reschedule IPI has no other effect.
+                unsafe { rvmm_kick_cpu(cpu) };
+            }
+        }
+        for (j, &(cpu, n)) in seen.iter().enumerate() {
+            if cpu < 0 {
+                continue;
+            }
+            while self.running[j].load(Ordering::Acquire) == cpu
+                && self.exits[j].load(Ordering::Acquire) == n
+            {
+                core::hint::spin_loop();
+            }
+        }
     }
 
     /// The pool's counters (zero before a vCPU exists).

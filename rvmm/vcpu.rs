@@ -162,6 +162,8 @@ pub(crate) struct VcpuInner {
     // Shadow MMU: the VM's pool for 4-level paging (one vCPU), else a TLB-like shadow
     // of this vCPU's own.
     shadow: Arc<crate::shadow::Shadow>,
+    /// This vCPU's index (for the pool's remote flushes).
+    vcpu_id: u32,
     /// The pool root in use (pool::NIL when none) and the pool generation it is from.
     proot: u32,
     proot_gen: u64,
@@ -364,6 +366,7 @@ impl Vcpu {
             pending_exception: None,
             cpuid: KVec::new(),
             shadow,
+            vcpu_id: id,
             proot: rvmm_core::mmu::pool::NIL,
             proot_gen: 0,
             on_pool: false,
@@ -861,7 +864,7 @@ impl VcpuInner {
     /// `flush` says whether out-of-sync shadows must be brought up to date (MOV CR3
     /// with PCIDs and bit 63 set does not flush); else a new per-vCPU shadow.
     pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
-        if self.mode != PagingMode::None && self.shadow.usable() {
+        if self.shadow.usable() {
             if self.load_pool_root(flush) {
                 return true;
             }
@@ -932,9 +935,20 @@ impl VcpuInner {
         self.proot = root;
         self.proot_gen = pool.st.generation;
         vmw(guest::CR3, pool.root_pa(root));
+        let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+        drop(guard);
+        self.flush_remote(dirty);
         self.on_pool = true;
         self.need_reset = false;
         true
+    }
+
+    /// After a pool operation (lock released): if shadow entries lost rights, the
+    /// VM's other vCPUs leave guest mode before this one relies on it.
+    pub(super) fn flush_remote(&self, dirty: bool) {
+        if dirty {
+            self.shadow.kick_others(self.vcpu_id);
+        }
     }
 
     /// Leaves the pool (the guest left 4-level paging).
@@ -1089,7 +1103,10 @@ impl VcpuInner {
         let host = unsafe { self.load_guest_context() };
         let mut launched = false;
         let next = loop {
+            // SAFETY: a plain query; interrupts are off, so this task stays on this CPU.
+            self.shadow.entering(id, unsafe { rvmm_cpu() });
             let r = self.enter_once(launched, &segs, host.xcr0);
+            self.shadow.exited(id);
             if r.is_err() {
                 let err = vmr(ro::VM_INSTRUCTION_ERROR);
                 pr_info!(

@@ -23,7 +23,7 @@ for ko in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-intel.ko; d
 done
 mkdir -p "$root/lib/rvmm/guests"
 ls "$RVMM_ROOT"/target/guests/*.elf >/dev/null 2>&1 || die "initramfs: no guest images in target/guests" "run 'make -C selftests/guests'"
-cp "$RVMM_ROOT"/target/guests/*.elf "$root/lib/rvmm/guests/"
+cp "$RVMM_ROOT"/target/guests/*.elf "$RVMM_ROOT"/target/guests/*.bin "$root/lib/rvmm/guests/"
 cp "$RVMM_ROOT"/selftests/guests/expected/* "$root/lib/rvmm/guests/"
 mkdir -p "$root/lib/rvmm/bench"
 cp "$RVMM_ROOT"/target/bench/*.elf "$root/lib/rvmm/bench/" 2>/dev/null || true

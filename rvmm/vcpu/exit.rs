@@ -409,7 +409,7 @@ impl VcpuInner {
                 return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [gva, 1, 0, 0]);
             };
             let mut pool = storage.pool();
-            if pool.st.generation != self.proot_gen {
+            let fix = if pool.st.generation != self.proot_gen {
                 None
             } else {
                 Some(pool.page_fault(
@@ -420,7 +420,11 @@ impl VcpuInner {
                     access,
                     ctx,
                 ))
-            }
+            };
+            let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+            drop(guard);
+            self.flush_remote(dirty);
+            fix
         };
         match fix {
             // The pool was reset (full): load the root again and retry the access.
@@ -548,17 +552,20 @@ impl VcpuInner {
             match guard.as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
-                    match emulated {
+                    let r = match emulated {
                         Some(size) => pool.pt_written(&mut GuestMem(&self.slots), gpa, size, ctx),
                         None => {
                             pool.unprotect(gpa >> 12);
                             Ok(())
                         }
-                    }
+                    };
+                    (r, core::mem::take(&mut pool.st.tlb_dirty))
                 }
-                None => Ok(()),
+                None => (Ok(()), false),
             }
         };
+        let (r, dirty) = r;
+        self.flush_remote(dirty);
         if r.is_err() {
             if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
                 storage.pool().reset();
@@ -590,12 +597,18 @@ impl VcpuInner {
                     {
                         pool.reset();
                         2
+                    } else if core::mem::take(&mut pool.st.tlb_dirty) {
+                        3
                     } else {
                         0
                     }
                 }
                 None => 1,
             };
+            if outcome == 3 {
+                self.flush_remote(true);
+            }
+            let outcome = if outcome == 3 { 0 } else { outcome };
             if outcome != 0 && !self.reset_shadow() {
                 return self.internal_error(
                     run,
@@ -686,14 +699,17 @@ impl VcpuInner {
             match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
-                    pool.st.generation == self.proot_gen
-                        && pool.flush_all(&mut GuestMem(&self.slots), &ctx).is_ok()
+                    let ok = pool.st.generation == self.proot_gen
+                        && pool.flush_all(&mut GuestMem(&self.slots), &ctx).is_ok();
+                    (ok, core::mem::take(&mut pool.st.tlb_dirty))
                 }
-                None => false,
+                None => (false, false),
             }
         } else {
-            false
+            (false, false)
         };
+        let (ok, dirty) = ok;
+        self.flush_remote(dirty);
         if !ok && !self.reset_shadow() {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [addr, kind, 0, 3]);
         }

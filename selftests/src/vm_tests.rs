@@ -314,6 +314,87 @@ pub fn pool_table_reuse(_: &Ctx) -> Outcome {
     )
 }
 
+/// Two vCPUs of one VM on two threads share the VM's shadow page pool: one remaps a page
+/// 200 times through a write to a shadowed page table (emulated or unsynced), the other
+/// flushes with MOV CR3 after each and must read the new page (smp64.bin checks it).
+pub fn smp_shared_page_tables(_: &Ctx) -> Outcome {
+    let code = std::fs::read(Path::new(GUESTS).join("smp64.bin"))
+        .map_err(|e| format!("smp64.bin: {e}"))?;
+    let mut mem = GuestMem::new(16 << 20).map_err(|e| e.to_string())?;
+    mem.write(0x10_0000, &code)?;
+    let (regs, sregs) = setup(&mut mem, EntryMode::Long, 0x10_0000, 0xff_fff0)?;
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `mem` outlives the VM (dropped after it, below).
+    unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
+        .map_err(|e| e.to_string())?;
+    let mut vcpus = Vec::new();
+    for i in 0..2u32 {
+        let v = vm.create_vcpu(i).map_err(|e| e.to_string())?;
+        v.set_sregs(&sregs).map_err(|e| e.to_string())?;
+        let mut r = regs;
+        r.rdi = u64::from(i);
+        r.rsp = 0xff_fff0 - 0x10_0000 * u64::from(i);
+        v.set_regs(&r).map_err(|e| e.to_string())?;
+        vcpus.push(v);
+    }
+    let results: Vec<Result<Exit, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = vcpus
+            .iter()
+            .map(|v| {
+                s.spawn(move || -> Result<Exit, String> {
+                    loop {
+                        match v.run().map_err(|e| e.to_string())? {
+                            // Serial output, if any: ignored.
+                            Exit::IoOut { port, .. } if port != 0xf4 => {}
+                            e => return Ok(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(Err("thread panicked".into())))
+            .collect()
+    });
+    let stats = vm.stats().map_err(|e| e.to_string())?;
+    crate::ktap::diag(&format!(
+        "pool: page-table writes {} ({} emulated), unsyncs {}, resyncs {}, root hits {}, \
+         misses {}; shadow faults {}, whole-shadow drops {}, exits {}",
+        stats.pt_writes,
+        stats.pt_emulated,
+        stats.unsyncs,
+        stats.resyncs,
+        stats.root_hits,
+        stats.root_misses,
+        stats.shadow_faults,
+        stats.shadow_resets,
+        stats.exits.iter().sum::<u64>()
+    ));
+    let writer = results[0].clone()?;
+    let reader = results[1].clone()?;
+    check(
+        writer
+            == Exit::IoOut {
+                port: 0xf4,
+                size: 1,
+                data: 0x2a,
+            },
+        || format!("vCPU 0 ended with {writer:?} (0x2b: vCPU 1 read a stale page)"),
+    )?;
+    check(reader == Exit::Hlt, || {
+        format!("vCPU 1 ended with {reader:?}")
+    })?;
+    check(stats.pt_writes >= 20, || {
+        format!("only {} page-table writes trapped", stats.pt_writes)
+    })?;
+    drop(vcpus);
+    drop(vm);
+    drop(mem);
+    Ok(())
+}
+
 /// rvmm-run's --append reaches the guest (hello64 echoes it).
 pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")

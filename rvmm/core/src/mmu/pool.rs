@@ -62,6 +62,8 @@ pub const MODE_PAE: u8 = 1;
 /// 32-bit paging: a PAE-format shadow in which a guest page directory is split into four
 /// shadow PDs (quadrants of 1 GiB) and a guest page table into two shadow PTs (2 MiB).
 pub const MODE_BITS32: u8 = 2;
+/// Paging off: a direct PAE-format map of the low 4 GiB, identity.
+pub const MODE_NONE: u8 = 3;
 
 /// What a shadow page shadows, besides the guest frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,13 +96,17 @@ impl Role {
         r |= match mode {
             MODE_LONG4 => 4,
             MODE_PAE => 3 | Self::DIRECT | ((((cr3 >> 5) & 0x7f) as u32) << Self::PDPT_SHIFT),
+            MODE_NONE => 3 | Self::DIRECT,
             _ => 3 | if pse { Self::PSE } else { 0 },
         };
         for (on, bit) in [
             (ctx.wp, Self::WP),
             (ctx.smep, Self::SMEP),
             (ctx.smap, Self::SMAP),
-            (ctx.nxe && mode != MODE_BITS32, Self::NXE),
+            (
+                ctx.nxe && mode != MODE_BITS32 && mode != MODE_NONE,
+                Self::NXE,
+            ),
         ] {
             if on {
                 r |= bit;
@@ -302,6 +308,9 @@ pub struct State {
     pub generation: u64,
     /// Make MMIO entries ([`SPTE_MMIO`]): only where bit 51 is reserved.
     pub mmio_sptes: bool,
+    /// Some shadow entry lost rights or went away since the flag was last taken: other
+    /// CPUs running this VM's vCPUs must leave guest mode before the change is relied on.
+    pub tlb_dirty: bool,
     /// Writes to upper-level tables are emulated ([`Fix::WriteProtected`]) rather than
     /// unsynced.
     pub emulate_writes: bool,
@@ -332,6 +341,7 @@ impl State {
             generation: 0,
             mmio_sptes: false,
             emulate_writes: false,
+            tlb_dirty: false,
             stats: PoolStats {
                 faults_fixed: 0,
                 pt_writes: 0,
@@ -473,6 +483,7 @@ impl<T: Tables> Pool<'_, T> {
         }
         self.init();
         self.st.generation += 1;
+        self.st.tlb_dirty = true;
         self.st.stats.resets += 1;
     }
 
@@ -670,7 +681,11 @@ impl<T: Tables> Pool<'_, T> {
         while n != NIL {
             let r = self.rmaps[n as usize];
             if r.hpa == hpa {
-                self.tables.table(r.at >> 9)[(r.at & 511) as usize] &= !SPTE_RW;
+                let e = &mut self.tables.table(r.at >> 9)[(r.at & 511) as usize];
+                if *e & SPTE_RW != 0 {
+                    *e &= !SPTE_RW;
+                    self.st.tlb_dirty = true;
+                }
             }
             n = r.next;
         }
@@ -708,6 +723,7 @@ impl<T: Tables> Pool<'_, T> {
             return Ok(());
         }
         if old & SPTE_P != 0 {
+            self.st.tlb_dirty = true;
             if self.is_leaf(sp)
                 && new & SPTE_P != 0
                 && (old ^ new) & (SPTE_ADDR | SPTE_MMIO) == 0
@@ -740,6 +756,7 @@ impl<T: Tables> Pool<'_, T> {
             if e & SPTE_P != 0 {
                 self.drop_entry(sp, index, e);
                 self.tables.table(sp)[index] = 0;
+                self.st.tlb_dirty = true;
             }
         }
     }
@@ -751,6 +768,7 @@ impl<T: Tables> Pool<'_, T> {
         while n != NIL {
             let l = self.links[n as usize];
             self.tables.table(l.at >> 9)[(l.at & 511) as usize] = 0;
+            self.st.tlb_dirty = true;
             self.links[n as usize].next = self.st.free_link;
             self.st.free_link = n;
             n = l.next;
@@ -1176,7 +1194,7 @@ impl<T: Tables> Pool<'_, T> {
             PagingMode::Long4 => (MODE_LONG4, false, cr3 & ((1u64 << ctx.maxphyaddr) - 1)),
             PagingMode::Pae => (MODE_PAE, false, cr3 & 0xffff_ffe0),
             PagingMode::Bits32 { pse } => (MODE_BITS32, pse, cr3 & 0xffff_f000),
-            PagingMode::None => return Err(Full),
+            PagingMode::None => (MODE_NONE, false, 0),
         };
         let gfn = cr3 >> 12;
         let role = Role::root(ctx, m, pse, cr3);
@@ -1271,6 +1289,7 @@ impl<T: Tables> Pool<'_, T> {
         let mode = match role.mode() {
             MODE_LONG4 => PagingMode::Long4,
             MODE_PAE => PagingMode::Pae,
+            MODE_NONE => PagingMode::None,
             _ => PagingMode::Bits32 {
                 pse: role.0 & Role::PSE != 0,
             },

@@ -424,6 +424,7 @@ impl Machine {
         match self.mode {
             MODE_LONG4 => PagingMode::Long4,
             MODE_PAE => PagingMode::Pae,
+            MODE_NONE => PagingMode::None,
             _ => PagingMode::Bits32 {
                 pse: self.ctx.gbpages,
             },
@@ -540,7 +541,7 @@ impl Machine {
 
     /// Page-table entry size.
     fn esize(&self) -> u8 {
-        if self.mode == MODE_BITS32 {
+        if self.mode == MODE_BITS32 || self.mode == MODE_NONE {
             4
         } else {
             8
@@ -1112,4 +1113,24 @@ fn pae_root_is_the_pdpte_registers() {
     m.load_cr3(m.cr3);
     assert_eq!(m.access(3 << 30, rd()).0, Err(1 | 8));
     assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
+}
+
+#[test]
+fn paging_off_is_a_direct_map_that_still_write_protects_tables() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // The same VM with paging off (another vCPU, or this one later): identity, and a
+    // write to a shadowed table traps.
+    m.mode = MODE_NONE;
+    m.load_cr3(0);
+    assert_eq!(m.access(0x5123, rd()), (Ok(0x5123), false));
+    assert_eq!(m.access(0x5123, rd()), (Ok(0x5123), true));
+    assert_eq!(m.access(GPAGES << 12, rd()).0, Ok(GPAGES << 12)); // MMIO
+    let before = m.s.st.stats.pt_writes;
+    m.write((TABLES + 2) << 12, ((DATA + 3) << 12) | P | RW | US);
+    assert_eq!(m.s.st.stats.pt_writes, before + 1);
+    m.mode = MODE_LONG4;
+    m.load_cr3(ROOTS << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 3) << 12));
 }
