@@ -127,8 +127,6 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "shadow_faults: {}", s.shadow_faults)?;
     writeln!(f, "guest_page_faults: {}", s.guest_page_faults)?;
     writeln!(f, "shadow_resets: {}", s.shadow_resets)?;
-    writeln!(f, "shadow_pages_allocated: {}", s.shadow_pages_allocated)?;
-    writeln!(f, "shadow_pages_peak: {}", s.shadow_pages_peak)?;
     writeln!(f, "mmio_exits: {}", s.mmio_exits)?;
     writeln!(f, "pt_writes: {}", s.pt_writes)?;
     writeln!(f, "unsyncs: {}", s.unsyncs)?;

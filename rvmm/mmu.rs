@@ -8,7 +8,6 @@ use core::ffi::c_void;
 use core::ptr;
 
 use kernel::{prelude::*, sync::Arc};
-use rvmm_core::mmu::shadow::TableAlloc;
 use rvmm_core::mmu::GuestMemory;
 use rvmm_uapi as uapi;
 
@@ -291,78 +290,5 @@ impl Dma32Page {
     pub(crate) fn pa(&self) -> u64 {
         // SAFETY: a page we own.
         unsafe { rvmm_page_to_phys(self.0.as_ptr()) }
-    }
-}
-
-/// Shadow table pages, allocated when the vCPU is created (below 4 GiB, as a PAE root
-/// must be) and handed out without allocating on the #PF path.
-pub(crate) struct Pool {
-    /// Owns the pages (freed with the pool).
-    _pages: KVec<Dma32Page>,
-    free: KVec<u64>,
-    nfree: usize,
-    used: KVec<u64>,
-    nused: usize,
-    /// Pages handed out since the vCPU was created.
-    pub(crate) allocs: u64,
-    /// Highest number of pages in use at once.
-    pub(crate) peak: usize,
-}
-
-impl Pool {
-    pub(crate) fn new(n: usize) -> Result<Self> {
-        let mut pages = KVec::with_capacity(n, GFP_KERNEL)?;
-        let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
-        for _ in 0..n {
-            let page = Dma32Page::new()?;
-            // SAFETY: a page we own.
-            free.push(unsafe { rvmm_page_to_phys(page.0.as_ptr()) }, GFP_KERNEL)?;
-            pages.push(page, GFP_KERNEL)?;
-        }
-        let mut used = KVec::with_capacity(n, GFP_KERNEL)?;
-        used.resize(n, 0, GFP_KERNEL)?;
-        Ok(Self {
-            _pages: pages,
-            free,
-            nfree: n,
-            used,
-            nused: 0,
-            allocs: 0,
-            peak: 0,
-        })
-    }
-
-    /// Returns every page to the pool, zeroed.
-    pub(crate) fn reset(&mut self) {
-        for i in 0..self.nused {
-            let pa = self.used[i];
-            // SAFETY: `pa` is one of our pages; nothing maps it once the root is dropped.
-            unsafe { ptr::write_bytes(rvmm_pa_to_va(pa).cast::<u8>(), 0, PAGE_SIZE as usize) };
-            self.free[self.nfree] = pa;
-            self.nfree += 1;
-        }
-        self.nused = 0;
-    }
-}
-
-impl TableAlloc for Pool {
-    fn alloc(&mut self) -> Option<u64> {
-        if self.nfree == 0 {
-            return None;
-        }
-        self.nfree -= 1;
-        let pa = self.free[self.nfree];
-        self.used[self.nused] = pa;
-        self.nused += 1;
-        self.allocs += 1;
-        self.peak = self.peak.max(self.nused);
-        Some(pa)
-    }
-
-    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-        // SAFETY: `pa` is a page of this pool (the tree only holds what `alloc` gave),
-        // 4 KiB and aligned, reachable through the direct map, and `&mut self` makes the
-        // reference exclusive.
-        unsafe { &mut *rvmm_pa_to_va(pa).cast::<[u64; 512]>() }
     }
 }

@@ -16,7 +16,6 @@ use core::ptr::{self, addr_of_mut};
 use kernel::{new_mutex, page::Page, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_core::caps::{AllowedControls, VmxBasic};
 use rvmm_core::mmu::mode::*;
-use rvmm_core::mmu::shadow::{Format, Root};
 use rvmm_core::mmu::PagingMode;
 use rvmm_uapi as uapi;
 use x86::msr;
@@ -26,13 +25,12 @@ use x86::vmx::vmcs::control::{
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::ffi::*;
-use crate::mmu::{MemSlots, Pool};
+use crate::mmu::MemSlots;
 use crate::vmx::{self, Gprs, HostSegs};
 
 mod exit;
 
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
-const POOL_PAGES: usize = 256;
 
 /// The host's values of what a run section switches to the guest's.
 struct HostContext {
@@ -171,10 +169,7 @@ pub(crate) struct VcpuInner {
     slots_changed: bool,
     /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
     pub(crate) invpcid: bool,
-    pool: Pool,
-    root: Option<Root>,
     mode: PagingMode,
-    large_mapped: bool,
     slots: Arc<MemSlots>,
     need_reset: bool,
     state_checked: bool,
@@ -372,10 +367,7 @@ impl Vcpu {
             on_pool: false,
             slots_changed: false,
             invpcid: false,
-            pool: Pool::new(POOL_PAGES)?,
-            root: None,
             mode: PagingMode::None,
-            large_mapped: false,
             slots: Arc::new(MemSlots::new(), GFP_KERNEL)?,
             need_reset: true,
             state_checked: false,
@@ -504,8 +496,6 @@ impl Vcpu {
         out.shadow_faults += g.stats.shadow_faults;
         out.guest_page_faults += g.stats.guest_faults;
         out.shadow_resets += g.stats.shadow_resets;
-        out.shadow_pages_allocated += g.pool.allocs;
-        out.shadow_pages_peak = out.shadow_pages_peak.max(g.pool.peak as u64);
         out.user_exits += g.stats.user_exits;
         out.mmio_exits += g.stats.mmio_exits;
     }
@@ -860,42 +850,15 @@ impl VcpuInner {
         self.load_cr3_shadow(true)
     }
 
-    /// The shadow for a (new) CR3: from the VM's pool under 4-level paging, where
-    /// `flush` says whether out-of-sync shadows must be brought up to date (MOV CR3
-    /// with PCIDs and bit 63 set does not flush); else a new per-vCPU shadow.
+    /// The shadow for a (new) CR3 or paging mode, from the VM's pool; `flush` says
+    /// whether out-of-sync shadows must be brought up to date (MOV CR3 with PCIDs and
+    /// bit 63 set does not flush).
     pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
-        if self.shadow.usable() {
-            if self.load_pool_root(flush) {
-                return true;
-            }
-        } else if self.on_pool {
-            self.leave_pool();
-        }
-        self.pool.reset();
-        self.stats.shadow_resets += 1;
-        self.large_mapped = false;
-        let format = if self.efer & EFER_LMA != 0 {
-            Format::Long4
-        } else {
-            Format::Pae
-        };
-        match Root::new(&mut self.pool, format) {
-            Ok(root) => {
-                self.root = Some(root);
-                vmw(guest::CR3, root.pa);
-                self.need_reset = false;
-                true
-            }
-            Err(_) => {
-                self.root = None;
-                false
-            }
-        }
+        self.shadow.usable() && self.load_pool_root(flush)
     }
 
-    /// MOV CR3 (or a flushing paging change) under 4-level paging: the root for CR3
-    /// from the VM's pool, out-of-sync shadows brought up to date. The VMCS must be
-    /// current.
+    /// MOV CR3 (or a paging change): the root for CR3 and the paging mode from the VM's
+    /// pool. The VMCS must be current.
     fn load_pool_root(&mut self, flush: bool) -> bool {
         let ctx = self.perm_ctx();
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
@@ -949,19 +912,6 @@ impl VcpuInner {
         if dirty {
             self.shadow.kick_others(self.vcpu_id);
         }
-    }
-
-    /// Leaves the pool (the guest left 4-level paging).
-    fn leave_pool(&mut self) {
-        let shadow = self.shadow.clone();
-        if let Some(storage) = shadow.pool.lock().as_deref_mut() {
-            let mut pool = storage.pool();
-            if self.proot_gen == pool.st.generation {
-                pool.put_root(self.proot);
-            }
-        }
-        self.proot = rvmm_core::mmu::pool::NIL;
-        self.on_pool = false;
     }
 
     /// Moves RIP past a port I/O instruction that exited to userspace at `rip`, unless

@@ -12,8 +12,7 @@ use rvmm_core::exit::{
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::Fix as PoolFix;
-use rvmm_core::mmu::shadow::OutOfTables;
-use rvmm_core::mmu::{spte, walker, Access, GuestMemory, PermCtx};
+use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
 use rvmm_uapi as uapi;
 use x86::msr;
 use x86::vmx::vmcs::control::PrimaryControls;
@@ -232,76 +231,12 @@ impl VcpuInner {
             }
             return self.pool_fault(run, gva, ec, access, &ctx);
         }
-        let slots = self.slots.clone();
-        let w = walker::walk(
-            &mut GuestMem(&slots),
-            self.mode,
-            self.cr3,
-            gva,
-            access,
-            &ctx,
-        );
-        let w = match w {
-            Ok(w) => w,
-            Err(f) => {
-                if let Some(table) = f.unbacked_table {
-                    return self.internal_error(
-                        run,
-                        uapi::RVMM_INTERNAL_EMULATION,
-                        [table, gva, vmr(guest::RIP), 1],
-                    );
-                }
-                self.stats.guest_faults += 1;
-                self.cr2 = gva;
-                return self.inject(vector::PF, Some(f.error_code));
-            }
-        };
-        let Some((hpa, readonly)) = slots.host_pa(w.gpa) else {
-            return self.mmio(run, w.gpa, &ctx);
-        };
-        if readonly && access.write {
-            return self.mmio(run, w.gpa, &ctx);
-        }
-        let mut leaf = spte::leaf(&w, access, &ctx, hpa);
-        if readonly {
-            leaf &= !spte::SPTE_RW;
-        }
-        self.stats.shadow_faults += 1;
-        // The same fault over and over means the shadow entry does not give what the
-        // walk allowed: stop with the evidence instead of looping.
-        let rip = vmr(guest::RIP);
-        if (gva, rip) == self.last_fault {
-            self.repeat_faults += 1;
-            if self.repeat_faults > 64 {
-                self.repeat_faults = 0;
-                kernel::pr_err!(
-                    "shadow fault loop: gva {:#x} ec {:#x} rip {:#x} gpa {:#x} spte {:#x} mode {:?}\n",
-                    gva, ec, rip, w.gpa, leaf, self.mode
-                );
-                return self.internal_error(
-                    run,
-                    uapi::RVMM_INTERNAL_NO_SHADOW,
-                    [gva, u64::from(ec), rip, leaf],
-                );
-            }
-        } else {
-            self.last_fault = (gva, rip);
-            self.repeat_faults = 0;
-        }
-        if w.level > 1 {
-            self.large_mapped = true;
-        }
-        if self.map(gva, leaf).is_err() {
-            // The pool is full: start over with an empty shadow.
-            if !self.reset_shadow() || self.map(gva, leaf).is_err() {
-                return self.internal_error(
-                    run,
-                    uapi::RVMM_INTERNAL_NO_SHADOW,
-                    [gva, 0, vmr(guest::RIP), 0],
-                );
-            }
-        }
-        Next::Fast
+        // No shadow (the VM's pool could not give a root): nothing to fix.
+        self.internal_error(
+            run,
+            uapi::RVMM_INTERNAL_NO_SHADOW,
+            [gva, u64::from(ec), vmr(guest::RIP), 0],
+        )
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
@@ -385,11 +320,6 @@ impl VcpuInner {
             n += chunk;
         }
         n
-    }
-
-    fn map(&mut self, gva: u64, leaf: u64) -> Result<(), OutOfTables> {
-        let root = self.root.ok_or(OutOfTables)?;
-        root.map(&mut self.pool, gva & !0xfff, leaf)
     }
 
     /// A #PF under the VM's pool: sync the missing entry (or report the guest's fault,
@@ -618,12 +548,6 @@ impl VcpuInner {
             }
             self.skip_instruction();
             return Next::Fast;
-        }
-        if self.large_mapped {
-            // A large guest page is shadowed by many 4-KiB entries: flush everything.
-            self.reset_shadow();
-        } else if let Some(root) = self.root {
-            root.unmap(&mut self.pool, gva);
         }
         self.skip_instruction();
         Next::Fast

@@ -446,12 +446,8 @@ abi_struct! {
         pub shadow_faults: u64 => "__u64 shadow_faults",
         /// #PF exits that were the guest's own faults (reflected into it).
         pub guest_page_faults: u64 => "__u64 guest_page_faults",
-        /// Whole-shadow drops (CR3 loads, paging mode changes, INVLPG of large pages).
+        /// Whole-pool drops a vCPU saw (the pool full, or unable to give a root).
         pub shadow_resets: u64 => "__u64 shadow_resets",
-        /// Shadow table pages handed out.
-        pub shadow_pages_allocated: u64 => "__u64 shadow_pages_allocated",
-        /// Most shadow table pages in use at once by one vCPU.
-        pub shadow_pages_peak: u64 => "__u64 shadow_pages_peak",
         /// Exits to userspace.
         pub user_exits: u64 => "__u64 user_exits",
         /// MMIO exits (decoded accesses outside guest RAM).

@@ -2,17 +2,12 @@
 
 //! Guest paging under shadow page tables, the parts that need no ring 0: the guest
 //! page-table walker (32-bit, PAE and 4-level paging, SDM Vol. 3A chapter 4), the
-//! computation of shadow entries from a walk, and the shadow tree itself over an
-//! abstract page allocator.
-//!
-//! The first shadow MMU behaves like a TLB: a shadow entry is made from a successful
-//! guest walk when a #PF exits, and the shadow is dropped where the architecture lets
-//! a TLB entry be dropped (MOV CR3, INVLPG). Faults the guest must see are computed
-//! here, with the architectural error code.
+//! computation of shadow entries from a walk, and the shadow page pool with its CR3
+//! cache (`pool`), which the module runs over memory it allocates once per VM.
+//! Faults the guest must see are computed here, with the architectural error code.
 
 pub mod mode;
 pub mod pool;
-pub mod shadow;
 pub mod spte;
 pub mod walker;
 

@@ -198,8 +198,6 @@ struct rvmm_vm_stats {
 	__u64 shadow_faults;
 	__u64 guest_page_faults;
 	__u64 shadow_resets;
-	__u64 shadow_pages_allocated;
-	__u64 shadow_pages_peak;
 	__u64 user_exits;
 	__u64 mmio_exits;
 	__u64 pt_writes;

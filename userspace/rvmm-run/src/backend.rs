@@ -103,7 +103,6 @@ impl Backend for RvmmBackend {
         v.push(("shadow_faults".into(), s.shadow_faults));
         v.push(("guest_page_faults".into(), s.guest_page_faults));
         v.push(("shadow_resets".into(), s.shadow_resets));
-        v.push(("shadow_pages_allocated".into(), s.shadow_pages_allocated));
         v.push(("mmio_exits".into(), s.mmio_exits));
         v.push(("pt_writes".into(), s.pt_writes));
         v.push(("unsyncs".into(), s.unsyncs));

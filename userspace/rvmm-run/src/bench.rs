@@ -255,7 +255,6 @@ fn shown(counter: &str) -> bool {
                 | "mmio_fast"
                 | "guest_page_faults"
                 | "shadow_resets"
-                | "shadow_pages_allocated"
                 | "exits"
                 | "pf_fixed"
                 | "pf_guest"

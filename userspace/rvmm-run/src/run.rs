@@ -357,10 +357,7 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         "rvmm-run: shadow faults fixed {}, guest page faults reflected {}, shadow resets {}",
         s.shadow_faults, s.guest_page_faults, s.shadow_resets
     );
-    eprintln!(
-        "rvmm-run: shadow pages allocated {}, peak {}, exits to userspace {}",
-        s.shadow_pages_allocated, s.shadow_pages_peak, s.user_exits
-    );
+    eprintln!("rvmm-run: exits to userspace {}", s.user_exits);
     eprintln!(
         "rvmm-run: pool: root cache hits {}, misses {}; page-table writes {} ({} emulated), unsyncs {}, \
          resyncs {}, flood unshadows {}, prefetched {}; pages in use {}, peak {}, \

@@ -1333,6 +1333,14 @@ impl<T: Tables> Pool<'_, T> {
         for level in (2..=top_level(mode)).rev() {
             let cur = self.sps[sp as usize];
             let j = sindex(gva, level, mode);
+            // An in-sync table cannot have changed since its links were made: follow
+            // an existing link without recomputing it.
+            let e = self.tables.table(sp)[j];
+            if e & SPTE_P != 0 && !cur.unsync {
+                sp = self.tables.index(e & SPTE_ADDR);
+                pin(self, sp);
+                continue;
+            }
             // The guest entry behind shadow entry j, from the walk.
             let pte = match (mode, level) {
                 _ if cur.role.direct() && !(level == 3 && mode == MODE_PAE) => 0,
