@@ -428,31 +428,64 @@ impl VcpuInner {
         let n = self.fetch_code(rip, ctx, &mut code);
         let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
         let emulated = match op {
-            // Within one page (the fault's), naturally aligned or not.
-            Ok(op) if (gpa & 0xfff) + u64::from(op.size) <= 0x1000 => {
-                match self.slots.ptr(gpa, u64::from(op.size)) {
+            // Within one naturally aligned 8-byte word (entries are), so that the
+            // read-modify-write is one atomic compare-exchange on it: other vCPUs may
+            // write the same table at the same time (their writes trap as well, but the
+            // emulation runs outside the pool lock).
+            Ok(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
+                match self.slots.ptr(gpa & !7, 8) {
                     Some(p) => {
-                        let mut bytes = [0u8; 8];
-                        // SAFETY: `p` points at `op.size` (<= 8) bytes of a pinned guest
-                        // page (`ptr` checked the range).
-                        unsafe { ptr::copy_nonoverlapping(p, bytes.as_mut_ptr(), op.size.into()) };
-                        let old = u64::from_le_bytes(bytes);
+                        // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
+                        // (`ptr` checked the range); the guest and other vCPUs only access it
+                        // as memory, so atomic accesses through it are sound.
+                        let word = unsafe { &*p.cast::<core::sync::atomic::AtomicU64>() };
+                        let shift = 8 * (gpa & 7);
+                        let mask = if op.size == 8 {
+                            u64::MAX
+                        } else {
+                            ((1u64 << (8 * u32::from(op.size))) - 1) << shift
+                        };
                         let src = match op.src {
                             Source::Reg(r) => self.gpr(r),
                             Source::HighByte(r) => self.gpr(r) >> 8,
                             Source::Imm(v) => v,
                         };
-                        let e = rvmm_core::emulate::apply_write(
-                            &op,
-                            old,
-                            src,
-                            self.gprs.rax,
-                            vmr(guest::RFLAGS),
+                        let (rax, rflags) = (self.gprs.rax, vmr(guest::RFLAGS));
+                        let (edx_eax, ecx_ebx) = (
+                            (self.gprs.rdx << 32) | (rax & 0xffff_ffff),
+                            (self.gprs.rcx << 32) | (self.gprs.rbx & 0xffff_ffff),
                         );
-                        let new = e.mem.to_le_bytes();
-                        // SAFETY: as above.
-                        unsafe { ptr::copy_nonoverlapping(new.as_ptr(), p, op.size.into()) };
-                        if let Some((_, v)) = e.reg {
+                        let mut cur = word.load(core::sync::atomic::Ordering::SeqCst);
+                        let e = loop {
+                            let old = (cur & mask) >> shift;
+                            let e = if op.kind == WriteKind::Cmpxchg8b {
+                                let (mem, reg, rflags) = rvmm_core::emulate::apply_cmpxchg8b(
+                                    old, edx_eax, ecx_ebx, rflags,
+                                );
+                                rvmm_core::emulate::WriteEffect {
+                                    mem,
+                                    reg: reg.map(|v| (0, v)),
+                                    rflags,
+                                }
+                            } else {
+                                rvmm_core::emulate::apply_write(&op, old, src, rax, rflags)
+                            };
+                            let next = (cur & !mask) | ((e.mem << shift) & mask);
+                            match word.compare_exchange(
+                                cur,
+                                next,
+                                core::sync::atomic::Ordering::SeqCst,
+                                core::sync::atomic::Ordering::SeqCst,
+                            ) {
+                                Ok(_) => break e,
+                                Err(now) => cur = now,
+                            }
+                        };
+                        if let (WriteKind::Cmpxchg8b, Some((_, v))) = (op.kind, e.reg) {
+                            // EDX:EAX (32-bit writes: the upper halves clear).
+                            self.gprs.rax = v & 0xffff_ffff;
+                            self.gprs.rdx = v >> 32;
+                        } else if let Some((_, v)) = e.reg {
                             // XCHG: the source register; CMPXCHG: rAX. Merged as a MOV
                             // of the operand size (32-bit results zero-extend).
                             let (r, shift) = match (op.kind, op.src) {

@@ -89,6 +89,31 @@ _start:
 	jne	fail
 	lea	rsi, [rip + s_back]
 	call	puts
+
+	/* LOCK CMPXCHG8B on a page-directory entry (how PAE kernels write entries). */
+	mov	edi, N + 0x1000
+	mov	eax, [rdi]		/* the entry as it is (the CPU set its A flag) */
+	mov	edx, [rdi + 4]
+	mov	ebx, N + 0x2000 + 3
+	xor	ecx, ecx
+	lock	cmpxchg8b [rdi]
+	jne	fail
+	movabs	rdi, VA
+	invlpg	[rdi]
+	cmp	byte ptr [rdi], 0x22
+	jne	fail
+	/* A second one with a stale expected value fails and loads the entry. */
+	mov	eax, T + 0x3000 + 3
+	xor	edx, edx
+	mov	edi, N + 0x1000
+	lock	cmpxchg8b [rdi]
+	je	fail
+	and	eax, ~0x60		/* A/D as the CPU may have set them */
+	cmp	eax, N + 0x2000 + 3
+	jne	fail
+	lea	rsi, [rip + s_cx8]
+	call	puts
+	xor	ebx, ebx
 	mov	al, 0x2c
 	out	0xf4, al
 fail:
@@ -111,4 +136,5 @@ s_mapped: .asciz "ptreuse64: mapped through own tables: ok\n"
 s_data:	.asciz	"old tables overwritten with data 6 times: data ok\n"
 s_fresh: .asciz	"mapped again through fresh tables: ok\n"
 s_back:	.asciz	"old PT page is a page table again: ok\n"
+s_cx8:	.asciz	"cmpxchg8b on a page-directory entry: ok\n"
 s_fail:	.asciz	"FAILED\n"

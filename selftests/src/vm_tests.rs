@@ -293,7 +293,7 @@ pub fn pool_table_reuse(_: &Ctx) -> Outcome {
         .map_err(|e| format!("rvmm-run: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    check(stdout.ends_with("page table again: ok\n"), || {
+    check(stdout.ends_with("page-directory entry: ok\n"), || {
         format!("ptreuse64 printed {stdout:?}")
     })?;
     let pool = stderr

@@ -463,6 +463,9 @@ pub enum WriteKind {
     Bts,
     /// See `Bts`.
     Btr,
+    /// CMPXCHG8B: if EDX:EAX equals the 8-byte memory, it gets ECX:EBX (ZF = 1), else
+    /// EDX:EAX gets the memory (ZF = 0). How PAE guests write their 8-byte entries.
+    Cmpxchg8b,
 }
 
 /// A decoded page-table write.
@@ -480,8 +483,8 @@ pub struct WriteOp {
 
 /// Decodes a store to memory the way guests write page tables: MOV (88, 89, C6, C7),
 /// XCHG (86, 87), CMPXCHG (0F B0, 0F B1), OR (08, 09, 80/1, 81/1, 83/1), AND (20, 21,
-/// 80/4, 81/4, 83/4), BTS/BTR (0F AB, 0F B3, 0F BA /5 /6), with or without LOCK. REP
-/// string stores and CMPXCHG8B/16B are not handled (yet).
+/// 80/4, 81/4, 83/4), BTS/BTR (0F AB, 0F B3, 0F BA /5 /6), CMPXCHG8B (0F C7 /1), with or
+/// without LOCK. REP string stores and CMPXCHG16B are not handled (yet).
 pub fn decode_write(code: &[u8], long: bool, default32: bool) -> Result<WriteOp, DecodeError> {
     let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
     let p = parse(code, long, default32)?;
@@ -540,6 +543,7 @@ pub fn decode_write(code: &[u8], long: bool, default32: bool) -> Result<WriteOp,
         }
         (true, 0xab) => (Bts, w, Source::Reg(p.reg)),
         (true, 0xb3) => (Btr, w, Source::Reg(p.reg)),
+        (true, 0xc7) if sub == 1 && p.rex & 8 == 0 => (Cmpxchg8b, 8, Source::Reg(0)),
         (true, 0xba) if sub == 5 || sub == 6 => {
             (if sub == 5 { Bts } else { Btr }, w, Source::Imm(imm(1, 1)?))
         }
@@ -603,8 +607,18 @@ fn szp(v: u64, size: u8) -> u64 {
     f
 }
 
+/// CMPXCHG8B on memory holding `old`, with EDX:EAX = `expected` and ECX:EBX = `new`:
+/// the memory after, EDX:EAX after (when it changes) and RFLAGS (only ZF changes).
+pub fn apply_cmpxchg8b(old: u64, expected: u64, new: u64, rflags: u64) -> (u64, Option<u64>, u64) {
+    if old == expected {
+        (new, None, rflags | flags::ZF)
+    } else {
+        (old, Some(old), rflags & !flags::ZF)
+    }
+}
+
 /// What `op` does to memory holding `old`, given the source value `src` (the register or
-/// immediate, not yet masked), rAX and RFLAGS.
+/// immediate, not yet masked), rAX and RFLAGS. (CMPXCHG8B: see [`apply_cmpxchg8b`].)
 pub fn apply_write(op: &WriteOp, old: u64, src: u64, rax: u64, rflags: u64) -> WriteEffect {
     use flags::*;
     let bits = 8 * u32::from(op.size);
@@ -616,6 +630,11 @@ pub fn apply_write(op: &WriteOp, old: u64, src: u64, rax: u64, rflags: u64) -> W
     let (old, src, acc) = (old & mask, src & mask, rax & mask);
     let arith = CF | PF | AF | ZF | SF | OF;
     match op.kind {
+        WriteKind::Cmpxchg8b => WriteEffect {
+            mem: old,
+            reg: None,
+            rflags,
+        },
         WriteKind::Mov => WriteEffect {
             mem: src,
             reg: None,
@@ -776,6 +795,18 @@ mod write_tests {
         );
         // 32-bit code: mov [edi], eax
         assert_eq!(decode_write(&[0x89, 0x07], false, true).unwrap().size, 4);
+        // lock cmpxchg8b [edi] (32-bit code, PAE set_pte_atomic)
+        assert_eq!(
+            decode_write(&[0xf0, 0x0f, 0xc7, 0x0f], false, true).unwrap(),
+            WriteOp {
+                kind: WriteKind::Cmpxchg8b,
+                size: 8,
+                src: Source::Reg(0),
+                len: 4
+            }
+        );
+        assert_eq!(apply_cmpxchg8b(5, 5, 9, 0x2), (9, None, 0x2 | flags::ZF));
+        assert_eq!(apply_cmpxchg8b(6, 5, 9, 0x2 | flags::ZF), (6, Some(6), 0x2));
         // rep stosq and cmpxchg16b: not (yet)
         assert!(decode_write(&[0xf3, 0x48, 0xab], true, false).is_err());
         assert!(decode_write(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], true, false).is_err());

@@ -758,6 +758,8 @@ enum Op {
         root: u64,
         flush: bool,
     },
+    /// INVPCID of all contexts (types 2 and 3; type 1 for the one PCID in use).
+    FlushAll,
     Ctx {
         wp: bool,
         nxe: bool,
@@ -836,6 +838,7 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(frame, index, value)| Op::Write { frame, index, value }),
         1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
+        1 => Just(Op::FlushAll),
         2 => (ROOTS..ROOTS + NROOTS, any::<bool>())
             .prop_map(|(root, flush)| Op::Cr3 { root, flush }),
         1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
@@ -917,6 +920,12 @@ fn run_ops(
             Op::Invlpg { va } => {
                 m.invlpg(va_of(va, mode));
                 invlpg_at[va] = seq;
+            }
+            Op::FlushAll => {
+                if m.s.pool().flush_all(&mut m.g, &m.ctx).is_err() {
+                    m.s.pool().reset();
+                }
+                last_flush = seq;
             }
             Op::Cr3 { root, flush } => {
                 m.load_cr3_pcid(root << 12, flush);
