@@ -89,6 +89,7 @@ fn main() {
         suite.add("pool_fork_unsync_resync", vm_tests::pool_fork_unsync_resync);
         suite.add("pool_table_reuse", vm_tests::pool_table_reuse);
         suite.add("smp_shared_page_tables", vm_tests::smp_shared_page_tables);
+        suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(
             "command_line_reaches_guest",
             vm_tests::command_line_reaches_guest,

@@ -395,6 +395,63 @@ pub fn smp_shared_page_tables(_: &Ctx) -> Outcome {
     Ok(())
 }
 
+/// RVMM_SET_SHADOW_LIMITS: checked, only before the first vCPU; a 64-page pool with 2
+/// cached roots still runs 64 address spaces right (reclaiming), and cr3_64 ends well.
+pub fn shadow_limits(_: &Ctx) -> Outcome {
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    let errno = |r: rvmm::Result<()>| match r {
+        Ok(()) => 0,
+        Err(rvmm::Error::Ioctl { source, .. }) => source.raw_os_error().unwrap_or(-1),
+        Err(_) => -1,
+    };
+    check(errno(vm.set_shadow_limits(63, 0)) == libc::EINVAL, || {
+        "63 pages accepted".into()
+    })?;
+    check(errno(vm.set_shadow_limits(0, 65)) == libc::EINVAL, || {
+        "65 roots accepted".into()
+    })?;
+    check(errno(vm.set_shadow_limits(64, 2)) == 0, || {
+        "64 pages, 2 roots refused".into()
+    })?;
+    let _v = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+    check(errno(vm.set_shadow_limits(128, 0)) == libc::EBUSY, || {
+        "limits changed after a vCPU exists".into()
+    })?;
+    let out = Command::new("rvmm-run")
+        .args([
+            "run",
+            "--stats",
+            "--shadow-pages",
+            "64",
+            "--shadow-roots",
+            "2",
+        ])
+        .arg(Path::new(BENCH).join("cr3_64.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let pool = stderr
+        .lines()
+        .find(|l| l.starts_with("rvmm-run: pool:"))
+        .ok_or_else(|| format!("no pool counters: {stderr}"))?;
+    crate::ktap::diag(pool);
+    check(out.status.code() == Some(1), || {
+        format!(
+            "cr3_64 with a 64-page pool: status {:?}: {stderr}",
+            out.status.code()
+        )
+    })?;
+    let reclaimed = pool
+        .split("reclaimed ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    check(reclaimed > 0, || format!("nothing reclaimed: {pool}"))
+}
+
 /// rvmm-run's --append reaches the guest (hello64 echoes it).
 pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")

@@ -38,13 +38,17 @@ pub struct RvmmBackend {
 }
 
 impl RvmmBackend {
-    pub fn new(device: &str, mem: &GuestMem) -> Result<Self, String> {
+    pub fn new(device: &str, mem: &GuestMem, pages: u32, roots: u32) -> Result<Self, String> {
         let vm = Box::new(
             rvmm::Rvmm::open(device)
                 .map_err(|e| e.to_string())?
                 .create_vm()
                 .map_err(|e| e.to_string())?,
         );
+        if pages != 0 || roots != 0 {
+            vm.set_shadow_limits(pages, roots)
+                .map_err(|e| format!("--shadow-pages {pages} --shadow-roots {roots}: {e}"))?;
+        }
         // SAFETY: `mem` outlives the backend (main keeps it alive until the end).
         unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
             .map_err(|e| e.to_string())?;

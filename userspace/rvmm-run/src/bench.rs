@@ -178,6 +178,8 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
             dump_regs: false,
             stats: false,
             prefault: true,
+            shadow_pages: 0,
+            shadow_roots: 0,
         };
         let mut probe = Probe::default();
         let code = run::run_inner(device, &args, Some(&mut probe))?;

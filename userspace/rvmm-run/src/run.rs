@@ -43,6 +43,14 @@ pub struct RunArgs {
     /// host page allocation is not part of what the guest measures.
     #[arg(long)]
     pub prefault: bool,
+    /// Shadow page pool pages for this VM (64-65536; default: the module's
+    /// shadow_pages parameter).
+    #[arg(long, default_value_t = 0)]
+    pub shadow_pages: u32,
+    /// Roots (address spaces) the VM's CR3 cache keeps (1-64; default: the module's
+    /// shadow_roots parameter).
+    #[arg(long, default_value_t = 0)]
+    pub shadow_roots: u32,
 }
 
 /// What a run hands to its observer (the benchmark driver).
@@ -236,7 +244,12 @@ pub fn run_inner(
     let mut cpu: Box<dyn Backend> = if args.kvm {
         Box::new(KvmBackend::new(&mem)?)
     } else {
-        Box::new(RvmmBackend::new(device, &mem)?)
+        Box::new(RvmmBackend::new(
+            device,
+            &mem,
+            args.shadow_pages,
+            args.shadow_roots,
+        )?)
     };
     cpu.set_sregs(&sregs)?;
     cpu.set_regs(&regs)?;

@@ -251,6 +251,19 @@ impl Vm {
         })
     }
 
+    /// The VM's shadow page pool: pages and cached roots (0 keeps the module's default).
+    /// Only before the first vCPU is created (EBUSY after).
+    pub fn set_shadow_limits(&self, pages: u32, roots: u32) -> Result<()> {
+        let mut l = uapi::ShadowLimits { pages, roots };
+        ioctl_ptr(
+            &self.file,
+            "RVMM_SET_SHADOW_LIMITS",
+            uapi::RVMM_SET_SHADOW_LIMITS,
+            &mut l,
+        )?;
+        Ok(())
+    }
+
     /// Counters summed over the VM's vCPUs.
     pub fn stats(&self) -> Result<uapi::VmStats> {
         let mut s = uapi::VmStats::default();
