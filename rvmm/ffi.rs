@@ -32,8 +32,8 @@ extern "C" {
     pub(crate) fn rvmm_after_vmexit();
     pub(crate) fn rvmm_task_has_io_bitmap() -> bool;
     pub(crate) fn rvmm_reraise_nmi();
-    pub(crate) fn rvmm_need_resched() -> bool;
     pub(crate) fn rvmm_signal_pending() -> bool;
+    pub(crate) fn rvmm_exit_request() -> bool;
     pub(crate) fn rvmm_cond_resched();
     pub(crate) fn rvmm_read_cr3() -> u64;
     pub(crate) fn rvmm_cpu() -> i32;

@@ -227,14 +227,15 @@ void rvmm_reraise_nmi(void)
 	apic->send_IPI_self(NMI_VECTOR);
 }
 
-bool rvmm_need_resched(void)
-{
-	return need_resched();
-}
-
 bool rvmm_signal_pending(void)
 {
 	return signal_pending(current);
+}
+
+/* The host wants the CPU back, or the task has a signal: leave the run section. */
+bool rvmm_exit_request(void)
+{
+	return need_resched() || signal_pending(current);
 }
 
 void rvmm_cond_resched(void)

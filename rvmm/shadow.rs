@@ -140,10 +140,10 @@ pub(crate) struct Shadow {
     limits: Mutex<uapi::ShadowLimits>,
     /// vCPUs of the VM.
     pub(crate) vcpus: AtomicU32,
-    /// Per vCPU: the CPU it is in guest mode on (-1: not in guest mode), and how many
-    /// times it has left guest mode. A change that takes rights away from shadow entries
-    /// waits until every other vCPU in guest mode has left it: without VPIDs, the next VM
-    /// entry flushes its TLB.
+    /// Per vCPU: the CPU its run section is on (-1: none), and how many times it has
+    /// left guest mode. A change that takes rights away from shadow entries waits until
+    /// every other vCPU in a run section has left guest mode once (or its section):
+    /// without VPIDs, its next VM entry flushes its TLB.
     running: [AtomicI32; MAX_VCPUS],
     exits: [AtomicU64; MAX_VCPUS],
 }
@@ -199,15 +199,21 @@ impl Shadow {
         self.vcpus.load(Ordering::Relaxed) != 0
     }
 
-    /// vCPU `id` is about to enter the guest on `cpu`.
-    pub(crate) fn entering(&self, id: u32, cpu: i32) {
+    /// vCPU `id` starts an interrupts-off run section on `cpu` (it stays there until
+    /// `section_end`).
+    pub(crate) fn section_start(&self, id: u32, cpu: i32) {
         self.running[id as usize].store(cpu, Ordering::SeqCst);
     }
 
-    /// vCPU `id` left the guest.
+    /// vCPU `id` left the guest (one VM exit). Only the vCPU itself writes its count.
     pub(crate) fn exited(&self, id: u32) {
+        let n = &self.exits[id as usize];
+        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+    }
+
+    /// vCPU `id` ends its run section.
+    pub(crate) fn section_end(&self, id: u32) {
         self.running[id as usize].store(-1, Ordering::Release);
-        self.exits[id as usize].fetch_add(1, Ordering::Release);
     }
 
     /// After a pool change that took rights away from shadow entries (pool lock

@@ -1051,11 +1051,16 @@ impl VcpuInner {
         // SAFETY: interrupts are off for the whole section; the guest context is put back
         // below on every way out of the loop.
         let host = unsafe { self.load_guest_context() };
+        // SAFETY: a plain query; interrupts are off, so this task stays on this CPU.
+        self.shadow.section_start(id, unsafe { rvmm_cpu() });
+        // Every entry of the section starts the timer from this value: without the "save
+        // VMX-preemption timer value" exit control, exits leave the field alone.
+        if self.preemption_quantum != 0 {
+            vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
+        }
         let mut launched = false;
         let next = loop {
-            // SAFETY: a plain query; interrupts are off, so this task stays on this CPU.
-            self.shadow.entering(id, unsafe { rvmm_cpu() });
-            let r = self.enter_once(launched, &segs, host.xcr0);
+            let r = self.enter_once(launched, host.xcr0);
             self.shadow.exited(id);
             if r.is_err() {
                 let err = vmr(ro::VM_INSTRUCTION_ERROR);
@@ -1089,11 +1094,16 @@ impl VcpuInner {
             }
             match next {
                 // SAFETY: plain queries with interrupts off.
-                Next::Fast if unsafe { !rvmm_need_resched() && !rvmm_signal_pending() } => continue,
+                Next::Fast if unsafe { !rvmm_exit_request() } => continue,
                 Next::Fast | Next::Host => break Next::Host,
                 Next::User => break Next::User,
             }
         };
+        self.shadow.section_end(id);
+        // A VM exit leaves DS, ES and LDTR null. Kernel code in 64-bit mode does not use
+        // them (nor does anything in the section): back to the task's once, here.
+        // SAFETY: the selectors `HostSegs::read` took from this task at the start.
+        unsafe { segs.restore_after_exit() };
         // SAFETY: `host` is what `load_guest_context` saved in this section.
         unsafe { self.save_guest_context(&host) };
         next
@@ -1161,22 +1171,16 @@ impl VcpuInner {
 
     /// One VM entry and exit. Per entry only what the host cannot run with: the guest's
     /// XCR0 (NMI handlers may use XSAVE features) and CR2.
-    fn enter_once(
-        &mut self,
-        launched: bool,
-        segs: &HostSegs,
-        host_xcr0: u64,
-    ) -> Result<(), vmx::VmFail> {
+    fn enter_once(&mut self, launched: bool, host_xcr0: u64) -> Result<(), vmx::VmFail> {
         // SAFETY: interrupts are off, our VMCS is current with complete state, and the
         // guest context is loaded (run section); XCR0 values are the guest's, checked at
         // XSETBV, and the host's, read at the section start.
         unsafe {
-            let switch_xcr0 = self.xsave && host_xcr0 != self.xcr0;
+            // The guest's XCR0 matters only with its CR4.OSXSAVE on (without it, XSAVE
+            // instructions and AVX raise #UD in the guest whatever XCR0 holds).
+            let switch_xcr0 = self.xsave && self.cr4 & (1 << 18) != 0 && host_xcr0 != self.xcr0;
             if switch_xcr0 {
                 xsetbv0(self.xcr0);
-            }
-            if self.preemption_quantum != 0 {
-                vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
             }
             vmx::write_cr2(self.cr2);
             let r = vmx::enter(&mut self.gprs, launched);
@@ -1184,7 +1188,6 @@ impl VcpuInner {
             if switch_xcr0 {
                 xsetbv0(host_xcr0);
             }
-            segs.restore_after_exit();
             r
         }
     }

@@ -70,21 +70,22 @@ impl VcpuInner {
                 control::VMENTRY_INSTRUCTION_LEN,
                 vmr(ro::VMEXIT_INSTRUCTION_LEN),
             );
-        } else {
-            vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
         }
-        let qual = vmr(ro::EXIT_QUALIFICATION);
-        let next = self.dispatch(run, id, basic, qual);
+        // (Otherwise nothing to do: a VM exit clears the valid bit of the VM-entry
+        // interruption information, SDM 27.2.)
+        let next = self.dispatch(run, id, basic);
         if core::mem::take(&mut self.triple_fault) {
             return self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
         }
         next
     }
 
-    fn dispatch(&mut self, run: *mut uapi::Run, id: u32, basic: u16, qual: u64) -> Next {
+    fn dispatch(&mut self, run: *mut uapi::Run, id: u32, basic: u16) -> Next {
         use ExitReason::*;
+        // The exit qualification, read only by the exits that have one.
+        let qual = || vmr(ro::EXIT_QUALIFICATION);
         match ExitReason::from_basic(basic) {
-            Some(ExceptionNmi) => self.exception_or_nmi(run, qual),
+            Some(ExceptionNmi) => self.exception_or_nmi(run, qual()),
             // Interrupts for the host exit here whatever the guest's RFLAGS.IF, as the SDM
             // says. (Bochs 2.7 does not while the guest has IF = 0: there the preemption
             // timer gives the CPU back.)
@@ -95,12 +96,12 @@ impl VcpuInner {
                 self.skip_instruction();
                 self.exit_to_user(run, uapi::RVMM_EXIT_HLT)
             }
-            Some(Invlpg) => self.invlpg(run, qual),
-            Some(Invpcid) => self.invpcid(run, qual),
+            Some(Invlpg) => self.invlpg(run, qual()),
+            Some(Invpcid) => self.invpcid(run, qual()),
             Some(Vmcall) => self.vmcall(run),
-            Some(CrAccess) => self.cr_access(run, qual),
-            Some(DrAccess) => self.dr_access(qual),
-            Some(Io) => self.io(run, qual),
+            Some(CrAccess) => self.cr_access(run, qual()),
+            Some(DrAccess) => self.dr_access(qual()),
+            Some(Io) => self.io(run, qual()),
             Some(Rdmsr) => self.rdmsr(),
             Some(Wrmsr) => self.wrmsr(),
             Some(InterruptWindow) => self.interrupt_window(run),
@@ -114,6 +115,7 @@ impl VcpuInner {
                 | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Rdtscp,
             ) => self.inject(vector::UD, None),
             _ => {
+                let qual = qual();
                 kernel::pr_info!(
                     "vcpu {}: unhandled VM exit {} (qualification {:#x}) at RIP {:#x}\n",
                     id,
@@ -1155,6 +1157,9 @@ impl VcpuInner {
 
     /// Puts queued events into the VMCS before an entry (VMCS current).
     pub(crate) fn deliver_events(&mut self) {
+        if self.pending_exception.is_none() && self.pending_irq.is_none() {
+            return;
+        }
         if let Some((vec, ec)) = self.pending_exception.take() {
             if vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
                 let _ = self.inject(vec, ec);
