@@ -207,8 +207,25 @@ impl MemSlots {
         }
         let (pa, _) = self.host_pa(gpa)?;
         // SAFETY: `pa` is a pinned page of this map; the direct map covers it.
-        Some(unsafe { rvmm_pa_to_va(pa) }.cast())
+        Some(unsafe { direct_map(pa) }.cast())
     }
+}
+
+/// The kernel's direct-map address of physical address `pa` (`__va`), without a call:
+/// the direct map's base, taken once from the C helper.
+///
+/// # Safety
+/// `pa` must be RAM (in the direct map) for the result to be dereferenced.
+pub(crate) unsafe fn direct_map(pa: u64) -> *mut core::ffi::c_void {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    static BASE: AtomicU64 = AtomicU64::new(0);
+    let mut base = BASE.load(Ordering::Relaxed);
+    if base == 0 {
+        // SAFETY: `__va(0)`: plain arithmetic on the direct map's base.
+        base = unsafe { rvmm_pa_to_va(0) } as u64;
+        BASE.store(base, Ordering::Relaxed);
+    }
+    base.wrapping_add(pa) as *mut core::ffi::c_void
 }
 
 /// Guest-physical memory for the walker.

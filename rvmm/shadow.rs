@@ -5,7 +5,7 @@
 //! vCPUs take with interrupts off (on #PF, MOV CR3 and INVLPG exits). Nothing on those
 //! paths allocates.
 
-use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Mutex, sync::SpinLock};
 use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
@@ -22,6 +22,8 @@ use crate::mmu::Dma32Page;
 pub(crate) struct PoolTables {
     _pages: KVVec<Dma32Page>,
     pas: KVVec<u64>,
+    /// Their direct-map addresses (no translation on the hot paths).
+    vas: KVVec<usize>,
     by_pa: KVVec<u32>,
 }
 
@@ -29,12 +31,15 @@ impl PoolTables {
     fn new(n: usize) -> Result<Self> {
         let mut pages = KVVec::with_capacity(n, GFP_KERNEL)?;
         let mut pas = KVVec::with_capacity(n, GFP_KERNEL)?;
+        let mut vas = KVVec::with_capacity(n, GFP_KERNEL)?;
         let mut by_pa = KVVec::new();
         by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL)?;
         for i in 0..n {
             let p = Dma32Page::new()?;
             let pa = p.pa();
             pas.push(pa, GFP_KERNEL)?;
+            // SAFETY: `pa` is the page just allocated, in the direct map.
+            vas.push(unsafe { rvmm_pa_to_va(pa) } as usize, GFP_KERNEL)?;
             pages.push(p, GFP_KERNEL)?;
             let mask = by_pa.len() - 1;
             let mut h = Self::slot(pa, mask);
@@ -46,6 +51,7 @@ impl PoolTables {
         Ok(Self {
             _pages: pages,
             pas,
+            vas,
             by_pa,
         })
     }
@@ -59,7 +65,7 @@ impl Tables for PoolTables {
     fn table(&mut self, i: u32) -> &mut [u64; 512] {
         // SAFETY: `pas[i]` is a 4-KiB page this struct owns, reachable through the direct
         // map; `&mut self` makes the reference exclusive (the pool is behind a lock).
-        unsafe { &mut *rvmm_pa_to_va(self.pas[i as usize]).cast::<[u64; 512]>() }
+        unsafe { &mut *(self.vas[i as usize] as *mut [u64; 512]) }
     }
     fn pa(&self, i: u32) -> u64 {
         self.pas[i as usize]
@@ -146,6 +152,13 @@ pub(crate) struct Shadow {
     /// without VPIDs, its next VM entry flushes its TLB.
     running: [AtomicI32; MAX_VCPUS],
     exits: [AtomicU64; MAX_VCPUS],
+    /// The pool's generation and number of out-of-sync shadows, as of the last pool
+    /// operation: a vCPU switches to a root it holds a reference on without the lock
+    /// when the generation is the same and nothing needs a resync.
+    pub(crate) generation: AtomicU64,
+    pub(crate) unsync: AtomicUsize,
+    /// CR3 loads served that way.
+    pub(crate) fast_root_hits: AtomicU64,
 }
 
 impl Shadow {
@@ -156,6 +169,9 @@ impl Shadow {
             vcpus: AtomicU32::new(0),
             running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
             exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
+            generation: AtomicU64::new(0),
+            unsync: AtomicUsize::new(0),
+            fast_root_hits: AtomicU64::new(0),
         })
     }
 
@@ -192,6 +208,13 @@ impl Shadow {
         }
         self.vcpus.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Publishes the pool's generation and unsync count (under the pool lock, after an
+    /// operation).
+    pub(crate) fn publish(&self, st: &rvmm_core::mmu::pool::State, unsync: usize) {
+        self.generation.store(st.generation, Ordering::Release);
+        self.unsync.store(unsync, Ordering::Release);
     }
 
     /// Whether vCPUs may use the pool (once it exists, always).

@@ -12,10 +12,12 @@
 //! fields are written at each section's start.
 
 use core::ptr::{self, addr_of_mut};
+use core::sync::atomic::Ordering;
 
 use kernel::{new_mutex, page::Page, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_core::caps::{AllowedControls, VmxBasic};
 use rvmm_core::mmu::mode::*;
+use rvmm_core::mmu::pool::NIL;
 use rvmm_core::mmu::PagingMode;
 use rvmm_uapi as uapi;
 use x86::msr;
@@ -105,6 +107,24 @@ pub(crate) enum Pending {
     },
 }
 
+/// Recent roots a vCPU keeps a reference on (as many as the default root cache).
+const HINTS: usize = 64;
+
+/// The hint slot of a CR3 value (its page, and a PAE PDPT's place in it).
+fn hint_slot(cr3: u64) -> usize {
+    (((cr3 >> 12) ^ (cr3 >> 5)) as usize) & (HINTS - 1)
+}
+
+/// A recent root of a vCPU: for CR3 `cr3` under the paging state `key`.
+#[derive(Clone, Copy)]
+struct RootHint {
+    cr3: u64,
+    key: u64,
+    root: u32,
+    pa: u64,
+    gen: u64,
+}
+
 /// Per-vCPU counters.
 pub(crate) struct Stats {
     pub(crate) exits: [u64; rvmm_core::exit::NR_EXIT_REASONS],
@@ -162,6 +182,13 @@ pub(crate) struct VcpuInner {
     shadow: Arc<crate::shadow::Shadow>,
     /// This vCPU's index (for the pool's remote flushes).
     vcpu_id: u32,
+    /// The root this vCPU holds its active reference on, and its pool generation.
+    pinned_active: u32,
+    pinned_gen: u64,
+    /// Recent roots by CR3 (direct-mapped), each with a reference of its own: a MOV CR3
+    /// to one of them needs no lock (see `load_pool_root`).
+    hints: [RootHint; HINTS],
+    hint_mask: usize,
     /// The pool root in use (pool::NIL when none) and the pool generation it is from.
     proot: u32,
     proot_gen: u64,
@@ -362,6 +389,16 @@ impl Vcpu {
             cpuid: KVec::new(),
             shadow,
             vcpu_id: id,
+            pinned_active: NIL,
+            pinned_gen: u64::MAX,
+            hints: [RootHint {
+                cr3: 0,
+                key: 0,
+                root: NIL,
+                pa: 0,
+                gen: u64::MAX,
+            }; HINTS],
+            hint_mask: 0,
             proot: rvmm_core::mmu::pool::NIL,
             proot_gen: 0,
             on_pool: false,
@@ -860,7 +897,26 @@ impl VcpuInner {
     /// MOV CR3 (or a paging change): the root for CR3 and the paging mode from the VM's
     /// pool. The VMCS must be current.
     fn load_pool_root(&mut self, flush: bool) -> bool {
+        // A root this vCPU holds a reference on (a recent one), while the pool has not
+        // been reset and nothing needs a resync: no lock, no pool work.
+        let gen = self.shadow.generation.load(Ordering::Acquire);
+        if !flush || self.shadow.unsync.load(Ordering::Acquire) == 0 {
+            let key = self.root_key();
+            let cr3 = self.cr3;
+            let h = &self.hints[hint_slot(cr3) & self.hint_mask];
+            if h.root != NIL && h.gen == gen && h.cr3 == cr3 && h.key == key {
+                let (root, pa) = (h.root, h.pa);
+                self.proot = root;
+                self.proot_gen = gen;
+                vmw(guest::CR3, pa);
+                self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
+                self.on_pool = true;
+                self.need_reset = false;
+                return true;
+            }
+        }
         let ctx = self.perm_ctx();
+        let key = self.root_key();
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
         let mut guard = self.shadow.pool.lock();
         let Some(storage) = guard.as_deref_mut() else {
@@ -871,10 +927,10 @@ impl VcpuInner {
             // Host frames may have changed under every shadow.
             pool.reset();
         }
-        let prev = if self.on_pool && self.proot_gen == pool.st.generation {
-            self.proot
+        let prev = if self.pinned_gen == pool.st.generation {
+            self.pinned_active
         } else {
-            rvmm_core::mmu::pool::NIL
+            NIL
         };
         let mut mem = crate::mmu::GuestMem(&self.slots);
         let root = match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, prev, flush) {
@@ -882,28 +938,54 @@ impl VcpuInner {
             Err(_) => {
                 pool.reset();
                 self.stats.shadow_resets += 1;
-                match pool.load_root(
-                    &mut mem,
-                    self.mode,
-                    self.cr3,
-                    &ctx,
-                    rvmm_core::mmu::pool::NIL,
-                    true,
-                ) {
+                match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, NIL, true) {
                     Ok(r) => r,
                     Err(_) => return false,
                 }
             }
         };
+        let gen = pool.st.generation;
+        self.pinned_active = root;
+        self.pinned_gen = gen;
         self.proot = root;
-        self.proot_gen = pool.st.generation;
-        vmw(guest::CR3, pool.root_pa(root));
+        self.proot_gen = gen;
+        let pa = pool.root_pa(root);
+        vmw(guest::CR3, pa);
+        // Remember it, with a reference of its own, for the lock-free path.
+        let cr3 = self.cr3;
+        // As many hints as the root cache keeps roots (a power of two): their references
+        // must leave the pool room to work in.
+        let cap = 1usize << (usize::BITS - 1 - pool.st.max_roots.leading_zeros());
+        self.hint_mask = cap.min(HINTS) - 1;
+        let slot = &mut self.hints[hint_slot(cr3) & self.hint_mask];
+        if !(slot.root == root && slot.gen == gen && slot.cr3 == cr3 && slot.key == key) {
+            if slot.gen == gen {
+                pool.unpin(slot.root);
+            }
+            pool.pin(root);
+            *slot = RootHint {
+                cr3,
+                key,
+                root,
+                pa,
+                gen,
+            };
+        }
         let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+        let unsync = pool.unsync_count();
+        self.shadow.publish(pool.st, unsync);
         drop(guard);
         self.flush_remote(dirty);
         self.on_pool = true;
         self.need_reset = false;
         true
+    }
+
+    /// What a root's role depends on besides CR3: paging mode and permission bits.
+    fn root_key(&self) -> u64 {
+        (self.cr0 & (CR0_WP | CR0_PG))
+            | (self.cr4 & (CR4_PSE | CR4_PAE | CR4_SMEP | CR4_SMAP))
+            | ((self.efer & (EFER_LMA | EFER_NXE)) << 40)
     }
 
     /// After a pool operation (lock released): if shadow entries lost rights, the

@@ -95,7 +95,11 @@ impl Vm {
         out.pool_pages_in_use = p.pages_in_use;
         out.pool_pages_peak = p.pages_peak;
         out.pool_reclaimed = p.reclaimed;
-        out.root_hits = p.root_hits;
+        out.root_hits = p.root_hits
+            + self
+                .shadow
+                .fast_root_hits
+                .load(core::sync::atomic::Ordering::Relaxed);
         out.root_misses = p.root_misses;
         out.zaps = p.zaps;
         out.pool_resets = p.resets;

@@ -354,6 +354,8 @@ impl VcpuInner {
                 ))
             };
             let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+            let unsync = pool.unsync_count();
+            self.shadow.publish(pool.st, unsync);
             drop(guard);
             self.flush_remote(dirty);
             fix
@@ -363,7 +365,9 @@ impl VcpuInner {
             None | Some(Err(_)) => {
                 if let Some(Err(_)) = fix {
                     if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
-                        storage.pool().reset();
+                        let mut pool = storage.pool();
+                        pool.reset();
+                        self.shadow.publish(pool.st, 0);
                     }
                     self.stats.shadow_resets += 1;
                 }
@@ -524,6 +528,8 @@ impl VcpuInner {
                             Ok(())
                         }
                     };
+                    let unsync = pool.unsync_count();
+                    self.shadow.publish(pool.st, unsync);
                     (r, core::mem::take(&mut pool.st.tlb_dirty))
                 }
                 None => (Ok(()), false),
@@ -533,7 +539,9 @@ impl VcpuInner {
         self.flush_remote(dirty);
         if r.is_err() {
             if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
-                storage.pool().reset();
+                let mut pool = storage.pool();
+                pool.reset();
+                self.shadow.publish(pool.st, 0);
             }
             self.stats.shadow_resets += 1;
             if !self.reset_shadow() {
@@ -556,16 +564,20 @@ impl VcpuInner {
                     let mut pool = storage.pool();
                     if pool.st.generation != self.proot_gen {
                         1
-                    } else if pool
-                        .invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx)
-                        .is_err()
-                    {
-                        pool.reset();
-                        2
-                    } else if core::mem::take(&mut pool.st.tlb_dirty) {
-                        3
                     } else {
-                        0
+                        let r = pool.invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx);
+                        if r.is_err() {
+                            pool.reset();
+                        }
+                        let unsync = pool.unsync_count();
+                        self.shadow.publish(pool.st, unsync);
+                        if r.is_err() {
+                            2
+                        } else if core::mem::take(&mut pool.st.tlb_dirty) {
+                            3
+                        } else {
+                            0
+                        }
                     }
                 }
                 None => 1,
@@ -660,6 +672,8 @@ impl VcpuInner {
                     let mut pool = storage.pool();
                     let ok = pool.st.generation == self.proot_gen
                         && pool.flush_all(&mut GuestMem(&self.slots), &ctx).is_ok();
+                    let unsync = pool.unsync_count();
+                    self.shadow.publish(pool.st, unsync);
                     (ok, core::mem::take(&mut pool.st.tlb_dirty))
                 }
                 None => (false, false),

@@ -1261,6 +1261,21 @@ impl<T: Tables> Pool<'_, T> {
         Ok(r)
     }
 
+    /// Takes a reference on sp `i` (a vCPU's cache of recent roots): it is not reclaimed
+    /// while referenced.
+    pub fn pin(&mut self, i: u32) {
+        if i != NIL && self.sps[i as usize].valid {
+            self.sps[i as usize].pins += 1;
+        }
+    }
+
+    /// Drops a reference [`Pool::pin`] took.
+    pub fn unpin(&mut self, i: u32) {
+        if i != NIL && self.sps[i as usize].valid && self.sps[i as usize].pins > 0 {
+            self.sps[i as usize].pins -= 1;
+        }
+    }
+
     /// Drops the vCPU's reference to its root (it leaves 4-level paging, or goes away).
     pub fn put_root(&mut self, root: u32) {
         if root != NIL && self.sps[root as usize].valid && self.sps[root as usize].pins > 0 {
