@@ -40,4 +40,10 @@ if ! "$bindgen" --version 2>/dev/null | grep -q "$BINDGEN_VERSION"; then
 		die "cargo install bindgen-cli failed" "check crates.io access; LIBCLANG_PATH=/usr/lib/llvm-19/lib must hold libclang"
 	step_done
 fi
+# The host crates are linted and formatted (scripts/test.sh).
+if command -v rustup >/dev/null && ! cargo clippy --version >/dev/null 2>&1; then
+	step "rustup component add clippy rustfmt"
+	rustup component add clippy rustfmt || die "rustup component add failed" "run: rustup component add clippy rustfmt"
+	step_done
+fi
 log "host set-up complete"

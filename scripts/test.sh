@@ -10,9 +10,11 @@ t0=$(date +%s)
 
 bash scripts/setup-host.sh
 
-step "host tests: cargo fmt --check, cargo test (no_std core, uapi ABI/header, guest images on host KVM)"
+step "host tests: cargo fmt --check, cargo clippy, cargo test (no_std core, uapi ABI/header, guest images on host KVM)"
 cargo fmt --all --check || die "code is not rustfmt-formatted" "run 'cargo fmt --all' (and rustfmt rvmm/*.rs)"
 rustfmt --check --edition 2021 rvmm/*.rs || die "rvmm/*.rs is not rustfmt-formatted" "run 'rustfmt --edition 2021 rvmm/*.rs'"
+cargo clippy --locked --quiet --workspace --all-targets -- -D warnings ||
+	die "clippy warns about the host crates (rvmm-core, uapi, userspace, selftests)" "fix what it says"
 make --no-print-directory -C selftests/guests >/dev/null
 cargo test --locked --workspace 2>&1 | tee build-host-tests.log
 host_passed=$(sed -nE 's/^test result: .* ([0-9]+) passed; ([0-9]+) failed.*/\1/p' build-host-tests.log | paste -sd+ | bc)

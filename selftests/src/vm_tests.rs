@@ -203,8 +203,11 @@ pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
 /// Where the initramfs keeps the benchmark guests.
 const BENCH: &str = "/lib/rvmm/bench";
 
+/// Per scenario of a benchmark run: its name and its counters per operation.
+type BenchResults = Vec<(String, Vec<(String, f64)>)>;
+
 /// `rvmm-run bench run IMAGE`: per scenario, the counters per operation.
-fn bench_counters(image: &str) -> Result<Vec<(String, Vec<(String, f64)>)>, String> {
+fn bench_counters(image: &str) -> Result<BenchResults, String> {
     let out = Command::new("rvmm-run")
         .args(["bench", "run"])
         .arg(Path::new(BENCH).join(image))

@@ -601,7 +601,7 @@ fn szp(v: u64, size: u8) -> u64 {
     if v >> (bits - 1) & 1 != 0 {
         f |= SF;
     }
-    if (v as u8).count_ones() % 2 == 0 {
+    if (v as u8).count_ones().is_multiple_of(2) {
         f |= PF;
     }
     f

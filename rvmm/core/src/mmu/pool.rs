@@ -1435,11 +1435,8 @@ impl<T: Tables> Pool<'_, T> {
         let first = index & !(PREFETCH - 1);
         let mut ptes = [0u64; PREFETCH];
         match Self::gentry(&s, first) {
-            Some((gpa, 8)) => {
-                if !guest.read_entries(gpa, &mut ptes) {
-                    return Ok(());
-                }
-            }
+            Some((gpa, 8)) if !guest.read_entries(gpa, &mut ptes) => return Ok(()),
+            Some((_, 8)) => {}
             Some((gpa, _)) => {
                 // 4-byte entries: half as many 8-byte reads.
                 let mut pairs = [0u64; PREFETCH / 2];
