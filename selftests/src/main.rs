@@ -91,6 +91,10 @@ fn main() {
         suite.add("smp_shared_page_tables", vm_tests::smp_shared_page_tables);
         suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(
+            "multiboot_modules_and_cmdline",
+            vm_tests::multiboot_modules_and_cmdline,
+        );
+        suite.add(
             "command_line_reaches_guest",
             vm_tests::command_line_reaches_guest,
         );

@@ -455,6 +455,43 @@ pub fn shadow_limits(_: &Ctx) -> Outcome {
     check(reclaimed > 0, || format!("nothing reclaimed: {pool}"))
 }
 
+/// A multiboot kernel gets the bootloader magic, the command line after its path, its
+/// modules' contents and a memory map, and switches itself to long mode from paging off.
+pub fn multiboot_modules_and_cmdline(_: &Ctx) -> Outcome {
+    let dir = Path::new(GUESTS);
+    let out = Command::new("rvmm-run")
+        .args(["run", "--append", "x=1 y", "--module"])
+        .arg(dir.join("hello64.out"))
+        .arg("--initrd")
+        .arg(dir.join("pcid64.out"))
+        .arg(dir.join("mboot32.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    let want = "mboot32: multiboot magic ok\nmem_upper: 15360 KiB\nargs: x=1 y\nmodules: 2\n\
+                module: hello from a 64-bit guest\nmodule: pcid64: CR4.PCIDE on\n\
+                mmap entries: 4\nlong mode: ok\n";
+    check(got == want && out.status.code() == Some(93), || {
+        format!(
+            "status {:?}, output {got:?}; stderr {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    // A module for an image without a multiboot header is refused, with a reason.
+    let out = Command::new("rvmm-run")
+        .args(["run", "--module"])
+        .arg(dir.join("hello64.out"))
+        .arg(dir.join("hello64.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    check(
+        out.status.code() == Some(2) && err.contains("need a multiboot image"),
+        || format!("status {:?}: {err}", out.status.code()),
+    )
+}
+
 /// rvmm-run's --append reaches the guest (hello64 echoes it).
 pub fn command_line_reaches_guest(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")

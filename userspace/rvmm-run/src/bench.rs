@@ -180,6 +180,8 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
             prefault: true,
             shadow_pages: 0,
             shadow_roots: 0,
+            module: Vec::new(),
+            initrd: None,
         };
         let mut probe = Probe::default();
         let code = run::run_inner(device, &args, Some(&mut probe))?;

@@ -4,6 +4,7 @@
 
 mod backend;
 mod bench;
+mod multiboot;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -43,6 +43,13 @@ pub struct RunArgs {
     /// host page allocation is not part of what the guest measures.
     #[arg(long)]
     pub prefault: bool,
+    /// A multiboot module (repeatable): loaded page-aligned after the image and listed in
+    /// the multiboot information, in order.
+    #[arg(long)]
+    pub module: Vec<PathBuf>,
+    /// An initial ramdisk: for a multiboot image, one more module after the others.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
     /// Shadow page pool pages for this VM (64-65536; default: the module's
     /// shadow_pages parameter).
     #[arg(long, default_value_t = 0)]
@@ -132,6 +139,13 @@ fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<(u64, Mode), String> {
 }
 
 fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
+    load_elf_ranges(mem, d).map(|(entry, _)| entry)
+}
+
+/// Loads an ELF file by its program headers; returns the entry point and the
+/// guest-physical ranges of the segments ([start, end) with their .bss).
+pub fn load_elf_ranges(mem: &mut GuestMem, d: &[u8]) -> Result<(u64, Vec<(u64, u64)>), String> {
+    let mut ranges = Vec::new();
     let u16_at = |o: usize| {
         d.get(o..o + 2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
@@ -197,8 +211,9 @@ fn load_elf(mem: &mut GuestMem, d: &[u8]) -> Result<u64, String> {
         let bss = memsz.saturating_sub(filesz as u64);
         mem.write(paddr + filesz as u64, &vec![0u8; bss as usize])
             .map_err(|e| format!("segment {i} .bss: {e}"))?;
+        ranges.push((paddr, paddr + memsz.max(filesz as u64)));
     }
-    Ok(entry)
+    Ok((entry, ranges))
 }
 
 pub fn run(device: &str, args: &RunArgs) -> ExitCode {
@@ -225,14 +240,44 @@ pub fn run_inner(
     if args.prefault {
         mem.prefault();
     }
-    let (entry, default_mode) = load(&mut mem, args)?;
+    let data = std::fs::read(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let multiboot = crate::multiboot::find_header(&data)
+        .transpose()
+        .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let mut modules = args.module.clone();
+    modules.extend(args.initrd.clone());
+    if multiboot.is_none() && !modules.is_empty() {
+        return Err(format!(
+            "{}: --module/--initrd need a multiboot image (no multiboot header in its first 8 KiB)",
+            args.image.display()
+        ));
+    }
+    let (entry, default_mode) = match &multiboot {
+        Some(h) => (
+            crate::multiboot::load(
+                &mut mem,
+                &data,
+                h,
+                &args.image,
+                args.append.as_deref(),
+                &modules,
+            )
+            .map_err(|e| format!("{}: {e}", args.image.display()))?,
+            Mode::Protected,
+        ),
+        None => load(&mut mem, args)?,
+    };
     let stack = (args.mem << 20) - 16;
     let mode = match args.mode.unwrap_or(default_mode) {
         Mode::Long => machine::EntryMode::Long,
         Mode::Protected => machine::EntryMode::Protected,
     };
     let (mut regs, sregs) = machine::setup(&mut mem, mode, entry, stack)?;
-    if let Some(text) = &args.append {
+    if multiboot.is_some() {
+        // Multiboot entry state: EAX = the bootloader magic, EBX = the information.
+        regs.rax = crate::multiboot::BOOTLOADER_MAGIC.into();
+        regs.rbx = crate::multiboot::MBI;
+    } else if let Some(text) = &args.append {
         const CMDLINE: u64 = 0x9000;
         if text.len() >= 0x1000 || text.contains('\0') {
             return Err("--append: at most 4095 bytes, no NUL".into());
