@@ -555,7 +555,6 @@ impl Vcpu {
             g.need_reset = true;
             g.slots_changed = true;
         }
-        g.complete_pending(run);
         // SAFETY: `run` points at our run page (see `run_ptr`); userspace may write it
         // concurrently, which only affects this vCPU.
         unsafe {
@@ -1010,14 +1009,16 @@ impl VcpuInner {
         true
     }
 
+    /// Completes the exit userspace has handled (the data of an IN or MMIO read, RIP past
+    /// an I/O instruction). The VMCS must be current.
     fn complete_pending(&mut self, run: *mut uapi::Run) {
         match self.pending {
             Pending::None => {}
             Pending::IoOut { rip, len } => {
-                self.with_vmcs(|v| v.complete_io(rip, len));
+                self.complete_io(rip, len);
             }
             Pending::IoIn { size, rip, len } => {
-                if !self.with_vmcs(|v| v.complete_io(rip, len)) {
+                if !self.complete_io(rip, len) {
                     self.pending = Pending::None;
                     return;
                 }
@@ -1052,7 +1053,7 @@ impl VcpuInner {
                     let load = |old| rvmm_core::emulate::load_result(old, data, &op, long);
                     if dst == 4 {
                         // RSP lives in the VMCS.
-                        self.with_vmcs(|_| vmw(guest::RSP, load(vmr(guest::RSP))));
+                        vmw(guest::RSP, load(vmr(guest::RSP)));
                     } else {
                         let new = load(self.gprs.get(dst, 0));
                         self.gprs.set(dst, new);
@@ -1096,6 +1097,8 @@ impl VcpuInner {
 
     fn enter_loop(&mut self, run: *mut uapi::Run, id: u32) -> Next {
         self.write_host_state();
+        // The exit userspace handled completes here, with the VMCS current.
+        self.complete_pending(run);
         if self.need_reset && !self.reset_shadow() {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }
