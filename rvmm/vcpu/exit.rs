@@ -363,20 +363,8 @@ impl VcpuInner {
         match fix {
             // The pool was reset (full): load the root again and retry the access.
             None | Some(Err(_)) => {
-                if let Some(Err(_)) = fix {
-                    if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
-                        let mut pool = storage.pool();
-                        pool.reset();
-                        self.shadow.publish(pool.st, 0);
-                    }
-                    self.stats.shadow_resets += 1;
-                }
-                if !self.reset_shadow() {
-                    return self.internal_error(
-                        run,
-                        uapi::RVMM_INTERNAL_NO_SHADOW,
-                        [gva, 0, vmr(guest::RIP), 0],
-                    );
+                if !self.reload_root(matches!(fix, Some(Err(_)))) {
+                    return self.no_shadow(run, gva, 0);
                 }
                 Next::Fast
             }
@@ -537,61 +525,71 @@ impl VcpuInner {
         };
         let (r, dirty) = r;
         self.flush_remote(dirty);
-        if r.is_err() {
+        if r.is_err() && !self.reload_root(true) {
+            return self.no_shadow(run, gva, 4);
+        }
+        Next::Fast
+    }
+
+    /// After a pool operation (lock released): a remote flush if entries lost rights
+    /// (`Some(Ok(true))`); a new root if the pool was full (`Some(Err)`) or reset under
+    /// this vCPU (`None`). False if no root can be had.
+    fn finish_pool_op(&mut self, r: Option<Result<bool, rvmm_core::mmu::pool::Full>>) -> bool {
+        match r {
+            Some(Ok(dirty)) => {
+                self.flush_remote(dirty);
+                true
+            }
+            Some(Err(_)) => self.reload_root(true),
+            None => self.reload_root(false),
+        }
+    }
+
+    /// The pool is full (`full`: reset it), or was reset under this vCPU: load this
+    /// vCPU's root again. False if even that fails.
+    fn reload_root(&mut self, full: bool) -> bool {
+        if full {
             if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
                 let mut pool = storage.pool();
                 pool.reset();
                 self.shadow.publish(pool.st, 0);
             }
             self.stats.shadow_resets += 1;
-            if !self.reset_shadow() {
-                return self.internal_error(
-                    run,
-                    uapi::RVMM_INTERNAL_NO_SHADOW,
-                    [gva, 0, vmr(guest::RIP), 4],
-                );
-            }
         }
-        Next::Fast
+        self.reset_shadow()
+    }
+
+    /// No shadow for the guest (the pool cannot give a root): the vCPU stops with an
+    /// internal error; `site` says where.
+    fn no_shadow(&mut self, run: *mut uapi::Run, gva: u64, site: u64) -> Next {
+        self.internal_error(
+            run,
+            uapi::RVMM_INTERNAL_NO_SHADOW,
+            [gva, 0, vmr(guest::RIP), site],
+        )
     }
 
     fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
             let ctx = self.perm_ctx();
-            // 0: done; 1: the root is from an older pool generation; 2: the pool is full.
-            let outcome = match self.shadow.pool.lock().as_deref_mut() {
+            // None: the root is from an older pool generation.
+            let r = match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
                     if pool.st.generation != self.proot_gen {
-                        1
+                        None
                     } else {
                         let r = pool.invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx);
-                        if r.is_err() {
-                            pool.reset();
-                        }
                         let unsync = pool.unsync_count();
                         self.shadow.publish(pool.st, unsync);
-                        if r.is_err() {
-                            2
-                        } else if core::mem::take(&mut pool.st.tlb_dirty) {
-                            3
-                        } else {
-                            0
-                        }
+                        Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
                     }
                 }
-                None => 1,
+                None => None,
             };
-            if outcome == 3 {
-                self.flush_remote(true);
-            }
-            let outcome = if outcome == 3 { 0 } else { outcome };
-            if outcome != 0 && !self.reset_shadow() {
-                return self.internal_error(
-                    run,
-                    uapi::RVMM_INTERNAL_NO_SHADOW,
-                    [gva, 0, vmr(guest::RIP), 2],
-                );
+            let ok = self.finish_pool_op(r);
+            if !ok {
+                return self.no_shadow(run, gva, 2);
             }
             self.skip_instruction();
             return Next::Fast;
@@ -666,25 +664,24 @@ impl VcpuInner {
             // Like INVLPG (which skips the instruction itself).
             return self.invlpg(run, addr);
         }
-        let ok = if self.on_pool {
-            match self.shadow.pool.lock().as_deref_mut() {
-                Some(storage) => {
-                    let mut pool = storage.pool();
-                    let ok = pool.st.generation == self.proot_gen
-                        && pool.flush_all(&mut GuestMem(&self.slots), &ctx).is_ok();
+        // None: the root is from an older pool generation (or there is no pool).
+        let r = match self.shadow.pool.lock().as_deref_mut() {
+            Some(storage) if self.on_pool => {
+                let mut pool = storage.pool();
+                if pool.st.generation != self.proot_gen {
+                    None
+                } else {
+                    let r = pool.flush_all(&mut GuestMem(&self.slots), &ctx);
                     let unsync = pool.unsync_count();
                     self.shadow.publish(pool.st, unsync);
-                    (ok, core::mem::take(&mut pool.st.tlb_dirty))
+                    Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
                 }
-                None => (false, false),
             }
-        } else {
-            (false, false)
+            _ => None,
         };
-        let (ok, dirty) = ok;
-        self.flush_remote(dirty);
-        if !ok && !self.reset_shadow() {
-            return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [addr, kind, 0, 3]);
+        let ok = self.finish_pool_op(r);
+        if !ok {
+            return self.no_shadow(run, addr, 3);
         }
         self.skip_instruction();
         Next::Fast

@@ -47,13 +47,9 @@ const MMIO_W: u64 = 1 << 52;
 const MMIO_U: u64 = 1 << 53;
 const MMIO_NX: u64 = 1 << 54;
 
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_PS: u64 = 1 << 7;
-const PTE_XD: u64 = 1 << 63;
+use super::walker::pte::{
+    A as PTE_A, D as PTE_D, P as PTE_P, PS as PTE_PS, RW as PTE_RW, US as PTE_US, XD as PTE_XD,
+};
 
 /// Guest paging modes the pool shadows (in `Role`): 4-level paging.
 pub const MODE_LONG4: u8 = 0;
@@ -522,10 +518,48 @@ impl<T: Tables> Pool<'_, T> {
         p
     }
 
-    fn shadowed(&self, gfn: u64) -> bool {
+    /// Whether guest frame `gfn` holds a shadowed table.
+    pub fn is_shadowed(&self, gfn: u64) -> bool {
         let mut p = false;
         self.for_gfn(gfn, |_, _| p = true);
         p
+    }
+
+    /// Calls `f` on each shadow of guest table `gfn` in turn; `f` may zap the one it is
+    /// given (and no other).
+    fn each_shadow(&mut self, gfn: u64, mut f: impl FnMut(&mut Self, u32)) {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            let next = sp.hash_next;
+            if sp.gfn == gfn && !sp.role.direct() {
+                f(self, i);
+            }
+            i = next;
+        }
+    }
+
+    /// Whether guest table `gfn` has been written over and over without a walk through
+    /// it (and nothing pins its shadows): write flooding.
+    fn flooded(&self, gfn: u64) -> bool {
+        let mut flooded = false;
+        self.for_gfn(gfn, |_, sp| {
+            flooded |= sp.flood >= FLOOD_LIMIT && sp.pins == 0
+        });
+        flooded
+    }
+
+    /// A guest write reached shadow `i` of a table: counts it towards flooding, and
+    /// unshadows it if the table floods. Returns whether `i` is gone.
+    fn written(&mut self, i: u32, flooded: bool) -> bool {
+        let sp = &mut self.sps[i as usize];
+        sp.flood = sp.flood.saturating_add(1);
+        if flooded && sp.pins == 0 {
+            self.zap(i);
+            self.st.stats.flood_unshadows += 1;
+            return true;
+        }
+        false
     }
 
     fn lru_unlink(&mut self, i: u32) {
@@ -595,7 +629,7 @@ impl<T: Tables> Pool<'_, T> {
         let mut i = self.st.lru_tail;
         while i != NIL {
             if self.sps[i as usize].pins == 0 {
-                self.zap(i)?;
+                self.zap(i);
                 self.st.stats.reclaimed += 1;
                 return Ok(());
             }
@@ -763,7 +797,7 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Unshadows sp `i`: unlinked from every parent, its entries dropped, its page
     /// freed. Not for pinned sps.
-    fn zap(&mut self, i: u32) -> Result<(), Full> {
+    fn zap(&mut self, i: u32) {
         let mut n = self.sps[i as usize].parents;
         while n != NIL {
             let l = self.links[n as usize];
@@ -805,7 +839,6 @@ impl<T: Tables> Pool<'_, T> {
         self.st.free_sp = i;
         self.st.stats.pages_in_use -= 1;
         self.st.stats.zaps += 1;
-        Ok(())
     }
 
     // ---- sync ----
@@ -824,27 +857,12 @@ impl<T: Tables> Pool<'_, T> {
     /// of sync, or are unshadowed if the table is written over and over without use.
     fn unsync_gfn(&mut self, gfn: u64) {
         self.st.stats.pt_writes += 1;
-        let mut list = [NIL; 16];
-        let mut n = 0;
-        let mut flooded = false;
-        self.for_gfn(gfn, |i, sp| {
-            if n < list.len() {
-                list[n] = i;
-                n += 1;
+        let flooded = self.flooded(gfn);
+        self.each_shadow(gfn, |pool, i| {
+            if !pool.written(i, flooded) {
+                pool.mark_unsync(i);
             }
-            flooded |= sp.flood >= FLOOD_LIMIT && sp.pins == 0;
         });
-        for &i in &list[..n] {
-            let sp = &mut self.sps[i as usize];
-            sp.flood = sp.flood.saturating_add(1);
-            if flooded && sp.pins == 0 {
-                if self.zap(i).is_ok() {
-                    self.st.stats.flood_unshadows += 1;
-                }
-            } else {
-                self.mark_unsync(i);
-            }
-        }
     }
 
     /// The shadow leaf for guest PTE `pte` in a table whose role is `role`, or `None`
@@ -1014,49 +1032,51 @@ impl<T: Tables> Pool<'_, T> {
         let gfn = gpa >> 12;
         let lo = gpa & 0xfff;
         let hi = (lo + u64::from(size.max(1)) - 1).min(0xfff);
-        let mut list = [NIL; 16];
-        let mut n = 0;
-        let mut flooded = false;
-        self.for_gfn(gfn, |i, sp| {
-            if n < list.len() {
-                list[n] = i;
-                n += 1;
+        let flooded = self.flooded(gfn);
+        let mut result = Ok(());
+        self.each_shadow(gfn, |pool, i| {
+            if pool.written(i, flooded) || result.is_err() {
+                return;
             }
-            flooded |= sp.flood >= FLOOD_LIMIT && sp.pins == 0;
+            result = pool.rewrite_entries(guest, i, lo, hi, ctx);
         });
-        for &i in &list[..n] {
-            let sp = &mut self.sps[i as usize];
-            sp.flood = sp.flood.saturating_add(1);
-            if flooded && sp.pins == 0 {
-                self.zap(i)?;
-                self.st.stats.flood_unshadows += 1;
-                continue;
-            }
-            // The shadow entries that the written guest entries stand behind.
-            let role = self.sps[i as usize].role;
-            let (first, last) = match (role.mode(), role.level()) {
-                (MODE_BITS32, 3) => continue,
-                (MODE_BITS32, 2) => {
-                    let q = u64::from(role.quadrant()) * 256;
-                    let (g0, g1) = ((lo / 4).max(q), (hi / 4).min(q + 255));
-                    if g0 > g1 {
-                        continue;
-                    }
-                    (2 * (g0 - q), 2 * (g1 - q) + 1)
+        result
+    }
+
+    /// Shadow `i` follows a guest write to bytes `lo..=hi` of its table: the entries
+    /// those bytes stand behind come back from the guest's.
+    fn rewrite_entries(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        i: u32,
+        lo: u64,
+        hi: u64,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
+        // The shadow entries that the written guest entries stand behind.
+        let role = self.sps[i as usize].role;
+        let (first, last) = match (role.mode(), role.level()) {
+            (MODE_BITS32, 3) => return Ok(()),
+            (MODE_BITS32, 2) => {
+                let q = u64::from(role.quadrant()) * 256;
+                let (g0, g1) = ((lo / 4).max(q), (hi / 4).min(q + 255));
+                if g0 > g1 {
+                    return Ok(());
                 }
-                (MODE_BITS32, _) => {
-                    let h = u64::from(role.quadrant()) * 512;
-                    let (g0, g1) = ((lo / 4).max(h), (hi / 4).min(h + 511));
-                    if g0 > g1 {
-                        continue;
-                    }
-                    (g0 - h, g1 - h)
-                }
-                _ => (lo / 8, hi / 8),
-            };
-            for index in first as usize..=last as usize {
-                self.resync_entry(guest, i, index, ctx)?;
+                (2 * (g0 - q), 2 * (g1 - q) + 1)
             }
+            (MODE_BITS32, _) => {
+                let h = u64::from(role.quadrant()) * 512;
+                let (g0, g1) = ((lo / 4).max(h), (hi / 4).min(h + 511));
+                if g0 > g1 {
+                    return Ok(());
+                }
+                (g0 - h, g1 - h)
+            }
+            _ => (lo / 8, hi / 8),
+        };
+        for index in first as usize..=last as usize {
+            self.resync_entry(guest, i, index, ctx)?;
         }
         Ok(())
     }
@@ -1562,11 +1582,6 @@ impl<T: Tables> Pool<'_, T> {
     /// Number of shadows out of sync now.
     pub fn unsync_count(&self) -> usize {
         self.st.n_unsync
-    }
-
-    /// Whether guest frame `gfn` holds a shadowed table (for tests and counters).
-    pub fn is_shadowed(&self, gfn: u64) -> bool {
-        self.shadowed(gfn)
     }
 }
 

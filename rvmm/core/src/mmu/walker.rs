@@ -23,13 +23,24 @@ pub mod pferr {
     pub const FETCH: u32 = 1 << 4;
 }
 
-const P: u64 = 1 << 0;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const XD: u64 = 1 << 63;
+/// Bits of a guest paging-structure entry (SDM Vol. 3A, 4.3-4.5).
+pub mod pte {
+    /// Present.
+    pub const P: u64 = 1 << 0;
+    /// Read/write.
+    pub const RW: u64 = 1 << 1;
+    /// User/supervisor.
+    pub const US: u64 = 1 << 2;
+    /// Accessed.
+    pub const A: u64 = 1 << 5;
+    /// Dirty.
+    pub const D: u64 = 1 << 6;
+    /// Page size (a large page).
+    pub const PS: u64 = 1 << 7;
+    /// Execute-disable.
+    pub const XD: u64 = 1 << 63;
+}
+use pte::*;
 
 /// An access to translate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
