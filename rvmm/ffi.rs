@@ -42,4 +42,9 @@ extern "C" {
     pub(crate) fn cr4_read_shadow() -> usize;
     pub(crate) fn rvmm_alloc_page_dma32() -> *mut c_void;
     pub(crate) fn rvmm_free_page(page: *mut c_void);
+    pub(crate) fn rvmm_waiter_new() -> *mut c_void;
+    pub(crate) fn rvmm_waiter_free(w: *mut c_void);
+    pub(crate) fn rvmm_waiter_arm(w: *mut c_void);
+    pub(crate) fn rvmm_waiter_sleep(w: *mut c_void, timeout_ns: i64) -> i32;
+    pub(crate) fn rvmm_waiter_wake(w: *mut c_void);
 }

@@ -15,7 +15,9 @@
 #include <linux/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/percpu.h>
+#include <linux/slab.h>
 #include <linux/smp.h>
+#include <linux/wait.h>
 #include <trace/events/ipi.h>
 #include <linux/syscore_ops.h>
 #include <asm/apic.h>
@@ -273,4 +275,58 @@ void rvmm_free_page(struct page *page)
 unsigned int rvmm_tsc_khz(void)
 {
 	return tsc_khz;
+}
+
+/*
+ * A halted vCPU's sleep: the kernel crate's CondVar waits in jiffies; an APIC timer
+ * needs an hrtimer's precision (wait_event_interruptible_hrtimeout).
+ */
+struct rvmm_waiter {
+	wait_queue_head_t wq;
+	atomic_t woken;
+};
+
+struct rvmm_waiter *rvmm_waiter_new(void)
+{
+	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL);
+
+	if (w)
+		init_waitqueue_head(&w->wq);
+	return w;
+}
+
+void rvmm_waiter_free(struct rvmm_waiter *w)
+{
+	kfree(w);
+}
+
+/* Forget earlier wake-ups: the caller checks for work after this, then sleeps. */
+void rvmm_waiter_arm(struct rvmm_waiter *w)
+{
+	atomic_set(&w->woken, 0);
+	smp_mb__after_atomic();
+}
+
+/*
+ * Sleeps until rvmm_waiter_wake, a signal, or timeout_ns (< 0: no timeout) passed.
+ * Returns 0 when woken or timed out, -ERESTARTSYS on a signal.
+ */
+int rvmm_waiter_sleep(struct rvmm_waiter *w, s64 timeout_ns)
+{
+	long r;
+
+	if (timeout_ns < 0)
+		r = wait_event_interruptible(w->wq, atomic_read(&w->woken));
+	else
+		r = wait_event_interruptible_hrtimeout(w->wq, atomic_read(&w->woken),
+						       ns_to_ktime(timeout_ns));
+	return r == -ERESTARTSYS ? r : 0;
+}
+
+/* Callable from any context, interrupts off included. */
+void rvmm_waiter_wake(struct rvmm_waiter *w)
+{
+	atomic_set(&w->woken, 1);
+	smp_mb__after_atomic();
+	wake_up_interruptible(&w->wq);
 }

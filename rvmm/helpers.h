@@ -37,4 +37,10 @@ struct page *rvmm_alloc_page_dma32(void);
 void rvmm_free_page(struct page *page);
 bool rvmm_task_has_io_bitmap(void);
 unsigned int rvmm_tsc_khz(void);
+struct rvmm_waiter;
+struct rvmm_waiter *rvmm_waiter_new(void);
+void rvmm_waiter_free(struct rvmm_waiter *w);
+void rvmm_waiter_arm(struct rvmm_waiter *w);
+int rvmm_waiter_sleep(struct rvmm_waiter *w, s64 timeout_ns);
+void rvmm_waiter_wake(struct rvmm_waiter *w);
 #endif

@@ -20,6 +20,7 @@ use kernel::{
 };
 use rvmm_uapi as uapi;
 
+mod apic;
 mod ffi;
 mod mmu;
 mod shadow;
@@ -165,6 +166,8 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_SET_CPUID,
     uapi::RVMM_GET_MSRS,
     uapi::RVMM_SET_MSRS,
+    uapi::RVMM_CREATE_IRQCHIP,
+    uapi::RVMM_SIGNAL_MSI,
 ];
 
 #[vtable]
@@ -273,6 +276,8 @@ impl RvmmFile {
                 Ok(0)
             }
             uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
+            uapi::RVMM_CREATE_IRQCHIP => vm.create_irqchip(),
+            uapi::RVMM_SIGNAL_MSI => vm.signal_msi(&read_struct(user)?),
             uapi::RVMM_GET_STATS => write_struct(user, &vm.stats()?),
             uapi::RVMM_INTERRUPT => {
                 let ev: uapi::Interrupt = read_struct(user)?;

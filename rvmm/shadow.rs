@@ -275,6 +275,18 @@ impl Shadow {
         }
     }
 
+    /// Makes vCPU `j` leave guest mode if it is in a run section (an interrupt was
+    /// posted for it); does not wait. Callable with interrupts off.
+    pub(crate) fn kick(&self, j: usize) {
+        let cpu = self.running[j].load(Ordering::SeqCst);
+        if cpu >= 0 {
+            // SAFETY: as in `kick_others`: the CPU runs vCPU `j` with interrupts off and
+            // cannot go offline under it; if the section ended meanwhile, the IPI only
+            // makes that CPU check for rescheduling.
+            unsafe { rvmm_kick_cpu(cpu) };
+        }
+    }
+
     /// The pool's counters (zero before a vCPU exists).
     pub(crate) fn stats(&self) -> PoolStats {
         self.pool

@@ -31,6 +31,7 @@ use crate::mmu::MemSlots;
 use crate::vmx::{self, Gprs, HostSegs};
 
 mod exit;
+mod lapic;
 
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
 
@@ -133,6 +134,9 @@ pub(crate) struct Stats {
     pub(crate) shadow_resets: u64,
     pub(crate) user_exits: u64,
     pub(crate) mmio_exits: u64,
+    pub(crate) apic_injections: u64,
+    pub(crate) halt_sleeps: u64,
+    pub(crate) apic_accesses: u64,
 }
 
 pub(crate) struct VcpuInner {
@@ -170,6 +174,21 @@ pub(crate) struct VcpuInner {
     /// time in the guest even where external interrupts fail to exit: Bochs 2.7 takes no
     /// external-interrupt exit while the guest has RFLAGS.IF = 0.
     preemption_quantum: u64,
+    /// The preemption timer counts at the TSC rate >> this.
+    preemption_shift: u32,
+    /// The preemption timer field holds a value shortened for the APIC timer.
+    preemption_short: bool,
+    /// The in-kernel local APIC (`RVMM_CREATE_IRQCHIP`) and the VM's mailboxes.
+    apic: Option<rvmm_core::apic::Apic>,
+    irq: Option<Arc<crate::apic::Irqchip>>,
+    /// The guest executed HLT with interrupts on: it sleeps until an interrupt is due.
+    halted: bool,
+    /// An NMI from the APIC waits for the guest to be able to take it.
+    pending_nmi: bool,
+    /// A vector from the 8259s (an ExtINT message) waiting for the guest.
+    pending_extint: Option<u8>,
+    /// The VMCS's TSC offset (guest TSC = host TSC + offset).
+    tsc_offset: u64,
     /// An external interrupt userspace queued (RVMM_INTERRUPT), waiting for the guest to
     /// be interruptible.
     pending_irq: Option<u8>,
@@ -324,7 +343,11 @@ const SEGS: [(u32, u32, u32, u32); 8] = [
 ];
 
 impl Vcpu {
-    pub(crate) fn new(id: u32, shadow: Arc<crate::shadow::Shadow>) -> Result<Arc<Self>> {
+    pub(crate) fn new(
+        id: u32,
+        shadow: Arc<crate::shadow::Shadow>,
+        irq: Option<Arc<crate::apic::Irqchip>>,
+    ) -> Result<Arc<Self>> {
         let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
         let vmcs = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
         let rev = basic.revision_id().to_ne_bytes();
@@ -384,6 +407,16 @@ impl Vcpu {
             entry_base: 0,
             proc_base: 0,
             preemption_quantum: 0,
+            preemption_shift: 0,
+            preemption_short: false,
+            apic: irq
+                .as_ref()
+                .map(|_| rvmm_core::apic::Apic::new(id, id == 0)),
+            irq,
+            halted: false,
+            pending_nmi: false,
+            pending_extint: None,
+            tsc_offset: 0,
             pending_irq: None,
             pending_exception: None,
             cpuid: KVec::new(),
@@ -420,13 +453,22 @@ impl Vcpu {
                 shadow_resets: 0,
                 user_exits: 0,
                 mmio_exits: 0,
+                apic_injections: 0,
+                halt_sleeps: 0,
+                apic_accesses: 0,
             },
         };
         let vcpu = Arc::pin_init(
             try_pin_init!(Self { id, run, inner <- new_mutex!(inner) }),
             GFP_KERNEL,
         )?;
-        vcpu.inner.lock().init_vmcs()?;
+        {
+            let mut g = vcpu.inner.lock();
+            g.init_vmcs()?;
+            if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
+                irq.add_vcpu(id, &apic.addressing())?;
+            }
+        }
         Ok(vcpu)
     }
 
@@ -535,6 +577,10 @@ impl Vcpu {
         out.shadow_resets += g.stats.shadow_resets;
         out.user_exits += g.stats.user_exits;
         out.mmio_exits += g.stats.mmio_exits;
+        out.apic_injections += g.stats.apic_injections;
+        out.halt_sleeps += g.stats.halt_sleeps;
+        out.apic_accesses += g.stats.apic_accesses;
+        out.apic_timer_irqs += g.apic.as_ref().map_or(0, |a| a.timer_fired);
     }
 
     /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
@@ -573,6 +619,11 @@ impl Vcpu {
             }
             // SAFETY: we hold no spinlock and interrupts are on.
             unsafe { rvmm_cond_resched() };
+            if g.halted && g.halt_wait().is_err() {
+                // SAFETY: our run page.
+                unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                return Err(EINTR);
+            }
             if let Next::User = g.run_section(run, self.id) {
                 g.stats.user_exits += 1;
                 return Ok(0);
@@ -648,8 +699,9 @@ impl VcpuInner {
             // The timer counts down at the TSC rate >> IA32_VMX_MISC[4:0]: 4 ms a slice.
             // SAFETY: reads a kernel variable.
             let khz = u64::from(unsafe { rvmm_tsc_khz() }).max(1000);
+            self.preemption_shift = (caps.misc & 0x1f) as u32;
             self.preemption_quantum =
-                ((khz * 4) >> (caps.misc & 0x1f)).clamp(1, u64::from(u32::MAX));
+                ((khz * 4) >> self.preemption_shift).clamp(1, u64::from(u32::MAX));
         }
         self.proc_base = proc;
         // Secondary controls only for INVPCID (which then exits, with INVLPG exiting);
@@ -1125,7 +1177,10 @@ impl VcpuInner {
             }
             self.state_checked = true;
         }
-        self.deliver_events();
+        // Marked running before the mailbox is read (see `crate::apic`): an interrupt
+        // posted from now on either is seen below or kicks this CPU.
+        // SAFETY: a plain query; interrupts are off, so this task stays on this CPU.
+        self.shadow.section_start(id, unsafe { rvmm_cpu() });
         // SAFETY: our run page.
         if unsafe { ptr::read_volatile(addr_of_mut!((*run).request_interrupt_window)) } != 0
             && !self.interruptible()
@@ -1136,15 +1191,15 @@ impl VcpuInner {
         // SAFETY: interrupts are off for the whole section; the guest context is put back
         // below on every way out of the loop.
         let host = unsafe { self.load_guest_context() };
-        // SAFETY: a plain query; interrupts are off, so this task stays on this CPU.
-        self.shadow.section_start(id, unsafe { rvmm_cpu() });
         // Every entry of the section starts the timer from this value: without the "save
         // VMX-preemption timer value" exit control, exits leave the field alone.
         if self.preemption_quantum != 0 {
             vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
+            self.preemption_short = false;
         }
         let mut launched = false;
         let next = loop {
+            self.deliver_events();
             let r = self.enter_once(launched, host.xcr0);
             self.shadow.exited(id);
             if r.is_err() {
@@ -1174,8 +1229,6 @@ impl VcpuInner {
                     (*run).if_flag = u8::from(vmr(guest::RFLAGS) & (1 << 9) != 0);
                     (*run).ready_for_interrupt_injection = u8::from(ready);
                 }
-            } else {
-                self.deliver_events();
             }
             match next {
                 // SAFETY: plain queries with interrupts off.

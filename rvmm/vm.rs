@@ -7,6 +7,7 @@
 use kernel::{new_mutex, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_uapi as uapi;
 
+use crate::apic::Irqchip;
 use crate::mmu::MemSlots;
 use crate::shadow::Shadow;
 use crate::vcpu::Vcpu;
@@ -19,6 +20,9 @@ pub(crate) struct Vm {
     vcpus: Mutex<[Option<Arc<Vcpu>>; uapi::RVMM_MAX_VCPUS as usize]>,
     /// The shadow page pool and CR3 cache.
     pub(crate) shadow: Arc<Shadow>,
+    /// The in-kernel local APICs' mailboxes (`RVMM_CREATE_IRQCHIP`).
+    #[pin]
+    irqchip: Mutex<Option<Arc<Irqchip>>>,
 }
 
 impl Vm {
@@ -36,6 +40,7 @@ impl Vm {
                 slots <- new_mutex!(slots),
                 vcpus <- new_mutex!([const { None }; uapi::RVMM_MAX_VCPUS as usize]),
                 shadow,
+                irqchip <- new_mutex!(None),
             }),
             GFP_KERNEL,
         )
@@ -66,10 +71,35 @@ impl Vm {
         if vcpus[id].is_some() {
             return Err(EEXIST);
         }
-        let vcpu = Vcpu::new(id as u32, self.shadow.clone())?;
+        let irqchip = self.irqchip.lock().clone();
+        let vcpu = Vcpu::new(id as u32, self.shadow.clone(), irqchip)?;
         self.shadow.vcpu_added()?;
         vcpus[id] = Some(vcpu);
         Ok(id as isize)
+    }
+
+    /// `RVMM_CREATE_IRQCHIP`: local APICs for the vCPUs created from now on.
+    pub(crate) fn create_irqchip(&self) -> Result<isize> {
+        let vcpus = self.vcpus.lock();
+        let mut chip = self.irqchip.lock();
+        if chip.is_some() {
+            return Err(EEXIST);
+        }
+        if vcpus.iter().any(|v| v.is_some()) {
+            pr_info!("create irqchip: the VM has vCPUs already; create the irqchip first\n");
+            return Err(EBUSY);
+        }
+        *chip = Some(Irqchip::new(self.shadow.clone())?);
+        Ok(0)
+    }
+
+    /// `RVMM_SIGNAL_MSI`.
+    pub(crate) fn signal_msi(&self, msi: &uapi::Msi) -> Result<isize> {
+        let Some(chip) = self.irqchip.lock().clone() else {
+            pr_info!("signal msi: the VM has no irqchip (RVMM_CREATE_IRQCHIP)\n");
+            return Err(ENXIO);
+        };
+        chip.signal_msi(msi)
     }
 
     /// Counters summed over the vCPUs (waits for a running vCPU to return).
@@ -105,6 +135,9 @@ impl Vm {
         out.pool_resets = p.resets;
         out.mmio_fast = p.mmio_fast;
         out.pt_emulated = p.pt_emulated;
+        if let Some(chip) = self.irqchip.lock().as_ref() {
+            out.apic_messages = chip.messages.load(core::sync::atomic::Ordering::Relaxed);
+        }
         Ok(out)
     }
 

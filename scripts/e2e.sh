@@ -7,7 +7,8 @@
 #   e2e.sh bench  Bochs, 1 CPU: benchmark guests on rvmm, KVM ept=0 and KVM ept=1
 #   e2e.sh test   QEMU TCG (no VT-x): rvmm refuses to load;
 #                 Bochs 1 CPU and 2 CPUs: the kselftests (KTAP)
-# Logs go to build/e2e/. RVMM_E2E_CPUS="1 2" chooses the Bochs runs.
+# Logs go to build/e2e/. RVMM_E2E_CPUS="1 2" chooses the Bochs runs; RVMM_TEST_ONLY=a,b
+# runs only those kselftests (a quick loop while developing; `make test` runs them all).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 mode=${1:-test}
@@ -66,7 +67,7 @@ test)
 		# clearcpuid=invpcid: global TLB flushes then rewrite CR4 from its shadow, the
 		# path that would drop a CR4.VMXE set behind the kernel's back.
 		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job test \
-			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 1500 --append "clearcpuid=invpcid"
+			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 1500 --append "clearcpuid=invpcid${RVMM_TEST_ONLY:+ rvmm_only=$RVMM_TEST_ONLY}"
 		step_done
 		record "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
 		# The tests leave rvmm loaded: power-off must take every CPU out of VMX first.

@@ -5,6 +5,7 @@
 
 use core::ptr;
 
+use rvmm_core::apic::{MSR_TSC_DEADLINE, X2APIC_MSR_BASE, X2APIC_MSR_END};
 use rvmm_core::emulate::{MmioOp, Source, WriteKind};
 use rvmm_core::exit::{
     combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, MemOperand,
@@ -21,6 +22,9 @@ use x86::vmx::vmcs::{control, guest, ro};
 use super::{vmr, vmw, Next, Pending, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
+
+/// CPUID leaf "time stamp counter and nominal core crystal clock".
+const CPUID_TSC_LEAF: u32 = 0x15;
 
 /// The host's TSC.
 fn rdtsc() -> u64 {
@@ -89,12 +93,22 @@ impl VcpuInner {
             // Interrupts for the host exit here whatever the guest's RFLAGS.IF, as the SDM
             // says. (Bochs 2.7 does not while the guest has IF = 0: there the preemption
             // timer gives the CPU back.)
+            // The APIC timer's deadline cut the slice short: its interrupt goes in now.
+            Some(PreemptionTimer)
+                if self
+                    .apic
+                    .as_ref()
+                    .and_then(|a| a.timer_deadline())
+                    .is_some_and(|d| d <= self.guest_tsc()) =>
+            {
+                Next::Fast
+            }
             Some(ExternalInterrupt) | Some(PreemptionTimer) => Next::Host,
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
             Some(Cpuid) => self.cpuid(),
             Some(Hlt) => {
                 self.skip_instruction();
-                self.exit_to_user(run, uapi::RVMM_EXIT_HLT)
+                self.hlt(run)
             }
             Some(Invlpg) => self.invlpg(run, qual()),
             Some(Invpcid) => self.invpcid(run, qual()),
@@ -265,6 +279,9 @@ impl VcpuInner {
                 );
             }
         };
+        if self.apic_page() == Some(gpa & !0xfff) {
+            return self.apic_page_access(gpa, rip, decoded, long);
+        }
         let mut mmio = uapi::ExitMmio {
             phys_addr: gpa,
             ..Default::default()
@@ -296,6 +313,33 @@ impl VcpuInner {
         vmw(guest::RIP, rip + u64::from(decoded.len));
         self.stats.mmio_exits += 1;
         self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
+    }
+
+    /// A decoded access to the xAPIC page, done in the kernel.
+    fn apic_page_access(
+        &mut self,
+        gpa: u64,
+        rip: u64,
+        decoded: rvmm_core::emulate::Decoded,
+        long: bool,
+    ) -> Next {
+        match decoded.op {
+            MmioOp::Store { size, src } => {
+                let v = match src {
+                    Source::Reg(r) => self.gpr(r),
+                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Imm(v) => v,
+                };
+                self.apic_mmio(gpa, size, Some(v));
+            }
+            MmioOp::Load { size, dst, .. } => {
+                let data = self.apic_mmio(gpa, size, None).unwrap_or(0);
+                let new = rvmm_core::emulate::load_result(self.gpr(dst), data, &decoded.op, long);
+                self.set_gpr(dst, new);
+            }
+        }
+        vmw(guest::RIP, rip + u64::from(decoded.len));
+        Next::Fast
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many.
@@ -691,6 +735,20 @@ impl VcpuInner {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
         let (mut a, mut b, mut c, mut d) = (r.eax, r.ebx, r.ecx, r.edx);
+        // With an APIC, leaf 0x15 tells its timer's clock: basic leaves reach it at least.
+        if self.apic.is_some() && leaf <= CPUID_TSC_LEAF {
+            let host_max = core::arch::x86_64::__cpuid(0).eax;
+            if leaf == 0 {
+                a = a.max(CPUID_TSC_LEAF);
+            } else if leaf > host_max || leaf == CPUID_TSC_LEAF {
+                (a, b, c, d) = (0, 0, 0, 0);
+            }
+            if leaf == CPUID_TSC_LEAF {
+                // TSC / crystal = 1 / 1; the crystal (the APIC timer's input) in Hz.
+                // SAFETY: reads a kernel variable.
+                (a, b, c) = (1, 1, unsafe { rvmm_tsc_khz() }.saturating_mul(1000));
+            }
+        }
         match leaf {
             1 => {
                 // Hide VMX, SMX, x2APIC, TSC deadline, PCID, MONITOR; XSAVE and AVX only
@@ -705,9 +763,15 @@ impl VcpuInner {
                     c |= 1 << 27;
                 }
                 c |= 1 << 31;
-                // No local APIC is emulated yet.
-                d &= !(1 << 9);
                 b = (b & 0x00ff_ffff) & !(0xff << 16) | (1 << 16);
+                if self.apic.is_some() {
+                    // APIC, x2APIC, TSC-deadline timer; the initial APIC ID.
+                    d |= 1 << 9;
+                    c |= (1 << 21) | (1 << 24);
+                    b |= self.vcpu_id << 24;
+                } else {
+                    d &= !(1 << 9);
+                }
             }
             0xd if self.xsave => {
                 // x87, SSE and AVX in the standard format; no XSAVEOPT/XSAVEC/XSAVES.
@@ -818,9 +882,25 @@ impl VcpuInner {
                 self.apply_paging_state();
                 self.reset_shadow();
             }
-            CrAccess::MovTo { cr: 8, gpr } => self.cr8 = self.gpr(gpr) & 0xf,
+            CrAccess::MovTo { cr: 8, gpr } => {
+                let v = self.gpr(gpr);
+                if v >> 4 != 0 {
+                    return self.inject(vector::GP, Some(0));
+                }
+                match self.apic.as_mut() {
+                    // CR8 is TPR[7:4].
+                    Some(a) => a.set_tpr((v as u32) << 4),
+                    None => self.cr8 = v,
+                }
+            }
+            CrAccess::MovFrom { cr: 8, gpr } => {
+                let v = self
+                    .apic
+                    .as_ref()
+                    .map_or(self.cr8, |a| u64::from(a.tpr() >> 4));
+                self.set_gpr(gpr, v);
+            }
             CrAccess::MovFrom { cr: 3, gpr } => self.set_gpr(gpr, self.cr3),
-            CrAccess::MovFrom { cr: 8, gpr } => self.set_gpr(gpr, self.cr8),
             CrAccess::Clts => {
                 self.cr0 &= !(1 << 3);
                 self.apply_paging_state();
@@ -1015,6 +1095,9 @@ impl VcpuInner {
     }
 
     fn rdmsr(&mut self) -> Next {
+        if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&(self.gprs.rcx as u32)) {
+            self.stats.apic_accesses += 1;
+        }
         let Some(v) = self.get_msr(self.gprs.rcx as u32) else {
             return self.inject(vector::GP, Some(0));
         };
@@ -1027,6 +1110,9 @@ impl VcpuInner {
     fn wrmsr(&mut self) -> Next {
         let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
         let index = self.gprs.rcx as u32;
+        if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&index) {
+            self.stats.apic_accesses += 1;
+        }
         if !self.set_msr(index, v) {
             return self.inject(vector::GP, Some(0));
         }
@@ -1061,7 +1147,11 @@ impl VcpuInner {
             msr::IA32_SYSENTER_EIP => vmr(guest::IA32_SYSENTER_EIP),
             msr::IA32_PAT => vmr(guest::IA32_PAT_FULL),
             msr::IA32_TIME_STAMP_COUNTER => rdtsc().wrapping_add(vmr(control::TSC_OFFSET_FULL)),
-            msr::IA32_APIC_BASE => 0xfee0_0900,
+            msr::IA32_APIC_BASE => self.apic.as_ref().map_or(0xfee0_0900, |a| a.base_msr()),
+            X2APIC_MSR_BASE..=X2APIC_MSR_END if self.apic.is_some() => {
+                return self.apic.as_ref()?.rdmsr(index, self.guest_tsc()).ok();
+            }
+            MSR_TSC_DEADLINE if self.apic.is_some() => self.apic.as_ref()?.tsc_deadline(),
             msr::IA32_MISC_ENABLE => 1,
             _ => return None,
         })
@@ -1112,7 +1202,33 @@ impl VcpuInner {
                 }
                 vmw(guest::IA32_PAT_FULL, v)
             }
-            msr::IA32_TIME_STAMP_COUNTER => vmw(control::TSC_OFFSET_FULL, v.wrapping_sub(rdtsc())),
+            msr::IA32_TIME_STAMP_COUNTER => {
+                self.tsc_offset = v.wrapping_sub(rdtsc());
+                vmw(control::TSC_OFFSET_FULL, self.tsc_offset);
+            }
+            msr::IA32_APIC_BASE if self.apic.is_some() => {
+                let m = self.maxphyaddr;
+                if self
+                    .apic
+                    .as_mut()
+                    .is_some_and(|a| a.set_base_msr(v, m).is_err())
+                {
+                    return false;
+                }
+                self.apic_publish();
+            }
+            X2APIC_MSR_BASE..=X2APIC_MSR_END if self.apic.is_some() => {
+                let now = self.guest_tsc();
+                match self.apic.as_mut().map(|a| a.wrmsr(index, v, now)) {
+                    Some(Ok(e)) => self.apic_effect(e),
+                    _ => return false,
+                }
+            }
+            MSR_TSC_DEADLINE if self.apic.is_some() => {
+                if let Some(a) = self.apic.as_mut() {
+                    a.set_tsc_deadline(v);
+                }
+            }
             msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE => {}
             _ => return false,
         }
@@ -1146,6 +1262,14 @@ impl VcpuInner {
         if self.pending_irq.is_some() {
             return Next::Fast;
         }
+        // With an APIC the window may have been the APIC's: userspace sees it only if it
+        // asked for it.
+        // SAFETY: our run page.
+        if self.apic.is_some()
+            && unsafe { ptr::read_volatile(ptr::addr_of!((*run).request_interrupt_window)) } == 0
+        {
+            return Next::Fast;
+        }
         self.exit_to_user(run, uapi::RVMM_EXIT_IRQ_WINDOW_OPEN)
     }
 
@@ -1168,6 +1292,9 @@ impl VcpuInner {
 
     /// Puts queued events into the VMCS before an entry (VMCS current).
     pub(crate) fn deliver_events(&mut self) {
+        if self.apic.is_some() {
+            self.apic_inject();
+        }
         if self.pending_exception.is_none() && self.pending_irq.is_none() {
             return;
         }

@@ -38,6 +38,11 @@ impl<C> Suite<C> {
         self.tests.push((name, f));
     }
 
+    /// Keeps only the tests whose names `keep` accepts.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.tests.retain(|(n, _)| keep(n));
+    }
+
     /// Runs every test, prints KTAP, returns the process exit status.
     pub fn run(self, ctx: &C) -> i32 {
         println!("KTAP version 1");

@@ -45,13 +45,24 @@ impl Ctx {
 fn main() {
     let mut modules = PathBuf::from("/lib/modules/rvmm");
     let mut no_vmx = false;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--modules" => modules = PathBuf::from(args.next().expect("--modules DIR")),
             "--no-vmx" => no_vmx = true,
+            "--only" => {
+                only = Some(
+                    args.next()
+                        .expect("--only NAME[,NAME...]")
+                        .split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(String::from)
+                        .collect(),
+                )
+            }
             _ => {
-                eprintln!("usage: rvmm_test [--modules DIR] [--no-vmx]");
+                eprintln!("usage: rvmm_test [--modules DIR] [--no-vmx] [--only NAME,...]");
                 std::process::exit(2);
             }
         }
@@ -89,6 +100,13 @@ fn main() {
         suite.add("pool_fork_unsync_resync", vm_tests::pool_fork_unsync_resync);
         suite.add("pool_table_reuse", vm_tests::pool_table_reuse);
         suite.add("smp_shared_page_tables", vm_tests::smp_shared_page_tables);
+        suite.add("apic_timer_ipi_eoi_tpr", vm_tests::apic_timer_ipi_eoi_tpr);
+        suite.add("irqchip_abi_errors", vm_tests::irqchip_abi_errors);
+        suite.add(
+            "multiboot_timer_100_interrupts",
+            vm_tests::multiboot_timer_100_interrupts,
+        );
+        suite.add("smp_acpi_wakeup_mailbox", vm_tests::smp_acpi_wakeup_mailbox);
         suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(
             "multiboot_modules_and_cmdline",
@@ -120,6 +138,10 @@ fn main() {
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);
         suite.add("kvm_coexistence", kvm_coexistence);
+    }
+    if let Some(names) = only {
+        // A subset, for a quick loop (scripts/e2e.sh: RVMM_TEST_ONLY).
+        suite.retain(|n| names.iter().any(|x| x == n));
     }
     std::process::exit(suite.run(&ctx));
 }

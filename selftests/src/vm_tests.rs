@@ -1008,3 +1008,309 @@ pub fn no_kmemleak_reports(_: &Ctx) -> Outcome {
         )
     })
 }
+
+/// Runs apic64.bin on `n` vCPUs of a VM with an irqchip: returns vCPU 0's serial output,
+/// each vCPU's last exit, and the VM's counters. The harness answers vCPU 0's OUT to port
+/// 0xf5 with an MSI (vector 0xd0 to APIC 0) through RVMM_SIGNAL_MSI.
+fn run_apic_guest(n: u32) -> Result<(String, Vec<Exit>, rvmm::uapi::VmStats), String> {
+    let code = std::fs::read(Path::new(GUESTS).join("apic64.bin"))
+        .map_err(|e| format!("apic64.bin: {e}"))?;
+    let mut mem = GuestMem::new(16 << 20).map_err(|e| e.to_string())?;
+    mem.write(0x10_0000, &code)?;
+    let (regs, sregs) = setup(&mut mem, EntryMode::Long, 0x10_0000, 0xff_fff0)?;
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `mem` outlives the VM (dropped after it, below).
+    unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
+        .map_err(|e| e.to_string())?;
+    vm.create_irqchip().map_err(|e| e.to_string())?;
+    let again = vm.create_irqchip().map_err(|e| e.to_string());
+    check(
+        again.as_ref().is_err_and(|e| e.contains("File exists")),
+        || format!("a second RVMM_CREATE_IRQCHIP gave {again:?}, not EEXIST"),
+    )?;
+    let mut vcpus = Vec::new();
+    for i in 0..n {
+        let v = vm.create_vcpu(i).map_err(|e| e.to_string())?;
+        v.set_sregs(&sregs).map_err(|e| e.to_string())?;
+        let mut r = regs;
+        r.rdi = u64::from(i);
+        r.rsi = u64::from(n);
+        r.rsp = 0xff_fff0 - 0x10_0000 * u64::from(i);
+        v.set_regs(&r).map_err(|e| e.to_string())?;
+        vcpus.push(v);
+    }
+    // A watchdog: a guest that never ends is interrupted (SIGUSR1, no SA_RESTART) after
+    // two minutes, so that the test fails with what the guest printed so far.
+    // SAFETY: installs a no-op handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    let vm_ref = &vm;
+    let threads = std::sync::Mutex::new(Vec::<usize>::new());
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let results: Vec<Result<(String, Exit), String>> = std::thread::scope(|s| {
+        let threads = &threads;
+        let hs: Vec<_> = vcpus
+            .iter()
+            .map(|v| {
+                s.spawn(move || -> Result<(String, Exit), String> {
+                    // SAFETY: pthread_self has no preconditions.
+                    threads
+                        .lock()
+                        .unwrap()
+                        .push(unsafe { libc::pthread_self() } as usize);
+                    let mut out = Vec::new();
+                    loop {
+                        match v.run().map_err(|e| e.to_string())? {
+                            Exit::IoOut {
+                                port: 0x3f8, data, ..
+                            } => out.push(data as u8),
+                            Exit::IoOut { port: 0xf5, .. } => {
+                                let took = vm_ref
+                                    .signal_msi(0xfee0_0000, 0xd0)
+                                    .map_err(|e| e.to_string())?;
+                                if took != 1 {
+                                    return Err(format!("the MSI reached {took} APICs, not 1"));
+                                }
+                            }
+                            e => return Ok((String::from_utf8_lossy(&out).into_owned(), e)),
+                        }
+                    }
+                })
+            })
+            .collect();
+        s.spawn(move || {
+            if done_rx
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .is_err()
+            {
+                for &t in threads.lock().unwrap().iter() {
+                    // SAFETY: the vCPU threads live until the scope ends, after this one.
+                    unsafe { libc::pthread_kill(t as libc::pthread_t, libc::SIGUSR1) };
+                }
+            }
+        });
+        let r = hs
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err("thread panicked".into())))
+            .collect();
+        let _ = done_tx.send(());
+        r
+    });
+    for (i, v) in vcpus.iter().enumerate() {
+        if let Ok(r) = v.regs() {
+            crate::ktap::diag(&format!("vCPU {i} ends at RIP {:#x}", r.rip));
+        }
+    }
+    let stats = vm.stats().map_err(|e| e.to_string())?;
+    let mut serial = String::new();
+    let mut exits = Vec::new();
+    for r in results {
+        let (s, e) = r?;
+        if serial.is_empty() {
+            serial = s;
+        }
+        exits.push(e);
+    }
+    drop(vcpus);
+    drop(vm);
+    drop(mem);
+    Ok((serial, exits, stats))
+}
+
+/// The in-kernel local APIC: apic64 checks, in xAPIC and x2APIC mode, the timer's rates
+/// (periodic, one-shot, TSC-deadline, within 5 % of the CPUID 0x15 clock), self-IPIs,
+/// EOI order, TPR/CR8, an absent x2APIC register's #GP, an MSI from the host, and with
+/// two vCPUs IPIs both ways; halted vCPUs sleep in the host.
+pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
+    for n in [1u32, 2] {
+        let (serial, exits, st) = run_apic_guest(n)?;
+        for l in serial.lines() {
+            crate::ktap::diag(&format!("{n} vCPU(s): {l}"));
+        }
+        crate::ktap::diag(&format!(
+            "{n} vCPU(s): APIC injections {}, timer interrupts {}, messages {}, halt sleeps {}, \
+             APIC accesses {}, exits: HLT {}, preemption timer {}, external interrupt {}, \
+             exception/NMI {}, WRMSR {}",
+            st.apic_injections,
+            st.apic_timer_irqs,
+            st.apic_messages,
+            st.halt_sleeps,
+            st.apic_accesses,
+            st.exits[12],
+            st.exits[52],
+            st.exits[1],
+            st.exits[0],
+            st.exits[32]
+        ));
+        check(
+            exits[0]
+                == Exit::IoOut {
+                    port: 0xf4,
+                    size: 1,
+                    data: 0x2a,
+                },
+            || format!("vCPU 0 ended with {:?}: {serial}", exits[0]),
+        )?;
+        check(serial.contains("apic64: all ok"), || serial.clone())?;
+        let want = if n == 2 { 2 } else { 0 };
+        check(
+            serial.matches("ipi to vcpu 1 and back").count() == want,
+            || format!("{want} IPI checks expected: {serial}"),
+        )?;
+        if n == 2 {
+            check(exits[1] == Exit::Hlt, || {
+                format!("vCPU 1 ended with {:?}", exits[1])
+            })?;
+        }
+        // 20 periodic + 2 one-shot + 2 deadline interrupts at least.
+        check(st.apic_timer_irqs >= 24, || {
+            format!("only {} timer interrupts", st.apic_timer_irqs)
+        })?;
+        check(st.halt_sleeps > 0, || "no HLT slept in the host".into())?;
+    }
+    Ok(())
+}
+
+/// RVMM_CREATE_IRQCHIP only before vCPUs (EBUSY); RVMM_SIGNAL_MSI needs an irqchip
+/// (ENXIO) and an APIC message address (EINVAL).
+pub fn irqchip_abi_errors(_: &Ctx) -> Outcome {
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    let r = vm.signal_msi(0xfee0_0000, 0x30).map_err(|e| e.to_string());
+    check(
+        r.as_ref()
+            .is_err_and(|e| e.contains("No such device or address")),
+        || format!("MSI without an irqchip: {r:?}"),
+    )?;
+    let _v = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+    let r = vm.create_irqchip().map_err(|e| e.to_string());
+    check(r.as_ref().is_err_and(|e| e.contains("busy")), || {
+        format!("irqchip after a vCPU: {r:?}")
+    })?;
+    drop(_v);
+    drop(vm);
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    vm.create_irqchip().map_err(|e| e.to_string())?;
+    let r = vm.signal_msi(0xfed0_0000, 0x30).map_err(|e| e.to_string());
+    check(
+        r.as_ref().is_err_and(|e| e.contains("Invalid argument")),
+        || format!("MSI to a non-APIC address: {r:?}"),
+    )?;
+    // No vCPU yet: the message reaches nobody.
+    let r = vm.signal_msi(0xfee0_0000, 0x30).map_err(|e| e.to_string());
+    check(r == Ok(0), || format!("MSI with no vCPUs: {r:?}"))?;
+    Ok(())
+}
+
+/// The PC platform end to end: mbtimer32 (a multiboot kernel) masks the PICs, routes
+/// the PIT through the I/O APIC to its local APIC and takes 100 timer interrupts with
+/// HLT in between; rvmm-run's PIT thread sends them with RVMM_SIGNAL_MSI. Prints the
+/// run's exit counts. Then 50 through the 8259s and LINT0 in ExtINT mode.
+pub fn multiboot_timer_100_interrupts(_: &Ctx) -> Outcome {
+    let out = Command::new("rvmm-run")
+        .args(["--stats", "--append", "ticks=100 code=33"])
+        .arg(Path::new(GUESTS).join("mbtimer32.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stdout.lines().chain(stderr.lines()) {
+        crate::ktap::diag(l);
+    }
+    check(out.status.code() == Some(67), || {
+        format!("exit status {:?}, want 67 (code 33)", out.status.code())
+    })?;
+    check(stdout.contains("cmdline args: ticks=100 code=33"), || {
+        "the command line did not reach the guest".into()
+    })?;
+    check(stdout.contains("timer: 100 interrupts"), || {
+        "the guest did not count 100 timer interrupts".into()
+    })?;
+    let injected: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("rvmm-run: apic: interrupts injected "))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or("no APIC counters in rvmm-run --stats")?;
+    check(injected >= 100, || {
+        format!("only {injected} interrupts injected")
+    })?;
+    // The same through the 8259s: IRQ 0 at the master, acknowledged in rvmm-run, an
+    // ExtINT message to LINT0 (virtual wire), EOI to the 8259.
+    let out = Command::new("rvmm-run")
+        .args(["--append", "ticks=50 code=34 pic=1"])
+        .arg(Path::new(GUESTS).join("mbtimer32.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    check(
+        out.status.code() == Some(69) && stdout.contains("timer: 50 interrupts"),
+        || {
+            format!(
+                "PIC mode: status {:?}: {stdout}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        },
+    )
+}
+
+/// SMP start-up through ACPI: smpwake64 finds the MADT's processors and its
+/// multiprocessor wake-up mailbox and wakes every AP there (rvmm-run --cpus 3: each AP
+/// a thread that waits on the mailbox, then enters the wake-up vector in long mode);
+/// every AP writes a marker. The same run on KVM ept=0 must print the same.
+pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
+    let run = |kvm: bool| -> Result<(String, Option<i32>), String> {
+        let mut cmd = Command::new("rvmm-run");
+        cmd.args(["--machine", "pc", "--cpus", "3"]);
+        if kvm {
+            cmd.arg("--kvm");
+        }
+        let out = cmd
+            .arg(Path::new(GUESTS).join("smpwake64.bin"))
+            .output()
+            .map_err(|e| format!("rvmm-run: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        crate::ktap::diag(&format!(
+            "{}: {stdout}{}",
+            if kvm { "KVM ept=0" } else { "rvmm" },
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        Ok((stdout, out.status.code()))
+    };
+    let rvmm = run(false)?;
+    check(rvmm.1 == Some(0x59), || {
+        format!("rvmm: status {:?}, want 0x59 (code 0x2c)", rvmm.1)
+    })?;
+    check(
+        rvmm.0.contains("processors: 3")
+            && rvmm.0.contains("ap 1: up")
+            && rvmm.0.contains("ap 2: up"),
+        || rvmm.0.clone(),
+    )?;
+    for (ko, name, params) in [
+        ("irqbypass.ko", "irqbypass", c""),
+        ("kvm.ko", "kvm", c""),
+        ("kvm-intel.ko", "kvm_intel", c"ept=0"),
+    ] {
+        if !sys::module_loaded(name) {
+            sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
+        }
+    }
+    let kvm = run(true);
+    for name in ["kvm_intel", "kvm", "irqbypass"] {
+        sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
+    }
+    let kvm = kvm?;
+    check(kvm == rvmm, || {
+        format!("KVM ept=0 gave {kvm:?}, rvmm {rvmm:?}")
+    })
+}

@@ -482,6 +482,16 @@ abi_struct! {
         /// Pool: guest writes to upper-level page tables emulated (entries updated in
         /// place, no unsync).
         pub pt_emulated: u64 => "__u64 pt_emulated",
+        /// In-kernel local APIC: interrupts injected into guests from the APICs.
+        pub apic_injections: u64 => "__u64 apic_injections",
+        /// In-kernel local APIC: timer interrupts raised.
+        pub apic_timer_irqs: u64 => "__u64 apic_timer_irqs",
+        /// In-kernel local APIC: IPIs and MSIs delivered (per destination).
+        pub apic_messages: u64 => "__u64 apic_messages",
+        /// HLT exits that slept in the host until an interrupt was due.
+        pub halt_sleeps: u64 => "__u64 halt_sleeps",
+        /// Accesses to the xAPIC page and x2APIC MSRs handled in the kernel.
+        pub apic_accesses: u64 => "__u64 apic_accesses",
     }
 }
 
@@ -512,6 +522,22 @@ abi_struct! {
         pub error_code: u32 => "__u32 error_code",
         /// Zero.
         pub padding: u32 => "__u32 padding",
+    }
+}
+
+abi_struct! {
+    /// `RVMM_SIGNAL_MSI`: an interrupt message for the VM's local APICs, in the MSI
+    /// format (address 0xfeeXXXXX: destination in bits 19:12, logical in bit 2; data:
+    /// vector in bits 7:0, delivery mode in 10:8, level-triggered in bit 15). This is
+    /// how interrupt controllers in userspace (I/O APIC, PIC) and devices interrupt a
+    /// guest whose local APICs are in the kernel.
+    pub struct Msi as "rvmm_msi" {
+        /// Message address.
+        pub address: u64 => "__u64 address",
+        /// Message data.
+        pub data: u32 => "__u32 data",
+        /// Zero.
+        pub flags: u32 => "__u32 flags",
     }
 }
 
@@ -710,6 +736,15 @@ pub const RVMM_SET_MSRS: u32 = ioc(IOC_WRITE, 0x1c, core::mem::size_of::<Msrs>()
 /// `RVMM_SET_SHADOW_LIMITS`: sets [`ShadowLimits`].
 pub const RVMM_SET_SHADOW_LIMITS: u32 = ioc(IOC_WRITE, 0x1d, core::mem::size_of::<ShadowLimits>());
 
+/// `RVMM_CREATE_IRQCHIP`: gives every vCPU created afterwards an in-kernel local APIC
+/// (xAPIC page and x2APIC MSRs, timer, IPIs); a HLT with interrupts enabled then waits
+/// in the kernel for an interrupt. Before the first vCPU (EBUSY after), once (EEXIST).
+pub const RVMM_CREATE_IRQCHIP: u32 = ioc(IOC_NONE, 0x1e, 0);
+/// `RVMM_SIGNAL_MSI`: delivers an [`Msi`]. Returns the number of APICs that took it
+/// (0: none matched or all were disabled); ENXIO without an irqchip; EINVAL for an
+/// address outside 0xfee00000-0xfeefffff or a non-zero `flags`.
+pub const RVMM_SIGNAL_MSI: u32 = ioc(IOC_WRITE, 0x1f, core::mem::size_of::<Msi>());
+
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[
     (
@@ -792,5 +827,15 @@ pub const IOCTLS: &[(&str, u32, &str)] = &[
         "RVMM_SET_SHADOW_LIMITS",
         RVMM_SET_SHADOW_LIMITS,
         "_IOW(RVMM_IOCTL_TYPE, 0x1d, struct rvmm_shadow_limits)",
+    ),
+    (
+        "RVMM_CREATE_IRQCHIP",
+        RVMM_CREATE_IRQCHIP,
+        "_IO(RVMM_IOCTL_TYPE, 0x1e)",
+    ),
+    (
+        "RVMM_SIGNAL_MSI",
+        RVMM_SIGNAL_MSI,
+        "_IOW(RVMM_IOCTL_TYPE, 0x1f, struct rvmm_msi)",
     ),
 ];

@@ -17,6 +17,7 @@ fn structs() -> Vec<(&'static str, &'static [CField], &'static [usize], usize)> 
             VmxCaps::offsets(),
             size_of::<VmxCaps>(),
         ),
+        (Msi::C_NAME, Msi::C_FIELDS, Msi::offsets(), size_of::<Msi>()),
         (
             Status::C_NAME,
             Status::C_FIELDS,

@@ -51,6 +51,12 @@ struct rvmm_vmx_caps {
 	__u32 vmcs_size;
 };
 
+struct rvmm_msi {
+	__u64 address;
+	__u32 data;
+	__u32 flags;
+};
+
 struct rvmm_status {
 	__u32 online_cpus;
 	__u32 vmx_cpus;
@@ -214,6 +220,11 @@ struct rvmm_vm_stats {
 	__u64 pool_resets;
 	__u64 mmio_fast;
 	__u64 pt_emulated;
+	__u64 apic_injections;
+	__u64 apic_timer_irqs;
+	__u64 apic_messages;
+	__u64 halt_sleeps;
+	__u64 apic_accesses;
 };
 
 struct rvmm_shadow_limits {
@@ -276,5 +287,7 @@ struct rvmm_msrs {
 #define RVMM_GET_MSRS _IOWR(RVMM_IOCTL_TYPE, 0x1b, struct rvmm_msrs)
 #define RVMM_SET_MSRS _IOW(RVMM_IOCTL_TYPE, 0x1c, struct rvmm_msrs)
 #define RVMM_SET_SHADOW_LIMITS _IOW(RVMM_IOCTL_TYPE, 0x1d, struct rvmm_shadow_limits)
+#define RVMM_CREATE_IRQCHIP _IO(RVMM_IOCTL_TYPE, 0x1e)
+#define RVMM_SIGNAL_MSI _IOW(RVMM_IOCTL_TYPE, 0x1f, struct rvmm_msi)
 
 #endif /* _UAPI_LINUX_RVMM_H */

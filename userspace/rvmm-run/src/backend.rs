@@ -7,8 +7,12 @@ use rvmm::uapi::{Regs, Sregs};
 use rvmm::Exit;
 
 use rvmm::guest::GuestMem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
-pub trait Backend {
+use crate::platform::IrqSink;
+
+pub trait Backend: Send {
     fn name(&self) -> &'static str;
     fn set_regs(&mut self, regs: &Regs) -> Result<(), String>;
     fn regs(&mut self) -> Result<Regs, String>;
@@ -28,18 +32,98 @@ pub trait Backend {
     fn counters(&mut self) -> Result<Vec<(String, u64)>, String>;
     /// The counters one exit to userspace adds (the benchmark marker's own exit).
     fn user_exit_counters(&self) -> &'static [&'static str];
+    /// Where the platform's interrupt messages go (the VM's local APICs), for a VM made
+    /// with them.
+    fn irq_sink(&self) -> Result<Arc<dyn IrqSink>, String>;
+    /// Makes an AP runnable (KVM with its local APICs in the kernel keeps APs waiting
+    /// for a start-up IPI until told otherwise).
+    fn start_ap(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// rvmm: the VM owns the vCPU's run mapping, so both live here.
+/// A duplicate of a VM's file descriptor that sends interrupt messages to its local
+/// APICs from any thread: rvmm's `RVMM_SIGNAL_MSI` or KVM's `KVM_SIGNAL_MSI`.
+struct MsiFd {
+    fd: OwnedFd,
+    kvm: bool,
+}
+
+impl MsiFd {
+    fn new(fd: i32, kvm: bool) -> Result<Self, String> {
+        // SAFETY: dup of a descriptor this process owns; the copy is owned by `OwnedFd`.
+        let d = unsafe { libc::dup(fd) };
+        if d < 0 {
+            return Err(format!("dup: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(d) },
+            kvm,
+        })
+    }
+}
+
+impl IrqSink for MsiFd {
+    fn msi(&self, address: u64, data: u32) {
+        let r = if self.kvm {
+            const KVM_SIGNAL_MSI: libc::c_ulong = 0x4020_aea5; // _IOW(KVMIO, 0xa5, kvm_msi)
+            let m = kvm_bindings::kvm_msi {
+                address_lo: address as u32,
+                address_hi: (address >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            // SAFETY: KVM_SIGNAL_MSI reads a `struct kvm_msi`.
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_SIGNAL_MSI as _, &m) }
+        } else {
+            let mut m = rvmm::uapi::Msi {
+                address,
+                data,
+                flags: 0,
+            };
+            // SAFETY: RVMM_SIGNAL_MSI reads an `rvmm_msi`.
+            unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    rvmm::uapi::RVMM_SIGNAL_MSI as _,
+                    &mut m,
+                )
+            }
+        };
+        if r < 0 {
+            eprintln!(
+                "rvmm-run: interrupt message {address:#x}/{data:#x}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// rvmm: one vCPU of a VM; the VM owns the vCPU's run mapping, so every vCPU's backend
+/// keeps the VM alive.
 pub struct RvmmBackend {
     // Field order matters: the vCPU borrows the VM (see `new`).
     vcpu: rvmm::Vcpu<'static>,
-    _vm: Box<rvmm::Vm>,
+    _vm: Arc<rvmm::Vm>,
 }
 
+// SAFETY: a vCPU is used by one thread at a time (each backend is moved to the thread
+// that runs it); its run page pointer is only touched by that thread.
+unsafe impl Send for RvmmBackend {}
+
 impl RvmmBackend {
-    pub fn new(device: &str, mem: &GuestMem, pages: u32, roots: u32) -> Result<Self, String> {
-        let vm = Box::new(
+    /// A VM with `cpus` vCPUs (one backend each, vCPU 0 first); `apic`: with in-kernel
+    /// local APICs (`RVMM_CREATE_IRQCHIP`).
+    pub fn new(
+        device: &str,
+        mem: &GuestMem,
+        pages: u32,
+        roots: u32,
+        apic: bool,
+        cpus: u32,
+    ) -> Result<Vec<Self>, String> {
+        let vm = Arc::new(
             rvmm::Rvmm::open(device)
                 .map_err(|e| e.to_string())?
                 .create_vm()
@@ -52,11 +136,21 @@ impl RvmmBackend {
         // SAFETY: `mem` outlives the backend (main keeps it alive until the end).
         unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
             .map_err(|e| e.to_string())?;
-        // SAFETY: the VM is boxed and dropped after the vCPU (field order), so the
-        // reference stays valid for the vCPU's life.
-        let vm_ref: &'static rvmm::Vm = unsafe { &*(&*vm as *const rvmm::Vm) };
-        let vcpu = vm_ref.create_vcpu(0).map_err(|e| e.to_string())?;
-        Ok(Self { vcpu, _vm: vm })
+        if apic {
+            vm.create_irqchip().map_err(|e| e.to_string())?;
+        }
+        // SAFETY: the VM is reference-counted and each backend drops its reference after
+        // its vCPU (field order), so the reference stays valid for the vCPU's life.
+        let vm_ref: &'static rvmm::Vm = unsafe { &*Arc::as_ptr(&vm) };
+        (0..cpus)
+            .map(|i| {
+                let vcpu = vm_ref.create_vcpu(i).map_err(|e| e.to_string())?;
+                Ok(Self {
+                    vcpu,
+                    _vm: vm.clone(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -120,17 +214,25 @@ impl Backend for RvmmBackend {
         v.push(("pool_resets".into(), s.pool_resets));
         v.push(("mmio_fast".into(), s.mmio_fast));
         v.push(("pt_emulated".into(), s.pt_emulated));
+        v.push(("apic_injections".into(), s.apic_injections));
+        v.push(("apic_timer_irqs".into(), s.apic_timer_irqs));
+        v.push(("apic_messages".into(), s.apic_messages));
+        v.push(("apic_accesses".into(), s.apic_accesses));
+        v.push(("halt_sleeps".into(), s.halt_sleeps));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {
         &["exits", "exit:I/O_instruction", "user_exits"]
+    }
+    fn irq_sink(&self) -> Result<Arc<dyn IrqSink>, String> {
+        Ok(Arc::new(MsiFd::new(self._vm.as_raw_fd(), false)?))
     }
 }
 
 /// KVM, for running the same images on a host with /dev/kvm.
 pub struct KvmBackend {
     vcpu: kvm_ioctls::VcpuFd,
-    _vm: kvm_ioctls::VmFd,
+    _vm: Arc<kvm_ioctls::VmFd>,
     vm_stats: std::fs::File,
     vcpu_stats: std::fs::File,
 }
@@ -189,9 +291,20 @@ fn kvm_stats(f: &std::fs::File) -> Result<Vec<(String, u64)>, String> {
 }
 
 impl KvmBackend {
-    pub fn new(mem: &GuestMem) -> Result<Self, String> {
+    /// A VM with one vCPU; `apic`: with KVM's local APICs in the kernel and the other
+    /// interrupt controllers in rvmm-run (KVM_CAP_SPLIT_IRQCHIP), as rvmm has them.
+    pub fn new(mem: &GuestMem, apic: bool, cpus: u32) -> Result<Vec<Self>, String> {
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+        if apic {
+            let mut cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            cap.args[0] = 24;
+            vm.enable_cap(&cap)
+                .map_err(|e| format!("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP): {e}"))?;
+        }
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -202,30 +315,35 @@ impl KvmBackend {
         // SAFETY: `mem` outlives the VM (main keeps it alive until the end).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-        // KVM passes leaf 1's EBX through as the host CPU that answered had it: its APIC
-        // ID (bits 31:24) would vary with the CPU rvmm-run ran on. Give the vCPU APIC ID 0
-        // and one logical processor, as rvmm does.
-        for e in cpuid.as_mut_slice() {
-            if e.function == 1 {
-                e.ebx = (e.ebx & 0xffff) | (1 << 16);
+        let vm = Arc::new(vm);
+        let mut out = Vec::new();
+        for i in 0..cpus {
+            let vcpu = vm
+                .create_vcpu(i.into())
+                .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+            let mut cpuid = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+            // KVM passes leaf 1's EBX through as the host CPU that answered had it: its
+            // APIC ID (bits 31:24) would vary with the CPU rvmm-run ran on. Give vCPU i
+            // APIC ID i and one logical processor, as rvmm does.
+            for e in cpuid.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0xffff) | (1 << 16) | (i << 24);
+                }
             }
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+            let vm_stats = stats_fd(&*vm)?;
+            let vcpu_stats = stats_fd(&vcpu)?;
+            out.push(Self {
+                vcpu,
+                _vm: vm.clone(),
+                vm_stats,
+                vcpu_stats,
+            });
         }
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        let vm_stats = stats_fd(&vm)?;
-        let vcpu_stats = stats_fd(&vcpu)?;
-        Ok(Self {
-            vcpu,
-            _vm: vm,
-            vm_stats,
-            vcpu_stats,
-        })
+        Ok(out)
     }
 }
 
@@ -407,6 +525,16 @@ impl Backend for KvmBackend {
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {
         &["exits", "io_exits"]
+    }
+    fn irq_sink(&self) -> Result<Arc<dyn IrqSink>, String> {
+        Ok(Arc::new(MsiFd::new(self._vm.as_raw_fd(), true)?))
+    }
+    fn start_ap(&mut self) -> Result<(), String> {
+        self.vcpu
+            .set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(|e| format!("KVM_SET_MP_STATE: {e}"))
     }
     fn set_mmio_data(&mut self, value: u64) {
         let run = self.vcpu.get_kvm_run();

@@ -182,6 +182,8 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
             shadow_roots: 0,
             module: Vec::new(),
             initrd: None,
+            machine: Some(run::Machine::Bare),
+            cpus: 1,
         };
         let mut probe = Probe::default();
         let code = run::run_inner(device, &args, Some(&mut probe))?;

@@ -5,6 +5,7 @@
 mod backend;
 mod bench;
 mod multiboot;
+mod platform;
 mod run;
 
 use clap::{Parser, Subcommand};

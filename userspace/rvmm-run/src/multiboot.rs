@@ -172,13 +172,9 @@ pub fn load(
     if modules.len() > 32 {
         return Err("at most 32 multiboot modules".into());
     }
-    // Memory map: low RAM, the EBDA and BIOS area reserved, RAM from 1 MiB.
-    let map: [(u64, u64, u32); 4] = [
-        (0, 0x9_fc00, 1),
-        (0x9_fc00, 0x400, 2),
-        (0xf_0000, 0x1_0000, 2),
-        (0x10_0000, size - 0x10_0000, 1),
-    ];
+    // Memory map: the platform's e820 map (low RAM, the EBDA, the BIOS area with the
+    // ACPI tables, RAM from 1 MiB).
+    let map = crate::platform::e820(size);
     for (k, (base, len, kind)) in map.iter().enumerate() {
         let e = MMAP + 24 * k as u64;
         mem.write(e, &20u32.to_le_bytes())?;

@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rvmm::Exit;
 use vm_superio::{Serial, Trigger};
@@ -58,6 +60,27 @@ pub struct RunArgs {
     /// shadow_roots parameter).
     #[arg(long, default_value_t = 0)]
     pub shadow_roots: u32,
+    /// The machine: `pc` has local APICs (in the kernel), an I/O APIC, 8259 PICs, an
+    /// 8254 PIT, a CMOS RTC, ACPI tables (power-off ends the run with status 0), fw_cfg,
+    /// PCI configuration ports, COM1 on IRQ 4; a HLT with interrupts on waits for an
+    /// interrupt. `bare` has COM1 and the exit port only [default: pc for multiboot
+    /// images, bare otherwise].
+    #[arg(long, value_enum)]
+    pub machine: Option<Machine>,
+    /// vCPUs (1-8). With more than one (`--machine pc`), the MADT offers the ACPI 6.4
+    /// multiprocessor wake-up mailbox: the guest starts each AP there, directly in
+    /// 64-bit mode.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+}
+
+/// The platform around the guest's CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    /// A PC: interrupt controllers, timers, firmware tables.
+    Pc,
+    /// Serial port and exit port only.
+    Bare,
 }
 
 /// What a run hands to its observer (the benchmark driver).
@@ -69,13 +92,15 @@ pub trait Observer {
 }
 
 /// Where serial output goes: stdout, or the observer.
-struct SerialOut(Option<std::rc::Rc<std::cell::RefCell<Vec<u8>>>>);
+struct SerialOut(Option<Arc<Mutex<Vec<u8>>>>);
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &self.0 {
             Some(v) => {
-                v.borrow_mut().extend_from_slice(buf);
+                v.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(buf);
                 Ok(buf.len())
             }
             None => std::io::stdout().write(buf),
@@ -104,12 +129,215 @@ pub enum Mode {
     Protected,
 }
 
-struct NoIrq;
+/// The UART's interrupt output: noted here, raised on IRQ 4 after the access.
+struct SerialIrq(Arc<AtomicBool>);
 
-impl Trigger for NoIrq {
+impl Trigger for SerialIrq {
     type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// The devices every vCPU thread uses.
+struct Shared {
+    serial: Mutex<Serial<SerialIrq, vm_superio::serial::NoEvents, SerialOut>>,
+    serial_irq: Arc<AtomicBool>,
+    platform: Option<crate::platform::Platform>,
+}
+
+impl Shared {
+    fn raise_serial_irq(&self) {
+        if self.serial_irq.swap(false, Ordering::Relaxed) {
+            if let Some(p) = &self.platform {
+                p.with(|d| d.pulse_irq(4));
+            }
+        }
+    }
+
+    /// A port write; `Some` when it ends the run (exit port, ACPI power-off).
+    fn io_out(&self, port: u16, size: u8, data: u32) -> Option<ExitCode> {
+        match port {
+            COM1..=0x3ff => {
+                let _ = self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write((port - COM1) as u8, data as u8);
+                self.raise_serial_irq();
+            }
+            // isa-debug-exit: byte, word or dword writes; the status is (v << 1) | 1.
+            DEBUG_EXIT => return Some(ExitCode::from(((data as u8) << 1) | 1)),
+            _ => {
+                let r = self
+                    .platform
+                    .as_ref()
+                    .and_then(|p| p.io_out(port, size, data));
+                if r == Some(Some(crate::platform::Event::PowerOff)) {
+                    eprintln!("rvmm-run: the guest powered off (ACPI S5)");
+                    return Some(ExitCode::SUCCESS);
+                }
+            }
+        }
+        None
+    }
+
+    /// A port read (absent ports read as all ones).
+    fn io_in(&self, port: u16, size: u8) -> u32 {
+        if (COM1..COM1 + 8).contains(&port) {
+            let v = self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read((port - COM1) as u8)
+                .into();
+            self.raise_serial_irq();
+            return v;
+        }
+        self.platform
+            .as_ref()
+            .and_then(|p| p.io_in(port, size))
+            .unwrap_or(u32::MAX)
+    }
+
+    /// MMIO: the I/O APIC; elsewhere reads see all ones (an absent device) and writes
+    /// vanish. Returns the data of a read.
+    fn mmio(&self, addr: u64, is_write: bool, data: u64) -> Option<u64> {
+        let r = self
+            .platform
+            .as_ref()
+            .and_then(|p| p.mmio(addr, is_write.then_some(data as u32)));
+        (!is_write).then(|| r.map_or(u64::MAX, u64::from))
+    }
+}
+
+/// An exit that ends the run with an error status.
+fn fatal_exit(e: &Exit, backend: &str) -> ExitCode {
+    match e {
+        Exit::Shutdown => {
+            eprintln!("rvmm-run: the guest triple-faulted (shutdown)");
+            ExitCode::from(3)
+        }
+        Exit::FailEntry {
+            reason,
+            vmfail,
+            check,
+        } => {
+            eprintln!(
+                "rvmm-run: VM entry failed: {} {reason:#x}{}",
+                if *vmfail {
+                    "VM-instruction error"
+                } else {
+                    "exit reason"
+                },
+                if *check != 0 {
+                    format!(" (rvmm check {check}; see dmesg)")
+                } else {
+                    String::new()
+                }
+            );
+            ExitCode::from(4)
+        }
+        Exit::Internal { suberror, data } => {
+            eprintln!(
+                "rvmm-run: {backend} cannot handle an exit: suberror {suberror}, data {data:#x?}"
+            );
+            ExitCode::from(5)
+        }
+        Exit::Interrupted => {
+            eprintln!("rvmm-run: interrupted");
+            ExitCode::from(130)
+        }
+        e => {
+            eprintln!("rvmm-run: unexpected exit {e:?}");
+            ExitCode::from(5)
+        }
+    }
+}
+
+/// An AP: waits for the guest to wake it through the ACPI multiprocessor wake-up
+/// mailbox (ACPI 6.4 5.2.12.19), then enters the wake-up vector in long mode with the
+/// firmware's identity map, and runs until it halts with interrupts off. The exit port
+/// or an error on an AP ends the whole run.
+fn run_ap(
+    mut cpu: Box<dyn Backend>,
+    apic_id: u32,
+    shared: &Shared,
+    host: usize,
+    size: u64,
+    sregs: &rvmm::uapi::Sregs,
+) {
+    let mb = crate::platform::WAKEUP_MAILBOX;
+    if mb + 16 > size {
+        return;
+    }
+    // SAFETY: the mailbox lies in guest memory, which lives as long as the process
+    // (rvmm-run ends with the BSP's run, never freeing it under an AP); 2-, 4- and
+    // 8-byte aligned accesses of the fields are atomic, as the guest's are.
+    let (command, id, vector) = unsafe {
+        let base = (host + mb as usize) as *const u8;
+        (
+            &*(base as *const std::sync::atomic::AtomicU16),
+            &*(base.add(4) as *const std::sync::atomic::AtomicU32),
+            &*(base.add(8) as *const std::sync::atomic::AtomicU64),
+        )
+    };
+    loop {
+        if command.load(Ordering::Acquire) == 1 && id.load(Ordering::Acquire) == apic_id {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let regs = rvmm::uapi::Regs {
+        rip: vector.load(Ordering::Acquire),
+        rflags: 2,
+        ..Default::default()
+    };
+    let start = cpu
+        .start_ap()
+        .and_then(|_| cpu.set_sregs(sregs))
+        .and_then(|_| cpu.set_regs(&regs));
+    if let Err(e) = start {
+        eprintln!("rvmm-run: AP {apic_id}: {e}");
+        std::process::exit(2);
+    }
+    command.store(0, Ordering::Release);
+    loop {
+        let e = match cpu.run() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("rvmm-run: AP {apic_id}: {e}");
+                std::process::exit(2);
+            }
+        };
+        match e {
+            Exit::IoOut { port, size, data } => {
+                if let Some(code) = shared.io_out(port, size, data) {
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(i32::from(u8::from(code == ExitCode::SUCCESS) ^ 1));
+                }
+            }
+            Exit::IoIn { port, size } => cpu.set_io_in(shared.io_in(port, size)),
+            Exit::Mmio {
+                addr,
+                is_write,
+                data,
+                ..
+            } => {
+                if let Some(v) = shared.mmio(addr, is_write, data) {
+                    cpu.set_mmio_data(v);
+                }
+            }
+            Exit::IrqWindowOpen | Exit::Hypercall { .. } => {}
+            // Halted with interrupts off: this AP is done.
+            Exit::Hlt => return,
+            e => {
+                eprint!("rvmm-run: AP {apic_id}: ");
+                fatal_exit(&e, cpu.name());
+                std::process::exit(5);
+            }
+        }
     }
 }
 
@@ -286,32 +514,91 @@ pub fn run_inner(
         mem.write(CMDLINE + text.len() as u64, &[0])?;
         regs.rdi = CMDLINE;
     }
-    let mut cpu: Box<dyn Backend> = if args.kvm {
-        Box::new(KvmBackend::new(&mem)?)
+    let machine = args.machine.unwrap_or(if multiboot.is_some() {
+        Machine::Pc
     } else {
-        Box::new(RvmmBackend::new(
+        Machine::Bare
+    });
+    let pc = machine == Machine::Pc;
+    if !(1..=rvmm::uapi::RVMM_MAX_VCPUS).contains(&args.cpus) {
+        return Err(format!(
+            "--cpus {}: give 1 to {}",
+            args.cpus,
+            rvmm::uapi::RVMM_MAX_VCPUS
+        ));
+    }
+    if args.cpus > 1 && !pc {
+        return Err("--cpus above 1 needs --machine pc (APs start through its ACPI tables)".into());
+    }
+    if pc {
+        let mailbox = (args.cpus > 1).then_some(crate::platform::WAKEUP_MAILBOX);
+        let tables = crate::platform::Platform::acpi_tables(args.cpus, mailbox);
+        mem.write(crate::platform::ACPI_BASE.into(), &tables)?;
+        if args.cpus > 1 {
+            crate::platform::write_ap_firmware(&mut mem)?;
+        }
+    }
+    let mut cpus: Vec<Box<dyn Backend>> = if args.kvm {
+        KvmBackend::new(&mem, pc, args.cpus)?
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .collect()
+    } else {
+        RvmmBackend::new(
             device,
             &mem,
             args.shadow_pages,
             args.shadow_roots,
-        )?)
+            pc,
+            args.cpus,
+        )?
+        .into_iter()
+        .map(|b| Box::new(b) as Box<dyn Backend>)
+        .collect()
+    };
+    let mut cpu = cpus.remove(0);
+    let platform = if pc {
+        Some(crate::platform::Platform::new(
+            &crate::platform::Config {
+                mem: mem.size() as u64,
+                cpus: args.cpus,
+                cmdline: args.append.clone(),
+            },
+            cpu.irq_sink()?,
+        ))
+    } else {
+        None
     };
     cpu.set_sregs(&sregs)?;
     cpu.set_regs(&regs)?;
-    let capture = observer
-        .as_ref()
-        .map(|_| std::rc::Rc::new(std::cell::RefCell::new(Vec::new())));
-    let mut serial = Serial::new(NoIrq, SerialOut(capture.clone()));
+    let capture = observer.as_ref().map(|_| Arc::new(Mutex::new(Vec::new())));
+    let serial_irq = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        serial: Mutex::new(Serial::new(
+            SerialIrq(serial_irq.clone()),
+            SerialOut(capture.clone()),
+        )),
+        serial_irq,
+        platform,
+    });
+    // The APs: each waits for the guest's wake-up through the ACPI mailbox, then starts
+    // in long mode (the control and segment registers rvmm-run's long-mode entry uses,
+    // on the firmware's page tables and GDT).
+    let mut ap_sregs = {
+        let mut scratch = GuestMem::new(1 << 20).map_err(|e| format!("scratch memory: {e}"))?;
+        machine::setup(&mut scratch, machine::EntryMode::Long, 0, 0)?.1
+    };
+    crate::platform::ap_long_mode(&mut ap_sregs);
+    for (i, ap) in cpus.into_iter().enumerate() {
+        let shared = shared.clone();
+        let (host, size) = (mem.host_addr() as usize, mem.size() as u64);
+        std::thread::Builder::new()
+            .name(format!("rvmm-ap{}", i + 1))
+            .spawn(move || run_ap(ap, i as u32 + 1, &shared, host, size, &ap_sregs))
+            .map_err(|e| format!("AP thread: {e}"))?;
+    }
     let code = loop {
         match cpu.run()? {
-            Exit::IoOut { port, data, .. } if (COM1..COM1 + 8).contains(&port) => {
-                let _ = serial.write((port - COM1) as u8, data as u8);
-                if let (Some(o), Some(c)) = (observer.as_deref_mut(), &capture) {
-                    for b in c.borrow_mut().drain(..) {
-                        o.serial(b);
-                    }
-                }
-            }
             Exit::IoOut {
                 port: BENCH_MARK,
                 data,
@@ -321,69 +608,38 @@ pub fn run_inner(
                     o.mark(cpu.as_mut(), data)?;
                 }
             }
-            Exit::IoOut {
-                port: DEBUG_EXIT,
+            Exit::IoOut { port, size, data } => {
+                let end = shared.io_out(port, size, data);
+                if let (Some(o), Some(c)) = (observer.as_deref_mut(), &capture) {
+                    for b in c.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                        o.serial(b);
+                    }
+                }
+                if let Some(code) = end {
+                    break code;
+                }
+            }
+            Exit::IoIn { port, size } => cpu.set_io_in(shared.io_in(port, size)),
+            Exit::Mmio {
+                addr,
+                is_write,
                 data,
                 ..
-            } => break ExitCode::from(((data as u8) << 1) | 1),
-            Exit::IoOut { .. } => {}
-            Exit::IoIn { port, .. } => {
-                let v = if (COM1..COM1 + 8).contains(&port) {
-                    serial.read((port - COM1) as u8)
-                } else {
-                    0xff
-                };
-                cpu.set_io_in(v.into());
+            } => {
+                if let Some(v) = shared.mmio(addr, is_write, data) {
+                    cpu.set_mmio_data(v);
+                }
             }
-            // No MMIO devices yet: reads see all ones (an absent device), writes vanish.
-            Exit::Mmio {
-                is_write: false, ..
-            } => cpu.set_mmio_data(u64::MAX),
-            Exit::Mmio { .. } => {}
             Exit::IrqWindowOpen => {}
             Exit::Hlt => {
                 eprintln!("rvmm-run: the guest halted");
                 break ExitCode::SUCCESS;
             }
-            Exit::Shutdown => {
-                eprintln!("rvmm-run: the guest triple-faulted (shutdown)");
-                break ExitCode::from(3);
-            }
-            Exit::FailEntry {
-                reason,
-                vmfail,
-                check,
-            } => {
-                eprintln!(
-                    "rvmm-run: VM entry failed: {} {reason:#x}{}",
-                    if vmfail {
-                        "VM-instruction error"
-                    } else {
-                        "exit reason"
-                    },
-                    if check != 0 {
-                        format!(" (rvmm check {check}; see dmesg)")
-                    } else {
-                        String::new()
-                    }
-                );
-                break ExitCode::from(4);
-            }
-            Exit::Internal { suberror, data } => {
-                eprintln!(
-                    "rvmm-run: {} cannot handle an exit: suberror {suberror}, data {data:#x?}",
-                    cpu.name()
-                );
-                break ExitCode::from(5);
-            }
-            Exit::Interrupted => {
-                eprintln!("rvmm-run: interrupted");
-                break ExitCode::from(130);
-            }
             Exit::Hypercall { nr, .. } => {
                 eprintln!("rvmm-run: hypercall {nr} is not implemented; returning -1");
             }
             Exit::Other(r) => return Err(format!("unexpected exit reason {r}")),
+            e => break fatal_exit(&e, cpu.name()),
         }
     };
     let _ = std::io::stdout().flush();
@@ -436,6 +692,13 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         s.mmio_exits,
         s.mmio_fast
     );
+    if s.apic_accesses + s.apic_messages + s.apic_injections + s.halt_sleeps != 0 {
+        eprintln!(
+            "rvmm-run: apic: interrupts injected {}, timer interrupts {}, IPIs/MSIs delivered {}, \
+             register accesses {}, HLT sleeps {}",
+            s.apic_injections, s.apic_timer_irqs, s.apic_messages, s.apic_accesses, s.halt_sleeps
+        );
+    }
 }
 
 /// The architectural state a run ends in, on one line: the general registers, RIP,

@@ -264,6 +264,31 @@ impl Vm {
         Ok(())
     }
 
+    /// Gives every vCPU created from now on an in-kernel local APIC
+    /// (`RVMM_CREATE_IRQCHIP`): xAPIC page, x2APIC MSRs, timer, IPIs; a HLT with
+    /// interrupts on then waits in the kernel. Before the first vCPU (EBUSY after).
+    pub fn create_irqchip(&self) -> Result<()> {
+        ioctl_ptr(
+            &self.file,
+            "RVMM_CREATE_IRQCHIP",
+            uapi::RVMM_CREATE_IRQCHIP,
+            std::ptr::null_mut::<u8>(),
+        )?;
+        Ok(())
+    }
+
+    /// Sends an interrupt message (MSI format) to the VM's local APICs; returns how
+    /// many took it.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<u32> {
+        let mut m = uapi::Msi {
+            address,
+            data,
+            flags: 0,
+        };
+        let n = ioctl_ptr(&self.file, "RVMM_SIGNAL_MSI", uapi::RVMM_SIGNAL_MSI, &mut m)?;
+        Ok(n as u32)
+    }
+
     /// Counters summed over the VM's vCPUs.
     pub fn stats(&self) -> Result<uapi::VmStats> {
         let mut s = uapi::VmStats::default();

@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A vCPU's side of its in-kernel local APIC (`rvmm_core::apic::Apic`): merging what
+//! was posted to its mailbox, the timer (the VMX-preemption timer ends guest execution
+//! at the APIC timer's deadline; a halted vCPU sleeps on an hrtimer until it), injection
+//! on VM entry, HLT, and the xAPIC page / x2APIC MSR accesses. Everything here runs with
+//! the vCPU's lock held; nothing allocates.
+
+use rvmm_core::apic::{Effect, Trigger};
+use rvmm_core::exit::intr;
+use x86::vmx::vmcs::{control, guest};
+
+use super::{vmr, vmw, Next, VcpuInner};
+use crate::ffi::*;
+
+/// The host's TSC.
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+impl VcpuInner {
+    /// The guest's TSC now.
+    pub(super) fn guest_tsc(&self) -> u64 {
+        rdtsc().wrapping_add(self.tsc_offset)
+    }
+
+    /// Moves what other vCPUs and devices posted into the APIC, and raises the timer's
+    /// interrupt if it is due.
+    pub(super) fn apic_collect(&mut self) {
+        let now = self.guest_tsc();
+        let (Some(apic), Some(irq)) = (self.apic.as_mut(), self.irq.as_ref()) else {
+            return;
+        };
+        if let Some(p) = irq.mailbox(self.vcpu_id).take() {
+            for (i, &(edge, level)) in p.vectors.iter().enumerate() {
+                for (bits, trigger) in [(edge, Trigger::Edge), (level, Trigger::Level)] {
+                    let mut b = bits;
+                    while b != 0 {
+                        let v = (i * 64) as u32 + b.trailing_zeros();
+                        b &= b - 1;
+                        apic.accept(v as u8, trigger);
+                    }
+                }
+            }
+            self.pending_nmi |= p.nmi;
+            // The PIC's output reaches the CPU through LINT0 in ExtINT mode, or directly
+            // while the APIC is disabled (virtual wire).
+            if let Some(v) = p.extint {
+                let lint0 = apic.lint(0);
+                if !apic.hw_enabled() || (lint0 & (1 << 16) == 0 && (lint0 >> 8) & 7 == 7) {
+                    self.pending_extint = Some(v);
+                }
+            }
+        }
+        apic.tick(now);
+    }
+
+    /// Before an entry (VMCS current, nothing else queued): inject the APIC's NMI or
+    /// highest deliverable vector if the guest can take it now, else ask for an
+    /// interrupt-window exit; cut the preemption timer to the APIC timer's deadline.
+    pub(super) fn apic_inject(&mut self) {
+        self.apic_collect();
+        let Some(pending) = self.apic.as_ref().map(|a| a.pending()) else {
+            return;
+        };
+        let slot_free = vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
+        if slot_free && self.pending_irq.is_none() && self.pending_exception.is_none() {
+            let istate = vmr(guest::INTERRUPTIBILITY_STATE);
+            if self.pending_nmi && istate & 0xa == 0 {
+                // No blocking by NMI or MOV SS.
+                vmw(
+                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                    u64::from(intr::VALID | intr::TYPE_NMI | 2),
+                );
+                self.pending_nmi = false;
+            } else if let Some(v) = self.pending_extint {
+                // From the 8259 (acknowledged there): no IRR/ISR of the APIC, no TPR.
+                if vmr(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
+                    vmw(
+                        control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                        u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
+                    );
+                    self.pending_extint = None;
+                    self.stats.apic_injections += 1;
+                } else {
+                    self.set_window_exiting(true);
+                }
+            } else if let Some(v) = pending {
+                if vmr(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
+                    if let Some(a) = self.apic.as_mut() {
+                        a.ack(v);
+                    }
+                    vmw(
+                        control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                        u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
+                    );
+                    self.stats.apic_injections += 1;
+                } else {
+                    self.set_window_exiting(true);
+                }
+            }
+        }
+        self.program_preemption_timer();
+    }
+
+    /// The VMX-preemption timer ends guest execution at the APIC timer's deadline (or
+    /// after the usual quantum, whichever is first).
+    fn program_preemption_timer(&mut self) {
+        if self.preemption_quantum == 0 {
+            return;
+        }
+        let deadline = self.apic.as_ref().and_then(|a| a.timer_deadline());
+        match deadline {
+            Some(d) => {
+                let left = d.saturating_sub(self.guest_tsc()) >> self.preemption_shift;
+                vmw(
+                    guest::VMX_PREEMPTION_TIMER_VALUE,
+                    left.min(self.preemption_quantum),
+                );
+                self.preemption_short = true;
+            }
+            None if self.preemption_short => {
+                vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
+                self.preemption_short = false;
+            }
+            None => {}
+        }
+    }
+
+    /// Whether an interrupt (or NMI) waits that would end a HLT.
+    fn wakeup_due(&self) -> bool {
+        self.pending_nmi
+            || self.pending_extint.is_some()
+            || self.pending_irq.is_some()
+            || self.apic.as_ref().is_some_and(|a| a.pending().is_some())
+    }
+
+    /// HLT (RIP already past it). Without an APIC, or with interrupts off (only an NMI
+    /// or INIT could end it: rvmm reports that HLT to userspace, as before), userspace
+    /// sees the exit; else the vCPU sleeps in the host until an interrupt is due.
+    pub(super) fn hlt(&mut self, run: *mut rvmm_uapi::Run) -> Next {
+        if self.apic.is_none() || vmr(guest::RFLAGS) & (1 << 9) == 0 {
+            // SAFETY: our run page.
+            unsafe { (*run).exit_reason = rvmm_uapi::RVMM_EXIT_HLT };
+            return Next::User;
+        }
+        self.apic_collect();
+        if self.wakeup_due() {
+            return Next::Fast;
+        }
+        self.halted = true;
+        Next::Host
+    }
+
+    /// Sleeps (interrupts on, outside any run section) until an interrupt is due for
+    /// the halted guest; `Err` on a signal (the vCPU stays halted).
+    pub(super) fn halt_wait(&mut self) -> Result<(), ()> {
+        let Some(w) = self.irq.as_ref().map(|i| i.mailbox(self.vcpu_id).waiter()) else {
+            self.halted = false;
+            return Ok(());
+        };
+        self.stats.halt_sleeps += 1;
+        loop {
+            // SAFETY: the waiter lives as long as the VM's irqchip, which we hold.
+            unsafe { rvmm_waiter_arm(w) };
+            self.apic_collect();
+            if self.wakeup_due() {
+                self.halted = false;
+                return Ok(());
+            }
+            let timeout = match self.apic.as_ref().and_then(|a| a.timer_deadline()) {
+                Some(d) => ticks_to_ns(d.saturating_sub(self.guest_tsc())),
+                None => -1,
+            };
+            // SAFETY: as above; we hold no spinlock and interrupts are on.
+            if unsafe { rvmm_waiter_sleep(w, timeout) } != 0 {
+                return Err(());
+            }
+        }
+    }
+
+    /// Carries out what an APIC register write asks for.
+    pub(super) fn apic_effect(&mut self, e: Effect) {
+        match e {
+            Effect::None => {}
+            Effect::Send(ipi) => {
+                if let Some(irq) = self.irq.as_ref() {
+                    irq.deliver(&ipi, Some(self.vcpu_id));
+                }
+            }
+            // Level-triggered interrupts come from userspace's I/O APIC, which rvmm
+            // does not tell about EOIs yet: nothing to do.
+            Effect::LevelEoi(_) => {}
+        }
+        self.apic_publish();
+    }
+
+    /// Publishes the APIC's addressing state for senders.
+    pub(super) fn apic_publish(&self) {
+        if let (Some(a), Some(irq)) = (self.apic.as_ref(), self.irq.as_ref()) {
+            irq.mailbox(self.vcpu_id).publish(&a.addressing());
+        }
+    }
+
+    /// An access to guest-physical `gpa` in the xAPIC page; `Some(value)` for a read.
+    pub(super) fn apic_mmio(&mut self, gpa: u64, len: u8, write: Option<u64>) -> Option<u64> {
+        let now = self.guest_tsc();
+        let apic = self.apic.as_mut()?;
+        self.stats.apic_accesses += 1;
+        let off = (gpa & 0xfff) as u32;
+        match write {
+            Some(v) => {
+                let e = apic.mmio_write(off, len, v, now);
+                self.apic_effect(e);
+                None
+            }
+            None => Some(apic.mmio_read(off, len, now)),
+        }
+    }
+
+    /// The xAPIC page's base, if the guest's APIC is in xAPIC mode.
+    pub(super) fn apic_page(&self) -> Option<u64> {
+        self.apic.as_ref().and_then(|a| a.mmio_base())
+    }
+}
+
+/// TSC ticks to nanoseconds (capped at an hour: the caller sleeps again after).
+fn ticks_to_ns(ticks: u64) -> i64 {
+    // SAFETY: reads a kernel variable.
+    let khz = u64::from(unsafe { rvmm_tsc_khz() }).max(1);
+    let cap = 3_600_000_000_000u64;
+    let ns = if ticks > u64::MAX / 1_000_000 {
+        cap
+    } else {
+        (ticks * 1_000_000 / khz).min(cap)
+    };
+    ns as i64
+}
