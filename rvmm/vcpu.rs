@@ -189,6 +189,11 @@ pub(crate) struct VcpuInner {
     pending_extint: Option<u8>,
     /// The VMCS's TSC offset (guest TSC = host TSC + offset).
     tsc_offset: u64,
+    /// CR4 bits the guest may set: those of the features its CPUID shows.
+    cr4_allowed: u64,
+    /// The host's highest basic CPUID leaf, and its TSC frequency (kHz).
+    host_max_basic: u32,
+    tsc_khz: u32,
     /// An external interrupt userspace queued (RVMM_INTERRUPT), waiting for the guest to
     /// be interruptible.
     pending_irq: Option<u8>,
@@ -417,6 +422,10 @@ impl Vcpu {
             pending_nmi: false,
             pending_extint: None,
             tsc_offset: 0,
+            cr4_allowed: 0,
+            host_max_basic: core::arch::x86_64::__cpuid(0).eax,
+            // SAFETY: reads a kernel variable.
+            tsc_khz: unsafe { rvmm_tsc_khz() },
             pending_irq: None,
             pending_exception: None,
             cpuid: KVec::new(),
@@ -464,6 +473,15 @@ impl Vcpu {
         )?;
         {
             let mut g = vcpu.inner.lock();
+            let cfg = g.cpuid_config();
+            let host = |l: u32| {
+                let r = core::arch::x86_64::__cpuid_count(l, 0);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            };
+            g.cr4_allowed = rvmm_core::cpuid::cr4_allowed(
+                rvmm_core::cpuid::guest(1, 0, host(1), &cfg),
+                rvmm_core::cpuid::guest(7, 0, host(7), &cfg),
+            );
             g.init_vmcs()?;
             if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
                 irq.add_vcpu(id, &apic.addressing())?;

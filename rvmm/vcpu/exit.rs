@@ -23,9 +23,6 @@ use super::{vmr, vmw, Next, Pending, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 
-/// CPUID leaf "time stamp counter and nominal core crystal clock".
-const CPUID_TSC_LEAF: u32 = 0x15;
-
 /// The host's TSC.
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
@@ -184,6 +181,13 @@ impl VcpuInner {
                 (vec, error_code)
             };
         let mut info = intr::VALID | intr::TYPE_HW_EXCEPTION | u32::from(vec);
+        // A fault pushes RFLAGS with RF set (SDM 6.13, 18.3.1.1), so that the faulting
+        // instruction, restarted by IRET, does not trigger its instruction breakpoint
+        // again; the processor does that for what it delivers itself, rvmm for what
+        // it injects.
+        if vector::is_fault(vec) {
+            vmw(guest::RFLAGS, vmr(guest::RFLAGS) | (1 << 16));
+        }
         if let Some(ec) = error_code.filter(|_| vector::has_error_code(vec)) {
             info |= intr::HAS_ERROR_CODE;
             vmw(control::VMENTRY_EXCEPTION_ERR_CODE, ec.into());
@@ -734,75 +738,12 @@ impl VcpuInner {
     fn cpuid(&mut self) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
-        let (mut a, mut b, mut c, mut d) = (r.eax, r.ebx, r.ecx, r.edx);
-        // With an APIC, leaf 0x15 tells its timer's clock: basic leaves reach it at least.
-        if self.apic.is_some() && leaf <= CPUID_TSC_LEAF {
-            let host_max = core::arch::x86_64::__cpuid(0).eax;
-            if leaf == 0 {
-                a = a.max(CPUID_TSC_LEAF);
-            } else if leaf > host_max || leaf == CPUID_TSC_LEAF {
-                (a, b, c, d) = (0, 0, 0, 0);
-            }
-            if leaf == CPUID_TSC_LEAF {
-                // TSC / crystal = 1 / 1; the crystal (the APIC timer's input) in Hz.
-                // SAFETY: reads a kernel variable.
-                (a, b, c) = (1, 1, unsafe { rvmm_tsc_khz() }.saturating_mul(1000));
-            }
-        }
-        match leaf {
-            1 => {
-                // Hide VMX, SMX, x2APIC, TSC deadline, PCID, MONITOR; XSAVE and AVX only
-                // where rvmm switches their state; OSXSAVE is the guest's CR4 bit; say
-                // "hypervisor".
-                c &= !((1 << 5) | (1 << 6) | (1 << 21) | (1 << 24) | (1 << 3) | (1 << 27));
-                // PCID is the shadow MMU's business (the real CR3 has none): always.
-                c |= 1 << 17;
-                if !self.xsave {
-                    c &= !((1 << 26) | (1 << 28));
-                } else if self.cr4 & (1 << 18) != 0 {
-                    c |= 1 << 27;
-                }
-                c |= 1 << 31;
-                b = (b & 0x00ff_ffff) & !(0xff << 16) | (1 << 16);
-                if self.apic.is_some() {
-                    // APIC, x2APIC, TSC-deadline timer; the initial APIC ID.
-                    d |= 1 << 9;
-                    c |= (1 << 21) | (1 << 24);
-                    b |= self.vcpu_id << 24;
-                } else {
-                    d &= !(1 << 9);
-                }
-            }
-            0xd if self.xsave => {
-                // x87, SSE and AVX in the standard format; no XSAVEOPT/XSAVEC/XSAVES.
-                let enabled_size = if self.xcr0 & 4 != 0 { 832 } else { 576 };
-                (a, b, c, d) = match sub {
-                    0 => (super::GUEST_XCR0_SUPPORTED as u32, enabled_size, 832, 0),
-                    2 => (256, 576, 0, 0),
-                    _ => (0, 0, 0, 0),
-                };
-            }
-            7 if sub == 0 => {
-                // FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
-                b &= (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20);
-                // INVPCID where it exits to us.
-                if self.invpcid {
-                    b |= 1 << 10;
-                }
-                c = 0;
-                d = 0;
-            }
-            5 | 6 | 0xa | 0xb | 0xd | 0x1f => (a, b, c, d) = (0, 0, 0, 0),
-            0x4000_0000 => {
-                // "rvmmrvmmrvmm"
-                a = 0x4000_0000;
-                b = u32::from_le_bytes(*b"rvmm");
-                c = b;
-                d = b;
-            }
-            0x8000_0001 => d &= !(1 << 27), // RDTSCP is not enabled
-            _ => {}
-        }
+        let [mut a, mut b, mut c, mut d] = rvmm_core::cpuid::guest(
+            leaf,
+            sub,
+            [r.eax, r.ebx, r.ecx, r.edx],
+            &self.cpuid_config(),
+        );
         // Entries userspace set win; VMX stays hidden (rvmm does not nest).
         let found = self.cpuid.iter().find(|e| {
             e.function == leaf
@@ -820,6 +761,21 @@ impl VcpuInner {
         self.gprs.rdx = d.into();
         self.skip_instruction();
         Next::Fast
+    }
+
+    /// What the guest's CPUID shows beyond the host's bits.
+    pub(super) fn cpuid_config(&self) -> rvmm_core::cpuid::Config {
+        rvmm_core::cpuid::Config {
+            xsave: self.xsave,
+            osxsave: self.cr4 & (1 << 18) != 0,
+            xcr0: self.xcr0,
+            xcr0_supported: super::GUEST_XCR0_SUPPORTED,
+            apic: self.apic.is_some(),
+            apic_id: self.vcpu_id,
+            invpcid: self.invpcid,
+            tsc_khz: self.tsc_khz,
+            host_max_basic: self.host_max_basic,
+        }
     }
 
     fn vmcall(&mut self, run: *mut uapi::Run) -> Next {
@@ -871,7 +827,7 @@ impl VcpuInner {
                 let v = width(self.gpr(gpr));
                 // PCIDE: only in IA-32e mode with CR3[11:0] = 0 (SDM 4.10.1).
                 let pcide_on = v & CR4_PCIDE != 0 && self.cr4 & CR4_PCIDE == 0;
-                let bad = v & !rvmm_core::guest_state::CR4_ALLOWED != 0
+                let bad = v & !(rvmm_core::guest_state::CR4_ALLOWED & self.cr4_allowed) != 0
                     || (pcide_on && (!long || self.cr3 & 0xfff != 0))
                     || (v & (1 << 18) != 0 && !self.xsave)
                     || (long && v & CR4_PAE == 0);

@@ -107,6 +107,7 @@ fn main() {
             vm_tests::multiboot_timer_100_interrupts,
         );
         suite.add("smp_acpi_wakeup_mailbox", vm_tests::smp_acpi_wakeup_mailbox);
+        suite.add("consistent_cpu", vm_tests::consistent_cpu);
         suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(
             "multiboot_modules_and_cmdline",

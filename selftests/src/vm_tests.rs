@@ -1314,3 +1314,28 @@ pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
         format!("KVM ept=0 gave {kvm:?}, rvmm {rvmm:?}")
     })
 }
+
+/// A consistent virtual CPU: consist64 checks that CPUID hides what rvmm does not
+/// virtualize, that CR4 bits of hidden features #GP, that VMXON/MONITOR/RDTSCP #UD and
+/// unknown MSRs #GP, each with RFLAGS.RF set in the frame the guest's handler sees; it
+/// ends with a word-sized write to the exit port.
+pub fn consistent_cpu(_: &Ctx) -> Outcome {
+    let out = Command::new("rvmm-run")
+        .arg(Path::new(GUESTS).join("consist64.bin"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for l in stdout.lines() {
+        crate::ktap::diag(l);
+    }
+    check(
+        out.status.code() == Some(0x5b) && stdout.contains("consist64: all ok"),
+        || {
+            format!(
+                "status {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        },
+    )
+}

@@ -399,6 +399,14 @@ pub mod vector {
     /// #MC.
     pub const MC: u8 = 18;
 
+    /// Faults (SDM Table 6-1): the saved RIP points at the faulting instruction.
+    pub const fn is_fault(v: u8) -> bool {
+        // #DE #BR #UD #NM #TS #NP #SS #GP #PF #MF #AC #XM #VE #CP; #DB, #BP and #OF are
+        // traps (an instruction-breakpoint #DB is a fault, but rvmm injects no #DB),
+        // #DF and #MC aborts.
+        matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21)
+    }
+
     /// Exceptions that push an error code (SDM 6.15).
     pub const fn has_error_code(v: u8) -> bool {
         matches!(v, DF | TS | NP | SS | GP | PF | AC)

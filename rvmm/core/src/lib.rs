@@ -11,6 +11,7 @@
 
 pub mod apic;
 pub mod caps;
+pub mod cpuid;
 pub mod emulate;
 pub mod exit;
 pub mod guest_state;

@@ -610,7 +610,7 @@ pub fn run_inner(
             }
             Exit::IoOut { port, size, data } => {
                 let end = shared.io_out(port, size, data);
-                if let (Some(o), Some(c)) = (observer.as_deref_mut(), &capture) {
+                if let (Some(o), Some(c), COM1) = (observer.as_deref_mut(), &capture, port) {
                     for b in c.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
                         o.serial(b);
                     }

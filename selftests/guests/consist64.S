@@ -1,0 +1,195 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * A consistent virtual CPU (a flat binary at 0x100000 in long mode): what CPUID hides
+ * the guest cannot turn on, and the exceptions that belong to the guest reach its own
+ * handlers with the right vector, error code and RFLAGS.RF (set for faults, SDM 6.13).
+ *   - CPUID.1 hides VMX, MONITOR, MCE, MTRR, MCA and shows "hypervisor";
+ *     CPUID.7 hides UMIP and PKU.
+ *   - CR4 bits of hidden features (VMXE, UMIP, MCE, PKE) and LA57: #GP(0).
+ *   - VMXON, MONITOR, RDTSCP: #UD; RDMSR of IA32_MCG_CAP, WRMSR of an unknown MSR: #GP(0).
+ * Each check prints a line; the guest ends with a word-sized OUT to the exit port:
+ * 0x2d if all passed, 1 if not.
+ */
+	.intel_syntax noprefix
+	.code64
+	.text
+	.globl _start
+	.set IDT, 0x300000
+_start:
+	/* #UD (6) and #GP (13) handlers. */
+	lea	rax, [rip + ud_handler]
+	mov	rdi, IDT + 6 * 16
+	call	set_gate
+	lea	rax, [rip + gp_handler]
+	mov	rdi, IDT + 13 * 16
+	call	set_gate
+	lea	rax, [rip + idtr]
+	lidt	[rax]
+
+	lea	rsi, [rip + s_cpuid1]
+	mov	eax, 1
+	cpuid
+	test	ecx, (1 << 5) | (1 << 3)
+	jnz	fail
+	test	edx, (1 << 7) | (1 << 12) | (1 << 14)
+	jnz	fail
+	bt	ecx, 31
+	jnc	fail
+	call	ok
+	lea	rsi, [rip + s_cpuid7]
+	mov	eax, 7
+	xor	ecx, ecx
+	cpuid
+	test	ecx, (1 << 2) | (1 << 3)
+	jnz	fail
+	call	ok
+
+	/* CR4 bits: each write must #GP(0) with RF set in the pushed RFLAGS. */
+	.irp	bit, 13, 11, 6, 22, 12
+	lea	rsi, [rip + s_cr4_\bit]
+	mov	rax, cr4
+	bts	rax, \bit
+	mov	r12, 3			/* mov cr4, rax: 0f 22 e0 */
+	mov	byte ptr [rip + got], 0xff
+	mov	cr4, rax
+	call	want_gp0
+	.endr
+
+	lea	rsi, [rip + s_vmxon]
+	mov	r12, 5			/* vmxon [rsp]: f3 0f c7 34 24 */
+	mov	byte ptr [rip + got], 0xff
+	vmxon	[rsp]
+	call	want_ud
+	lea	rsi, [rip + s_monitor]
+	mov	r12, 3
+	mov	byte ptr [rip + got], 0xff
+	xor	ecx, ecx
+	xor	edx, edx
+	lea	rax, [rip + got]
+	monitor
+	call	want_ud
+	lea	rsi, [rip + s_rdtscp]
+	mov	r12, 3
+	mov	byte ptr [rip + got], 0xff
+	rdtscp
+	call	want_ud
+	lea	rsi, [rip + s_mcg]
+	mov	r12, 2
+	mov	byte ptr [rip + got], 0xff
+	mov	ecx, 0x179
+	rdmsr
+	call	want_gp0
+	lea	rsi, [rip + s_wrmsr]
+	mov	r12, 2
+	mov	byte ptr [rip + got], 0xff
+	mov	ecx, 0x1234
+	xor	eax, eax
+	xor	edx, edx
+	wrmsr
+	call	want_gp0
+
+	cmp	dword ptr [rip + fails], 0
+	jne	1f
+	lea	rsi, [rip + s_allok]
+	call	puts
+	mov	dx, 0xf4
+	mov	ax, 0x2d
+	out	dx, ax
+	hlt
+1:	mov	dx, 0xf4
+	mov	ax, 1
+	out	dx, ax
+	hlt
+
+want_gp0:
+	cmp	byte ptr [rip + got], 13
+	jne	fail
+	cmp	qword ptr [rip + got_ec], 0
+	jne	fail
+	jmp	want_rf
+want_ud:
+	cmp	byte ptr [rip + got], 6
+	jne	fail
+want_rf:
+	bt	qword ptr [rip + got_rflags], 16
+	jnc	fail
+ok:
+	call	puts
+	push	rsi
+	lea	rsi, [rip + s_ok]
+	call	puts
+	pop	rsi
+	ret
+fail:
+	call	puts
+	push	rsi
+	lea	rsi, [rip + s_fail]
+	call	puts
+	pop	rsi
+	inc	dword ptr [rip + fails]
+	ret
+
+/* The handlers note the vector, error code and saved RFLAGS, and skip r12 bytes. */
+gp_handler:
+	mov	byte ptr [rip + got], 13
+	pop	qword ptr [rip + got_ec]
+	jmp	1f
+ud_handler:
+	mov	byte ptr [rip + got], 6
+	mov	qword ptr [rip + got_ec], -1
+1:	push	rax
+	mov	rax, [rsp + 24]		/* RFLAGS: rax, RIP, CS, RFLAGS */
+	mov	[rip + got_rflags], rax
+	add	[rsp + 8], r12
+	pop	rax
+	iretq
+
+set_gate:
+	mov	word ptr [rdi], ax
+	mov	word ptr [rdi + 2], 0x8
+	mov	word ptr [rdi + 4], 0x8e00
+	shr	rax, 16
+	mov	word ptr [rdi + 6], ax
+	shr	rax, 16
+	mov	dword ptr [rdi + 8], eax
+	mov	dword ptr [rdi + 12], 0
+	ret
+
+puts:
+	push	rsi
+	push	rax
+	push	rdx
+	mov	dx, 0x3f8
+1:	lodsb
+	test	al, al
+	jz	2f
+	out	dx, al
+	jmp	1b
+2:	pop	rdx
+	pop	rax
+	pop	rsi
+	ret
+
+	.data
+	.balign	8
+idtr:	.word	256 * 16 - 1
+	.quad	IDT
+got_ec:	.quad	0
+got_rflags: .quad 0
+fails:	.long	0
+got:	.byte	0
+s_cpuid1: .asciz "cpuid.1 hides vmx monitor mce mtrr mca, shows hypervisor"
+s_cpuid7: .asciz "cpuid.7 hides umip pku"
+s_cr4_13: .asciz "cr4.vmxe: #gp(0), rf"
+s_cr4_11: .asciz "cr4.umip: #gp(0), rf"
+s_cr4_6: .asciz	"cr4.mce: #gp(0), rf"
+s_cr4_22: .asciz "cr4.pke: #gp(0), rf"
+s_cr4_12: .asciz "cr4.la57: #gp(0), rf"
+s_vmxon: .asciz	"vmxon: #ud, rf"
+s_monitor: .asciz "monitor: #ud, rf"
+s_rdtscp: .asciz "rdtscp: #ud, rf"
+s_mcg:	.asciz	"rdmsr mcg_cap: #gp(0), rf"
+s_wrmsr: .asciz	"wrmsr 0x1234: #gp(0), rf"
+s_ok:	.asciz	" ok\n"
+s_fail:	.asciz	" FAIL\n"
+s_allok: .asciz	"consist64: all ok\n"
