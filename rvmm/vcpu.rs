@@ -189,8 +189,20 @@ pub(crate) struct VcpuInner {
     pending_extint: Option<u8>,
     /// The VMCS's TSC offset (guest TSC = host TSC + offset).
     tsc_offset: u64,
+    /// The virtual-APIC page of the CPU's TPR shadow (where VMX has it and the vCPU has
+    /// an APIC): the guest's MOV CR8 reads and writes its byte 0x80 without exits.
+    vapic: Option<Page>,
+    /// The address of its VTPR byte in the direct map (0: no TPR shadow).
+    vapic_tpr: usize,
     /// CR4 bits the guest may set: those of the features its CPUID shows.
     cr4_allowed: u64,
+    /// The guest's CPUID configuration (what does not change while it runs).
+    cpuid_cfg: rvmm_core::cpuid::Config,
+    /// The guest's answers for the basic and extended leaves that have no subleaves
+    /// (leaf 1 without OSXSAVE, which follows CR4), computed once: a CPUID exit reads
+    /// them instead of running the host's CPUID.
+    cpuid_basic: [[u32; 4]; CPUID_CACHED_BASIC],
+    cpuid_ext: [[u32; 4]; CPUID_CACHED_EXT],
     /// The host's highest basic CPUID leaf, and its TSC frequency (kHz).
     host_max_basic: u32,
     tsc_khz: u32,
@@ -240,6 +252,20 @@ pub(crate) struct Vcpu {
     #[pin]
     inner: Mutex<VcpuInner>,
 }
+
+/// Basic CPUID leaves kept in `VcpuInner::cpuid_basic` (0..=0x15), and which of them
+/// (no subleaves, nothing that changes while the guest runs).
+pub(crate) const CPUID_CACHED_BASIC: usize = 0x16;
+pub(crate) const CPUID_CACHEABLE: u32 = !((1 << 4)
+    | (1 << 7)
+    | (1 << 0xb)
+    | (1 << 0xd)
+    | (1 << 0xf)
+    | (1 << 0x10)
+    | (1 << 0x12)
+    | (1 << 0x14));
+/// Extended leaves kept (0x8000_0000..=0x8000_0008).
+pub(crate) const CPUID_CACHED_EXT: usize = 9;
 
 /// What the run loop does after an exit.
 pub(crate) enum Next {
@@ -422,7 +448,12 @@ impl Vcpu {
             pending_nmi: false,
             pending_extint: None,
             tsc_offset: 0,
+            vapic: None,
+            vapic_tpr: 0,
             cr4_allowed: 0,
+            cpuid_cfg: rvmm_core::cpuid::Config::default(),
+            cpuid_basic: [[0; 4]; CPUID_CACHED_BASIC],
+            cpuid_ext: [[0; 4]; CPUID_CACHED_EXT],
             host_max_basic: core::arch::x86_64::__cpuid(0).eax,
             // SAFETY: reads a kernel variable.
             tsc_khz: unsafe { rvmm_tsc_khz() },
@@ -483,6 +514,18 @@ impl Vcpu {
                 rvmm_core::cpuid::guest(7, 0, host(7), &cfg),
             );
             g.init_vmcs()?;
+            g.cpuid_cfg = g.cpuid_config();
+            let cfg = rvmm_core::cpuid::Config {
+                osxsave: false,
+                ..g.cpuid_cfg
+            };
+            for (l, e) in g.cpuid_basic.iter_mut().enumerate() {
+                *e = rvmm_core::cpuid::guest(l as u32, 0, host(l as u32), &cfg);
+            }
+            for (l, e) in g.cpuid_ext.iter_mut().enumerate() {
+                let leaf = 0x8000_0000 + l as u32;
+                *e = rvmm_core::cpuid::guest(leaf, 0, host(leaf), &cfg);
+            }
             if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
                 irq.add_vcpu(id, &apic.addressing())?;
             }
@@ -678,6 +721,16 @@ impl VcpuInner {
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
             PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
         );
+        // With an APIC and the CPU's TPR shadow, CR8 accesses go to the virtual-APIC
+        // page (exiting only when the guest lowers its TPR below a pending interrupt's
+        // class); otherwise every CR8 access exits.
+        let tpr_shadow = self.apic.is_some()
+            && AllowedControls(caps.procbased).supports(PrimaryControls::USE_TPR_SHADOW.bits());
+        let cr8 = if tpr_shadow {
+            PrimaryControls::USE_TPR_SHADOW
+        } else {
+            PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING
+        };
         let proc = AllowedControls(caps.procbased).adjust(
             (PrimaryControls::HLT_EXITING
                 | PrimaryControls::INVLPG_EXITING
@@ -685,8 +738,7 @@ impl VcpuInner {
                 | PrimaryControls::RDPMC_EXITING
                 | PrimaryControls::CR3_LOAD_EXITING
                 | PrimaryControls::CR3_STORE_EXITING
-                | PrimaryControls::CR8_LOAD_EXITING
-                | PrimaryControls::CR8_STORE_EXITING
+                | cr8
                 | PrimaryControls::MOV_DR_EXITING
                 | PrimaryControls::UNCOND_IO_EXITING
                 | PrimaryControls::MONITOR_EXITING
@@ -732,7 +784,21 @@ impl VcpuInner {
             0
         };
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
+        let mut vapic_pa = 0;
+        if proc & PrimaryControls::USE_TPR_SHADOW.bits() != 0 {
+            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            // SAFETY: a page we own.
+            vapic_pa = unsafe { rvmm_page_to_phys(page.as_ptr().cast()) };
+            // SAFETY: the page is in the direct map for as long as we own it; byte 0x80
+            // is VTPR (SDM 30.1.1).
+            self.vapic_tpr = unsafe { rvmm_pa_to_va(vapic_pa).cast::<u8>().add(0x80) } as usize;
+            self.vapic = Some(page);
+        }
         self.with_vmcs(|g| {
+            if vapic_pa != 0 {
+                vmw(control::VIRT_APIC_ADDR_FULL, vapic_pa);
+                vmw(control::TPR_THRESHOLD, 0);
+            }
             if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
                 vmw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());
             }

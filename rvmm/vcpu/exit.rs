@@ -33,6 +33,10 @@ impl VcpuInner {
     pub(super) fn handle_exit(&mut self, run: *mut uapi::Run, id: u32) -> Next {
         let reason = vmr(ro::EXIT_REASON) as u32;
         let basic = reason as u16;
+        // The guest's MOV CR8 writes went to the virtual-APIC page: the APIC's TPR first.
+        if self.vapic_tpr != 0 {
+            self.tpr_from_vapic();
+        }
         if let Some(n) = self.stats.exits.get_mut(usize::from(basic)) {
             *n += 1;
         }
@@ -101,6 +105,9 @@ impl VcpuInner {
                 Next::Fast
             }
             Some(ExternalInterrupt) | Some(PreemptionTimer) => Next::Host,
+            // The guest lowered its TPR below a pending interrupt's class: it goes in
+            // before the next entry.
+            Some(TprBelowThreshold) => Next::Fast,
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
             Some(Cpuid) => self.cpuid(),
             Some(Hlt) => {
@@ -737,23 +744,21 @@ impl VcpuInner {
 
     fn cpuid(&mut self) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
-        let r = core::arch::x86_64::__cpuid_count(leaf, sub);
-        let [mut a, mut b, mut c, mut d] = rvmm_core::cpuid::guest(
-            leaf,
-            sub,
-            [r.eax, r.ebx, r.ecx, r.edx],
-            &self.cpuid_config(),
-        );
-        // Entries userspace set win; VMX stays hidden (rvmm does not nest).
-        let found = self.cpuid.iter().find(|e| {
-            e.function == leaf
-                && (e.flags & uapi::RVMM_CPUID_SIGNIFICANT_INDEX == 0 || e.index == sub)
-        });
-        if let Some(e) = found {
-            (a, b, c, d) = (e.eax, e.ebx, e.ecx, e.edx);
-            if leaf == 1 {
-                c &= !(1 << 5);
-            }
+        let cached = if (leaf as usize) < super::CPUID_CACHED_BASIC
+            && super::CPUID_CACHEABLE & (1 << leaf) != 0
+        {
+            Some(self.cpuid_basic[leaf as usize])
+        } else if leaf.wrapping_sub(0x8000_0000) < super::CPUID_CACHED_EXT as u32 {
+            Some(self.cpuid_ext[leaf.wrapping_sub(0x8000_0000) as usize])
+        } else {
+            None
+        };
+        let [a, b, mut c, d] = match cached {
+            Some(v) if self.cpuid.is_empty() => v,
+            _ => self.cpuid_slow(leaf, sub),
+        };
+        if leaf == 1 && self.xsave && self.cr4 & (1 << 18) != 0 {
+            c |= 1 << 27;
         }
         self.gprs.rax = a.into();
         self.gprs.rbx = b.into();
@@ -761,6 +766,36 @@ impl VcpuInner {
         self.gprs.rdx = d.into();
         self.skip_instruction();
         Next::Fast
+    }
+
+    /// CPUID leaves with subleaves or state (and any leaf while userspace has set
+    /// entries): the host's answer through the policy, then userspace's entries.
+    #[cold]
+    #[inline(never)]
+    fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+        let mut v = rvmm_core::cpuid::guest(
+            leaf,
+            sub,
+            [r.eax, r.ebx, r.ecx, r.edx],
+            &rvmm_core::cpuid::Config {
+                osxsave: self.cr4 & (1 << 18) != 0,
+                xcr0: self.xcr0,
+                ..self.cpuid_cfg
+            },
+        );
+        // Entries userspace set win; VMX stays hidden (rvmm does not nest).
+        let found = self.cpuid.iter().find(|e| {
+            e.function == leaf
+                && (e.flags & uapi::RVMM_CPUID_SIGNIFICANT_INDEX == 0 || e.index == sub)
+        });
+        if let Some(e) = found {
+            v = [e.eax, e.ebx, e.ecx, e.edx];
+            if leaf == 1 {
+                v[2] &= !(1 << 5);
+            }
+        }
+        v
     }
 
     /// What the guest's CPUID shows beyond the host's bits.
@@ -1247,7 +1282,11 @@ impl VcpuInner {
     }
 
     /// Puts queued events into the VMCS before an entry (VMCS current).
+    #[inline]
     pub(crate) fn deliver_events(&mut self) {
+        if self.apic.is_none() && self.pending_exception.is_none() && self.pending_irq.is_none() {
+            return;
+        }
         if self.apic.is_some() {
             self.apic_inject();
         }

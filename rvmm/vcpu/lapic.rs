@@ -102,6 +102,39 @@ impl VcpuInner {
             }
         }
         self.program_preemption_timer();
+        self.tpr_to_vapic();
+    }
+
+    /// After an exit, with the TPR shadow: the guest's VTPR becomes the APIC's TPR.
+    pub(super) fn tpr_from_vapic(&mut self) {
+        if self.vapic_tpr == 0 {
+            return;
+        }
+        // SAFETY: `vapic_tpr` points into the virtual-APIC page this vCPU owns.
+        let v = unsafe { core::ptr::read_volatile(self.vapic_tpr as *const u8) };
+        if let Some(a) = self.apic.as_mut() {
+            a.set_tpr(v.into());
+        }
+    }
+
+    /// Before an entry, with the TPR shadow: the APIC's TPR into VTPR, and the TPR
+    /// threshold: the class of the highest interrupt the TPR holds back, so that the
+    /// guest's lowering CR8 below it exits (SDM 30.1.2).
+    fn tpr_to_vapic(&mut self) {
+        if self.vapic_tpr == 0 {
+            return;
+        }
+        let Some(a) = self.apic.as_ref() else {
+            return;
+        };
+        let tpr = a.tpr();
+        let blocked = match (a.irr.highest(), a.pending()) {
+            (Some(v), None) => u32::from(v >> 4).min(tpr >> 4),
+            _ => 0,
+        };
+        // SAFETY: as in `tpr_from_vapic`.
+        unsafe { core::ptr::write_volatile(self.vapic_tpr as *mut u8, tpr as u8) };
+        vmw(control::TPR_THRESHOLD, blocked.into());
     }
 
     /// The VMX-preemption timer ends guest execution at the APIC timer's deadline (or

@@ -1135,7 +1135,7 @@ pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
         crate::ktap::diag(&format!(
             "{n} vCPU(s): APIC injections {}, timer interrupts {}, messages {}, halt sleeps {}, \
              APIC accesses {}, exits: HLT {}, preemption timer {}, external interrupt {}, \
-             exception/NMI {}, WRMSR {}",
+             exception/NMI {}, WRMSR {}, CR access {}, TPR below threshold {}",
             st.apic_injections,
             st.apic_timer_irqs,
             st.apic_messages,
@@ -1145,7 +1145,9 @@ pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
             st.exits[52],
             st.exits[1],
             st.exits[0],
-            st.exits[32]
+            st.exits[32],
+            st.exits[28],
+            st.exits[43]
         ));
         check(
             exits[0]

@@ -67,6 +67,7 @@ const L7_EBX_SHOWN: u32 =
 
 /// The guest's CPUID leaf `leaf`/`sub`, from the host's answer `host` ([eax, ebx, ecx,
 /// edx]).
+#[inline]
 pub fn guest(leaf: u32, sub: u32, host: [u32; 4], c: &Config) -> [u32; 4] {
     let [mut a, mut b, mut cx, mut d] = host;
     if c.apic && leaf <= TSC_LEAF && leaf > c.host_max_basic {
