@@ -112,6 +112,24 @@ impl Mailbox {
         Some(p)
     }
 
+    /// Takes a pending INIT.
+    pub(crate) fn take_init(&self) -> bool {
+        self.init.swap(false, AcqRel)
+    }
+
+    /// Takes a pending start-up IPI's vector.
+    pub(crate) fn take_sipi(&self) -> Option<u8> {
+        match self.sipi.swap(0, AcqRel) {
+            0 => None,
+            v => Some(v as u8),
+        }
+    }
+
+    /// Whether an INIT or SIPI waits.
+    pub(crate) fn has_init_sipi(&self) -> bool {
+        self.init.load(Acquire) || self.sipi.load(Acquire) != 0
+    }
+
     /// The vCPU's HLT waiter.
     pub(crate) fn waiter(&self) -> *mut c_void {
         self.waiter.load(Acquire)

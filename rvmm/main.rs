@@ -168,6 +168,7 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_SET_MSRS,
     uapi::RVMM_CREATE_IRQCHIP,
     uapi::RVMM_SIGNAL_MSI,
+    uapi::RVMM_SET_MP_STATE,
 ];
 
 #[vtable]
@@ -278,6 +279,11 @@ impl RvmmFile {
             uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
             uapi::RVMM_CREATE_IRQCHIP => vm.create_irqchip(),
             uapi::RVMM_SIGNAL_MSI => vm.signal_msi(&read_struct(user)?),
+            uapi::RVMM_SET_MP_STATE => {
+                let m: uapi::MpState = read_struct(user)?;
+                vm.vcpu(m.vcpu as usize)?.set_mp_state(m.state)?;
+                Ok(0)
+            }
             uapi::RVMM_GET_STATS => write_struct(user, &vm.stats()?),
             uapi::RVMM_INTERRUPT => {
                 let ev: uapi::Interrupt = read_struct(user)?;

@@ -32,6 +32,7 @@ use crate::vmx::{self, Gprs, HostSegs};
 
 mod exit;
 mod lapic;
+mod realmode;
 
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
 
@@ -185,6 +186,10 @@ pub(crate) struct VcpuInner {
     halted: bool,
     /// An NMI from the APIC waits for the guest to be able to take it.
     pending_nmi: bool,
+    /// The vCPU waits for a start-up IPI (after INIT, or as userspace set it).
+    wait_sipi: bool,
+    /// Real mode, run in virtual-8086 mode (see `realmode`).
+    rmode: bool,
     /// A vector from the 8259s (an ExtINT message) waiting for the guest.
     pending_extint: Option<u8>,
     /// The VMCS's TSC offset (guest TSC = host TSC + offset).
@@ -446,6 +451,8 @@ impl Vcpu {
             irq,
             halted: false,
             pending_nmi: false,
+            wait_sipi: false,
+            rmode: false,
             pending_extint: None,
             tsc_offset: 0,
             vapic: None,
@@ -596,6 +603,23 @@ impl Vcpu {
         Ok(())
     }
 
+    /// `RVMM_SET_MP_STATE`: runnable (0) or waiting for a start-up IPI (1).
+    pub(crate) fn set_mp_state(&self, state: u32) -> Result {
+        let mut g = self.inner.lock();
+        match state {
+            uapi::RVMM_MP_STATE_RUNNABLE => g.wait_sipi = false,
+            uapi::RVMM_MP_STATE_WAIT_SIPI => {
+                g.wait_sipi = true;
+                g.halted = false;
+            }
+            _ => {
+                pr_info!("vcpu {}: bad MP state {}\n", self.id, state);
+                return Err(EINVAL);
+            }
+        }
+        Ok(())
+    }
+
     /// `RVMM_SET_CPUID`.
     pub(crate) fn set_cpuid(&self, entries: &[uapi::CpuidEntry]) -> Result {
         let mut v = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
@@ -680,6 +704,15 @@ impl Vcpu {
             }
             // SAFETY: we hold no spinlock and interrupts are on.
             unsafe { rvmm_cond_resched() };
+            g.take_init_sipi();
+            if g.wait_sipi {
+                if g.sipi_wait().is_err() {
+                    // SAFETY: our run page.
+                    unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                    return Err(EINTR);
+                }
+                continue;
+            }
             if g.halted && g.halt_wait().is_err() {
                 // SAFETY: our run page.
                 unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
@@ -886,7 +919,7 @@ impl VcpuInner {
             r14: g.r14,
             r15: g.r15,
             rip: vmr(guest::RIP),
-            rflags: vmr(guest::RFLAGS),
+            rflags: vmr(guest::RFLAGS) & !(1 << 17),
         }
     }
 

@@ -211,6 +211,9 @@ impl VcpuInner {
             return Next::Host;
         }
         let vec = intr::vector(info);
+        if self.rmode && vec != vector::PF {
+            return self.rmode_exception(run, vec);
+        }
         let ec = (info & intr::HAS_ERROR_CODE != 0)
             .then(|| vmr(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
         if vec == vector::PF {
@@ -976,7 +979,7 @@ impl VcpuInner {
     }
 
     /// Fills the run page for a port I/O exit of one element (`data` for an OUT).
-    fn io_exit(&mut self, run: *mut uapi::Run, io: IoAccess, data: u64) -> Next {
+    pub(super) fn io_exit(&mut self, run: *mut uapi::Run, io: IoAccess, data: u64) -> Next {
         let mut io_data = [0u64; 32];
         io_data[0] = data;
         // SAFETY: our run page.
@@ -1276,7 +1279,8 @@ impl VcpuInner {
 
     /// Whether the guest can take an external interrupt now.
     pub(crate) fn interruptible(&self) -> bool {
-        vmr(guest::RFLAGS) & (1 << 9) != 0
+        !self.rmode
+            && vmr(guest::RFLAGS) & (1 << 9) != 0
             && vmr(guest::INTERRUPTIBILITY_STATE) & 3 == 0
             && vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
     }

@@ -64,6 +64,10 @@ impl VcpuInner {
         let Some(pending) = self.apic.as_ref().map(|a| a.pending()) else {
             return;
         };
+        if self.rmode {
+            // No injection into real mode (see `realmode`).
+            return;
+        }
         let slot_free = vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
         if slot_free && self.pending_irq.is_none() && self.pending_exception.is_none() {
             let istate = vmr(guest::INTERRUPTIBILITY_STATE);
@@ -211,6 +215,45 @@ impl VcpuInner {
                 return Err(());
             }
         }
+    }
+
+    /// INIT and start-up IPIs from the mailbox: INIT makes the vCPU wait for a SIPI, a
+    /// SIPI starts a waiting vCPU in real mode at its vector's page.
+    pub(super) fn take_init_sipi(&mut self) {
+        let Some(irq) = self.irq.clone() else {
+            return;
+        };
+        let b = irq.mailbox(self.vcpu_id);
+        if b.take_init() {
+            self.wait_sipi = true;
+            self.halted = false;
+        }
+        if let Some(v) = b.take_sipi() {
+            if self.wait_sipi {
+                self.wait_sipi = false;
+                self.with_vmcs(|g| g.start_real_mode(v));
+            }
+        }
+    }
+
+    /// Sleeps until an INIT or SIPI arrives (interrupts on, outside a run section);
+    /// `Err` on a signal.
+    pub(super) fn sipi_wait(&mut self) -> Result<(), ()> {
+        let Some(irq) = self.irq.clone() else {
+            return Err(());
+        };
+        let b = irq.mailbox(self.vcpu_id);
+        let w = b.waiter();
+        // SAFETY: the waiter lives as long as the VM's irqchip, which we hold.
+        unsafe { rvmm_waiter_arm(w) };
+        if b.has_init_sipi() {
+            return Ok(());
+        }
+        // SAFETY: as above; no spinlock held, interrupts on.
+        if unsafe { rvmm_waiter_sleep(w, -1) } != 0 {
+            return Err(());
+        }
+        Ok(())
     }
 
     /// Carries out what an APIC register write asks for.

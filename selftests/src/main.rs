@@ -108,6 +108,7 @@ fn main() {
         );
         suite.add("smp_acpi_wakeup_mailbox", vm_tests::smp_acpi_wakeup_mailbox);
         suite.add("consistent_cpu", vm_tests::consistent_cpu);
+        suite.add("init_sipi_real_mode_ap", vm_tests::init_sipi_real_mode_ap);
         suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(
             "multiboot_modules_and_cmdline",

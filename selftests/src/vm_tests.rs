@@ -1265,39 +1265,42 @@ pub fn multiboot_timer_100_interrupts(_: &Ctx) -> Outcome {
     )
 }
 
-/// SMP start-up through ACPI: smpwake64 finds the MADT's processors and its
-/// multiprocessor wake-up mailbox and wakes every AP there (rvmm-run --cpus 3: each AP
-/// a thread that waits on the mailbox, then enters the wake-up vector in long mode);
-/// every AP writes a marker. The same run on KVM ept=0 must print the same.
+/// SMP start-up through rvmm-run --machine pc: smpwake64 (3 vCPUs) finds the MADT's
+/// processors and its multiprocessor wake-up mailbox and wakes every AP there (each AP
+/// a thread that waits, then enters the wake-up vector in long mode) and every AP writes
+/// a marker; sipi64 (2 vCPUs) starts its AP with INIT and a start-up IPI in real mode,
+/// which switches to protected mode. The same runs on KVM ept=0 must print the same.
 pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
-    let run = |kvm: bool| -> Result<(String, Option<i32>), String> {
+    let run = |image: &str, cpus: &str, kvm: bool| -> Result<(String, Option<i32>), String> {
         let mut cmd = Command::new("rvmm-run");
-        cmd.args(["--machine", "pc", "--cpus", "3"]);
+        cmd.args(["--machine", "pc", "--cpus", cpus]);
         if kvm {
             cmd.arg("--kvm");
         }
         let out = cmd
-            .arg(Path::new(GUESTS).join("smpwake64.bin"))
+            .arg(Path::new(GUESTS).join(image))
             .output()
             .map_err(|e| format!("rvmm-run: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         crate::ktap::diag(&format!(
-            "{}: {stdout}{}",
+            "{image} on {}: {stdout}{}",
             if kvm { "KVM ept=0" } else { "rvmm" },
             String::from_utf8_lossy(&out.stderr)
         ));
         Ok((stdout, out.status.code()))
     };
-    let rvmm = run(false)?;
-    check(rvmm.1 == Some(0x59), || {
-        format!("rvmm: status {:?}, want 0x59 (code 0x2c)", rvmm.1)
-    })?;
-    check(
-        rvmm.0.contains("processors: 3")
-            && rvmm.0.contains("ap 1: up")
-            && rvmm.0.contains("ap 2: up"),
-        || rvmm.0.clone(),
-    )?;
+    let cases = [
+        ("smpwake64.bin", "3", 0x59, "ap 2: up"),
+        ("sipi64.bin", "2", 0x55, "reached protected mode"),
+    ];
+    let mut rvmm = Vec::new();
+    for (image, cpus, rc, line) in cases {
+        let r = run(image, cpus, false)?;
+        check(r.1 == Some(rc) && r.0.contains(line), || {
+            format!("{image} on rvmm: status {:?}: {}", r.1, r.0)
+        })?;
+        rvmm.push(r);
+    }
     for (ko, name, params) in [
         ("irqbypass.ko", "irqbypass", c""),
         ("kvm.ko", "kvm", c""),
@@ -1307,7 +1310,10 @@ pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
             sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
         }
     }
-    let kvm = run(true);
+    let kvm: Result<Vec<_>, String> = cases
+        .iter()
+        .map(|(image, cpus, _, _)| run(image, cpus, true))
+        .collect();
     for name in ["kvm_intel", "kvm", "irqbypass"] {
         sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
     }
@@ -1340,4 +1346,56 @@ pub fn consistent_cpu(_: &Ctx) -> Outcome {
             )
         },
     )
+}
+
+/// INIT and start-up IPIs, and real mode: vCPU 1 waits for a SIPI (RVMM_SET_MP_STATE);
+/// sipi64 on vCPU 0 sends INIT and SIPI through its xAPIC; vCPU 1 runs a real-mode
+/// trampoline (vm86 with rvmm carrying out CLI, LGDT, MOV CR0), switches to protected
+/// mode with a far JMP, writes its markers and halts.
+pub fn init_sipi_real_mode_ap(_: &Ctx) -> Outcome {
+    let code = std::fs::read(Path::new(GUESTS).join("sipi64.bin"))
+        .map_err(|e| format!("sipi64.bin: {e}"))?;
+    let mut mem = GuestMem::new(16 << 20).map_err(|e| e.to_string())?;
+    mem.write(0x10_0000, &code)?;
+    let (regs, sregs) = setup(&mut mem, EntryMode::Long, 0x10_0000, 0xff_fff0)?;
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `mem` outlives the VM (dropped after it, below).
+    unsafe { vm.set_memory_region(0, 0, mem.size() as u64, mem.host_addr(), false) }
+        .map_err(|e| e.to_string())?;
+    vm.create_irqchip().map_err(|e| e.to_string())?;
+    let bsp = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+    bsp.set_sregs(&sregs).map_err(|e| e.to_string())?;
+    bsp.set_regs(&regs).map_err(|e| e.to_string())?;
+    let ap = vm.create_vcpu(1).map_err(|e| e.to_string())?;
+    vm.set_mp_state(1, true).map_err(|e| e.to_string())?;
+    let (b, a) = std::thread::scope(|s| {
+        let a = s.spawn(|| ap.run().map_err(|e| e.to_string()));
+        let mut out = Vec::new();
+        let b = loop {
+            match bsp.run().map_err(|e| e.to_string()) {
+                Ok(Exit::IoOut {
+                    port: 0x3f8, data, ..
+                }) => out.push(data as u8),
+                e => break (e, String::from_utf8_lossy(&out).into_owned()),
+            }
+        };
+        (b, a.join().unwrap_or(Err("AP thread panicked".into())))
+    });
+    crate::ktap::diag(&format!("BSP: {b:?}; AP: {a:?}"));
+    let ap_regs = ap.regs().map_err(|e| e.to_string())?;
+    crate::ktap::diag(&format!("AP ends at RIP {:#x}", ap_regs.rip));
+    check(
+        b.0 == Ok(Exit::IoOut {
+            port: 0xf4,
+            size: 1,
+            data: 0x2a,
+        }),
+        || format!("BSP: {:?}: {}", b.0, b.1),
+    )?;
+    check(a == Ok(Exit::Hlt), || format!("AP ended with {a:?}"))?;
+    let mut m = [0u8; 2];
+    mem.read(0x9000, &mut m)?;
+    check(m == [0x5a, 0x5b], || format!("markers {m:x?}"))
 }

@@ -542,6 +542,16 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// `RVMM_SET_MP_STATE`: whether a vCPU runs or waits for a start-up IPI.
+    pub struct MpState as "rvmm_mp_state" {
+        /// vCPU index.
+        pub vcpu: u32 => "__u32 vcpu",
+        /// [`RVMM_MP_STATE_RUNNABLE`] or [`RVMM_MP_STATE_WAIT_SIPI`].
+        pub state: u32 => "__u32 state",
+    }
+}
+
+abi_struct! {
     /// One CPUID leaf as the guest sees it.
     pub struct CpuidEntry as "rvmm_cpuid_entry" {
         /// EAX input.
@@ -692,6 +702,8 @@ pub const CONSTANTS: &[(&str, u64)] = &[
     ),
     ("RVMM_INTERNAL_EMULATION", RVMM_INTERNAL_EMULATION as u64),
     ("RVMM_INTERNAL_NO_SHADOW", RVMM_INTERNAL_NO_SHADOW as u64),
+    ("RVMM_MP_STATE_RUNNABLE", RVMM_MP_STATE_RUNNABLE as u64),
+    ("RVMM_MP_STATE_WAIT_SIPI", RVMM_MP_STATE_WAIT_SIPI as u64),
 ];
 
 /// `RVMM_GET_API_VERSION`: returns [`RVMM_API_VERSION`] as the ioctl's value.
@@ -744,6 +756,15 @@ pub const RVMM_CREATE_IRQCHIP: u32 = ioc(IOC_NONE, 0x1e, 0);
 /// (0: none matched or all were disabled); ENXIO without an irqchip; EINVAL for an
 /// address outside 0xfee00000-0xfeefffff or a non-zero `flags`.
 pub const RVMM_SIGNAL_MSI: u32 = ioc(IOC_WRITE, 0x1f, core::mem::size_of::<Msi>());
+
+/// `RVMM_SET_MP_STATE`: sets an [`MpState`]. A vCPU waiting for a SIPI sleeps in
+/// `RVMM_RUN` until one arrives (from another vCPU's APIC), then starts in real mode at
+/// the SIPI vector's page; an INIT IPI puts a vCPU back into that state.
+pub const RVMM_SET_MP_STATE: u32 = ioc(IOC_WRITE, 0x20, core::mem::size_of::<MpState>());
+/// [`MpState::state`]: runs.
+pub const RVMM_MP_STATE_RUNNABLE: u32 = 0;
+/// [`MpState::state`]: waits for a start-up IPI.
+pub const RVMM_MP_STATE_WAIT_SIPI: u32 = 1;
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[
@@ -837,5 +858,10 @@ pub const IOCTLS: &[(&str, u32, &str)] = &[
         "RVMM_SIGNAL_MSI",
         RVMM_SIGNAL_MSI,
         "_IOW(RVMM_IOCTL_TYPE, 0x1f, struct rvmm_msi)",
+    ),
+    (
+        "RVMM_SET_MP_STATE",
+        RVMM_SET_MP_STATE,
+        "_IOW(RVMM_IOCTL_TYPE, 0x20, struct rvmm_mp_state)",
     ),
 ];

@@ -19,6 +19,12 @@ fn structs() -> Vec<(&'static str, &'static [CField], &'static [usize], usize)> 
         ),
         (Msi::C_NAME, Msi::C_FIELDS, Msi::offsets(), size_of::<Msi>()),
         (
+            MpState::C_NAME,
+            MpState::C_FIELDS,
+            MpState::offsets(),
+            size_of::<MpState>(),
+        ),
+        (
             Status::C_NAME,
             Status::C_FIELDS,
             Status::offsets(),

@@ -16,3 +16,4 @@ pub mod emulate;
 pub mod exit;
 pub mod guest_state;
 pub mod mmu;
+pub mod realmode;

@@ -33,6 +33,8 @@
 #define RVMM_INTERNAL_UNHANDLED_EXIT 1
 #define RVMM_INTERNAL_EMULATION 2
 #define RVMM_INTERNAL_NO_SHADOW 3
+#define RVMM_MP_STATE_RUNNABLE 0
+#define RVMM_MP_STATE_WAIT_SIPI 1
 
 struct rvmm_vmx_caps {
 	__u64 basic;
@@ -55,6 +57,11 @@ struct rvmm_msi {
 	__u64 address;
 	__u32 data;
 	__u32 flags;
+};
+
+struct rvmm_mp_state {
+	__u32 vcpu;
+	__u32 state;
 };
 
 struct rvmm_status {
@@ -289,5 +296,6 @@ struct rvmm_msrs {
 #define RVMM_SET_SHADOW_LIMITS _IOW(RVMM_IOCTL_TYPE, 0x1d, struct rvmm_shadow_limits)
 #define RVMM_CREATE_IRQCHIP _IO(RVMM_IOCTL_TYPE, 0x1e)
 #define RVMM_SIGNAL_MSI _IOW(RVMM_IOCTL_TYPE, 0x1f, struct rvmm_msi)
+#define RVMM_SET_MP_STATE _IOW(RVMM_IOCTL_TYPE, 0x20, struct rvmm_mp_state)
 
 #endif /* _UAPI_LINUX_RVMM_H */

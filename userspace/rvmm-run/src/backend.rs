@@ -40,6 +40,10 @@ pub trait Backend: Send {
     fn start_ap(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Makes an AP wait for a start-up IPI (KVM's APs do from the start).
+    fn wait_for_sipi(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A duplicate of a VM's file descriptor that sends interrupt messages to its local
@@ -226,6 +230,16 @@ impl Backend for RvmmBackend {
     }
     fn irq_sink(&self) -> Result<Arc<dyn IrqSink>, String> {
         Ok(Arc::new(MsiFd::new(self._vm.as_raw_fd(), false)?))
+    }
+    fn start_ap(&mut self) -> Result<(), String> {
+        self._vm
+            .set_mp_state(self.vcpu.index(), false)
+            .map_err(|e| e.to_string())
+    }
+    fn wait_for_sipi(&mut self) -> Result<(), String> {
+        self._vm
+            .set_mp_state(self.vcpu.index(), true)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -492,12 +506,22 @@ impl Backend for KvmBackend {
                 vmfail: false,
                 check: 0,
             }),
-            Ok(VcpuExit::InternalError) => Ok(Exit::Internal {
-                suberror: 0,
-                data: [0; 4],
-            }),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the run structure's `internal` member is the one valid for a
+                // KVM_EXIT_INTERNAL_ERROR exit.
+                let i = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (i.ndata as usize).min(4);
+                let mut data = [0u64; 4];
+                data[..n].copy_from_slice(&i.data[..n]);
+                Ok(Exit::Internal {
+                    suberror: i.suberror,
+                    data,
+                })
+            }
             Ok(other) => Err(format!("KVM exit not handled by rvmm-run: {other:?}")),
             Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
+            // An AP that left its wait for INIT/SIPI: KVM wants KVM_RUN again.
+            Err(e) if e.errno() == libc::EAGAIN => Ok(Exit::Interrupted),
             Err(e) => Err(format!("KVM_RUN: {e}")),
         }
     }

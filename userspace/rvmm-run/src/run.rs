@@ -212,6 +212,70 @@ impl Shared {
     }
 }
 
+/// The ACPI multiprocessor wake-up mailbox in guest memory, and the AP threads it wakes.
+struct Mailbox {
+    command: &'static std::sync::atomic::AtomicU16,
+    apic_id: &'static std::sync::atomic::AtomicU32,
+    vector: &'static std::sync::atomic::AtomicU64,
+    /// pthread_t of each AP's thread, by APIC ID (0: not started yet).
+    threads: Vec<std::sync::atomic::AtomicUsize>,
+}
+
+extern "C" fn on_wake_signal(_: i32) {}
+
+impl Mailbox {
+    /// The mailbox at `WAKEUP_MAILBOX` of guest memory at host address `host`.
+    ///
+    /// # Safety
+    /// Guest memory must stay mapped for the rest of the process (rvmm-run never unmaps
+    /// it while vCPU threads run: the process exits with the BSP's run).
+    unsafe fn new(host: usize, cpus: u32) -> Self {
+        let base = (host + crate::platform::WAKEUP_MAILBOX as usize) as *const u8;
+        // SAFETY: the caller's promise; the fields are naturally aligned, and the guest
+        // accesses them with aligned 2-, 4- and 8-byte accesses too.
+        unsafe {
+            Self {
+                command: &*(base as *const std::sync::atomic::AtomicU16),
+                apic_id: &*(base.add(4) as *const std::sync::atomic::AtomicU32),
+                vector: &*(base.add(8) as *const std::sync::atomic::AtomicU64),
+                threads: (0..cpus).map(|_| Default::default()).collect(),
+            }
+        }
+    }
+
+    /// The wake-up vector, if the guest asks to wake `apic_id`.
+    fn take(&self, apic_id: u32) -> Option<u64> {
+        (self.command.load(Ordering::Acquire) == 1
+            && self.apic_id.load(Ordering::Acquire) == apic_id)
+            .then(|| self.vector.load(Ordering::Acquire))
+    }
+
+    /// Acknowledges a wake-up (the guest waits for the command to read 0).
+    fn ack(&self) {
+        self.command.store(0, Ordering::Release);
+    }
+
+    /// The mailbox thread: while a wake-up command waits, signals its AP's thread (once
+    /// a millisecond, until it acknowledges), interrupting its wait for a SIPI.
+    fn watch(&self) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            if self.command.load(Ordering::Acquire) != 1 {
+                continue;
+            }
+            let id = self.apic_id.load(Ordering::Acquire) as usize;
+            if let Some(t) = self.threads.get(id) {
+                let t = t.load(Ordering::Acquire);
+                if t != 0 {
+                    // SAFETY: AP threads never exit before the process does (they park
+                    // when done), so `t` names a live thread.
+                    unsafe { libc::pthread_kill(t as libc::pthread_t, libc::SIGUSR1) };
+                }
+            }
+        }
+    }
+}
+
 /// An exit that ends the run with an error status.
 fn fatal_exit(e: &Exit, backend: &str) -> ExitCode {
     match e {
@@ -256,54 +320,41 @@ fn fatal_exit(e: &Exit, backend: &str) -> ExitCode {
     }
 }
 
-/// An AP: waits for the guest to wake it through the ACPI multiprocessor wake-up
-/// mailbox (ACPI 6.4 5.2.12.19), then enters the wake-up vector in long mode with the
-/// firmware's identity map, and runs until it halts with interrupts off. The exit port
-/// or an error on an AP ends the whole run.
+/// An AP. It waits for a start-up IPI in the kernel (rvmm's or KVM's), which starts it
+/// in real mode at the SIPI vector's page; or for the guest to wake it through the ACPI
+/// multiprocessor wake-up mailbox (ACPI 6.4 5.2.12.19), which the mailbox thread tells it
+/// by a signal that interrupts its wait: then it enters the wake-up vector in long mode
+/// with the firmware's identity map. It runs until it halts with interrupts off. The
+/// exit port or an error on an AP ends the whole run.
 fn run_ap(
     mut cpu: Box<dyn Backend>,
     apic_id: u32,
     shared: &Shared,
-    host: usize,
-    size: u64,
+    mailbox: &Mailbox,
     sregs: &rvmm::uapi::Sregs,
 ) {
-    let mb = crate::platform::WAKEUP_MAILBOX;
-    if mb + 16 > size {
-        return;
-    }
-    // SAFETY: the mailbox lies in guest memory, which lives as long as the process
-    // (rvmm-run ends with the BSP's run, never freeing it under an AP); 2-, 4- and
-    // 8-byte aligned accesses of the fields are atomic, as the guest's are.
-    let (command, id, vector) = unsafe {
-        let base = (host + mb as usize) as *const u8;
-        (
-            &*(base as *const std::sync::atomic::AtomicU16),
-            &*(base.add(4) as *const std::sync::atomic::AtomicU32),
-            &*(base.add(8) as *const std::sync::atomic::AtomicU64),
-        )
-    };
+    mailbox.threads[apic_id as usize].store(
+        // SAFETY: pthread_self has no preconditions.
+        unsafe { libc::pthread_self() } as usize,
+        Ordering::Release,
+    );
     loop {
-        if command.load(Ordering::Acquire) == 1 && id.load(Ordering::Acquire) == apic_id {
-            break;
+        if let Some(vector) = mailbox.take(apic_id) {
+            let regs = rvmm::uapi::Regs {
+                rip: vector,
+                rflags: 2,
+                ..Default::default()
+            };
+            let start = cpu
+                .start_ap()
+                .and_then(|_| cpu.set_sregs(sregs))
+                .and_then(|_| cpu.set_regs(&regs));
+            if let Err(e) = start {
+                eprintln!("rvmm-run: AP {apic_id}: {e}");
+                std::process::exit(2);
+            }
+            mailbox.ack();
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let regs = rvmm::uapi::Regs {
-        rip: vector.load(Ordering::Acquire),
-        rflags: 2,
-        ..Default::default()
-    };
-    let start = cpu
-        .start_ap()
-        .and_then(|_| cpu.set_sregs(sregs))
-        .and_then(|_| cpu.set_regs(&regs));
-    if let Err(e) = start {
-        eprintln!("rvmm-run: AP {apic_id}: {e}");
-        std::process::exit(2);
-    }
-    command.store(0, Ordering::Release);
-    loop {
         let e = match cpu.run() {
             Ok(e) => e,
             Err(e) => {
@@ -312,6 +363,8 @@ fn run_ap(
             }
         };
         match e {
+            // The mailbox thread's signal: look at the mailbox again.
+            Exit::Interrupted => {}
             Exit::IoOut { port, size, data } => {
                 if let Some(code) = shared.io_out(port, size, data) {
                     let _ = std::io::stdout().flush();
@@ -330,8 +383,11 @@ fn run_ap(
                 }
             }
             Exit::IrqWindowOpen | Exit::Hypercall { .. } => {}
-            // Halted with interrupts off: this AP is done.
-            Exit::Hlt => return,
+            // Halted with interrupts off: this AP is done (its thread stays, parked:
+            // the mailbox thread may still name it).
+            Exit::Hlt => loop {
+                std::thread::park();
+            },
             e => {
                 eprint!("rvmm-run: AP {apic_id}: ");
                 fatal_exit(&e, cpu.name());
@@ -589,13 +645,33 @@ pub fn run_inner(
         machine::setup(&mut scratch, machine::EntryMode::Long, 0, 0)?.1
     };
     crate::platform::ap_long_mode(&mut ap_sregs);
-    for (i, ap) in cpus.into_iter().enumerate() {
-        let shared = shared.clone();
-        let (host, size) = (mem.host_addr() as usize, mem.size() as u64);
-        std::thread::Builder::new()
-            .name(format!("rvmm-ap{}", i + 1))
-            .spawn(move || run_ap(ap, i as u32 + 1, &shared, host, size, &ap_sregs))
-            .map_err(|e| format!("AP thread: {e}"))?;
+    if !cpus.is_empty() {
+        // SAFETY: a no-op handler without SA_RESTART: the signal only interrupts an AP's
+        // RVMM_RUN/KVM_RUN.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_wake_signal as *const () as usize;
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        // SAFETY: guest memory stays mapped until the process exits (`mem` lives to the
+        // end of this function, which returns only when the run ends).
+        let mailbox = Arc::new(unsafe { Mailbox::new(mem.host_addr() as usize, args.cpus) });
+        {
+            let mailbox = mailbox.clone();
+            std::thread::Builder::new()
+                .name("rvmm-mailbox".into())
+                .spawn(move || mailbox.watch())
+                .map_err(|e| format!("mailbox thread: {e}"))?;
+        }
+        for (i, mut ap) in cpus.into_iter().enumerate() {
+            ap.wait_for_sipi()?;
+            let shared = shared.clone();
+            let mailbox = mailbox.clone();
+            std::thread::Builder::new()
+                .name(format!("rvmm-ap{}", i + 1))
+                .spawn(move || run_ap(ap, i as u32 + 1, &shared, &mailbox, &ap_sregs))
+                .map_err(|e| format!("AP thread: {e}"))?;
+        }
     }
     let code = loop {
         match cpu.run()? {
@@ -651,6 +727,11 @@ pub fn run_inner(
     }
     if args.dump_regs {
         eprintln!("{}", final_state(cpu.as_mut())?);
+    }
+    if args.cpus > 1 {
+        // AP threads and the mailbox thread may still touch guest memory until the
+        // process exits: it is not unmapped before.
+        std::mem::forget(mem);
     }
     Ok(code)
 }

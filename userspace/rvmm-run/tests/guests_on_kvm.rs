@@ -43,8 +43,9 @@ const PREFIX_ON_THIS_KVM: &[(&str, usize, &str)] = &[
     (
         "mbtimer32",
         7,
-        "nested KVM here returns an internal error at the guest's first IRET from an \
-         interrupt handler (seen 2026-12-02); the rest ran on KVM in Bochs",
+        "nested KVM here fails to emulate the guest's first IRET from an interrupt \
+         handler (KVM_INTERNAL_ERROR_EMULATION, bytes cf ..., seen 2026-12-02); the whole \
+         run matches on KVM ept=0 in Bochs (guest_images_differential)",
     ),
     (
         "paging64",

@@ -289,6 +289,25 @@ impl Vm {
         Ok(n as u32)
     }
 
+    /// Whether vCPU `vcpu` runs (`wait_sipi` false) or waits for a start-up IPI.
+    pub fn set_mp_state(&self, vcpu: u32, wait_sipi: bool) -> Result<()> {
+        let mut m = uapi::MpState {
+            vcpu,
+            state: if wait_sipi {
+                uapi::RVMM_MP_STATE_WAIT_SIPI
+            } else {
+                uapi::RVMM_MP_STATE_RUNNABLE
+            },
+        };
+        ioctl_ptr(
+            &self.file,
+            "RVMM_SET_MP_STATE",
+            uapi::RVMM_SET_MP_STATE,
+            &mut m,
+        )?;
+        Ok(())
+    }
+
     /// Counters summed over the VM's vCPUs.
     pub fn stats(&self) -> Result<uapi::VmStats> {
         let mut s = uapi::VmStats::default();
@@ -349,6 +368,11 @@ pub struct Vcpu<'a> {
 }
 
 impl Vcpu<'_> {
+    /// The vCPU's index in its VM.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// General registers.
     pub fn regs(&self) -> Result<uapi::Regs> {
         let mut r = uapi::VcpuRegs {
