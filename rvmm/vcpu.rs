@@ -186,6 +186,10 @@ pub(crate) struct VcpuInner {
     halted: bool,
     /// An NMI from the APIC waits for the guest to be able to take it.
     pending_nmi: bool,
+    /// VMX has virtual NMIs (and so NMI-window exiting); the window controls set now.
+    virtual_nmis: bool,
+    irq_window: bool,
+    nmi_window: bool,
     /// The vCPU waits for a start-up IPI (after INIT, or as userspace set it).
     wait_sipi: bool,
     /// Real mode, run in virtual-8086 mode (see `realmode`).
@@ -451,6 +455,9 @@ impl Vcpu {
             irq,
             halted: false,
             pending_nmi: false,
+            virtual_nmis: false,
+            irq_window: false,
+            nmi_window: false,
             wait_sipi: false,
             rmode: false,
             pending_extint: None,
@@ -750,9 +757,18 @@ impl VcpuInner {
 
     fn init_vmcs(&mut self) -> Result {
         let caps = vmx::read_caps();
+        // Virtual NMIs where VMX has them and NMI-window exiting with them: an NMI for
+        // the guest that arrives while its NMI handler runs exits at the handler's IRET.
+        let vnmi = AllowedControls(caps.pinbased).supports(PinbasedControls::VIRTUAL_NMIS.bits())
+            && AllowedControls(caps.procbased).supports(PrimaryControls::NMI_WINDOW_EXITING.bits());
         let pin = AllowedControls(caps.pinbased).adjust(
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
-            PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+            PinbasedControls::VMX_PREEMPTION_TIMER.bits()
+                | if vnmi {
+                    PinbasedControls::VIRTUAL_NMIS.bits()
+                } else {
+                    0
+                },
         );
         // With an APIC and the CPU's TPR shadow, CR8 accesses go to the virtual-APIC
         // page (exiting only when the guest lowers its TPR below a pending interrupt's
@@ -798,6 +814,7 @@ impl VcpuInner {
             return Err(EOPNOTSUPP);
         };
         self.entry_base = entry;
+        self.virtual_nmis = pin & PinbasedControls::VIRTUAL_NMIS.bits() != 0;
         if pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0 {
             // The timer counts down at the TSC rate >> IA32_VMX_MISC[4:0]: 4 ms a slice.
             // SAFETY: reads a kernel variable.

@@ -123,6 +123,11 @@ impl VcpuInner {
             Some(Rdmsr) => self.rdmsr(),
             Some(Wrmsr) => self.wrmsr(),
             Some(InterruptWindow) => self.interrupt_window(run),
+            // The guest can take the NMI that waited: it goes in before the next entry.
+            Some(NmiWindow) => {
+                self.set_nmi_window_exiting(false);
+                Next::Fast
+            }
             Some(Xsetbv) => self.xsetbv(),
             Some(Invd) | Some(Wbinvd) | Some(Pause) => {
                 self.skip_instruction();
@@ -211,6 +216,12 @@ impl VcpuInner {
             return Next::Host;
         }
         let vec = intr::vector(info);
+        // A fault in the guest's IRET unblocked virtual NMIs; IRET runs again later, so
+        // they are blocked until then (SDM 28.2.3).
+        if self.virtual_nmis && info & intr::NMI_UNBLOCK != 0 {
+            let s = vmr(guest::INTERRUPTIBILITY_STATE);
+            vmw(guest::INTERRUPTIBILITY_STATE, s | 8);
+        }
         if self.rmode && vec != vector::PF {
             return self.rmode_exception(run, vec);
         }
@@ -1268,13 +1279,27 @@ impl VcpuInner {
     }
 
     pub(crate) fn set_window_exiting(&mut self, on: bool) {
-        let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
-        let new = if on {
-            self.proc_base | bit
-        } else {
-            self.proc_base
-        };
-        vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, new.into());
+        self.irq_window = on;
+        self.write_proc_controls();
+    }
+
+    /// Asks for an exit when the guest can take an NMI (where VMX has virtual NMIs).
+    pub(crate) fn set_nmi_window_exiting(&mut self, on: bool) {
+        if self.virtual_nmis {
+            self.nmi_window = on;
+            self.write_proc_controls();
+        }
+    }
+
+    fn write_proc_controls(&self) {
+        let mut v = self.proc_base;
+        if self.irq_window {
+            v |= PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+        }
+        if self.nmi_window {
+            v |= PrimaryControls::NMI_WINDOW_EXITING.bits();
+        }
+        vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, v.into());
     }
 
     /// Whether the guest can take an external interrupt now.

@@ -78,6 +78,9 @@ impl VcpuInner {
                     u64::from(intr::VALID | intr::TYPE_NMI | 2),
                 );
                 self.pending_nmi = false;
+            } else if self.pending_nmi {
+                // Blocked (an NMI handler runs): an exit when its IRET unblocks NMIs.
+                self.set_nmi_window_exiting(true);
             } else if let Some(v) = self.pending_extint {
                 // From the 8259 (acknowledged there): no IRR/ISR of the APIC, no TPR.
                 if vmr(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {

@@ -25,6 +25,9 @@
 	.set READY, DATA + 4
 	.set LOGN, DATA + 8
 	.set FAILS, DATA + 0xc
+	.set NMI_COUNT, DATA + 0x10
+	.set NMI_NESTED, DATA + 0x14
+	.set NMI_DEPTH, DATA + 0x18
 	.set RATIO_N, DATA + 0x20
 	.set RATIO_D, DATA + 0x28
 	.set LOG, DATA + 0x40
@@ -338,7 +341,57 @@ checks:
 	xor	eax, eax
 	mov	cr8, rax
 	call	ok_line
+
+	/* NMIs: a self-NMI, whose handler sends another; that one must wait for the
+	 * handler's IRET (NMI blocking, NMI-window exit) instead of nesting. */
+	lea	rsi, [rip + s_nmi]
+	mov	dword ptr [NMI_COUNT], 0
+	mov	dword ptr [NMI_NESTED], 0
+	mov	dword ptr [NMI_DEPTH], 0
+	mov	ecx, 0x300
+	mov	eax, 0x44400
+	call	apic_wr
+	rdtsc
+	shl	rdx, 32
+	or	rax, rdx
+	mov	r13, rax
+	add	r13, 100000000
+1:	cmp	dword ptr [NMI_COUNT], 2
+	jae	2f
+	rdtsc
+	shl	rdx, 32
+	or	rax, rdx
+	cmp	rax, r13
+	jb	1b
+	jmp	fail_line
+2:	cmp	dword ptr [NMI_NESTED], 0
+	jne	fail_line
+	call	ok_line
 	ret
+
+/* NMI: counts, notes nesting; the first sends a second self-NMI. */
+nmi_handler:
+	push	rax
+	push	rcx
+	push	rdx
+	cmp	dword ptr [NMI_DEPTH], 0
+	je	1f
+	inc	dword ptr [NMI_NESTED]
+1:	inc	dword ptr [NMI_DEPTH]
+	inc	dword ptr [NMI_COUNT]
+	cmp	dword ptr [NMI_COUNT], 1
+	jne	2f
+	mov	ecx, 0x300
+	mov	eax, 0x44400
+	call	apic_wr
+	mov	ecx, 200
+3:	pause
+	loop	3b
+2:	dec	dword ptr [NMI_DEPTH]
+	pop	rdx
+	pop	rcx
+	pop	rax
+	iretq
 
 /* vCPU 0, xAPIC mode: IPIs to vCPU 1 and back. */
 ipi_checks:
@@ -545,6 +598,13 @@ setup_idt:
 	inc	ecx
 	cmp	ecx, 256
 	jne	1b
+	lea	rax, [rip + nmi_handler]
+	mov	rdi, IDT + 2 * 16
+	mov	word ptr [rdi], ax
+	shr	rax, 16
+	mov	word ptr [rdi + 6], ax
+	shr	rax, 16
+	mov	dword ptr [rdi + 8], eax
 	lea	rax, [rip + gp_handler]
 	mov	rdi, IDT + 13 * 16
 	mov	word ptr [rdi], ax
@@ -663,6 +723,7 @@ s_oneshot:	.asciz	"one-shot timer"
 s_deadline:	.asciz	"tsc-deadline timer"
 s_eoi:		.asciz	"self-ipi nesting and eoi order"
 s_tpr:		.asciz	"tpr and cr8 mask lower classes"
+s_nmi:		.asciz	"self-nmi, a second one waits for iret"
 s_ipi_phys:	.asciz	"ipi to vcpu 1 and back (physical)"
 s_ipi_logical:	.asciz	"ipi to vcpu 1 and back (logical flat)"
 s_msi:		.asciz	"msi from the host"

@@ -1135,7 +1135,8 @@ pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
         crate::ktap::diag(&format!(
             "{n} vCPU(s): APIC injections {}, timer interrupts {}, messages {}, halt sleeps {}, \
              APIC accesses {}, exits: HLT {}, preemption timer {}, external interrupt {}, \
-             exception/NMI {}, WRMSR {}, CR access {}, TPR below threshold {}",
+             exception/NMI {}, WRMSR {}, CR access {}, TPR below threshold {}, \
+             NMI window {}",
             st.apic_injections,
             st.apic_timer_irqs,
             st.apic_messages,
@@ -1147,7 +1148,8 @@ pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
             st.exits[0],
             st.exits[32],
             st.exits[28],
-            st.exits[43]
+            st.exits[43],
+            st.exits[8]
         ));
         check(
             exits[0]
