@@ -67,9 +67,10 @@ pub struct RunArgs {
     /// images, bare otherwise].
     #[arg(long, value_enum)]
     pub machine: Option<Machine>,
-    /// vCPUs (1-8). With more than one (`--machine pc`), the MADT offers the ACPI 6.4
-    /// multiprocessor wake-up mailbox: the guest starts each AP there, directly in
-    /// 64-bit mode.
+    /// vCPUs (1-8), each a host thread. With more than one (`--machine pc`), APs wait
+    /// for INIT and a start-up IPI (then run real mode at the SIPI vector's page), or
+    /// for the ACPI 6.4 multiprocessor wake-up mailbox that the MADT offers (then start
+    /// at the wake-up vector in 64-bit mode).
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
 }
