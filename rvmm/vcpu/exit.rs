@@ -758,20 +758,18 @@ impl VcpuInner {
 
     fn cpuid(&mut self) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
-        let cached = if (leaf as usize) < super::CPUID_CACHED_BASIC
-            && super::CPUID_CACHEABLE & (1 << leaf) != 0
-        {
-            Some(self.cpuid_basic[leaf as usize])
-        } else if leaf.wrapping_sub(0x8000_0000) < super::CPUID_CACHED_EXT as u32 {
-            Some(self.cpuid_ext[leaf.wrapping_sub(0x8000_0000) as usize])
-        } else {
-            None
+        let cached = match leaf {
+            0..=0x15 if super::CPUID_CACHEABLE >> leaf & 1 != 0 => {
+                self.cpuid_basic.get(leaf as usize)
+            }
+            0x8000_0000..=0x8000_0008 => self.cpuid_ext.get((leaf - 0x8000_0000) as usize),
+            _ => None,
         };
         let [a, b, mut c, d] = match cached {
-            Some(v) if self.cpuid.is_empty() => v,
+            Some(&v) if self.cpuid.is_empty() => v,
             _ => self.cpuid_slow(leaf, sub),
         };
-        if leaf == 1 && self.xsave && self.cr4 & (1 << 18) != 0 {
+        if leaf == 1 && self.cr4 & (1 << 18) != 0 && self.xsave {
             c |= 1 << 27;
         }
         self.gprs.rax = a.into();
