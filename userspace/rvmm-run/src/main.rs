@@ -4,6 +4,7 @@
 
 mod backend;
 mod bench;
+mod linux;
 mod multiboot;
 mod platform;
 mod run;

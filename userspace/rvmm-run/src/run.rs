@@ -529,15 +529,25 @@ pub fn run_inner(
     let multiboot = crate::multiboot::find_header(&data)
         .transpose()
         .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let linux = multiboot.is_none() && crate::linux::is_bzimage(&data);
     let mut modules = args.module.clone();
-    modules.extend(args.initrd.clone());
-    if multiboot.is_none() && !modules.is_empty() {
+    if !linux {
+        modules.extend(args.initrd.clone());
+    }
+    if linux && !args.module.is_empty() {
+        return Err(format!(
+            "{}: --module is for multiboot images; a Linux kernel takes one --initrd",
+            args.image.display()
+        ));
+    }
+    if multiboot.is_none() && !linux && !modules.is_empty() {
         return Err(format!(
             "{}: --module/--initrd need a multiboot image (no multiboot header in its first 8 KiB)",
             args.image.display()
         ));
     }
     let (entry, default_mode) = match &multiboot {
+        None if linux => (0, Mode::Long),
         Some(h) => (
             crate::multiboot::load(
                 &mut mem,
@@ -557,8 +567,25 @@ pub fn run_inner(
         Mode::Long => machine::EntryMode::Long,
         Mode::Protected => machine::EntryMode::Protected,
     };
-    let (mut regs, sregs) = machine::setup(&mut mem, mode, entry, stack)?;
-    if multiboot.is_some() {
+    let (mut regs, sregs) = if linux {
+        let initrd = match &args.initrd {
+            Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+            None => None,
+        };
+        crate::linux::load(
+            &mut mem,
+            &data,
+            args.append.as_deref().unwrap_or(""),
+            initrd.as_deref(),
+            crate::platform::ACPI_BASE.into(),
+        )
+        .map_err(|e| format!("{}: {e}", args.image.display()))?
+    } else {
+        machine::setup(&mut mem, mode, entry, stack)?
+    };
+    if linux {
+        // The boot protocol's state is complete.
+    } else if multiboot.is_some() {
         // Multiboot entry state: EAX = the bootloader magic, EBX = the information.
         regs.rax = crate::multiboot::BOOTLOADER_MAGIC.into();
         regs.rbx = crate::multiboot::MBI;
@@ -571,7 +598,7 @@ pub fn run_inner(
         mem.write(CMDLINE + text.len() as u64, &[0])?;
         regs.rdi = CMDLINE;
     }
-    let machine = args.machine.unwrap_or(if multiboot.is_some() {
+    let machine = args.machine.unwrap_or(if multiboot.is_some() || linux {
         Machine::Pc
     } else {
         Machine::Bare
