@@ -143,6 +143,11 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "pool_resets: {}", s.pool_resets)?;
     writeln!(f, "mmio_fast: {}", s.mmio_fast)?;
     writeln!(f, "pt_emulated: {}", s.pt_emulated)?;
+    writeln!(f, "apic_injections: {}", s.apic_injections)?;
+    writeln!(f, "apic_timer_irqs: {}", s.apic_timer_irqs)?;
+    writeln!(f, "apic_messages: {}", s.apic_messages)?;
+    writeln!(f, "apic_accesses: {}", s.apic_accesses)?;
+    writeln!(f, "halt_sleeps: {}", s.halt_sleeps)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }
 
