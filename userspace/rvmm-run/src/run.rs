@@ -750,7 +750,15 @@ pub fn run_inner(
     if args.stats {
         match cpu.stats() {
             Some(s) => print_stats(&s),
-            None => eprintln!("rvmm-run: the {} backend has no counters", cpu.name()),
+            None => match cpu.counters() {
+                Ok(c) => {
+                    eprintln!("rvmm-run: {} counters (vCPU 0 and the VM):", cpu.name());
+                    for (name, v) in c.iter().filter(|(_, v)| *v != 0) {
+                        eprintln!("  {name:<28} {v:>10}");
+                    }
+                }
+                Err(e) => eprintln!("rvmm-run: the {} backend's counters: {e}", cpu.name()),
+            },
         }
     }
     if args.dump_regs {
