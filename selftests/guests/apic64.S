@@ -3,7 +3,7 @@
  * The local APIC, as a guest sees it (a flat binary at 0x100000; long mode with the
  * identity map; RDI = vCPU index, RSI = number of vCPUs). vCPU 0 runs every check
  * twice, in xAPIC mode (the MMIO page at 0xfee00000) and in x2APIC mode (MSRs):
- *   id/version; periodic timer rate (10 periods measured with RDTSC); one-shot timer
+ *   id/version; periodic timer rate (28 periods measured with RDTSC); one-shot timer
  *   (fires once, after the programmed time); TSC-deadline timer; self-IPIs and EOI
  *   (EOI ends the highest in-service vector; nested delivery by priority class); TPR
  *   (and CR8) mask lower classes; x2APIC #GP for an absent register.
@@ -161,20 +161,24 @@ checks:
 	mov	ecx, 0x380
 	mov	eax, 5000
 	call	apic_wr
-	WAIT	TIMER_VEC, 11
+	/* 28 periods from the 2nd interrupt to the 30th: a late first or last delivery
+	 * (the host scheduling the other vCPU's thread) shows in the average only
+	 * 1/28th. */
+	WAIT	TIMER_VEC, 30
 2:	mov	ecx, 0x380
 	xor	eax, eax
 	call	apic_wr
-	mov	rax, [TS + 11 * 8]
-	sub	rax, [TS + 1 * 8]
+	mov	rax, [TS + 30 * 8]
+	sub	rax, [TS + 2 * 8]
 	xor	edx, edx
-	mov	rcx, 10
+	mov	rcx, 28
 	div	rcx
 	mov	rbx, 80000
 	lea	rsi, [rip + s_periodic]
 	call	check_rate
 
-	/* One-shot: divide by 1, 1,000,000 ticks; fires once. */
+	/* One-shot: divide by 1, 3,000,000 ticks (long enough that a delivery delayed by
+	 * the host's scheduling stays within 5 %); fires once. */
 	call	reset_counts
 	mov	ecx, 0x3e0
 	mov	eax, 0xb
@@ -187,7 +191,7 @@ checks:
 	or	rax, rdx
 	mov	r12, rax
 	mov	ecx, 0x380
-	mov	eax, 1000000
+	mov	eax, 3000000
 	call	apic_wr
 	WAIT	TIMER_VEC, 1
 2:	/* Nothing more within two more periods (interrupts on). */
@@ -212,10 +216,10 @@ checks:
 	jnz	fail_line
 	mov	rax, [LAST_TSC + TIMER_VEC * 8]
 	sub	rax, r12
-	mov	rbx, 1000000
+	mov	rbx, 3000000
 	call	check_rate
 
-	/* TSC deadline, 1,000,000 TSC ticks ahead. */
+	/* TSC deadline, 3,000,000 TSC ticks ahead. */
 	call	reset_counts
 	mov	ecx, 0x320
 	mov	eax, (2 << 17) | DL_VEC
@@ -224,7 +228,7 @@ checks:
 	shl	rdx, 32
 	or	rax, rdx
 	mov	r12, rax
-	add	rax, 1000000
+	add	rax, 3000000
 	mov	rdx, rax
 	shr	rdx, 32
 	mov	ecx, 0x6e0
@@ -237,8 +241,8 @@ checks:
 	jnz	fail_line
 	mov	rax, [LAST_TSC + DL_VEC * 8]
 	sub	rax, r12
-	/* TSC ticks: no crystal ratio; check_rate scales by N/D, so undo it. */
-	mov	rbx, 1000000
+	/* TSC ticks: no crystal ratio (check_tsc, not check_rate). */
+	mov	rbx, 3000000
 	call	check_tsc
 	mov	ecx, 0x320
 	mov	eax, 1 << 16

@@ -1171,8 +1171,8 @@ pub fn apic_timer_ipi_eoi_tpr(_: &Ctx) -> Outcome {
                 format!("vCPU 1 ended with {:?}", exits[1])
             })?;
         }
-        // 20 periodic + 2 one-shot + 2 deadline interrupts at least.
-        check(st.apic_timer_irqs >= 24, || {
+        // 2 x 30 periodic + 2 one-shot + 2 deadline interrupts at least.
+        check(st.apic_timer_irqs >= 64, || {
             format!("only {} timer interrupts", st.apic_timer_irqs)
         })?;
         check(st.halt_sleeps > 0, || "no HLT slept in the host".into())?;
