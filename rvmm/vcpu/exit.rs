@@ -23,6 +23,9 @@ use super::{vmr, vmw, Next, Pending, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 
+/// IA32_BIOS_SIGN_ID (microcode update signature).
+const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+
 /// The host's TSC.
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
@@ -1156,6 +1159,9 @@ impl VcpuInner {
             }
             MSR_TSC_DEADLINE if self.apic.is_some() => self.apic.as_ref()?.tsc_deadline(),
             msr::IA32_MISC_ENABLE => 1,
+            // IA32_BIOS_SIGN_ID: the microcode revision (none: 0), which Linux writes 0
+            // to and reads back after a CPUID.
+            IA32_BIOS_SIGN_ID => 0,
             _ => return None,
         })
     }
@@ -1232,7 +1238,7 @@ impl VcpuInner {
                     a.set_tsc_deadline(v);
                 }
             }
-            msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE => {}
+            msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE | IA32_BIOS_SIGN_ID => {}
             _ => return false,
         }
         true
