@@ -1274,9 +1274,8 @@ impl VcpuInner {
         // With an APIC the window may have been the APIC's: userspace sees it only if it
         // asked for it.
         // SAFETY: our run page.
-        if self.apic.is_some()
-            && unsafe { ptr::read_volatile(ptr::addr_of!((*run).request_interrupt_window)) } == 0
-        {
+        let asked = unsafe { ptr::read_volatile(ptr::addr_of!((*run).request_interrupt_window)) };
+        if self.apic.is_some() && asked == 0 {
             return Next::Fast;
         }
         self.exit_to_user(run, uapi::RVMM_EXIT_IRQ_WINDOW_OPEN)

@@ -101,6 +101,28 @@ pub fn guest_images(_: &Ctx) -> Outcome {
     Ok(())
 }
 
+/// Loads KVM with ept=0 (shadow paging, as rvmm), for runs to compare with.
+fn load_kvm_ept0(ctx: &Ctx) -> Result<(), String> {
+    for (ko, name, params) in [
+        ("irqbypass.ko", "irqbypass", c""),
+        ("kvm.ko", "kvm", c""),
+        ("kvm-intel.ko", "kvm_intel", c"ept=0"),
+    ] {
+        if !sys::module_loaded(name) {
+            sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unloads what `load_kvm_ept0` loaded.
+fn unload_kvm() -> Result<(), String> {
+    for name in ["kvm_intel", "kvm", "irqbypass"] {
+        sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// One run of an image through rvmm-run: serial output, exit status, final state line.
 fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), String> {
     let mut cmd = Command::new("rvmm-run");
@@ -130,15 +152,7 @@ fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), St
 /// the state recorded in expected/NAME.state (which the host's KVM checks too, where it
 /// can run the image).
 pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
-    for (ko, name, params) in [
-        ("irqbypass.ko", "irqbypass", c""),
-        ("kvm.ko", "kvm", c""),
-        ("kvm-intel.ko", "kvm_intel", c"ept=0"),
-    ] {
-        if !sys::module_loaded(name) {
-            sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
-        }
-    }
+    load_kvm_ept0(ctx)?;
     let ept = std::fs::read_to_string("/sys/module/kvm_intel/parameters/ept")
         .map_err(|e| format!("kvm_intel ept parameter: {e}"))?;
     let result = (|| {
@@ -194,9 +208,7 @@ pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
         ));
         Ok(())
     })();
-    for name in ["kvm_intel", "kvm", "irqbypass"] {
-        sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
-    }
+    unload_kvm()?;
     result
 }
 
@@ -1059,10 +1071,8 @@ fn run_apic_guest(n: u32) -> Result<(String, Vec<Exit>, rvmm::uapi::VmStats), St
             .map(|v| {
                 s.spawn(move || -> Result<(String, Exit), String> {
                     // SAFETY: pthread_self has no preconditions.
-                    threads
-                        .lock()
-                        .unwrap()
-                        .push(unsafe { libc::pthread_self() } as usize);
+                    let me = unsafe { libc::pthread_self() } as usize;
+                    threads.lock().unwrap().push(me);
                     let mut out = Vec::new();
                     loop {
                         match v.run().map_err(|e| e.to_string())? {
@@ -1303,22 +1313,12 @@ pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
         })?;
         rvmm.push(r);
     }
-    for (ko, name, params) in [
-        ("irqbypass.ko", "irqbypass", c""),
-        ("kvm.ko", "kvm", c""),
-        ("kvm-intel.ko", "kvm_intel", c"ept=0"),
-    ] {
-        if !sys::module_loaded(name) {
-            sys::insmod_with(&ctx.ko(ko), params).map_err(|e| format!("insmod {ko}: {e}"))?;
-        }
-    }
+    load_kvm_ept0(ctx)?;
     let kvm: Result<Vec<_>, String> = cases
         .iter()
         .map(|(image, cpus, _, _)| run(image, cpus, true))
         .collect();
-    for name in ["kvm_intel", "kvm", "irqbypass"] {
-        sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
-    }
+    unload_kvm()?;
     let kvm = kvm?;
     check(kvm == rvmm, || {
         format!("KVM ept=0 gave {kvm:?}, rvmm {rvmm:?}")

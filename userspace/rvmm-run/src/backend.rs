@@ -61,10 +61,8 @@ impl MsiFd {
             return Err(format!("dup: {}", std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh descriptor nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(d) },
-            kvm,
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(d) };
+        Ok(Self { fd, kvm })
     }
 }
 
