@@ -16,13 +16,14 @@ ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else
 
-.PHONY: all help setup kernel module userspace selftests initramfs demo test bench check-host e2e clean
+.PHONY: all help setup kernel guest-kernel module userspace selftests initramfs demo test bench check-host e2e clean
 
 all: module userspace selftests
 
 help:
 	@echo "make setup      install host packages and bindgen-cli (root)"
 	@echo "make kernel     fetch, patch and build the host kernel into ~/.cache/rvmm"
+	@echo "make guest-kernel  build the Linux guest kernel (kernel/guest.config) into ~/.cache/rvmm"
 	@echo "make module     build rvmm.ko (KDIR=... to use your own built tree)"
 	@echo "make userspace  build rvmm-run (static)"
 	@echo "make selftests  build the kselftest binary (static)"
@@ -35,6 +36,9 @@ setup:
 
 kernel: setup
 	bash scripts/kernel.sh >/dev/null
+
+guest-kernel: setup
+	bash scripts/guest-kernel.sh
 
 build/kdir: FORCE
 	@mkdir -p build

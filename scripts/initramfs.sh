@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 # Build the test initramfs: busybox, rvmm.ko (+ KVM's modules for comparison tests),
-# rvmm-run and the kselftest binary. Usage: initramfs.sh KDIR OUT.cpio.gz
+# rvmm-run, the kselftest binary, the guest images, and the Linux guest (the guest
+# kernel's bzImage and its own initramfs). Usage: initramfs.sh KDIR OUT.cpio.gz
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 kdir=$1 out=$2
@@ -27,4 +28,8 @@ cp "$RVMM_ROOT"/target/guests/*.elf "$RVMM_ROOT"/target/guests/*.bin "$root/lib/
 cp "$RVMM_ROOT"/selftests/guests/expected/* "$root/lib/rvmm/guests/"
 mkdir -p "$root/lib/rvmm/bench"
 cp "$RVMM_ROOT"/target/bench/*.elf "$root/lib/rvmm/bench/" 2>/dev/null || true
+mkdir -p "$root/lib/rvmm/linux"
+guest_bz=$(bash "$RVMM_ROOT/scripts/guest-kernel.sh")
+cp "$guest_bz" "$root/lib/rvmm/linux/bzImage"
+bash "$RVMM_ROOT/scripts/guest-initramfs.sh" "$root/lib/rvmm/linux/initrd.gz"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"

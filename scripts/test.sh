@@ -22,8 +22,9 @@ host_failed=$(sed -nE 's/^test result: .* ([0-9]+) passed; ([0-9]+) failed.*/\2/
 rm -f build-host-tests.log
 step_done
 
-step "build kernel (cached), rvmm.ko, rvmm-run, selftests"
+step "build kernel (cached), rvmm.ko, rvmm-run, selftests, the Linux guest kernel (cached)"
 make --no-print-directory module userspace selftests
+bash scripts/guest-kernel.sh >/dev/null
 step_done
 
 e2e_log=$(mktemp)

@@ -10,6 +10,7 @@
 
 mod ktap;
 mod kvm_guest;
+mod linux_tests;
 mod sys;
 mod vm_tests;
 
@@ -108,6 +109,8 @@ fn main() {
         );
         suite.add("smp_acpi_wakeup_mailbox", vm_tests::smp_acpi_wakeup_mailbox);
         suite.add("consistent_cpu", vm_tests::consistent_cpu);
+        suite.add("linux_boot_workload", linux_tests::linux_boot_workload);
+        suite.add("linux_console_session", linux_tests::linux_console_session);
         suite.add("init_sipi_real_mode_ap", vm_tests::init_sipi_real_mode_ap);
         suite.add("shadow_limits", vm_tests::shadow_limits);
         suite.add(

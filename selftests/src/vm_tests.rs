@@ -102,7 +102,7 @@ pub fn guest_images(_: &Ctx) -> Outcome {
 }
 
 /// Loads KVM with ept=0 (shadow paging, as rvmm), for runs to compare with.
-fn load_kvm_ept0(ctx: &Ctx) -> Result<(), String> {
+pub(crate) fn load_kvm_ept0(ctx: &Ctx) -> Result<(), String> {
     for (ko, name, params) in [
         ("irqbypass.ko", "irqbypass", c""),
         ("kvm.ko", "kvm", c""),
@@ -116,7 +116,7 @@ fn load_kvm_ept0(ctx: &Ctx) -> Result<(), String> {
 }
 
 /// Unloads what `load_kvm_ept0` loaded.
-fn unload_kvm() -> Result<(), String> {
+pub(crate) fn unload_kvm() -> Result<(), String> {
     for name in ["kvm_intel", "kvm", "irqbypass"] {
         sys::rmmod(name).map_err(|e| format!("rmmod {name}: {e}"))?;
     }

@@ -8,7 +8,7 @@ use rvmm::Exit;
 
 use rvmm::guest::GuestMem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::platform::IrqSink;
 
@@ -19,6 +19,8 @@ pub trait Backend: Send {
     fn set_sregs(&mut self, sregs: &Sregs) -> Result<(), String>;
     /// The control registers and EFER (the rest of `Sregs` left zero by KVM's backend).
     fn sregs(&mut self) -> Result<Sregs, String>;
+    /// The guest's time-stamp counter now (IA32_TIME_STAMP_COUNTER as the guest reads it).
+    fn guest_tsc(&mut self) -> Result<u64, String>;
     fn run(&mut self) -> Result<Exit, String>;
     /// The value of the IN that caused the last exit.
     fn set_io_in(&mut self, value: u32);
@@ -102,6 +104,9 @@ impl IrqSink for MsiFd {
     }
 }
 
+/// IA32_TIME_STAMP_COUNTER.
+const IA32_TSC: u32 = 0x10;
+
 /// rvmm: one vCPU of a VM; the VM owns the vCPU's run mapping, so every vCPU's backend
 /// keeps the VM alive.
 pub struct RvmmBackend {
@@ -178,6 +183,13 @@ impl Backend for RvmmBackend {
     fn set_mmio_data(&mut self, value: u64) {
         self.vcpu.set_mmio_data(value);
     }
+    fn guest_tsc(&mut self) -> Result<u64, String> {
+        match self.vcpu.get_msrs(&[IA32_TSC]) {
+            Ok(v) if v.len() == 1 => Ok(v[0]),
+            Ok(_) => Err("RVMM_GET_MSRS did not read IA32_TIME_STAMP_COUNTER".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
     fn sregs(&mut self) -> Result<Sregs, String> {
         self.vcpu.sregs().map_err(|e| e.to_string())
     }
@@ -221,6 +233,7 @@ impl Backend for RvmmBackend {
         v.push(("apic_messages".into(), s.apic_messages));
         v.push(("apic_accesses".into(), s.apic_accesses));
         v.push(("halt_sleeps".into(), s.halt_sleeps));
+        v.push(("pool_pages_peak".into(), s.pool_pages_peak));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {
@@ -247,6 +260,8 @@ pub struct KvmBackend {
     _vm: Arc<kvm_ioctls::VmFd>,
     vm_stats: std::fs::File,
     vcpu_stats: std::fs::File,
+    /// Every vCPU's statistics file (the counters of vCPU 0 add up all of them).
+    all_vcpu_stats: Arc<Mutex<Vec<std::fs::File>>>,
 }
 
 /// KVM_GET_STATS_FD: the binary statistics file of a VM or vCPU.
@@ -329,6 +344,7 @@ impl KvmBackend {
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
         let vm = Arc::new(vm);
         let mut out = Vec::new();
+        let all = Arc::new(Mutex::new(Vec::new()));
         for i in 0..cpus {
             let vcpu = vm
                 .create_vcpu(i.into())
@@ -348,11 +364,15 @@ impl KvmBackend {
                 .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
             let vm_stats = stats_fd(&*vm)?;
             let vcpu_stats = stats_fd(&vcpu)?;
+            all.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(vcpu_stats.try_clone().map_err(|e| e.to_string())?);
             out.push(Self {
                 vcpu,
                 _vm: vm.clone(),
                 vm_stats,
                 vcpu_stats,
+                all_vcpu_stats: all.clone(),
             });
         }
         Ok(out)
@@ -523,6 +543,18 @@ impl Backend for KvmBackend {
             Err(e) => Err(format!("KVM_RUN: {e}")),
         }
     }
+    fn guest_tsc(&mut self) -> Result<u64, String> {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("KVM_GET_MSRS: {e:?}"))?;
+        match self.vcpu.get_msrs(&mut msrs) {
+            Ok(1) => Ok(msrs.as_slice()[0].data),
+            Ok(_) => Err("KVM_GET_MSRS did not read IA32_TIME_STAMP_COUNTER".into()),
+            Err(e) => Err(format!("KVM_GET_MSRS: {e}")),
+        }
+    }
     fn sregs(&mut self) -> Result<Sregs, String> {
         let k = self
             .vcpu
@@ -540,8 +572,23 @@ impl Backend for KvmBackend {
     }
     /// KVM's binary statistics of the VM and of its vCPU (cumulative counters only).
     fn counters(&mut self) -> Result<Vec<(String, u64)>, String> {
+        // The VM's counters, then every vCPU's added up (by name, in vCPU 0's order).
         let mut v = kvm_stats(&self.vm_stats)?;
-        v.extend(kvm_stats(&self.vcpu_stats)?);
+        let mut sum = kvm_stats(&self.vcpu_stats)?;
+        for f in self
+            .all_vcpu_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .skip(1)
+        {
+            for (name, n) in kvm_stats(f)? {
+                if let Some(e) = sum.iter_mut().find(|(k, _)| *k == name) {
+                    e.1 += n;
+                }
+            }
+        }
+        v.extend(sum);
         v.sort();
         Ok(v)
     }

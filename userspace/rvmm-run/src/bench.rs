@@ -25,6 +25,11 @@ pub enum BenchCommand {
     /// Run benchmark images on one backend; print a line per scenario and append the
     /// results to a CSV file.
     Run(BenchRunArgs),
+    /// Boot a Linux guest that runs a workload and powers off (the repo's guest kernel and
+    /// initramfs: rvmm_linux=workload), and record the whole run: guest-TSC ticks from
+    /// kernel entry to init, to the workload's end and to power-off, and the VM's exit
+    /// and shadow-MMU counters (scenario `linux-<N>cpu`).
+    Linux(BenchLinuxArgs),
     /// Print the results of a CSV file as one table: ticks per operation on each
     /// configuration, rvmm / KVM ept=0 with its target, and exits per operation.
     Table {
@@ -51,6 +56,31 @@ pub struct BenchRunArgs {
     /// the 64-address-space scenario needs).
     #[arg(long, default_value_t = 64)]
     pub mem: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchLinuxArgs {
+    /// The guest kernel (bzImage).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Its initramfs (with the workload init).
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory size, in MiB.
+    #[arg(long, default_value_t = 96)]
+    pub mem: u64,
+    /// Run on /dev/kvm instead of /dev/rvmm.
+    #[arg(long)]
+    pub kvm: bool,
+    /// The configuration's name in the results (default: rvmm, or kvm with --kvm).
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Append the results to this CSV file.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
 }
 
 /// One measured section.
@@ -143,6 +173,7 @@ fn per_op(n: u64, ops: u64) -> f64 {
 pub fn bench(device: &str, cmd: &BenchCommand) -> Result<(), String> {
     match cmd {
         BenchCommand::Run(a) => bench_run(device, a),
+        BenchCommand::Linux(a) => bench_linux(device, a),
         BenchCommand::Table { csv } => {
             let text =
                 std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
@@ -169,7 +200,9 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
     };
     for image in &a.images {
         let args = RunArgs {
-            image: image.clone(),
+            image: Some(image.clone()),
+            kernel: None,
+            no_stdin: true,
             mem: a.mem,
             load_addr: 0x100000,
             mode: None,
@@ -219,6 +252,111 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
                 f.write_all(rows.as_bytes()).map_err(|e| e.to_string())?;
             }
         }
+    }
+    Ok(())
+}
+
+/// What a Linux run leaves: its console output and, at its end, the counters.
+#[derive(Default)]
+struct LinuxProbe {
+    serial: Vec<u8>,
+    entry_tsc: Option<u64>,
+    end_tsc: Option<u64>,
+    counters: Vec<(String, u64)>,
+}
+
+impl Observer for LinuxProbe {
+    fn mark(&mut self, _: &mut dyn Backend, _: u32) -> Result<(), String> {
+        Ok(())
+    }
+    fn serial(&mut self, byte: u8) {
+        self.serial.push(byte);
+    }
+    fn end(&mut self, cpu: &mut dyn Backend, entry_tsc: Option<u64>) -> Result<(), String> {
+        self.entry_tsc = entry_tsc;
+        self.end_tsc = Some(cpu.guest_tsc()?);
+        self.counters = cpu.counters()?;
+        Ok(())
+    }
+}
+
+/// The `tsc=N` of the guest's first marker line that starts with `prefix`.
+fn marker_tsc(console: &str, prefix: &str) -> Option<u64> {
+    console
+        .lines()
+        .find(|l| l.starts_with(prefix))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tsc="))?
+        .parse()
+        .ok()
+}
+
+/// The CSV rows of a Linux run: TSC intervals from kernel entry, then the counters.
+fn linux_rows(config: &str, scenario: &str, p: &LinuxProbe) -> Result<String, String> {
+    let console = String::from_utf8_lossy(&p.serial).replace('\r', "");
+    let entry = p.entry_tsc.ok_or("no guest TSC at kernel entry")?;
+    let init = marker_tsc(&console, "RVMM-LINUX init ").ok_or("the guest's init printed no TSC")?;
+    let done = marker_tsc(&console, "RVMM-LINUX done rc=0 ")
+        .ok_or("the workload did not finish with rc=0 (no 'RVMM-LINUX done rc=0' marker)")?;
+    let off = p.end_tsc.ok_or("no guest TSC at the end")?;
+    let mut rows = String::new();
+    for (metric, t) in [
+        ("tsc_to_init", init),
+        ("tsc_to_done", done),
+        ("tsc_to_poweroff", off),
+    ] {
+        rows += &format!("{config},{scenario},{metric},{}\n", t.wrapping_sub(entry));
+    }
+    for (k, v) in p.counters.iter().filter(|(_, v)| *v != 0) {
+        rows += &format!("{config},{scenario},{k},{v}\n");
+    }
+    Ok(rows)
+}
+
+fn bench_linux(device: &str, a: &BenchLinuxArgs) -> Result<(), String> {
+    let config = a
+        .config
+        .clone()
+        .unwrap_or_else(|| if a.kvm { "kvm" } else { "rvmm" }.into());
+    let args = RunArgs {
+        image: None,
+        kernel: Some(a.kernel.clone()),
+        no_stdin: true,
+        mem: a.mem,
+        load_addr: 0x100000,
+        mode: None,
+        append: Some("console=ttyS0 rvmm_linux=workload".into()),
+        kvm: a.kvm,
+        dump_regs: false,
+        stats: false,
+        prefault: false,
+        shadow_pages: 0,
+        shadow_roots: 0,
+        module: Vec::new(),
+        initrd: Some(a.initrd.clone()),
+        machine: Some(run::Machine::Pc),
+        cpus: a.cpus,
+    };
+    let mut probe = LinuxProbe::default();
+    let code = run::run_inner(device, &args, Some(&mut probe))?;
+    let console = String::from_utf8_lossy(&probe.serial).into_owned();
+    if code != std::process::ExitCode::SUCCESS {
+        let lines: Vec<&str> = console.lines().collect();
+        return Err(format!(
+            "the Linux guest did not power off cleanly ({code:?}); its last lines:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        ));
+    }
+    let scenario = format!("linux-{}cpu", a.cpus);
+    let rows = linux_rows(&config, &scenario, &probe)?;
+    print!("{}", rows.replace(',', " "));
+    if let Some(p) = &a.csv {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(rows.as_bytes()))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
 }
@@ -305,6 +443,13 @@ pub fn table(csv: &str) -> Result<String, String> {
         v.get(&(c.to_owned(), s.to_owned()))
             .and_then(|l| l.iter().rev().find(|(k, _)| k == m).map(|(_, x)| *x))
     };
+    // Whole Linux runs (`bench linux`) have a section of their own.
+    let linux: Vec<String> = order
+        .iter()
+        .filter(|s| s.starts_with("linux-"))
+        .cloned()
+        .collect();
+    order.retain(|s| !s.starts_with("linux-"));
     let mut out = String::new();
     out +=
         "Guest-measured ticks per operation (Bochs: ticks are emulated instructions, not time)\n";
@@ -367,8 +512,85 @@ pub fn table(csv: &str) -> Result<String, String> {
             );
         }
     }
+    for s in &linux {
+        out += &format!(
+            "\n{s}: Linux guest boot, workload and power-off (totals; ticks = guest TSC)\n"
+        );
+        out += &format!("{:<22}", "metric");
+        for c in &configs {
+            out += &format!(" {c:>13}");
+        }
+        if ratio {
+            out += &format!(" {:>14}", "rvmm/kvm-ept0");
+        }
+        out += "\n";
+        let mut metrics: Vec<String> = LINUX_METRICS.iter().map(|m| m.to_string()).collect();
+        for c in &configs {
+            for (k, _) in v.get(&(c.clone(), s.clone())).into_iter().flatten() {
+                if k.starts_with("exit:") && !metrics.contains(k) {
+                    metrics.push(k.clone());
+                }
+            }
+        }
+        for m in &metrics {
+            if configs.iter().all(|c| get(c, s, m).is_none()) {
+                continue;
+            }
+            out += &format!("{:<22}", m.trim_start_matches("exit:"));
+            for c in &configs {
+                out += &match get(c, s, m) {
+                    Some(x) => format!(" {x:>13.0}"),
+                    None => format!(" {:>13}", "-"),
+                };
+            }
+            if ratio {
+                out += &match (get("rvmm", s, m), get("kvm-ept0", s, m)) {
+                    (Some(r), Some(k)) if k > 0.0 => format!(" {:>14.2}", r / k),
+                    _ => format!(" {:>14}", "-"),
+                };
+            }
+            out += "\n";
+        }
+    }
     Ok(out)
 }
+
+/// The rows of a Linux run's table, in order (then rvmm's exits by reason). rvmm and
+/// KVM count different things: a metric one of them lacks shows as `-`.
+const LINUX_METRICS: &[&str] = &[
+    "tsc_to_init",
+    "tsc_to_done",
+    "tsc_to_poweroff",
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "shadow_faults",
+    "pf_fixed",
+    "guest_page_faults",
+    "pf_guest",
+    "pt_writes",
+    "pt_emulated",
+    "mmu_pte_write",
+    "insn_emulation",
+    "unsyncs",
+    "mmu_unsync",
+    "resyncs",
+    "flood_unshadows",
+    "mmu_flooded",
+    "root_hits",
+    "root_misses",
+    "mmu_cache_miss",
+    "pool_pages_peak",
+    "zaps",
+    "mmu_shadow_zapped",
+    "mmu_recycled",
+    "invlpg",
+    "tlb_flush",
+    "apic_injections",
+    "irq_injections",
+];
 
 #[cfg(test)]
 mod tests {
@@ -403,6 +625,60 @@ mod tests {
         );
         assert_eq!(s[1].counters, c(&[("exits", 8192)]));
         assert!(samples(serial, vec![]).is_err());
+    }
+
+    #[test]
+    fn linux_rows_and_table() {
+        let p = LinuxProbe {
+            serial: b"boot\r\nRVMM-LINUX init cpus=1 kernel=7.3.4 tsc=1500 job=workload\r\n\
+                      RVMM-LINUX done rc=0 tsc=9000\r\n"
+                .to_vec(),
+            entry_tsc: Some(1000),
+            end_tsc: Some(9500),
+            counters: c(&[
+                ("exits", 70),
+                ("exit:HLT", 5),
+                ("pool_pages_peak", 300),
+                ("zaps", 0),
+            ]),
+        };
+        let rows = linux_rows("rvmm", "linux-1cpu", &p).unwrap();
+        assert_eq!(
+            rows,
+            "rvmm,linux-1cpu,tsc_to_init,500\nrvmm,linux-1cpu,tsc_to_done,8000\n\
+             rvmm,linux-1cpu,tsc_to_poweroff,8500\nrvmm,linux-1cpu,exits,70\n\
+             rvmm,linux-1cpu,exit:HLT,5\nrvmm,linux-1cpu,pool_pages_peak,300\n"
+        );
+        let failed = LinuxProbe {
+            serial: b"RVMM-LINUX init cpus=1 tsc=1\nRVMM-LINUX done rc=1 tsc=2\n".to_vec(),
+            entry_tsc: Some(0),
+            ..Default::default()
+        };
+        assert!(linux_rows("rvmm", "linux-1cpu", &failed).is_err());
+        let csv = format!(
+            "rvmm,cpuid,ticks_per_op,239\nkvm-ept0,cpuid,ticks_per_op,845\n{rows}\
+             kvm-ept0,linux-1cpu,tsc_to_init,1000\nkvm-ept0,linux-1cpu,exits,140\n\
+             kvm-ept0,linux-1cpu,pf_fixed,9\n"
+        );
+        let t = table(&csv).unwrap();
+        assert!(
+            !t.contains("linux-1cpu  "),
+            "a Linux run is not a per-op scenario: {t}"
+        );
+        let row = |name: &str| t.lines().find(|l| l.starts_with(name)).unwrap().to_owned();
+        let init = row("tsc_to_init ");
+        assert!(
+            init.contains("500") && init.contains("1000") && init.ends_with("0.50"),
+            "{init}"
+        );
+        assert!(row("exits ").ends_with("0.50"), "{t}");
+        let pf = row("pf_fixed ");
+        assert!(
+            pf.contains(" - ") || pf.split_whitespace().nth(1) == Some("-"),
+            "{pf}"
+        );
+        assert!(row("HLT ").contains('5'), "{t}");
+        assert!(!t.lines().any(|l| l.starts_with("zaps")), "{t}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod backend;
 mod bench;
+mod console;
 mod linux;
 mod multiboot;
 mod platform;

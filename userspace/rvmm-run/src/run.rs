@@ -17,8 +17,19 @@ use rvmm::guest::{self as machine, GuestMem};
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Guest image: an ELF64/ELF32 executable (loaded by its program headers, entered
-    /// at its entry point) or a flat binary (loaded at --load-addr, entered there).
-    pub image: PathBuf,
+    /// at its entry point), a multiboot kernel, a Linux bzImage (as --kernel) or a flat
+    /// binary (loaded at --load-addr, entered there).
+    #[arg(required_unless_present = "kernel", conflicts_with = "kernel")]
+    pub image: Option<PathBuf>,
+    /// A Linux kernel (bzImage), booted by the x86 boot protocol's 64-bit entry on the
+    /// `pc` machine; --initrd is its initramfs, --append its command line.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Do not send stdin to the guest's serial port. Without it (`--machine pc`), stdin
+    /// goes to COM1's receiver: on a terminal, in raw mode (keys such as Ctrl-C go to the
+    /// guest), and Ctrl-A x quits.
+    #[arg(long)]
+    pub no_stdin: bool,
     /// Guest memory size, in MiB.
     #[arg(long, default_value_t = 16)]
     pub mem: u64,
@@ -28,8 +39,9 @@ pub struct RunArgs {
     /// CPU mode at entry [default: protected for ELF32 images, long otherwise].
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// A command line for the guest: written NUL-terminated at guest-physical 0x9000,
-    /// whose address the guest finds in RDI (EDI) at entry.
+    /// A command line for the guest: a Linux kernel's, a multiboot kernel's, or else
+    /// written NUL-terminated at guest-physical 0x9000, whose address the guest finds in
+    /// RDI (EDI) at entry.
     #[arg(long)]
     pub append: Option<String>,
     /// Run on /dev/kvm instead of /dev/rvmm (to compare).
@@ -90,6 +102,11 @@ pub trait Observer {
     fn mark(&mut self, cpu: &mut dyn Backend, value: u32) -> Result<(), String>;
     /// A byte the guest wrote to its serial port.
     fn serial(&mut self, byte: u8);
+    /// The run ended (vCPU 0's backend, the VM's counters); `entry_tsc`: the guest's
+    /// TSC before its first instruction.
+    fn end(&mut self, _cpu: &mut dyn Backend, _entry_tsc: Option<u64>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where serial output goes: stdout, or the observer.
@@ -182,6 +199,18 @@ impl Shared {
             }
         }
         None
+    }
+
+    /// Input for the guest's serial port; returns how many bytes its receive FIFO took.
+    fn serial_input(&self, bytes: &[u8]) -> usize {
+        let n = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_raw_bytes(bytes)
+            .unwrap_or(0);
+        self.raise_serial_irq();
+        n
     }
 
     /// A port read (absent ports read as all ones).
@@ -405,10 +434,14 @@ const DEBUG_EXIT: u16 = 0xf4;
 pub const BENCH_MARK: u16 = 0xf6;
 
 /// Loads `image`; returns its entry point and the mode it wants by default.
-fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<(u64, Mode), String> {
-    let data = std::fs::read(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+fn load(
+    mem: &mut GuestMem,
+    args: &RunArgs,
+    image: &std::path::Path,
+    data: &[u8],
+) -> Result<(u64, Mode), String> {
     if data.starts_with(b"\x7fELF") {
-        let entry = load_elf(mem, &data).map_err(|e| format!("{}: {e}", args.image.display()))?;
+        let entry = load_elf(mem, data).map_err(|e| format!("{}: {e}", image.display()))?;
         return Ok((
             entry,
             if data[4] == 1 {
@@ -418,8 +451,8 @@ fn load(mem: &mut GuestMem, args: &RunArgs) -> Result<(u64, Mode), String> {
             },
         ));
     }
-    mem.write(args.load_addr, &data)
-        .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    mem.write(args.load_addr, data)
+        .map_err(|e| format!("{}: {e}", image.display()))?;
     Ok((args.load_addr, Mode::Long))
 }
 
@@ -511,7 +544,7 @@ pub fn run(device: &str, args: &RunArgs) -> ExitCode {
     }
 }
 
-/// Runs `args.image` to its end; returns the exit status rvmm-run would exit with.
+/// Runs the image (or kernel) to its end; returns the exit status rvmm-run would exit with.
 pub fn run_inner(
     device: &str,
     args: &RunArgs,
@@ -525,10 +558,26 @@ pub fn run_inner(
     if args.prefault {
         mem.prefault();
     }
-    let data = std::fs::read(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
-    let multiboot = crate::multiboot::find_header(&data)
-        .transpose()
-        .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let image = args
+        .kernel
+        .as_ref()
+        .or(args.image.as_ref())
+        .ok_or("give an IMAGE or --kernel")?;
+    let data = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    if args.kernel.is_some() && !crate::linux::is_bzimage(&data) {
+        return Err(format!(
+            "--kernel {}: not a Linux bzImage (no \"HdrS\" boot-protocol header at 0x202; \
+             give arch/x86/boot/bzImage, not vmlinux)",
+            image.display()
+        ));
+    }
+    let multiboot = if args.kernel.is_some() {
+        None
+    } else {
+        crate::multiboot::find_header(&data)
+            .transpose()
+            .map_err(|e| format!("{}: {e}", image.display()))?
+    };
     let linux = multiboot.is_none() && crate::linux::is_bzimage(&data);
     let mut modules = args.module.clone();
     if !linux {
@@ -537,30 +586,24 @@ pub fn run_inner(
     if linux && !args.module.is_empty() {
         return Err(format!(
             "{}: --module is for multiboot images; a Linux kernel takes one --initrd",
-            args.image.display()
+            image.display()
         ));
     }
     if multiboot.is_none() && !linux && !modules.is_empty() {
         return Err(format!(
-            "{}: --module/--initrd need a multiboot image (no multiboot header in its first 8 KiB)",
-            args.image.display()
+            "{}: --module/--initrd need a multiboot image or a Linux kernel (no multiboot \
+             header in its first 8 KiB, no Linux boot-protocol header)",
+            image.display()
         ));
     }
     let (entry, default_mode) = match &multiboot {
         None if linux => (0, Mode::Long),
         Some(h) => (
-            crate::multiboot::load(
-                &mut mem,
-                &data,
-                h,
-                &args.image,
-                args.append.as_deref(),
-                &modules,
-            )
-            .map_err(|e| format!("{}: {e}", args.image.display()))?,
+            crate::multiboot::load(&mut mem, &data, h, image, args.append.as_deref(), &modules)
+                .map_err(|e| format!("{}: {e}", image.display()))?,
             Mode::Protected,
         ),
-        None => load(&mut mem, args)?,
+        None => load(&mut mem, args, image, &data)?,
     };
     let stack = (args.mem << 20) - 16;
     let mode = match args.mode.unwrap_or(default_mode) {
@@ -579,7 +622,7 @@ pub fn run_inner(
             initrd.as_deref(),
             crate::platform::ACPI_BASE.into(),
         )
-        .map_err(|e| format!("{}: {e}", args.image.display()))?
+        .map_err(|e| format!("{}: {e}", image.display()))?
     } else {
         machine::setup(&mut mem, mode, entry, stack)?
     };
@@ -665,6 +708,10 @@ pub fn run_inner(
         serial_irq,
         platform,
     });
+    if pc && observer.is_none() && !args.no_stdin {
+        let shared = shared.clone();
+        crate::console::spawn(move |bytes| shared.serial_input(bytes))?;
+    }
     // The APs: each waits for the guest's wake-up through the ACPI mailbox, then starts
     // in long mode (the control and segment registers rvmm-run's long-mode entry uses,
     // on the firmware's page tables and GDT).
@@ -701,6 +748,11 @@ pub fn run_inner(
                 .map_err(|e| format!("AP thread: {e}"))?;
         }
     }
+    let entry_tsc = if args.stats || observer.is_some() {
+        cpu.guest_tsc().ok()
+    } else {
+        None
+    };
     let code = loop {
         match cpu.run()? {
             Exit::IoOut {
@@ -747,7 +799,19 @@ pub fn run_inner(
         }
     };
     let _ = std::io::stdout().flush();
+    if let (Some(o), Some(c)) = (observer, &capture) {
+        for b in c.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            o.serial(b);
+        }
+        o.end(cpu.as_mut(), entry_tsc)?;
+    }
     if args.stats {
+        if let (Some(t0), Ok(t1)) = (entry_tsc, cpu.guest_tsc()) {
+            eprintln!(
+                "rvmm-run: guest TSC at entry {t0}, at the end {t1} ({} ticks)",
+                t1.wrapping_sub(t0)
+            );
+        }
         match cpu.stats() {
             Some(s) => print_stats(&s),
             None => match cpu.counters() {
