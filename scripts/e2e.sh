@@ -70,7 +70,7 @@ test)
 		# clearcpuid=invpcid: global TLB flushes then rewrite CR4 from its shadow, the
 		# path that would drop a CR4.VMXE set behind the kernel's back.
 		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job test \
-			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 1500 --append "clearcpuid=invpcid${RVMM_TEST_ONLY:+ rvmm_only=$RVMM_TEST_ONLY}"
+			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 2700 --append "clearcpuid=invpcid${RVMM_TEST_ONLY:+ rvmm_only=$RVMM_TEST_ONLY}"
 		step_done
 		record "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
 		# The tests leave rvmm loaded: power-off must take every CPU out of VMX first.

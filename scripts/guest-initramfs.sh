@@ -10,7 +10,7 @@ work=$RVMM_ROOT/target/x86_64-unknown-linux-gnu/release/rvmm-workload
 file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' || die "/bin/busybox is not static" "apt-get install busybox-static"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,usr/bin,usr/sbin}
+mkdir -p "$root"/{bin,sbin,dev,etc,proc,sys,tmp,usr/bin,usr/sbin}
 cp /bin/busybox "$root/bin/busybox"
 cp "$work" "$root/bin/rvmm-workload"
 install -m 755 "$RVMM_ROOT/selftests/linux/init" "$root/init"

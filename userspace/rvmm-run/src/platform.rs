@@ -71,7 +71,14 @@ pub fn ap_long_mode(s: &mut rvmm::uapi::Sregs) {
     s.cr3 = AP_PML4;
     s.gdt.base = AP_GDT;
     s.gdt.limit = 4 * 8 - 1;
+    // EFER.NXE on, as firmware that starts APs in 64-bit mode leaves it (TDX forces
+    // it): Linux's trampoline_start64 loads its own page tables, whose entries for the
+    // real-mode stack carry XD, before it writes EFER (with NXE 0, XD is a reserved bit
+    // and the AP's first push faults into a zero IDT).
+    s.efer |= EFER_NXE;
 }
+
+const EFER_NXE: u64 = 1 << 11;
 
 /// The e820 map of `size` bytes of RAM at 0: (base, length, type 1 RAM / 2 reserved).
 pub fn e820(size: u64) -> Vec<(u64, u64, u32)> {

@@ -420,8 +420,23 @@ fn run_ap(
             },
             e => {
                 eprint!("rvmm-run: AP {apic_id}: ");
-                fatal_exit(&e, cpu.name());
-                std::process::exit(5);
+                let code = fatal_exit(&e, cpu.name());
+                if let Ok(state) = final_state(cpu.as_mut()) {
+                    eprintln!(
+                        "rvmm-run: AP {apic_id}: {}",
+                        state.trim_start_matches("rvmm-run: ")
+                    );
+                }
+                if let Ok(s) = cpu.sregs() {
+                    eprintln!(
+                        "rvmm-run: AP {apic_id}: cs={:#x} (base {:#x}, l={} db={}) ss={:#x} cr2={:#x} \
+                         gdt={:#x}/{:#x} idt={:#x}/{:#x}",
+                        s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.ss.selector, s.cr2,
+                        s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit
+                    );
+                }
+                let _ = std::io::stdout().flush();
+                std::process::exit(if code == ExitCode::from(3) { 3 } else { 5 });
             }
         }
     }
