@@ -5,7 +5,9 @@
 //! vCPUs take with interrupts off (on #PF, MOV CR3 and INVLPG exits). Nothing on those
 //! paths allocates.
 
-use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Mutex, sync::SpinLock};
 use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
@@ -152,6 +154,11 @@ pub(crate) struct Shadow {
     /// without VPIDs, its next VM entry flushes its TLB.
     running: [AtomicI32; MAX_VCPUS],
     exits: [AtomicU64; MAX_VCPUS],
+    /// Per vCPU: between "about to enter guest mode" and its next VM exit. A vCPU that
+    /// is not is handling an exit in the host, and its next VM entry flushes its TLB:
+    /// a remote flush need not wait for it (and must not: it may itself be waiting for
+    /// this vCPU, interrupts off).
+    in_guest: [AtomicBool; MAX_VCPUS],
     /// The pool's generation and number of out-of-sync shadows, as of the last pool
     /// operation: a vCPU switches to a root it holds a reference on without the lock
     /// when the generation is the same and nothing needs a resync.
@@ -169,6 +176,7 @@ impl Shadow {
             vcpus: AtomicU32::new(0),
             running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
             exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
+            in_guest: [const { AtomicBool::new(false) }; MAX_VCPUS],
             generation: AtomicU64::new(0),
             unsync: AtomicUsize::new(0),
             fast_root_hits: AtomicU64::new(0),
@@ -228,8 +236,16 @@ impl Shadow {
         self.running[id as usize].store(cpu, Ordering::SeqCst);
     }
 
+    /// vCPU `id` is about to enter guest mode (interrupts off, nothing between this
+    /// and the VM entry instruction that could wait for another vCPU).
+    pub(crate) fn entering(&self, id: u32) {
+        self.in_guest[id as usize].store(true, Ordering::SeqCst);
+    }
+
     /// vCPU `id` left the guest (one VM exit). Only the vCPU itself writes its count.
     pub(crate) fn exited(&self, id: u32) {
+        // Out of guest mode first, then counted (see `kick_others`).
+        self.in_guest[id as usize].store(false, Ordering::SeqCst);
         let n = &self.exits[id as usize];
         n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
     }
@@ -256,8 +272,14 @@ impl Shadow {
                 continue;
             }
             let cpu = self.running[j].load(Ordering::SeqCst);
-            if cpu >= 0 {
-                *s = (cpu, self.exits[j].load(Ordering::Acquire));
+            // The count before the mode: a vCPU seen in guest mode after its count was
+            // read leaves it with a new count. One seen out of guest mode enters again
+            // only after this point, with a flushed TLB: not waited for, so that two
+            // vCPUs flushing at once (each in its run section, interrupts off) do not
+            // wait for each other for ever.
+            let n = self.exits[j].load(Ordering::SeqCst);
+            if cpu >= 0 && self.in_guest[j].load(Ordering::SeqCst) {
+                *s = (cpu, n);
                 // SAFETY: `cpu` is an online CPU (a vCPU runs there with interrupts off,
                 // so it cannot go offline under it); a reschedule IPI has no other effect.
                 unsafe { rvmm_kick_cpu(cpu) };

@@ -1334,6 +1334,7 @@ impl VcpuInner {
         let mut launched = false;
         let next = loop {
             self.deliver_events();
+            self.shadow.entering(id);
             let r = self.enter_once(launched, host.xcr0);
             self.shadow.exited(id);
             if r.is_err() {

@@ -18,14 +18,16 @@ kdir=$(cat "$RVMM_ROOT/build/kdir")
 out=$RVMM_ROOT/build/e2e
 mkdir -p "$out"
 
+# One initramfs per mode: a test run and a bench run may build theirs at the same time.
+initrd=$out/initrd-$mode.gz
 step "build initramfs"
-bash "$RVMM_ROOT/scripts/initramfs.sh" "$kdir" "$out/initrd.gz"
+bash "$RVMM_ROOT/scripts/initramfs.sh" "$kdir" "$initrd"
 step_done
 
 case $mode in
 demo)
 	step "boot Bochs (VT-x, 1 CPU): insmod rvmm.ko; rvmm-run info; rvmm-run status (about 1 min)"
-	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job demo \
+	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job demo \
 		--log "$out/demo.log" --timeout 600
 	step_done
 	sed -E 's/\r$//' "$out/demo.log" | sed -n '/RVMM-INIT/,/RVMM-DEMO-RC/p'
@@ -34,7 +36,7 @@ demo)
 bench | benchquick | benchlinux)
 	# 2 CPUs: the Linux guest runs with 1 and 2 vCPUs; the benchmark guests use one.
 	step "boot Bochs (VT-x, 2 CPUs): benchmarks on rvmm$([ "$mode" != benchquick ] && echo ", KVM ept=0, KVM ept=1") (3-20 min)"
-	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job "$mode" \
+	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job "$mode" \
 		--cpus 2 --log "$out/bench.log" --timeout 3600
 	step_done
 	tr -d '\r' <"$out/bench.log" | sed -nE 's/^(\[ *[0-9.]+\] )?RVMM-BENCH-CSV //p' >"$out/bench.csv"
@@ -61,7 +63,7 @@ test)
 		TOTAL_FAILED=$((${TOTAL_FAILED:-0} + ${f:-0}))
 	}
 	step "boot QEMU TCG (no VT-x): rvmm must refuse to load"
-	bash "$RVMM_ROOT/scripts/boot.sh" qemu --kdir "$kdir" --initrd "$out/initrd.gz" --job novmx \
+	bash "$RVMM_ROOT/scripts/boot.sh" qemu --kdir "$kdir" --initrd "$initrd" --job novmx \
 		--log "$out/qemu-novmx.log" --timeout 120
 	step_done
 	record qemu-novmx "$out/qemu-novmx.log"
@@ -69,7 +71,7 @@ test)
 		step "boot Bochs (VT-x, $cpus CPU): kselftests (about 1 min with 1 CPU, 2 min with 2)"
 		# clearcpuid=invpcid: global TLB flushes then rewrite CR4 from its shadow, the
 		# path that would drop a CR4.VMXE set behind the kernel's back.
-		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$out/initrd.gz" --job test \
+		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job test \
 			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 2700 --append "clearcpuid=invpcid${RVMM_TEST_ONLY:+ rvmm_only=$RVMM_TEST_ONLY}"
 		step_done
 		record "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"

@@ -549,6 +549,19 @@ impl<T: Tables> Pool<'_, T> {
         flooded
     }
 
+    /// Whether a pinned shadow of `gfn` (a cached root) has been written over and over
+    /// without a walk through it: flooding, which cannot unshadow a pinned table. Its
+    /// writes then unsync it rather than being emulated one by one (a dead process's
+    /// page directory, still in the root cache, that the guest zeroes and fills for a
+    /// new process).
+    fn flooding_pinned(&self, gfn: u64) -> bool {
+        let mut flooding = false;
+        self.for_gfn(gfn, |_, sp| {
+            flooding |= sp.flood >= FLOOD_LIMIT && sp.pins > 0
+        });
+        flooding
+    }
+
     /// A guest write reached shadow `i` of a table: counts it towards flooding, and
     /// unshadows it if the table floods. Returns whether `i` is gone.
     fn written(&mut self, i: u32, flooded: bool) -> bool {
@@ -1416,7 +1429,11 @@ impl<T: Tables> Pool<'_, T> {
         let gfn = w.gpa >> 12;
         let mut emulate = false;
         if leaf & SPTE_RW != 0 && self.protected(gfn) {
-            if access.write && self.st.emulate_writes && self.upper_shadow(gfn) {
+            if access.write
+                && self.st.emulate_writes
+                && self.upper_shadow(gfn)
+                && !self.flooding_pinned(gfn)
+            {
                 // Upper-level tables stay in sync: the vCPU emulates the write and the
                 // shadow entries follow (pt_written). The page stays read-only.
                 leaf &= !SPTE_RW;

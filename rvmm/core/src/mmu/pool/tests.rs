@@ -1077,6 +1077,47 @@ fn upper_level_writes_are_emulated_and_stay_in_sync() {
 }
 
 #[test]
+fn a_cached_root_written_over_and_over_goes_out_of_sync() {
+    let mut m = Machine::new(64, 16);
+    m.s.st.emulate_writes = true;
+    let first = m.cr3;
+    // A second address space, loaded once: its root stays in the cache (pinned) after
+    // the switch back, as a dead process's page directory does until it is reused.
+    let gva = map_private(&mut m, 1);
+    let root = (ROOTS + 1) << 12;
+    m.load_cr3(root);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 1) << 12));
+    m.load_cr3(first);
+    // The guest reuses the page for a new address space: its first writes are emulated
+    // (a cached root stays in sync), until FLOOD_LIMIT of them came without a walk
+    // through it...
+    for k in 0..u64::from(FLOOD_LIMIT) {
+        m.write(root + 8 * (100 + k), 0);
+        assert!(m.emulated, "write {k} is emulated");
+    }
+    // ...then it goes out of sync, and writes reach it without exits.
+    m.write(root + 8 * 200, 0);
+    assert!(!m.emulated);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    let w = Access {
+        write: true,
+        ..Access::default()
+    };
+    assert_eq!(m.access(root + 8 * 201, w), (Ok(root + 8 * 201), true));
+    // The new process's page directory: entry 1 gone, entry 2 -> the old PDPT. Loading
+    // it brings the cached root up to date.
+    m.write(root + 8, 0);
+    m.write(root + 16, ((TABLES + 3) << 12) | P | RW | US);
+    m.load_cr3(root);
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    assert_eq!(m.access(gva, rd()).0, Err(0));
+    assert_eq!(m.access(2 << 39, rd()).0, Ok((DATA + 1) << 12));
+    // In use again (walked), it is back to emulated writes.
+    m.write(root + 8 * 300, 0);
+    assert!(m.emulated);
+}
+
+#[test]
 fn bits32_quadrants_and_halves() {
     let mut m = Machine::with_mode(64, 16, MODE_BITS32);
     let pt = TABLES;
