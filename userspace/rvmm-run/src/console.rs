@@ -53,8 +53,7 @@ extern "C" fn restore_terminal() {
     }
 }
 
-/// Puts stdin's terminal in raw mode (input only: no echo, no line editing, no signals
-/// from keys; output processing stays) and restores it when the process exits.
+/// Puts stdin's terminal in raw mode and restores it when the process exits.
 fn raw_mode() {
     // SAFETY: termios is plain data; tcgetattr fills it for fd 0 (checked: it is a tty).
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -62,6 +61,18 @@ fn raw_mode() {
     if unsafe { libc::tcgetattr(0, &mut t) } != 0 || SAVED.set(t).is_err() {
         return;
     }
+    make_raw(&mut t);
+    // SAFETY: restore_terminal is an extern "C" fn with no arguments; `t` is valid.
+    unsafe {
+        libc::atexit(restore_terminal);
+        libc::tcsetattr(0, libc::TCSANOW, &t);
+    }
+}
+
+/// Raw input: no echo, no line editing, no signals or flow control from keys, 8-bit
+/// bytes one at a time; output processing stays (the host terminal still turns the
+/// guest's and rvmm-run's newlines into CR LF).
+fn make_raw(t: &mut libc::termios) {
     t.c_iflag &= !(libc::IGNBRK
         | libc::BRKINT
         | libc::PARMRK
@@ -74,11 +85,6 @@ fn raw_mode() {
     t.c_cflag = (t.c_cflag & !(libc::CSIZE | libc::PARENB)) | libc::CS8;
     t.c_cc[libc::VMIN] = 1;
     t.c_cc[libc::VTIME] = 0;
-    // SAFETY: restore_terminal is an extern "C" fn with no arguments; `t` is valid.
-    unsafe {
-        libc::atexit(restore_terminal);
-        libc::tcsetattr(0, libc::TCSANOW, &t);
-    }
 }
 
 /// Starts the input thread: bytes from stdin go to `send` (which returns how many the
@@ -130,6 +136,54 @@ pub fn spawn(send: impl Fn(&[u8]) -> usize + Send + 'static) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_mode_on_a_pseudo_terminal() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two descriptors; the name/termios/winsize are optional.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: plain data, filled by tcgetattr on the new terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `slave` is an open terminal; `t` a live local.
+        assert_eq!(unsafe { libc::tcgetattr(slave, &mut t) }, 0);
+        assert_ne!(
+            t.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG),
+            0,
+            "a cooked tty"
+        );
+        make_raw(&mut t);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::tcsetattr(slave, libc::TCSANOW, &t) }, 0);
+        // Typed on the "keyboard": a line-editing key, Ctrl-C and a newline arrive as
+        // they are, at once, without an echo back.
+        let typed = b"a\x7f\x03\r";
+        // SAFETY: writes/reads with live buffers of the given lengths.
+        unsafe {
+            assert_eq!(libc::write(master, typed.as_ptr().cast(), typed.len()), 4);
+            let mut got = [0u8; 16];
+            let n = libc::read(slave, got.as_mut_ptr().cast(), got.len());
+            assert_eq!(&got[..n as usize], typed);
+            let mut fl = libc::fcntl(master, libc::F_GETFL);
+            fl |= libc::O_NONBLOCK;
+            libc::fcntl(master, libc::F_SETFL, fl);
+            assert_eq!(
+                libc::read(master, got.as_mut_ptr().cast(), got.len()),
+                -1,
+                "no echo"
+            );
+            libc::close(master);
+            libc::close(slave);
+        }
+    }
 
     #[test]
     fn ctrl_a_escapes() {
