@@ -68,7 +68,7 @@ test)
 	step_done
 	record qemu-novmx "$out/qemu-novmx.log"
 	for cpus in ${RVMM_E2E_CPUS:-1 2}; do
-		step "boot Bochs (VT-x, $cpus CPU): kselftests (about 1 min with 1 CPU, 2 min with 2)"
+		step "boot Bochs (VT-x, $cpus CPU): kselftests (about 3 min with 1 CPU, 6 min with 2)"
 		# clearcpuid=invpcid: global TLB flushes then rewrite CR4 from its shadow, the
 		# path that would drop a CR4.VMXE set behind the kernel's back.
 		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job test \
