@@ -1108,13 +1108,55 @@ impl<T: Tables> Pool<'_, T> {
         upper
     }
 
-    /// Resyncs every unsync shadow (a flushing CR3 load), or only the upper-level ones
-    /// (INVLPG flushes the paging-structure caches); then write-protects their tables.
+    /// Whether a pinned sp is sp `i` or above it (through parent links, at most `depth`
+    /// levels up; deeper counts as yes).
+    fn rooted(&self, i: u32, depth: u8) -> bool {
+        let sp = &self.sps[i as usize];
+        if sp.pins > 0 || depth == 0 {
+            return true;
+        }
+        let mut n = sp.parents;
+        while n != NIL {
+            let l = self.links[n as usize];
+            if self.rooted(l.at >> 9, depth - 1) {
+                return true;
+            }
+            n = l.next;
+        }
+        false
+    }
+
+    /// Whether sp `i` is `top` or linked below it (through parent links, at most
+    /// `depth` levels up).
+    fn under(&self, i: u32, top: u32, depth: u8) -> bool {
+        if i == top {
+            return true;
+        }
+        if depth == 0 {
+            return false;
+        }
+        let mut n = self.sps[i as usize].parents;
+        while n != NIL {
+            let l = self.links[n as usize];
+            if self.under(l.at >> 9, top, depth - 1) {
+                return true;
+            }
+            n = l.next;
+        }
+        false
+    }
+
+    /// Resyncs the unsync shadows under `top` (NIL: every one), or only the upper-level
+    /// ones (INVLPG flushes the paging-structure caches); then write-protects their
+    /// tables. A flushing CR3 load syncs what its root reaches: tables only other
+    /// address spaces use may stay out of sync (a dead process's are never synced
+    /// again); linking a shadow into a tree syncs what it brings along ([`Pool::child`]).
     fn sync(
         &mut self,
         guest: &mut impl GuestPhys,
         ctx: &PermCtx,
         upper_only: bool,
+        top: u32,
     ) -> Result<(), Full> {
         if self.st.n_unsync == 0 {
             return Ok(());
@@ -1125,7 +1167,20 @@ impl<T: Tables> Pool<'_, T> {
         let mut done = 0;
         while k < self.st.n_unsync {
             let i = self.unsync[k];
-            if upper_only && self.sps[i as usize].role.level() == 1 {
+            if !self.rooted(i, 4) {
+                // An orphan (a dead process's table, whose tree dropped it): unshadowed
+                // rather than synced. No pinned sp (a vCPU's root, a cached root, a
+                // fault's path) reaches it, so no CPU's TLB can hold anything of it
+                // now: no remote flush for this. `zap` takes it off the list.
+                let dirty = self.st.tlb_dirty;
+                self.zap(i);
+                self.st.tlb_dirty = dirty;
+                self.st.stats.flood_unshadows += 1;
+                continue;
+            }
+            if (upper_only && self.sps[i as usize].role.level() == 1)
+                || (top != NIL && !self.under(i, top, 4))
+            {
                 k += 1;
                 continue;
             }
@@ -1161,6 +1216,7 @@ impl<T: Tables> Pool<'_, T> {
         index: usize,
         gfn: u64,
         role: Role,
+        ctx: &PermCtx,
     ) -> Result<u32, Full> {
         let e = self.tables.table(parent)[index];
         if e & SPTE_P != 0 {
@@ -1171,6 +1227,7 @@ impl<T: Tables> Pool<'_, T> {
             }
         }
         let mut c = self.find(gfn, role);
+        let existing = c != NIL;
         if c == NIL {
             c = self.alloc_sp(gfn, role)?;
             if !role.direct() {
@@ -1186,6 +1243,12 @@ impl<T: Tables> Pool<'_, T> {
             spte::table(pa)
         };
         self.set_entry(parent, index, e)?;
+        if existing {
+            // An existing shadow joined this tree (linked first, so that it is no
+            // orphan): what went out of sync under it before this address space's last
+            // flush must not show through it.
+            self.sync(guest, ctx, false, c)?;
+        }
         Ok(c)
     }
 
@@ -1220,9 +1283,6 @@ impl<T: Tables> Pool<'_, T> {
         prev: u32,
         flush: bool,
     ) -> Result<u32, Full> {
-        if flush {
-            self.sync(guest, ctx, false)?;
-        }
         let (m, pse, cr3) = match mode {
             PagingMode::Long4 => (MODE_LONG4, false, cr3 & ((1u64 << ctx.maxphyaddr) - 1)),
             PagingMode::Pae => (MODE_PAE, false, cr3 & 0xffff_ffe0),
@@ -1251,6 +1311,11 @@ impl<T: Tables> Pool<'_, T> {
         if prev != NIL && self.sps[prev as usize].valid {
             self.sps[prev as usize].pins -= 1;
         }
+        if flush {
+            // What this root reaches comes up to date (pinned first: a sync unshadows
+            // orphans).
+            self.sync(guest, ctx, false, r)?;
+        }
         if m == MODE_PAE {
             // MOV CR3 loads the four PDPTEs: the root is their copy.
             for j in 0..4 {
@@ -1258,7 +1323,7 @@ impl<T: Tables> Pool<'_, T> {
                 let sp = self.sps[r as usize];
                 match Self::expected_child(&sp, j, pdpte, ctx) {
                     Some((gfn, role)) => {
-                        self.child(guest, r, j, gfn, role)?;
+                        self.child(guest, r, j, gfn, role, ctx)?;
                     }
                     None => self.set_entry(r, j, 0)?,
                 }
@@ -1398,7 +1463,7 @@ impl<T: Tables> Pool<'_, T> {
             };
             // A walk that succeeded always leads somewhere.
             let (gfn, role) = Self::expected_child(&cur, j, pte, ctx).ok_or(Full)?;
-            sp = self.child(guest, sp, j, gfn, role)?;
+            sp = self.child(guest, sp, j, gfn, role, ctx)?;
             pin(self, sp);
         }
         let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
@@ -1529,7 +1594,7 @@ impl<T: Tables> Pool<'_, T> {
         gva: u64,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
-        self.sync(guest, ctx, true)?;
+        self.sync(guest, ctx, true, NIL)?;
         let mut sp = root;
         let mode = self.sps[root as usize].role.mode();
         for level in (1..=top_level(mode)).rev() {
@@ -1593,7 +1658,7 @@ impl<T: Tables> Pool<'_, T> {
     /// Flushes every TLB entry (INVPCID of all contexts, a single context): every
     /// out-of-sync shadow is brought up to date.
     pub fn flush_all(&mut self, guest: &mut impl GuestPhys, ctx: &PermCtx) -> Result<(), Full> {
-        self.sync(guest, ctx, false)
+        self.sync(guest, ctx, false, NIL)
     }
 
     /// Number of shadows out of sync now.

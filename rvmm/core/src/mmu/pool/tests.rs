@@ -1118,6 +1118,33 @@ fn a_cached_root_written_over_and_over_goes_out_of_sync() {
 }
 
 #[test]
+fn a_flush_syncs_what_its_root_reaches_and_a_new_link_what_it_brings() {
+    let mut m = Machine::new(64, 16);
+    m.s.st.emulate_writes = true;
+    // Address space a: gva -> DATA, gva + 4 KiB -> DATA + 1, through a's private tables.
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    m.g.mem[(pt * 512 + 1) as usize] = ((DATA + 1) << 12) | P | RW | US;
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.access(gva + 0x1000, rd()).0, Ok((DATA + 1) << 12));
+    // On address space b, which does not reach a's tables, the guest changes a's PT
+    // and flushes: only what b reaches is synced, a's PT stays out of sync.
+    let b = (ROOTS + 1) << 12;
+    m.load_cr3(b);
+    m.write((pt << 12) + 8, ((DATA + 6) << 12) | P | RW | US | A);
+    m.load_cr3(b);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    let resyncs = m.s.st.stats.resyncs;
+    // b links a's PDPT: the shadows it brings along come up to date first (the change
+    // was made before b's last flush), not only the entry a fault refills.
+    m.write(b + 8, (TABLES << 12) | P | RW | US);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.access(gva + 0x1000, rd()), (Ok((DATA + 6) << 12), true));
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    assert_eq!(m.s.st.stats.resyncs, resyncs + 1);
+}
+
+#[test]
 fn bits32_quadrants_and_halves() {
     let mut m = Machine::with_mode(64, 16, MODE_BITS32);
     let pt = TABLES;
