@@ -15,8 +15,10 @@
 //! Coherence: the guest frame of every shadowed table is write-protected in every leaf
 //! that maps it (the rmap, keyed by host frame, finds those leaves). A guest write to it
 //! makes its shadows *unsync* and the frame writable again, with no emulation; an
-//! unsync shadow is resynced on a flushing CR3 load (and, for upper levels, on INVLPG),
-//! where the architecture lets the TLB and paging-structure caches be stale until then.
+//! unsync shadow is resynced on a flushing CR3 load whose root reaches it (and, for
+//! upper levels, on INVLPG), where the architecture lets the TLB and paging-structure
+//! caches be stale until then; linking a shadow into a tree first resyncs what is out
+//! of sync under it, and an unsync shadow that no pinned root reaches is unshadowed.
 //! A table unsynced again and again without being walked (write flooding: fork, a
 //! table page reused as data) is unshadowed.
 //!
