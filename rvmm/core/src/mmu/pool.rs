@@ -1586,8 +1586,8 @@ impl<T: Tables> Pool<'_, T> {
         Ok(())
     }
 
-    /// INVLPG `gva` under root `root`: the upper-level shadows come back in sync (the
-    /// paging-structure caches are flushed) and `gva`'s shadow entry is refreshed from
+    /// INVLPG `gva` under root `root`: the upper-level shadows under it come back in
+    /// sync (the paging-structure caches are flushed) and `gva`'s shadow entry is refreshed from
     /// the guest's PTE (dropped where it cannot be cached).
     pub fn invlpg(
         &mut self,
@@ -1596,7 +1596,10 @@ impl<T: Tables> Pool<'_, T> {
         gva: u64,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
-        self.sync(guest, ctx, true, NIL)?;
+        // INVLPG acts on the current address space: the upper-level shadows its root
+        // reaches (others, a root being filled for a new process included, wait for
+        // their own flush).
+        self.sync(guest, ctx, true, root)?;
         let mut sp = root;
         let mode = self.sps[root as usize].role.mode();
         for level in (1..=top_level(mode)).rev() {
