@@ -16,7 +16,7 @@ ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else
 
-.PHONY: all help setup kernel guest-kernel module userspace selftests initramfs demo test bench check-host e2e clean
+.PHONY: all help setup kernel guest-kernel module userspace selftests initramfs demo linux test bench check-host e2e clean
 
 all: module userspace selftests
 
@@ -28,6 +28,7 @@ help:
 	@echo "make userspace  build rvmm-run (static)"
 	@echo "make selftests  build the kselftest binary (static)"
 	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
+	@echo "make linux      boot Bochs, insmod rvmm.ko, a Linux guest's shell on this terminal"
 	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
 	@echo "make bench      benchmark guests on rvmm, KVM ept=0, KVM ept=1 in one Bochs boot"
 
@@ -61,6 +62,9 @@ selftests:
 
 demo: setup module userspace selftests
 	bash scripts/e2e.sh demo
+
+linux: setup module userspace selftests
+	bash scripts/e2e.sh linux
 
 test:
 	bash scripts/test.sh

@@ -3,7 +3,9 @@
 # Boot the host kernel + test initramfs headless and capture the serial console.
 #
 #   boot.sh bochs|qemu --kdir DIR --initrd FILE --job JOB --log FILE [--cpus N]
-#           [--timeout SEC] [--append "extra kernel args"]
+#           [--timeout SEC] [--append "extra kernel args"] [--interactive]
+#
+# --interactive (Bochs): the serial console is this terminal instead of the log file.
 #
 # Bochs 2.7 is the VT-x machine (Haswell model, VMX with EPT); QEMU TCG has no VMX and
 # boots in seconds. The run is judged by its serial log, not the emulator's exit status
@@ -13,7 +15,7 @@ set -euo pipefail
 
 emu=$1
 shift
-cpus=1 timeout=600 append="" kdir="" initrd="" job="" log=""
+cpus=1 timeout=600 append="" kdir="" initrd="" job="" log="" interactive=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	--kdir) kdir=$2 ;;
@@ -23,6 +25,11 @@ while [ $# -gt 0 ]; do
 	--cpus) cpus=$2 ;;
 	--timeout) timeout=$2 ;;
 	--append) append=$2 ;;
+	--interactive)
+		interactive=$(tty) || die "boot.sh --interactive needs a terminal on stdin"
+		shift
+		continue
+		;;
 	*) die "boot.sh: unknown option $1" ;;
 	esac
 	shift 2
@@ -68,7 +75,7 @@ bochs)
 	vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
 	ata0-master: type=cdrom, path=$work/boot.iso, status=inserted
 	boot: cdrom
-	com1: enabled=1, mode=file, dev=$log
+	com1: enabled=1, $([ -n "$interactive" ] && echo "mode=term, dev=$interactive" || echo "mode=file, dev=$log")
 	display_library: rfb, options="timeout=0"
 	sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
 	speaker: enabled=0
@@ -79,7 +86,7 @@ bochs)
 	# Debian's Bochs has its debugger built in: 'c' continues from the first instruction.
 	echo c | (cd "$work" && timeout --foreground -k 5 "$timeout" bochs -q -f "$work/bochsrc") >"$work/bochs.out" 2>&1 ||
 		{ rc=$?; [ $rc = 124 ] && log "Bochs timed out after ${timeout}s"; }
-	grep -q "RVMM-INIT" "$log" || { log "Bochs output:"; tail -n 20 "$work/bochs.out" >&2; tail -n 20 "$work/bochs.log" >&2; }
+	[ -n "$interactive" ] || grep -q "RVMM-INIT" "$log" || { log "Bochs output:"; tail -n 20 "$work/bochs.out" >&2; tail -n 20 "$work/bochs.log" >&2; }
 	;;
 *) die "boot.sh: emulator must be bochs or qemu, not $emu" ;;
 esac

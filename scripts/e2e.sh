@@ -4,6 +4,8 @@
 # (the Makefile's demo/test targets do that first).
 #
 #   e2e.sh demo   Bochs (VT-x), 1 CPU: insmod rvmm.ko, rvmm-run info + status
+#   e2e.sh linux  Bochs, 2 CPUs, its serial console on this terminal: the Linux guest's
+#                 shell on rvmm (interactive)
 #   e2e.sh bench  Bochs, 2 CPUs: benchmark guests and the Linux guest (1 and 2 vCPUs)
 #                 on rvmm, KVM ept=0 and KVM ept=1 (benchquick: guests on rvmm only;
 #                 benchlinux: the Linux guest only)
@@ -32,6 +34,13 @@ demo)
 	step_done
 	sed -E 's/\r$//' "$out/demo.log" | sed -n '/RVMM-INIT/,/RVMM-DEMO-RC/p'
 	grep -q 'RVMM-DEMO-RC=0' "$out/demo.log" || die "the demo failed (serial log: $out/demo.log)"
+	;;
+linux)
+	# The Linux guest's shell on rvmm, on this terminal (Bochs' serial port is the tty).
+	step "boot Bochs (VT-x, 2 CPUs), insmod rvmm.ko, boot the Linux guest on rvmm (about 2 min to its shell; 'poweroff' in it ends the run)"
+	bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job linux --cpus 2 \
+		--log "$out/linux.log" --timeout 7200 --append "quiet" --interactive
+	step_done
 	;;
 bench | benchquick | benchlinux)
 	# 2 CPUs: the Linux guest runs with 1 and 2 vCPUs; the benchmark guests use one.
