@@ -43,15 +43,8 @@ pub struct BenchRunArgs {
     /// Benchmark guest images (ELF).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
-    /// Run on /dev/kvm instead of /dev/rvmm.
-    #[arg(long)]
-    pub kvm: bool,
-    /// The configuration's name in the results (default: rvmm, or kvm with --kvm).
-    #[arg(long)]
-    pub config: Option<String>,
-    /// Append the results to this CSV file.
-    #[arg(long)]
-    pub csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: Output,
     /// Guest memory size, in MiB (64 keeps KVM's default shadow-page limit above what
     /// the 64-address-space scenario needs).
     #[arg(long, default_value_t = 64)]
@@ -72,6 +65,13 @@ pub struct BenchLinuxArgs {
     /// Guest memory size, in MiB.
     #[arg(long, default_value_t = 96)]
     pub mem: u64,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+/// Where a benchmark runs and where its results go (`bench run`, `bench linux`).
+#[derive(clap::Args, Debug)]
+pub struct Output {
     /// Run on /dev/kvm instead of /dev/rvmm.
     #[arg(long)]
     pub kvm: bool,
@@ -81,6 +81,29 @@ pub struct BenchLinuxArgs {
     /// Append the results to this CSV file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+}
+
+impl Output {
+    /// The configuration's name in the results.
+    fn config(&self) -> String {
+        self.config
+            .clone()
+            .unwrap_or_else(|| if self.kvm { "kvm" } else { "rvmm" }.into())
+    }
+
+    /// The CSV file to append to, opened (or created).
+    fn csv(&self) -> Result<Option<std::fs::File>, String> {
+        self.csv
+            .as_ref()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            })
+            .transpose()
+    }
 }
 
 /// One measured section.
@@ -184,20 +207,8 @@ pub fn bench(device: &str, cmd: &BenchCommand) -> Result<(), String> {
 }
 
 fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
-    let config = a
-        .config
-        .clone()
-        .unwrap_or_else(|| if a.kvm { "kvm" } else { "rvmm" }.into());
-    let mut csv = match &a.csv {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
+    let config = a.out.config();
+    let mut csv = a.out.csv()?;
     for image in &a.images {
         let args = RunArgs {
             image: Some(image.clone()),
@@ -207,7 +218,7 @@ fn bench_run(device: &str, a: &BenchRunArgs) -> Result<(), String> {
             load_addr: 0x100000,
             mode: None,
             append: None,
-            kvm: a.kvm,
+            kvm: a.out.kvm,
             dump_regs: false,
             stats: false,
             prefault: true,
@@ -314,10 +325,7 @@ fn linux_rows(config: &str, scenario: &str, p: &LinuxProbe) -> Result<String, St
 }
 
 fn bench_linux(device: &str, a: &BenchLinuxArgs) -> Result<(), String> {
-    let config = a
-        .config
-        .clone()
-        .unwrap_or_else(|| if a.kvm { "kvm" } else { "rvmm" }.into());
+    let config = a.out.config();
     let args = RunArgs {
         image: None,
         kernel: Some(a.kernel.clone()),
@@ -326,7 +334,7 @@ fn bench_linux(device: &str, a: &BenchLinuxArgs) -> Result<(), String> {
         load_addr: 0x100000,
         mode: None,
         append: Some("console=ttyS0 rvmm_linux=workload".into()),
-        kvm: a.kvm,
+        kvm: a.out.kvm,
         dump_regs: false,
         stats: false,
         prefault: false,
@@ -350,13 +358,8 @@ fn bench_linux(device: &str, a: &BenchLinuxArgs) -> Result<(), String> {
     let scenario = format!("linux-{}cpu", a.cpus);
     let rows = linux_rows(&config, &scenario, &probe)?;
     print!("{}", rows.replace(',', " "));
-    if let Some(p) = &a.csv {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .and_then(|mut f| f.write_all(rows.as_bytes()))
-            .map_err(|e| format!("{}: {e}", p.display()))?;
+    if let Some(mut f) = a.out.csv()? {
+        f.write_all(rows.as_bytes()).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

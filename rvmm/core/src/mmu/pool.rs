@@ -1169,22 +1169,29 @@ impl<T: Tables> Pool<'_, T> {
         let mut done = 0;
         while k < self.st.n_unsync {
             let i = self.unsync[k];
-            if !self.rooted(i, 4) {
-                // An orphan (a dead process's table, whose tree dropped it): unshadowed
-                // rather than synced. No pinned sp (a vCPU's root, a cached root, a
-                // fault's path) reaches it, so no CPU's TLB can hold anything of it
-                // now: no remote flush for this. `zap` takes it off the list.
-                let dirty = self.st.tlb_dirty;
-                self.zap(i);
-                self.st.tlb_dirty = dirty;
-                self.st.stats.flood_unshadows += 1;
-                continue;
-            }
-            if (upper_only && self.sps[i as usize].role.level() == 1)
-                || (top != NIL && !self.under(i, top, 4))
-            {
+            if upper_only && self.sps[i as usize].role.level() == 1 {
                 k += 1;
                 continue;
+            }
+            // Under `top` (one walk up the parent links; such an sp is rooted: `top`
+            // is pinned), else an orphan, else another address space's.
+            if top == NIL || !self.under(i, top, 4) {
+                if !self.rooted(i, 4) {
+                    // An orphan (a dead process's table, whose tree dropped it):
+                    // unshadowed rather than synced. No pinned sp (a vCPU's root, a
+                    // cached root, a fault's path) reaches it, so no CPU's TLB can hold
+                    // anything of it now: no remote flush for this. `zap` takes it off
+                    // the list.
+                    let dirty = self.st.tlb_dirty;
+                    self.zap(i);
+                    self.st.tlb_dirty = dirty;
+                    self.st.stats.flood_unshadows += 1;
+                    continue;
+                }
+                if top != NIL {
+                    k += 1;
+                    continue;
+                }
             }
             self.sps[i as usize].unsync = false;
             self.st.n_unsync -= 1;
