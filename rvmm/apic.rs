@@ -152,13 +152,14 @@ impl Irqchip {
                 shadow,
                 messages: AtomicU64::new(0),
             },
-            GFP_KERNEL,
+            GFP_KERNEL_ACCOUNT,
         )?)
     }
 
     /// A vCPU with an APIC joins: its HLT waiter is made and its mailbox opens.
     pub(crate) fn add_vcpu(&self, id: u32, a: &Addressing) -> Result {
-        let b = &self.boxes[id as usize];
+        // (The VM checked the ID; an out-of-range one must not index past the array.)
+        let b = self.boxes.get(id as usize).ok_or(EINVAL)?;
         if b.waiter.load(Acquire).is_null() {
             // SAFETY: plain allocation; freed in `drop`.
             let w = unsafe { rvmm_waiter_new() };
@@ -231,7 +232,8 @@ impl Irqchip {
         let ipi = match Ipi::from_msi(msi.address, msi.data) {
             Some(i) if msi.flags == 0 => i,
             _ => {
-                pr_info!(
+                user_pr!(
+                    pr_info,
                     "signal msi: address {:#x} is not an APIC message address (0xfeeXXXXX) or flags {:#x} are not 0\n",
                     msi.address,
                     msi.flags

@@ -32,6 +32,8 @@ extern "C" {
     pub(crate) fn rvmm_after_vmexit();
     pub(crate) fn rvmm_task_has_io_bitmap() -> bool;
     pub(crate) fn rvmm_reraise_nmi();
+    pub(crate) fn rvmm_machine_check();
+    fn rvmm_ratelimit() -> bool;
     pub(crate) fn rvmm_signal_pending() -> bool;
     pub(crate) fn rvmm_exit_request() -> bool;
     pub(crate) fn rvmm_cond_resched();
@@ -47,4 +49,10 @@ extern "C" {
     pub(crate) fn rvmm_waiter_arm(w: *mut c_void);
     pub(crate) fn rvmm_waiter_sleep(w: *mut c_void, timeout_ns: i64) -> i32;
     pub(crate) fn rvmm_waiter_wake(w: *mut c_void);
+}
+
+/// Whether a log line a user can cause may be printed now (see `user_pr!`).
+pub(crate) fn log_allowed() -> bool {
+    // SAFETY: the kernel's ratelimit state, callable from any context.
+    unsafe { rvmm_ratelimit() }
 }

@@ -15,6 +15,7 @@
 #include <linux/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/percpu.h>
+#include <linux/ratelimit.h>
 #include <linux/slab.h>
 #include <linux/smp.h>
 #include <linux/wait.h>
@@ -23,6 +24,7 @@
 #include <asm/apic.h>
 #include <asm/desc.h>
 #include <asm/fpu/api.h>
+#include <asm/mce.h>
 #include <asm/msr.h>
 #include <asm/special_insns.h>
 #include <asm/tsc.h>
@@ -229,6 +231,30 @@ void rvmm_reraise_nmi(void)
 	apic->send_IPI_self(NMI_VECTOR);
 }
 
+/*
+ * A machine check hit the guest (or its VM entry): the host's handler runs it, as if it
+ * had hit the host. Without CONFIG_X86_MCE the host ignores machine checks as well.
+ */
+void rvmm_machine_check(void)
+{
+#if IS_ENABLED(CONFIG_X86_MCE)
+	struct pt_regs regs = {
+		.cs = 3, /* as if from user mode: the handler may kill the task, not panic */
+		.flags = X86_EFLAGS_IF,
+	};
+
+	do_machine_check(&regs);
+#endif
+}
+
+/* Log lines a user can cause: the kernel's default burst of 10 every 5 s, module-wide. */
+static DEFINE_RATELIMIT_STATE(rvmm_user_rs, DEFAULT_RATELIMIT_INTERVAL, DEFAULT_RATELIMIT_BURST);
+
+bool rvmm_ratelimit(void)
+{
+	return __ratelimit(&rvmm_user_rs);
+}
+
 bool rvmm_signal_pending(void)
 {
 	return signal_pending(current);
@@ -258,13 +284,15 @@ int rvmm_cpu(void)
 /* Makes `cpu` take an interrupt, so a vCPU running there leaves guest mode (KVM's kick). */
 void rvmm_kick_cpu(int cpu)
 {
-	smp_send_reschedule(cpu);
+	/* A vCPU's section may have ended and its CPU gone offline since it was seen. */
+	if (cpu_online(cpu))
+		smp_send_reschedule(cpu);
 }
 
 /* A zeroed page below 4 GiB (a PAE shadow root must be: CR3 is 32 bits there). */
 struct page *rvmm_alloc_page_dma32(void)
 {
-	return alloc_page(GFP_KERNEL | __GFP_ZERO | GFP_DMA32);
+	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO | GFP_DMA32);
 }
 
 void rvmm_free_page(struct page *page)
@@ -288,7 +316,7 @@ struct rvmm_waiter {
 
 struct rvmm_waiter *rvmm_waiter_new(void)
 {
-	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL);
+	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT);
 
 	if (w)
 		init_waitqueue_head(&w->wq);

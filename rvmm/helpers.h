@@ -27,6 +27,8 @@ unsigned long rvmm_irq_save(void);
 void rvmm_irq_restore(unsigned long flags);
 void rvmm_after_vmexit(void);
 void rvmm_reraise_nmi(void);
+void rvmm_machine_check(void);
+bool rvmm_ratelimit(void);
 bool rvmm_signal_pending(void);
 bool rvmm_exit_request(void);
 void rvmm_cond_resched(void);

@@ -20,6 +20,18 @@ use kernel::{
 };
 use rvmm_uapi as uapi;
 
+/// A kernel log line that a guest or the process driving it can cause (a refused ioctl,
+/// a guest the module cannot run): printed at a limited rate over the whole module
+/// (the kernel's ratelimit, 10 lines per 5 s), so that nobody can flood the log. The
+/// errno says what went wrong; the line says why, when it gets through.
+macro_rules! user_pr {
+    ($level:ident, $($arg:tt)*) => {
+        if $crate::ffi::log_allowed() {
+            ::kernel::$level!($($arg)*);
+        }
+    };
+}
+
 mod apic;
 mod ffi;
 mod mmu;
@@ -109,7 +121,7 @@ fn vm_debugfs(vm: &Arc<vm::Vm>) -> Result<VmDebugfs> {
     let dir = debugfs::Dir::new(&name);
     let stats = KBox::pin_init(
         dir.read_callback_file(c"stats", vm.clone(), &print_stats),
-        GFP_KERNEL,
+        GFP_KERNEL_ACCOUNT,
     )?;
     Ok(VmDebugfs {
         _stats: stats,
@@ -147,6 +159,7 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "apic_timer_irqs: {}", s.apic_timer_irqs)?;
     writeln!(f, "apic_messages: {}", s.apic_messages)?;
     writeln!(f, "apic_accesses: {}", s.apic_accesses)?;
+    writeln!(f, "longest_section_ns: {}", s.longest_section_ns)?;
     writeln!(f, "halt_sleeps: {}", s.halt_sleeps)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }
@@ -183,7 +196,7 @@ impl MiscDevice for RvmmFile {
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
         KBox::try_pin_init(
             try_pin_init!(RvmmFile { vm <- new_mutex!(None), debugfs <- new_mutex!(None) }),
-            GFP_KERNEL,
+            GFP_KERNEL_ACCOUNT,
         )
     }
 
@@ -224,7 +237,8 @@ impl MiscDevice for RvmmFile {
         // SAFETY: `vma` is a valid VMA being set up for this file.
         let pgoff = unsafe { (*vma.as_ptr()).vm_pgoff };
         if vma.end() - vma.start() != uapi::RVMM_RUN_MMAP_SIZE as usize {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "mmap: map exactly {} bytes per vCPU run page\n",
                 uapi::RVMM_RUN_MMAP_SIZE
             );
@@ -241,7 +255,10 @@ impl MiscDevice for RvmmFile {
 impl RvmmFile {
     fn vm(&self) -> Result<Arc<vm::Vm>> {
         self.vm.lock().clone().ok_or_else(|| {
-            pr_info!("this /dev/rvmm file is not a VM yet: call RVMM_CREATE_VM first\n");
+            user_pr!(
+                pr_info,
+                "this /dev/rvmm file is not a VM yet: call RVMM_CREATE_VM first\n"
+            );
             EINVAL
         })
     }
@@ -262,18 +279,18 @@ impl RvmmFile {
             uapi::RVMM_GET_REGS => {
                 let (reader, writer) = user.reader_writer();
                 let mut r: uapi::VcpuRegs = read_from(reader)?;
-                r.regs = vm.vcpu(r.vcpu as usize)?.get_regs();
+                r.regs = vm.vcpu(r.vcpu as usize)?.get_regs()?;
                 write_to(writer, &r)
             }
             uapi::RVMM_SET_REGS => {
                 let r: uapi::VcpuRegs = read_struct(user)?;
-                vm.vcpu(r.vcpu as usize)?.set_regs(&r.regs);
+                vm.vcpu(r.vcpu as usize)?.set_regs(&r.regs)?;
                 Ok(0)
             }
             uapi::RVMM_GET_SREGS => {
                 let (reader, writer) = user.reader_writer();
                 let mut s: uapi::VcpuSregs = read_from(reader)?;
-                s.sregs = vm.vcpu(s.vcpu as usize)?.get_sregs();
+                s.sregs = vm.vcpu(s.vcpu as usize)?.get_sregs()?;
                 write_to(writer, &s)
             }
             uapi::RVMM_SET_SREGS => {
@@ -281,7 +298,7 @@ impl RvmmFile {
                 vm.vcpu(s.vcpu as usize)?.set_sregs(&s.sregs)?;
                 Ok(0)
             }
-            uapi::RVMM_RUN => vm.vcpu(arg)?.run(vm.slots()),
+            uapi::RVMM_RUN => vm.vcpu(arg)?.run(&vm),
             uapi::RVMM_CREATE_IRQCHIP => vm.create_irqchip(),
             uapi::RVMM_SIGNAL_MSI => vm.signal_msi(&read_struct(user)?),
             uapi::RVMM_SET_MP_STATE => {
@@ -298,7 +315,8 @@ impl RvmmFile {
             uapi::RVMM_SET_CPUID => {
                 let c: KBox<uapi::Cpuid> = read_boxed(user)?;
                 if c.nent as usize > c.entries.len() {
-                    pr_info!(
+                    user_pr!(
+                        pr_info,
                         "set cpuid: {} entries, at most {}\n",
                         c.nent,
                         c.entries.len()
@@ -316,7 +334,7 @@ impl RvmmFile {
                 if m.nmsrs as usize > m.entries.len() {
                     return Err(EINVAL);
                 }
-                let done = vm.vcpu(m.vcpu as usize)?.msrs(&mut m, set);
+                let done = vm.vcpu(m.vcpu as usize)?.msrs(&mut m, set)?;
                 if !set {
                     write_to(writer, &m)?;
                 }

@@ -36,15 +36,16 @@ impl Slot {
     fn pin(r: &uapi::MemoryRegion) -> Result<Self> {
         let n = (r.memory_size / PAGE_SIZE) as usize;
         let readonly = r.flags & uapi::RVMM_MEM_READONLY != 0;
-        let mut pages = KVec::with_capacity(n, GFP_KERNEL)?;
-        pages.resize(n, ptr::null_mut(), GFP_KERNEL)?;
+        let mut pages = KVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        pages.resize(n, ptr::null_mut(), GFP_KERNEL_ACCOUNT)?;
         // SAFETY: `pages` has room for `n` pointers; the helper pins at most `n` pages
         // and unpins what it pinned on failure.
         let pinned = unsafe {
             rvmm_pin_user_pages(r.userspace_addr as usize, n, !readonly, pages.as_mut_ptr())
         };
         if pinned < 0 {
-            pr_warn!(
+            user_pr!(
+                pr_warn,
                 "memory region {}: cannot pin {} pages at {:#x} ({}): is the range mapped{}?\n",
                 r.slot,
                 n,
@@ -62,10 +63,10 @@ impl Slot {
             pages,
             host_pa: KVec::new(),
         };
-        let mut host_pa = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut host_pa = KVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
         for &p in slot.pages.iter() {
             // SAFETY: `p` is a page pinned above.
-            host_pa.push(unsafe { rvmm_page_to_phys(p) }, GFP_KERNEL)?;
+            host_pa.push(unsafe { rvmm_page_to_phys(p) }, GFP_KERNEL_ACCOUNT)?;
         }
         slot.host_pa = host_pa;
         Ok(slot)
@@ -107,7 +108,8 @@ impl MemSlots {
     /// Checks a region request against the ABI's rules.
     fn validate(r: &uapi::MemoryRegion) -> Result {
         if r.slot >= uapi::RVMM_MAX_MEMSLOTS {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "memory region: slot {} out of range (max {})\n",
                 r.slot,
                 uapi::RVMM_MAX_MEMSLOTS - 1
@@ -115,7 +117,12 @@ impl MemSlots {
             return Err(EINVAL);
         }
         if r.flags & !uapi::RVMM_MEM_READONLY != 0 {
-            pr_info!("memory region {}: unknown flags {:#x}\n", r.slot, r.flags);
+            user_pr!(
+                pr_info,
+                "memory region {}: unknown flags {:#x}\n",
+                r.slot,
+                r.flags
+            );
             return Err(EINVAL);
         }
         if r.memory_size == 0 {
@@ -130,7 +137,7 @@ impl MemSlots {
             || gpa_end > Some(1 << 46)
             || ua_end > Some(1 << 47)
         {
-            pr_info!(
+            user_pr!(pr_info,
                 "memory region {}: gpa {:#x} size {:#x} uaddr {:#x}: must be 4 KiB aligned, non-empty and not wrap\n",
                 r.slot,
                 r.guest_phys_addr,
@@ -140,7 +147,8 @@ impl MemSlots {
             return Err(EINVAL);
         }
         if r.memory_size > (16 << 30) {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "memory region {}: {} bytes is over the 16 GiB per-slot limit\n",
                 r.slot,
                 r.memory_size
@@ -154,17 +162,19 @@ impl MemSlots {
     pub(crate) fn with_region(&self, r: &uapi::MemoryRegion) -> Result<Self> {
         Self::validate(r)?;
         let old = self.slots.iter().find(|s| s.id == r.slot);
-        let mut slots = KVec::with_capacity(self.slots.len() + 1, GFP_KERNEL)?;
+        let mut slots = KVec::with_capacity(self.slots.len() + 1, GFP_KERNEL_ACCOUNT)?;
         for s in self.slots.iter().filter(|s| s.id != r.slot) {
-            slots.push(s.clone(), GFP_KERNEL)?;
+            slots.push(s.clone(), GFP_KERNEL_ACCOUNT)?;
         }
         if r.memory_size != 0 {
+            // No overflow: `validate` bounded both ends below 2^46.
             let end = r.guest_phys_addr + r.memory_size;
             if let Some(other) = slots
                 .iter()
                 .find(|s| r.guest_phys_addr < s.gpa + s.size && s.gpa < end)
             {
-                pr_info!(
+                user_pr!(
+                    pr_info,
                     "memory region {}: [{:#x}, {:#x}) overlaps slot {}\n",
                     r.slot,
                     r.guest_phys_addr,
@@ -176,9 +186,10 @@ impl MemSlots {
             // Create, or replace (a move): the new backing is pinned before the old
             // one is released, when the last vCPU still running on the old map returns.
             let slot = Slot::pin(r)?;
-            slots.push(Arc::new(slot, GFP_KERNEL)?, GFP_KERNEL)?;
+            slots.push(Arc::new(slot, GFP_KERNEL_ACCOUNT)?, GFP_KERNEL_ACCOUNT)?;
         } else if old.is_none() {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "memory region {}: deleting a slot that does not exist\n",
                 r.slot
             );
@@ -200,14 +211,25 @@ impl MemSlots {
         self.find(gpa).map(|s| (s.host_pa(gpa), s.readonly))
     }
 
-    /// A kernel pointer to `len` bytes at `gpa`, if they lie in one guest page of RAM.
+    /// A kernel pointer to read `len` bytes at `gpa`, if they lie in one guest page of
+    /// RAM.
     pub(crate) fn ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        if (gpa & (PAGE_SIZE - 1)) + len > PAGE_SIZE {
+        if (gpa & (PAGE_SIZE - 1)).checked_add(len)? > PAGE_SIZE {
             return None;
         }
         let (pa, _) = self.host_pa(gpa)?;
         // SAFETY: `pa` is a pinned page of this map; the direct map covers it.
         Some(unsafe { direct_map(pa) }.cast())
+    }
+
+    /// A kernel pointer to write `len` bytes at `gpa`, if they lie in one guest page of
+    /// writable RAM. A read-only slot's pages were pinned without FOLL_WRITE (a file's
+    /// page cache, a ROM image shared with other processes): rvmm never writes them.
+    pub(crate) fn ptr_mut(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        match self.host_pa(gpa) {
+            Some((_, false)) => self.ptr(gpa, len),
+            _ => None,
+        }
     }
 }
 
@@ -265,7 +287,9 @@ impl GuestMemory for GuestMem<'_> {
     }
 
     fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
-        if let Some(p) = self.0.ptr(gpa, u64::from(size)) {
+        // Accessed/dirty updates of a table in a read-only slot are dropped, as a ROM
+        // drops them.
+        if let Some(p) = self.0.ptr_mut(gpa, u64::from(size)) {
             // SAFETY: as in `read_entry`; entries are naturally aligned.
             unsafe {
                 if size == 4 {

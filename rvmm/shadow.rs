@@ -9,7 +9,7 @@ use core::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
 
-use kernel::{new_mutex, new_spinlock, prelude::*, sync::Mutex, sync::SpinLock};
+use kernel::{new_mutex, new_spinlock, prelude::*, sync::Arc, sync::Mutex, sync::SpinLock};
 use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
 use rvmm_uapi as uapi;
 
@@ -22,6 +22,8 @@ use crate::mmu::Dma32Page;
 /// root, but the vCPU's PAE roots share the allocator), and a hash from host-physical
 /// address back to the page index.
 pub(crate) struct PoolTables {
+    /// Who may be translating through the tables (for remote flushes).
+    modes: Arc<GuestModes>,
     _pages: KVVec<Dma32Page>,
     pas: KVVec<u64>,
     /// Their direct-map addresses (no translation on the hot paths).
@@ -30,19 +32,19 @@ pub(crate) struct PoolTables {
 }
 
 impl PoolTables {
-    fn new(n: usize) -> Result<Self> {
-        let mut pages = KVVec::with_capacity(n, GFP_KERNEL)?;
-        let mut pas = KVVec::with_capacity(n, GFP_KERNEL)?;
-        let mut vas = KVVec::with_capacity(n, GFP_KERNEL)?;
+    fn new(n: usize, modes: Arc<GuestModes>) -> Result<Self> {
+        let mut pages = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        let mut pas = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        let mut vas = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
         let mut by_pa = KVVec::new();
-        by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL)?;
+        by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL_ACCOUNT)?;
         for i in 0..n {
             let p = Dma32Page::new()?;
             let pa = p.pa();
-            pas.push(pa, GFP_KERNEL)?;
+            pas.push(pa, GFP_KERNEL_ACCOUNT)?;
             // SAFETY: `pa` is the page just allocated, in the direct map.
-            vas.push(unsafe { rvmm_pa_to_va(pa) } as usize, GFP_KERNEL)?;
-            pages.push(p, GFP_KERNEL)?;
+            vas.push(unsafe { rvmm_pa_to_va(pa) } as usize, GFP_KERNEL_ACCOUNT)?;
+            pages.push(p, GFP_KERNEL_ACCOUNT)?;
             let mask = by_pa.len() - 1;
             let mut h = Self::slot(pa, mask);
             while by_pa[h] != NIL {
@@ -51,6 +53,7 @@ impl PoolTables {
             by_pa[h] = i as u32;
         }
         Ok(Self {
+            modes,
             _pages: pages,
             pas,
             vas,
@@ -83,6 +86,9 @@ impl Tables for PoolTables {
             h = (h + 1) & mask;
         }
     }
+    fn flush_remote(&mut self, generation: u64) {
+        self.modes.flush(generation);
+    }
 }
 
 /// The pool's storage.
@@ -98,19 +104,23 @@ pub(crate) struct ShadowPool {
 }
 
 impl ShadowPool {
-    fn new(pages: usize, roots: usize) -> Result<KBox<Self>> {
+    fn new(pages: usize, roots: usize, modes: Arc<GuestModes>) -> Result<KBox<Self>> {
         let mut p = KBox::new(
             Self {
-                sps: KVVec::from_elem(Sp::default(), pages, GFP_KERNEL)?,
-                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), GFP_KERNEL)?,
-                links: KVVec::from_elem(Link::default(), pages * 8, GFP_KERNEL)?,
-                rmaps: KVVec::from_elem(Rmap::default(), pages * 64, GFP_KERNEL)?,
-                rbuckets: KVVec::from_elem(NIL, (pages * 16).next_power_of_two(), GFP_KERNEL)?,
-                unsync: KVVec::from_elem(NIL, pages, GFP_KERNEL)?,
+                sps: KVVec::from_elem(Sp::default(), pages, GFP_KERNEL_ACCOUNT)?,
+                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), GFP_KERNEL_ACCOUNT)?,
+                links: KVVec::from_elem(Link::default(), pages * 8, GFP_KERNEL_ACCOUNT)?,
+                rmaps: KVVec::from_elem(Rmap::default(), pages * 64, GFP_KERNEL_ACCOUNT)?,
+                rbuckets: KVVec::from_elem(
+                    NIL,
+                    (pages * 16).next_power_of_two(),
+                    GFP_KERNEL_ACCOUNT,
+                )?,
+                unsync: KVVec::from_elem(NIL, pages, GFP_KERNEL_ACCOUNT)?,
                 st: State::new(roots),
-                tables: PoolTables::new(pages)?,
+                tables: PoolTables::new(pages, modes)?,
             },
-            GFP_KERNEL,
+            GFP_KERNEL_ACCOUNT,
         )?;
         p.pool().init();
         // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52.
@@ -139,128 +149,65 @@ impl ShadowPool {
     }
 }
 
-/// A VM's shadow state: the pool (once a vCPU exists) and the limits it is made with.
-#[pin_data]
-pub(crate) struct Shadow {
-    #[pin]
-    pub(crate) pool: SpinLock<Option<KBox<ShadowPool>>>,
-    #[pin]
-    limits: Mutex<uapi::ShadowLimits>,
+/// Where a VM's vCPUs are: in a run section on some CPU, in guest mode or not. The
+/// pool's remote flushes and the pre-entry checks meet here.
+pub(crate) struct GuestModes {
     /// vCPUs of the VM.
-    pub(crate) vcpus: AtomicU32,
+    vcpus: AtomicU32,
     /// Per vCPU: the CPU its run section is on (-1: none), and how many times it has
-    /// left guest mode. A change that takes rights away from shadow entries waits until
-    /// every other vCPU in a run section has left guest mode once (or its section):
-    /// without VPIDs, its next VM entry flushes its TLB.
+    /// left guest mode.
     running: [AtomicI32; MAX_VCPUS],
     exits: [AtomicU64; MAX_VCPUS],
-    /// Per vCPU: between "about to enter guest mode" and its next VM exit. A vCPU that
-    /// is not is handling an exit in the host, and its next VM entry flushes its TLB:
-    /// a remote flush need not wait for it (and must not: it may itself be waiting for
-    /// this vCPU, interrupts off).
+    /// Per vCPU: between "about to enter guest mode" (before its pre-entry check) and
+    /// its next VM exit. A vCPU that is not is in the host, and its next VM entry
+    /// checks the pool generation and flushes its TLB (no VPIDs): a remote flush need
+    /// not wait for it (and must not: it may itself be waiting for this vCPU,
+    /// interrupts off).
     in_guest: [AtomicBool; MAX_VCPUS],
-    /// The pool's generation and number of out-of-sync shadows, as of the last pool
-    /// operation: a vCPU switches to a root it holds a reference on without the lock
-    /// when the generation is the same and nothing needs a resync.
+    /// The pool's generation: a vCPU whose root is older loads it again before it
+    /// enters. Stored before every remote flush that lets zapped pages be reused.
     pub(crate) generation: AtomicU64,
+    /// The memory map's generation: a vCPU whose map is older takes the new one
+    /// before it enters.
+    pub(crate) slots_generation: AtomicU64,
+    /// The pool's number of out-of-sync shadows, as of the last pool operation: a vCPU
+    /// switches to a root it holds a reference on without the lock when the
+    /// generation is the same and nothing needs a resync.
     pub(crate) unsync: AtomicUsize,
-    /// CR3 loads served that way.
-    pub(crate) fast_root_hits: AtomicU64,
 }
 
-impl Shadow {
-    pub(crate) fn new(pages: u32, roots: u32) -> impl PinInit<Self> {
-        pin_init!(Self {
-            pool <- new_spinlock!(None),
-            limits <- new_mutex!(uapi::ShadowLimits { pages, roots }),
-            vcpus: AtomicU32::new(0),
-            running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
-            exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
-            in_guest: [const { AtomicBool::new(false) }; MAX_VCPUS],
-            generation: AtomicU64::new(0),
-            unsync: AtomicUsize::new(0),
-            fast_root_hits: AtomicU64::new(0),
-        })
+impl GuestModes {
+    fn new() -> Result<Arc<Self>> {
+        Ok(Arc::new(
+            Self {
+                vcpus: AtomicU32::new(0),
+                running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
+                exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
+                in_guest: [const { AtomicBool::new(false) }; MAX_VCPUS],
+                generation: AtomicU64::new(0),
+                slots_generation: AtomicU64::new(0),
+                unsync: AtomicUsize::new(0),
+            },
+            GFP_KERNEL_ACCOUNT,
+        )?)
     }
 
-    /// RVMM_SET_SHADOW_LIMITS: only before the pool exists.
-    pub(crate) fn set_limits(&self, l: &uapi::ShadowLimits) -> Result {
-        let mut limits = self.limits.lock();
-        if self.pool.lock().is_some() {
-            pr_info!(
-                "set shadow limits: the VM already has vCPUs; set limits before creating them\n"
-            );
-            return Err(EBUSY);
-        }
-        let pages = if l.pages == 0 { limits.pages } else { l.pages };
-        let roots = if l.roots == 0 { limits.roots } else { l.roots };
-        if !(64..=65536).contains(&pages) || !(1..=MAX_ROOTS as u32).contains(&roots) {
-            pr_info!(
-                "set shadow limits: pages {} (64..65536) or roots {} (1..{}) out of range\n",
-                pages,
-                roots,
-                MAX_ROOTS
-            );
-            return Err(EINVAL);
-        }
-        *limits = uapi::ShadowLimits { pages, roots };
-        Ok(())
+    /// Publishes `generation`, then makes every vCPU in guest mode leave it and waits
+    /// until it has: on return no vCPU translates through a shadow table that was
+    /// zapped before the call, and every vCPU checks `generation` before it enters
+    /// again. Callable with interrupts off and the pool lock held: a vCPU in guest
+    /// mode holds no lock, and one that is not is not waited for.
+    pub(crate) fn flush(&self, generation: u64) {
+        // Stored before `in_guest` is read; a vCPU stores `in_guest` before it reads
+        // the generation (`pre_entry_ok`): one of the two sees the other.
+        self.generation.store(generation, Ordering::SeqCst);
+        self.kick_in_guest(u32::MAX);
     }
 
-    /// A vCPU is being created: make the pool if this is the first.
-    pub(crate) fn vcpu_added(&self) -> Result {
-        let limits = self.limits.lock();
-        if self.pool.lock().is_none() {
-            let p = ShadowPool::new(limits.pages as usize, limits.roots as usize)?;
-            *self.pool.lock() = Some(p);
-        }
-        self.vcpus.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Publishes the pool's generation and unsync count (under the pool lock, after an
-    /// operation).
-    pub(crate) fn publish(&self, st: &rvmm_core::mmu::pool::State, unsync: usize) {
-        self.generation.store(st.generation, Ordering::Release);
-        self.unsync.store(unsync, Ordering::Release);
-    }
-
-    /// Whether vCPUs may use the pool (once it exists, always).
-    pub(crate) fn usable(&self) -> bool {
-        self.vcpus.load(Ordering::Relaxed) != 0
-    }
-
-    /// vCPU `id` starts an interrupts-off run section on `cpu` (it stays there until
-    /// `section_end`).
-    pub(crate) fn section_start(&self, id: u32, cpu: i32) {
-        self.running[id as usize].store(cpu, Ordering::SeqCst);
-    }
-
-    /// vCPU `id` is about to enter guest mode (interrupts off, nothing between this
-    /// and the VM entry instruction that could wait for another vCPU).
-    pub(crate) fn entering(&self, id: u32) {
-        self.in_guest[id as usize].store(true, Ordering::SeqCst);
-    }
-
-    /// vCPU `id` left the guest (one VM exit). Only the vCPU itself writes its count.
-    pub(crate) fn exited(&self, id: u32) {
-        // Out of guest mode first, then counted (see `kick_others`).
-        self.in_guest[id as usize].store(false, Ordering::SeqCst);
-        let n = &self.exits[id as usize];
-        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
-    }
-
-    /// vCPU `id` ends its run section.
-    pub(crate) fn section_end(&self, id: u32) {
-        self.running[id as usize].store(-1, Ordering::Release);
-    }
-
-    /// After a pool change that took rights away from shadow entries (pool lock
-    /// released): makes every other vCPU in guest mode leave it, and waits until it has.
-    /// Called with interrupts off; a vCPU in guest mode holds no lock, so this cannot
-    /// wait for a CPU that waits for this one.
-    pub(crate) fn kick_others(&self, me: u32) {
-        if self.vcpus.load(Ordering::Relaxed) < 2 {
+    /// Makes every vCPU but `me` that is in guest mode leave it, and waits until it
+    /// has. Called with interrupts off.
+    fn kick_in_guest(&self, me: u32) {
+        if self.vcpus.load(Ordering::Relaxed) == 0 {
             return;
         }
         // The entries changed before this point; a vCPU that enters after this read
@@ -296,11 +243,159 @@ impl Shadow {
             }
         }
     }
+}
+
+/// A VM's shadow state: the pool (once a vCPU exists) and the limits it is made with.
+#[pin_data]
+pub(crate) struct Shadow {
+    #[pin]
+    pub(crate) pool: SpinLock<Option<KBox<ShadowPool>>>,
+    #[pin]
+    limits: Mutex<uapi::ShadowLimits>,
+    /// Where the vCPUs are (shared with the pool's tables for its remote flushes).
+    pub(crate) modes: Arc<GuestModes>,
+    /// CR3 loads served without the lock.
+    pub(crate) fast_root_hits: AtomicU64,
+}
+
+impl Shadow {
+    pub(crate) fn new(pages: u32, roots: u32) -> Result<impl PinInit<Self>> {
+        let modes = GuestModes::new()?;
+        Ok(pin_init!(Self {
+            pool <- new_spinlock!(None),
+            limits <- new_mutex!(uapi::ShadowLimits { pages, roots }),
+            modes,
+            fast_root_hits: AtomicU64::new(0),
+        }))
+    }
+
+    /// RVMM_SET_SHADOW_LIMITS: only before the pool exists.
+    pub(crate) fn set_limits(&self, l: &uapi::ShadowLimits) -> Result {
+        let mut limits = self.limits.lock();
+        if self.pool.lock().is_some() {
+            user_pr!(
+                pr_info,
+                "set shadow limits: the VM already has vCPUs; set limits before creating them\n"
+            );
+            return Err(EBUSY);
+        }
+        let pages = if l.pages == 0 { limits.pages } else { l.pages };
+        let roots = if l.roots == 0 { limits.roots } else { l.roots };
+        if !(64..=65536).contains(&pages) || !(1..=MAX_ROOTS as u32).contains(&roots) {
+            user_pr!(
+                pr_info,
+                "set shadow limits: pages {} (64..65536) or roots {} (1..{}) out of range\n",
+                pages,
+                roots,
+                MAX_ROOTS
+            );
+            return Err(EINVAL);
+        }
+        *limits = uapi::ShadowLimits { pages, roots };
+        Ok(())
+    }
+
+    /// A vCPU is being created: make the pool if this is the first.
+    pub(crate) fn vcpu_added(&self) -> Result {
+        let limits = self.limits.lock();
+        if self.pool.lock().is_none() {
+            let p = ShadowPool::new(
+                limits.pages as usize,
+                limits.roots as usize,
+                self.modes.clone(),
+            )?;
+            *self.pool.lock() = Some(p);
+        }
+        self.modes.vcpus.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes the pool's generation and unsync count (under the pool lock, after an
+    /// operation).
+    pub(crate) fn publish(&self, st: &rvmm_core::mmu::pool::State, unsync: usize) {
+        self.modes.generation.store(st.generation, Ordering::SeqCst);
+        self.modes.unsync.store(unsync, Ordering::Release);
+    }
+
+    /// The memory map changed (to generation `slots_generation`): drops every shadow
+    /// entry (they map the old map's pages), makes every vCPU leave guest mode and
+    /// take the new map before it enters again. On return no vCPU can reach a page of
+    /// the old map through the shadow, so the old map's pages may be unpinned.
+    pub(crate) fn memory_map_changed(&self, slots_generation: u64) {
+        // Before the flush below reads who is in guest mode (see `GuestModes::flush`).
+        self.modes
+            .slots_generation
+            .store(slots_generation, Ordering::SeqCst);
+        let mut guard = self.pool.lock();
+        match guard.as_deref_mut() {
+            Some(storage) => {
+                let mut pool = storage.pool();
+                pool.reset();
+                pool.st.slots_generation = slots_generation;
+                pool.commit_zapped();
+                self.publish(pool.st, 0);
+            }
+            None => {
+                drop(guard);
+                let g = self.modes.generation.load(Ordering::SeqCst);
+                self.modes.flush(g);
+            }
+        }
+    }
+
+    /// Whether vCPUs may use the pool (once it exists, always).
+    pub(crate) fn usable(&self) -> bool {
+        self.modes.vcpus.load(Ordering::Relaxed) != 0
+    }
+
+    /// vCPU `id` starts an interrupts-off run section on `cpu` (it stays there until
+    /// `section_end`).
+    pub(crate) fn section_start(&self, id: u32, cpu: i32) {
+        self.modes.running[id as usize].store(cpu, Ordering::SeqCst);
+    }
+
+    /// vCPU `id` is about to enter guest mode (interrupts off, nothing between this
+    /// and the VM entry instruction that could wait for another vCPU).
+    pub(crate) fn entering(&self, id: u32) {
+        self.modes.in_guest[id as usize].store(true, Ordering::SeqCst);
+    }
+
+    /// After `entering`: whether a vCPU with a root of pool generation `generation`
+    /// (None: no pool root) and a memory map of `slots_generation` may enter. If not,
+    /// the caller calls `exited` before anything else (a remote flush may be waiting
+    /// for it) and brings what is stale up to date.
+    pub(crate) fn pre_entry_ok(&self, generation: Option<u64>, slots_generation: u64) -> bool {
+        self.modes.slots_generation.load(Ordering::SeqCst) == slots_generation
+            && generation.is_none_or(|g| self.modes.generation.load(Ordering::SeqCst) == g)
+    }
+
+    /// vCPU `id` left the guest (one VM exit). Only the vCPU itself writes its count.
+    pub(crate) fn exited(&self, id: u32) {
+        // Out of guest mode first, then counted (see `kick_others`).
+        self.modes.in_guest[id as usize].store(false, Ordering::SeqCst);
+        let n = &self.modes.exits[id as usize];
+        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+    }
+
+    /// vCPU `id` ends its run section.
+    pub(crate) fn section_end(&self, id: u32) {
+        self.modes.running[id as usize].store(-1, Ordering::Release);
+    }
+
+    /// After a pool change that took rights away from shadow entries (pool lock
+    /// released): makes every other vCPU in guest mode leave it, and waits until it has.
+    /// Called with interrupts off.
+    pub(crate) fn kick_others(&self, me: u32) {
+        if self.modes.vcpus.load(Ordering::Relaxed) < 2 {
+            return;
+        }
+        self.modes.kick_in_guest(me);
+    }
 
     /// Makes vCPU `j` leave guest mode if it is in a run section (an interrupt was
     /// posted for it); does not wait. Callable with interrupts off.
     pub(crate) fn kick(&self, j: usize) {
-        let cpu = self.running[j].load(Ordering::SeqCst);
+        let cpu = self.modes.running[j].load(Ordering::SeqCst);
         if cpu >= 0 {
             // SAFETY: as in `kick_others`: the CPU runs vCPU `j` with interrupts off and
             // cannot go offline under it; if the section ended meanwhile, the IPI only

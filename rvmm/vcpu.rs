@@ -28,19 +28,23 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::ffi::*;
 use crate::mmu::MemSlots;
-use crate::vmx::{self, Gprs, HostSegs};
+use crate::vmx::{self, Gprs, HostState};
 
 mod exit;
 mod lapic;
 mod realmode;
+mod stats;
+
+use realmode::RFLAGS_VM;
+use stats::Stats;
 
 /// Shadow table pages per vCPU (the pool that issue #4 turns into a shared cache).
 
 /// The host's values of what a run section switches to the guest's.
 struct HostContext {
     kernel_gs_base: u64,
-    /// The SYSCALL MSRs, if the guest's were loaded.
-    syscall: Option<[u64; 4]>,
+    /// The SYSCALL MSRs.
+    syscall: [u64; 4],
     xcr0: u64,
 }
 
@@ -127,19 +131,6 @@ struct RootHint {
     gen: u64,
 }
 
-/// Per-vCPU counters.
-pub(crate) struct Stats {
-    pub(crate) exits: [u64; rvmm_core::exit::NR_EXIT_REASONS],
-    pub(crate) shadow_faults: u64,
-    pub(crate) guest_faults: u64,
-    pub(crate) shadow_resets: u64,
-    pub(crate) user_exits: u64,
-    pub(crate) mmio_exits: u64,
-    pub(crate) apic_injections: u64,
-    pub(crate) halt_sleeps: u64,
-    pub(crate) apic_accesses: u64,
-}
-
 pub(crate) struct VcpuInner {
     /// The VMCS region (owned; its physical address is `vmcs_pa`).
     _vmcs: Page,
@@ -157,10 +148,10 @@ pub(crate) struct VcpuInner {
     efer: u64,
     cr2: u64,
     dr: [u64; 8],
-    /// MSRs switched by hand around the guest.
+    /// MSRs switched by hand around the guest (reset value 0, never the host's: the
+    /// host's SYSCALL entry point must not be where a guest SYSCALL lands).
     kernel_gs_base: u64,
     syscall_msrs: [u64; 4],
-    syscall_msrs_set: bool,
     fx: KBox<FxArea>,
     /// The host has XSAVE with x87, SSE and AVX enabled: the guest gets them too, and
     /// its state is switched with XSAVE/XRSTOR (else FXSAVE/FXRSTOR, and no XSAVE).
@@ -177,6 +168,9 @@ pub(crate) struct VcpuInner {
     preemption_quantum: u64,
     /// The preemption timer counts at the TSC rate >> this.
     preemption_shift: u32,
+    /// How long a run section may go on handling exits with interrupts off (TSC
+    /// ticks): `SECTION_BUDGET_US`.
+    section_budget: u64,
     /// The preemption timer field holds a value shortened for the APIC timer.
     preemption_short: bool,
     /// The in-kernel local APIC (`RVMM_CREATE_IRQCHIP`) and the VM's mailboxes.
@@ -238,7 +232,6 @@ pub(crate) struct VcpuInner {
     proot: u32,
     proot_gen: u64,
     on_pool: bool,
-    slots_changed: bool,
     /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
     pub(crate) invpcid: bool,
     mode: PagingMode,
@@ -251,13 +244,15 @@ pub(crate) struct VcpuInner {
     /// (gva, rip) of the last shadow fault, and how often it repeated.
     last_fault: (u64, u64),
     repeat_faults: u32,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Arc<Stats>,
 }
 
 #[pin_data]
 pub(crate) struct Vcpu {
     pub(crate) id: u32,
     run: Page,
+    /// The counters, readable while the vCPU runs (`inner` is locked then).
+    stats: Arc<Stats>,
     #[pin]
     inner: Mutex<VcpuInner>,
 }
@@ -275,6 +270,15 @@ pub(crate) const CPUID_CACHEABLE: u32 = !((1 << 4)
     | (1 << 0x14));
 /// Extended leaves kept (0x8000_0000..=0x8000_0008).
 pub(crate) const CPUID_CACHED_EXT: usize = 9;
+
+/// Exceptions that exit outside real mode: #PF (shadow paging) and #MC, which belongs
+/// to the host (without the bit it would be delivered to the guest, SDM 27.1).
+pub(crate) const EXCEPTION_BITMAP: u64 =
+    (1 << rvmm_core::exit::vector::PF) | (1 << rvmm_core::exit::vector::MC);
+
+/// The longest a run section goes on handling exits (with interrupts off) before it
+/// lets the host in, in microseconds. Host interrupts end a section sooner.
+const SECTION_BUDGET_US: u64 = 250;
 
 /// What the run loop does after an exit.
 pub(crate) enum Next {
@@ -389,14 +393,14 @@ impl Vcpu {
         irq: Option<Arc<crate::apic::Irqchip>>,
     ) -> Result<Arc<Self>> {
         let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
-        let vmcs = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+        let vmcs = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
         let rev = basic.revision_id().to_ne_bytes();
         // SAFETY: 4 bytes into a 4-KiB page we own.
         unsafe { vmcs.write_raw(rev.as_ptr(), 0, 4)? };
         // SAFETY: a page we own.
         let vmcs_pa = unsafe { rvmm_page_to_phys(vmcs.as_ptr().cast()) };
-        let run = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
-        let msr_bitmap = Page::alloc_page(GFP_KERNEL)?;
+        let run = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
+        let msr_bitmap = Page::alloc_page(GFP_KERNEL_ACCOUNT)?;
         let ones = [0xffu8; 256];
         for off in (0..4096).step_by(256) {
             // SAFETY: 256 bytes within a 4096-byte page we own.
@@ -419,12 +423,14 @@ impl Vcpu {
         }
         // SAFETY: a page we own.
         let msr_bitmap_pa = unsafe { rvmm_page_to_phys(msr_bitmap.as_ptr().cast()) };
-        let mut fx = KBox::new(FxArea([0; 1024]), GFP_KERNEL)?;
+        let mut fx = KBox::new(FxArea([0; 1024]), GFP_KERNEL_ACCOUNT)?;
         let xsave = core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0
             && xgetbv0() & GUEST_XCR0_SUPPORTED == GUEST_XCR0_SUPPORTED;
         fx.0[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
         fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
         let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
+        // SAFETY: reads a kernel variable.
+        let stats = Arc::new(Stats::new(unsafe { rvmm_tsc_khz() }), GFP_KERNEL_ACCOUNT)?;
         let inner = VcpuInner {
             _vmcs: vmcs,
             _msr_bitmap: msr_bitmap,
@@ -440,7 +446,6 @@ impl Vcpu {
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400, 0xffff_0ff0, 0x400],
             kernel_gs_base: 0,
             syscall_msrs: [0; 4],
-            syscall_msrs_set: false,
             fx,
             xsave,
             xcr0: 1,
@@ -448,6 +453,9 @@ impl Vcpu {
             proc_base: 0,
             preemption_quantum: 0,
             preemption_shift: 0,
+            // SAFETY: reads a kernel variable.
+            section_budget: (u64::from(unsafe { rvmm_tsc_khz() }).max(1000) * SECTION_BUDGET_US)
+                / 1000,
             preemption_short: false,
             apic: irq
                 .as_ref()
@@ -489,10 +497,9 @@ impl Vcpu {
             proot: rvmm_core::mmu::pool::NIL,
             proot_gen: 0,
             on_pool: false,
-            slots_changed: false,
             invpcid: false,
             mode: PagingMode::None,
-            slots: Arc::new(MemSlots::new(), GFP_KERNEL)?,
+            slots: Arc::new(MemSlots::new(), GFP_KERNEL_ACCOUNT)?,
             need_reset: true,
             state_checked: false,
             maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
@@ -500,21 +507,11 @@ impl Vcpu {
             triple_fault: false,
             last_fault: (0, 0),
             repeat_faults: 0,
-            stats: Stats {
-                exits: [0; rvmm_core::exit::NR_EXIT_REASONS],
-                shadow_faults: 0,
-                guest_faults: 0,
-                shadow_resets: 0,
-                user_exits: 0,
-                mmio_exits: 0,
-                apic_injections: 0,
-                halt_sleeps: 0,
-                apic_accesses: 0,
-            },
+            stats: stats.clone(),
         };
         let vcpu = Arc::pin_init(
-            try_pin_init!(Self { id, run, inner <- new_mutex!(inner) }),
-            GFP_KERNEL,
+            try_pin_init!(Self { id, run, stats, inner <- new_mutex!(inner) }),
+            GFP_KERNEL_ACCOUNT,
         )?;
         {
             let mut g = vcpu.inner.lock();
@@ -558,20 +555,20 @@ impl Vcpu {
         unsafe { rvmm_pa_to_va(rvmm_page_to_phys(self.run.as_ptr().cast())).cast() }
     }
 
-    pub(crate) fn get_regs(&self) -> uapi::Regs {
+    pub(crate) fn get_regs(&self) -> Result<uapi::Regs> {
         self.inner.lock().with_vmcs(|g| g.regs())
     }
 
-    pub(crate) fn set_regs(&self, r: &uapi::Regs) {
+    pub(crate) fn set_regs(&self, r: &uapi::Regs) -> Result {
         self.inner.lock().with_vmcs(|g| g.set_regs(r))
     }
 
-    pub(crate) fn get_sregs(&self) -> uapi::Sregs {
+    pub(crate) fn get_sregs(&self) -> Result<uapi::Sregs> {
         self.inner.lock().with_vmcs(|g| g.sregs())
     }
 
     pub(crate) fn set_sregs(&self, s: &uapi::Sregs) -> Result {
-        self.inner.lock().with_vmcs(|g| g.set_sregs(s))
+        self.inner.lock().with_vmcs(|g| g.set_sregs(s))?
     }
 
     /// `RVMM_INTERRUPT`: queues an event for the next entry.
@@ -587,7 +584,8 @@ impl Vcpu {
             uapi::RVMM_EVENT_EXCEPTION if ev.vector < 32 && ev.vector != 2 => {
                 let ec = (ev.has_error_code != 0).then_some(ev.error_code);
                 if ec.is_some() != rvmm_core::exit::vector::has_error_code(ev.vector as u8) {
-                    pr_info!(
+                    user_pr!(
+                        pr_info,
                         "vcpu {}: exception {} {} an error code\n",
                         self.id,
                         ev.vector,
@@ -598,7 +596,8 @@ impl Vcpu {
                 g.pending_exception = Some((ev.vector as u8, ec));
             }
             _ => {
-                pr_info!(
+                user_pr!(
+                    pr_info,
                     "vcpu {}: bad event: kind {} vector {}\n",
                     self.id,
                     ev.kind,
@@ -620,7 +619,7 @@ impl Vcpu {
                 g.halted = false;
             }
             _ => {
-                pr_info!("vcpu {}: bad MP state {}\n", self.id, state);
+                user_pr!(pr_info, "vcpu {}: bad MP state {}\n", self.id, state);
                 return Err(EINVAL);
             }
         }
@@ -629,9 +628,9 @@ impl Vcpu {
 
     /// `RVMM_SET_CPUID`.
     pub(crate) fn set_cpuid(&self, entries: &[uapi::CpuidEntry]) -> Result {
-        let mut v = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
+        let mut v = KVec::with_capacity(entries.len(), GFP_KERNEL_ACCOUNT)?;
         for e in entries {
-            v.push(*e, GFP_KERNEL)?;
+            v.push(*e, GFP_KERNEL_ACCOUNT)?;
         }
         self.inner.lock().cpuid = v;
         Ok(())
@@ -639,7 +638,7 @@ impl Vcpu {
 
     /// `RVMM_GET_MSRS` / `RVMM_SET_MSRS`: returns how many entries were done (stops at
     /// the first MSR rvmm does not virtualize, or a value the guest could not write).
-    pub(crate) fn msrs(&self, m: &mut uapi::Msrs, set: bool) -> usize {
+    pub(crate) fn msrs(&self, m: &mut uapi::Msrs, set: bool) -> Result<usize> {
         let n = (m.nmsrs as usize).min(m.entries.len());
         self.inner.lock().with_vmcs(|g| {
             for (i, e) in m.entries[..n].iter_mut().enumerate() {
@@ -658,47 +657,31 @@ impl Vcpu {
         })
     }
 
-    /// Adds this vCPU's counters to `out`.
+    /// Adds this vCPU's counters to `out` (without waiting for a running vCPU).
     pub(crate) fn add_stats(&self, out: &mut uapi::VmStats) {
-        let g = self.inner.lock();
-        for (o, n) in out.exits.iter_mut().zip(g.stats.exits.iter()) {
-            *o += n;
-        }
-        out.shadow_faults += g.stats.shadow_faults;
-        out.guest_page_faults += g.stats.guest_faults;
-        out.shadow_resets += g.stats.shadow_resets;
-        out.user_exits += g.stats.user_exits;
-        out.mmio_exits += g.stats.mmio_exits;
-        out.apic_injections += g.stats.apic_injections;
-        out.halt_sleeps += g.stats.halt_sleeps;
-        out.apic_accesses += g.stats.apic_accesses;
-        out.apic_timer_irqs += g.apic.as_ref().map_or(0, |a| a.timer_fired);
+        self.stats.add_to(out);
     }
 
     /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
-    pub(crate) fn run(&self, slots: Arc<MemSlots>) -> Result<isize> {
+    pub(crate) fn run(&self, vm: &crate::vm::Vm) -> Result<isize> {
         const _: () = assert!(core::mem::size_of::<uapi::Run>() <= 4096);
         let run = self.run_ptr();
         // SAFETY: a query of the current task.
         if unsafe { rvmm_task_has_io_bitmap() } {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "vcpu {}: the calling task uses ioperm(); rvmm cannot run vCPUs from it\n",
                 self.id
             );
             return Err(EINVAL);
         }
         let mut g = self.inner.lock();
-        if slots.generation != g.slots.generation {
-            g.slots = slots;
-            g.need_reset = true;
-            g.slots_changed = true;
-        }
         // SAFETY: `run` points at our run page (see `run_ptr`); userspace may write it
         // concurrently, which only affects this vCPU.
         unsafe {
-            (*run).ready_for_interrupt_injection = 0;
+            ptr::write_volatile(ptr::addr_of_mut!((*run).ready_for_interrupt_injection), 0);
             if ptr::read_volatile(addr_of_mut!((*run).immediate_exit)) != 0 {
-                (*run).exit_reason = uapi::RVMM_EXIT_INTR;
+                ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), uapi::RVMM_EXIT_INTR);
                 return Err(EINTR);
             }
         }
@@ -706,27 +689,43 @@ impl Vcpu {
             // SAFETY: plain queries of the current task.
             if unsafe { rvmm_signal_pending() } {
                 // SAFETY: as above.
-                unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                unsafe {
+                    ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), uapi::RVMM_EXIT_INTR)
+                };
                 return Err(EINTR);
             }
             // SAFETY: we hold no spinlock and interrupts are on.
             unsafe { rvmm_cond_resched() };
+            // The memory map the guest runs on: the VM's current one (the pre-entry
+            // check sends the vCPU back here when it changes). The old one is unpinned
+            // when the last vCPU lets go of it.
+            if g.slots.generation != vm.slots_generation() {
+                g.slots = vm.slots();
+                g.need_reset = true;
+            }
             g.take_init_sipi();
             if g.wait_sipi {
                 if g.sipi_wait().is_err() {
                     // SAFETY: our run page.
-                    unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                    unsafe {
+                        ptr::write_volatile(
+                            ptr::addr_of_mut!((*run).exit_reason),
+                            uapi::RVMM_EXIT_INTR,
+                        )
+                    };
                     return Err(EINTR);
                 }
                 continue;
             }
             if g.halted && g.halt_wait().is_err() {
                 // SAFETY: our run page.
-                unsafe { (*run).exit_reason = uapi::RVMM_EXIT_INTR };
+                unsafe {
+                    ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), uapi::RVMM_EXIT_INTR)
+                };
                 return Err(EINTR);
             }
             if let Next::User = g.run_section(run, self.id) {
-                g.stats.user_exits += 1;
+                g.stats.user_exits.inc();
                 return Ok(0);
             }
         }
@@ -736,21 +735,22 @@ impl Vcpu {
 impl VcpuInner {
     /// Runs `f` with this vCPU's VMCS current (interrupts off), then clears it and puts
     /// back the VMCS that was current before.
-    fn with_vmcs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+    /// `EIO` if the VMCS cannot be made current: `f` does not run (its VMREADs and
+    /// VMWRITEs would go to whatever VMCS is current, perhaps KVM's).
+    pub(crate) fn with_vmcs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R> {
         // SAFETY: interrupts stay off until `irq_restore`, so this task stays on this
         // CPU, which is in VMX operation while the module is loaded; our VMCS is not
         // active anywhere (it is VMCLEARed whenever a section ends).
         unsafe {
             let flags = rvmm_irq_save();
             let r = match vmx::CurrentVmcs::load(self.vmcs_pa) {
-                Ok(_guard) => f(self),
-                Err(_) => {
-                    pr_err!("VMPTRLD of a vCPU's VMCS failed\n");
-                    // Still run `f`: its VMREADs/VMWRITEs fail harmlessly.
-                    f(self)
-                }
+                Ok(_guard) => Ok(f(self)),
+                Err(_) => Err(EIO),
             };
             rvmm_irq_restore(flags);
+            if r.is_err() {
+                user_pr!(pr_err, "VMPTRLD of a vCPU's VMCS failed\n");
+            }
             r
         }
     }
@@ -810,7 +810,7 @@ impl VcpuInner {
             0,
         );
         let (Ok(pin), Ok(proc), Ok(exit), Ok(entry)) = (pin, proc, exit, entry) else {
-            pr_err!("this CPU lacks VMX controls rvmm needs (pin {:?}, proc {:?}, exit {:?}, entry {:?})\n", pin, proc, exit, entry);
+            user_pr!(pr_err, "this CPU lacks VMX controls rvmm needs (pin {:?}, proc {:?}, exit {:?}, entry {:?})\n", pin, proc, exit, entry);
             return Err(EOPNOTSUPP);
         };
         self.entry_base = entry;
@@ -836,7 +836,7 @@ impl VcpuInner {
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
         let mut vapic_pa = 0;
         if proc & PrimaryControls::USE_TPR_SHADOW.bits() != 0 {
-            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
             // SAFETY: a page we own.
             vapic_pa = unsafe { rvmm_page_to_phys(page.as_ptr().cast()) };
             // SAFETY: the page is in the direct map for as long as we own it; byte 0x80
@@ -856,7 +856,9 @@ impl VcpuInner {
             vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
             vmw(control::VMEXIT_CONTROLS, exit.into());
             vmw(control::VMENTRY_CONTROLS, entry.into());
-            vmw(control::EXCEPTION_BITMAP, 1 << rvmm_core::exit::vector::PF);
+            // #MC always exits: a machine check belongs to the host (SDM 27.1: it goes
+            // to the guest otherwise).
+            vmw(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
             vmw(control::TSC_OFFSET_FULL, 0);
             vmw(control::MSR_BITMAPS_ADDR_FULL, g.msr_bitmap_pa);
             vmw(control::PAGE_FAULT_ERR_CODE_MASK, 0);
@@ -870,6 +872,11 @@ impl VcpuInner {
             vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
             vmw(guest::LINK_PTR_FULL, !0);
             vmw(guest::DR7, 0x400);
+            // Reset values (a VMCS field never written holds whatever the CPU left).
+            vmw(guest::IA32_DEBUGCTL_FULL, 0);
+            vmw(guest::IA32_SYSENTER_CS, 0);
+            vmw(guest::IA32_SYSENTER_ESP, 0);
+            vmw(guest::IA32_SYSENTER_EIP, 0);
             vmw(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
             vmw(guest::ACTIVITY_STATE, 0);
             vmw(guest::INTERRUPTIBILITY_STATE, 0);
@@ -912,7 +919,7 @@ impl VcpuInner {
             };
             let _ = g.set_sregs(&sregs);
             g.set_regs(&uapi::Regs { rflags: 2, ..Default::default() });
-        });
+        })?;
         Ok(())
     }
 
@@ -960,7 +967,10 @@ impl VcpuInner {
         };
         vmw(guest::RSP, r.rsp);
         vmw(guest::RIP, r.rip);
-        vmw(guest::RFLAGS, r.rflags);
+        // A real-mode vCPU runs in virtual-8086 mode: RFLAGS.VM stays set (userspace
+        // sees RFLAGS without it).
+        let vm86 = if self.rmode { RFLAGS_VM } else { 0 };
+        vmw(guest::RFLAGS, r.rflags | vm86);
         self.state_checked = false;
     }
 
@@ -999,6 +1009,12 @@ impl VcpuInner {
     }
 
     fn set_sregs(&mut self, s: &uapi::Sregs) -> Result {
+        if self.rmode {
+            // Userspace's segments replace the virtual-8086 ones: rvmm's real mode ends.
+            self.rmode = false;
+            vmw(guest::RFLAGS, vmr(guest::RFLAGS) & !RFLAGS_VM);
+            vmw(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
+        }
         let segs = [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt];
         for (seg, (sel, base, limit, ar)) in segs.iter().zip(SEGS) {
             vmw(sel, seg.selector.into());
@@ -1084,8 +1100,8 @@ impl VcpuInner {
     fn load_pool_root(&mut self, flush: bool) -> bool {
         // A root this vCPU holds a reference on (a recent one), while the pool has not
         // been reset and nothing needs a resync: no lock, no pool work.
-        let gen = self.shadow.generation.load(Ordering::Acquire);
-        if !flush || self.shadow.unsync.load(Ordering::Acquire) == 0 {
+        let gen = self.shadow.modes.generation.load(Ordering::Acquire);
+        if !flush || self.shadow.modes.unsync.load(Ordering::Acquire) == 0 {
             let key = self.root_key();
             let cr3 = self.cr3;
             let h = &self.hints[hint_slot(cr3) & self.hint_mask];
@@ -1108,9 +1124,19 @@ impl VcpuInner {
             return false;
         };
         let mut pool = storage.pool();
-        if core::mem::take(&mut self.slots_changed) && pool.st.stats.pages_in_use != 0 {
-            // Host frames may have changed under every shadow.
+        if self.slots.generation != pool.st.slots_generation {
+            if self.slots.generation < pool.st.slots_generation {
+                // This vCPU's memory map is older than the pool's entries: no root until
+                // it has taken the new one (the pre-entry check sends it to do so).
+                self.on_pool = false;
+                self.proot = NIL;
+                self.need_reset = true;
+                return true;
+            }
+            // The map changed under every shadow (`Shadow::memory_map_changed` does the
+            // same when the ioctl gets the lock first).
             pool.reset();
+            pool.st.slots_generation = self.slots.generation;
         }
         let prev = if self.pinned_gen == pool.st.generation {
             self.pinned_active
@@ -1122,7 +1148,7 @@ impl VcpuInner {
             Ok(r) => r,
             Err(_) => {
                 pool.reset();
-                self.stats.shadow_resets += 1;
+                self.stats.shadow_resets.inc();
                 match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, NIL, true) {
                     Ok(r) => r,
                     Err(_) => return false,
@@ -1187,7 +1213,7 @@ impl VcpuInner {
         if vmr(guest::RIP) != rip {
             return false;
         }
-        vmw(guest::RIP, rip + u64::from(len));
+        vmw(guest::RIP, self.rip_after(rip, len.into()));
         let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
@@ -1225,8 +1251,8 @@ impl VcpuInner {
                 // SAFETY: our run page.
                 let io_data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) };
                 let data = io_data[0].to_le_bytes();
-                if let Some(p) = self.slots.ptr(gpa, size.into()) {
-                    // SAFETY: `size` bytes of a pinned guest page.
+                if let Some(p) = self.slots.ptr_mut(gpa, size.into()) {
+                    // SAFETY: `size` bytes of a pinned, writable guest page.
                     unsafe { ptr::copy_nonoverlapping(data.as_ptr(), p, usize::from(size)) };
                 }
             }
@@ -1263,14 +1289,19 @@ impl VcpuInner {
             rvmm_fpu_begin();
             rvmm_irq_save()
         };
+        let start = exit::rdtsc();
         // SAFETY: see `with_vmcs`.
         let guard = unsafe { vmx::CurrentVmcs::load(self.vmcs_pa) };
         let next = match guard {
             Err(_) => {
                 self.internal_error(run, uapi::RVMM_INTERNAL_UNHANDLED_EXIT, [0xffff, 0, 0, 0])
             }
-            Ok(_guard) => self.enter_loop(run, id),
+            Ok(_guard) => self.enter_loop(run, id, start),
         };
+        let took = exit::rdtsc().wrapping_sub(start);
+        if took > self.stats.longest_section.get() {
+            self.stats.longest_section.set(took);
+        }
         // SAFETY: the guard (dropped above) cleared our VMCS and restored the previous
         // one; TR's limit is fixed up before anything can use the I/O bitmap.
         unsafe {
@@ -1281,7 +1312,8 @@ impl VcpuInner {
         next
     }
 
-    fn enter_loop(&mut self, run: *mut uapi::Run, id: u32) -> Next {
+    /// The run section's body; `start` is the TSC when interrupts went off.
+    fn enter_loop(&mut self, run: *mut uapi::Run, id: u32, start: u64) -> Next {
         self.write_host_state();
         // The exit userspace handled completes here, with the VMCS current.
         self.complete_pending(run);
@@ -1290,22 +1322,28 @@ impl VcpuInner {
         }
         if !self.state_checked {
             if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state()) {
-                pr_info!(
+                user_pr!(
+                    pr_info,
                     "vcpu {}: guest state refused before VM entry: {}\n",
                     id,
                     check.explain()
                 );
                 // SAFETY: our run page.
                 unsafe {
-                    (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
-                    (*run).fail_entry = uapi::ExitFailEntry {
-                        hardware_entry_failure_reason: (rvmm_core::exit::EXIT_REASON_FAILED_ENTRY
-                            | 33)
-                            .into(),
-                        cpu: rvmm_cpu() as u32,
-                        vmfail: 0,
-                    };
-                    (*run).internal.suberror = check as u32;
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).exit_reason),
+                        uapi::RVMM_EXIT_FAIL_ENTRY,
+                    );
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).fail_entry),
+                        uapi::ExitFailEntry {
+                            hardware_entry_failure_reason:
+                                (rvmm_core::exit::EXIT_REASON_FAILED_ENTRY | 33).into(),
+                            cpu: rvmm_cpu() as u32,
+                            vmfail: 0,
+                        },
+                    );
+                    ptr::write_volatile(ptr::addr_of_mut!((*run).internal.suberror), check as u32);
                 }
                 return Next::User;
             }
@@ -1321,7 +1359,7 @@ impl VcpuInner {
         {
             self.set_window_exiting(true);
         }
-        let segs = HostSegs::read();
+        let host_state = HostState::read();
         // SAFETY: interrupts are off for the whole section; the guest context is put back
         // below on every way out of the loop.
         let host = unsafe { self.load_guest_context() };
@@ -1335,23 +1373,49 @@ impl VcpuInner {
         let next = loop {
             self.deliver_events();
             self.shadow.entering(id);
+            let root_gen = self.on_pool.then_some(self.proot_gen);
+            if self.need_reset || !self.shadow.pre_entry_ok(root_gen, self.slots.generation) {
+                // Out of guest mode before anything that may take the pool lock: a
+                // remote flush waits for vCPUs in guest mode.
+                self.shadow.exited(id);
+                if self.shadow.pre_entry_ok(None, self.slots.generation) {
+                    // The pool was reset (or the paging state changed): a new root.
+                    if !self.reset_shadow() {
+                        break self.internal_error(
+                            run,
+                            uapi::RVMM_INTERNAL_NO_SHADOW,
+                            [0, 0, vmr(guest::RIP), 6],
+                        );
+                    }
+                    continue;
+                }
+                // The memory map changed: the run loop takes the new one.
+                break Next::Host;
+            }
             let r = self.enter_once(launched, host.xcr0);
             self.shadow.exited(id);
             if r.is_err() {
                 let err = vmr(ro::VM_INSTRUCTION_ERROR);
-                pr_info!(
+                user_pr!(
+                    pr_info,
                     "vcpu {}: VM entry instruction failed, VM-instruction error {}\n",
                     id,
                     err
                 );
                 // SAFETY: our run page.
                 unsafe {
-                    (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
-                    (*run).fail_entry = uapi::ExitFailEntry {
-                        hardware_entry_failure_reason: err,
-                        cpu: rvmm_cpu() as u32,
-                        vmfail: 1,
-                    };
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).exit_reason),
+                        uapi::RVMM_EXIT_FAIL_ENTRY,
+                    );
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).fail_entry),
+                        uapi::ExitFailEntry {
+                            hardware_entry_failure_reason: err,
+                            cpu: rvmm_cpu() as u32,
+                            vmfail: 1,
+                        },
+                    );
                 }
                 break Next::User;
             }
@@ -1361,22 +1425,39 @@ impl VcpuInner {
                 let ready = self.interruptible() && self.pending_irq.is_none();
                 // SAFETY: our run page.
                 unsafe {
-                    (*run).if_flag = u8::from(vmr(guest::RFLAGS) & (1 << 9) != 0);
-                    (*run).ready_for_interrupt_injection = u8::from(ready);
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).if_flag),
+                        u8::from(vmr(guest::RFLAGS) & (1 << 9) != 0),
+                    );
+                    ptr::write_volatile(
+                        ptr::addr_of_mut!((*run).ready_for_interrupt_injection),
+                        u8::from(ready),
+                    );
                 }
             }
             match next {
                 // SAFETY: plain queries with interrupts off.
-                Next::Fast if unsafe { !rvmm_exit_request() } => continue,
+                // The section ends after its time budget whatever the guest does (an
+                // exit storm of a timer, a fault loop), so that interrupts are never off
+                // for longer.
+                Next::Fast
+                    if unsafe { !rvmm_exit_request() }
+                        && exit::rdtsc().wrapping_sub(start) < self.section_budget =>
+                {
+                    continue
+                }
                 Next::Fast | Next::Host => break Next::Host,
                 Next::User => break Next::User,
             }
         };
         self.shadow.section_end(id);
-        // A VM exit leaves DS, ES and LDTR null. Kernel code in 64-bit mode does not use
-        // them (nor does anything in the section): back to the task's once, here.
-        // SAFETY: the selectors `HostSegs::read` took from this task at the start.
-        unsafe { segs.restore_after_exit() };
+        if let Some(a) = self.apic.as_ref() {
+            self.stats.apic_timer_irqs.set(a.timer_fired);
+        }
+        // What VM exits changed (DS, ES, LDTR, GDTR's limit, DR7, DEBUGCTL) goes back
+        // once, here: nothing in the section depends on it.
+        // SAFETY: the state `HostState::read` took on this CPU at the start.
+        unsafe { host_state.restore_after_exit() };
         // SAFETY: `host` is what `load_guest_context` saved in this section.
         unsafe { self.save_guest_context(&host) };
         next
@@ -1395,17 +1476,15 @@ impl VcpuInner {
         unsafe {
             let mut host = HostContext {
                 kernel_gs_base: vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE),
-                syscall: None,
+                syscall: [0; 4],
                 xcr0: 0,
             };
             vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
-            if self.syscall_msrs_set {
-                let mut saved = [0; 4];
-                for (i, &m) in SYSCALL_MSRS.iter().enumerate() {
-                    saved[i] = vmx::rdmsr_arch(m);
+            for (i, &m) in SYSCALL_MSRS.iter().enumerate() {
+                host.syscall[i] = vmx::rdmsr_arch(m);
+                if host.syscall[i] != self.syscall_msrs[i] {
                     vmx::wrmsr_arch(m, self.syscall_msrs[i]);
                 }
-                host.syscall = Some(saved);
             }
             // Under the host's XCR0, a superset of what the guest may enable: nothing of
             // the guest's state is lost whatever its own XCR0.
@@ -1431,9 +1510,9 @@ impl VcpuInner {
             }
             // The guest cannot change the SYSCALL MSRs without an exit (WRMSR, which ends
             // the section), so `syscall_msrs` is current: only the host's go back.
-            if let Some(saved) = host.syscall {
-                for (&m, &v) in SYSCALL_MSRS.iter().zip(saved.iter()) {
-                    vmx::wrmsr_arch(m, v);
+            for (i, &m) in SYSCALL_MSRS.iter().enumerate() {
+                if host.syscall[i] != self.syscall_msrs[i] {
+                    vmx::wrmsr_arch(m, host.syscall[i]);
                 }
             }
             // SWAPGS in the guest changes KERNEL_GS_BASE without an exit: read it back.
@@ -1528,12 +1607,18 @@ impl VcpuInner {
     ) -> Next {
         // SAFETY: our run page.
         unsafe {
-            (*run).exit_reason = uapi::RVMM_EXIT_INTERNAL_ERROR;
-            (*run).internal = uapi::ExitInternal {
-                suberror,
-                ndata: 4,
-                data,
-            };
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).exit_reason),
+                uapi::RVMM_EXIT_INTERNAL_ERROR,
+            );
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).internal),
+                uapi::ExitInternal {
+                    suberror,
+                    ndata: 4,
+                    data,
+                },
+            );
         }
         Next::User
     }

@@ -27,13 +27,13 @@ pub(crate) struct Vm {
 
 impl Vm {
     pub(crate) fn new() -> Result<Arc<Self>> {
-        let slots = Arc::new(MemSlots::new(), GFP_KERNEL)?;
+        let slots = Arc::new(MemSlots::new(), GFP_KERNEL_ACCOUNT)?;
         let shadow = Arc::pin_init(
             Shadow::new(
                 crate::module_parameters::shadow_pages.value(),
                 crate::module_parameters::shadow_roots.value(),
-            ),
-            GFP_KERNEL,
+            )?,
+            GFP_KERNEL_ACCOUNT,
         )?;
         Arc::pin_init(
             pin_init!(Self {
@@ -42,25 +42,42 @@ impl Vm {
                 shadow,
                 irqchip <- new_mutex!(None),
             }),
-            GFP_KERNEL,
+            GFP_KERNEL_ACCOUNT,
         )
     }
 
-    /// The current memory map (vCPUs take a snapshot per run).
+    /// The current memory map (a vCPU takes it before it enters whenever it changed).
     pub(crate) fn slots(&self) -> Arc<MemSlots> {
         self.slots.lock().clone()
     }
 
+    /// The current memory map's generation (without the lock).
+    pub(crate) fn slots_generation(&self) -> u64 {
+        self.shadow
+            .modes
+            .slots_generation
+            .load(core::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `RVMM_SET_MEMORY_REGION`. The new map is pinned first; once it is in place, no
+    /// shadow entry maps the old one and no vCPU is in guest mode with a translation
+    /// of it. The old map's pages are unpinned when the last vCPU that held the old map
+    /// has taken the new one (each does before its next VM entry).
     pub(crate) fn set_memory_region(&self, r: &uapi::MemoryRegion) -> Result {
         let mut slots = self.slots.lock();
-        let new = slots.with_region(r)?;
-        *slots = Arc::new(new, GFP_KERNEL)?;
+        let new = Arc::new(slots.with_region(r)?, GFP_KERNEL_ACCOUNT)?;
+        let generation = new.generation;
+        let old = core::mem::replace(&mut *slots, new);
+        self.shadow.memory_map_changed(generation);
+        drop(slots);
+        drop(old);
         Ok(())
     }
 
     pub(crate) fn create_vcpu(&self, id: usize) -> Result<isize> {
         if id >= uapi::RVMM_MAX_VCPUS as usize {
-            pr_info!(
+            user_pr!(
+                pr_info,
                 "create vcpu: id {} out of range (max {})\n",
                 id,
                 uapi::RVMM_MAX_VCPUS - 1
@@ -86,7 +103,10 @@ impl Vm {
             return Err(EEXIST);
         }
         if vcpus.iter().any(|v| v.is_some()) {
-            pr_info!("create irqchip: the VM has vCPUs already; create the irqchip first\n");
+            user_pr!(
+                pr_info,
+                "create irqchip: the VM has vCPUs already; create the irqchip first\n"
+            );
             return Err(EBUSY);
         }
         *chip = Some(Irqchip::new(self.shadow.clone())?);
@@ -96,7 +116,10 @@ impl Vm {
     /// `RVMM_SIGNAL_MSI`.
     pub(crate) fn signal_msi(&self, msi: &uapi::Msi) -> Result<isize> {
         let Some(chip) = self.irqchip.lock().clone() else {
-            pr_info!("signal msi: the VM has no irqchip (RVMM_CREATE_IRQCHIP)\n");
+            user_pr!(
+                pr_info,
+                "signal msi: the VM has no irqchip (RVMM_CREATE_IRQCHIP)\n"
+            );
             return Err(ENXIO);
         };
         chip.signal_msi(msi)
@@ -108,7 +131,7 @@ impl Vm {
             let v = self.vcpus.lock();
             let mut list = KVec::new();
             for vcpu in v.iter().flatten() {
-                list.push(vcpu.clone(), GFP_KERNEL)?;
+                list.push(vcpu.clone(), GFP_KERNEL_ACCOUNT)?;
             }
             list
         };

@@ -184,11 +184,19 @@ pub(crate) struct CurrentVmcs {
 }
 
 impl CurrentVmcs {
+    /// Fails, without a VMX instruction, on a CPU where rvmm holds no VMX reference
+    /// (it left VMX operation for shutdown or CPU offline).
+    ///
     /// # Safety
-    /// The CPU must be in VMX operation, preemption and interrupts must stay disabled
-    /// for the guard's lifetime, and `pa` must be a VMCS region owned by the caller and
-    /// not active on another CPU.
+    /// Preemption and interrupts must stay disabled for the guard's lifetime, and `pa`
+    /// must be a VMCS region owned by the caller and not active on another CPU.
     pub(crate) unsafe fn load(pa: u64) -> Result<Self, VmFail> {
+        // After shutdown (or this CPU's offline path) left VMX operation, any VMX
+        // instruction would #UD.
+        // SAFETY: a per-CPU flag read with interrupts off (guaranteed by the caller).
+        if !unsafe { rvmm_vmx_held_here() } {
+            return Err(VmFail);
+        }
         // SAFETY: guaranteed by the caller.
         let previous = unsafe { vmptrst() };
         // SAFETY: guaranteed by the caller.
@@ -543,34 +551,64 @@ fn ptr_read(p: *const u64) -> u64 {
     unsafe { core::ptr::read_volatile(p) }
 }
 
-/// The host's DS, ES and LDTR, which a VM exit leaves null. (FS and GS come back with
-/// null selectors and the bases of HOST_FS_BASE/HOST_GS_BASE: right for 64-bit tasks,
-/// whose FS and GS selectors are null.)
+/// Host state that a VM exit does not give back as the host had it (SDM 28.5): DS, ES
+/// and LDTR come back null, GDTR's limit 0xFFFF, DR7 0x400 and IA32_DEBUGCTL 0. (FS
+/// and GS come back with null selectors and the bases of HOST_FS_BASE/HOST_GS_BASE:
+/// right for 64-bit tasks, whose FS and GS selectors are null. TR's limit is handled by
+/// `rvmm_after_vmexit`.)
 #[derive(Clone, Copy, Default)]
-pub(crate) struct HostSegs {
+pub(crate) struct HostState {
     pub(crate) ds: u16,
     pub(crate) es: u16,
     pub(crate) ldt: u16,
+    gdt_limit: u16,
+    gdt_base: u64,
+    dr7: u64,
+    debugctl: u64,
 }
 
-impl HostSegs {
+/// DR7's value after reset and after a VM exit.
+const DR7_INIT: u64 = 0x400;
+
+impl HostState {
     pub(crate) fn read() -> Self {
         let (ds, es, ldt): (u16, u16, u16);
-        // SAFETY: reading segment registers and LDTR has no side effects.
+        let mut gdt = DtReg::default();
+        let dr7: u64;
+        // SAFETY: reading segment registers, LDTR, GDTR and DR7 has no side effects
+        // (ring 0); SGDT stores 10 bytes into `gdt`.
         unsafe {
             asm!("mov {0:x}, ds", "mov {1:x}, es", "sldt {2:x}",
                  out(reg) ds, out(reg) es, out(reg) ldt, options(nomem, nostack));
+            asm!("sgdt [{}]", in(reg) &raw mut gdt, options(nostack));
+            asm!("mov {}, dr7", out(reg) dr7, options(nomem, nostack));
         }
-        Self { ds, es, ldt }
+        Self {
+            ds,
+            es,
+            ldt,
+            gdt_limit: gdt.limit,
+            gdt_base: gdt.base,
+            dr7,
+            debugctl: rdmsr_arch(msr::IA32_DEBUGCTL),
+        }
     }
 
-    /// Puts back what a VM exit cleared (DS, ES and LDTR come back null).
+    /// Puts back what a VM exit changed.
     ///
     /// # Safety
-    /// `self` must hold this task's selectors, read before the VM entry.
+    /// `self` must hold this CPU's and this task's state, read before the VM entry in
+    /// the same interrupts-off section.
     pub(crate) unsafe fn restore_after_exit(&self) {
-        // SAFETY: valid selectors of this task (read by `read`).
+        let gdt = DtReg {
+            limit: self.gdt_limit,
+            base: self.gdt_base,
+        };
+        // SAFETY: valid selectors of this task and this CPU's own GDT, DR7 and
+        // DEBUGCTL (read by `read`). Without the GDT's real limit, LSL/LAR/VERR from
+        // user space on a selector past the GDT would read beyond its page.
         unsafe {
+            asm!("lgdt [{}]", in(reg) &raw const gdt, options(nostack));
             if self.ds != 0 {
                 asm!("mov ds, {0:x}", in(reg) self.ds, options(nostack));
             }
@@ -579,6 +617,12 @@ impl HostSegs {
             }
             if self.ldt != 0 {
                 asm!("lldt {0:x}", in(reg) self.ldt, options(nostack));
+            }
+            if self.dr7 != DR7_INIT {
+                asm!("mov dr7, {}", in(reg) self.dr7, options(nomem, nostack));
+            }
+            if self.debugctl != 0 {
+                wrmsr_arch(msr::IA32_DEBUGCTL, self.debugctl);
             }
         }
     }

@@ -23,11 +23,14 @@ use super::{vmr, vmw, Next, Pending, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 
+/// Basic exit reason 41: a machine-check event during VM entry (SDM C).
+const EXIT_REASON_MACHINE_CHECK: u16 = 41;
+
 /// IA32_BIOS_SIGN_ID (microcode update signature).
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 
 /// The host's TSC.
-fn rdtsc() -> u64 {
+pub(super) fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
@@ -40,20 +43,31 @@ impl VcpuInner {
         if self.vapic_tpr != 0 {
             self.tpr_from_vapic();
         }
-        if let Some(n) = self.stats.exits.get_mut(usize::from(basic)) {
-            *n += 1;
+        if let Some(n) = self.stats.exits.get(usize::from(basic)) {
+            n.inc();
         }
         if reason & EXIT_REASON_FAILED_ENTRY != 0 {
+            if basic == EXIT_REASON_MACHINE_CHECK {
+                // SAFETY: as for a #MC exit: the host handles it.
+                unsafe { rvmm_machine_check() };
+            }
             // SAFETY: our run page.
             unsafe {
-                (*run).exit_reason = uapi::RVMM_EXIT_FAIL_ENTRY;
-                (*run).fail_entry = uapi::ExitFailEntry {
-                    hardware_entry_failure_reason: reason.into(),
-                    cpu: rvmm_cpu() as u32,
-                    vmfail: 0,
-                };
+                ptr::write_volatile(
+                    ptr::addr_of_mut!((*run).exit_reason),
+                    uapi::RVMM_EXIT_FAIL_ENTRY,
+                );
+                ptr::write_volatile(
+                    ptr::addr_of_mut!((*run).fail_entry),
+                    uapi::ExitFailEntry {
+                        hardware_entry_failure_reason: reason.into(),
+                        cpu: rvmm_cpu() as u32,
+                        vmfail: 0,
+                    },
+                );
             }
-            kernel::pr_info!(
+            user_pr!(
+                pr_info,
                 "vcpu {}: VM entry failed, exit reason {:#x}, qualification {:#x}\n",
                 id,
                 reason,
@@ -142,7 +156,8 @@ impl VcpuInner {
             ) => self.inject(vector::UD, None),
             _ => {
                 let qual = qual();
-                kernel::pr_info!(
+                user_pr!(
+                    pr_info,
                     "vcpu {}: unhandled VM exit {} (qualification {:#x}) at RIP {:#x}\n",
                     id,
                     basic,
@@ -160,19 +175,33 @@ impl VcpuInner {
 
     fn exit_to_user(&mut self, run: *mut uapi::Run, reason: u32) -> Next {
         // SAFETY: our run page.
-        unsafe { (*run).exit_reason = reason };
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), reason) };
         Next::User
     }
 
     /// Advances RIP past the exiting instruction; STI/MOV SS blocking ends with it.
     fn skip_instruction(&mut self) {
-        vmw(
-            guest::RIP,
-            vmr(guest::RIP) + vmr(ro::VMEXIT_INSTRUCTION_LEN),
-        );
+        let rip = self.rip_after(vmr(guest::RIP), vmr(ro::VMEXIT_INSTRUCTION_LEN));
+        vmw(guest::RIP, rip);
         let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+        }
+    }
+
+    /// Whether the guest runs 64-bit code (IA-32e mode and CS.L).
+    pub(super) fn long_mode_code(&self) -> bool {
+        self.efer & EFER_LMA != 0 && vmr(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0
+    }
+
+    /// RIP after an instruction of `len` bytes at `rip`: it wraps at 64 bits in 64-bit
+    /// code and at 32 bits otherwise (SDM Vol. 1, 3.5), whatever RIP the guest chose.
+    pub(super) fn rip_after(&self, rip: u64, len: u64) -> u64 {
+        let next = rip.wrapping_add(len);
+        if self.long_mode_code() {
+            next
+        } else {
+            next & 0xffff_ffff
         }
     }
 
@@ -219,6 +248,11 @@ impl VcpuInner {
             return Next::Host;
         }
         let vec = intr::vector(info);
+        if vec == vector::MC {
+            // SAFETY: the host's machine-check handling, for a #MC that hit the guest.
+            unsafe { rvmm_machine_check() };
+            return Next::Host;
+        }
         // A fault in the guest's IRET unblocked virtual NMIs; IRET runs again later, so
         // they are blocked until then (SDM 28.2.3).
         if self.virtual_nmis && info & intr::NMI_UNBLOCK != 0 {
@@ -337,9 +371,9 @@ impl VcpuInner {
             }
         }
         // SAFETY: our run page.
-        unsafe { (*run).mmio = mmio };
-        vmw(guest::RIP, rip + u64::from(decoded.len));
-        self.stats.mmio_exits += 1;
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
+        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
+        self.stats.mmio_exits.inc();
         self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
     }
 
@@ -366,7 +400,7 @@ impl VcpuInner {
                 self.set_gpr(dst, new);
             }
         }
-        vmw(guest::RIP, rip + u64::from(decoded.len));
+        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
         Next::Fast
     }
 
@@ -378,9 +412,15 @@ impl VcpuInner {
             user: vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
             fetch: true,
         };
+        // Linear addresses wrap at 32 bits outside 64-bit mode, at 64 bits in it.
+        let mask = if self.long_mode_code() {
+            u64::MAX
+        } else {
+            0xffff_ffff
+        };
         let mut n = 0;
         while n < out.len() {
-            let la = rip + n as u64;
+            let la = rip.wrapping_add(n as u64) & mask;
             let Ok(w) = walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx)
             else {
                 break;
@@ -441,13 +481,14 @@ impl VcpuInner {
                 Next::Fast
             }
             Some(Ok(PoolFix::Mapped)) => {
-                self.stats.shadow_faults += 1;
+                self.stats.shadow_faults.inc();
                 let rip = vmr(guest::RIP);
                 if (gva, rip) == self.last_fault {
                     self.repeat_faults += 1;
                     if self.repeat_faults > 64 {
                         self.repeat_faults = 0;
-                        kernel::pr_err!(
+                        user_pr!(
+                            pr_err,
                             "shadow fault loop (pool): gva {:#x} ec {:#x} rip {:#x}\n",
                             gva,
                             ec,
@@ -473,7 +514,7 @@ impl VcpuInner {
                         [table, gva, vmr(guest::RIP), 1],
                     );
                 }
-                self.stats.guest_faults += 1;
+                self.stats.guest_faults.inc();
                 self.cr2 = gva;
                 self.inject(vector::PF, Some(f.error_code))
             }
@@ -499,7 +540,7 @@ impl VcpuInner {
             // write the same table at the same time (their writes trap as well, but the
             // emulation runs outside the pool lock).
             Ok(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
-                match self.slots.ptr(gpa & !7, 8) {
+                match self.slots.ptr_mut(gpa & !7, 8) {
                     Some(p) => {
                         // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
                         // (`ptr` checked the range); the guest and other vCPUs only access it
@@ -568,7 +609,7 @@ impl VcpuInner {
                             self.set_gpr(r, merged);
                         }
                         vmw(guest::RFLAGS, e.rflags);
-                        vmw(guest::RIP, rip + u64::from(op.len));
+                        vmw(guest::RIP, self.rip_after(rip, op.len.into()));
                         Some(op.size)
                     }
                     None => None,
@@ -626,7 +667,7 @@ impl VcpuInner {
                 pool.reset();
                 self.shadow.publish(pool.st, 0);
             }
-            self.stats.shadow_resets += 1;
+            self.stats.shadow_resets.inc();
         }
         self.reset_shadow()
     }
@@ -694,7 +735,7 @@ impl VcpuInner {
         let seg_base = match op.seg {
             4 => vmr(guest::FS_BASE),
             5 => vmr(guest::GS_BASE),
-            s if !long => vmr(SEG_BASES[usize::from(s)]),
+            s if !long => vmr(SEG_BASES[usize::from(s).min(5)]),
             _ => 0,
         };
         let la = seg_base.wrapping_add(ea);
@@ -832,11 +873,14 @@ impl VcpuInner {
         let g = &self.gprs;
         // SAFETY: our run page.
         unsafe {
-            (*run).hypercall = uapi::ExitHypercall {
-                nr: g.rax,
-                args: [g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.r8],
-                ret: 0,
-            };
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).hypercall),
+                uapi::ExitHypercall {
+                    nr: g.rax,
+                    args: [g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.r8],
+                    ret: 0,
+                },
+            );
         }
         self.pending = Pending::Hypercall;
         self.skip_instruction();
@@ -996,17 +1040,20 @@ impl VcpuInner {
         io_data[0] = data;
         // SAFETY: our run page.
         unsafe {
-            (*run).io = uapi::ExitIo {
-                direction: if io.input {
-                    uapi::RVMM_EXIT_IO_IN
-                } else {
-                    uapi::RVMM_EXIT_IO_OUT
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).io),
+                uapi::ExitIo {
+                    direction: if io.input {
+                        uapi::RVMM_EXIT_IO_IN
+                    } else {
+                        uapi::RVMM_EXIT_IO_OUT
+                    },
+                    size: io.size,
+                    port: io.port,
+                    count: 1,
+                    data_offset: core::mem::offset_of!(uapi::Run, io_data) as u64,
                 },
-                size: io.size,
-                port: io.port,
-                count: 1,
-                data_offset: core::mem::offset_of!(uapi::Run, io_data) as u64,
-            };
+            );
             ptr::write_volatile(ptr::addr_of_mut!((*run).io_data), io_data);
         }
         self.exit_to_user(run, uapi::RVMM_EXIT_IO)
@@ -1062,8 +1109,14 @@ impl VcpuInner {
                 return self.inject(vector::PF, Some(f.error_code));
             }
         };
-        let Some(p) = slots.ptr(gpa, io.size.into()) else {
-            // Crossing a page or outside RAM: not supported yet.
+        let p = if io.input {
+            slots.ptr_mut(gpa, io.size.into())
+        } else {
+            slots.ptr(gpa, io.size.into())
+        };
+        let Some(p) = p else {
+            // Crossing a page, outside RAM, or INS into a read-only slot: not supported
+            // yet.
             return self.internal_error(
                 run,
                 uapi::RVMM_INTERNAL_EMULATION,
@@ -1102,7 +1155,7 @@ impl VcpuInner {
 
     fn rdmsr(&mut self) -> Next {
         if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&(self.gprs.rcx as u32)) {
-            self.stats.apic_accesses += 1;
+            self.stats.apic_accesses.inc();
         }
         let Some(v) = self.get_msr(self.gprs.rcx as u32) else {
             return self.inject(vector::GP, Some(0));
@@ -1117,7 +1170,7 @@ impl VcpuInner {
         let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
         let index = self.gprs.rcx as u32;
         if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&index) {
-            self.stats.apic_accesses += 1;
+            self.stats.apic_accesses.inc();
         }
         if !self.set_msr(index, v) {
             return self.inject(vector::GP, Some(0));
@@ -1199,7 +1252,6 @@ impl VcpuInner {
                     _ => 3,
                 };
                 self.syscall_msrs[i] = v;
-                self.syscall_msrs_set = true;
             }
             msr::IA32_SYSENTER_CS => vmw(guest::IA32_SYSENTER_CS, v),
             msr::IA32_SYSENTER_ESP => vmw(guest::IA32_SYSENTER_ESP, v),

@@ -6,6 +6,8 @@
 //! on VM entry, HLT, and the xAPIC page / x2APIC MSR accesses. Everything here runs with
 //! the vCPU's lock held; nothing allocates.
 
+use core::ptr;
+
 use rvmm_core::apic::{Effect, Trigger};
 use rvmm_core::exit::intr;
 use x86::vmx::vmcs::{control, guest};
@@ -29,9 +31,13 @@ impl VcpuInner {
     /// interrupt if it is due.
     pub(super) fn apic_collect(&mut self) {
         let now = self.guest_tsc();
+        let khz = self.tsc_khz;
         let (Some(apic), Some(irq)) = (self.apic.as_mut(), self.irq.as_ref()) else {
             return;
         };
+        // The timer's shortest periodic period is 200 us at the TSC's rate (this runs
+        // before every entry, so before the guest can start a count).
+        apic.set_tsc_khz(khz);
         if let Some(p) = irq.mailbox(self.vcpu_id).take() {
             for (i, &(edge, level)) in p.vectors.iter().enumerate() {
                 for (bits, trigger) in [(edge, Trigger::Edge), (level, Trigger::Level)] {
@@ -89,7 +95,7 @@ impl VcpuInner {
                         u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
                     );
                     self.pending_extint = None;
-                    self.stats.apic_injections += 1;
+                    self.stats.apic_injections.inc();
                 } else {
                     self.set_window_exiting(true);
                 }
@@ -102,7 +108,7 @@ impl VcpuInner {
                         control::VMENTRY_INTERRUPTION_INFO_FIELD,
                         u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
                     );
-                    self.stats.apic_injections += 1;
+                    self.stats.apic_injections.inc();
                 } else {
                     self.set_window_exiting(true);
                 }
@@ -182,7 +188,12 @@ impl VcpuInner {
     pub(super) fn hlt(&mut self, run: *mut rvmm_uapi::Run) -> Next {
         if self.apic.is_none() || vmr(guest::RFLAGS) & (1 << 9) == 0 {
             // SAFETY: our run page.
-            unsafe { (*run).exit_reason = rvmm_uapi::RVMM_EXIT_HLT };
+            unsafe {
+                ptr::write_volatile(
+                    ptr::addr_of_mut!((*run).exit_reason),
+                    rvmm_uapi::RVMM_EXIT_HLT,
+                )
+            };
             return Next::User;
         }
         self.apic_collect();
@@ -200,7 +211,7 @@ impl VcpuInner {
             self.halted = false;
             return Ok(());
         };
-        self.stats.halt_sleeps += 1;
+        self.stats.halt_sleeps.inc();
         loop {
             // SAFETY: the waiter lives as long as the VM's irqchip, which we hold.
             unsafe { rvmm_waiter_arm(w) };
@@ -234,7 +245,9 @@ impl VcpuInner {
         if let Some(v) = b.take_sipi() {
             if self.wait_sipi {
                 self.wait_sipi = false;
-                self.with_vmcs(|g| g.start_real_mode(v));
+                // The VMCS cannot fail to load here but for a broken VMX: then the
+                // vCPU stays where it was.
+                let _ = self.with_vmcs(|g| g.start_real_mode(v));
             }
         }
     }
@@ -286,7 +299,7 @@ impl VcpuInner {
     pub(super) fn apic_mmio(&mut self, gpa: u64, len: u8, write: Option<u64>) -> Option<u64> {
         let now = self.guest_tsc();
         let apic = self.apic.as_mut()?;
-        self.stats.apic_accesses += 1;
+        self.stats.apic_accesses.inc();
         let off = (gpa & 0xfff) as u32;
         match write {
             Some(v) => {

@@ -12,6 +12,8 @@
 //! never reads it): TR is a 104-byte busy TSS at 0. Interrupts are not injected while a
 //! vCPU is in real mode (its trampoline runs with them off).
 
+use core::ptr;
+
 use rvmm_core::exit::IoAccess;
 use rvmm_core::mmu::mode::*;
 use rvmm_core::realmode::{self, Insn, Rm, Seg};
@@ -22,7 +24,7 @@ use super::{vmr, vmw, Next, Pending, VcpuInner, SEGS};
 
 /// VMX access rights of every segment in vm86 mode (SDM 27.3.1.2).
 const AR_VM86: u64 = 0xf3;
-const RFLAGS_VM: u64 = 1 << 17;
+pub(super) const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IOPL: u64 = 3 << 12;
@@ -44,6 +46,14 @@ const ALL_SEGS: [Seg; 6] = [Seg::Es, Seg::Cs, Seg::Ss, Seg::Ds, Seg::Fs, Seg::Gs
 impl VcpuInner {
     fn seg_base(&self, s: Seg) -> u64 {
         vmr(fields(s).1)
+    }
+
+    /// The linear address (physical: there is no paging here) of `s:off`. The base is
+    /// whatever the guest or userspace (SET_SREGS) left there, so the sum wraps at 32
+    /// bits, as linear addresses do outside IA-32e mode (for real-mode bases, at most
+    /// 0xffff0, it is the plain sum).
+    fn linear(&self, s: Seg, off: u64) -> u64 {
+        self.seg_base(s).wrapping_add(off) & 0xffff_ffff
     }
 
     /// Loads a real-mode segment register (base = selector << 4).
@@ -99,10 +109,11 @@ impl VcpuInner {
         }
     }
 
+    /// Writes guest RAM; false outside RAM or into a read-only slot (never written).
     fn phys_write(&self, pa: u64, data: &[u8]) -> bool {
-        match self.slots.ptr(pa, data.len() as u64) {
+        match self.slots.ptr_mut(pa, data.len() as u64) {
             Some(p) => {
-                // SAFETY: as in `phys_read`.
+                // SAFETY: `data.len()` bytes of pinned, writable guest memory.
                 unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
                 true
             }
@@ -113,16 +124,13 @@ impl VcpuInner {
     fn push16(&mut self, v: u16) -> bool {
         let sp = (vmr(guest::RSP) as u16).wrapping_sub(2);
         vmw(guest::RSP, (vmr(guest::RSP) & !0xffff) | u64::from(sp));
-        self.phys_write(self.seg_base(Seg::Ss) + u64::from(sp), &v.to_le_bytes())
+        self.phys_write(self.linear(Seg::Ss, sp.into()), &v.to_le_bytes())
     }
 
     fn pop(&mut self, size: u16) -> Option<u32> {
         let sp = vmr(guest::RSP) as u16;
         let mut b = [0u8; 4];
-        if !self.phys_read(
-            self.seg_base(Seg::Ss) + u64::from(sp),
-            &mut b[..usize::from(size)],
-        ) {
+        if !self.phys_read(self.linear(Seg::Ss, sp.into()), &mut b[..usize::from(size)]) {
             return None;
         }
         vmw(
@@ -151,9 +159,10 @@ impl VcpuInner {
     fn fetch16(&self) -> ([u8; 15], usize) {
         let mut code = [0u8; 15];
         let ip = vmr(guest::RIP) & 0xffff;
-        let at = self.seg_base(Seg::Cs) + ip;
         let mut n = 0;
-        while n < code.len() && self.phys_read(at + n as u64, &mut code[n..n + 1]) {
+        while n < code.len()
+            && self.phys_read(self.linear(Seg::Cs, ip + n as u64), &mut code[n..n + 1])
+        {
             n += 1;
         }
         (code, n)
@@ -223,7 +232,9 @@ impl VcpuInner {
                 vmw(guest::RIP, next_ip);
                 // No interrupts reach a vCPU in real mode: the HLT ends its run.
                 // SAFETY: our run page.
-                unsafe { (*run).exit_reason = uapi::RVMM_EXIT_HLT };
+                unsafe {
+                    ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), uapi::RVMM_EXIT_HLT)
+                };
                 return Next::User;
             }
             Insn::In { size, port } | Insn::Out { size, port } => {
@@ -258,7 +269,7 @@ impl VcpuInner {
             Insn::Lgdt { mem, o32 } | Insn::Lidt { mem, o32 } => {
                 let ea = realmode::effective(&mem, |r| self.gprs.get(r, vmr(guest::RSP)));
                 let mut b = [0u8; 6];
-                if !self.phys_read(self.seg_base(mem.seg) + u64::from(ea), &mut b) {
+                if !self.phys_read(self.linear(mem.seg, ea.into()), &mut b) {
                     return self.rmode_failed(run, 4);
                 }
                 let limit = u16::from_le_bytes([b[0], b[1]]);
@@ -306,7 +317,7 @@ impl VcpuInner {
                     Rm::Mem(m) => {
                         let ea = realmode::effective(&m, |r| self.gprs.get(r, vmr(guest::RSP)));
                         let mut b = [0u8; 2];
-                        if !self.phys_read(self.seg_base(m.seg) + u64::from(ea), &mut b) {
+                        if !self.phys_read(self.linear(m.seg, ea.into()), &mut b) {
                             return self.rmode_failed(run, 7);
                         }
                         u16::from_le_bytes(b)
@@ -380,7 +391,7 @@ impl VcpuInner {
         let mut d = [0u8; 8];
         if sel & 4 != 0
             || u64::from(sel | 7) > vmr(guest::GDTR_LIMIT)
-            || !self.phys_read(gdt + u64::from(sel & !7), &mut d)
+            || !self.phys_read(gdt.wrapping_add(u64::from(sel & !7)) & 0xffff_ffff, &mut d)
         {
             return self.rmode_failed(run, 12);
         }
@@ -407,7 +418,7 @@ impl VcpuInner {
         vmw(fa, ar | 1);
         vmw(guest::RIP, off.into());
         vmw(guest::RFLAGS, vmr(guest::RFLAGS) & !RFLAGS_VM);
-        vmw(control::EXCEPTION_BITMAP, 1 << rvmm_core::exit::vector::PF);
+        vmw(control::EXCEPTION_BITMAP, super::EXCEPTION_BITMAP);
         self.rmode = false;
         self.state_checked = false;
         self.apply_paging_state();
@@ -415,7 +426,8 @@ impl VcpuInner {
     }
 
     fn rmode_failed(&mut self, run: *mut uapi::Run, what: u64) -> Next {
-        kernel::pr_info!(
+        user_pr!(
+            pr_info,
             "vcpu {}: real-mode code at {:#x}:{:#x} that rvmm cannot run ({})\n",
             self.vcpu_id,
             vmr(guest::CS_SELECTOR),
@@ -425,7 +437,12 @@ impl VcpuInner {
         self.internal_error(
             run,
             uapi::RVMM_INTERNAL_EMULATION,
-            [vmr(guest::CS_BASE) + vmr(guest::RIP), what, 0, 5],
+            [
+                vmr(guest::CS_BASE).wrapping_add(vmr(guest::RIP)),
+                what,
+                0,
+                5,
+            ],
         )
     }
 }

@@ -3,11 +3,16 @@
 //! rvmm kselftests: run in a guest kernel on a VMX CPU (Bochs) after `insmod rvmm.ko`,
 //! print KTAP, exit 0 when every test passed (kselftest convention: 1 on failure).
 //!
-//! Usage: rvmm_test [--modules DIR] [--no-vmx]
-//!   --modules DIR  where rvmm.ko, and irqbypass.ko/kvm.ko/kvm-intel.ko, are
-//!                  (default /lib/modules/rvmm)
-//!   --no-vmx       the CPU has no VT-x (QEMU TCG): check that rvmm refuses to load
+//! Usage: rvmm_test [--modules DIR] [--no-vmx] [--only NAME,...] [--fuzz-seconds N]
+//!                  [--fuzz-seed S]
+//!   --modules DIR     where rvmm.ko, and irqbypass.ko/kvm.ko/kvm-intel.ko, are
+//!                     (default /lib/modules/rvmm)
+//!   --no-vmx          the CPU has no VT-x (QEMU TCG): check that rvmm refuses to load
+//!   --fuzz-seconds N  budget of fuzz_ioctls_and_guests (default 45)
+//!   --fuzz-seed S     its seed (decimal or 0x-hex; default: a fresh one, printed)
 
+mod adversarial;
+mod fuzz;
 mod ktap;
 mod kvm_guest;
 mod linux_tests;
@@ -62,8 +67,14 @@ fn main() {
                         .collect(),
                 )
             }
+            "--fuzz-seconds" | "--fuzz-seed" => {
+                if let Err(e) = fuzz::set_option(&a, args.next()) {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+            }
             _ => {
-                eprintln!("usage: rvmm_test [--modules DIR] [--no-vmx] [--only NAME,...]");
+                eprintln!("usage: rvmm_test [--modules DIR] [--no-vmx] [--only NAME,...] [--fuzz-seconds N] [--fuzz-seed S]");
                 std::process::exit(2);
             }
         }
@@ -138,7 +149,32 @@ fn main() {
             "kill_mid_run_frees_everything",
             vm_tests::kill_mid_run_frees_everything,
         );
+        suite.add("fuzz_ioctls_and_guests", fuzz::fuzz_default);
         suite.add("no_kmemleak_reports", vm_tests::no_kmemleak_reports);
+        suite.add(
+            "hlt_at_top_of_address_space",
+            adversarial::hlt_at_top_of_address_space,
+        );
+        suite.add(
+            "lsl_far_selector_after_guest",
+            adversarial::lsl_far_selector_after_guest,
+        );
+        suite.add(
+            "guest_syscall_before_lstar",
+            adversarial::guest_syscall_before_lstar,
+        );
+        suite.add(
+            "memslot_delete_then_munmap",
+            adversarial::memslot_delete_then_munmap,
+        );
+        suite.add(
+            "readonly_slot_not_written",
+            adversarial::readonly_slot_not_written,
+        );
+        suite.add(
+            "two_vcpus_pool_reset_while_halted",
+            adversarial::two_vcpus_pool_reset_while_halted,
+        );
         suite.add("cpu_hotplug", cpu_hotplug);
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);

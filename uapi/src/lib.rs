@@ -13,7 +13,7 @@
 pub const RVMM_IOCTL_TYPE: u32 = 0xB9;
 
 /// Version of this ABI. Bumped on any incompatible change.
-pub const RVMM_API_VERSION: u32 = 1;
+pub const RVMM_API_VERSION: u32 = 2;
 
 const IOC_NRBITS: u32 = 8;
 const IOC_TYPEBITS: u32 = 8;
@@ -492,6 +492,9 @@ abi_struct! {
         pub halt_sleeps: u64 => "__u64 halt_sleeps",
         /// Accesses to the xAPIC page and x2APIC MSRs handled in the kernel.
         pub apic_accesses: u64 => "__u64 apic_accesses",
+        /// The longest interrupts-off run section of any vCPU, in nanoseconds: how long
+        /// a guest held a host CPU with interrupts off.
+        pub longest_section_ns: u64 => "__u64 longest_section_ns",
     }
 }
 

@@ -92,6 +92,21 @@ pub const X2APIC_MSR_END: u32 = 0x8ff;
 /// IA32_TSC_DEADLINE.
 pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
+/// The shortest period of a periodic timer, in microseconds (KVM's
+/// `min_timer_period_us`): a guest that programs a shorter one (down to a count of 1 at
+/// divide-by-1, one TSC tick) gets this, so that its timer cannot keep the vCPU exiting
+/// without running.
+pub const MIN_TIMER_PERIOD_US: u64 = 200;
+
+/// The TSC rate the timer's minimum period assumes until [`Apic::set_tsc_khz`] gives
+/// the real one (1 GHz).
+pub const DEFAULT_TSC_KHZ: u32 = 1_000_000;
+
+const fn min_period_ticks(tsc_khz: u32) -> u64 {
+    // At most 2^32 * 200: no overflow.
+    tsc_khz as u64 * MIN_TIMER_PERIOD_US / 1000
+}
+
 /// Version register: version 0x14 (integrated APIC), 6 LVT entries (max index 5).
 pub const VERSION: u32 = 0x0005_0014;
 
@@ -262,9 +277,11 @@ impl VecReg {
             .find(|&i| self.0[i] != 0)
             .map(|i| (i * 64 + 63 - self.0[i].leading_zeros() as usize) as u8)
     }
-    /// The 32-bit word `i` (0..8) as the register file shows it.
+    /// The 32-bit word `i` (0..8) as the register file shows it (0 beyond).
     pub fn word(&self, i: usize) -> u32 {
-        (self.0[i / 2] >> (32 * (i % 2))) as u32
+        self.0
+            .get(i / 2)
+            .map_or(0, |w| (w >> (32 * (i % 2))) as u32)
     }
 }
 
@@ -371,6 +388,8 @@ pub struct Apic {
     deadline: Option<u64>,
     /// Periodic: the period in TSC ticks.
     period: u64,
+    /// The shortest periodic-timer period in TSC ticks ([`MIN_TIMER_PERIOD_US`]).
+    min_period: u64,
     tsc_deadline: u64,
     /// Interrupt request, in-service and trigger mode registers.
     pub irr: VecReg,
@@ -404,11 +423,21 @@ impl Apic {
             timer_div: 0,
             deadline: None,
             period: 0,
+            min_period: min_period_ticks(DEFAULT_TSC_KHZ),
             tsc_deadline: 0,
             irr: VecReg::default(),
             isr: VecReg::default(),
             tmr: VecReg::default(),
             timer_fired: 0,
+        }
+    }
+
+    /// The guest's TSC rate (kHz), which the timer's input clock runs at: sets the
+    /// shortest periodic-timer period, [`MIN_TIMER_PERIOD_US`]. 0 (unknown) keeps what
+    /// was there. Takes effect at the next start of the count.
+    pub fn set_tsc_khz(&mut self, khz: u32) {
+        if khz != 0 {
+            self.min_period = min_period_ticks(khz);
         }
     }
 
@@ -464,7 +493,10 @@ impl Apic {
     /// must fit `maxphyaddr`), x2APIC without EN, and x2APIC back to xAPIC without a
     /// disable in between.
     pub fn set_base_msr(&mut self, v: u64, maxphyaddr: u8) -> Result<(), Gp> {
-        let reserved = !(((1u64 << maxphyaddr) - 1) & !0xfff | base::BSP | base::EXTD | base::EN);
+        let phys = 1u64
+            .checked_shl(u32::from(maxphyaddr))
+            .map_or(u64::MAX, |b| b - 1);
+        let reserved = !(phys & !0xfff | base::BSP | base::EXTD | base::EN);
         if v & reserved != 0 {
             return Err(Gp);
         }
@@ -481,10 +513,11 @@ impl Apic {
         self.base = (v & !base::BSP) | (self.base & base::BSP);
         if was_en && !self.hw_enabled() {
             // A global disable is a reset of the register state (the ID stays).
-            let keep = (self.id, self.base, self.timer_fired);
+            let keep = (self.id, self.base, self.timer_fired, self.min_period);
             *self = Self::new(keep.0, false);
             self.base = keep.1;
             self.timer_fired = keep.2;
+            self.min_period = keep.3;
         }
         if !was_x2 && now_x2 {
             self.ldr = Self::x2apic_ldr(self.id);
@@ -604,7 +637,13 @@ impl Apic {
             self.deadline = None;
             return;
         }
+        // At most 2^32 * 128: no overflow.
         self.period = u64::from(self.timer_init) * self.divisor();
+        if self.timer_mode() == TimerMode::Periodic {
+            // As KVM: no periodic interrupt storm (a count of 1 at divide-by-1 would
+            // fire at every entry).
+            self.period = self.period.max(self.min_period).max(1);
+        }
         self.deadline = Some(now.saturating_add(self.period));
     }
 
@@ -637,7 +676,7 @@ impl Apic {
         if lvt & LVT_MASKED != 0 {
             return false;
         }
-        self.timer_fired += 1;
+        self.timer_fired = self.timer_fired.wrapping_add(1);
         self.accept(lvt as u8, Trigger::Edge)
     }
 
@@ -663,7 +702,9 @@ impl Apic {
     fn current_count(&self, now: u64) -> u32 {
         match (self.deadline, self.timer_mode()) {
             (Some(d), TimerMode::OneShot | TimerMode::Periodic) if d > now => {
-                ((d - now) / self.divisor()).min(u64::from(u32::MAX)) as u32
+                // Never above the initial count (a clamped period or a divide
+                // configuration changed while counting would give more).
+                ((d - now) / self.divisor()).min(u64::from(self.timer_init)) as u32
             }
             _ => 0,
         }

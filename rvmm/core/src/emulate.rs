@@ -51,6 +51,10 @@ pub struct Decoded {
     pub len: u8,
 }
 
+/// The longest x86 instruction (SDM Vol. 2A, 2.3.11): longer ones raise #GP. The
+/// decoders look at no more than this many bytes, so a decoded length always fits.
+pub const MAX_INSN_LEN: usize = 15;
+
 /// Why decoding failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -76,6 +80,7 @@ struct Parsed {
 }
 
 fn parse(code: &[u8], long: bool, default32: bool) -> Result<Parsed, DecodeError> {
+    let code = code.get(..MAX_INSN_LEN).unwrap_or(code);
     let mut i = 0;
     let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
     let (mut opsize16, mut addr_override, mut rex) = (false, false, 0u8);
@@ -145,6 +150,10 @@ fn parse(code: &[u8], long: bool, default32: bool) -> Result<Parsed, DecodeError
             _ => 0,
         };
     }
+    // The displacement was skipped, not read: it must be there all the same.
+    if i > code.len() {
+        return Err(DecodeError::Truncated);
+    }
     Ok(Parsed {
         word,
         rex,
@@ -159,6 +168,7 @@ fn parse(code: &[u8], long: bool, default32: bool) -> Result<Parsed, DecodeError
 /// Decodes `code` (the bytes at the guest's RIP). `long` is 64-bit mode, `default32`
 /// the code segment's D bit (ignored in 64-bit mode).
 pub fn decode(code: &[u8], long: bool, default32: bool) -> Result<Decoded, DecodeError> {
+    let code = code.get(..MAX_INSN_LEN).unwrap_or(code);
     let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
     let Parsed {
         word,
@@ -486,6 +496,7 @@ pub struct WriteOp {
 /// 80/4, 81/4, 83/4), BTS/BTR (0F AB, 0F B3, 0F BA /5 /6), CMPXCHG8B (0F C7 /1), with or
 /// without LOCK. REP string stores and CMPXCHG16B are not handled (yet).
 pub fn decode_write(code: &[u8], long: bool, default32: bool) -> Result<WriteOp, DecodeError> {
+    let code = code.get(..MAX_INSN_LEN).unwrap_or(code);
     let at = |i: usize| code.get(i).copied().ok_or(DecodeError::Truncated);
     let p = parse(code, long, default32)?;
     if p.rep {
@@ -585,9 +596,16 @@ pub struct WriteEffect {
     pub rflags: u64,
 }
 
+/// Operand width in bits of a `size`-byte operand (the decoders give 1, 2, 4 or 8;
+/// anything else is clamped into 1..=8 bytes, so that no shift or modulo below can
+/// fault).
+fn width(size: u8) -> u32 {
+    8 * u32::from(size.clamp(1, 8))
+}
+
 fn szp(v: u64, size: u8) -> u64 {
     use flags::*;
-    let bits = 8 * u32::from(size);
+    let bits = width(size);
     let mask = if bits >= 64 {
         u64::MAX
     } else {
@@ -621,7 +639,7 @@ pub fn apply_cmpxchg8b(old: u64, expected: u64, new: u64, rflags: u64) -> (u64, 
 /// immediate, not yet masked), rAX and RFLAGS. (CMPXCHG8B: see [`apply_cmpxchg8b`].)
 pub fn apply_write(op: &WriteOp, old: u64, src: u64, rax: u64, rflags: u64) -> WriteEffect {
     use flags::*;
-    let bits = 8 * u32::from(op.size);
+    let bits = width(op.size);
     let mask = if bits >= 64 {
         u64::MAX
     } else {
@@ -644,7 +662,7 @@ pub fn apply_write(op: &WriteOp, old: u64, src: u64, rax: u64, rflags: u64) -> W
             mem: src,
             reg: match op.src {
                 Source::Reg(r) => Some((r, old)),
-                Source::HighByte(r) => Some((r + 4, old)),
+                Source::HighByte(r) => Some((r.wrapping_add(4), old)),
                 Source::Imm(_) => None,
             },
             rflags,
@@ -870,5 +888,136 @@ mod write_tests {
             0,
         );
         assert_eq!((e.mem, e.rflags & SF), (0x8000_0001, SF));
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+
+    /// xorshift64: deterministic pseudo-random bytes.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+    }
+
+    const MODES: [(bool, bool); 3] = [(true, false), (false, true), (false, false)];
+
+    fn check_all(code: &[u8], rng: &mut Rng) {
+        for (long, d32) in MODES {
+            if let Ok(d) = decode(code, long, d32) {
+                assert!(
+                    usize::from(d.len) <= MAX_INSN_LEN.min(code.len()),
+                    "{code:x?}"
+                );
+                let (old, data) = (rng.next(), rng.next());
+                load_result(old, data, &d.op, long);
+            }
+            if let Ok(w) = decode_write(code, long, d32) {
+                assert!(
+                    usize::from(w.len) <= MAX_INSN_LEN.min(code.len()),
+                    "{code:x?}"
+                );
+                assert!(matches!(w.size, 1 | 2 | 4 | 8));
+                let (old, src, rax, fl) = (rng.next(), rng.next(), rng.next(), rng.next());
+                apply_write(&w, old, src, rax, fl);
+                apply_cmpxchg8b(old, src, rax, fl);
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut code = [0u8; 32];
+        for _ in 0..200_000 {
+            for b in code.iter_mut() {
+                *b = rng.next() as u8;
+            }
+            // Bias towards the opcodes the decoders know, behind random prefixes.
+            if rng.next() & 1 == 0 {
+                let ops = [
+                    0x88, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0x0f, 0x86, 0x87, 0x81, 0x83,
+                ];
+                let k = (rng.next() % 16) as usize;
+                code[k] = ops[(rng.next() % ops.len() as u64) as usize];
+            }
+            let n = (rng.next() % 33) as usize;
+            check_all(&code[..n], &mut rng);
+        }
+    }
+
+    #[test]
+    fn prefixes_and_displacements_past_15_bytes() {
+        // 12 prefixes, MOV [EAX+disp32], EAX: the displacement lies beyond byte 15.
+        let mut code = [0x3eu8; 18];
+        code[12] = 0x89;
+        code[13] = 0x80;
+        for (long, d32) in MODES {
+            assert_eq!(decode(&code, long, d32), Err(DecodeError::Truncated));
+            assert_eq!(decode_write(&code, long, d32), Err(DecodeError::Truncated));
+        }
+        // ModRM wanting a displacement the bytes do not have.
+        assert_eq!(
+            decode(&[0x89, 0x80], true, false),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode(&[0x89, 0x87, 1], false, false),
+            Err(DecodeError::Truncated)
+        );
+        // Hundreds of prefixes before a valid MOV: not an instruction (its length
+        // would not even fit in a u8).
+        let mut long = [0x66u8; 302];
+        long[300] = 0x89;
+        long[301] = 0x07;
+        for (l, d32) in MODES {
+            assert!(decode(&long, l, d32).is_err());
+            assert!(decode_write(&long, l, d32).is_err());
+        }
+        // 13 prefixes + MOV [RDI], EAX is 15 bytes: still fine.
+        let mut ok = [0x66u8; 15];
+        ok[13] = 0x89;
+        ok[14] = 0x07;
+        assert_eq!(decode(&ok, true, false).map(|d| d.len), Ok(15));
+    }
+
+    #[test]
+    fn write_semantics_with_any_size() {
+        for size in [0, 3, 5, 9, 255] {
+            for kind in [
+                WriteKind::Mov,
+                WriteKind::Xchg,
+                WriteKind::Cmpxchg,
+                WriteKind::Or,
+                WriteKind::And,
+                WriteKind::Bts,
+                WriteKind::Btr,
+                WriteKind::Cmpxchg8b,
+            ] {
+                let op = WriteOp {
+                    kind,
+                    size,
+                    src: Source::HighByte(u8::MAX),
+                    len: 3,
+                };
+                apply_write(&op, u64::MAX, u64::MAX, 0, u64::MAX);
+                apply_write(&op, 0, u64::MAX, u64::MAX, 0);
+            }
+            let op = MmioOp::Load {
+                size,
+                dst: 0,
+                high_byte: false,
+                dst_size: size,
+            };
+            load_result(u64::MAX, u64::MAX, &op, false);
+        }
     }
 }

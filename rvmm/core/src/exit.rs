@@ -278,10 +278,16 @@ pub struct IoAccess {
 }
 
 impl IoAccess {
-    /// Decodes the exit qualification.
+    /// Decodes the exit qualification. The size encodings are 0, 1 and 3; the unused
+    /// ones decode as 4 bytes, so that `size` is always 1, 2 or 4 (callers shift by
+    /// `8 * size`).
     pub const fn decode(q: u64) -> Self {
         Self {
-            size: (q & 7) as u8 + 1,
+            size: match q & 7 {
+                0 => 1,
+                1 => 2,
+                _ => 4,
+            },
             input: q & (1 << 3) != 0,
             string: q & (1 << 4) != 0,
             rep: q & (1 << 5) != 0,
@@ -477,6 +483,25 @@ mod tests {
                 port: 0x3f8
             }
         );
+    }
+
+    #[test]
+    fn io_sizes_are_always_1_2_or_4() {
+        for q in 0..8u64 {
+            let io = IoAccess::decode(q | (0xffff_ffff_fff8 << 3));
+            assert!(matches!(io.size, 1 | 2 | 4), "{q}");
+            // What callers do with it.
+            let _ = (1u64 << (8 * u32::from(io.size))) - 1;
+        }
+        assert_eq!(IoAccess::decode(3).size, 4);
+        // Any 64-bit memory operand: no overflow in the address computation.
+        for info in [0, u32::MAX, 0x7fff_ffff, 3 | (1 << 7)] {
+            let m = MemOperand::decode(info);
+            assert_eq!(
+                m.effective(u64::MAX, |_| u64::MAX) >> 32 == 0,
+                m.addr_bits < 64
+            );
+        }
     }
 
     #[test]

@@ -361,4 +361,49 @@ mod tests {
         );
         assert_eq!(check(CR0_PE, 0, 0, CS32, 0), Err(Check::BadRflags));
     }
+
+    #[test]
+    fn hostile_state_never_panics() {
+        let mut x = 0xbb67_ae85_84ca_a73bu64;
+        let mut rng = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let edge = [0, u64::MAX, 1 << 47, (1 << 47) - 1, 0xffff_ffff, 1 << 63];
+        for i in 0..50_000 {
+            let mut v = || {
+                let r = rng();
+                if r & 1 == 0 {
+                    edge[(r >> 1) as usize % edge.len()]
+                } else {
+                    r
+                }
+            };
+            let mut g = GuestState {
+                cr0: v(),
+                cr4: v(),
+                efer: v(),
+                rflags: v(),
+                rip: v(),
+                gdtr_base: v(),
+                idtr_base: v(),
+                ..Default::default()
+            };
+            for sg in g.segs.iter_mut() {
+                let r = v();
+                *sg = Seg {
+                    selector: r as u16,
+                    base: v(),
+                    limit: (r >> 16) as u32,
+                    ar: (r >> 32) as u32,
+                };
+            }
+            if i % 2 == 0 {
+                g.cr0 = (g.cr0 & 0xffff_ffff) | CR0_PE;
+            }
+            let _ = check_state(&g);
+        }
+    }
 }

@@ -154,8 +154,10 @@ fn modrm16(b: &[u8], seg_override: Option<Seg>) -> Result<(Rm, u8, usize), Unsup
     Ok((Rm::Mem(mem), reg, n))
 }
 
-/// Decodes 16-bit code at `b` (up to 15 bytes).
+/// Decodes 16-bit code at `b` (up to 15 bytes: the architectural limit; bytes past it
+/// are not looked at, so an instruction that would need them is refused).
 pub fn decode(b: &[u8]) -> Result<Decoded, Unsupported> {
+    let b = b.get(..15).unwrap_or(b);
     let mut i = 0;
     let mut o32 = false;
     let mut seg = None;
@@ -177,7 +179,7 @@ pub fn decode(b: &[u8]) -> Result<Decoded, Unsupported> {
             return Err(Unsupported);
         }
     }
-    let op = b[i];
+    let op = *b.get(i).ok_or(Unsupported)?;
     let imm8 = |k: usize| b.get(k).copied().ok_or(Unsupported);
     let imm16 = |k: usize| Ok::<u16, Unsupported>(u16::from_le_bytes([imm8(k)?, imm8(k + 1)?]));
     let size = if o32 { 4 } else { 2 };
@@ -271,7 +273,7 @@ pub fn decode(b: &[u8]) -> Result<Decoded, Unsupported> {
             let op2 = imm8(i + 1)?;
             match op2 {
                 0x01 => {
-                    let (rm, reg, n) = modrm16(&b[i + 2..], seg)?;
+                    let (rm, reg, n) = modrm16(b.get(i + 2..).ok_or(Unsupported)?, seg)?;
                     let insn = match (reg, rm) {
                         (2, Rm::Mem(mem)) => Insn::Lgdt { mem, o32 },
                         (3, Rm::Mem(mem)) => Insn::Lidt { mem, o32 },
@@ -300,7 +302,7 @@ pub fn decode(b: &[u8]) -> Result<Decoded, Unsupported> {
     };
     Ok(Decoded {
         insn,
-        len: (i + n) as u8,
+        len: u8::try_from(i + n).map_err(|_| Unsupported)?,
     })
 }
 
@@ -446,5 +448,55 @@ mod tests {
         assert_eq!(decode(&[0x0f, 0x01, 0xd0]), Err(Unsupported)); // lgdt with a register
         assert_eq!(decode(&[0x90]), Err(Unsupported));
         assert_eq!(decode(&[0x66]), Err(Unsupported));
+    }
+
+    /// xorshift64.
+    fn rng(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut s = 0x2545_f491_4f6c_dd1d;
+        let mut b = [0u8; 24];
+        for _ in 0..200_000 {
+            for x in b.iter_mut() {
+                *x = rng(&mut s) as u8;
+            }
+            if rng(&mut s) & 1 == 0 {
+                let ops = [0x0f, 0xea, 0xe9, 0xeb, 0xcd, 0xe5, 0x66, 0x2e];
+                let k = (rng(&mut s) % 15) as usize;
+                b[k] = ops[(rng(&mut s) % ops.len() as u64) as usize];
+            }
+            let n = (rng(&mut s) % 25) as usize;
+            if let Ok(d) = decode(&b[..n]) {
+                assert!(usize::from(d.len) <= n.min(15), "{:x?}", &b[..n]);
+                let regs = rng(&mut s);
+                if let Insn::Lgdt { mem, .. } | Insn::Lidt { mem, .. } | Insn::Lmsw(Rm::Mem(mem)) =
+                    d.insn
+                {
+                    effective(&mem, |r| regs.rotate_left(u32::from(r)));
+                    effective(&mem, |_| u64::MAX);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_instruction_longer_than_15_bytes() {
+        // 14 segment prefixes, then a 7-byte JMP FAR ptr16:32 (with its 0x66): the
+        // bytes are there, but the instruction would be 22 bytes long.
+        let mut b = [0x2eu8; 22];
+        b[13] = 0x66;
+        b[14] = 0xea;
+        assert_eq!(decode(&b), Err(Unsupported));
+        // 15 bytes exactly is fine.
+        let mut b = [0x2eu8; 15];
+        b[7] = 0x66;
+        b[8] = 0xea;
+        assert_eq!(decode(&b).map(|d| d.len), Ok(15));
     }
 }

@@ -7,7 +7,7 @@
 #include <linux/types.h>
 
 #define RVMM_IOCTL_TYPE 0xB9
-#define RVMM_API_VERSION 1
+#define RVMM_API_VERSION 2
 #define RVMM_NR_EXIT_REASONS 72
 #define RVMM_EVENT_INTERRUPT 0
 #define RVMM_EVENT_EXCEPTION 1
@@ -232,6 +232,7 @@ struct rvmm_vm_stats {
 	__u64 apic_messages;
 	__u64 halt_sleeps;
 	__u64 apic_accesses;
+	__u64 longest_section_ns;
 };
 
 struct rvmm_shadow_limits {

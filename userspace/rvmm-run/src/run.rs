@@ -895,6 +895,10 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
             s.apic_injections, s.apic_timer_irqs, s.apic_messages, s.apic_accesses, s.halt_sleeps
         );
     }
+    eprintln!(
+        "rvmm-run: longest interrupts-off section: {} us",
+        s.longest_section_ns / 1000
+    );
 }
 
 /// The architectural state a run ends in, on one line: the general registers, RIP,

@@ -139,6 +139,7 @@ fn one_shot_timer() {
 #[test]
 fn periodic_timer_reloads_and_catches_up() {
     let mut a = enabled(0);
+    a.set_tsc_khz(100); // a 100-kHz TSC: periods down to 20 ticks
     a.mmio_write(reg::TIMER_DIV, 4, 0xb, 0); // divide by 1
     a.mmio_write(reg::LVT_TIMER, 4, (1 << 17) | 0x41, 0);
     a.mmio_write(reg::TIMER_INIT, 4, 500, 0);
@@ -163,6 +164,7 @@ fn periodic_timer_reloads_and_catches_up() {
 #[test]
 fn masked_timer_counts_but_does_not_interrupt() {
     let mut a = enabled(0);
+    a.set_tsc_khz(100);
     a.mmio_write(reg::TIMER_DIV, 4, 0xb, 0);
     a.mmio_write(reg::LVT_TIMER, 4, (1 << 16) | (1 << 17) | 0x41, 0);
     a.mmio_write(reg::TIMER_INIT, 4, 100, 0);
@@ -453,4 +455,149 @@ fn apic64_sequence() {
     a.set_tpr(0);
     assert!(a.accept(0xd0, Trigger::Edge));
     assert_eq!(a.pending(), Some(0xd0));
+}
+
+/// Guest entries every `step` ticks from `from` to `to`: how many timer interrupts.
+fn fires(a: &mut Apic, from: u64, to: u64, step: u64) -> u32 {
+    let mut n = 0;
+    let mut t = from;
+    while t < to {
+        if a.tick(t) {
+            n += 1;
+            if let Some(v) = a.pending() {
+                a.ack(v);
+                a.eoi();
+            }
+        }
+        t += step;
+    }
+    n
+}
+
+#[test]
+fn periodic_timer_has_a_minimum_period() {
+    // A 2-GHz TSC: 200 us are 400_000 ticks.
+    let mut a = enabled(0);
+    a.set_tsc_khz(2_000_000);
+    a.mmio_write(reg::TIMER_DIV, 4, 0xb, 0); // divide by 1
+    a.mmio_write(reg::LVT_TIMER, 4, (1 << 17) | 0x41, 0);
+    a.mmio_write(reg::TIMER_INIT, 4, 1, 1000);
+    assert_eq!(a.timer_deadline(), Some(1000 + 400_000));
+    // An entry every 100 ticks for 10 ms: interrupts at 401_000, 801_000, ...,
+    // 19_601_000 (49), not one per entry (200_000).
+    assert_eq!(fires(&mut a, 1000, 1000 + 20_000_000, 100), 49);
+    assert!(
+        a.mmio_read(reg::TIMER_CUR, 4, 1000) <= 1,
+        "never above the initial count"
+    );
+    // Longer periods are the guest's own.
+    a.mmio_write(reg::TIMER_INIT, 4, 1_000_000, 0);
+    assert_eq!(a.timer_deadline(), Some(1_000_000));
+    // One-shot is not clamped (as KVM): one interrupt per count the guest writes.
+    a.mmio_write(reg::LVT_TIMER, 4, 0x41, 0);
+    a.mmio_write(reg::TIMER_INIT, 4, 1, 0);
+    assert_eq!(a.timer_deadline(), Some(1));
+    assert_eq!(fires(&mut a, 0, 1_000_000, 1), 1);
+    // A global disable and enable keeps the clamp.
+    a.set_base_msr(base::DEFAULT_ADDR, 46).unwrap();
+    a.set_base_msr(base::DEFAULT_ADDR | base::EN, 46).unwrap();
+    a.mmio_write(reg::SVR, 4, SVR_ON, 0);
+    a.mmio_write(reg::TIMER_DIV, 4, 0xb, 0);
+    a.mmio_write(reg::LVT_TIMER, 4, (1 << 17) | 0x41, 0);
+    a.mmio_write(reg::TIMER_INIT, 4, 1, 0);
+    assert_eq!(a.timer_deadline(), Some(400_000));
+    // Without a TSC rate, the default (1 GHz) applies: never a period of one tick.
+    let mut b = enabled(1);
+    b.set_tsc_khz(0);
+    b.mmio_write(reg::TIMER_DIV, 4, 0xb, 0);
+    b.mmio_write(reg::LVT_TIMER, 4, (1 << 17) | 0x41, 0);
+    b.mmio_write(reg::TIMER_INIT, 4, 1, 0);
+    assert_eq!(b.timer_deadline(), Some(200_000));
+}
+
+#[test]
+fn hostile_timer_values() {
+    for mode in [0u64, 1 << 17] {
+        for now in [0, 1, u64::MAX / 2, u64::MAX - 1, u64::MAX] {
+            let mut a = enabled(0);
+            a.set_tsc_khz(u32::MAX);
+            a.mmio_write(reg::TIMER_DIV, 4, 0xa, now); // divide by 128
+            a.mmio_write(reg::LVT_TIMER, 4, mode | 0x41, now);
+            a.mmio_write(reg::TIMER_INIT, 4, 0xffff_ffff, now);
+            let period = 0xffff_ffffu64 * 128;
+            assert_eq!(a.timer_deadline(), Some(now.saturating_add(period)));
+            assert!(a.mmio_read(reg::TIMER_CUR, 4, now) <= 0xffff_ffff);
+            // The divisor changed while counting: the count stays within the initial.
+            a.mmio_write(reg::TIMER_DIV, 4, 0xb, now);
+            a.mmio_read(reg::TIMER_CUR, 4, now);
+            a.mmio_read(reg::TIMER_CUR, 4, 0);
+            for t in [now, now.saturating_add(period), u64::MAX, 0] {
+                a.tick(t);
+                a.mmio_read(reg::TIMER_CUR, 4, t);
+            }
+        }
+    }
+    // TSC deadlines at the ends of time.
+    let mut a = enabled(0);
+    a.mmio_write(reg::LVT_TIMER, 4, (2 << 17) | 0x42, 0);
+    for d in [1, u64::MAX - 1, u64::MAX] {
+        a.set_tsc_deadline(d);
+        assert!(!a.tick(0));
+        assert!(a.tick(u64::MAX));
+        assert_eq!(a.timer_deadline(), None);
+    }
+    // A TSC rate of 0xffff_ffff kHz: the minimum period still fits.
+    let mut a = enabled(0);
+    a.set_tsc_khz(u32::MAX);
+    a.mmio_write(reg::LVT_TIMER, 4, (1 << 17) | 0x41, 0);
+    a.mmio_write(reg::TIMER_INIT, 4, 1, u64::MAX - 5);
+    assert_eq!(a.timer_deadline(), Some(u64::MAX));
+    assert!(a.tick(u64::MAX));
+    assert_eq!(a.timer_deadline(), Some(u64::MAX));
+    // MAXPHYADDR from a strange CPUID.
+    for m in [0, 12, 52, 63, 64, 255] {
+        let mut a = enabled(0);
+        let _ = a.set_base_msr(base::DEFAULT_ADDR | base::EN, m);
+        let _ = a.set_base_msr(u64::MAX, m);
+    }
+}
+
+#[test]
+fn register_sweep_with_hostile_values() {
+    let r = VecReg([u64::MAX; 4]);
+    assert_eq!((r.word(8), r.word(usize::MAX)), (0, 0));
+    let mut s = 0x6a09_e667_f3bc_c908u64;
+    let mut rng = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let values = [0, 1, 0xff, 0xffff_ffff, u64::MAX, 1 << 63];
+    for now in [0, 1 << 40, u64::MAX] {
+        let mut a = enabled(0);
+        for off in 0..0x1000u32 {
+            for len in 0..=8 {
+                a.mmio_read(off, len, now);
+                a.mmio_write(off, len, values[off as usize % values.len()], now);
+            }
+            a.mmio_write(off & !0xf, 4, rng(), now);
+            a.tick(rng());
+        }
+        a.mmio_read(u32::MAX, 4, now);
+        a.mmio_write(!0xf, 4, u64::MAX, now);
+        let mut x = x2(0);
+        for msr in (0..=u32::MAX).step_by(0x10_0001).chain(0x7ff..=0x900) {
+            for v in values.into_iter().chain([rng()]) {
+                let _ = x.rdmsr(msr, now);
+                let _ = x.wrmsr(msr, v, now);
+            }
+            x.tick(rng());
+        }
+        for v in values {
+            x.set_tsc_deadline(v);
+            let _ = x.set_base_msr(v, 46);
+        }
+        assert!(a.lint(usize::MAX) & !0x1_ffff == 0);
+    }
 }

@@ -213,6 +213,8 @@ pub struct Sp {
     pub cached: bool,
     /// When it was last loaded as a root.
     pub stamp: u64,
+    /// The parent-link search that last visited it ([`State::visit`]).
+    visit: u32,
     parents: u32,
     hash_next: u32,
     lru_prev: u32,
@@ -230,6 +232,7 @@ impl Default for Sp {
             pins: 0,
             cached: false,
             stamp: 0,
+            visit: 0,
             parents: NIL,
             hash_next: NIL,
             lru_prev: NIL,
@@ -286,12 +289,18 @@ pub struct PoolStats {
     pub mmio_fast: u64,
     /// Guest writes to upper-level tables emulated (entries updated in place).
     pub pt_emulated: u64,
+    /// Sps visited by searches up the parent links (orphan and under-root checks).
+    pub parent_visits: u64,
 }
 
 /// The pool's scalar state.
 #[derive(Clone, Copy, Debug)]
 pub struct State {
     free_sp: u32,
+    /// Sps zapped since the last remote flush (chained by `hash_next`): another vCPU may
+    /// still translate through their tables, so they go to `free_sp` only after
+    /// [`Tables::flush_remote`].
+    zapped: u32,
     lru_head: u32,
     lru_tail: u32,
     free_link: u32,
@@ -300,10 +309,15 @@ pub struct State {
     roots: [u32; MAX_ROOTS],
     n_roots: usize,
     clock: u64,
+    /// The current parent-link search (see [`Pool::rooted`]).
+    visit: u32,
     /// How many roots the cache keeps (at most [`MAX_ROOTS`]).
     pub max_roots: usize,
     /// Bumped by [`Pool::reset`]: a vCPU whose root is older must load it again.
     pub generation: u64,
+    /// The generation of the guest memory map the shadow entries were made from: a
+    /// change of the map resets the pool.
+    pub slots_generation: u64,
     /// Make MMIO entries ([`SPTE_MMIO`]): only where bit 51 is reserved.
     pub mmio_sptes: bool,
     /// Some shadow entry lost rights or went away since the flag was last taken: other
@@ -321,6 +335,7 @@ impl State {
     pub const fn new(max_roots: usize) -> Self {
         Self {
             free_sp: NIL,
+            zapped: NIL,
             lru_head: NIL,
             lru_tail: NIL,
             free_link: NIL,
@@ -329,6 +344,7 @@ impl State {
             roots: [NIL; MAX_ROOTS],
             n_roots: 0,
             clock: 0,
+            visit: 0,
             max_roots: if max_roots > MAX_ROOTS {
                 MAX_ROOTS
             } else if max_roots == 0 {
@@ -337,6 +353,7 @@ impl State {
                 max_roots
             },
             generation: 0,
+            slots_generation: 0,
             mmio_sptes: false,
             emulate_writes: false,
             tlb_dirty: false,
@@ -356,6 +373,7 @@ impl State {
                 resets: 0,
                 mmio_fast: 0,
                 pt_emulated: 0,
+                parent_visits: 0,
             },
         }
     }
@@ -369,6 +387,11 @@ pub trait Tables {
     fn pa(&self, i: u32) -> u64;
     /// The sp whose table is at host-physical `pa` (one that `pa` returned).
     fn index(&self, pa: u64) -> u32;
+    /// Makes every vCPU that may translate through these tables leave guest mode,
+    /// after making `generation` visible to their pre-entry checks: on return, no vCPU
+    /// holds a translation (TLB or paging-structure cache) made from a table zapped
+    /// before the call, and none enters again on a root older than `generation`.
+    fn flush_remote(&mut self, generation: u64);
 }
 
 /// Guest-physical memory: the walker's view plus where each frame lives in the host.
@@ -451,6 +474,7 @@ impl<T: Tables> Pool<'_, T> {
             sp.hash_next = if i + 1 < n { i as u32 + 1 } else { NIL };
         }
         self.st.free_sp = if self.sps.is_empty() { NIL } else { 0 };
+        self.st.zapped = NIL;
         self.buckets.fill(NIL);
         self.rbuckets.fill(NIL);
         let n = self.links.len();
@@ -480,9 +504,27 @@ impl<T: Tables> Pool<'_, T> {
             }
         }
         self.init();
-        self.st.generation += 1;
+        // Every page waits for the remote flush before it is used again: a vCPU still
+        // in guest mode may be walking it.
+        self.st.zapped = self.st.free_sp;
+        self.st.free_sp = NIL;
+        self.st.generation = self.st.generation.wrapping_add(1);
         self.st.tlb_dirty = true;
         self.st.stats.resets += 1;
+    }
+
+    /// The remote flush that lets zapped pages be used again: every vCPU leaves guest
+    /// mode (and its next entry checks the generation), then the zapped pages join the
+    /// free list. Also settles `tlb_dirty`: nothing changed before it is cached anywhere.
+    pub fn commit_zapped(&mut self) {
+        self.tables.flush_remote(self.st.generation);
+        self.st.tlb_dirty = false;
+        while self.st.zapped != NIL {
+            let i = self.st.zapped;
+            self.st.zapped = self.sps[i as usize].hash_next;
+            self.sps[i as usize].hash_next = self.st.free_sp;
+            self.st.free_sp = i;
+        }
     }
 
     // ---- hash, LRU, free lists ----
@@ -619,7 +661,10 @@ impl<T: Tables> Pool<'_, T> {
 
     fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<u32, Full> {
         if self.st.free_sp == NIL {
-            self.reclaim()?;
+            if self.st.zapped == NIL {
+                self.reclaim()?;
+            }
+            self.commit_zapped();
         }
         let i = self.st.free_sp;
         self.st.free_sp = self.sps[i as usize].hash_next;
@@ -639,18 +684,26 @@ impl<T: Tables> Pool<'_, T> {
         Ok(i)
     }
 
-    /// Frees the least recently used sp that nothing pins.
+    /// Zaps the least recently used sps that nothing pins, a batch of them (a
+    /// sixteenth of the pool): each reclaim costs a remote flush before the pages are
+    /// used again.
     fn reclaim(&mut self) -> Result<(), Full> {
+        let batch = (self.sps.len() / 16).max(1);
+        let mut done = 0;
         let mut i = self.st.lru_tail;
-        while i != NIL {
+        while i != NIL && done < batch {
+            let prev = self.sps[i as usize].lru_prev;
             if self.sps[i as usize].pins == 0 {
                 self.zap(i);
                 self.st.stats.reclaimed += 1;
-                return Ok(());
+                done += 1;
             }
-            i = self.sps[i as usize].lru_prev;
+            i = prev;
         }
-        Err(Full)
+        if done == 0 {
+            return Err(Full);
+        }
+        Ok(())
     }
 
     fn link_add(&mut self, child: u32, parent_at: u32) -> Result<(), Full> {
@@ -848,10 +901,10 @@ impl<T: Tables> Pool<'_, T> {
         }
         self.lru_unlink(i);
         self.sps[i as usize] = Sp {
-            hash_next: self.st.free_sp,
+            hash_next: self.st.zapped,
             ..Sp::default()
         };
-        self.st.free_sp = i;
+        self.st.zapped = i;
         self.st.stats.pages_in_use -= 1;
         self.st.stats.zaps += 1;
     }
@@ -890,7 +943,7 @@ impl<T: Tables> Pool<'_, T> {
         pte: u64,
         ctx: &PermCtx,
     ) -> Option<u64> {
-        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        let phys = ctx.phys_mask();
         let bits32 = role.mode() == MODE_BITS32;
         let reserved = if bits32 {
             0
@@ -947,7 +1000,7 @@ impl<T: Tables> Pool<'_, T> {
     fn expected_child(sp: &Sp, j: usize, pte: u64, ctx: &PermCtx) -> Option<(u64, Role)> {
         let level = sp.role.level();
         let mode = sp.role.mode();
-        let phys = (1u64 << ctx.maxphyaddr) - 1;
+        let phys = ctx.phys_mask();
         if sp.role.direct() {
             if level == 3 && mode == MODE_PAE {
                 // A PDPTE register: its page directory (bits 2:1, 8:5 and 63 reserved).
@@ -1110,17 +1163,53 @@ impl<T: Tables> Pool<'_, T> {
         upper
     }
 
+    /// Starts a search up the parent links: each sp is visited at most once per search,
+    /// so a search costs at most the pool's sps and links, whatever the guest's tables'
+    /// fan-in (page directories whose 512 entries all point at one table would make the
+    /// paths up from a leaf 512^3).
+    fn new_visit(&mut self) {
+        self.st.visit = self.st.visit.wrapping_add(1);
+        if self.st.visit == 0 {
+            for sp in self.sps.iter_mut() {
+                sp.visit = 0;
+            }
+            self.st.visit = 1;
+        }
+    }
+
+    /// Marks sp `i` visited by the current search; false if it already was. (An sp is
+    /// always reached at the same distance from where the search started: a parent is
+    /// one level up.)
+    fn first_visit(&mut self, i: u32) -> bool {
+        self.st.stats.parent_visits += 1;
+        let sp = &mut self.sps[i as usize];
+        if sp.visit == self.st.visit {
+            return false;
+        }
+        sp.visit = self.st.visit;
+        true
+    }
+
     /// Whether a pinned sp is sp `i` or above it (through parent links, at most `depth`
     /// levels up; deeper counts as yes).
-    fn rooted(&self, i: u32, depth: u8) -> bool {
+    fn rooted(&mut self, i: u32, depth: u8) -> bool {
+        self.new_visit();
+        self.rooted_from(i, depth)
+    }
+
+    fn rooted_from(&mut self, i: u32, depth: u8) -> bool {
         let sp = &self.sps[i as usize];
         if sp.pins > 0 || depth == 0 {
             return true;
         }
-        let mut n = sp.parents;
+        if !self.first_visit(i) {
+            // Searched already, found nothing.
+            return false;
+        }
+        let mut n = self.sps[i as usize].parents;
         while n != NIL {
             let l = self.links[n as usize];
-            if self.rooted(l.at >> 9, depth - 1) {
+            if self.rooted_from(l.at >> 9, depth - 1) {
                 return true;
             }
             n = l.next;
@@ -1130,17 +1219,22 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Whether sp `i` is `top` or linked below it (through parent links, at most
     /// `depth` levels up).
-    fn under(&self, i: u32, top: u32, depth: u8) -> bool {
+    fn under(&mut self, i: u32, top: u32, depth: u8) -> bool {
+        self.new_visit();
+        self.under_from(i, top, depth)
+    }
+
+    fn under_from(&mut self, i: u32, top: u32, depth: u8) -> bool {
         if i == top {
             return true;
         }
-        if depth == 0 {
+        if depth == 0 || !self.first_visit(i) {
             return false;
         }
         let mut n = self.sps[i as usize].parents;
         while n != NIL {
             let l = self.links[n as usize];
-            if self.under(l.at >> 9, top, depth - 1) {
+            if self.under_from(l.at >> 9, top, depth - 1) {
                 return true;
             }
             n = l.next;
@@ -1293,7 +1387,7 @@ impl<T: Tables> Pool<'_, T> {
         flush: bool,
     ) -> Result<u32, Full> {
         let (m, pse, cr3) = match mode {
-            PagingMode::Long4 => (MODE_LONG4, false, cr3 & ((1u64 << ctx.maxphyaddr) - 1)),
+            PagingMode::Long4 => (MODE_LONG4, false, cr3 & (ctx.phys_mask())),
             PagingMode::Pae => (MODE_PAE, false, cr3 & 0xffff_ffe0),
             PagingMode::Bits32 { pse } => (MODE_BITS32, pse, cr3 & 0xffff_f000),
             PagingMode::None => (MODE_NONE, false, 0),
@@ -1318,7 +1412,8 @@ impl<T: Tables> Pool<'_, T> {
         // The vCPU's reference moves to the new root.
         self.sps[r as usize].pins += 1;
         if prev != NIL && self.sps[prev as usize].valid {
-            self.sps[prev as usize].pins -= 1;
+            let p = &mut self.sps[prev as usize].pins;
+            *p = p.saturating_sub(1);
         }
         if flush {
             // What this root reaches comes up to date (pinned first: a sync unshadows

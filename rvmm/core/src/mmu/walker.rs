@@ -83,6 +83,15 @@ pub struct PermCtx {
     pub maxphyaddr: u8,
 }
 
+impl PermCtx {
+    /// The physical-address bits below MAXPHYADDR (MAXPHYADDR comes from CPUID: 64 or
+    /// more means every bit).
+    pub fn phys_mask(&self) -> u64 {
+        1u64.checked_shl(u32::from(self.maxphyaddr))
+            .map_or(u64::MAX, |b| b - 1)
+    }
+}
+
 impl Default for PermCtx {
     fn default() -> Self {
         Self {
@@ -108,7 +117,7 @@ pub trait GuestMemory {
     /// false if the page is not guest RAM.
     fn read_entries(&mut self, gpa: u64, out: &mut [u64]) -> bool {
         for (i, o) in out.iter_mut().enumerate() {
-            match self.read_entry(gpa + 8 * i as u64, 8) {
+            match self.read_entry(gpa.wrapping_add(8 * i as u64), 8) {
                 Some(v) => *o = v,
                 None => return false,
             }
@@ -184,7 +193,7 @@ pub fn walk(
         error_code: base_ec | pferr::PRESENT | pferr::RSVD,
         unbacked_table: None,
     };
-    let phys_mask = (1u64 << ctx.maxphyaddr) - 1;
+    let phys_mask = ctx.phys_mask();
 
     let (levels, size, mut table) = match mode {
         PagingMode::None => {
@@ -758,6 +767,83 @@ mod tests {
             // Tables live at 0x1000..0x5000: skip addresses whose indexes collide there.
             let w = walk(&mut m, PagingMode::Long4, cr3, gva, R, &PermCtx::default()).unwrap();
             prop_assert_eq!(w.gpa, frame | (gva & 0xfff));
+        }
+    }
+
+    /// Guest memory where every address holds a pseudo-random (hostile) entry, mostly
+    /// present, and writes are dropped.
+    struct Noise(u64);
+
+    impl GuestMemory for Noise {
+        fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
+            let mut x = gpa ^ self.0;
+            x ^= x >> 33;
+            x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            x ^= x >> 33;
+            if x & 0xf00 == 0x100 {
+                return None; // now and then an unbacked table
+            }
+            let e = x | P;
+            Some(if size == 4 { e & 0xffff_ffff } else { e })
+        }
+        fn write_entry(&mut self, _: u64, _: u8, _: u64) {}
+    }
+
+    #[test]
+    fn hostile_tables_addresses_and_maxphyaddr() {
+        let mut s = 0x853c_49e6_748f_ea9bu64;
+        let mut rng = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let modes = [
+            PagingMode::None,
+            PagingMode::Bits32 { pse: false },
+            PagingMode::Bits32 { pse: true },
+            PagingMode::Pae,
+            PagingMode::Long4,
+        ];
+        let edges = [
+            0,
+            1,
+            0xfff,
+            0xffff_ffff,
+            1 << 47,
+            u64::MAX - 0xfff,
+            u64::MAX,
+        ];
+        for i in 0..100_000 {
+            let pick = |r: u64| {
+                if r & 3 == 0 {
+                    edges[(r >> 2) as usize % edges.len()]
+                } else {
+                    r
+                }
+            };
+            let (cr3, gva) = (pick(rng()), pick(rng()));
+            let r = rng();
+            let ctx = PermCtx {
+                wp: r & 1 != 0,
+                smep: r & 2 != 0,
+                smap: r & 4 != 0,
+                ac: r & 8 != 0,
+                nxe: r & 16 != 0,
+                gbpages: r & 32 != 0,
+                maxphyaddr: [0, 1, 12, 36, 46, 52, 63, 64, 65, 255][(r >> 8) as usize % 10],
+            };
+            let access = Access::from_error_code((r >> 16) as u32);
+            let mode = modes[i % modes.len()];
+            let mut mem = Noise(rng());
+            if let Ok(w) = walk(&mut mem, mode, cr3, gva, access, &ctx) {
+                assert!(w.level >= 1 && w.level <= mode.levels().max(1));
+                if mode != PagingMode::Long4 && mode != PagingMode::Pae {
+                    assert_eq!(w.gpa >> 40, 0, "32-bit paging reaches 40 bits at most");
+                }
+            }
+            let mut out = [0u64; 4];
+            mem.read_entries(u64::MAX - 8, &mut out);
         }
     }
 }

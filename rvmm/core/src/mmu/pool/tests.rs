@@ -52,11 +52,17 @@ impl GuestPhys for Guest {
     }
 }
 
-struct VecTables(Vec<[u64; 512]>);
+/// The table pages, and the remote flushes the pool asked for (with the generation it
+/// published in the last one).
+struct VecTables(Vec<[u64; 512]>, u64, u64);
 
 impl Tables for VecTables {
     fn table(&mut self, i: u32) -> &mut [u64; 512] {
         &mut self.0[i as usize]
+    }
+    fn flush_remote(&mut self, generation: u64) {
+        self.1 += 1;
+        self.2 = generation;
     }
     fn pa(&self, i: u32) -> u64 {
         SHADOW_BASE + u64::from(i) * 4096
@@ -87,7 +93,7 @@ impl Store {
             rbuckets: vec![NIL; (pages * 16).next_power_of_two()],
             unsync: vec![NIL; pages],
             st: State::new(roots),
-            tables: VecTables(vec![[0; 512]; pages]),
+            tables: VecTables(vec![[0; 512]; pages], 0, 0),
         };
         s.pool().init();
         s
@@ -861,6 +867,11 @@ fn run_ops(
     let mut invlpg_at = [0u64; 192];
     for op in ops {
         seq += 1;
+        // Which shadow each page holds, and the remote flushes so far: a page that
+        // holds another shadow after the operation went through a flush first (another
+        // vCPU may have been translating through it).
+        let held: Vec<_> = m.s.sps.iter().map(|s| (s.valid, s.gfn, s.role)).collect();
+        let flushes = m.s.tables.1;
         match *op {
             Op::Access { va, kind, user } => {
                 let acc = Access {
@@ -950,6 +961,17 @@ fn run_ops(
                 last_flush = seq;
             }
         }
+        if m.s.tables.1 == flushes {
+            for (i, (sp, &(valid, gfn, role))) in m.s.sps.iter().zip(held.iter()).enumerate() {
+                prop_assert!(
+                    !valid || !sp.valid || (sp.gfn, sp.role) == (gfn, role),
+                    "page {} reused for another shadow without a remote flush",
+                    i
+                );
+            }
+        }
+        // Nothing is reused from an older generation than the one published.
+        prop_assert!(m.s.tables.1 == 0 || m.s.tables.2 <= m.s.st.generation);
     }
     // Every shadow is consistent with the pool's books: unsync list and flags agree.
     let n = m.s.pool().unsync_count();
@@ -1210,4 +1232,39 @@ fn paging_off_is_a_direct_map_that_still_write_protects_tables() {
     m.mode = MODE_LONG4;
     m.load_cr3(ROOTS << 12);
     assert_eq!(m.access(gva, rd()).0, Ok((DATA + 3) << 12));
+}
+
+/// Guest tables with a large fan-in: 100 entries of a PML4 point at one PDPT, 100 of
+/// its entries at one PD, 100 of the PD's at one PT, so that 10^6 paths lead up from the
+/// PT. The PT goes out of sync in one address space; a flushing CR3 load of another
+/// asks whether it is under the new root, and whether anything pinned reaches it: each
+/// search must cost what the pool holds, not the number of paths.
+#[test]
+fn parent_searches_cost_the_pool_not_the_paths() {
+    let mut m = Machine::new(512, 8);
+    let (pml4, pdpt, pd, pt) = (ROOTS + 1, TABLES, TABLES + 1, TABLES + 2);
+    for k in 1..=100u64 {
+        m.g.mem[(pml4 * 512 + k) as usize] = (pdpt << 12) | P | RW;
+        m.g.mem[(pdpt * 512 + k) as usize] = (pd << 12) | P | RW;
+        m.g.mem[(pd * 512 + k) as usize] = (pt << 12) | P | RW;
+    }
+    for k in 0..512u64 {
+        m.g.mem[(pt * 512 + k) as usize] = ((DATA + k % 64) << 12) | P | RW;
+    }
+    m.load_cr3(pml4 << 12);
+    let read = Access::default();
+    for k in 1..=100u64 {
+        let gva = (k << 39) | (k << 30) | (k << 21);
+        assert_eq!(m.access(gva, read).0, Ok(DATA << 12));
+    }
+    // A write to the PT (through the identity map) makes its shadow out of sync.
+    m.write((pt << 12) + 8, ((DATA + 1) << 12) | P | RW);
+    assert!(m.s.pool().unsync_count() > 0);
+    let before = m.s.st.stats.parent_visits;
+    m.load_cr3(ROOTS << 12);
+    let visits = m.s.st.stats.parent_visits - before;
+    assert!(
+        visits <= 2 * m.s.links.len() as u64,
+        "{visits} parent visits for one CR3 load"
+    );
 }
