@@ -24,6 +24,8 @@ extern "C" {
         pages: *mut *mut c_void,
     ) -> isize;
     pub(crate) fn rvmm_unpin_user_pages(pages: *mut *mut c_void, nr: usize, dirty: bool);
+    pub(crate) fn rvmm_account_pinned(nr: usize, err: *mut i32) -> *mut c_void;
+    pub(crate) fn rvmm_unaccount_pinned(mm: *mut c_void, nr: usize);
     pub(crate) fn rvmm_pa_to_va(pa: u64) -> *mut c_void;
     pub(crate) fn rvmm_fpu_begin();
     pub(crate) fn rvmm_fpu_end();
@@ -34,6 +36,8 @@ extern "C" {
     pub(crate) fn rvmm_reraise_nmi();
     pub(crate) fn rvmm_machine_check();
     fn rvmm_ratelimit() -> bool;
+    pub(crate) fn rvmm_spec_init(force: bool);
+    pub(crate) fn rvmm_spec_l1d_flush();
     pub(crate) fn rvmm_signal_pending() -> bool;
     pub(crate) fn rvmm_exit_request() -> bool;
     pub(crate) fn rvmm_cond_resched();

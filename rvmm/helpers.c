@@ -13,6 +13,7 @@
 #include <linux/cpuhotplug.h>
 #include <linux/kvm_types.h>
 #include <linux/mm.h>
+#include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/percpu.h>
 #include <linux/ratelimit.h>
@@ -26,6 +27,8 @@
 #include <asm/fpu/api.h>
 #include <asm/mce.h>
 #include <asm/msr.h>
+#include <asm/cpufeature.h>
+#include <asm/segment.h>
 #include <asm/special_insns.h>
 #include <asm/tsc.h>
 #include <asm/tlbflush.h>
@@ -179,9 +182,71 @@ void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty)
 	unpin_user_pages_dirty_lock(pages, nr, dirty);
 }
 
+/*
+ * Long-term pins count against the caller's RLIMIT_MEMLOCK, as VFIO's do (without
+ * CAP_IPC_LOCK). Returns the mm charged, with a reference to uncharge it later from
+ * any task, or NULL with *err set (-ENOMEM: over the limit).
+ */
+struct mm_struct *rvmm_account_pinned(unsigned long nr, int *err)
+{
+	struct mm_struct *mm = current->mm;
+
+	*err = mm ? account_locked_vm(mm, nr, true) : -EFAULT;
+	if (*err)
+		return NULL;
+	mmgrab(mm);
+	return mm;
+}
+
+void rvmm_unaccount_pinned(struct mm_struct *mm, unsigned long nr)
+{
+	if (mmget_not_zero(mm)) {
+		account_locked_vm(mm, nr, false);
+		mmput(mm);
+	}
+	mmdrop(mm);
+}
+
 void *rvmm_pa_to_va(u64 pa)
 {
 	return __va(pa);
+}
+
+/* ---- speculative-execution barriers around the guest ---------------------------------- */
+
+/*
+ * Read by the entry/exit stub (rvmm/vmx.rs) and the run loop: set once at load from the
+ * kernel's own mitigation choices (the feature bits its bugs.c sets for KVM's guests),
+ * or all on with the module parameter spec_force (for testing them where the CPU needs
+ * none).
+ */
+u8 rvmm_spec_verw;		/* VERW before VM entry (MDS, MMIO stale data) */
+u16 rvmm_spec_verw_sel = __KERNEL_DS;
+u8 rvmm_spec_rsb;		/* after VM exit: 1 fill the RSB, 2 one CALL (PBRSB) */
+static bool rvmm_spec_l1d;	/* L1D flush before a run section's first entry (L1TF) */
+
+void rvmm_spec_init(bool force)
+{
+	rvmm_spec_verw = force || cpu_feature_enabled(X86_FEATURE_CLEAR_CPU_BUF_VM);
+	if (force || cpu_feature_enabled(X86_FEATURE_RSB_VMEXIT))
+		rvmm_spec_rsb = 1;
+	else if (cpu_feature_enabled(X86_FEATURE_RSB_VMEXIT_LITE))
+		rvmm_spec_rsb = 2;
+	else
+		rvmm_spec_rsb = 0;
+	rvmm_spec_l1d = boot_cpu_has(X86_FEATURE_FLUSH_L1D) &&
+			(force || boot_cpu_has_bug(X86_BUG_L1TF));
+	pr_info("speculation barriers: VERW before entry %s, RSB after exit %s, L1D flush %s\n",
+		rvmm_spec_verw ? "on" : "off",
+		rvmm_spec_rsb == 1 ? "fill" : rvmm_spec_rsb == 2 ? "one call" : "off",
+		rvmm_spec_l1d ? "per run section" : "off");
+}
+
+/* Before the first VM entry of a run section: host code ran since the last one. */
+void rvmm_spec_l1d_flush(void)
+{
+	if (rvmm_spec_l1d)
+		wrmsrq(MSR_IA32_FLUSH_CMD, L1D_FLUSH);
 }
 
 /* ---- the run loop's host context ---------------------------------------------------- */

@@ -20,6 +20,9 @@ u64 rvmm_page_to_phys(struct page *page);
 
 long rvmm_pin_user_pages(unsigned long uaddr, unsigned long nr, bool write, struct page **pages);
 void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty);
+struct mm_struct;
+struct mm_struct *rvmm_account_pinned(unsigned long nr, int *err);
+void rvmm_unaccount_pinned(struct mm_struct *mm, unsigned long nr);
 void *rvmm_pa_to_va(u64 pa);
 void rvmm_fpu_begin(void);
 void rvmm_fpu_end(void);
@@ -29,6 +32,8 @@ void rvmm_after_vmexit(void);
 void rvmm_reraise_nmi(void);
 void rvmm_machine_check(void);
 bool rvmm_ratelimit(void);
+void rvmm_spec_init(bool force);
+void rvmm_spec_l1d_flush(void);
 bool rvmm_signal_pending(void);
 bool rvmm_exit_request(void);
 void rvmm_cond_resched(void);

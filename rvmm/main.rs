@@ -51,6 +51,10 @@ module! {
             default: 1024,
             description: "Shadow page pool pages per VM (4 KiB each, 64-65536); RVMM_SET_SHADOW_LIMITS overrides it per VM",
         },
+        spec_force: bool {
+            default: false,
+            description: "Speculation barriers around every VM entry and exit even where the kernel's mitigations do not ask for them (testing)",
+        },
         shadow_roots: u32 {
             default: 64,
             description: "Roots (address spaces) the CR3 cache keeps per VM (1-64)",
@@ -87,6 +91,8 @@ fn enable_vmx() -> Result<vmx::VmxOn> {
             e
         );
     })?;
+    // SAFETY: sets the stub's flags before any vCPU exists.
+    unsafe { ffi::rvmm_spec_init(module_parameters::spec_force.value()) };
     let caps = vmx::read_caps();
     pr_info!(
         "VMX on (VMCS revision {:#x}, {} bytes), /dev/rvmm ready, API version {}\n",
@@ -244,7 +250,15 @@ impl MiscDevice for RvmmFile {
             );
             return Err(EINVAL);
         }
-        let vcpu = vm.vcpu(pgoff)?;
+        // The run page is shared with the kernel: a private copy would hide the
+        // vCPU's exits from userspace and userspace's requests from the vCPU. It holds
+        // data, never code.
+        if vma.flags() & kernel::mm::virt::flags::SHARED == 0 {
+            user_pr!(pr_info, "mmap: map the run page MAP_SHARED\n");
+            return Err(EINVAL);
+        }
+        vma.try_clear_mayexec()?;
+        let vcpu = vm.vcpu(pgoff).map_err(|_| EINVAL)?;
         vma.set_dontcopy();
         vma.set_dontexpand();
         vma.set_mixedmap()

@@ -21,8 +21,10 @@ pub(crate) struct Slot {
     pub(crate) gpa: u64,
     pub(crate) size: u64,
     pub(crate) readonly: bool,
-    pages: KVec<*mut c_void>,
-    host_pa: KVec<u64>,
+    pages: KVVec<*mut c_void>,
+    host_pa: KVVec<u64>,
+    /// The mm whose RLIMIT_MEMLOCK the pins are charged to (a reference on it).
+    charged: *mut c_void,
 }
 
 // SAFETY: the raw pointers are `struct page`s pinned by this slot; the slot only passes
@@ -36,8 +38,21 @@ impl Slot {
     fn pin(r: &uapi::MemoryRegion) -> Result<Self> {
         let n = (r.memory_size / PAGE_SIZE) as usize;
         let readonly = r.flags & uapi::RVMM_MEM_READONLY != 0;
-        let mut pages = KVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        // Up to 4M entries (16 GiB): virtually contiguous, not one physical block.
+        let mut pages = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
         pages.resize(n, ptr::null_mut(), GFP_KERNEL_ACCOUNT)?;
+        let mut err = 0;
+        // SAFETY: a query and charge of the current task's mm.
+        let charged = unsafe { rvmm_account_pinned(n, &mut err) };
+        if charged.is_null() {
+            user_pr!(
+                pr_info,
+                "memory region {}: pinning {} pages goes over RLIMIT_MEMLOCK\n",
+                r.slot,
+                n
+            );
+            return Err(Error::from_errno(err));
+        }
         // SAFETY: `pages` has room for `n` pointers; the helper pins at most `n` pages
         // and unpins what it pinned on failure.
         let pinned = unsafe {
@@ -53,6 +68,8 @@ impl Slot {
                 pinned,
                 if readonly { "" } else { " and writable" }
             );
+            // SAFETY: charged above, for `n` pages.
+            unsafe { rvmm_unaccount_pinned(charged, n) };
             return Err(Error::from_errno(pinned as i32));
         }
         let mut slot = Self {
@@ -61,9 +78,10 @@ impl Slot {
             size: r.memory_size,
             readonly,
             pages,
-            host_pa: KVec::new(),
+            host_pa: KVVec::new(),
+            charged,
         };
-        let mut host_pa = KVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        let mut host_pa = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
         for &p in slot.pages.iter() {
             // SAFETY: `p` is a page pinned above.
             host_pa.push(unsafe { rvmm_page_to_phys(p) }, GFP_KERNEL_ACCOUNT)?;
@@ -86,6 +104,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         // SAFETY: every pointer was pinned by `pin` and is unpinned once, here.
         unsafe { rvmm_unpin_user_pages(self.pages.as_mut_ptr(), self.pages.len(), !self.readonly) };
+        // SAFETY: charged by `pin` for as many pages, once.
+        unsafe { rvmm_unaccount_pinned(self.charged, self.pages.len()) };
     }
 }
 

@@ -32,33 +32,49 @@ pub(crate) struct PoolTables {
 }
 
 impl PoolTables {
-    fn new(n: usize, modes: Arc<GuestModes>) -> Result<Self> {
-        let mut pages = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
-        let mut pas = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
-        let mut vas = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+    /// Room for `n` table pages, `first` of them allocated now.
+    fn new(n: usize, first: usize, modes: Arc<GuestModes>) -> Result<Self> {
         let mut by_pa = KVVec::new();
         by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL_ACCOUNT)?;
-        for i in 0..n {
-            let p = Dma32Page::new()?;
-            let pa = p.pa();
-            pas.push(pa, GFP_KERNEL_ACCOUNT)?;
-            // SAFETY: `pa` is the page just allocated, in the direct map.
-            vas.push(unsafe { rvmm_pa_to_va(pa) } as usize, GFP_KERNEL_ACCOUNT)?;
-            pages.push(p, GFP_KERNEL_ACCOUNT)?;
-            let mask = by_pa.len() - 1;
-            let mut h = Self::slot(pa, mask);
-            while by_pa[h] != NIL {
-                h = (h + 1) & mask;
-            }
-            by_pa[h] = i as u32;
-        }
-        Ok(Self {
+        let mut t = Self {
             modes,
-            _pages: pages,
-            pas,
-            vas,
+            _pages: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
+            pas: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
+            vas: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
             by_pa,
-        })
+        };
+        for _ in 0..first {
+            t.add(Dma32Page::new()?);
+        }
+        Ok(t)
+    }
+
+    /// How many table pages exist.
+    fn len(&self) -> usize {
+        self.pas.len()
+    }
+
+    /// Adds a table page (no allocation: the vectors have room for the pool's limit;
+    /// callers check `len` against it).
+    fn add(&mut self, p: Dma32Page) {
+        let i = self.pas.len();
+        let pa = p.pa();
+        // The capacity is the limit: these pushes do not allocate.
+        if self.pas.push(pa, GFP_NOWAIT).is_err()
+            // SAFETY: `pa` is the page just allocated, in the direct map.
+            || self.vas.push(unsafe { rvmm_pa_to_va(pa) } as usize, GFP_NOWAIT).is_err()
+            || self._pages.push(p, GFP_NOWAIT).is_err()
+        {
+            self.pas.truncate(i);
+            self.vas.truncate(i);
+            return;
+        }
+        let mask = self.by_pa.len() - 1;
+        let mut h = Self::slot(pa, mask);
+        while self.by_pa[h] != NIL {
+            h = (h + 1) & mask;
+        }
+        self.by_pa[h] = i as u32;
     }
 
     fn slot(pa: u64, mask: usize) -> usize {
@@ -105,6 +121,7 @@ pub(crate) struct ShadowPool {
 
 impl ShadowPool {
     fn new(pages: usize, roots: usize, modes: Arc<GuestModes>) -> Result<KBox<Self>> {
+        let first = pages.min(POOL_FIRST_PAGES);
         let mut p = KBox::new(
             Self {
                 sps: KVVec::from_elem(Sp::default(), pages, GFP_KERNEL_ACCOUNT)?,
@@ -118,11 +135,12 @@ impl ShadowPool {
                 )?,
                 unsync: KVVec::from_elem(NIL, pages, GFP_KERNEL_ACCOUNT)?,
                 st: State::new(roots),
-                tables: PoolTables::new(pages, modes)?,
+                tables: PoolTables::new(pages, first, modes)?,
             },
             GFP_KERNEL_ACCOUNT,
         )?;
         p.pool().init();
+        p.st.sp_cap = first as u32;
         // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52.
         let maxphy = core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff;
         p.st.mmio_sptes = maxphy < 52;
@@ -149,6 +167,13 @@ impl ShadowPool {
     }
 }
 
+/// Table pages a pool starts with; it grows (doubling) up to its limit as its vCPUs
+/// use them, so that a VM costs what it uses.
+const POOL_FIRST_PAGES: usize = 64;
+
+/// The pool grows when fewer than this many of its table pages were never used.
+const POOL_SLACK: usize = 16;
+
 /// Where a VM's vCPUs are: in a run section on some CPU, in guest mode or not. The
 /// pool's remote flushes and the pre-entry checks meet here.
 pub(crate) struct GuestModes {
@@ -158,6 +183,8 @@ pub(crate) struct GuestModes {
     /// left guest mode.
     running: [AtomicI32; MAX_VCPUS],
     exits: [AtomicU64; MAX_VCPUS],
+    /// Per vCPU: run sections ended.
+    sections: [AtomicU64; MAX_VCPUS],
     /// Per vCPU: between "about to enter guest mode" (before its pre-entry check) and
     /// its next VM exit. A vCPU that is not is in the host, and its next VM entry
     /// checks the pool generation and flushes its TLB (no VPIDs): a remote flush need
@@ -183,6 +210,7 @@ impl GuestModes {
                 vcpus: AtomicU32::new(0),
                 running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
                 exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
+                sections: [const { AtomicU64::new(0) }; MAX_VCPUS],
                 in_guest: [const { AtomicBool::new(false) }; MAX_VCPUS],
                 generation: AtomicU64::new(0),
                 slots_generation: AtomicU64::new(0),
@@ -202,6 +230,24 @@ impl GuestModes {
         // the generation (`pre_entry_ok`): one of the two sees the other.
         self.generation.store(generation, Ordering::SeqCst);
         self.kick_in_guest(u32::MAX);
+    }
+
+    /// Waits until every run section that started before the call has ended: exit
+    /// handlers of vCPUs that hold an older memory map are done with it. Sections are
+    /// bounded in time (`SECTION_BUDGET_US`) and never wait for this caller.
+    fn wait_sections(&self) {
+        for (j, running) in self.running.iter().enumerate() {
+            let cpu = running.load(Ordering::SeqCst);
+            if cpu < 0 {
+                continue;
+            }
+            let n = self.sections[j].load(Ordering::SeqCst);
+            while running.load(Ordering::Acquire) == cpu
+                && self.sections[j].load(Ordering::Acquire) == n
+            {
+                core::hint::spin_loop();
+            }
+        }
     }
 
     /// Makes every vCPU but `me` that is in guest mode leave it, and waits until it
@@ -326,20 +372,62 @@ impl Shadow {
         self.modes
             .slots_generation
             .store(slots_generation, Ordering::SeqCst);
-        let mut guard = self.pool.lock();
-        match guard.as_deref_mut() {
+        let had_pool = match self.pool.lock().as_deref_mut() {
             Some(storage) => {
                 let mut pool = storage.pool();
                 pool.reset();
                 pool.st.slots_generation = slots_generation;
                 pool.commit_zapped();
                 self.publish(pool.st, 0);
+                true
             }
-            None => {
-                drop(guard);
-                let g = self.modes.generation.load(Ordering::SeqCst);
-                self.modes.flush(g);
+            None => false,
+        };
+        if !had_pool {
+            // No pool, no shadow entries: only make vCPUs in guest mode leave it (the
+            // generation stays as it is).
+            self.modes.kick_in_guest(u32::MAX);
+        }
+        // Without the pool lock: a section may be waiting for it.
+        self.modes.wait_sections();
+    }
+
+    /// Before a run section (interrupts on, may sleep): gives the pool more table pages
+    /// when its vCPUs have used nearly all it has, doubling up to its limit. Without
+    /// memory (or over the memory cgroup's limit) the pool keeps working within what it
+    /// has, reclaiming.
+    pub(crate) fn top_up(&self) {
+        let (have, want) = match self.pool.lock().as_deref() {
+            Some(p) => {
+                let have = p.tables.len();
+                let used = p.st.pages_used() as usize;
+                let limit = p.sps.len();
+                if used + POOL_SLACK < have || have >= limit {
+                    return;
+                }
+                (have, (have * 2).min(limit))
             }
+            None => return,
+        };
+        let mut pages = KVec::new();
+        for _ in have..want {
+            match Dma32Page::new() {
+                Ok(p) => {
+                    if pages.push(p, GFP_KERNEL_ACCOUNT).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let mut guard = self.pool.lock();
+        if let Some(p) = guard.as_deref_mut() {
+            for page in pages.drain_all() {
+                if p.tables.len() < p.sps.len() {
+                    p.tables.add(page);
+                }
+            }
+            p.st.sp_cap = p.tables.len() as u32;
         }
     }
 
@@ -374,12 +462,14 @@ impl Shadow {
         // Out of guest mode first, then counted (see `kick_others`).
         self.modes.in_guest[id as usize].store(false, Ordering::SeqCst);
         let n = &self.modes.exits[id as usize];
-        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::SeqCst);
     }
 
     /// vCPU `id` ends its run section.
     pub(crate) fn section_end(&self, id: u32) {
-        self.modes.running[id as usize].store(-1, Ordering::Release);
+        let n = &self.modes.sections[id as usize];
+        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::SeqCst);
+        self.modes.running[id as usize].store(-1, Ordering::SeqCst);
     }
 
     /// After a pool change that took rights away from shadow entries (pool lock

@@ -67,9 +67,14 @@ impl Vm {
         let mut slots = self.slots.lock();
         let new = Arc::new(slots.with_region(r)?, GFP_KERNEL_ACCOUNT)?;
         let generation = new.generation;
-        let old = core::mem::replace(&mut *slots, new);
+        let old = core::mem::replace(&mut *slots, new.clone());
         self.shadow.memory_map_changed(generation);
         drop(slots);
+        // vCPUs outside RUN let go of the old map now; a running one does before it
+        // enters the guest again (one asleep in HLT, when it wakes).
+        for vcpu in self.vcpus.lock().iter().flatten() {
+            vcpu.offer_memory_map(&new);
+        }
         drop(old);
         Ok(())
     }

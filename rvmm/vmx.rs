@@ -422,6 +422,12 @@ core::arch::global_asm!(
     "push rdi",
     "mov rax, 0x6c14", // HOST_RSP
     "vmwrite rax, rsp",
+    // MDS / MMIO stale data: the CPU's buffers cleared right before entry, where the
+    // kernel clears them for its own guests (rvmm_spec_verw).
+    "cmp byte ptr [rip + rvmm_spec_verw], 0",
+    "je 11f",
+    "verw word ptr [rip + rvmm_spec_verw_sel]",
+    "11:",
     "test rsi, rsi",
     "mov rax, [rdi + 0]",
     "mov rbx, [rdi + 8]",
@@ -467,6 +473,44 @@ core::arch::global_asm!(
     "mov [rdi + 112], r15",
     "pop rax",
     "mov [rdi + 40], rax",
+    // The guest may have filled the return stack buffer with its own targets: before
+    // the host's first RET, overwrite it (32 entries, rvmm_spec_rsb = 1) or retire one
+    // CALL (post-barrier RSB, rvmm_spec_rsb = 2), as the kernel asks for its guests.
+    "cmp byte ptr [rip + rvmm_spec_rsb], 1",
+    "jb 17f",
+    "ja 16f",
+    "mov ecx, 16",
+    "13:",
+    "20:",
+    ".pushsection .discard.annotate_insn, \"M\", @progbits, 8",
+    ".long 20b - ., 7", // objtool: ANNOTYPE_INTRA_FUNCTION_CALL
+    ".popsection",
+    "call 14f",
+    "int3",
+    "14:",
+    "21:",
+    ".pushsection .discard.annotate_insn, \"M\", @progbits, 8",
+    ".long 21b - ., 7", // objtool: ANNOTYPE_INTRA_FUNCTION_CALL
+    ".popsection",
+    "call 15f",
+    "int3",
+    "15:",
+    "add rsp, 16",
+    "dec ecx",
+    "jnz 13b",
+    "lfence",
+    "jmp 17f",
+    "16:",
+    "22:",
+    ".pushsection .discard.annotate_insn, \"M\", @progbits, 8",
+    ".long 22b - ., 7", // objtool: ANNOTYPE_INTRA_FUNCTION_CALL
+    ".popsection",
+    "call 18f",
+    "int3",
+    "18:",
+    "add rsp, 8",
+    "lfence",
+    "17:",
     "xor eax, eax",
     "4:",
     "pop r15",
@@ -624,6 +668,40 @@ impl HostState {
             if self.debugctl != 0 {
                 wrmsr_arch(msr::IA32_DEBUGCTL, self.debugctl);
             }
+        }
+    }
+}
+
+/// DR0-DR3 (`n` below 4; others read 0).
+pub(crate) fn read_dr(n: usize) -> u64 {
+    let v: u64;
+    // SAFETY: reading a debug register has no side effects (ring 0).
+    unsafe {
+        match n {
+            0 => asm!("mov {}, dr0", out(reg) v, options(nomem, nostack)),
+            1 => asm!("mov {}, dr1", out(reg) v, options(nomem, nostack)),
+            2 => asm!("mov {}, dr2", out(reg) v, options(nomem, nostack)),
+            3 => asm!("mov {}, dr3", out(reg) v, options(nomem, nostack)),
+            _ => v = 0,
+        }
+    }
+    v
+}
+
+/// Sets DR0-DR3 (`n` below 4; others are ignored).
+///
+/// # Safety
+/// The host's value must be put back before the host relies on it (its hardware
+/// breakpoints).
+pub(crate) unsafe fn write_dr(n: usize, v: u64) {
+    // SAFETY: an address register; whether it matches is up to DR7.
+    unsafe {
+        match n {
+            0 => asm!("mov dr0, {}", in(reg) v, options(nomem, nostack)),
+            1 => asm!("mov dr1, {}", in(reg) v, options(nomem, nostack)),
+            2 => asm!("mov dr2, {}", in(reg) v, options(nomem, nostack)),
+            3 => asm!("mov dr3, {}", in(reg) v, options(nomem, nostack)),
+            _ => {}
         }
     }
 }

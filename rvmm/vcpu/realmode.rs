@@ -20,7 +20,8 @@ use rvmm_core::realmode::{self, Insn, Rm, Seg};
 use rvmm_uapi as uapi;
 use x86::vmx::vmcs::{control, guest};
 
-use super::{vmr, vmw, Next, Pending, VcpuInner, SEGS};
+use super::state::SEGS;
+use super::{vmr, vmw, Next, Pending, VcpuInner};
 
 /// VMX access rights of every segment in vm86 mode (SDM 27.3.1.2).
 const AR_VM86: u64 = 0xf3;

@@ -16,6 +16,7 @@ use crate::{check, sys, Ctx};
 use rvmm::guest::{setup, EntryMode, GuestMem};
 use rvmm::uapi::{Regs, Sregs};
 use rvmm::{Exit, Rvmm, Vcpu, Vm};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
@@ -1060,4 +1061,271 @@ fn check_a_pages(host: u64) -> Outcome {
         })?;
     }
     Ok(())
+}
+
+/// Runs `v` on a thread of its own until `stop` returns, then interrupts it with
+/// SIGUSR1 (RVMM_RUN returns EINTR); returns `stop`'s result and the run's.
+fn run_until<T>(v: &Vcpu, stop: impl FnOnce() -> T) -> Result<(T, Result<Exit, String>), String> {
+    // SAFETY: a no-op handler without SA_RESTART: a signal makes RVMM_RUN return EINTR.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut());
+    }
+    std::thread::scope(|s| {
+        let (tid_tx, tid_rx) = mpsc::channel::<usize>();
+        let h = s.spawn(move || {
+            // SAFETY: no preconditions.
+            let _ = tid_tx.send(unsafe { libc::pthread_self() } as usize);
+            run(v)
+        });
+        let tid = tid_rx.recv().map_err(err)?;
+        let t = stop();
+        // The run may have ended on its own; signal until the thread is done.
+        while !h.is_finished() {
+            // SAFETY: `tid` is the scoped thread, alive until joined below.
+            unsafe { libc::pthread_kill(tid as libc::pthread_t, libc::SIGUSR1) };
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = h.join().map_err(|_| "vCPU thread panicked".to_string())?;
+        Ok((t, r))
+    })
+}
+
+/// RVMM_GET_STATS while a vCPU runs a guest that never exits to userspace (`jmp $`):
+/// the counters must come back at once, not when the vCPU returns (the vCPU holds its
+/// own lock while it runs).
+pub fn stats_while_vcpu_runs(_: &Ctx) -> Outcome {
+    let mut m = Machine::new(EntryMode::Protected, RAM)?;
+    m.mem.write(CODE, &[0xeb, 0xfe])?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let (took, r) = run_until(&v, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let s = m.vm.stats();
+        (t0.elapsed(), s.map(|s| s.exits.iter().sum::<u64>()))
+    })?;
+    check(r == Ok(Exit::Interrupted), || {
+        format!("the spinning guest's run: {r:?}, want EINTR")
+    })?;
+    let (elapsed, exits) = took;
+    exits.map_err(|e| format!("RVMM_GET_STATS: {e}"))?;
+    ktap::diag(&format!(
+        "RVMM_GET_STATS took {elapsed:?} while the vCPU ran"
+    ));
+    check(elapsed < Duration::from_millis(500), || {
+        format!("RVMM_GET_STATS waited {elapsed:?} for the running vCPU")
+    })
+}
+
+/// A guest that arms its local APIC timer as fast as the architecture allows (periodic,
+/// divide by 1, count 1) and then spins with interrupts off (`cli; jmp $`): every
+/// expiry is a VM exit. Whatever the guest does, one interrupts-off run section of the
+/// host must stay short: the longest, as RVMM_GET_STATS reports it, below 1 ms.
+pub fn apic_timer_storm_bounded_section(_: &Ctx) -> Outcome {
+    let mut m = Machine::new(EntryMode::Protected, RAM)?;
+    m.vm.create_irqchip().map_err(err)?;
+    #[rustfmt::skip]
+    let code = [
+        0xc7, 0x05, 0xf0, 0x00, 0xe0, 0xfe, 0xff, 0x01, 0x00, 0x00, // mov dword [SVR], 0x1ff
+        0xc7, 0x05, 0xe0, 0x03, 0xe0, 0xfe, 0x0b, 0x00, 0x00, 0x00, // mov dword [TDCR], 0xb (/1)
+        0xc7, 0x05, 0x20, 0x03, 0xe0, 0xfe, 0x20, 0x00, 0x02, 0x00, // mov dword [LVTT], periodic, 0x20
+        0xc7, 0x05, 0x80, 0x03, 0xe0, 0xfe, 0x01, 0x00, 0x00, 0x00, // mov dword [TMICT], 1
+        0xfa,                                                       // cli
+        0xeb, 0xfe,                                                 // jmp $
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let ((), r) = run_until(&v, || std::thread::sleep(Duration::from_millis(1500)))?;
+    check(r == Ok(Exit::Interrupted), || {
+        format!("the guest's run: {r:?}, want EINTR after the signal")
+    })?;
+    let s = m.vm.stats().map_err(err)?;
+    ktap::diag(&format!(
+        "timer interrupts {}, exits {}, longest interrupts-off section {} us",
+        s.apic_timer_irqs,
+        s.exits.iter().sum::<u64>(),
+        s.longest_section_ns / 1000
+    ));
+    check(s.apic_timer_irqs > 10, || {
+        format!("the APIC timer fired {} times: no storm", s.apic_timer_irqs)
+    })?;
+    check(
+        s.longest_section_ns > 0 && s.longest_section_ns < 1_000_000,
+        || {
+            format!(
+                "longest interrupts-off section {} ns (must be below 1 ms)",
+                s.longest_section_ns
+            )
+        },
+    )
+}
+
+/// Pinned guest memory counts against RLIMIT_MEMLOCK for a process without
+/// CAP_IPC_LOCK: a region over the limit is refused with ENOMEM, one within it works.
+/// (In a child that gives up root after opening /dev/rvmm.)
+pub fn memlock_limit_enomem(_: &Ctx) -> Outcome {
+    let vm = Rvmm::open(crate::DEV)
+        .and_then(Rvmm::create_vm)
+        .map_err(err)?;
+    let big = Anon::new(1 << 20)?;
+    let small = Anon::new(32 << 10)?;
+    // SAFETY: fork in a test process; the child only makes syscalls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("fork failed".into());
+    }
+    if pid == 0 {
+        let code = (|| -> i32 {
+            let lim = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: 64 << 10,
+            };
+            // SAFETY: plain syscalls on this process.
+            unsafe {
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0
+                    || libc::setresgid(65534, 65534, 65534) != 0
+                    || libc::setresuid(65534, 65534, 65534) != 0
+                {
+                    return 10;
+                }
+            }
+            // SAFETY: `big` stays mapped; the region is refused or deleted below.
+            match unsafe { vm.set_memory_region(1, 0x100_0000, big.len as u64, big.addr(), false) }
+            {
+                Err(rvmm::Error::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOMEM) => {}
+                Err(_) => return 11,
+                Ok(()) => return 12,
+            }
+            // SAFETY: as above, for `small`.
+            if unsafe { vm.set_memory_region(2, 0x200_0000, small.len as u64, small.addr(), false) }
+                .is_err()
+            {
+                return 13;
+            }
+            0
+        })();
+        // SAFETY: the child ends here, without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    check(code == 0, || {
+        format!(
+            "child (RLIMIT_MEMLOCK 64 KiB, no CAP_IPC_LOCK): {}",
+            match code {
+                10 => "could not drop root",
+                11 => "a 1-MiB region failed with another errno than ENOMEM",
+                12 => "a 1-MiB region was pinned over the limit",
+                13 => "a 32-KiB region within the limit was refused",
+                _ => "died",
+            }
+        )
+    })
+}
+
+/// The speculation barriers around VM entry and exit (VERW before entry, the return
+/// stack buffer filled after exit) where the kernel's mitigations do not ask for them
+/// (this host's kernel has none): forced on with the module parameter `spec_force`,
+/// a guest making 1000 CPUID exits and an I/O exit must still run as without them.
+pub fn speculation_barriers_forced(ctx: &Ctx) -> Outcome {
+    ctx.unload_rvmm()?;
+    sys::insmod_with(&ctx.ko("rvmm.ko"), c"spec_force=1")
+        .map_err(|e| format!("insmod rvmm.ko spec_force=1: {e}"))?;
+    let r = (|| -> Outcome {
+        let line = kmsg_lines()
+            .into_iter()
+            .rev()
+            .find(|l| l.contains("rvmm: speculation barriers:"))
+            .ok_or("no 'speculation barriers' line from the module")?;
+        ktap::diag(line.trim());
+        check(
+            line.contains("VERW before entry on") && line.contains("RSB after exit fill"),
+            || format!("spec_force=1 did not turn the barriers on: {line}"),
+        )?;
+        let mut m = Machine::new(EntryMode::Protected, RAM)?;
+        #[rustfmt::skip]
+        let code = [
+            0xbe, 0xe8, 0x03, 0x00, 0x00, // mov esi, 1000
+            0x31, 0xc0,                   // l: xor eax, eax
+            0x0f, 0xa2,                   // cpuid
+            0x4e,                         // dec esi
+            0x75, 0xf9,                   // jnz l
+            0xb8, 0x34, 0x12, 0x00, 0x00, // mov eax, 0x1234
+            0xe7, 0x10,                   // out 0x10, eax
+            0xf4,                         // hlt
+        ];
+        m.mem.write(CODE, &code)?;
+        let v = new_vcpu(
+            &m.vm,
+            0,
+            &Regs {
+                rip: CODE,
+                ..m.regs
+            },
+            &m.sregs,
+        )?;
+        expect(&v, out4(0x10, 0x1234), "after 1000 CPUID exits")?;
+        expect(&v, Exit::Hlt, "HLT")?;
+        let s = m.vm.stats().map_err(err)?;
+        check(s.exits[10] >= 1000, || {
+            format!("{} CPUID exits, want 1000", s.exits[10])
+        })
+    })();
+    ctx.unload_rvmm()?;
+    ctx.load_rvmm()?;
+    r
+}
+
+/// The kernel log so far (/dev/kmsg, without waiting for new lines).
+fn kmsg_lines() -> Vec<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return out;
+    };
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match f.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                // "prio,seq,time,flags;message"
+                if let Some((_, msg)) = rec.split_once(';') {
+                    out.push(msg.trim_end().to_string());
+                }
+            }
+            Ok(_) => break,
+            // EPIPE: records overwritten since; keep reading.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    out
 }

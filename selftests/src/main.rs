@@ -175,6 +175,16 @@ fn main() {
             "two_vcpus_pool_reset_while_halted",
             adversarial::two_vcpus_pool_reset_while_halted,
         );
+        suite.add("stats_while_vcpu_runs", adversarial::stats_while_vcpu_runs);
+        suite.add(
+            "apic_timer_storm_bounded_section",
+            adversarial::apic_timer_storm_bounded_section,
+        );
+        suite.add("memlock_limit_enomem", adversarial::memlock_limit_enomem);
+        suite.add(
+            "speculation_barriers_forced",
+            adversarial::speculation_barriers_forced,
+        );
         suite.add("cpu_hotplug", cpu_hotplug);
         suite.add("cr4_shadow_stress", cr4_shadow_stress);
         suite.add("load_unload_20_times", load_unload_20_times);

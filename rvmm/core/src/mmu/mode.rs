@@ -8,6 +8,8 @@ pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_WP: u64 = 1 << 16;
 /// CR0.PG.
 pub const CR0_PG: u64 = 1 << 31;
+/// CR4.DE: DR4 and DR5 are reserved (#UD) rather than aliases of DR6 and DR7.
+pub const CR4_DE: u64 = 1 << 3;
 /// CR4.PSE.
 pub const CR4_PSE: u64 = 1 << 4;
 /// CR4.PAE.

@@ -305,6 +305,15 @@ pub struct State {
     lru_tail: u32,
     free_link: u32,
     free_rmap: u32,
+    /// Sps, links and rmap nodes below these were handed out since the pool was made
+    /// (or, for links and rmaps, reset): the rest are untouched and free. A reset costs
+    /// what was used, not the pool's size.
+    sp_hwm: u32,
+    link_hwm: u32,
+    rmap_hwm: u32,
+    /// Table pages that exist ([`Tables`] grows them up to `sps.len()` outside the
+    /// pool's lock): sps at or above it are not handed out.
+    pub sp_cap: u32,
     n_unsync: usize,
     roots: [u32; MAX_ROOTS],
     n_roots: usize,
@@ -331,6 +340,12 @@ pub struct State {
 }
 
 impl State {
+    /// Table pages handed out since the pool was made (they stay in the pool's use):
+    /// how many must exist, and, once near [`State::sp_cap`], time to add more.
+    pub fn pages_used(&self) -> u32 {
+        self.sp_hwm
+    }
+
     /// A pool state whose root cache keeps `max_roots` roots (1 to [`MAX_ROOTS`]).
     pub const fn new(max_roots: usize) -> Self {
         Self {
@@ -340,6 +355,10 @@ impl State {
             lru_tail: NIL,
             free_link: NIL,
             free_rmap: NIL,
+            sp_hwm: 0,
+            link_hwm: 0,
+            rmap_hwm: 0,
+            sp_cap: 0,
             n_unsync: 0,
             roots: [NIL; MAX_ROOTS],
             n_roots: 0,
@@ -466,27 +485,20 @@ fn index_of(gva: u64, level: u8) -> usize {
 
 impl<T: Tables> Pool<'_, T> {
     /// Makes every page free and forgets every shadow (the tables must be zero, as
-    /// after creation; [`Pool::reset`] zeroes what it drops).
+    /// after creation).
     pub fn init(&mut self) {
-        let n = self.sps.len();
-        for (i, sp) in self.sps.iter_mut().enumerate() {
+        for sp in self.sps.iter_mut() {
             *sp = Sp::default();
-            sp.hash_next = if i + 1 < n { i as u32 + 1 } else { NIL };
         }
-        self.st.free_sp = if self.sps.is_empty() { NIL } else { 0 };
-        self.st.zapped = NIL;
         self.buckets.fill(NIL);
         self.rbuckets.fill(NIL);
-        let n = self.links.len();
-        for (i, l) in self.links.iter_mut().enumerate() {
-            l.next = if i + 1 < n { i as u32 + 1 } else { NIL };
-        }
-        self.st.free_link = if n == 0 { NIL } else { 0 };
-        let n = self.rmaps.len();
-        for (i, r) in self.rmaps.iter_mut().enumerate() {
-            r.next = if i + 1 < n { i as u32 + 1 } else { NIL };
-        }
-        self.st.free_rmap = if n == 0 { NIL } else { 0 };
+        self.st.free_sp = NIL;
+        self.st.zapped = NIL;
+        self.st.free_link = NIL;
+        self.st.free_rmap = NIL;
+        self.st.sp_hwm = 0;
+        self.st.link_hwm = 0;
+        self.st.rmap_hwm = 0;
         self.st.lru_head = NIL;
         self.st.lru_tail = NIL;
         self.st.n_unsync = 0;
@@ -495,19 +507,40 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     /// Drops every shadow, roots included; vCPUs must load their roots again (the
-    /// generation changes).
+    /// generation changes). Costs what the pool used, not its size (this runs with the
+    /// pool lock held and interrupts off).
     pub fn reset(&mut self) {
-        for i in 0..self.sps.len() as u32 {
+        // Every page handed out so far waits for the remote flush before it is used
+        // again (a vCPU still in guest mode may be walking it); their tables are zeroed
+        // now, so that such a vCPU sees not-present entries.
+        self.st.zapped = NIL;
+        for i in (0..self.st.sp_hwm).rev() {
             if self.sps[i as usize].valid {
                 self.tables.table(i).fill(0);
                 self.st.stats.zaps += 1;
             }
+            self.sps[i as usize] = Sp {
+                hash_next: self.st.zapped,
+                ..Sp::default()
+            };
+            self.st.zapped = i;
         }
-        self.init();
-        // Every page waits for the remote flush before it is used again: a vCPU still
-        // in guest mode may be walking it.
-        self.st.zapped = self.st.free_sp;
         self.st.free_sp = NIL;
+        // Metadata is the pool's alone: reused at once.
+        for i in 0..self.st.rmap_hwm as usize {
+            let b = hash(self.rmaps[i].hpa >> 12, self.rbuckets.len());
+            self.rbuckets[b] = NIL;
+        }
+        self.buckets.fill(NIL);
+        self.st.free_link = NIL;
+        self.st.free_rmap = NIL;
+        self.st.link_hwm = 0;
+        self.st.rmap_hwm = 0;
+        self.st.lru_head = NIL;
+        self.st.lru_tail = NIL;
+        self.st.n_unsync = 0;
+        self.st.n_roots = 0;
+        self.st.stats.pages_in_use = 0;
         self.st.generation = self.st.generation.wrapping_add(1);
         self.st.tlb_dirty = true;
         self.st.stats.resets += 1;
@@ -660,14 +693,23 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<u32, Full> {
-        if self.st.free_sp == NIL {
+        let i = if self.st.free_sp != NIL {
+            let i = self.st.free_sp;
+            self.st.free_sp = self.sps[i as usize].hash_next;
+            i
+        } else if self.st.sp_hwm < self.st.sp_cap && (self.st.sp_hwm as usize) < self.sps.len() {
+            // Never used (its table is zero).
+            self.st.sp_hwm += 1;
+            self.st.sp_hwm - 1
+        } else {
             if self.st.zapped == NIL {
                 self.reclaim()?;
             }
             self.commit_zapped();
-        }
-        let i = self.st.free_sp;
-        self.st.free_sp = self.sps[i as usize].hash_next;
+            let i = self.st.free_sp;
+            self.st.free_sp = self.sps[i as usize].hash_next;
+            i
+        };
         let b = hash(gfn, self.buckets.len());
         self.sps[i as usize] = Sp {
             gfn,
@@ -708,10 +750,15 @@ impl<T: Tables> Pool<'_, T> {
 
     fn link_add(&mut self, child: u32, parent_at: u32) -> Result<(), Full> {
         let n = self.st.free_link;
-        if n == NIL {
+        let n = if n != NIL {
+            self.st.free_link = self.links[n as usize].next;
+            n
+        } else if (self.st.link_hwm as usize) < self.links.len() {
+            self.st.link_hwm += 1;
+            self.st.link_hwm - 1
+        } else {
             return Err(Full);
-        }
-        self.st.free_link = self.links[n as usize].next;
+        };
         self.links[n as usize] = Link {
             at: parent_at,
             next: self.sps[child as usize].parents,
@@ -742,10 +789,15 @@ impl<T: Tables> Pool<'_, T> {
 
     fn rmap_add(&mut self, hpa: u64, leaf_at: u32) -> Result<(), Full> {
         let n = self.st.free_rmap;
-        if n == NIL {
+        let n = if n != NIL {
+            self.st.free_rmap = self.rmaps[n as usize].next;
+            n
+        } else if (self.st.rmap_hwm as usize) < self.rmaps.len() {
+            self.st.rmap_hwm += 1;
+            self.st.rmap_hwm - 1
+        } else {
             return Err(Full);
-        }
-        self.st.free_rmap = self.rmaps[n as usize].next;
+        };
         let b = hash(hpa >> 12, self.rbuckets.len());
         self.rmaps[n as usize] = Rmap {
             hpa,

@@ -96,6 +96,7 @@ impl Store {
             tables: VecTables(vec![[0; 512]; pages], 0, 0),
         };
         s.pool().init();
+        s.st.sp_cap = pages as u32;
         s
     }
     fn pool(&mut self) -> Pool<'_, VecTables> {

@@ -1,0 +1,538 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Page faults under the shadow pool (fill, the guest's own fault, MMIO, writes to
+//! write-protected page tables emulated), MMIO decoding, INVLPG and INVPCID.
+
+use super::*;
+
+impl VcpuInner {
+    /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
+    /// the fault its tables call for.
+    pub(super) fn page_fault(&mut self, run: *mut uapi::Run, gva: u64, ec: u32) -> Next {
+        let access = Access::from_error_code(ec);
+        let ctx = self.perm_ctx();
+        if self.on_pool {
+            // A reserved-bit fault can only come from an MMIO entry of the pool: the
+            // guest-physical address is in it, no guest walk needed.
+            if ec & (1 << 3) != 0 {
+                let gpa = match self.shadow.pool.lock().as_deref_mut() {
+                    Some(storage) => {
+                        let mut pool = storage.pool();
+                        if pool.st.generation == self.proot_gen {
+                            pool.mmio_fast(self.proot, gva, access, &ctx)
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(gpa) = gpa {
+                    return self.mmio(run, gpa, &ctx);
+                }
+            }
+            return self.pool_fault(run, gva, ec, access, &ctx);
+        }
+        // No shadow (the VM's pool could not give a root): nothing to fix.
+        self.internal_error(
+            run,
+            uapi::RVMM_INTERNAL_NO_SHADOW,
+            [gva, u64::from(ec), vmr(guest::RIP), 0],
+        )
+    }
+
+    /// An access to guest-physical memory that is not RAM (or a write to a read-only
+    /// slot): decode the instruction and hand the access to userspace.
+    pub(super) fn mmio(&mut self, run: *mut uapi::Run, gpa: u64, ctx: &PermCtx) -> Next {
+        let rip = vmr(guest::RIP);
+        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
+        let linear = if long {
+            rip
+        } else {
+            vmr(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+        };
+        let mut code = [0u8; 15];
+        let n = self.fetch_code(linear, ctx, &mut code);
+        let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
+            Ok(d) => d,
+            Err(_) => {
+                let first = u64::from_le_bytes(code[..8].try_into().unwrap_or([0; 8]));
+                return self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_EMULATION,
+                    [gpa, rip, first, 4],
+                );
+            }
+        };
+        if self.apic_page() == Some(gpa & !0xfff) {
+            return self.apic_page_access(gpa, rip, decoded, long);
+        }
+        let mut mmio = uapi::ExitMmio {
+            phys_addr: gpa,
+            ..Default::default()
+        };
+        match decoded.op {
+            MmioOp::Store { size, src } => {
+                let v = match src {
+                    Source::Reg(r) => self.gpr(r),
+                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Imm(v) => v,
+                };
+                mmio.len = size.into();
+                mmio.is_write = 1;
+                mmio.data = v.to_le_bytes();
+                for b in mmio.data.iter_mut().skip(usize::from(size)) {
+                    *b = 0;
+                }
+            }
+            MmioOp::Load { size, .. } => {
+                mmio.len = size.into();
+                self.pending = Pending::MmioRead {
+                    op: decoded.op,
+                    long,
+                };
+            }
+        }
+        // SAFETY: our run page.
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
+        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
+        self.stats.mmio_exits.inc();
+        self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
+    }
+
+    /// A decoded access to the xAPIC page, done in the kernel.
+    pub(super) fn apic_page_access(
+        &mut self,
+        gpa: u64,
+        rip: u64,
+        decoded: rvmm_core::emulate::Decoded,
+        long: bool,
+    ) -> Next {
+        match decoded.op {
+            MmioOp::Store { size, src } => {
+                let v = match src {
+                    Source::Reg(r) => self.gpr(r),
+                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Imm(v) => v,
+                };
+                self.apic_mmio(gpa, size, Some(v));
+            }
+            MmioOp::Load { size, dst, .. } => {
+                let data = self.apic_mmio(gpa, size, None).unwrap_or(0);
+                let new = rvmm_core::emulate::load_result(self.gpr(dst), data, &decoded.op, long);
+                self.set_gpr(dst, new);
+            }
+        }
+        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
+        Next::Fast
+    }
+
+    /// Reads up to 15 bytes of code at linear address `rip`; returns how many.
+    pub(super) fn fetch_code(&mut self, rip: u64, ctx: &PermCtx, out: &mut [u8; 15]) -> usize {
+        let slots = self.slots.clone();
+        let fetch = Access {
+            write: false,
+            user: vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
+            fetch: true,
+        };
+        // Linear addresses wrap at 32 bits outside 64-bit mode, at 64 bits in it.
+        let mask = if self.long_mode_code() {
+            u64::MAX
+        } else {
+            0xffff_ffff
+        };
+        let mut n = 0;
+        while n < out.len() {
+            let la = rip.wrapping_add(n as u64) & mask;
+            let Ok(w) = walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx)
+            else {
+                break;
+            };
+            let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(out.len() - n);
+            let Some(p) = slots.ptr(w.gpa, chunk as u64) else {
+                break;
+            };
+            // SAFETY: `p` points at `chunk` bytes of a pinned guest page.
+            unsafe { ptr::copy_nonoverlapping(p, out[n..].as_mut_ptr(), chunk) };
+            n += chunk;
+        }
+        n
+    }
+
+    /// A #PF under the VM's pool: sync the missing entry (or report the guest's fault,
+    /// or MMIO).
+    pub(super) fn pool_fault(
+        &mut self,
+        run: *mut uapi::Run,
+        gva: u64,
+        ec: u32,
+        access: Access,
+        ctx: &PermCtx,
+    ) -> Next {
+        let fix = {
+            let mut guard = self.shadow.pool.lock();
+            let Some(storage) = guard.as_deref_mut() else {
+                drop(guard);
+                return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [gva, 1, 0, 0]);
+            };
+            let mut pool = storage.pool();
+            let fix = if pool.st.generation != self.proot_gen {
+                None
+            } else {
+                Some(pool.page_fault(
+                    &mut GuestMem(&self.slots),
+                    self.proot,
+                    self.cr3,
+                    gva,
+                    access,
+                    ctx,
+                ))
+            };
+            let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+            let unsync = pool.unsync_count();
+            self.shadow.publish(pool.st, unsync);
+            drop(guard);
+            self.flush_remote(dirty);
+            fix
+        };
+        match fix {
+            // The pool was reset (full): load the root again and retry the access.
+            None | Some(Err(_)) => {
+                if !self.reload_root(matches!(fix, Some(Err(_)))) {
+                    return self.no_shadow(run, gva, 0);
+                }
+                Next::Fast
+            }
+            Some(Ok(PoolFix::Mapped)) => {
+                self.stats.shadow_faults.inc();
+                let rip = vmr(guest::RIP);
+                if (gva, rip) == self.last_fault {
+                    self.repeat_faults += 1;
+                    if self.repeat_faults > 64 {
+                        self.repeat_faults = 0;
+                        user_pr!(
+                            pr_err,
+                            "shadow fault loop (pool): gva {:#x} ec {:#x} rip {:#x}\n",
+                            gva,
+                            ec,
+                            rip
+                        );
+                        return self.internal_error(
+                            run,
+                            uapi::RVMM_INTERNAL_NO_SHADOW,
+                            [gva, u64::from(ec), rip, 0],
+                        );
+                    }
+                } else {
+                    self.last_fault = (gva, rip);
+                    self.repeat_faults = 0;
+                }
+                Next::Fast
+            }
+            Some(Ok(PoolFix::GuestFault(f))) => {
+                if let Some(table) = f.unbacked_table {
+                    return self.internal_error(
+                        run,
+                        uapi::RVMM_INTERNAL_EMULATION,
+                        [table, gva, vmr(guest::RIP), 1],
+                    );
+                }
+                self.stats.guest_faults.inc();
+                self.cr2 = gva;
+                self.inject(vector::PF, Some(f.error_code))
+            }
+            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(run, gpa, ctx),
+            Some(Ok(PoolFix::WriteProtected { gpa, .. })) => self.pt_write(run, gva, gpa, ctx),
+        }
+    }
+
+    /// A write to a write-protected upper-level guest page table: emulate the
+    /// instruction (MOV, XCHG, CMPXCHG, OR, AND, BTS, BTR), then let the pool update the
+    /// shadow entries it covers. What the emulator does not handle unsyncs the table
+    /// instead, and the instruction runs again natively.
+    pub(super) fn pt_write(
+        &mut self,
+        run: *mut uapi::Run,
+        gva: u64,
+        gpa: u64,
+        ctx: &PermCtx,
+    ) -> Next {
+        let rip = vmr(guest::RIP);
+        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
+        let mut code = [0u8; 15];
+        let n = self.fetch_code(rip, ctx, &mut code);
+        let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
+        let emulated = match op {
+            // Within one naturally aligned 8-byte word (entries are), so that the
+            // read-modify-write is one atomic compare-exchange on it: other vCPUs may
+            // write the same table at the same time (their writes trap as well, but the
+            // emulation runs outside the pool lock).
+            Ok(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
+                match self.slots.ptr_mut(gpa & !7, 8) {
+                    Some(p) => {
+                        // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
+                        // (`ptr` checked the range); the guest and other vCPUs only access it
+                        // as memory, so atomic accesses through it are sound.
+                        let word = unsafe { &*p.cast::<core::sync::atomic::AtomicU64>() };
+                        let shift = 8 * (gpa & 7);
+                        let mask = if op.size == 8 {
+                            u64::MAX
+                        } else {
+                            ((1u64 << (8 * u32::from(op.size))) - 1) << shift
+                        };
+                        let src = match op.src {
+                            Source::Reg(r) => self.gpr(r),
+                            Source::HighByte(r) => self.gpr(r) >> 8,
+                            Source::Imm(v) => v,
+                        };
+                        let (rax, rflags) = (self.gprs.rax, vmr(guest::RFLAGS));
+                        let (edx_eax, ecx_ebx) = (
+                            (self.gprs.rdx << 32) | (rax & 0xffff_ffff),
+                            (self.gprs.rcx << 32) | (self.gprs.rbx & 0xffff_ffff),
+                        );
+                        let mut cur = word.load(core::sync::atomic::Ordering::SeqCst);
+                        let e = loop {
+                            let old = (cur & mask) >> shift;
+                            let e = if op.kind == WriteKind::Cmpxchg8b {
+                                let (mem, reg, rflags) = rvmm_core::emulate::apply_cmpxchg8b(
+                                    old, edx_eax, ecx_ebx, rflags,
+                                );
+                                rvmm_core::emulate::WriteEffect {
+                                    mem,
+                                    reg: reg.map(|v| (0, v)),
+                                    rflags,
+                                }
+                            } else {
+                                rvmm_core::emulate::apply_write(&op, old, src, rax, rflags)
+                            };
+                            let next = (cur & !mask) | ((e.mem << shift) & mask);
+                            match word.compare_exchange(
+                                cur,
+                                next,
+                                core::sync::atomic::Ordering::SeqCst,
+                                core::sync::atomic::Ordering::SeqCst,
+                            ) {
+                                Ok(_) => break e,
+                                Err(now) => cur = now,
+                            }
+                        };
+                        if let (WriteKind::Cmpxchg8b, Some((_, v))) = (op.kind, e.reg) {
+                            // EDX:EAX (32-bit writes: the upper halves clear).
+                            self.gprs.rax = v & 0xffff_ffff;
+                            self.gprs.rdx = v >> 32;
+                        } else if let Some((_, v)) = e.reg {
+                            // XCHG: the source register; CMPXCHG: rAX. Merged as a MOV
+                            // of the operand size (32-bit results zero-extend).
+                            let (r, shift) = match (op.kind, op.src) {
+                                (WriteKind::Xchg, Source::HighByte(h)) => (h, 8),
+                                (WriteKind::Xchg, Source::Reg(r)) => (r, 0),
+                                _ => (0, 0),
+                            };
+                            let merged = match op.size {
+                                8 => v,
+                                4 => v & 0xffff_ffff,
+                                2 => (self.gpr(r) & !0xffff) | (v & 0xffff),
+                                _ => (self.gpr(r) & !(0xff << shift)) | ((v & 0xff) << shift),
+                            };
+                            self.set_gpr(r, merged);
+                        }
+                        vmw(guest::RFLAGS, e.rflags);
+                        vmw(guest::RIP, self.rip_after(rip, op.len.into()));
+                        Some(op.size)
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let r = {
+            let mut guard = self.shadow.pool.lock();
+            match guard.as_deref_mut() {
+                Some(storage) => {
+                    let mut pool = storage.pool();
+                    let r = match emulated {
+                        // The pool was reset since the fault (perhaps for a new memory
+                        // map this vCPU does not have yet): it has no shadow of the
+                        // table to update, and must not get one from this vCPU's map.
+                        _ if pool.st.generation != self.proot_gen => Ok(()),
+                        Some(size) => pool.pt_written(&mut GuestMem(&self.slots), gpa, size, ctx),
+                        None => {
+                            pool.unprotect(gpa >> 12);
+                            Ok(())
+                        }
+                    };
+                    let unsync = pool.unsync_count();
+                    self.shadow.publish(pool.st, unsync);
+                    (r, core::mem::take(&mut pool.st.tlb_dirty))
+                }
+                None => (Ok(()), false),
+            }
+        };
+        let (r, dirty) = r;
+        self.flush_remote(dirty);
+        if r.is_err() && !self.reload_root(true) {
+            return self.no_shadow(run, gva, 4);
+        }
+        Next::Fast
+    }
+
+    /// After a pool operation (lock released): a remote flush if entries lost rights
+    /// (`Some(Ok(true))`); a new root if the pool was full (`Some(Err)`) or reset under
+    /// this vCPU (`None`). False if no root can be had.
+    pub(super) fn finish_pool_op(
+        &mut self,
+        r: Option<Result<bool, rvmm_core::mmu::pool::Full>>,
+    ) -> bool {
+        match r {
+            Some(Ok(dirty)) => {
+                self.flush_remote(dirty);
+                true
+            }
+            Some(Err(_)) => self.reload_root(true),
+            None => self.reload_root(false),
+        }
+    }
+
+    /// The pool is full (`full`: reset it), or was reset under this vCPU: load this
+    /// vCPU's root again. False if even that fails.
+    pub(super) fn reload_root(&mut self, full: bool) -> bool {
+        if full {
+            if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
+                let mut pool = storage.pool();
+                pool.reset();
+                self.shadow.publish(pool.st, 0);
+            }
+            self.stats.shadow_resets.inc();
+        }
+        self.reset_shadow()
+    }
+
+    /// No shadow for the guest (the pool cannot give a root): the vCPU stops with an
+    /// internal error; `site` says where.
+    pub(super) fn no_shadow(&mut self, run: *mut uapi::Run, gva: u64, site: u64) -> Next {
+        self.internal_error(
+            run,
+            uapi::RVMM_INTERNAL_NO_SHADOW,
+            [gva, 0, vmr(guest::RIP), site],
+        )
+    }
+
+    pub(super) fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
+        if self.on_pool {
+            let ctx = self.perm_ctx();
+            // None: the root is from an older pool generation.
+            let r = match self.shadow.pool.lock().as_deref_mut() {
+                Some(storage) => {
+                    let mut pool = storage.pool();
+                    if pool.st.generation != self.proot_gen {
+                        None
+                    } else {
+                        let r = pool.invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx);
+                        let unsync = pool.unsync_count();
+                        self.shadow.publish(pool.st, unsync);
+                        Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
+                    }
+                }
+                None => None,
+            };
+            let ok = self.finish_pool_op(r);
+            if !ok {
+                return self.no_shadow(run, gva, 2);
+            }
+            self.skip_instruction();
+            return Next::Fast;
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+
+    /// INVPCID (SDM Vol. 2A): type 0 invalidates one address of one PCID, 1 one PCID,
+    /// 2 and 3 every PCID. The shadow is shared by PCIDs: type 0 for the current PCID is
+    /// an INVLPG, anything else brings every out-of-sync shadow up to date.
+    pub(super) fn invpcid(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+        // Segment bases in instruction-information order: ES CS SS DS FS GS.
+        const SEG_BASES: [u32; 6] = [
+            guest::ES_BASE,
+            guest::CS_BASE,
+            guest::SS_BASE,
+            guest::DS_BASE,
+            guest::FS_BASE,
+            guest::GS_BASE,
+        ];
+        let slots = self.slots.clone();
+        if vmr(guest::CS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
+            return self.inject(vector::GP, Some(0));
+        }
+        let op = MemOperand::decode(vmr(ro::VMEXIT_INSTRUCTION_INFO) as u32);
+        let kind = self.gpr(op.reg2);
+        let long = self.efer & EFER_LMA != 0;
+        let ea = op.effective(qual, |r| self.gpr(r));
+        let seg_base = match op.seg {
+            4 => vmr(guest::FS_BASE),
+            5 => vmr(guest::GS_BASE),
+            s if !long => vmr(SEG_BASES[usize::from(s).min(5)]),
+            _ => 0,
+        };
+        let la = seg_base.wrapping_add(ea);
+        // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
+        // address in bits 127:64.
+        let mut desc = [0u64; 2];
+        let ctx = self.perm_ctx();
+        let read = Access::default();
+        for (i, d) in desc.iter_mut().enumerate() {
+            let a = la.wrapping_add(8 * i as u64);
+            match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, a, read, &ctx) {
+                Ok(w) => match GuestMem(&slots).read_entry(w.gpa, 8) {
+                    Some(v) if w.gpa & 7 == 0 => *d = v,
+                    _ => {
+                        return self.internal_error(
+                            run,
+                            uapi::RVMM_INTERNAL_EMULATION,
+                            [a, w.gpa, vmr(guest::RIP), 5],
+                        )
+                    }
+                },
+                Err(f) => {
+                    self.cr2 = a;
+                    return self.inject(vector::PF, Some(f.error_code));
+                }
+            }
+        }
+        let (pcid, addr) = (desc[0], desc[1]);
+        let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
+        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) {
+            return self.inject(vector::GP, Some(0));
+        }
+        let current = if self.cr4 & CR4_PCIDE != 0 {
+            self.cr3 & 0xfff
+        } else {
+            0
+        };
+        if kind == 0 && pcid == current {
+            // Like INVLPG (which skips the instruction itself).
+            return self.invlpg(run, addr);
+        }
+        // None: the root is from an older pool generation (or there is no pool).
+        let r = match self.shadow.pool.lock().as_deref_mut() {
+            Some(storage) if self.on_pool => {
+                let mut pool = storage.pool();
+                if pool.st.generation != self.proot_gen {
+                    None
+                } else {
+                    let r = pool.flush_all(&mut GuestMem(&self.slots), &ctx);
+                    let unsync = pool.unsync_count();
+                    self.shadow.publish(pool.st, unsync);
+                    Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
+                }
+            }
+            _ => None,
+        };
+        let ok = self.finish_pool_op(r);
+        if !ok {
+            return self.no_shadow(run, addr, 3);
+        }
+        self.skip_instruction();
+        Next::Fast
+    }
+}
