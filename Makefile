@@ -16,7 +16,7 @@ ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else
 
-.PHONY: all help setup kernel guest-kernel module userspace selftests initramfs demo linux test bench check-host e2e clean
+.PHONY: fuzz all help setup kernel kernel-debug guest-kernel module module-debug userspace selftests initramfs demo linux test bench check-host e2e clean
 
 all: module userspace selftests
 
@@ -25,12 +25,15 @@ help:
 	@echo "make kernel     fetch, patch and build the host kernel into ~/.cache/rvmm"
 	@echo "make guest-kernel  build the Linux guest kernel (kernel/guest.config) into ~/.cache/rvmm"
 	@echo "make module     build rvmm.ko (KDIR=... to use your own built tree)"
+	@echo "make kernel-debug  build the debug host kernel (+ kernel/debug.config: KASAN, lockdep, UBSAN)"
+	@echo "make module-debug  build build/debug-module/rvmm.ko against it (DEBUG_KDIR=... for yours)"
 	@echo "make userspace  build rvmm-run (static)"
 	@echo "make selftests  build the kselftest binary (static)"
 	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
 	@echo "make linux      boot Bochs, insmod rvmm.ko, a Linux guest's shell on this terminal"
 	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
 	@echo "make bench      benchmark guests on rvmm, KVM ept=0, KVM ept=1 in one Bochs boot"
+	@echo "make fuzz       the fuzzer on the debug kernel for FUZZ_SECONDS (600; FUZZ_SEED=0x... repeats a run)"
 
 setup:
 	bash scripts/setup-host.sh
@@ -38,12 +41,19 @@ setup:
 kernel: setup
 	bash scripts/kernel.sh >/dev/null
 
+kernel-debug: setup
+	bash scripts/kernel.sh debug >/dev/null
+
 guest-kernel: setup
 	bash scripts/guest-kernel.sh
 
 build/kdir: FORCE
 	@mkdir -p build
 	@kdir=$$(bash scripts/kernel.sh) && echo "$$kdir" > $@.tmp && { cmp -s $@.tmp $@ || mv $@.tmp $@; }; rm -f $@.tmp
+
+build/debug-kdir: FORCE
+	@mkdir -p build
+	@kdir=$$(bash scripts/kernel.sh debug) && echo "$$kdir" > $@.tmp && { cmp -s $@.tmp $@ || mv $@.tmp $@; }; rm -f $@.tmp
 
 build/crates.mk: Cargo.lock Cargo.toml rvmm/core/Cargo.toml uapi/Cargo.toml scripts/gen-crates-mk.py
 	@mkdir -p build
@@ -53,6 +63,13 @@ build/crates.mk: Cargo.lock Cargo.toml rvmm/core/Cargo.toml uapi/Cargo.toml scri
 module: build/kdir build/crates.mk
 	$(MAKE) -C $$(cat build/kdir) M=$(ROOT) $(KMAKE_VARS) modules
 	@ls -l rvmm.ko
+
+# The same module against the debug kernel, from a mirror of its sources in
+# build/debug-module (the repo root holds the default kernel's objects).
+module-debug: build/debug-kdir build/crates.mk
+	@. scripts/lib.sh && mirror_module_sources $(ROOT)/build/debug-module
+	$(MAKE) -C $$(cat build/debug-kdir) M=$(ROOT)/build/debug-module $(KMAKE_VARS) modules
+	@ls -l build/debug-module/rvmm.ko
 
 userspace:
 	RUSTFLAGS="$(STATIC_RUSTFLAGS)" cargo build --locked --release --target $(TARGET) -p rvmm-run
@@ -68,6 +85,9 @@ linux: setup module userspace selftests
 
 test:
 	bash scripts/test.sh
+
+fuzz: setup module userspace selftests module-debug
+	bash scripts/e2e.sh fuzz
 
 bench: setup module userspace selftests
 	$(MAKE) -C selftests/bench

@@ -38,6 +38,7 @@ extern "C" {
     fn rvmm_ratelimit() -> bool;
     pub(crate) fn rvmm_spec_init(force: bool);
     pub(crate) fn rvmm_spec_l1d_flush();
+    pub(crate) fn rvmm_cpu_has_l1tf() -> bool;
     pub(crate) fn rvmm_signal_pending() -> bool;
     pub(crate) fn rvmm_exit_request() -> bool;
     pub(crate) fn rvmm_cond_resched();

@@ -236,10 +236,16 @@ void rvmm_spec_init(bool force)
 		rvmm_spec_rsb = 0;
 	rvmm_spec_l1d = boot_cpu_has(X86_FEATURE_FLUSH_L1D) &&
 			(force || boot_cpu_has_bug(X86_BUG_L1TF));
-	pr_info("speculation barriers: VERW before entry %s, RSB after exit %s, L1D flush %s\n",
+	pr_info("speculation barriers: VERW before entry %s, RSB after exit %s, L1D flush %s, MMIO shadow entries %s\n",
 		rvmm_spec_verw ? "on" : "off",
 		rvmm_spec_rsb == 1 ? "fill" : rvmm_spec_rsb == 2 ? "one call" : "off",
-		rvmm_spec_l1d ? "per run section" : "off");
+		rvmm_spec_l1d ? "per run section" : "off",
+		boot_cpu_has_bug(X86_BUG_L1TF) ? "off (L1TF)" : "on");
+}
+
+bool rvmm_cpu_has_l1tf(void)
+{
+	return boot_cpu_has_bug(X86_BUG_L1TF);
 }
 
 /* Before the first VM entry of a run section: host code ran since the last one. */

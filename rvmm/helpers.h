@@ -34,6 +34,7 @@ void rvmm_machine_check(void);
 bool rvmm_ratelimit(void);
 void rvmm_spec_init(bool force);
 void rvmm_spec_l1d_flush(void);
+bool rvmm_cpu_has_l1tf(void);
 bool rvmm_signal_pending(void);
 bool rvmm_exit_request(void);
 void rvmm_cond_resched(void);

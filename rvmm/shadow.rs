@@ -141,9 +141,13 @@ impl ShadowPool {
         )?;
         p.pool().init();
         p.st.sp_cap = first as u32;
-        // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52.
+        // MMIO entries need bit 51 to be reserved: MAXPHYADDR below 52. They are present
+        // entries with a reserved bit and the guest's physical address: on a CPU with
+        // L1TF that is a speculative read of host memory, so none there (every MMIO
+        // access walks the guest's tables instead).
         let maxphy = core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff;
-        p.st.mmio_sptes = maxphy < 52;
+        // SAFETY: a query of the boot CPU's bug bits.
+        p.st.mmio_sptes = maxphy < 52 && !unsafe { crate::ffi::rvmm_cpu_has_l1tf() };
         p.st.emulate_writes = true;
         Ok(p)
     }

@@ -367,38 +367,38 @@ impl Vcpu {
             repeat_faults: 0,
             stats: stats.clone(),
         };
+        // Set up before it is behind its lock (no lock nests in the VM's vCPU list's).
+        let mut g = inner;
+        let cfg = g.cpuid_config();
+        let host = |l: u32| {
+            let r = core::arch::x86_64::__cpuid_count(l, 0);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        };
+        g.cr4_allowed = rvmm_core::cpuid::cr4_allowed(
+            rvmm_core::cpuid::guest(1, 0, host(1), &cfg),
+            rvmm_core::cpuid::guest(7, 0, host(7), &cfg),
+        );
+        g.init_vmcs()?;
+        g.cpuid_cfg = g.cpuid_config();
+        let cfg = rvmm_core::cpuid::Config {
+            osxsave: false,
+            ..g.cpuid_cfg
+        };
+        for (l, e) in g.cpuid_basic.iter_mut().enumerate() {
+            *e = rvmm_core::cpuid::guest(l as u32, 0, host(l as u32), &cfg);
+        }
+        for (l, e) in g.cpuid_ext.iter_mut().enumerate() {
+            let leaf = 0x8000_0000 + l as u32;
+            *e = rvmm_core::cpuid::guest(leaf, 0, host(leaf), &cfg);
+        }
+        if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
+            irq.add_vcpu(id, &apic.addressing())?;
+        }
+        let inner = g;
         let vcpu = Arc::pin_init(
             try_pin_init!(Self { id, run, stats, inner <- new_mutex!(inner) }),
             GFP_KERNEL_ACCOUNT,
         )?;
-        {
-            let mut g = vcpu.inner.lock();
-            let cfg = g.cpuid_config();
-            let host = |l: u32| {
-                let r = core::arch::x86_64::__cpuid_count(l, 0);
-                [r.eax, r.ebx, r.ecx, r.edx]
-            };
-            g.cr4_allowed = rvmm_core::cpuid::cr4_allowed(
-                rvmm_core::cpuid::guest(1, 0, host(1), &cfg),
-                rvmm_core::cpuid::guest(7, 0, host(7), &cfg),
-            );
-            g.init_vmcs()?;
-            g.cpuid_cfg = g.cpuid_config();
-            let cfg = rvmm_core::cpuid::Config {
-                osxsave: false,
-                ..g.cpuid_cfg
-            };
-            for (l, e) in g.cpuid_basic.iter_mut().enumerate() {
-                *e = rvmm_core::cpuid::guest(l as u32, 0, host(l as u32), &cfg);
-            }
-            for (l, e) in g.cpuid_ext.iter_mut().enumerate() {
-                let leaf = 0x8000_0000 + l as u32;
-                *e = rvmm_core::cpuid::guest(leaf, 0, host(leaf), &cfg);
-            }
-            if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
-                irq.add_vcpu(id, &apic.addressing())?;
-            }
-        }
         Ok(vcpu)
     }
 
@@ -521,13 +521,14 @@ impl Vcpu {
     }
 
     /// A new memory map: taken now unless the vCPU is in RUN (it takes it itself).
-    pub(crate) fn offer_memory_map(&self, slots: &Arc<MemSlots>) {
-        if let Some(mut g) = self.inner.try_lock() {
-            if g.slots.generation < slots.generation {
-                g.slots = slots.clone();
-                g.need_reset = true;
-            }
+    /// Returns the map it let go of, for the caller to drop outside its locks.
+    pub(crate) fn offer_memory_map(&self, slots: &Arc<MemSlots>) -> Option<Arc<MemSlots>> {
+        let mut g = self.inner.try_lock()?;
+        if g.slots.generation >= slots.generation {
+            return None;
         }
+        g.need_reset = true;
+        Some(core::mem::replace(&mut g.slots, slots.clone()))
     }
 
     /// `RVMM_RUN`: runs until an exit userspace must see, or a signal.
@@ -568,8 +569,13 @@ impl Vcpu {
             // check sends the vCPU back here when it changes). The old one is unpinned
             // when the last vCPU lets go of it.
             if g.slots.generation != vm.slots_generation() {
-                g.slots = vm.slots();
+                let old = core::mem::replace(&mut g.slots, vm.slots());
                 g.need_reset = true;
+                // The old map is let go of without this vCPU's lock: its last reference
+                // unpins pages, which takes the mm's lock.
+                drop(g);
+                drop(old);
+                g = self.inner.lock();
             }
             g.shadow.top_up();
             g.take_init_sipi();

@@ -4,7 +4,7 @@
 //! `RVMM_CREATE_VM`); it lives until the file is closed and the last vCPU reference
 //! goes.
 
-use kernel::{new_mutex, prelude::*, sync::Arc, sync::Mutex};
+use kernel::{new_mutex, new_spinlock, prelude::*, sync::Arc, sync::Mutex, sync::SpinLock};
 use rvmm_uapi as uapi;
 
 use crate::apic::Irqchip;
@@ -14,8 +14,14 @@ use crate::vcpu::Vcpu;
 
 #[pin_data]
 pub(crate) struct Vm {
+    /// One memory-map change at a time (pinning sleeps).
     #[pin]
-    slots: Mutex<Arc<MemSlots>>,
+    map_writer: Mutex<()>,
+    /// The current memory map: vCPUs take it (holding their own lock) under a spinlock
+    /// that nests in nothing, so that no lock order runs from a vCPU to the mm's lock
+    /// that pinning takes.
+    #[pin]
+    slots: SpinLock<Arc<MemSlots>>,
     #[pin]
     vcpus: Mutex<[Option<Arc<Vcpu>>; uapi::RVMM_MAX_VCPUS as usize]>,
     /// The shadow page pool and CR3 cache.
@@ -37,7 +43,8 @@ impl Vm {
         )?;
         Arc::pin_init(
             pin_init!(Self {
-                slots <- new_mutex!(slots),
+                map_writer <- new_mutex!(()),
+                slots <- new_spinlock!(slots),
                 vcpus <- new_mutex!([const { None }; uapi::RVMM_MAX_VCPUS as usize]),
                 shadow,
                 irqchip <- new_mutex!(None),
@@ -64,16 +71,22 @@ impl Vm {
     /// of it. The old map's pages are unpinned when the last vCPU that held the old map
     /// has taken the new one (each does before its next VM entry).
     pub(crate) fn set_memory_region(&self, r: &uapi::MemoryRegion) -> Result {
-        let mut slots = self.slots.lock();
-        let new = Arc::new(slots.with_region(r)?, GFP_KERNEL_ACCOUNT)?;
+        let writer = self.map_writer.lock();
+        let cur = self.slots();
+        let new = Arc::new(cur.with_region(r)?, GFP_KERNEL_ACCOUNT)?;
         let generation = new.generation;
-        let old = core::mem::replace(&mut *slots, new.clone());
+        let old = core::mem::replace(&mut *self.slots.lock(), new.clone());
         self.shadow.memory_map_changed(generation);
-        drop(slots);
+        drop(writer);
+        drop(cur);
         // vCPUs outside RUN let go of the old map now; a running one does before it
-        // enters the guest again (one asleep in HLT, when it wakes).
-        for vcpu in self.vcpus.lock().iter().flatten() {
-            vcpu.offer_memory_map(&new);
+        // enters the guest again (one asleep in HLT, when it wakes). Without the vCPU
+        // list's lock: unpinning takes the mm's lock (RLIMIT_MEMLOCK), which mmap of a
+        // run page holds while it looks a vCPU up.
+        if let Ok(vcpus) = self.vcpu_list() {
+            for vcpu in vcpus.iter() {
+                drop(vcpu.offer_memory_map(&new));
+            }
         }
         drop(old);
         Ok(())
@@ -130,16 +143,19 @@ impl Vm {
         chip.signal_msi(msi)
     }
 
-    /// Counters summed over the vCPUs (waits for a running vCPU to return).
+    /// The vCPUs, outside the list's lock.
+    fn vcpu_list(&self) -> Result<KVec<Arc<Vcpu>>> {
+        let v = self.vcpus.lock();
+        let mut list = KVec::new();
+        for vcpu in v.iter().flatten() {
+            list.push(vcpu.clone(), GFP_KERNEL_ACCOUNT)?;
+        }
+        Ok(list)
+    }
+
+    /// Counters summed over the vCPUs (never waits for a running vCPU).
     pub(crate) fn stats(&self) -> Result<uapi::VmStats> {
-        let vcpus: KVec<Arc<Vcpu>> = {
-            let v = self.vcpus.lock();
-            let mut list = KVec::new();
-            for vcpu in v.iter().flatten() {
-                list.push(vcpu.clone(), GFP_KERNEL_ACCOUNT)?;
-            }
-            list
-        };
+        let vcpus = self.vcpu_list()?;
         let mut out = uapi::VmStats::default();
         for v in vcpus.iter() {
             v.add_stats(&mut out);

@@ -422,13 +422,7 @@ core::arch::global_asm!(
     "push rdi",
     "mov rax, 0x6c14", // HOST_RSP
     "vmwrite rax, rsp",
-    // MDS / MMIO stale data: the CPU's buffers cleared right before entry, where the
-    // kernel clears them for its own guests (rvmm_spec_verw).
-    "cmp byte ptr [rip + rvmm_spec_verw], 0",
-    "je 11f",
-    "verw word ptr [rip + rvmm_spec_verw_sel]",
-    "11:",
-    "test rsi, rsi",
+    "bt esi, 0", // CF: launched (the MOVs below leave flags alone)
     "mov rax, [rdi + 0]",
     "mov rbx, [rdi + 8]",
     "mov rcx, [rdi + 16]",
@@ -444,10 +438,20 @@ core::arch::global_asm!(
     "mov r14, [rdi + 104]",
     "mov r15, [rdi + 112]",
     "mov rdi, [rdi + 40]",
-    "jnz 2f",
+    // MDS / MMIO stale data: the CPU's buffers cleared after the last load, right
+    // before entry, where the kernel clears them for its own guests (rvmm_spec_verw).
+    "jc 2f",
+    "cmp byte ptr [rip + rvmm_spec_verw], 0",
+    "je 11f",
+    "verw word ptr [rip + rvmm_spec_verw_sel]",
+    "11:",
     "vmlaunch",
     "jmp 3f",
     "2:",
+    "cmp byte ptr [rip + rvmm_spec_verw], 0",
+    "je 12f",
+    "verw word ptr [rip + rvmm_spec_verw_sel]",
+    "12:",
     "vmresume",
     "3:",
     "pop rdi",
@@ -612,7 +616,7 @@ pub(crate) struct HostState {
 }
 
 /// DR7's value after reset and after a VM exit.
-const DR7_INIT: u64 = 0x400;
+pub(crate) const DR7_INIT: u64 = 0x400;
 
 impl HostState {
     pub(crate) fn read() -> Self {
@@ -704,6 +708,32 @@ pub(crate) unsafe fn write_dr(n: usize, v: u64) {
             _ => {}
         }
     }
+}
+
+/// DR6.
+pub(crate) fn read_dr6() -> u64 {
+    let v: u64;
+    // SAFETY: reading a debug register has no side effects (ring 0).
+    unsafe { asm!("mov {}, dr6", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Sets DR6.
+///
+/// # Safety
+/// The host's value must be put back before the host takes a #DB.
+pub(crate) unsafe fn write_dr6(v: u64) {
+    // SAFETY: a status register; guaranteed by the caller.
+    unsafe { asm!("mov dr6, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+/// Sets DR7.
+///
+/// # Safety
+/// The host's value must be put back before the host relies on its breakpoints.
+pub(crate) unsafe fn write_dr7(v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov dr7, {}", in(reg) v, options(nomem, nostack)) };
 }
 
 /// CR2.

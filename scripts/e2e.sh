@@ -10,21 +10,125 @@
 #                 on rvmm, KVM ept=0 and KVM ept=1 (benchquick: guests on rvmm only;
 #                 benchlinux: the Linux guest only)
 #   e2e.sh test   QEMU TCG (no VT-x): rvmm refuses to load;
-#                 Bochs 1 CPU and 2 CPUs: the kselftests (KTAP)
+#                 Bochs 1 CPU and 2 CPUs: the kselftests (KTAP);
+#                 then Bochs on the debug kernel (kernel/debug.config: KASAN, lockdep,
+#                 UBSAN, ...): the adversarial kselftests and the fuzzer
+#   e2e.sh debug  only the debug-kernel run (`make module-debug` builds what it needs)
+#   e2e.sh fuzz   the fuzzer alone on the debug kernel for FUZZ_SECONDS (default 600)
+#                 seconds, FUZZ_SEED=0x... to repeat a run (`make fuzz`)
 # Logs go to build/e2e/. RVMM_E2E_CPUS="1 2" chooses the Bochs runs; RVMM_TEST_ONLY=a,b
 # runs only those kselftests (a quick loop while developing; `make test` runs them all).
+# RVMM_E2E_DEBUG_CPUS="1" chooses the debug-kernel runs ("" for none); RVMM_DEBUG_TESTS=a,b
+# replaces their test list. Every Bochs run fails on a kernel report in its serial log
+# (BUG, WARNING, KASAN, UBSAN, lockdep, hung task, lockup, panic): one "not ok" line each.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 mode=${1:-test}
-kdir=$(cat "$RVMM_ROOT/build/kdir")
+kdir=""
+[ "$mode" = debug ] || kdir=$(cat "$RVMM_ROOT/build/kdir")
 out=$RVMM_ROOT/build/e2e
 mkdir -p "$out"
 
 # One initramfs per mode: a test run and a bench run may build theirs at the same time.
 initrd=$out/initrd-$mode.gz
-step "build initramfs"
-bash "$RVMM_ROOT/scripts/initramfs.sh" "$kdir" "$initrd"
-step_done
+if [ "$mode" != debug ]; then
+	step "build initramfs"
+	bash "$RVMM_ROOT/scripts/initramfs.sh" "$kdir" "$initrd"
+	step_done
+fi
+
+# The debug kernel's run: what it does not need (KVM comparisons, hotplug, the Linux
+# guest) stays in the default runs.
+DEBUG_TESTS=device_opens,io_and_hlt_exits,mmio_round_trip,smp_shared_page_tables,two_vms_two_vcpus
+DEBUG_TESTS+=,kill_mid_run_frees_everything,hlt_at_top_of_address_space,lsl_far_selector_after_guest
+DEBUG_TESTS+=,guest_syscall_before_lstar,memslot_delete_then_munmap,readonly_slot_not_written
+DEBUG_TESTS+=,two_vcpus_pool_reset_while_halted,stats_while_vcpu_runs,apic_timer_storm_bounded_section
+DEBUG_TESTS+=,memlock_limit_enomem,fan_in_page_tables_bounded_section,fuzz_ioctls_and_guests,no_kmemleak_reports
+# What the kernel prints when something is wrong (the fuzzer watches for the same).
+REPORT_MARKERS=("BUG:" "WARNING:" "Oops" "UBSAN" "KASAN" "possible circular locking"
+	"possible recursive locking" "inconsistent lock state"
+	"sleeping function called from invalid context" "INFO: task" "soft lockup"
+	"hard LOCKUP" "Kernel panic")
+
+failed=0 passed=0
+record() { # name log
+	local line
+	if line=$(bash "$RVMM_ROOT/scripts/ktap-summary.sh" "$2" "$1"); then :; else failed=$((failed + 1)); fi
+	printf '%s\n' "$line"
+	local p f s
+	p=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\1/p')
+	s=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\3/p')
+	f=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\4-\1-\3/p')
+	passed=$((passed + ${p:-0}))
+	skipped=$((${skipped:-0} + ${s:-0}))
+	TOTAL_FAILED=$((${TOTAL_FAILED:-0} + ${f:-0}))
+}
+# scan_reports name log: one "not ok" line per kernel report line in the whole serial log
+# (deduplicated, at most 20 shown), or one "ok" line; status 1 on reports.
+scan_reports() {
+	local name=$1 log=$2 args=() m hits n
+	for m in "${REPORT_MARKERS[@]}"; do args+=(-e "$m"); done
+	hits=$(sed -E 's/\r$//; s/^\[ *[0-9]+\.[0-9]+\] //' "$log" | grep -F "${args[@]}" | awk '!seen[$0]++' || true)
+	if [ -z "$hits" ]; then
+		echo "ok - $name: no kernel reports in the serial log"
+		passed=$((passed + 1))
+		return 0
+	fi
+	n=$(printf '%s\n' "$hits" | wc -l)
+	printf '%s\n' "$hits" | head -n 20 | sed "s/^/not ok - $name: kernel report: /"
+	[ "$n" -le 20 ] || echo "# $name: $((n - 20)) more report lines in $log"
+	TOTAL_FAILED=$((${TOTAL_FAILED:-0} + n))
+	return 1
+}
+# check_run name log: the run's KTAP verdict and its kernel reports (one failed run at most).
+check_run() {
+	local before=$failed
+	record "$1" "$2"
+	scan_reports "$1" "$2" || [ "$failed" -gt "$before" ] || failed=$((failed + 1))
+}
+# check_vmx_off name log: the tests leave rvmm loaded, and power-off must take every CPU
+# out of VMX first.
+check_vmx_off() {
+	if grep -q 'rvmm: leaving VMX operation on all CPUs for shutdown' "$2"; then
+		echo "ok - $1: rvmm left VMX operation at power-off"
+		passed=$((passed + 1))
+	else
+		echo "not ok - $1: no sign that rvmm left VMX operation at power-off"
+		failed=$((failed + 1)) TOTAL_FAILED=$((${TOTAL_FAILED:-0} + 1))
+	fi
+}
+# run_debug: the debug kernel (KASAN, lockdep, UBSAN, ...) with its own rvmm.ko and KVM
+# modules, running DEBUG_TESTS.
+run_debug() {
+	local dkdir ko dinitrd cpus tests=${RVMM_DEBUG_TESTS:-$DEBUG_TESTS}
+	[ -n "${RVMM_E2E_DEBUG_CPUS-1}" ] || return 0
+	[ -f "$RVMM_ROOT/build/debug-kdir" ] && [ -f "$RVMM_ROOT/build/debug-module/rvmm.ko" ] ||
+		die "the debug kernel's rvmm.ko is not built" "run 'make module userspace selftests module-debug' (the debug kernel takes about 15 min)"
+	dkdir=$(cat "$RVMM_ROOT/build/debug-kdir")
+	ko=$RVMM_ROOT/build/debug-module/rvmm.ko
+	dinitrd=$out/initrd-debug.gz
+	step "build initramfs (debug kernel)"
+	# initramfs.sh takes KVM's modules from the debug kernel and rvmm.ko from the repo
+	# root (the default kernel's); a second cpio archive appended to it replaces that
+	# rvmm.ko with the debug one (the kernel unpacks concatenated archives in order).
+	# The debug kernel's own release (-rvmm-debug) refuses the other one if this fails.
+	bash "$RVMM_ROOT/scripts/initramfs.sh" "$dkdir" "$dinitrd"
+	local ov
+	ov=$(mktemp -d)
+	mkdir -p "$ov/lib/modules/rvmm"
+	cp "$ko" "$ov/lib/modules/rvmm/rvmm.ko"
+	(cd "$ov" && echo lib/modules/rvmm/rvmm.ko | cpio -o -H newc --quiet | gzip -1) >>"$dinitrd"
+	rm -rf "$ov"
+	step_done
+	for cpus in ${RVMM_E2E_DEBUG_CPUS-1}; do
+		step "boot Bochs (VT-x, $cpus CPU) on the debug kernel (KASAN, lockdep, UBSAN): adversarial kselftests + fuzzer (about 10 min)"
+		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$dkdir" --initrd "$dinitrd" --job test \
+			--cpus "$cpus" --log "$out/bochs-debug-${cpus}cpu.log" --timeout "${DEBUG_TIMEOUT:-3600}" --append "clearcpuid=invpcid rvmm_only=$tests${DEBUG_APPEND:+ $DEBUG_APPEND}"
+		step_done
+		check_run "bochs-debug-${cpus}cpu" "$out/bochs-debug-${cpus}cpu.log"
+		check_vmx_off "bochs-debug-${cpus}cpu" "$out/bochs-debug-${cpus}cpu.log"
+	done
+}
 
 case $mode in
 demo)
@@ -58,19 +162,6 @@ bench | benchquick | benchlinux)
 	echo "CSV: $out/bench.csv; table: $out/bench.txt"
 	;;
 test)
-	failed=0 passed=0
-	record() { # name log
-		local line
-		if line=$(bash "$RVMM_ROOT/scripts/ktap-summary.sh" "$2" "$1"); then :; else failed=$((failed + 1)); fi
-		printf '%s\n' "$line"
-		local p f s
-		p=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\1/p')
-		s=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\3/p')
-		f=$(printf '%s\n' "$line" | sed -nE 's/^== .*: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped of ([0-9]+).*/\4-\1-\3/p')
-		passed=$((passed + ${p:-0}))
-		skipped=$((${skipped:-0} + ${s:-0}))
-		TOTAL_FAILED=$((${TOTAL_FAILED:-0} + ${f:-0}))
-	}
 	step "boot QEMU TCG (no VT-x): rvmm must refuse to load"
 	bash "$RVMM_ROOT/scripts/boot.sh" qemu --kdir "$kdir" --initrd "$initrd" --job novmx \
 		--log "$out/qemu-novmx.log" --timeout 120
@@ -83,18 +174,29 @@ test)
 		bash "$RVMM_ROOT/scripts/boot.sh" bochs --kdir "$kdir" --initrd "$initrd" --job test \
 			--cpus "$cpus" --log "$out/bochs-${cpus}cpu.log" --timeout 2700 --append "clearcpuid=invpcid${RVMM_TEST_ONLY:+ rvmm_only=$RVMM_TEST_ONLY}"
 		step_done
-		record "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
-		# The tests leave rvmm loaded: power-off must take every CPU out of VMX first.
-		if grep -q 'rvmm: leaving VMX operation on all CPUs for shutdown' "$out/bochs-${cpus}cpu.log"; then
-			echo "ok - bochs-${cpus}cpu: rvmm left VMX operation at power-off"
-			passed=$((passed + 1))
-		else
-			echo "not ok - bochs-${cpus}cpu: no sign that rvmm left VMX operation at power-off"
-			failed=$((failed + 1)) TOTAL_FAILED=$((${TOTAL_FAILED:-0} + 1))
-		fi
+		check_run "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
+		check_vmx_off "bochs-${cpus}cpu" "$out/bochs-${cpus}cpu.log"
 	done
+	run_debug
 	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed, ${skipped:-0} skipped"
 	[ "$failed" = 0 ] || die "$failed e2e run(s) failed (logs in $out)"
 	;;
-*) die "e2e.sh: mode must be demo or test" ;;
+debug)
+	run_debug
+	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed, ${skipped:-0} skipped"
+	[ "$failed" = 0 ] || die "$failed e2e run(s) failed (logs in $out)"
+	;;
+fuzz)
+	# The fuzzer alone, as long as asked, on the debug kernel (its reports fail the run).
+	secs=${FUZZ_SECONDS:-600}
+	RVMM_DEBUG_TESTS=fuzz_ioctls_and_guests,no_kmemleak_reports
+	DEBUG_APPEND="rvmm_fuzz_seconds=$secs${FUZZ_SEED:+ rvmm_fuzz_seed=$FUZZ_SEED}"
+	# Bochs runs the guest kernel about 10 times slower than real time.
+	DEBUG_TIMEOUT=$((secs * 12 + 900))
+	run_debug
+	grep -h '# fuzz' "$out"/bochs-debug-*cpu.log || true
+	echo "e2e: $passed passed, ${TOTAL_FAILED:-0} failed, ${skipped:-0} skipped"
+	[ "$failed" = 0 ] || die "$failed e2e run(s) failed (logs in $out)"
+	;;
+*) die "e2e.sh: mode must be demo, linux, bench, test, debug or fuzz" ;;
 esac

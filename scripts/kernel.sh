@@ -7,6 +7,10 @@
 #   KDIR=<built tree>      use that tree as it is (nothing is fetched or built)
 #   KSRC=<source tree>     build that source (with rvmm's patch + fragment) instead of
 #                          the pinned Debian package
+#   RVMM_KERNEL_FLAVOR=debug  (or the argument "debug") the debug flavor: kernel/debug.config
+#                          (KASAN, lockdep, UBSAN, ...) merged after kernel/host.config,
+#                          cached under <version>-debug-<hash>; DEBUG_KDIR=<built tree>
+#                          uses yours instead (KDIR is the default flavor's)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -15,6 +19,15 @@ KVER_PIN=${KVER_PIN:-7.3.4-1~bpo13+1}
 KSUITE=trixie-backports
 FRAGMENT=$RVMM_ROOT/kernel/host.config
 PATCHES=("$RVMM_ROOT"/kernel/patches/*.patch)
+flavor=${1:-${RVMM_KERNEL_FLAVOR:-default}}
+case $flavor in
+default) FRAGMENTS=("$FRAGMENT") ;;
+debug)
+	FRAGMENTS=("$FRAGMENT" "$RVMM_ROOT/kernel/debug.config")
+	KDIR=${DEBUG_KDIR:-}
+	;;
+*) die "kernel flavor must be default or debug, not '$flavor'" ;;
+esac
 
 if [ -n "${KDIR:-}" ]; then
 	[ -f "$KDIR/Module.symvers" ] || die "KDIR=$KDIR is not a built kernel tree (no Module.symvers)" \
@@ -28,17 +41,24 @@ fi
 
 # Bump RECIPE when this script changes how the kernel is configured or built.
 RECIPE=1
-key=$( (cat "$FRAGMENT" "${PATCHES[@]}"; echo "recipe=$RECIPE ${KSRC:-$KVER_PKG=$KVER_PIN}") | sha256sum | cut -c1-12)
-if [ -n "${KSRC:-}" ]; then
-	name=custom-$key
+# The default flavor's key is what it always was (its cached kernel stays valid).
+if [ "$flavor" = default ]; then
+	key=$( (cat "$FRAGMENT" "${PATCHES[@]}"; echo "recipe=$RECIPE ${KSRC:-$KVER_PKG=$KVER_PIN}") | sha256sum | cut -c1-12)
+	tag=""
 else
-	name=${KVER_PIN%%-*}-$key
+	key=$( (cat "${FRAGMENTS[@]}" "${PATCHES[@]}"; echo "recipe=$RECIPE flavor=$flavor ${KSRC:-$KVER_PKG=$KVER_PIN}") | sha256sum | cut -c1-12)
+	tag=$flavor-
+fi
+if [ -n "${KSRC:-}" ]; then
+	name=custom-$tag$key
+else
+	name=${KVER_PIN%%-*}-$tag$key
 fi
 dir=$RVMM_CACHE/kernel/$name
 build=$dir/build
 
 if [ -f "$build/.rvmm-built" ]; then
-	log "kernel cached: $build"
+	log "kernel$([ "$flavor" = default ] || echo " ($flavor)") cached: $build"
 	echo "$build"
 	exit 0
 fi
@@ -98,20 +118,29 @@ done
 
 # --- configure and build ------------------------------------------------------------------
 mkdir -p "$build"
-step "configure kernel (tinyconfig + kernel/host.config)"
+step "configure kernel (tinyconfig + ${FRAGMENTS[*]#"$RVMM_ROOT"/})"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" -s tinyconfig >"$dir/config.log" 2>&1 || die "make tinyconfig failed (log: $dir/config.log)"
-(cd "$build" && "$src/scripts/kconfig/merge_config.sh" -m .config "$FRAGMENT" >>"$dir/config.log" 2>&1) || die "merge_config failed (log: $dir/config.log)"
+(cd "$build" && "$src/scripts/kconfig/merge_config.sh" -m .config "${FRAGMENTS[@]}" >>"$dir/config.log" 2>&1) || die "merge_config failed (log: $dir/config.log)"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" -s olddefconfig >>"$dir/config.log" 2>&1 || die "make olddefconfig failed (log: $dir/config.log)"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" rustavailable >>"$dir/config.log" 2>&1 ||
 	die "the kernel says Rust is not available (log: $dir/config.log)" "run scripts/setup-host.sh (rustc-web, rust-web-src, bindgen-cli, libclang-19-dev)"
-# Every option of the fragment must have survived olddefconfig (a dropped one means a
+# Every option of the fragments must have survived olddefconfig (a dropped one means a
 # missing dependency, and a kernel that silently lacks something rvmm needs).
-while IFS= read -r line; do
-	case "$line" in CONFIG_*=*) grep -qxF "$line" "$build/.config" || die "kernel config lost '$line' (log: $dir/config.log)" "fix kernel/host.config: a dependency is missing";; esac
-done <"$FRAGMENT"
+for f in "${FRAGMENTS[@]}"; do
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*) grep -qxF "$line" "$build/.config" || die "kernel config lost '$line' (log: $dir/config.log)" "fix ${f#"$RVMM_ROOT"/}: a dependency is missing" ;;
+		"# CONFIG_"*" is not set")
+			opt=${line#"# "}
+			opt=${opt%" is not set"}
+			! grep -q "^$opt=" "$build/.config" || die "kernel config has $(grep "^$opt=" "$build/.config") against '$line' (log: $dir/config.log)" "fix ${f#"$RVMM_ROOT"/}: something selects it"
+			;;
+		esac
+	done <"$f"
+done
 step_done
 
-step "build kernel with -j$(nproc) (about 4-7 min fresh; log: $dir/build.log)"
+step "build $([ "$flavor" = default ] || echo "$flavor ")kernel with -j$(nproc) (about $([ "$flavor" = default ] && echo 4-7 || echo 8-15) min fresh; log: $dir/build.log)"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" -j"$(nproc)" bzImage modules >"$dir/build.log" 2>&1 ||
 	{ tail -n 30 "$dir/build.log" >&2; die "kernel build failed (log: $dir/build.log)"; }
 grep -q 'x86_virt_get_ref.*rvmm' "$build/Module.symvers" || die "built kernel does not export x86_virt_get_ref to rvmm" "check kernel/patches"

@@ -37,3 +37,23 @@ die() {
 need_root() {
 	[ "$(id -u)" = 0 ] || die "$1 needs root (apt-get)" "run it as root or with sudo"
 }
+
+# mirror_module_sources DEST: the module's sources (Kbuild, build/crates.mk, rvmm/ but
+# rvmm/core, whose crate build/crates.mk names by absolute path) copied into DEST, so
+# that rvmm.ko can be built against a second kernel with M=DEST while the repo root keeps
+# the default kernel's in-tree objects (Kbuild's MO= refuses a source tree holding
+# objects). Only files whose content changed are copied (they get a new mtime: Kbuild
+# rebuilds just those); files gone from the repo go from DEST.
+mirror_module_sources() {
+	local dest=$1 f
+	mkdir -p "$dest"
+	(cd "$RVMM_ROOT" && { echo Kbuild; echo build/crates.mk; find rvmm -path rvmm/core -prune -o -type f \( -name '*.rs' -o -name '*.c' -o -name '*.h' \) -print; }) |
+		while IFS= read -r f; do
+			cmp -s "$RVMM_ROOT/$f" "$dest/$f" || { mkdir -p "$(dirname "$dest/$f")" && cp "$RVMM_ROOT/$f" "$dest/$f"; }
+		done
+	[ -d "$dest/rvmm" ] || return 0
+	(cd "$dest" && find rvmm -type f \( -name '*.rs' -o -name '*.c' -o -name '*.h' \) -print) |
+		while IFS= read -r f; do
+			[ -e "$RVMM_ROOT/$f" ] || rm -f "$dest/$f"
+		done
+}

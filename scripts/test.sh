@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 # All of rvmm's tests: host unit/property tests (cargo), then the kselftests in Bochs
-# (VT-x, 1 and 2 CPUs) and the no-VT-x check in QEMU. Installs and builds what is
-# missing first. Exit status 0 only if everything passed.
+# (VT-x, 1 and 2 CPUs), the no-VT-x check in QEMU, and the adversarial kselftests and the
+# fuzzer on the debug kernel (KASAN, lockdep, UBSAN; RVMM_E2E_DEBUG_CPUS="" skips it).
+# Installs and builds what is missing first. Exit status 0 only if everything passed.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$RVMM_ROOT"
@@ -26,6 +27,13 @@ step "build kernel (cached), rvmm.ko, rvmm-run, selftests, the Linux guest kerne
 make --no-print-directory module userspace selftests
 bash scripts/guest-kernel.sh >/dev/null
 step_done
+
+# The debug kernel (kernel/debug.config: KASAN, lockdep, UBSAN): about 15 min fresh.
+if [ -n "${RVMM_E2E_DEBUG_CPUS-1}" ]; then
+	step "build the debug kernel (cached) and rvmm.ko for it (build/debug-module)"
+	make --no-print-directory module-debug
+	step_done
+fi
 
 e2e_log=$(mktemp)
 trap 'rm -f "$e2e_log"' EXIT

@@ -492,14 +492,23 @@ impl VcpuInner {
             dr += 2;
         }
         if qual & (1 << 4) == 0 {
-            let v = self.gpr(gpr);
+            let v = if self.long_mode_code() {
+                self.gpr(gpr)
+            } else {
+                self.gpr(gpr) & 0xffff_ffff
+            };
             if dr >= 6 && v >> 32 != 0 {
                 return self.inject(vector::GP, Some(0));
             }
             let mut next = Next::Fast;
             match dr {
-                // Bits that read as 1 (DR6 15:12 and 4 of 11:4, DR7 bit 10) stay 1.
-                6 => self.dr[6] = v | 0xffff_0ff0,
+                // Only B0-B3, BD, BS, BT and RTM are writable; the rest read as 1
+                // (bits 11:4, 31:17) or 0 (bit 12).
+                6 => {
+                    self.dr[6] = (v & 0x0001_e00f) | 0xfffe_0ff0;
+                    // SAFETY: the guest's DR6 is in the CPU for this section.
+                    unsafe { crate::vmx::write_dr6(self.dr[6]) };
+                }
                 7 => {
                     let v = (v | 0x400) & !(1 << 12 | 1 << 14 | 1 << 15);
                     vmw(guest::DR7, v);
@@ -521,10 +530,11 @@ impl VcpuInner {
             self.skip_instruction();
             return next;
         } else {
-            let v = if dr == 7 {
-                vmr(guest::DR7)
-            } else {
-                self.dr[dr]
+            let v = match dr {
+                // What the guest's #DBs reported so far, in the CPU for this section.
+                6 => crate::vmx::read_dr6(),
+                7 => vmr(guest::DR7),
+                _ => self.dr[dr],
             };
             self.set_gpr(gpr, v);
         }

@@ -93,6 +93,9 @@ impl VcpuInner {
         vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
         vmw(control::EXCEPTION_BITMAP, 0xffff_ffff);
         self.gprs = Default::default();
+        // INIT's debug registers (SDM Vol. 3A, Table 10-1).
+        self.dr = [0, 0, 0, 0, 0xffff_0ff0, 0x400, 0xffff_0ff0, 0x400];
+        vmw(guest::DR7, 0x400);
         self.rmode = true;
         // rvmm made this state; the pre-entry checks are for protected and long mode.
         self.state_checked = true;

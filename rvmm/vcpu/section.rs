@@ -7,13 +7,14 @@
 use x86::vmx::vmcs::{guest, ro};
 
 use super::*;
-use crate::vmx::HostState;
+use crate::vmx::{HostState, DR7_INIT};
 
 /// The host's values of what a run section switches to the guest's.
 pub(super) struct HostContext {
     kernel_gs_base: u64,
-    /// DR0-DR3, if the guest's were loaded (its DR7 enables breakpoints).
+    /// DR0-DR3, if the guest's were loaded (its DR7 enables breakpoints), and DR6.
     drs: Option<[u64; 4]>,
+    dr6: u64,
     /// The SYSCALL MSRs: the host's, and the guest's loaded at the section's start (a
     /// guest WRMSR changes `syscall_msrs` but not the CPU, and ends the section).
     syscall: [u64; 4],
@@ -307,12 +308,13 @@ impl VcpuInner {
         if let Some(a) = self.apic.as_ref() {
             self.stats.apic_timer_irqs.set(a.timer_fired);
         }
-        // What VM exits changed (DS, ES, LDTR, GDTR's limit, DR7, DEBUGCTL) goes back
-        // once, here: nothing in the section depends on it.
-        // SAFETY: the state `HostState::read` took on this CPU at the start.
-        unsafe { host_state.restore_after_exit() };
+        // The guest's context out and the host's DR0-3 back first, then what VM exits
+        // changed (DS, ES, LDTR, GDTR's limit, DR7, DEBUGCTL), once, here: nothing in
+        // the section depends on it.
         // SAFETY: `host` is what `load_guest_context` saved in this section.
         unsafe { self.save_guest_context(&host) };
+        // SAFETY: the state `HostState::read` took on this CPU at the start.
+        unsafe { host_state.restore_after_exit() };
         next
     }
 
@@ -330,6 +332,7 @@ impl VcpuInner {
             let mut host = HostContext {
                 kernel_gs_base: vmx::rdmsr_arch(msr::IA32_KERNEL_GSBASE),
                 drs: None,
+                dr6: 0,
                 syscall: [0; 4],
                 guest_syscall: self.syscall_msrs,
                 xcr0: 0,
@@ -337,7 +340,11 @@ impl VcpuInner {
             vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
             // The guest's breakpoint addresses, only while its DR7 enables one: the
             // host's would match in the guest otherwise (and tell it where they are).
+            // The host's DR7 is live until the first VM entry: off first, so that the
+            // guest's addresses never arm the host's breakpoints (`HostState` puts the
+            // host's DR7 back at the end, after its DR0-3).
             if self.dr[7] & 0xff != 0 {
+                vmx::write_dr7(DR7_INIT);
                 let mut saved = [0; 4];
                 for (n, s) in saved.iter_mut().enumerate() {
                     *s = vmx::read_dr(n);
@@ -345,6 +352,12 @@ impl VcpuInner {
                 }
                 host.drs = Some(saved);
                 self.guest_drs_loaded = true;
+            }
+            // DR6 collects what a #DB in the guest reports (single steps included): the
+            // guest's in the CPU for the section, the host's back at the end.
+            host.dr6 = vmx::read_dr6();
+            if host.dr6 != self.dr[6] {
+                vmx::write_dr6(self.dr[6]);
             }
             for (i, &m) in SYSCALL_MSRS.iter().enumerate() {
                 host.syscall[i] = vmx::rdmsr_arch(m);
@@ -380,6 +393,10 @@ impl VcpuInner {
                 if host.syscall[i] != host.guest_syscall[i] {
                     vmx::wrmsr_arch(m, host.syscall[i]);
                 }
+            }
+            self.dr[6] = vmx::read_dr6();
+            if self.dr[6] != host.dr6 {
+                vmx::write_dr6(host.dr6);
             }
             if let Some(saved) = host.drs {
                 for (n, &v) in saved.iter().enumerate() {

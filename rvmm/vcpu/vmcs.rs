@@ -101,12 +101,16 @@ impl VcpuInner {
         self.entry_base = entry;
         self.virtual_nmis = pin & PinbasedControls::VIRTUAL_NMIS.bits() != 0;
         if pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0 {
-            // The timer counts down at the TSC rate >> IA32_VMX_MISC[4:0]: 4 ms a slice.
+            // The timer counts down at the TSC rate >> IA32_VMX_MISC[4:0]. A slice is a
+            // run section's time budget: where host interrupts do not make the guest
+            // exit (Bochs 2.7 with the guest's RFLAGS.IF clear), the timer still ends
+            // the section in time.
             // SAFETY: reads a kernel variable.
             let khz = u64::from(unsafe { rvmm_tsc_khz() }).max(1000);
             self.preemption_shift = (caps.misc & 0x1f) as u32;
-            self.preemption_quantum =
-                ((khz * 4) >> self.preemption_shift).clamp(1, u64::from(u32::MAX));
+            self.preemption_quantum = ((khz * super::section::SECTION_BUDGET_US / 1000)
+                >> self.preemption_shift)
+                .clamp(1, u64::from(u32::MAX));
         }
         self.proc_base = proc;
         // Secondary controls only for INVPCID (which then exits, with INVLPG exiting);

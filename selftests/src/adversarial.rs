@@ -1329,3 +1329,85 @@ fn kmsg_lines() -> Vec<String> {
     }
     out
 }
+
+/// Guest page tables with a large fan-in: 100 entries of a PML4 point at one PDPT, 100
+/// of its entries at one PD, 100 of the PD's at one page table, so that 10^6 paths lead
+/// up from that table. The guest touches all 100 paths, writes the table (its shadow
+/// goes out of sync) and loads another CR3 (a flush: is the table under the new root?
+/// is anything pinned above it?), 8 times. Each search up the parent links must cost
+/// what the pool holds, not the number of paths: the longest interrupts-off section
+/// stays below 1 ms.
+pub fn fan_in_page_tables_bounded_section(_: &Ctx) -> Outcome {
+    const FPML4: u64 = 0x10_0000;
+    const FPDPT: u64 = 0x10_1000;
+    const FPD: u64 = 0x10_2000;
+    const FPT: u64 = 0x10_3000;
+    const ADDRS: u64 = 0x10_4000;
+    const DATA: u64 = 0x20_0000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    let mem = &mut m.mem;
+    // Entry 0: the identity map `setup` made (code, stack, these tables).
+    mem.write_u64(FPML4, rvmm::guest::PDPT | PW)?;
+    for k in 1..=100u64 {
+        mem.write_u64(FPML4 + 8 * k, FPDPT | PW)?;
+        mem.write_u64(FPDPT + 8 * k, FPD | PW)?;
+        mem.write_u64(FPD + 8 * k, FPT | PW)?;
+        mem.write_u64(ADDRS + 8 * (k - 1), (k << 39) | (k << 30) | (k << 21))?;
+    }
+    for i in 0..512u64 {
+        mem.write_u64(FPT + 8 * i, (DATA + 0x1000 * (i % 64)) | PW)?;
+    }
+    #[rustfmt::skip]
+    let code = [
+        0x41, 0xbc, 0x08, 0x00, 0x00, 0x00,       // mov r12d, 8
+        0x48, 0xc7, 0xc0, 0x00, 0x00, 0x10, 0x00, // round: mov rax, FPML4
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x48, 0xc7, 0xc6, 0x00, 0x40, 0x10, 0x00, // mov rsi, ADDRS
+        0xb9, 0x64, 0x00, 0x00, 0x00,             // mov ecx, 100
+        0x48, 0x8b, 0x06,                         // l: mov rax, [rsi]
+        0x48, 0x8b, 0x18,                         // mov rbx, [rax]
+        0x48, 0x83, 0xc6, 0x08,                   // add rsi, 8
+        0xff, 0xc9,                               // dec ecx
+        0x75, 0xf2,                               // jnz l
+        0x48, 0xc7, 0xc0, 0x00, 0x30, 0x10, 0x00, // mov rax, FPT
+        0x48, 0x8b, 0x50, 0x08,                   // mov rdx, [rax + 8]
+        0x48, 0x89, 0x50, 0x08,                   // mov [rax + 8], rdx (the table unsyncs)
+        0x48, 0xc7, 0xc0, 0x00, 0x10, 0x00, 0x00, // mov rax, PML4 (setup's)
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax (a flush: sync)
+        0x41, 0xff, 0xcc,                         // dec r12d
+        0x75, 0xbe,                               // jnz round
+        0xe6, 0x10,                               // out 0x10, al
+        0xf4,                                     // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let e = run(&v)?;
+    check(matches!(e, Exit::IoOut { port: 0x10, .. }), || {
+        format!("the fan-in guest ended with {e:?}, want its OUT to port 0x10")
+    })?;
+    let s = m.vm.stats().map_err(err)?;
+    ktap::diag(&format!(
+        "fan-in: unsyncs {}, resyncs {}, root hits {}, longest interrupts-off section {} us",
+        s.unsyncs,
+        s.resyncs,
+        s.root_hits,
+        s.longest_section_ns / 1000
+    ));
+    check(s.unsyncs >= 8, || {
+        format!("{} unsyncs: the table never went out of sync", s.unsyncs)
+    })?;
+    check(s.longest_section_ns < 1_000_000, || {
+        format!(
+            "longest interrupts-off section {} ns (must be below 1 ms)",
+            s.longest_section_ns
+        )
+    })
+}

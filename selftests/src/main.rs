@@ -182,6 +182,10 @@ fn main() {
         );
         suite.add("memlock_limit_enomem", adversarial::memlock_limit_enomem);
         suite.add(
+            "fan_in_page_tables_bounded_section",
+            adversarial::fan_in_page_tables_bounded_section,
+        );
+        suite.add(
             "speculation_barriers_forced",
             adversarial::speculation_barriers_forced,
         );

@@ -730,7 +730,7 @@ impl<T: Tables> Pool<'_, T> {
     /// sixteenth of the pool): each reclaim costs a remote flush before the pages are
     /// used again.
     fn reclaim(&mut self) -> Result<(), Full> {
-        let batch = (self.sps.len() / 16).max(1);
+        let batch = (self.st.sp_cap.min(self.sps.len() as u32) as usize / 16).max(1);
         let mut done = 0;
         let mut i = self.st.lru_tail;
         while i != NIL && done < batch {

@@ -52,12 +52,18 @@ impl GuestPhys for Guest {
     }
 }
 
-/// The table pages, and the remote flushes the pool asked for (with the generation it
-/// published in the last one).
-struct VecTables(Vec<[u64; 512]>, u64, u64);
+/// The table pages, the remote flushes the pool asked for (with the generation it
+/// published in the last one), and how many of the pages exist (a pool grows its pages
+/// up to its limit).
+struct VecTables(Vec<[u64; 512]>, u64, u64, u32);
 
 impl Tables for VecTables {
     fn table(&mut self, i: u32) -> &mut [u64; 512] {
+        assert!(
+            i < self.3,
+            "table page {i} does not exist yet ({} do)",
+            self.3
+        );
         &mut self.0[i as usize]
     }
     fn flush_remote(&mut self, generation: u64) {
@@ -93,7 +99,7 @@ impl Store {
             rbuckets: vec![NIL; (pages * 16).next_power_of_two()],
             unsync: vec![NIL; pages],
             st: State::new(roots),
-            tables: VecTables(vec![[0; 512]; pages], 0, 0),
+            tables: VecTables(vec![[0; 512]; pages], 0, 0, pages as u32),
         };
         s.pool().init();
         s.st.sp_cap = pages as u32;
@@ -860,7 +866,22 @@ fn run_ops(
     mode: u8,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
+    run_ops_grown(pages, pages, roots, emulate, mode, ops)
+}
+
+/// `run_ops` on a pool whose table pages exist only up to `first` at the start and grow
+/// (doubling) every 16 operations, as the module grows them between run sections.
+fn run_ops_grown(
+    pages: usize,
+    first: usize,
+    roots: usize,
+    emulate: bool,
+    mode: u8,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
     let mut m = Machine::with_mode(pages, roots, mode);
+    m.s.st.sp_cap = first as u32;
+    m.s.tables.3 = first as u32;
     m.s.st.emulate_writes = emulate;
     let mut seq = 1u64;
     let mut last_write = 0u64;
@@ -868,6 +889,10 @@ fn run_ops(
     let mut invlpg_at = [0u64; 192];
     for op in ops {
         seq += 1;
+        if seq.is_multiple_of(16) && (m.s.st.sp_cap as usize) < pages {
+            m.s.st.sp_cap = (m.s.st.sp_cap * 2).min(pages as u32);
+            m.s.tables.3 = m.s.st.sp_cap;
+        }
         // Which shadow each page holds, and the remote flushes so far: a page that
         // holds another shadow after the operation went through a flush first (another
         // vCPU may have been translating through it).
@@ -987,6 +1012,11 @@ proptest! {
     #[test]
     fn shadow_agrees_with_the_reference(ops in proptest::collection::vec(op(), 1..120)) {
         run_ops(96, 16, false, MODE_LONG4, &ops)?;
+    }
+
+    #[test]
+    fn a_pool_that_grows_its_pages_agrees(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops_grown(96, 12, 8, true, MODE_LONG4, &ops)?;
     }
 
     #[test]
