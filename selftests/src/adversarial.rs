@@ -1401,7 +1401,9 @@ pub fn fan_in_page_tables_bounded_section(_: &Ctx) -> Outcome {
         s.root_hits,
         s.longest_section_ns / 1000
     ));
-    check(s.unsyncs >= 8, || {
+    // The table must have gone out of sync (what makes a CR3 load search above it);
+    // how often depends on the pool's write handling (a flooded table is unshadowed).
+    check(s.unsyncs >= 1, || {
         format!("{} unsyncs: the table never went out of sync", s.unsyncs)
     })?;
     check(s.longest_section_ns < 1_000_000, || {
