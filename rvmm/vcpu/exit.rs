@@ -54,21 +54,7 @@ impl VcpuInner {
                 // SAFETY: as for a #MC exit: the host handles it.
                 unsafe { rvmm_machine_check() };
             }
-            // SAFETY: our run page.
-            unsafe {
-                ptr::write_volatile(
-                    ptr::addr_of_mut!((*run).exit_reason),
-                    uapi::RVMM_EXIT_FAIL_ENTRY,
-                );
-                ptr::write_volatile(
-                    ptr::addr_of_mut!((*run).fail_entry),
-                    uapi::ExitFailEntry {
-                        hardware_entry_failure_reason: reason.into(),
-                        cpu: rvmm_cpu() as u32,
-                        vmfail: 0,
-                    },
-                );
-            }
+            self.fail_entry(run, reason.into(), false);
             user_pr!(
                 pr_info,
                 "vcpu {}: VM entry failed, exit reason {:#x}, qualification {:#x}\n",

@@ -174,23 +174,15 @@ impl VcpuInner {
                     id,
                     check.explain()
                 );
+                self.fail_entry(
+                    run,
+                    (rvmm_core::exit::EXIT_REASON_FAILED_ENTRY | 33).into(),
+                    false,
+                );
                 // SAFETY: our run page.
                 unsafe {
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).exit_reason),
-                        uapi::RVMM_EXIT_FAIL_ENTRY,
-                    );
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).fail_entry),
-                        uapi::ExitFailEntry {
-                            hardware_entry_failure_reason:
-                                (rvmm_core::exit::EXIT_REASON_FAILED_ENTRY | 33).into(),
-                            cpu: rvmm_cpu() as u32,
-                            vmfail: 0,
-                        },
-                    );
-                    ptr::write_volatile(ptr::addr_of_mut!((*run).internal.suberror), check as u32);
-                }
+                    ptr::write_volatile(ptr::addr_of_mut!((*run).internal.suberror), check as u32)
+                };
                 return Next::User;
             }
             self.state_checked = true;
@@ -256,21 +248,7 @@ impl VcpuInner {
                     id,
                     err
                 );
-                // SAFETY: our run page.
-                unsafe {
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).exit_reason),
-                        uapi::RVMM_EXIT_FAIL_ENTRY,
-                    );
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).fail_entry),
-                        uapi::ExitFailEntry {
-                            hardware_entry_failure_reason: err,
-                            cpu: rvmm_cpu() as u32,
-                            vmfail: 1,
-                        },
-                    );
-                }
+                self.fail_entry(run, err, true);
                 break Next::User;
             }
             launched = true;
@@ -290,11 +268,11 @@ impl VcpuInner {
                 }
             }
             match next {
-                // SAFETY: plain queries with interrupts off.
                 // The section ends after its time budget whatever the guest does (an
                 // exit storm of a timer, a fault loop), so that interrupts are never off
                 // for longer.
                 Next::Fast
+                    // SAFETY: plain queries with interrupts off.
                     if unsafe { !rvmm_exit_request() }
                         && exit::rdtsc().wrapping_sub(start) < self.section_budget =>
                 {
@@ -430,6 +408,26 @@ impl VcpuInner {
                 xsetbv0(host_xcr0);
             }
             r
+        }
+    }
+
+    /// A failed VM entry for userspace: `reason` as the hardware (or rvmm's pre-entry
+    /// check) gives it; `vmfail` for a VMLAUNCH/VMRESUME that failed as an instruction.
+    pub(in crate::vcpu) fn fail_entry(&self, run: *mut uapi::Run, reason: u64, vmfail: bool) {
+        // SAFETY: our run page.
+        unsafe {
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).exit_reason),
+                uapi::RVMM_EXIT_FAIL_ENTRY,
+            );
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).fail_entry),
+                uapi::ExitFailEntry {
+                    hardware_entry_failure_reason: reason,
+                    cpu: rvmm_cpu() as u32,
+                    vmfail: vmfail.into(),
+                },
+            );
         }
     }
 

@@ -89,8 +89,8 @@ impl Anon {
 
     /// The whole mapping's bytes now (volatile: a guest may have written them).
     fn bytes(&self) -> Vec<u8> {
-        // SAFETY: `i` stays inside our mapping.
         (0..self.len)
+            // SAFETY: `i` stays inside our mapping.
             .map(|i| unsafe { self.ptr.add(i).read_volatile() })
             .collect()
     }
@@ -921,10 +921,8 @@ pub fn two_vcpus_pool_reset_while_halted(_: &Ctx) -> Outcome {
         let (a, b) = (&a, &b);
         s.spawn(move || {
             // SAFETY: no preconditions.
-            threads
-                .lock()
-                .unwrap()
-                .push(unsafe { libc::pthread_self() } as usize);
+            let me = unsafe { libc::pthread_self() } as usize;
+            threads.lock().unwrap().push(me);
             for n in a_rx {
                 let r = run_beats(a, 0x30, n, || check_a_pages(host))
                     .map_err(|e| format!("vCPU A: {e}"));
@@ -937,10 +935,8 @@ pub fn two_vcpus_pool_reset_while_halted(_: &Ctx) -> Outcome {
         });
         s.spawn(move || {
             // SAFETY: no preconditions.
-            threads
-                .lock()
-                .unwrap()
-                .push(unsafe { libc::pthread_self() } as usize);
+            let me = unsafe { libc::pthread_self() } as usize;
+            threads.lock().unwrap().push(me);
             let mut key = KEY0;
             for n in b_rx {
                 let r = run_beats(b, 0x20, n, || check_b_page(b, host, &mut key))

@@ -787,10 +787,9 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let (mut p, counters) = (
-            [0i32; 2],
-            Box::new(unsafe { std::mem::zeroed::<Counters>() }),
-        );
+        // SAFETY: the counters are plain integers; all zeros is a valid value.
+        let counters = Box::new(unsafe { std::mem::zeroed::<Counters>() });
+        let mut p = [0i32; 2];
         // SAFETY: a pipe into our array.
         assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
         let sink = Sink {
@@ -803,10 +802,8 @@ mod tests {
         sink.fail(Op::Ioctl, uapi::RVMM_RUN, 2, libc::EIO.into(), false);
         let mut rec = [0u8; RECORD];
         // SAFETY: reads into our buffer.
-        assert_eq!(
-            unsafe { libc::read(p[0], rec.as_mut_ptr().cast(), RECORD) },
-            RECORD as isize
-        );
+        let n = unsafe { libc::read(p[0], rec.as_mut_ptr().cast(), RECORD) };
+        assert_eq!(n, RECORD as isize);
         let text = decode(&rec);
         assert!(
             text.contains("RVMM_RUN") && text.contains(&format!("errno {}", libc::EIO)),
