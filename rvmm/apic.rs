@@ -152,7 +152,7 @@ impl Irqchip {
                 shadow,
                 messages: AtomicU64::new(0),
             },
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )?)
     }
 

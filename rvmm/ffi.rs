@@ -25,7 +25,7 @@ extern "C" {
     ) -> isize;
     pub(crate) fn rvmm_unpin_user_pages(pages: *mut *mut c_void, nr: usize, dirty: bool);
     pub(crate) fn rvmm_account_pinned(nr: usize, err: *mut i32) -> *mut c_void;
-    pub(crate) fn rvmm_unaccount_pinned(mm: *mut c_void, nr: usize);
+    pub(crate) fn rvmm_unaccount_pinned(user: *mut c_void, nr: usize);
     pub(crate) fn rvmm_pa_to_va(pa: u64) -> *mut c_void;
     pub(crate) fn rvmm_fpu_begin();
     pub(crate) fn rvmm_fpu_end();

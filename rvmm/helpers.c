@@ -11,10 +11,12 @@
 
 #include <linux/cpu.h>
 #include <linux/cpuhotplug.h>
+#include <linux/cred.h>
 #include <linux/kvm_types.h>
 #include <linux/mm.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
+#include <linux/sched/user.h>
 #include <linux/percpu.h>
 #include <linux/ratelimit.h>
 #include <linux/slab.h>
@@ -183,28 +185,40 @@ void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty)
 }
 
 /*
- * Long-term pins count against the caller's RLIMIT_MEMLOCK, as VFIO's do (without
- * CAP_IPC_LOCK). Returns the mm charged, with a reference to uncharge it later from
- * any task, or NULL with *err set (-ENOMEM: over the limit).
+ * Long-term pins count against RLIMIT_MEMLOCK (without CAP_IPC_LOCK), charged to the
+ * user, as io_uring's registered buffers are: a process cannot escape the limit by
+ * forking or exec'ing (an mm's count starts again at 0 in both, while VM file
+ * descriptors live on). Returns the user charged, with a reference to uncharge it
+ * later from any task, or NULL with *err set (-ENOMEM: over the limit).
  */
-struct mm_struct *rvmm_account_pinned(unsigned long nr, int *err)
-{
-	struct mm_struct *mm = current->mm;
+#if !(defined(CONFIG_NET) || defined(CONFIG_IO_URING) || \
+	defined(CONFIG_VFIO_PCI_ZDEV_KVM) || IS_ENABLED(CONFIG_IOMMUFD) || \
+	defined(CONFIG_SECRETMEM))
+#error "rvmm charges pinned memory to user_struct.locked_vm: enable CONFIG_NET (or IO_URING, IOMMUFD, SECRETMEM)"
+#endif
 
-	*err = mm ? account_locked_vm(mm, nr, true) : -EFAULT;
-	if (*err)
-		return NULL;
-	mmgrab(mm);
-	return mm;
+struct user_struct *rvmm_account_pinned(unsigned long nr, int *err)
+{
+	struct user_struct *user = current_user();
+	unsigned long limit = rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT;
+	unsigned long cur, new;
+
+	cur = atomic_long_read(&user->locked_vm);
+	do {
+		if (check_add_overflow(cur, nr, &new) ||
+		    (new > limit && !capable(CAP_IPC_LOCK))) {
+			*err = -ENOMEM;
+			return NULL;
+		}
+	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, new));
+	*err = 0;
+	return get_uid(user);
 }
 
-void rvmm_unaccount_pinned(struct mm_struct *mm, unsigned long nr)
+void rvmm_unaccount_pinned(struct user_struct *user, unsigned long nr)
 {
-	if (mmget_not_zero(mm)) {
-		account_locked_vm(mm, nr, false);
-		mmput(mm);
-	}
-	mmdrop(mm);
+	atomic_long_sub(nr, &user->locked_vm);
+	free_uid(user);
 }
 
 void *rvmm_pa_to_va(u64 pa)
@@ -223,6 +237,7 @@ void *rvmm_pa_to_va(u64 pa)
 u8 rvmm_spec_verw;		/* VERW before VM entry (MDS, MMIO stale data) */
 u16 rvmm_spec_verw_sel = __KERNEL_DS;
 u8 rvmm_spec_rsb;		/* after VM exit: 1 fill the RSB, 2 one CALL (PBRSB) */
+u8 rvmm_spec_bhb;		/* after VM exit: clear branch history (BHI, clear_bhb_loop) */
 static bool rvmm_spec_l1d;	/* L1D flush before a run section's first entry (L1TF) */
 
 void rvmm_spec_init(bool force)
@@ -234,11 +249,13 @@ void rvmm_spec_init(bool force)
 		rvmm_spec_rsb = 2;
 	else
 		rvmm_spec_rsb = 0;
+	rvmm_spec_bhb = force || cpu_feature_enabled(X86_FEATURE_CLEAR_BHB_VMEXIT);
 	rvmm_spec_l1d = boot_cpu_has(X86_FEATURE_FLUSH_L1D) &&
 			(force || boot_cpu_has_bug(X86_BUG_L1TF));
-	pr_info("speculation barriers: VERW before entry %s, RSB after exit %s, L1D flush %s, MMIO shadow entries %s\n",
+	pr_info("speculation barriers: VERW before entry %s, RSB after exit %s, branch history after exit %s, L1D flush %s, MMIO shadow entries %s\n",
 		rvmm_spec_verw ? "on" : "off",
 		rvmm_spec_rsb == 1 ? "fill" : rvmm_spec_rsb == 2 ? "one call" : "off",
+		rvmm_spec_bhb ? "cleared" : "kept",
 		rvmm_spec_l1d ? "per run section" : "off",
 		boot_cpu_has_bug(X86_BUG_L1TF) ? "off (L1TF)" : "on");
 }
@@ -363,7 +380,7 @@ void rvmm_kick_cpu(int cpu)
 /* A zeroed page below 4 GiB (a PAE shadow root must be: CR3 is 32 bits there). */
 struct page *rvmm_alloc_page_dma32(void)
 {
-	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO | GFP_DMA32);
+	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_ZERO | GFP_DMA32);
 }
 
 void rvmm_free_page(struct page *page)
@@ -387,7 +404,7 @@ struct rvmm_waiter {
 
 struct rvmm_waiter *rvmm_waiter_new(void)
 {
-	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT);
+	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL);
 
 	if (w)
 		init_waitqueue_head(&w->wq);

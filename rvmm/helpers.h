@@ -20,9 +20,9 @@ u64 rvmm_page_to_phys(struct page *page);
 
 long rvmm_pin_user_pages(unsigned long uaddr, unsigned long nr, bool write, struct page **pages);
 void rvmm_unpin_user_pages(struct page **pages, unsigned long nr, bool dirty);
-struct mm_struct;
-struct mm_struct *rvmm_account_pinned(unsigned long nr, int *err);
-void rvmm_unaccount_pinned(struct mm_struct *mm, unsigned long nr);
+struct user_struct;
+struct user_struct *rvmm_account_pinned(unsigned long nr, int *err);
+void rvmm_unaccount_pinned(struct user_struct *user, unsigned long nr);
 void *rvmm_pa_to_va(u64 pa);
 void rvmm_fpu_begin(void);
 void rvmm_fpu_end(void);

@@ -32,6 +32,13 @@ macro_rules! user_pr {
     };
 }
 
+/// Allocation flags for everything a VM causes: charged to its creator's memory cgroup
+/// (as KVM charges its VMs), and failing with `ENOMEM` where the cgroup's limit or the
+/// machine's memory runs out, rather than invoking the OOM killer.
+pub(crate) fn vm_gfp() -> kernel::alloc::Flags {
+    GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL
+}
+
 mod apic;
 mod ffi;
 mod mmu;
@@ -127,7 +134,7 @@ fn vm_debugfs(vm: &Arc<vm::Vm>) -> Result<VmDebugfs> {
     let dir = debugfs::Dir::new(&name);
     let stats = KBox::pin_init(
         dir.read_callback_file(c"stats", vm.clone(), &print_stats),
-        GFP_KERNEL_ACCOUNT,
+        crate::vm_gfp(),
     )?;
     Ok(VmDebugfs {
         _stats: stats,
@@ -202,7 +209,7 @@ impl MiscDevice for RvmmFile {
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
         KBox::try_pin_init(
             try_pin_init!(RvmmFile { vm <- new_mutex!(None), debugfs <- new_mutex!(None) }),
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )
     }
 

@@ -23,7 +23,7 @@ pub(crate) struct Slot {
     pub(crate) readonly: bool,
     pages: KVVec<*mut c_void>,
     host_pa: KVVec<u64>,
-    /// The mm whose RLIMIT_MEMLOCK the pins are charged to (a reference on it).
+    /// The user whose RLIMIT_MEMLOCK the pins are charged to (a reference on it).
     charged: *mut c_void,
 }
 
@@ -39,10 +39,10 @@ impl Slot {
         let n = (r.memory_size / PAGE_SIZE) as usize;
         let readonly = r.flags & uapi::RVMM_MEM_READONLY != 0;
         // Up to 4M entries (16 GiB): virtually contiguous, not one physical block.
-        let mut pages = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
-        pages.resize(n, ptr::null_mut(), GFP_KERNEL_ACCOUNT)?;
+        let mut pages = KVVec::with_capacity(n, crate::vm_gfp())?;
+        pages.resize(n, ptr::null_mut(), crate::vm_gfp())?;
         let mut err = 0;
-        // SAFETY: a query and charge of the current task's mm.
+        // SAFETY: a query and charge of the current user.
         let charged = unsafe { rvmm_account_pinned(n, &mut err) };
         if charged.is_null() {
             user_pr!(
@@ -81,10 +81,10 @@ impl Slot {
             host_pa: KVVec::new(),
             charged,
         };
-        let mut host_pa = KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?;
+        let mut host_pa = KVVec::with_capacity(n, crate::vm_gfp())?;
         for &p in slot.pages.iter() {
             // SAFETY: `p` is a page pinned above.
-            host_pa.push(unsafe { rvmm_page_to_phys(p) }, GFP_KERNEL_ACCOUNT)?;
+            host_pa.push(unsafe { rvmm_page_to_phys(p) }, crate::vm_gfp())?;
         }
         slot.host_pa = host_pa;
         Ok(slot)
@@ -182,9 +182,9 @@ impl MemSlots {
     pub(crate) fn with_region(&self, r: &uapi::MemoryRegion) -> Result<Self> {
         Self::validate(r)?;
         let old = self.slots.iter().find(|s| s.id == r.slot);
-        let mut slots = KVec::with_capacity(self.slots.len() + 1, GFP_KERNEL_ACCOUNT)?;
+        let mut slots = KVec::with_capacity(self.slots.len() + 1, crate::vm_gfp())?;
         for s in self.slots.iter().filter(|s| s.id != r.slot) {
-            slots.push(s.clone(), GFP_KERNEL_ACCOUNT)?;
+            slots.push(s.clone(), crate::vm_gfp())?;
         }
         if r.memory_size != 0 {
             // No overflow: `validate` bounded both ends below 2^46.
@@ -206,7 +206,7 @@ impl MemSlots {
             // Create, or replace (a move): the new backing is pinned before the old
             // one is released, when the last vCPU still running on the old map returns.
             let slot = Slot::pin(r)?;
-            slots.push(Arc::new(slot, GFP_KERNEL_ACCOUNT)?, GFP_KERNEL_ACCOUNT)?;
+            slots.push(Arc::new(slot, crate::vm_gfp())?, crate::vm_gfp())?;
         } else if old.is_none() {
             user_pr!(
                 pr_info,

@@ -35,12 +35,12 @@ impl PoolTables {
     /// Room for `n` table pages, `first` of them allocated now.
     fn new(n: usize, first: usize, modes: Arc<GuestModes>) -> Result<Self> {
         let mut by_pa = KVVec::new();
-        by_pa.resize((2 * n).next_power_of_two(), NIL, GFP_KERNEL_ACCOUNT)?;
+        by_pa.resize((2 * n).next_power_of_two(), NIL, crate::vm_gfp())?;
         let mut t = Self {
             modes,
-            _pages: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
-            pas: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
-            vas: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
+            _pages: KVVec::with_capacity(n, crate::vm_gfp())?,
+            pas: KVVec::with_capacity(n, crate::vm_gfp())?,
+            vas: KVVec::with_capacity(n, crate::vm_gfp())?,
             by_pa,
         };
         for _ in 0..first {
@@ -124,20 +124,16 @@ impl ShadowPool {
         let first = pages.min(POOL_FIRST_PAGES);
         let mut p = KBox::new(
             Self {
-                sps: KVVec::from_elem(Sp::default(), pages, GFP_KERNEL_ACCOUNT)?,
-                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), GFP_KERNEL_ACCOUNT)?,
-                links: KVVec::from_elem(Link::default(), pages * 8, GFP_KERNEL_ACCOUNT)?,
-                rmaps: KVVec::from_elem(Rmap::default(), pages * 64, GFP_KERNEL_ACCOUNT)?,
-                rbuckets: KVVec::from_elem(
-                    NIL,
-                    (pages * 16).next_power_of_two(),
-                    GFP_KERNEL_ACCOUNT,
-                )?,
-                unsync: KVVec::from_elem(NIL, pages, GFP_KERNEL_ACCOUNT)?,
+                sps: KVVec::from_elem(Sp::default(), pages, crate::vm_gfp())?,
+                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), crate::vm_gfp())?,
+                links: KVVec::from_elem(Link::default(), pages * 8, crate::vm_gfp())?,
+                rmaps: KVVec::from_elem(Rmap::default(), pages * 64, crate::vm_gfp())?,
+                rbuckets: KVVec::from_elem(NIL, (pages * 16).next_power_of_two(), crate::vm_gfp())?,
+                unsync: KVVec::from_elem(NIL, pages, crate::vm_gfp())?,
                 st: State::new(roots),
                 tables: PoolTables::new(pages, first, modes)?,
             },
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )?;
         p.pool().init();
         p.st.sp_cap = first as u32;
@@ -220,7 +216,7 @@ impl GuestModes {
                 slots_generation: AtomicU64::new(0),
                 unsync: AtomicUsize::new(0),
             },
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )?)
     }
 
@@ -417,7 +413,7 @@ impl Shadow {
         for _ in have..want {
             match Dma32Page::new() {
                 Ok(p) => {
-                    if pages.push(p, GFP_KERNEL_ACCOUNT).is_err() {
+                    if pages.push(p, crate::vm_gfp()).is_err() {
                         break;
                     }
                 }

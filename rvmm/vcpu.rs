@@ -38,7 +38,7 @@ mod stats;
 mod vmcs;
 
 use realmode::RFLAGS_VM;
-use roots::{RootHint, HINTS};
+use roots::{RootHint, RootLoad, HINTS};
 use section::{xgetbv0, SECTION_BUDGET_US};
 use stats::Stats;
 
@@ -256,14 +256,14 @@ impl Vcpu {
         irq: Option<Arc<crate::apic::Irqchip>>,
     ) -> Result<Arc<Self>> {
         let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
-        let vmcs = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
+        let vmcs = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;
         let rev = basic.revision_id().to_ne_bytes();
         // SAFETY: 4 bytes into a 4-KiB page we own.
         unsafe { vmcs.write_raw(rev.as_ptr(), 0, 4)? };
         // SAFETY: a page we own.
         let vmcs_pa = unsafe { rvmm_page_to_phys(vmcs.as_ptr().cast()) };
-        let run = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
-        let msr_bitmap = Page::alloc_page(GFP_KERNEL_ACCOUNT)?;
+        let run = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;
+        let msr_bitmap = Page::alloc_page(crate::vm_gfp())?;
         let ones = [0xffu8; 256];
         for off in (0..4096).step_by(256) {
             // SAFETY: 256 bytes within a 4096-byte page we own.
@@ -286,14 +286,14 @@ impl Vcpu {
         }
         // SAFETY: a page we own.
         let msr_bitmap_pa = unsafe { rvmm_page_to_phys(msr_bitmap.as_ptr().cast()) };
-        let mut fx = KBox::new(FxArea([0; 1024]), GFP_KERNEL_ACCOUNT)?;
+        let mut fx = KBox::new(FxArea([0; 1024]), crate::vm_gfp())?;
         let xsave = core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0
             && xgetbv0() & GUEST_XCR0_SUPPORTED == GUEST_XCR0_SUPPORTED;
         fx.0[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
         fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
         let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
         // SAFETY: reads a kernel variable.
-        let stats = Arc::new(Stats::new(unsafe { rvmm_tsc_khz() }), GFP_KERNEL_ACCOUNT)?;
+        let stats = Arc::new(Stats::new(unsafe { rvmm_tsc_khz() }), crate::vm_gfp())?;
         let inner = VcpuInner {
             _vmcs: vmcs,
             _msr_bitmap: msr_bitmap,
@@ -357,7 +357,7 @@ impl Vcpu {
             on_pool: false,
             invpcid: false,
             mode: PagingMode::None,
-            slots: Arc::new(MemSlots::new(), GFP_KERNEL_ACCOUNT)?,
+            slots: Arc::new(MemSlots::new(), crate::vm_gfp())?,
             need_reset: true,
             state_checked: false,
             maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
@@ -397,7 +397,7 @@ impl Vcpu {
         let inner = g;
         let vcpu = Arc::pin_init(
             try_pin_init!(Self { id, run, stats, inner <- new_mutex!(inner) }),
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )?;
         Ok(vcpu)
     }
@@ -486,9 +486,9 @@ impl Vcpu {
 
     /// `RVMM_SET_CPUID`.
     pub(crate) fn set_cpuid(&self, entries: &[uapi::CpuidEntry]) -> Result {
-        let mut v = KVec::with_capacity(entries.len(), GFP_KERNEL_ACCOUNT)?;
+        let mut v = KVec::with_capacity(entries.len(), crate::vm_gfp())?;
         for e in entries {
-            v.push(*e, GFP_KERNEL_ACCOUNT)?;
+            v.push(*e, crate::vm_gfp())?;
         }
         self.inner.lock().cpuid = v;
         Ok(())

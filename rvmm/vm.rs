@@ -33,13 +33,13 @@ pub(crate) struct Vm {
 
 impl Vm {
     pub(crate) fn new() -> Result<Arc<Self>> {
-        let slots = Arc::new(MemSlots::new(), GFP_KERNEL_ACCOUNT)?;
+        let slots = Arc::new(MemSlots::new(), crate::vm_gfp())?;
         let shadow = Arc::pin_init(
             Shadow::new(
                 crate::module_parameters::shadow_pages.value(),
                 crate::module_parameters::shadow_roots.value(),
             )?,
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )?;
         Arc::pin_init(
             pin_init!(Self {
@@ -49,7 +49,7 @@ impl Vm {
                 shadow,
                 irqchip <- new_mutex!(None),
             }),
-            GFP_KERNEL_ACCOUNT,
+            crate::vm_gfp(),
         )
     }
 
@@ -73,7 +73,7 @@ impl Vm {
     pub(crate) fn set_memory_region(&self, r: &uapi::MemoryRegion) -> Result {
         let writer = self.map_writer.lock();
         let cur = self.slots();
-        let new = Arc::new(cur.with_region(r)?, GFP_KERNEL_ACCOUNT)?;
+        let new = Arc::new(cur.with_region(r)?, crate::vm_gfp())?;
         let generation = new.generation;
         let old = core::mem::replace(&mut *self.slots.lock(), new.clone());
         self.shadow.memory_map_changed(generation);
@@ -148,7 +148,7 @@ impl Vm {
         let v = self.vcpus.lock();
         let mut list = KVec::new();
         for vcpu in v.iter().flatten() {
-            list.push(vcpu.clone(), GFP_KERNEL_ACCOUNT)?;
+            list.push(vcpu.clone(), crate::vm_gfp())?;
         }
         Ok(list)
     }

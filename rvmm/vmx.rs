@@ -515,6 +515,12 @@ core::arch::global_asm!(
     "add rsp, 8",
     "lfence",
     "17:",
+    // Branch History Injection: the guest's indirect branches must not steer the host's
+    // (the kernel's software loop, where its mitigation asks for it; clobbers RAX, RCX).
+    "cmp byte ptr [rip + rvmm_spec_bhb], 0",
+    "je 19f",
+    "call clear_bhb_loop",
+    "19:",
     "xor eax, eax",
     "4:",
     "pop r15",

@@ -43,7 +43,7 @@ DEBUG_TESTS=device_opens,io_and_hlt_exits,mmio_round_trip,smp_shared_page_tables
 DEBUG_TESTS+=,kill_mid_run_frees_everything,hlt_at_top_of_address_space,lsl_far_selector_after_guest
 DEBUG_TESTS+=,guest_syscall_before_lstar,memslot_delete_then_munmap,readonly_slot_not_written
 DEBUG_TESTS+=,two_vcpus_pool_reset_while_halted,stats_while_vcpu_runs,apic_timer_storm_bounded_section
-DEBUG_TESTS+=,memlock_limit_enomem,fan_in_page_tables_bounded_section,fuzz_ioctls_and_guests,no_kmemleak_reports
+DEBUG_TESTS+=,memlock_limit_enomem,memcg_limit_enomem,fan_in_page_tables_bounded_section,fuzz_ioctls_and_guests,no_kmemleak_reports
 # What the kernel prints when something is wrong (the fuzzer watches for the same).
 REPORT_MARKERS=("BUG:" "WARNING:" "Oops" "UBSAN" "KASAN" "possible circular locking"
 	"possible recursive locking" "inconsistent lock state"

@@ -32,9 +32,11 @@ esac
 if [ -n "${KDIR:-}" ]; then
 	[ -f "$KDIR/Module.symvers" ] || die "KDIR=$KDIR is not a built kernel tree (no Module.symvers)" \
 		"build it, or unset KDIR to let rvmm build its own kernel"
-	grep -q 'x86_virt_get_ref.*rvmm' "$KDIR/Module.symvers" ||
-		die "KDIR=$KDIR lacks rvmm's kernel patch (x86_virt_get_ref is not exported to rvmm)" \
-			"apply kernel/patches/*.patch to its source and rebuild, or pass KSRC=<source> instead"
+	for sym in x86_virt_get_ref clear_bhb_loop; do
+		grep -q "$sym.*rvmm" "$KDIR/Module.symvers" ||
+			die "KDIR=$KDIR lacks rvmm's kernel patch ($sym is not exported to rvmm)" \
+				"apply kernel/patches/*.patch to its source and rebuild, or pass KSRC=<source> instead"
+	done
 	echo "$KDIR"
 	exit 0
 fi
@@ -143,7 +145,9 @@ step_done
 step "build $([ "$flavor" = default ] || echo "$flavor ")kernel with -j$(nproc) (about $([ "$flavor" = default ] && echo 4-7 || echo 8-15) min fresh; log: $dir/build.log)"
 make -C "$src" O="$build" "${KMAKE_VARS[@]}" -j"$(nproc)" bzImage modules >"$dir/build.log" 2>&1 ||
 	{ tail -n 30 "$dir/build.log" >&2; die "kernel build failed (log: $dir/build.log)"; }
-grep -q 'x86_virt_get_ref.*rvmm' "$build/Module.symvers" || die "built kernel does not export x86_virt_get_ref to rvmm" "check kernel/patches"
+for sym in x86_virt_get_ref clear_bhb_loop; do
+	grep -q "$sym.*rvmm" "$build/Module.symvers" || die "built kernel does not export $sym to rvmm" "check kernel/patches"
+done
 touch "$build/.rvmm-built"
 step_done
 echo "$build"

@@ -12,13 +12,13 @@ use rvmm_core::exit::{
     EXIT_REASON_FAILED_ENTRY,
 };
 use rvmm_core::mmu::mode::*;
-use rvmm_core::mmu::pool::Fix as PoolFix;
+use rvmm_core::mmu::pool::{Fix as PoolFix, SYNC_BUDGET};
 use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
 use rvmm_uapi as uapi;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
-use super::{vmr, vmw, Next, Pending, VcpuInner};
+use super::{vmr, vmw, Next, Pending, RootLoad, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 
@@ -369,12 +369,12 @@ impl VcpuInner {
         }
     }
 
-    fn cr_access(&mut self, _run: *mut uapi::Run, qual: u64) -> Next {
+    fn cr_access(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
         let long = self.efer & EFER_LMA != 0;
         let width = |v: u64| if long { v } else { v & 0xffff_ffff };
         match CrAccess::decode(qual) {
             CrAccess::MovTo { cr: 0, gpr } => {
-                if let Err(n) = self.set_cr0(width(self.gpr(gpr))) {
+                if let Err(n) = self.set_cr0(run, width(self.gpr(gpr))) {
                     return n;
                 }
             }
@@ -382,12 +382,18 @@ impl VcpuInner {
                 let v = self.gpr(gpr);
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
                 let keep = self.cr4 & CR4_PCIDE != 0 && v & (1 << 63) != 0;
+                let old = self.cr3;
                 self.cr3 = if long {
                     v & !(1 << 63)
                 } else {
                     v & 0xffff_ffff
                 };
-                self.load_cr3_shadow(!keep);
+                if let RootLoad::Again = self.load_cr3_step(!keep, SYNC_BUDGET) {
+                    // The sync goes on when the guest runs MOV CR3 again (the section
+                    // may end in between: its time budget holds).
+                    self.cr3 = old;
+                    return Next::Fast;
+                }
             }
             CrAccess::MovTo { cr: 4, gpr } => {
                 let v = width(self.gpr(gpr));
@@ -399,6 +405,12 @@ impl VcpuInner {
                     || (long && v & CR4_PAE == 0);
                 if bad {
                     return self.inject(vector::GP, Some(0));
+                }
+                // A global flush first (every PCID's entries go), in steps.
+                match self.flush_all_step() {
+                    Some(true) => {}
+                    Some(false) => return Next::Fast,
+                    None => return self.no_shadow(run, 0, 7),
                 }
                 self.cr4 = v;
                 self.apply_paging_state();
@@ -430,7 +442,7 @@ impl VcpuInner {
             }
             CrAccess::Lmsw { value } => {
                 let v = (self.cr0 & !0xe) | u64::from(value & 0xf) | (self.cr0 & 1);
-                if let Err(n) = self.set_cr0(v) {
+                if let Err(n) = self.set_cr0(run, v) {
                     return n;
                 }
             }
@@ -440,7 +452,7 @@ impl VcpuInner {
         Next::Fast
     }
 
-    fn set_cr0(&mut self, v: u64) -> Result<(), Next> {
+    fn set_cr0(&mut self, run: *mut uapi::Run, v: u64) -> Result<(), Next> {
         // Paging off with PCIDs on is #GP (SDM 4.10.1).
         let reserved = v >> 32 != 0 || (v & CR0_PG == 0 && self.cr4 & CR4_PCIDE != 0);
         let pg_without_pe = v & CR0_PG != 0 && v & CR0_PE == 0;
@@ -452,6 +464,14 @@ impl VcpuInner {
         }
         let paging_bits = CR0_PG | CR0_PE | CR0_WP;
         let changed = (self.cr0 ^ v) & paging_bits != 0;
+        if changed {
+            // A paging change flushes every PCID's entries: that sync first, in steps.
+            match self.flush_all_step() {
+                Some(true) => {}
+                Some(false) => return Err(Next::Fast),
+                None => return Err(self.no_shadow(run, 0, 8)),
+            }
+        }
         self.cr0 = v;
         self.apply_paging_state();
         if changed {

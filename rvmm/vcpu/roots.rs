@@ -39,6 +39,17 @@ impl RootHint {
     };
 }
 
+/// What a root load did.
+pub(super) enum RootLoad {
+    /// The vCPU is on the root (GUEST_CR3 written).
+    Done,
+    /// The sync took its budget: the vCPU is still on its previous root, and the
+    /// instruction must run again.
+    Again,
+    /// No root can be had.
+    Failed,
+}
+
 impl VcpuInner {
     /// Drops the whole shadow and makes an empty root (a full TLB flush). The VMCS must
     /// be current.
@@ -50,12 +61,21 @@ impl VcpuInner {
     /// whether out-of-sync shadows must be brought up to date (MOV CR3 with PCIDs and
     /// bit 63 set does not flush).
     pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
-        self.shadow.usable() && self.load_pool_root(flush)
+        matches!(self.load_cr3_step(flush, u32::MAX), RootLoad::Done)
+    }
+
+    /// [`Self::load_cr3_shadow`] for an instruction that can run again: its sync takes
+    /// at most `budget` (see `Pool::load_root`).
+    pub(super) fn load_cr3_step(&mut self, flush: bool, budget: u32) -> RootLoad {
+        if !self.shadow.usable() {
+            return RootLoad::Failed;
+        }
+        self.load_pool_root(flush, budget)
     }
 
     /// MOV CR3 (or a paging change): the root for CR3 and the paging mode from the VM's
     /// pool. The VMCS must be current.
-    pub(super) fn load_pool_root(&mut self, flush: bool) -> bool {
+    pub(super) fn load_pool_root(&mut self, flush: bool, budget: u32) -> RootLoad {
         // A root this vCPU holds a reference on (a recent one), while the pool has not
         // been reset and nothing needs a resync: no lock, no pool work.
         let gen = self.shadow.modes.generation.load(Ordering::Acquire);
@@ -75,7 +95,7 @@ impl VcpuInner {
                 self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
                 self.on_pool = true;
                 self.need_reset = false;
-                return true;
+                return RootLoad::Done;
             }
         }
         let ctx = self.perm_ctx();
@@ -83,7 +103,7 @@ impl VcpuInner {
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
         let mut guard = self.shadow.pool.lock();
         let Some(storage) = guard.as_deref_mut() else {
-            return false;
+            return RootLoad::Failed;
         };
         let mut pool = storage.pool();
         if self.slots.generation != pool.st.slots_generation {
@@ -93,7 +113,7 @@ impl VcpuInner {
                 self.on_pool = false;
                 self.proot = NIL;
                 self.need_reset = true;
-                return true;
+                return RootLoad::Done;
             }
             // The map changed under every shadow (`Shadow::memory_map_changed` does the
             // same when the ioctl gets the lock first).
@@ -106,14 +126,24 @@ impl VcpuInner {
             NIL
         };
         let mut mem = crate::mmu::GuestMem(&self.slots);
-        let root = match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, prev, flush) {
-            Ok(r) => r,
+        let root = match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, prev, flush, budget) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Part of the sync is done; the vCPU stays on its root meanwhile.
+                let dirty = core::mem::take(&mut pool.st.tlb_dirty);
+                let unsync = pool.unsync_count();
+                self.shadow.publish(pool.st, unsync);
+                drop(guard);
+                self.flush_remote(dirty);
+                return RootLoad::Again;
+            }
             Err(_) => {
                 pool.reset();
                 self.stats.shadow_resets.inc();
-                match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, NIL, true) {
-                    Ok(r) => r,
-                    Err(_) => return false,
+                // An empty pool has nothing out of sync: the sync is done at once.
+                match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, NIL, true, u32::MAX) {
+                    Ok(Some(r)) => r,
+                    _ => return RootLoad::Failed,
                 }
             }
         };
@@ -151,7 +181,7 @@ impl VcpuInner {
         self.flush_remote(dirty);
         self.on_pool = true;
         self.need_reset = false;
-        true
+        RootLoad::Done
     }
 
     /// What a root's role depends on besides CR3: paging mode and permission bits.

@@ -125,7 +125,7 @@ impl VcpuInner {
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
         let mut vapic_pa = 0;
         if proc & PrimaryControls::USE_TPR_SHADOW.bits() != 0 {
-            let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
+            let page = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;
             // SAFETY: a page we own.
             vapic_pa = unsafe { rvmm_page_to_phys(page.as_ptr().cast()) };
             // SAFETY: the page is in the direct map for as long as we own it; byte 0x80

@@ -1174,8 +1174,9 @@ pub fn apic_timer_storm_bounded_section(_: &Ctx) -> Outcome {
 }
 
 /// Pinned guest memory counts against RLIMIT_MEMLOCK for a process without
-/// CAP_IPC_LOCK: a region over the limit is refused with ENOMEM, one within it works.
-/// (In a child that gives up root after opening /dev/rvmm.)
+/// CAP_IPC_LOCK: a region over the limit is refused with ENOMEM, one within it works,
+/// and a forked process of the same user shares the count. (In a child that gives up
+/// root after opening /dev/rvmm.)
 pub fn memlock_limit_enomem(_: &Ctx) -> Outcome {
     let vm = Rvmm::open(crate::DEV)
         .and_then(Rvmm::create_vm)
@@ -1216,6 +1217,35 @@ pub fn memlock_limit_enomem(_: &Ctx) -> Outcome {
             {
                 return 13;
             }
+            // A forked process (whose mm's count starts at 0) of the same user: the
+            // 32 KiB pinned above count too, so another 48 KiB go over the limit.
+            // SAFETY: fork in the child; the grandchild only makes syscalls and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: as above; the first 48 KiB of `big`.
+                let r = unsafe { vm.set_memory_region(3, 0x300_0000, 48 << 10, big.addr(), false) };
+                let code = match r {
+                    Err(rvmm::Error::Ioctl { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOMEM) =>
+                    {
+                        0
+                    }
+                    Err(_) => 1,
+                    Ok(()) => 2,
+                };
+                // SAFETY: the grandchild ends here.
+                unsafe { libc::_exit(code) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            if pid < 0 || unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+                return 14;
+            }
+            match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+                (true, 0) => {}
+                (true, 2) => return 15,
+                _ => return 16,
+            }
             0
         })();
         // SAFETY: the child ends here, without running the parent's destructors.
@@ -1237,10 +1267,291 @@ pub fn memlock_limit_enomem(_: &Ctx) -> Outcome {
                 11 => "a 1-MiB region failed with another errno than ENOMEM",
                 12 => "a 1-MiB region was pinned over the limit",
                 13 => "a 32-KiB region within the limit was refused",
+                14 => "fork failed",
+                15 => "a forked process pinned 48 KiB more (the limit is per mm, not per user)",
+                16 => "the forked process's 48-KiB region failed with another errno than ENOMEM",
                 _ => "died",
             }
         )
     })
+}
+
+/// Sixteen full page tables out of sync under the root at once: the guest maps 32 MiB
+/// through 16 page tables (every entry accessed, so faults prefetch whole tables),
+/// touches all of it, writes one entry of each table (all 16 go out of sync) and loads
+/// CR3 again: a flush whose sync covers 8192 shadow entries. Done in one exit, that
+/// sync alone held the CPU for about 9 ms of guest time in Bochs; in steps (the guest
+/// runs MOV CR3 again until it is done) the longest interrupts-off section stays below
+/// 1 ms, and the guest sees every table in sync.
+pub fn unsync_storm_bounded_section(_: &Ctx) -> Outcome {
+    const UPDPT: u64 = 0x10_0000;
+    const UPD: u64 = 0x10_1000;
+    const UPT: u64 = 0x10_2000;
+    const TABLES: u64 = 16;
+    const DATA: u64 = 0x20_0000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    let mem = &mut m.mem;
+    mem.write_u64(rvmm::guest::PML4 + 8, UPDPT | PW)?;
+    mem.write_u64(UPDPT, UPD | PW)?;
+    for t in 0..TABLES {
+        mem.write_u64(UPD + 8 * t, (UPT + 0x1000 * t) | PW)?;
+        for i in 0..512u64 {
+            // Accessed (0x20): the pool prefetches it with its neighbours.
+            mem.write_u64(
+                UPT + 0x1000 * t + 8 * i,
+                (DATA + 0x1000 * (i % 64)) | PW | 0x20,
+            )?;
+        }
+    }
+    #[rustfmt::skip]
+    let code = [
+        0x41, 0xbc, 0x02, 0x00, 0x00, 0x00,       // mov r12d, 2
+        0x48, 0xbe, 0, 0, 0, 0, 0x80, 0, 0, 0,    // round: mov rsi, 1 << 39
+        0xb9, 0x00, 0x04, 0x00, 0x00,             // mov ecx, 1024
+        0x48, 0x8b, 0x06,                         // l: mov rax, [rsi]
+        0x48, 0x81, 0xc6, 0x00, 0x80, 0x00, 0x00, // add rsi, 0x8000
+        0xff, 0xc9,                               // dec ecx
+        0x75, 0xf2,                               // jnz l
+        0x48, 0xc7, 0xc7, 0x00, 0x20, 0x10, 0x00, // mov rdi, UPT
+        0xb9, 0x10, 0x00, 0x00, 0x00,             // mov ecx, 16
+        0x48, 0x8b, 0x07,                         // w: mov rax, [rdi]
+        0x48, 0x89, 0x07,                         // mov [rdi], rax (the table unsyncs)
+        0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add rdi, 0x1000
+        0xff, 0xc9,                               // dec ecx
+        0x75, 0xef,                               // jnz w
+        0x0f, 0x20, 0xd8,                         // mov rax, cr3
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax (a flush: sync all 16)
+        0x41, 0xff, 0xcc,                         // dec r12d
+        0x75, 0xbb,                               // jnz round
+        0xe6, 0x10,                               // out 0x10, al
+        0xf4,                                     // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let e = run(&v)?;
+    check(matches!(e, Exit::IoOut { port: 0x10, .. }), || {
+        format!("the unsync-storm guest ended with {e:?}, want its OUT to port 0x10")
+    })?;
+    let s = m.vm.stats().map_err(err)?;
+    ktap::diag(&format!(
+        "unsync storm: unsyncs {}, resyncs {}, prefetched {}, longest interrupts-off section {} us",
+        s.unsyncs,
+        s.resyncs,
+        s.prefetched,
+        s.longest_section_ns / 1000
+    ));
+    check(s.resyncs >= TABLES, || {
+        format!(
+            "{} resyncs: the {TABLES} tables were not all out of sync at the CR3 load",
+            s.resyncs
+        )
+    })?;
+    check(s.longest_section_ns < 1_000_000, || {
+        format!(
+            "longest interrupts-off section {} ns (must be below 1 ms)",
+            s.longest_section_ns
+        )
+    })
+}
+
+/// The memory cgroup the memcg test creates (cgroup v2, mounted by the test if needed).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const CGROUP_TEST: &str = "/sys/fs/cgroup/rvmm-memcg-test";
+/// The test cgroup's memory.max: room for a few VMs (each one's pool metadata and first
+/// pool pages alone take over 1 MiB).
+const MEMCG_LIMIT: u64 = 16 << 20;
+/// VMs the child tries at most: charged nowhere, they would take about 90 MiB of
+/// Bochs's 256, over five times the limit.
+const MEMCG_MAX_VMS: usize = 48;
+
+fn cgroup_file(name: &str) -> Result<String, String> {
+    let p = format!("{CGROUP_TEST}/{name}");
+    std::fs::read_to_string(&p).map_err(|e| format!("read {p}: {e}"))
+}
+
+fn cgroup_write(path: &str, v: &str) -> Result<(), String> {
+    std::fs::write(path, v).map_err(|e| format!("write '{v}' to {path}: {e}"))
+}
+
+fn cgroup_u64(name: &str) -> Result<u64, String> {
+    let v = cgroup_file(name)?;
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{CGROUP_TEST}/{name}: '{}'", v.trim()))
+}
+
+/// A counter of memory.events ("oom_kill", "max", ...).
+fn memcg_event(name: &str) -> Result<u64, String> {
+    cgroup_file("memory.events")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .ok_or_else(|| format!("no '{name}' in memory.events"))
+}
+
+/// The cgroup v2 hierarchy with the memory controller enabled for children.
+fn memcg_setup() -> Result<(), String> {
+    let controllers = format!("{CGROUP_ROOT}/cgroup.controllers");
+    if !std::path::Path::new(&controllers).exists() {
+        // SAFETY: mounts the cgroup2 filesystem on its usual directory of sysfs.
+        let r = unsafe {
+            libc::mount(
+                c"cgroup2".as_ptr(),
+                c"/sys/fs/cgroup".as_ptr(),
+                c"cgroup2".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        check(r == 0, || {
+            format!(
+                "mount cgroup2 on {CGROUP_ROOT}: {}",
+                sys::strerror(sys::errno())
+            )
+        })?;
+    }
+    let have = std::fs::read_to_string(&controllers).map_err(|e| format!("{controllers}: {e}"))?;
+    check(have.split_whitespace().any(|c| c == "memory"), || {
+        format!(
+            "no memory controller in {controllers} ('{}'): a kernel without CONFIG_MEMCG",
+            have.trim()
+        )
+    })?;
+    cgroup_write(&format!("{CGROUP_ROOT}/cgroup.subtree_control"), "+memory")?;
+    let _ = std::fs::remove_dir(CGROUP_TEST);
+    std::fs::create_dir(CGROUP_TEST).map_err(|e| format!("mkdir {CGROUP_TEST}: {e}"))?;
+    cgroup_write(
+        &format!("{CGROUP_TEST}/memory.max"),
+        &MEMCG_LIMIT.to_string(),
+    )
+}
+
+/// Every allocation a VM causes is charged to its creator's memory cgroup, and reaching
+/// the cgroup's limit is an ENOMEM for the creator, never an OOM kill: a child in a
+/// cgroup with memory.max = 16 MiB creates VMs with one vCPU each until an ioctl fails.
+/// It must fail with ENOMEM before MEMCG_MAX_VMS, the cgroup's usage must have grown by
+/// at least the pool's first pages per VM, nothing in the cgroup may have been
+/// OOM-killed, and closing the VMs must give the charge back.
+pub fn memcg_limit_enomem(_: &Ctx) -> Outcome {
+    memcg_setup()?;
+    let r = memcg_run();
+    let _ = std::fs::remove_dir(CGROUP_TEST);
+    r
+}
+
+fn memcg_run() -> Outcome {
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe for the child's report.
+    check(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, || {
+        "pipe failed".into()
+    })?;
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: fork in a test process; the child only makes syscalls, writes its report
+    // and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("fork failed".into());
+    }
+    if pid == 0 {
+        // SAFETY: the child's end of the pipe.
+        unsafe { libc::close(rd) };
+        let report = memcg_child();
+        let line = match report {
+            Ok(s) => format!("ok {s}"),
+            Err(e) => format!("err {e}"),
+        };
+        // SAFETY: writes the report to the pipe and leaves without running the
+        // parent's destructors (the VMs close with the process).
+        unsafe {
+            libc::write(wr, line.as_ptr().cast(), line.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: the parent's end.
+    unsafe { libc::close(wr) };
+    let mut report = Vec::new();
+    {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        // SAFETY: `rd` is ours and read to EOF once.
+        let mut f = unsafe { std::fs::File::from_raw_fd(rd) };
+        let _ = f.read_to_end(&mut report);
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let report = String::from_utf8_lossy(&report).into_owned();
+    ktap::diag(&format!(
+        "child in {CGROUP_TEST} (memory.max {MEMCG_LIMIT}): {report}"
+    ));
+    check(libc::WIFEXITED(status), || {
+        format!(
+            "the child was killed by signal {} (oom_kill events: {})",
+            libc::WTERMSIG(status),
+            memcg_event("oom_kill").unwrap_or(u64::MAX)
+        )
+    })?;
+    let kills = memcg_event("oom_kill")?;
+    check(kills == 0, || format!("{kills} OOM kills in the cgroup"))?;
+    let Some(rest) = report.strip_prefix("ok ") else {
+        return Err(report.strip_prefix("err ").unwrap_or(&report).to_string());
+    };
+    // The charge goes with the VMs (some slab pages may stay with the cgroup).
+    let left = cgroup_u64("memory.current")?;
+    ktap::diag(&format!("after the child exited: memory.current {left}"));
+    check(left < MEMCG_LIMIT / 4, || {
+        format!("{left} bytes still charged after every VM closed ({rest})")
+    })
+}
+
+/// The child: moves itself into the test cgroup and creates VMs until an ioctl fails.
+fn memcg_child() -> Result<String, String> {
+    cgroup_write(
+        &format!("{CGROUP_TEST}/cgroup.procs"),
+        &std::process::id().to_string(),
+    )?;
+    let base = cgroup_u64("memory.current")?;
+    let mut vms = 0usize;
+    let failure = loop {
+        if vms == MEMCG_MAX_VMS {
+            break None;
+        }
+        let vm = match Rvmm::open(crate::DEV).and_then(Rvmm::create_vm) {
+            Ok(vm) => Box::leak(Box::new(vm)),
+            Err(e) => break Some(e),
+        };
+        match vm.create_vcpu(0) {
+            Ok(v) => std::mem::forget(v),
+            Err(e) => break Some(e),
+        }
+        vms += 1;
+    };
+    let peak = cgroup_u64("memory.peak").or_else(|_| cgroup_u64("memory.current"))?;
+    let charged = peak.saturating_sub(base);
+    let summary = format!("{vms} VMs, {charged} bytes charged");
+    let Some(e) = failure else {
+        return Err(format!(
+            "{summary}: no ENOMEM under a {MEMCG_LIMIT}-byte limit (VMs not charged to the cgroup)"
+        ));
+    };
+    let enomem = matches!(&e, rvmm::Error::Ioctl { source, .. } if source.raw_os_error() == Some(libc::ENOMEM));
+    check(enomem, || format!("{summary}, then {e} (want ENOMEM)"))?;
+    check(vms >= 1, || {
+        format!("not even one VM within {MEMCG_LIMIT} bytes: {e}")
+    })?;
+    // Each VM holds its pool's first 64 pages at least.
+    let want = vms as u64 * (64 << 12);
+    check(charged >= want, || {
+        format!("{summary}: under {want}, so the VMs' memory was not charged")
+    })?;
+    Ok(format!("{summary}, then {e}"))
 }
 
 /// The speculation barriers around VM entry and exit (VERW before entry, the return
@@ -1259,7 +1570,9 @@ pub fn speculation_barriers_forced(ctx: &Ctx) -> Outcome {
             .ok_or("no 'speculation barriers' line from the module")?;
         ktap::diag(line.trim());
         check(
-            line.contains("VERW before entry on") && line.contains("RSB after exit fill"),
+            line.contains("VERW before entry on")
+                && line.contains("RSB after exit fill")
+                && line.contains("branch history after exit cleared"),
             || format!("spec_force=1 did not turn the barriers on: {line}"),
         )?;
         let mut m = Machine::new(EntryMode::Protected, RAM)?;

@@ -181,6 +181,11 @@ fn main() {
             adversarial::apic_timer_storm_bounded_section,
         );
         suite.add("memlock_limit_enomem", adversarial::memlock_limit_enomem);
+        suite.add("memcg_limit_enomem", adversarial::memcg_limit_enomem);
+        suite.add(
+            "unsync_storm_bounded_section",
+            adversarial::unsync_storm_bounded_section,
+        );
         suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,

@@ -421,6 +421,7 @@ impl VcpuInner {
     pub(super) fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
             let ctx = self.perm_ctx();
+            let mut done = true;
             // None: the root is from an older pool generation.
             let r = match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
@@ -428,10 +429,19 @@ impl VcpuInner {
                     if pool.st.generation != self.proot_gen {
                         None
                     } else {
-                        let r = pool.invlpg(&mut GuestMem(&self.slots), self.proot, gva, &ctx);
+                        let r = pool.invlpg(
+                            &mut GuestMem(&self.slots),
+                            self.proot,
+                            gva,
+                            &ctx,
+                            SYNC_BUDGET,
+                        );
                         let unsync = pool.unsync_count();
                         self.shadow.publish(pool.st, unsync);
-                        Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
+                        Some(r.map(|d| {
+                            done = d;
+                            core::mem::take(&mut pool.st.tlb_dirty)
+                        }))
                     }
                 }
                 None => None,
@@ -440,11 +450,54 @@ impl VcpuInner {
             if !ok {
                 return self.no_shadow(run, gva, 2);
             }
+            if !done {
+                // The sync goes on when the guest runs INVLPG again.
+                return Next::Fast;
+            }
             self.skip_instruction();
             return Next::Fast;
         }
         self.skip_instruction();
         Next::Fast
+    }
+
+    /// One step of a global flush's sync (every out-of-sync shadow, see
+    /// `Pool::flush_all`): `Some(false)` while some are left (the flushing instruction
+    /// runs again), `None` if no root can be had.
+    pub(super) fn flush_all_step(&mut self) -> Option<bool> {
+        if !self.on_pool
+            || self
+                .shadow
+                .modes
+                .unsync
+                .load(core::sync::atomic::Ordering::Acquire)
+                == 0
+        {
+            // What went out of sync since the count was published is synced with the
+            // new root (under the pool lock).
+            return Some(true);
+        }
+        let ctx = self.perm_ctx();
+        let mut done = true;
+        // None: the root is from an older pool generation (or there is no pool).
+        let r = match self.shadow.pool.lock().as_deref_mut() {
+            Some(storage) => {
+                let mut pool = storage.pool();
+                if pool.st.generation != self.proot_gen {
+                    None
+                } else {
+                    let r = pool.flush_all(&mut GuestMem(&self.slots), &ctx, SYNC_BUDGET);
+                    let unsync = pool.unsync_count();
+                    self.shadow.publish(pool.st, unsync);
+                    Some(r.map(|d| {
+                        done = d;
+                        core::mem::take(&mut pool.st.tlb_dirty)
+                    }))
+                }
+            }
+            None => None,
+        };
+        self.finish_pool_op(r).then_some(done)
     }
 
     /// INVPCID (SDM Vol. 2A): type 0 invalidates one address of one PCID, 1 one PCID,
@@ -513,24 +566,11 @@ impl VcpuInner {
             // Like INVLPG (which skips the instruction itself).
             return self.invlpg(run, addr);
         }
-        // None: the root is from an older pool generation (or there is no pool).
-        let r = match self.shadow.pool.lock().as_deref_mut() {
-            Some(storage) if self.on_pool => {
-                let mut pool = storage.pool();
-                if pool.st.generation != self.proot_gen {
-                    None
-                } else {
-                    let r = pool.flush_all(&mut GuestMem(&self.slots), &ctx);
-                    let unsync = pool.unsync_count();
-                    self.shadow.publish(pool.st, unsync);
-                    Some(r.map(|()| core::mem::take(&mut pool.st.tlb_dirty)))
-                }
-            }
-            _ => None,
-        };
-        let ok = self.finish_pool_op(r);
-        if !ok {
-            return self.no_shadow(run, addr, 3);
+        match self.flush_all_step() {
+            Some(true) => {}
+            // The sync goes on when the guest runs INVPCID again.
+            Some(false) => return Next::Fast,
+            None => return self.no_shadow(run, addr, 3),
         }
         self.skip_instruction();
         Next::Fast

@@ -39,6 +39,14 @@ pub const MAX_ROOTS: usize = 64;
 pub const FLOOD_LIMIT: u8 = 3;
 /// Neighbouring entries filled on a fault (an aligned group of this many).
 pub const PREFETCH: usize = 8;
+/// The work a flushing instruction's sync does per call (see [`Pool::load_root`]), in
+/// shadow entries resynced, counting [`SYNC_SHADOW_COST`] more per shadow: about 50k
+/// instructions. The vCPU runs the instruction again for the rest, so that a guest
+/// with thousands of out-of-sync tables cannot hold the host CPU for the whole sync.
+pub const SYNC_BUDGET: u32 = 256;
+/// What bringing one shadow in sync costs besides its present entries (reading its
+/// 512 entries, write-protecting its table).
+pub const SYNC_SHADOW_COST: u32 = 16;
 
 /// A shadow entry for a page that is not RAM: present with bit 51 set, reserved while
 /// MAXPHYADDR < 52, so an access faults with the RSVD error-code bit and the hypervisor
@@ -269,6 +277,8 @@ pub struct PoolStats {
     pub resyncs: u64,
     /// Tables unshadowed for write flooding.
     pub flood_unshadows: u64,
+    /// Flushing instructions run again because their sync took its budget.
+    pub sync_steps: u64,
     /// Entries filled ahead of a fault.
     pub prefetched: u64,
     /// Shadow pages in use now.
@@ -382,6 +392,7 @@ impl State {
                 unsyncs: 0,
                 resyncs: 0,
                 flood_unshadows: 0,
+                sync_steps: 0,
                 prefetched: 0,
                 pages_in_use: 0,
                 pages_peak: 0,
@@ -1306,18 +1317,45 @@ impl<T: Tables> Pool<'_, T> {
         upper_only: bool,
         top: u32,
     ) -> Result<(), Full> {
+        self.sync_some(guest, ctx, upper_only, top, u32::MAX)
+            .map(|_| ())
+    }
+
+    /// [`Pool::sync`] in steps: stops once the shadows it took on cost `budget` (see
+    /// [`SYNC_BUDGET`]; at least one shadow per call, so that calls make progress).
+    /// Returns whether nothing it had to do is left. A shadow left out of sync stays
+    /// as correct as before the call (its table writable, its entries stale).
+    fn sync_some(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        ctx: &PermCtx,
+        upper_only: bool,
+        top: u32,
+        budget: u32,
+    ) -> Result<bool, Full> {
         if self.st.n_unsync == 0 {
-            return Ok(());
+            return Ok(true);
         }
         // Out of sync no more first, so that leaves computed below see every table
         // that must stay protected.
         let mut k = 0;
         let mut done = 0;
+        let mut spent = 0u32;
+        let mut progress = false;
         while k < self.st.n_unsync {
             let i = self.unsync[k];
             if upper_only && self.sps[i as usize].role.level() == 1 {
                 k += 1;
                 continue;
+            }
+            let cost = if budget == u32::MAX {
+                0
+            } else {
+                SYNC_SHADOW_COST + self.present_entries(i)
+            };
+            if progress && spent.saturating_add(cost) > budget {
+                // The rest in a later call.
+                break;
             }
             // Under `top` (one walk up the parent links; such an sp is rooted: `top`
             // is pinned), else an orphan, else another address space's.
@@ -1332,6 +1370,8 @@ impl<T: Tables> Pool<'_, T> {
                     self.zap(i);
                     self.st.tlb_dirty = dirty;
                     self.st.stats.flood_unshadows += 1;
+                    spent = spent.saturating_add(cost);
+                    progress = true;
                     continue;
                 }
                 if top != NIL {
@@ -1345,7 +1385,10 @@ impl<T: Tables> Pool<'_, T> {
             // Keep the ones to resync after the live list.
             self.unsync[self.sps.len() - 1 - done] = i;
             done += 1;
+            spent = spent.saturating_add(cost);
+            progress = true;
         }
+        let complete = k >= self.st.n_unsync;
         for d in 0..done {
             let i = self.unsync[self.sps.len() - 1 - d];
             if self.sps[i as usize].valid {
@@ -1359,7 +1402,16 @@ impl<T: Tables> Pool<'_, T> {
                 self.write_protect(guest, sp.gfn);
             }
         }
-        Ok(())
+        Ok(complete)
+    }
+
+    /// Present entries of sp `i` (what its resync costs).
+    fn present_entries(&mut self, i: u32) -> u32 {
+        self.tables
+            .table(i)
+            .iter()
+            .filter(|&&e| e & SPTE_P != 0)
+            .count() as u32
     }
 
     /// The sp for guest table (or large-page piece) `gfn` with `role`, built if
@@ -1428,6 +1480,9 @@ impl<T: Tables> Pool<'_, T> {
     /// shadows are brought up to date first (with PCIDs and bit 63 set, the TLB may keep
     /// stale entries, and so may the shadow). `prev` is the vCPU's current root
     /// (unpinned), or NIL.
+    ///
+    /// The sync stops after `budget` ([`SYNC_BUDGET`], or `u32::MAX` for all of it):
+    /// `None` then, with the vCPU still on `prev`; it runs the instruction again.
     #[allow(clippy::too_many_arguments)]
     pub fn load_root(
         &mut self,
@@ -1437,7 +1492,8 @@ impl<T: Tables> Pool<'_, T> {
         ctx: &PermCtx,
         prev: u32,
         flush: bool,
-    ) -> Result<u32, Full> {
+        budget: u32,
+    ) -> Result<Option<u32>, Full> {
         let (m, pse, cr3) = match mode {
             PagingMode::Long4 => (MODE_LONG4, false, cr3 & (ctx.phys_mask())),
             PagingMode::Pae => (MODE_PAE, false, cr3 & 0xffff_ffe0),
@@ -1461,16 +1517,23 @@ impl<T: Tables> Pool<'_, T> {
             // they leave the cache.
             self.touch(r);
         }
+        if flush {
+            // What this root reaches comes up to date (pinned meanwhile: a sync
+            // unshadows orphans). The previous root keeps its pin until the sync is
+            // done: the vCPU runs on it if the sync takes more than one call.
+            self.sps[r as usize].pins += 1;
+            let synced = self.sync_some(guest, ctx, false, r, budget);
+            self.sps[r as usize].pins -= 1;
+            if !synced? {
+                self.st.stats.sync_steps += 1;
+                return Ok(None);
+            }
+        }
         // The vCPU's reference moves to the new root.
         self.sps[r as usize].pins += 1;
         if prev != NIL && self.sps[prev as usize].valid {
             let p = &mut self.sps[prev as usize].pins;
             *p = p.saturating_sub(1);
-        }
-        if flush {
-            // What this root reaches comes up to date (pinned first: a sync unshadows
-            // orphans).
-            self.sync(guest, ctx, false, r)?;
         }
         if m == MODE_PAE {
             // MOV CR3 loads the four PDPTEs: the root is their copy.
@@ -1512,7 +1575,7 @@ impl<T: Tables> Pool<'_, T> {
                 self.st.roots[k] = r;
             }
         }
-        Ok(r)
+        Ok(Some(r))
     }
 
     /// Takes a reference on sp `i` (a vCPU's cache of recent roots): it is not reclaimed
@@ -1742,18 +1805,36 @@ impl<T: Tables> Pool<'_, T> {
 
     /// INVLPG `gva` under root `root`: the upper-level shadows under it come back in
     /// sync (the paging-structure caches are flushed) and `gva`'s shadow entry is refreshed from
-    /// the guest's PTE (dropped where it cannot be cached).
+    /// the guest's PTE (dropped where it cannot be cached). False: the sync took
+    /// `budget` (see [`Pool::load_root`]) and the entry is not refreshed yet; the vCPU
+    /// runs the instruction again.
     pub fn invlpg(
         &mut self,
         guest: &mut impl GuestPhys,
         root: u32,
         gva: u64,
         ctx: &PermCtx,
-    ) -> Result<(), Full> {
+        budget: u32,
+    ) -> Result<bool, Full> {
         // INVLPG acts on the current address space: the upper-level shadows its root
         // reaches (others, a root being filled for a new process included, wait for
         // their own flush).
-        self.sync(guest, ctx, true, root)?;
+        if !self.sync_some(guest, ctx, true, root, budget)? {
+            self.st.stats.sync_steps += 1;
+            return Ok(false);
+        }
+        self.invlpg_entry(guest, root, gva, ctx)?;
+        Ok(true)
+    }
+
+    /// INVLPG's refresh of `gva`'s leaf entry (the path down to it is in sync).
+    fn invlpg_entry(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        root: u32,
+        gva: u64,
+        ctx: &PermCtx,
+    ) -> Result<(), Full> {
         let mut sp = root;
         let mode = self.sps[root as usize].role.mode();
         for level in (1..=top_level(mode)).rev() {
@@ -1815,9 +1896,19 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     /// Flushes every TLB entry (INVPCID of all contexts, a single context): every
-    /// out-of-sync shadow is brought up to date.
-    pub fn flush_all(&mut self, guest: &mut impl GuestPhys, ctx: &PermCtx) -> Result<(), Full> {
-        self.sync(guest, ctx, false, NIL)
+    /// out-of-sync shadow is brought up to date. False: the sync took `budget` (see
+    /// [`Pool::load_root`]); the vCPU runs the instruction again.
+    pub fn flush_all(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        ctx: &PermCtx,
+        budget: u32,
+    ) -> Result<bool, Full> {
+        let done = self.sync_some(guest, ctx, false, NIL, budget)?;
+        if !done {
+            self.st.stats.sync_steps += 1;
+        }
+        Ok(done)
     }
 
     /// Number of shadows out of sync now.

@@ -382,6 +382,11 @@ struct Machine {
     ctx: PermCtx,
     generation: u64,
     mode: u8,
+    /// The sync budget of flushing instructions ([`SYNC_BUDGET`] as in the module): a
+    /// CR3 load, INVLPG or flush whose sync is not done runs again, as a vCPU does.
+    budget: u32,
+    /// Flushing instructions that took more than one call.
+    reruns: u64,
 }
 
 impl Machine {
@@ -428,6 +433,8 @@ impl Machine {
             },
             generation: 0,
             mode,
+            budget: SYNC_BUDGET,
+            reruns: 0,
         };
         m.load_cr3(ROOTS << 12);
         m
@@ -465,18 +472,28 @@ impl Machine {
         } else {
             NIL
         };
-        self.root = match self
-            .s
-            .pool()
-            .load_root(&mut self.g, paging, cr3, &self.ctx, prev, flush)
-        {
-            Ok(r) => r,
-            Err(Full) => {
-                self.s.pool().reset();
-                self.s
-                    .pool()
-                    .load_root(&mut self.g, paging, cr3, &self.ctx, NIL, true)
-                    .expect("an empty pool has room for a root")
+        self.root = loop {
+            match self.s.pool().load_root(
+                &mut self.g,
+                paging,
+                cr3,
+                &self.ctx,
+                prev,
+                flush,
+                self.budget,
+            ) {
+                Ok(Some(r)) => break r,
+                // The vCPU runs MOV CR3 again.
+                Ok(None) => self.reruns += 1,
+                Err(Full) => {
+                    self.s.pool().reset();
+                    break self
+                        .s
+                        .pool()
+                        .load_root(&mut self.g, paging, cr3, &self.ctx, NIL, true, u32::MAX)
+                        .expect("an empty pool has room for a root")
+                        .expect("an unbounded sync completes");
+                }
             }
         };
         self.generation = self.s.st.generation;
@@ -562,13 +579,27 @@ impl Machine {
     }
 
     fn invlpg(&mut self, gva: u64) {
-        if self
-            .s
-            .pool()
-            .invlpg(&mut self.g, self.root, gva, &self.ctx)
-            .is_err()
-        {
-            self.s.pool().reset();
+        loop {
+            match self
+                .s
+                .pool()
+                .invlpg(&mut self.g, self.root, gva, &self.ctx, self.budget)
+            {
+                Ok(true) => return,
+                Ok(false) => self.reruns += 1,
+                Err(Full) => return self.s.pool().reset(),
+            }
+        }
+    }
+
+    /// INVPCID of all contexts.
+    fn flush_all(&mut self) {
+        loop {
+            match self.s.pool().flush_all(&mut self.g, &self.ctx, self.budget) {
+                Ok(true) => return,
+                Ok(false) => self.reruns += 1,
+                Err(Full) => return self.s.pool().reset(),
+            }
         }
     }
 }
@@ -669,6 +700,74 @@ fn table_write_goes_unsync_and_resyncs_on_cr3_load() {
     // And the table is protected again.
     m.write((pt << 12) + 16, 0);
     assert_eq!(m.s.st.stats.pt_writes, after.pt_writes + 1);
+}
+
+/// A flushing CR3 load with 8 full page tables out of sync under its root: each call
+/// brings at most one of them in sync (the budget is half a table), the vCPU runs the
+/// instruction again until all are, and only then moves to the root.
+#[test]
+fn a_long_sync_takes_steps_of_bounded_work() {
+    const TABLES_OUT: u64 = 8;
+    // Room for the 4096 leaf entries' rmaps.
+    let mut m = Machine::new(256, 16);
+    let (pdpt, pd) = (TABLES, TABLES + 1);
+    let flags = P | RW | US;
+    m.g.mem[(ROOTS * 512 + 1) as usize] = (pdpt << 12) | flags;
+    m.g.mem[(pdpt * 512) as usize] = (pd << 12) | flags;
+    for t in 0..TABLES_OUT {
+        let pt = TABLES + 2 + t;
+        m.g.mem[(pd * 512 + t) as usize] = (pt << 12) | flags;
+        for i in 0..512 {
+            // Accessed entries: faults prefetch their neighbours.
+            m.g.mem[(pt * 512 + i) as usize] = ((DATA + (i % 64)) << 12) | flags | PTE_A;
+        }
+    }
+    let gva = |t: u64, i: u64| (1u64 << 39) | (t << 21) | (i << 12);
+    for t in 0..TABLES_OUT {
+        for i in 0..512 {
+            assert_eq!(m.access(gva(t, i), rd()).0, Ok((DATA + (i % 64)) << 12));
+        }
+    }
+    // One write per table: all of them go out of sync.
+    for t in 0..TABLES_OUT {
+        m.write((TABLES + 2 + t) << 12, ((DATA + 100) << 12) | flags | PTE_A);
+    }
+    assert_eq!(
+        m.s.pool().unsync_count(),
+        TABLES_OUT as usize,
+        "{:?}",
+        m.s.st.stats
+    );
+    let before = m.s.st.stats;
+    let root = m.root;
+    // Step by step, as the module does it: the vCPU stays on its root in between.
+    let paging = m.paging();
+    let mut calls = 0;
+    let r = loop {
+        calls += 1;
+        let resyncs = m.s.st.stats.resyncs;
+        let r =
+            m.s.pool()
+                .load_root(&mut m.g, paging, m.cr3, &m.ctx, root, true, SYNC_BUDGET)
+                .expect("room in the pool");
+        assert!(m.s.st.stats.resyncs - resyncs <= 1, "one table per call");
+        if let Some(r) = r {
+            break r;
+        }
+        assert_eq!(
+            m.s.sps[root as usize].pins, 2,
+            "the vCPU's root keeps its pin"
+        );
+    };
+    assert_eq!(r, root);
+    assert!(calls >= TABLES_OUT, "{calls} calls for {TABLES_OUT} tables");
+    assert_eq!(m.s.st.stats.resyncs - before.resyncs, TABLES_OUT);
+    assert_eq!(m.s.st.stats.sync_steps - before.sync_steps, calls - 1);
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    for t in 0..TABLES_OUT {
+        assert_eq!(m.access(gva(t, 0), rd()).0, Ok((DATA + 100) << 12));
+        assert_eq!(m.access(gva(t, 1), rd()).0, Ok((DATA + 1) << 12));
+    }
 }
 
 #[test]
@@ -866,7 +965,7 @@ fn run_ops(
     mode: u8,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
-    run_ops_grown(pages, pages, roots, emulate, mode, ops)
+    run_ops_grown(pages, pages, roots, emulate, mode, ops, SYNC_BUDGET)
 }
 
 /// `run_ops` on a pool whose table pages exist only up to `first` at the start and grow
@@ -878,8 +977,10 @@ fn run_ops_grown(
     emulate: bool,
     mode: u8,
     ops: &[Op],
+    budget: u32,
 ) -> Result<(), TestCaseError> {
     let mut m = Machine::with_mode(pages, roots, mode);
+    m.budget = budget;
     m.s.st.sp_cap = first as u32;
     m.s.tables.3 = first as u32;
     m.s.st.emulate_writes = emulate;
@@ -959,9 +1060,7 @@ fn run_ops_grown(
                 invlpg_at[va] = seq;
             }
             Op::FlushAll => {
-                if m.s.pool().flush_all(&mut m.g, &m.ctx).is_err() {
-                    m.s.pool().reset();
-                }
+                m.flush_all();
                 last_flush = seq;
             }
             Op::Cr3 { root, flush } => {
@@ -1016,7 +1115,19 @@ proptest! {
 
     #[test]
     fn a_pool_that_grows_its_pages_agrees(ops in proptest::collection::vec(op(), 1..120)) {
-        run_ops_grown(96, 12, 8, true, MODE_LONG4, &ops)?;
+        run_ops_grown(96, 12, 8, true, MODE_LONG4, &ops, SYNC_BUDGET)?;
+    }
+
+    /// Every flushing instruction's sync one shadow per call, the instruction run
+    /// again until it is done.
+    #[test]
+    fn syncs_in_steps_agree(ops in proptest::collection::vec(op(), 1..120), emulate: bool) {
+        run_ops_grown(96, 96, 16, emulate, MODE_LONG4, &ops, 1)?;
+    }
+
+    #[test]
+    fn syncs_in_steps_in_a_tiny_pool(ops in proptest::collection::vec(op(), 1..120), mode in 0u8..3) {
+        run_ops_grown(10, 10, 2, true, mode, &ops, 1)?;
     }
 
     #[test]
