@@ -406,15 +406,24 @@ impl VcpuInner {
                 if bad {
                     return self.inject(vector::GP, Some(0));
                 }
-                // A global flush first (every PCID's entries go), in steps.
-                match self.flush_all_step() {
-                    Some(true) => {}
-                    Some(false) => return Next::Fast,
-                    None => return self.no_shadow(run, 0, 7),
+                let flush = (v ^ self.cr4) & CR4_FLUSH != 0;
+                if flush {
+                    // A global flush first (every PCID's entries go), in steps.
+                    match self.flush_all_step() {
+                        Some(true) => {}
+                        Some(false) => return Next::Fast,
+                        None => return self.no_shadow(run, 0, 7),
+                    }
                 }
+                let need_reset = self.need_reset;
                 self.cr4 = v;
                 self.apply_paging_state();
-                self.reset_shadow();
+                if flush {
+                    self.reset_shadow();
+                } else {
+                    // The root and its rights stay (nothing of paging changed).
+                    self.need_reset = need_reset;
+                }
             }
             CrAccess::MovTo { cr: 8, gpr } => {
                 let v = self.gpr(gpr);

@@ -25,6 +25,14 @@ impl VcpuInner {
         if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&index) {
             self.stats.apic_accesses.inc();
         }
+        if index == msr::IA32_EFER
+            && (v ^ self.efer) & (EFER_NXE | EFER_LME) != 0
+            && self.flush_all_step() == Some(false)
+        {
+            // A paging change flushes every PCID's entries: that sync first, in steps
+            // (the guest runs WRMSR again).
+            return Next::Fast;
+        }
         if !self.set_msr(index, v) {
             return self.inject(vector::GP, Some(0));
         }
@@ -81,9 +89,16 @@ impl VcpuInner {
                 if v & !rvmm_core::guest_state::EFER_ALLOWED != 0 || lme_change {
                     return false;
                 }
+                let paging = (v ^ self.efer) & (EFER_NXE | EFER_LME) != 0;
+                let need_reset = self.need_reset;
                 self.efer = (v & !EFER_LMA) | (self.efer & EFER_LMA);
                 self.apply_paging_state();
-                self.reset_shadow();
+                if paging {
+                    self.reset_shadow();
+                } else {
+                    // The root and its rights stay (SCE is not about paging).
+                    self.need_reset = need_reset;
+                }
             }
             msr::IA32_FS_BASE
             | msr::IA32_GS_BASE

@@ -241,6 +241,8 @@ impl VcpuInner {
                 self.cr2 = gva;
                 self.inject(vector::PF, Some(f.error_code))
             }
+            // The guest faults again and the sync goes on (not a fault loop).
+            Some(Ok(PoolFix::Retry)) => Next::Fast,
             Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(run, gpa, ctx),
             Some(Ok(PoolFix::WriteProtected { gpa, .. })) => self.pt_write(run, gva, gpa, ctx),
         }

@@ -14,8 +14,13 @@ pub const CR4_DE: u64 = 1 << 3;
 pub const CR4_PSE: u64 = 1 << 4;
 /// CR4.PAE.
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.PGE.
+pub const CR4_PGE: u64 = 1 << 7;
 /// CR4.PCIDE.
 pub const CR4_PCIDE: u64 = 1 << 17;
+/// The CR4 bits whose change flushes the TLB (SDM Vol. 3A, 4.10.4.1; PCIDE from 1
+/// to 0 does, and a change to 1 costs nothing extra here).
+pub const CR4_FLUSH: u64 = CR4_PGE | CR4_PSE | CR4_PAE | CR4_PCIDE | CR4_SMEP | CR4_SMAP;
 /// CR4.SMEP.
 pub const CR4_SMEP: u64 = 1 << 20;
 /// CR4.SMAP.

@@ -451,6 +451,9 @@ pub enum Fix {
         /// The guest's translation.
         walk: Walk,
     },
+    /// A table the path needs has more out of sync under it than one exit may sync:
+    /// part of it is done; re-enter the guest, whose access faults again.
+    Retry,
     /// The page is not RAM (or a write to read-only RAM): emulate the access.
     Mmio {
         /// The guest-physical address accessed.
@@ -1310,21 +1313,12 @@ impl<T: Tables> Pool<'_, T> {
     /// tables. A flushing CR3 load syncs what its root reaches: tables only other
     /// address spaces use may stay out of sync (a dead process's are never synced
     /// again); linking a shadow into a tree syncs what it brings along ([`Pool::child`]).
-    fn sync(
-        &mut self,
-        guest: &mut impl GuestPhys,
-        ctx: &PermCtx,
-        upper_only: bool,
-        top: u32,
-    ) -> Result<(), Full> {
-        self.sync_some(guest, ctx, upper_only, top, u32::MAX)
-            .map(|_| ())
-    }
-
-    /// [`Pool::sync`] in steps: stops once the shadows it took on cost `budget` (see
-    /// [`SYNC_BUDGET`]; at least one shadow per call, so that calls make progress).
-    /// Returns whether nothing it had to do is left. A shadow left out of sync stays
-    /// as correct as before the call (its table writable, its entries stale).
+    ///
+    /// In steps: stops once what it looked at and the shadows it took on cost `budget`
+    /// (see [`SYNC_BUDGET`]; at least one shadow per call, so that calls make
+    /// progress; `u32::MAX`: all of it). Returns whether nothing it had to do is left.
+    /// A shadow left out of sync stays as correct as before the call (its table
+    /// writable, its entries stale).
     fn sync_some(
         &mut self,
         guest: &mut impl GuestPhys,
@@ -1338,55 +1332,63 @@ impl<T: Tables> Pool<'_, T> {
         }
         // Out of sync no more first, so that leaves computed below see every table
         // that must stay protected.
+        let bounded = budget != u32::MAX;
         let mut k = 0;
         let mut done = 0;
+        // Work so far: a unit per shadow looked at and per parent visited, and what
+        // the shadows taken on cost.
         let mut spent = 0u32;
+        let mut visits = self.st.stats.parent_visits;
         let mut progress = false;
         while k < self.st.n_unsync {
+            if bounded && progress && spent > budget {
+                break;
+            }
+            spent = spent.saturating_add(1);
             let i = self.unsync[k];
             if upper_only && self.sps[i as usize].role.level() == 1 {
                 k += 1;
                 continue;
             }
-            let cost = if budget == u32::MAX {
-                0
-            } else {
+            // Under `top` (one walk up the parent links; such an sp is rooted: `top`
+            // is pinned), else an orphan, else another address space's.
+            let in_scope = top == NIL || self.under(i, top, 4);
+            let orphan = (top == NIL || !in_scope) && !self.rooted(i, 4);
+            let v = self.st.stats.parent_visits;
+            spent = spent.saturating_add(u32::try_from(v - visits).unwrap_or(u32::MAX));
+            visits = v;
+            if !in_scope && !orphan {
+                k += 1;
+                continue;
+            }
+            let cost = if bounded {
                 SYNC_SHADOW_COST + self.present_entries(i)
+            } else {
+                0
             };
             if progress && spent.saturating_add(cost) > budget {
                 // The rest in a later call.
                 break;
             }
-            // Under `top` (one walk up the parent links; such an sp is rooted: `top`
-            // is pinned), else an orphan, else another address space's.
-            if top == NIL || !self.under(i, top, 4) {
-                if !self.rooted(i, 4) {
-                    // An orphan (a dead process's table, whose tree dropped it):
-                    // unshadowed rather than synced. No pinned sp (a vCPU's root, a
-                    // cached root, a fault's path) reaches it, so no CPU's TLB can hold
-                    // anything of it now: no remote flush for this. `zap` takes it off
-                    // the list.
-                    let dirty = self.st.tlb_dirty;
-                    self.zap(i);
-                    self.st.tlb_dirty = dirty;
-                    self.st.stats.flood_unshadows += 1;
-                    spent = spent.saturating_add(cost);
-                    progress = true;
-                    continue;
-                }
-                if top != NIL {
-                    k += 1;
-                    continue;
-                }
-            }
+            spent = spent.saturating_add(cost);
+            progress = true;
             self.sps[i as usize].unsync = false;
             self.st.n_unsync -= 1;
             self.unsync[k] = self.unsync[self.st.n_unsync];
+            if orphan {
+                // An orphan (a dead process's table, whose tree dropped it): unshadowed
+                // rather than synced. No pinned sp (a vCPU's root, a cached root, a
+                // fault's path) reaches it, so no CPU's TLB can hold anything of it
+                // now: no remote flush for this.
+                let dirty = self.st.tlb_dirty;
+                self.zap(i);
+                self.st.tlb_dirty = dirty;
+                self.st.stats.flood_unshadows += 1;
+                continue;
+            }
             // Keep the ones to resync after the live list.
             self.unsync[self.sps.len() - 1 - done] = i;
             done += 1;
-            spent = spent.saturating_add(cost);
-            progress = true;
         }
         let complete = k >= self.st.n_unsync;
         for d in 0..done {
@@ -1415,7 +1417,10 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     /// The sp for guest table (or large-page piece) `gfn` with `role`, built if
-    /// missing; linked from entry `index` of `parent`.
+    /// missing; linked from entry `index` of `parent`. `None` if an existing shadow
+    /// has more out of sync under it than `budget` (see [`Pool::load_root`]) covers:
+    /// not linked yet, and the fault is taken again.
+    #[allow(clippy::too_many_arguments)]
     fn child(
         &mut self,
         guest: &mut impl GuestPhys,
@@ -1424,21 +1429,33 @@ impl<T: Tables> Pool<'_, T> {
         gfn: u64,
         role: Role,
         ctx: &PermCtx,
-    ) -> Result<u32, Full> {
+        budget: u32,
+    ) -> Result<Option<u32>, Full> {
         let e = self.tables.table(parent)[index];
         if e & SPTE_P != 0 {
             let c = self.tables.index(e & SPTE_ADDR);
             let sp = &self.sps[c as usize];
             if sp.gfn == gfn && sp.role == role {
-                return Ok(c);
+                return Ok(Some(c));
             }
         }
         let mut c = self.find(gfn, role);
-        let existing = c != NIL;
         if c == NIL {
             c = self.alloc_sp(gfn, role)?;
             if !role.direct() {
                 self.protect_new(guest, c);
+            }
+        } else {
+            // An existing shadow joins this tree: what went out of sync under it
+            // before this address space's last flush must not show through it. Synced
+            // before the link (pinned meanwhile: a sync unshadows orphans), so that a
+            // sync in steps never exposes a half-synced tree.
+            self.sps[c as usize].pins += 1;
+            let synced = self.sync_some(guest, ctx, false, c, budget);
+            self.sps[c as usize].pins -= 1;
+            if !synced? {
+                self.st.stats.sync_steps += 1;
+                return Ok(None);
             }
         }
         let prole = self.sps[parent as usize].role;
@@ -1450,13 +1467,7 @@ impl<T: Tables> Pool<'_, T> {
             spte::table(pa)
         };
         self.set_entry(parent, index, e)?;
-        if existing {
-            // An existing shadow joined this tree (linked first, so that it is no
-            // orphan): what went out of sync under it before this address space's last
-            // flush must not show through it.
-            self.sync(guest, ctx, false, c)?;
-        }
-        Ok(c)
+        Ok(Some(c))
     }
 
     /// A new shadow of a guest table: in sync and write-protected, unless the table's
@@ -1542,7 +1553,8 @@ impl<T: Tables> Pool<'_, T> {
                 let sp = self.sps[r as usize];
                 match Self::expected_child(&sp, j, pdpte, ctx) {
                     Some((gfn, role)) => {
-                        self.child(guest, r, j, gfn, role, ctx)?;
+                        // The vCPU is on this root already: all of it now.
+                        self.child(guest, r, j, gfn, role, ctx, u32::MAX)?;
                     }
                     None => self.set_entry(r, j, 0)?,
                 }
@@ -1682,7 +1694,10 @@ impl<T: Tables> Pool<'_, T> {
             };
             // A walk that succeeded always leads somewhere.
             let (gfn, role) = Self::expected_child(&cur, j, pte, ctx).ok_or(Full)?;
-            sp = self.child(guest, sp, j, gfn, role, ctx)?;
+            let Some(c) = self.child(guest, sp, j, gfn, role, ctx, SYNC_BUDGET)? else {
+                return Ok(Fix::Retry);
+            };
+            sp = c;
             pin(self, sp);
         }
         let Some((hpa, ro)) = guest.host_pa(w.gpa) else {

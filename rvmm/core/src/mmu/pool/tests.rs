@@ -502,7 +502,9 @@ impl Machine {
     /// An access by the guest: through the shadow, with #PF exits handled by the pool.
     /// Returns the result and whether the shadow gave it without an exit.
     fn access(&mut self, gva: u64, acc: Access) -> (Result<u64, u32>, bool) {
-        for tries in 0..8 {
+        // Retries of a sync in steps need as many tries as the pool has shadows.
+        let most = 8 + self.s.sps.len();
+        for tries in 0..most {
             if self.generation != self.s.st.generation {
                 self.load_cr3(self.cr3);
             }
@@ -522,6 +524,8 @@ impl Machine {
                 .page_fault(&mut self.g, self.root, self.cr3, gva, acc, &self.ctx)
             {
                 Ok(Fix::Mapped) => {}
+                // The access faults again.
+                Ok(Fix::Retry) => self.reruns += 1,
                 Ok(Fix::GuestFault(f)) if f.unbacked_table.is_some() => {
                     return (Err(UNBACKED), false)
                 }
@@ -767,6 +771,58 @@ fn a_long_sync_takes_steps_of_bounded_work() {
     for t in 0..TABLES_OUT {
         assert_eq!(m.access(gva(t, 0), rd()).0, Ok((DATA + 100) << 12));
         assert_eq!(m.access(gva(t, 1), rd()).0, Ok((DATA + 1) << 12));
+    }
+}
+
+/// The same 8 full tables out of sync under a PDPT that a new address space links in
+/// (its root is new, so its CR3 load has nothing to sync): the fault that links the
+/// PDPT syncs them in steps too, one table per exit, the access faulting again until
+/// the PDPT can be linked.
+#[test]
+fn linking_a_table_syncs_what_it_brings_in_steps() {
+    const TABLES_OUT: u64 = 8;
+    let mut m = Machine::new(256, 16);
+    let (pdpt, pd) = (TABLES, TABLES + 1);
+    let flags = P | RW | US;
+    for root in [ROOTS, ROOTS + 1] {
+        m.g.mem[(root * 512 + 1) as usize] = (pdpt << 12) | flags;
+    }
+    m.g.mem[(pdpt * 512) as usize] = (pd << 12) | flags;
+    for t in 0..TABLES_OUT {
+        let pt = TABLES + 2 + t;
+        m.g.mem[(pd * 512 + t) as usize] = (pt << 12) | flags;
+        for i in 0..512 {
+            m.g.mem[(pt * 512 + i) as usize] = ((DATA + (i % 64)) << 12) | flags | PTE_A;
+        }
+    }
+    let gva = |t: u64, i: u64| (1u64 << 39) | (t << 21) | (i << 12);
+    for t in 0..TABLES_OUT {
+        for i in 0..512 {
+            assert_eq!(m.access(gva(t, i), rd()).0, Ok((DATA + (i % 64)) << 12));
+        }
+    }
+    for t in 0..TABLES_OUT {
+        m.write((TABLES + 2 + t) << 12, ((DATA + 100) << 12) | flags | PTE_A);
+    }
+    assert_eq!(m.s.pool().unsync_count(), TABLES_OUT as usize);
+    m.load_cr3((ROOTS + 1) << 12);
+    assert_eq!(
+        m.s.pool().unsync_count(),
+        TABLES_OUT as usize,
+        "nothing under the new root"
+    );
+    let (before, reruns) = (m.s.st.stats, m.reruns);
+    assert_eq!(m.access(gva(3, 0), rd()).0, Ok((DATA + 100) << 12));
+    assert_eq!(m.s.st.stats.resyncs - before.resyncs, TABLES_OUT);
+    assert!(
+        m.reruns - reruns >= TABLES_OUT - 1,
+        "{} retries",
+        m.reruns - reruns
+    );
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    for t in 0..TABLES_OUT {
+        assert_eq!(m.access(gva(t, 0), rd()).0, Ok((DATA + 100) << 12));
+        assert_eq!(m.access(gva(t, 5), rd()).0, Ok((DATA + 5) << 12));
     }
 }
 
