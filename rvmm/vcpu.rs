@@ -26,7 +26,7 @@ use x86::msr;
 
 use crate::ffi::*;
 use crate::mmu::MemSlots;
-use crate::vmx::{self, Gprs};
+use crate::vmx::{self, CurrentVmcs, Gprs};
 
 mod exit;
 mod lapic;
@@ -238,17 +238,6 @@ pub(crate) enum Next {
     User,
 }
 
-fn vmw(field: u32, value: u64) {
-    // SAFETY: called only while this vCPU's VMCS is current (all callers are inside
-    // `with_vmcs` or the run section); a failing VMWRITE leaves the VMCS unchanged.
-    let _ = unsafe { vmx::vmwrite(field, value) };
-}
-
-fn vmr(field: u32) -> u64 {
-    // SAFETY: as for `vmw`.
-    unsafe { vmx::vmread(field) }.unwrap_or(0)
-}
-
 impl Vcpu {
     pub(crate) fn new(
         id: u32,
@@ -414,19 +403,21 @@ impl Vcpu {
     }
 
     pub(crate) fn get_regs(&self) -> Result<uapi::Regs> {
-        self.inner.lock().with_vmcs(|g| g.regs())
+        self.inner.lock().with_vmcs(|g, vmcs| g.regs(vmcs))
     }
 
     pub(crate) fn set_regs(&self, r: &uapi::Regs) -> Result {
-        self.inner.lock().with_vmcs(|g| g.set_regs(r))
+        self.inner.lock().with_vmcs(|g, vmcs| g.set_regs(vmcs, r))
     }
 
     pub(crate) fn get_sregs(&self) -> Result<uapi::Sregs> {
-        self.inner.lock().with_vmcs(|g| g.sregs())
+        self.inner.lock().with_vmcs(|g, vmcs| g.sregs(vmcs))
     }
 
     pub(crate) fn set_sregs(&self, s: &uapi::Sregs) -> Result {
-        self.inner.lock().with_vmcs(|g| g.set_sregs(s))?
+        self.inner
+            .lock()
+            .with_vmcs(|g, vmcs| g.set_sregs(vmcs, s))?
     }
 
     /// `RVMM_INTERRUPT`: queues an event for the next entry.
@@ -498,14 +489,14 @@ impl Vcpu {
     /// the first MSR rvmm does not virtualize, or a value the guest could not write).
     pub(crate) fn msrs(&self, m: &mut uapi::Msrs, set: bool) -> Result<usize> {
         let n = (m.nmsrs as usize).min(m.entries.len());
-        self.inner.lock().with_vmcs(|g| {
+        self.inner.lock().with_vmcs(|g, vmcs| {
             for (i, e) in m.entries[..n].iter_mut().enumerate() {
                 if set {
-                    if !g.set_msr(e.index, e.data) {
+                    if !g.set_msr(vmcs, e.index, e.data) {
                         return i;
                     }
                 } else {
-                    match g.get_msr(e.index) {
+                    match g.get_msr(vmcs, e.index) {
                         Some(v) => e.data = v,
                         None => return i,
                     }

@@ -12,6 +12,7 @@
 
 use core::arch::asm;
 use core::ffi::c_void;
+use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use kernel::{page::Page, prelude::*};
@@ -147,11 +148,11 @@ pub(crate) unsafe fn vmptrld(pa: u64) -> Result<(), VmFail> {
     vm_result(failed)
 }
 
-/// VMREAD of `field` in the current VMCS.
+/// VMREAD of `field` in the current VMCS (only through [`CurrentVmcs`]).
 ///
 /// # Safety
 /// The CPU must be in VMX operation with a current VMCS owned by the caller.
-pub(crate) unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
+unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
     let value: u64;
     let failed: u8;
     // SAFETY: the caller guarantees a current VMCS of its own.
@@ -162,11 +163,11 @@ pub(crate) unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
     vm_result(failed).map(|()| value)
 }
 
-/// VMWRITE of `value` to `field` in the current VMCS.
+/// VMWRITE of `value` to `field` in the current VMCS (only through [`CurrentVmcs`]).
 ///
 /// # Safety
 /// The CPU must be in VMX operation with a current VMCS owned by the caller.
-pub(crate) unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
+unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
     let failed: u8;
     // SAFETY: the caller guarantees a current VMCS of its own.
     unsafe {
@@ -178,9 +179,20 @@ pub(crate) unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
 
 /// Makes a VMCS of rvmm's current on this CPU and restores the previous current VMCS
 /// (KVM's, for instance) when dropped. Must live inside a non-preemptible section.
+///
+/// Invariant: while the guard exists, the VMCS it loaded is the current VMCS of the CPU
+/// the code holding the guard runs on, and that VMCS belongs to the guard's owner
+/// ([`Self::load`]'s contract: interrupts and preemption stay off for the guard's
+/// lifetime, the region is the caller's). A `&CurrentVmcs` is therefore the proof that
+/// VMREAD and VMWRITE reach that VMCS, which makes [`Self::read`] and [`Self::write`]
+/// safe: code that reads or writes a vCPU's VMCS takes the guard as a parameter. The
+/// guard is neither `Send` nor `Sync`, so it cannot leave the CPU (and the section) it
+/// was made in.
 pub(crate) struct CurrentVmcs {
     previous: u64,
     ours: u64,
+    /// `!Send` and `!Sync`: the VMCS is current on this CPU only.
+    _not_send: PhantomData<*mut ()>,
 }
 
 impl CurrentVmcs {
@@ -201,7 +213,36 @@ impl CurrentVmcs {
         let previous = unsafe { vmptrst() };
         // SAFETY: guaranteed by the caller.
         unsafe { vmptrld(pa) }?;
-        Ok(Self { previous, ours: pa })
+        Ok(Self {
+            previous,
+            ours: pa,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// VMREAD of `field` in this guard's VMCS.
+    pub(crate) fn try_read(&self, field: u32) -> Result<u64, VmFail> {
+        // SAFETY: the guard exists, so its VMCS, owned by its holder, is current on this
+        // CPU, which is in VMX operation, until the guard is dropped (`load`'s contract:
+        // interrupts and preemption off for the guard's lifetime).
+        unsafe { vmread(field) }
+    }
+
+    /// VMWRITE of `value` to `field` in this guard's VMCS.
+    pub(crate) fn try_write(&self, field: u32, value: u64) -> Result<(), VmFail> {
+        // SAFETY: as for `try_read`.
+        unsafe { vmwrite(field, value) }
+    }
+
+    /// VMREAD of `field` in this guard's VMCS; 0 if the VMREAD fails.
+    pub(crate) fn read(&self, field: u32) -> u64 {
+        self.try_read(field).unwrap_or(0)
+    }
+
+    /// VMWRITE of `value` to `field` in this guard's VMCS; a failing VMWRITE leaves the
+    /// VMCS unchanged.
+    pub(crate) fn write(&self, field: u32, value: u64) {
+        let _ = self.try_write(field, value);
     }
 }
 
@@ -276,10 +317,11 @@ unsafe extern "C" fn check_this_cpu(info: *mut c_void) {
         // SAFETY: VMX operation (above), IRQs off for the whole callback, and `pa` is this
         // CPU's own region, used by no other CPU.
         match unsafe { vmclear(pa).and_then(|()| CurrentVmcs::load(pa)) } {
-            Ok(_guard) => {
+            Ok(vmcs) => {
                 let rip = x86::vmx::vmcs::guest::RIP;
-                // SAFETY: our VMCS is current (guard).
-                let read = unsafe { vmwrite(rip, marker).and_then(|()| vmread(rip)) };
+                let read = vmcs
+                    .try_write(rip, marker)
+                    .and_then(|()| vmcs.try_read(rip));
                 matches!(read, Ok(v) if v == marker)
             }
             Err(_) => false,

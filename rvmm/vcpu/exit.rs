@@ -18,9 +18,10 @@ use rvmm_uapi as uapi;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
-use super::{vmr, vmw, Next, Pending, RootLoad, VcpuInner};
+use super::{Next, Pending, RootLoad, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
+use crate::vmx::CurrentVmcs;
 
 mod io;
 mod msrs;
@@ -39,8 +40,8 @@ pub(super) fn rdtsc() -> u64 {
 }
 
 impl VcpuInner {
-    pub(super) fn handle_exit(&mut self, run: *mut uapi::Run, id: u32) -> Next {
-        let reason = vmr(ro::EXIT_REASON) as u32;
+    pub(super) fn handle_exit(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, id: u32) -> Next {
+        let reason = vmcs.read(ro::EXIT_REASON) as u32;
         let basic = reason as u16;
         // The guest's MOV CR8 writes went to the virtual-APIC page: the APIC's TPR first.
         if self.vapic_tpr != 0 {
@@ -60,43 +61,43 @@ impl VcpuInner {
                 "vcpu {}: VM entry failed, exit reason {:#x}, qualification {:#x}\n",
                 id,
                 reason,
-                vmr(ro::EXIT_QUALIFICATION)
+                vmcs.read(ro::EXIT_QUALIFICATION)
             );
             return Next::User;
         }
         // An event whose delivery the exit interrupted is delivered again on entry.
-        let idt = vmr(ro::IDT_VECTORING_INFO) as u32;
+        let idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
         if idt & intr::VALID != 0 {
-            vmw(
+            vmcs.write(
                 control::VMENTRY_INTERRUPTION_INFO_FIELD,
                 u64::from(idt & !intr::NMI_UNBLOCK),
             );
             if idt & intr::HAS_ERROR_CODE != 0 {
-                vmw(
+                vmcs.write(
                     control::VMENTRY_EXCEPTION_ERR_CODE,
-                    vmr(ro::IDT_VECTORING_ERR_CODE),
+                    vmcs.read(ro::IDT_VECTORING_ERR_CODE),
                 );
             }
-            vmw(
+            vmcs.write(
                 control::VMENTRY_INSTRUCTION_LEN,
-                vmr(ro::VMEXIT_INSTRUCTION_LEN),
+                vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
             );
         }
         // (Otherwise nothing to do: a VM exit clears the valid bit of the VM-entry
         // interruption information, SDM 27.2.)
-        let next = self.dispatch(run, id, basic);
+        let next = self.dispatch(vmcs, run, id, basic);
         if core::mem::take(&mut self.triple_fault) {
             return self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
         }
         next
     }
 
-    fn dispatch(&mut self, run: *mut uapi::Run, id: u32, basic: u16) -> Next {
+    fn dispatch(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, id: u32, basic: u16) -> Next {
         use ExitReason::*;
         // The exit qualification, read only by the exits that have one.
-        let qual = || vmr(ro::EXIT_QUALIFICATION);
+        let qual = || vmcs.read(ro::EXIT_QUALIFICATION);
         match ExitReason::from_basic(basic) {
-            Some(ExceptionNmi) => self.exception_or_nmi(run, qual()),
+            Some(ExceptionNmi) => self.exception_or_nmi(vmcs, run, qual()),
             // Interrupts for the host exit here whatever the guest's RFLAGS.IF, as the SDM
             // says. (Bochs 2.7 does not while the guest has IF = 0: there the preemption
             // timer gives the CPU back.)
@@ -115,34 +116,34 @@ impl VcpuInner {
             // before the next entry.
             Some(TprBelowThreshold) => Next::Fast,
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
-            Some(Cpuid) => self.cpuid(),
+            Some(Cpuid) => self.cpuid(vmcs),
             Some(Hlt) => {
-                self.skip_instruction();
-                self.hlt(run)
+                self.skip_instruction(vmcs);
+                self.hlt(vmcs, run)
             }
-            Some(Invlpg) => self.invlpg(run, qual()),
-            Some(Invpcid) => self.invpcid(run, qual()),
-            Some(Vmcall) => self.vmcall(run),
-            Some(CrAccess) => self.cr_access(run, qual()),
-            Some(DrAccess) => self.dr_access(qual()),
-            Some(Io) => self.io(run, qual()),
-            Some(Rdmsr) => self.rdmsr(),
-            Some(Wrmsr) => self.wrmsr(),
-            Some(InterruptWindow) => self.interrupt_window(run),
+            Some(Invlpg) => self.invlpg(vmcs, run, qual()),
+            Some(Invpcid) => self.invpcid(vmcs, run, qual()),
+            Some(Vmcall) => self.vmcall(vmcs, run),
+            Some(CrAccess) => self.cr_access(vmcs, run, qual()),
+            Some(DrAccess) => self.dr_access(vmcs, qual()),
+            Some(Io) => self.io(vmcs, run, qual()),
+            Some(Rdmsr) => self.rdmsr(vmcs),
+            Some(Wrmsr) => self.wrmsr(vmcs),
+            Some(InterruptWindow) => self.interrupt_window(vmcs, run),
             // The guest can take the NMI that waited: it goes in before the next entry.
             Some(NmiWindow) => {
-                self.set_nmi_window_exiting(false);
+                self.set_nmi_window_exiting(vmcs, false);
                 Next::Fast
             }
-            Some(Xsetbv) => self.xsetbv(),
+            Some(Xsetbv) => self.xsetbv(vmcs),
             Some(Invd) | Some(Wbinvd) | Some(Pause) => {
-                self.skip_instruction();
+                self.skip_instruction(vmcs);
                 Next::Fast
             }
             Some(
                 Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff
                 | Vmxon | Invept | Invvpid | Vmfunc | Mwait | Monitor | Rdpmc | Rdtscp,
-            ) => self.inject(vector::UD, None),
+            ) => self.inject(vmcs, vector::UD, None),
             _ => {
                 let qual = qual();
                 user_pr!(
@@ -151,12 +152,12 @@ impl VcpuInner {
                     id,
                     basic,
                     qual,
-                    vmr(guest::RIP)
+                    vmcs.read(guest::RIP)
                 );
                 self.internal_error(
                     run,
                     uapi::RVMM_INTERNAL_UNHANDLED_EXIT,
-                    [basic.into(), qual, vmr(guest::RIP), 0],
+                    [basic.into(), qual, vmcs.read(guest::RIP), 0],
                 )
             }
         }
@@ -169,25 +170,29 @@ impl VcpuInner {
     }
 
     /// Advances RIP past the exiting instruction; STI/MOV SS blocking ends with it.
-    fn skip_instruction(&mut self) {
-        let rip = self.rip_after(vmr(guest::RIP), vmr(ro::VMEXIT_INSTRUCTION_LEN));
-        vmw(guest::RIP, rip);
-        let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
+    fn skip_instruction(&mut self, vmcs: &CurrentVmcs) {
+        let rip = self.rip_after(
+            vmcs,
+            vmcs.read(guest::RIP),
+            vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+        );
+        vmcs.write(guest::RIP, rip);
+        let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
-            vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
         }
     }
 
     /// Whether the guest runs 64-bit code (IA-32e mode and CS.L).
-    pub(super) fn long_mode_code(&self) -> bool {
-        self.efer & EFER_LMA != 0 && vmr(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0
+    pub(super) fn long_mode_code(&self, vmcs: &CurrentVmcs) -> bool {
+        self.efer & EFER_LMA != 0 && vmcs.read(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0
     }
 
     /// RIP after an instruction of `len` bytes at `rip`: it wraps at 64 bits in 64-bit
     /// code and at 32 bits otherwise (SDM Vol. 1, 3.5), whatever RIP the guest chose.
-    pub(super) fn rip_after(&self, rip: u64, len: u64) -> u64 {
+    pub(super) fn rip_after(&self, vmcs: &CurrentVmcs, rip: u64, len: u64) -> u64 {
         let next = rip.wrapping_add(len);
-        if self.long_mode_code() {
+        if self.long_mode_code(vmcs) {
             next
         } else {
             next & 0xffff_ffff
@@ -196,8 +201,8 @@ impl VcpuInner {
 
     /// Queues a hardware exception for the next entry, folding it with an event that
     /// was being delivered (double fault, or shutdown on a triple fault).
-    pub(super) fn inject(&mut self, vec: u8, error_code: Option<u32>) -> Next {
-        let pending = vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
+    pub(super) fn inject(&mut self, vmcs: &CurrentVmcs, vec: u8, error_code: Option<u32>) -> Next {
+        let pending = vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
         let (vec, error_code) =
             if pending & intr::VALID != 0 && pending & intr::TYPE_MASK == intr::TYPE_HW_EXCEPTION {
                 match combine_exceptions(intr::vector(pending), vec) {
@@ -205,7 +210,7 @@ impl VcpuInner {
                     Some(v) => (v, error_code),
                     None => {
                         // A fault while delivering #DF: the processor would shut down.
-                        vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+                        vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
                         self.triple_fault = true;
                         return Next::User;
                     }
@@ -219,18 +224,18 @@ impl VcpuInner {
         // again; the processor does that for what it delivers itself, rvmm for what
         // it injects.
         if vector::is_fault(vec) {
-            vmw(guest::RFLAGS, vmr(guest::RFLAGS) | (1 << 16));
+            vmcs.write(guest::RFLAGS, vmcs.read(guest::RFLAGS) | (1 << 16));
         }
         if let Some(ec) = error_code.filter(|_| vector::has_error_code(vec)) {
             info |= intr::HAS_ERROR_CODE;
-            vmw(control::VMENTRY_EXCEPTION_ERR_CODE, ec.into());
+            vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, ec.into());
         }
-        vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into());
+        vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into());
         Next::Fast
     }
 
-    fn exception_or_nmi(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
-        let info = vmr(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+    fn exception_or_nmi(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
+        let info = vmcs.read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
         if info & intr::TYPE_MASK == intr::TYPE_NMI {
             // SAFETY: hands the host's NMI back to the host.
             unsafe { rvmm_reraise_nmi() };
@@ -245,34 +250,34 @@ impl VcpuInner {
         // A fault in the guest's IRET unblocked virtual NMIs; IRET runs again later, so
         // they are blocked until then (SDM 28.2.3).
         if self.virtual_nmis && info & intr::NMI_UNBLOCK != 0 {
-            let s = vmr(guest::INTERRUPTIBILITY_STATE);
-            vmw(guest::INTERRUPTIBILITY_STATE, s | 8);
+            let s = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, s | 8);
         }
         if self.rmode && vec != vector::PF {
-            return self.rmode_exception(run, vec);
+            return self.rmode_exception(vmcs, run, vec);
         }
         let ec = (info & intr::HAS_ERROR_CODE != 0)
-            .then(|| vmr(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
+            .then(|| vmcs.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
         if vec == vector::PF {
-            return self.page_fault(run, qual, ec.unwrap_or(0));
+            return self.page_fault(vmcs, run, qual, ec.unwrap_or(0));
         }
         // Only #PF is intercepted; anything else belongs to the guest.
-        self.inject(vec, ec)
+        self.inject(vmcs, vec, ec)
     }
 
-    pub(super) fn perm_ctx(&self) -> PermCtx {
+    pub(super) fn perm_ctx(&self, vmcs: &CurrentVmcs) -> PermCtx {
         PermCtx {
             wp: self.cr0 & CR0_WP != 0,
             smep: self.cr4 & CR4_SMEP != 0,
             smap: self.cr4 & CR4_SMAP != 0,
-            ac: vmr(guest::RFLAGS) & (1 << 18) != 0,
+            ac: vmcs.read(guest::RFLAGS) & (1 << 18) != 0,
             nxe: self.efer & EFER_NXE != 0,
             gbpages: true,
             maxphyaddr: self.maxphyaddr,
         }
     }
 
-    fn cpuid(&mut self) -> Next {
+    fn cpuid(&mut self, vmcs: &CurrentVmcs) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
         let cached = match leaf {
             0..=0x15 if super::CPUID_CACHEABLE >> leaf & 1 != 0 => {
@@ -292,7 +297,7 @@ impl VcpuInner {
         self.gprs.rbx = b.into();
         self.gprs.rcx = c.into();
         self.gprs.rdx = d.into();
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
@@ -341,7 +346,7 @@ impl VcpuInner {
         }
     }
 
-    fn vmcall(&mut self, run: *mut uapi::Run) -> Next {
+    fn vmcall(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
         let g = &self.gprs;
         // SAFETY: our run page.
         unsafe {
@@ -355,31 +360,31 @@ impl VcpuInner {
             );
         }
         self.pending = Pending::Hypercall;
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         self.exit_to_user(run, uapi::RVMM_EXIT_HYPERCALL)
     }
 
-    fn gpr(&self, n: u8) -> u64 {
-        self.gprs.get(n, vmr(guest::RSP))
+    fn gpr(&self, vmcs: &CurrentVmcs, n: u8) -> u64 {
+        self.gprs.get(n, vmcs.read(guest::RSP))
     }
 
-    fn set_gpr(&mut self, n: u8, v: u64) {
+    fn set_gpr(&mut self, vmcs: &CurrentVmcs, n: u8, v: u64) {
         if !self.gprs.set(n, v) {
-            vmw(guest::RSP, v);
+            vmcs.write(guest::RSP, v);
         }
     }
 
-    fn cr_access(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+    fn cr_access(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
         let long = self.efer & EFER_LMA != 0;
         let width = |v: u64| if long { v } else { v & 0xffff_ffff };
         match CrAccess::decode(qual) {
             CrAccess::MovTo { cr: 0, gpr } => {
-                if let Err(n) = self.set_cr0(run, width(self.gpr(gpr))) {
+                if let Err(n) = self.set_cr0(vmcs, run, width(self.gpr(vmcs, gpr))) {
                     return n;
                 }
             }
             CrAccess::MovTo { cr: 3, gpr } => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(vmcs, gpr);
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
                 let keep = self.cr4 & CR4_PCIDE != 0 && v & (1 << 63) != 0;
                 let old = self.cr3;
@@ -388,7 +393,7 @@ impl VcpuInner {
                 } else {
                     v & 0xffff_ffff
                 };
-                if let RootLoad::Again = self.load_cr3_step(!keep, SYNC_BUDGET) {
+                if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
                     // The sync goes on when the guest runs MOV CR3 again (the section
                     // may end in between: its time budget holds).
                     self.cr3 = old;
@@ -396,7 +401,7 @@ impl VcpuInner {
                 }
             }
             CrAccess::MovTo { cr: 4, gpr } => {
-                let v = width(self.gpr(gpr));
+                let v = width(self.gpr(vmcs, gpr));
                 // PCIDE: only in IA-32e mode with CR3[11:0] = 0 (SDM 4.10.1).
                 let pcide_on = v & CR4_PCIDE != 0 && self.cr4 & CR4_PCIDE == 0;
                 let bad = v & !(rvmm_core::guest_state::CR4_ALLOWED & self.cr4_allowed) != 0
@@ -404,31 +409,31 @@ impl VcpuInner {
                     || (v & (1 << 18) != 0 && !self.xsave)
                     || (long && v & CR4_PAE == 0);
                 if bad {
-                    return self.inject(vector::GP, Some(0));
+                    return self.inject(vmcs, vector::GP, Some(0));
                 }
                 let flush = (v ^ self.cr4) & CR4_FLUSH != 0;
                 if flush {
                     // A global flush first (every PCID's entries go), in steps.
-                    match self.flush_all_step() {
+                    match self.flush_all_step(vmcs) {
                         Some(true) => {}
                         Some(false) => return Next::Fast,
-                        None => return self.no_shadow(run, 0, 7),
+                        None => return self.no_shadow(vmcs, run, 0, 7),
                     }
                 }
                 let need_reset = self.need_reset;
                 self.cr4 = v;
-                self.apply_paging_state();
+                self.apply_paging_state(vmcs);
                 if flush {
-                    self.reset_shadow();
+                    self.reset_shadow(vmcs);
                 } else {
                     // The root and its rights stay (nothing of paging changed).
                     self.need_reset = need_reset;
                 }
             }
             CrAccess::MovTo { cr: 8, gpr } => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(vmcs, gpr);
                 if v >> 4 != 0 {
-                    return self.inject(vector::GP, Some(0));
+                    return self.inject(vmcs, vector::GP, Some(0));
                 }
                 match self.apic.as_mut() {
                     // CR8 is TPR[7:4].
@@ -441,27 +446,27 @@ impl VcpuInner {
                     .apic
                     .as_ref()
                     .map_or(self.cr8, |a| u64::from(a.tpr() >> 4));
-                self.set_gpr(gpr, v);
+                self.set_gpr(vmcs, gpr, v);
             }
-            CrAccess::MovFrom { cr: 3, gpr } => self.set_gpr(gpr, self.cr3),
+            CrAccess::MovFrom { cr: 3, gpr } => self.set_gpr(vmcs, gpr, self.cr3),
             CrAccess::Clts => {
                 self.cr0 &= !(1 << 3);
-                self.apply_paging_state();
+                self.apply_paging_state(vmcs);
                 self.need_reset = false;
             }
             CrAccess::Lmsw { value } => {
                 let v = (self.cr0 & !0xe) | u64::from(value & 0xf) | (self.cr0 & 1);
-                if let Err(n) = self.set_cr0(run, v) {
+                if let Err(n) = self.set_cr0(vmcs, run, v) {
                     return n;
                 }
             }
-            _ => return self.inject(vector::UD, None),
+            _ => return self.inject(vmcs, vector::UD, None),
         }
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
-    fn set_cr0(&mut self, run: *mut uapi::Run, v: u64) -> Result<(), Next> {
+    fn set_cr0(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, v: u64) -> Result<(), Next> {
         // Paging off with PCIDs on is #GP (SDM 4.10.1).
         let reserved = v >> 32 != 0 || (v & CR0_PG == 0 && self.cr4 & CR4_PCIDE != 0);
         let pg_without_pe = v & CR0_PG != 0 && v & CR0_PE == 0;
@@ -469,22 +474,22 @@ impl VcpuInner {
             v & CR0_PG != 0 && self.efer & EFER_LME != 0 && self.cr4 & CR4_PAE == 0;
         let nw_without_cd = v & (1 << 29) != 0 && v & (1 << 30) == 0;
         if reserved || pg_without_pe || long_without_pae || nw_without_cd {
-            return Err(self.inject(vector::GP, Some(0)));
+            return Err(self.inject(vmcs, vector::GP, Some(0)));
         }
         let paging_bits = CR0_PG | CR0_PE | CR0_WP;
         let changed = (self.cr0 ^ v) & paging_bits != 0;
         if changed {
             // A paging change flushes every PCID's entries: that sync first, in steps.
-            match self.flush_all_step() {
+            match self.flush_all_step(vmcs) {
                 Some(true) => {}
                 Some(false) => return Err(Next::Fast),
-                None => return Err(self.no_shadow(run, 0, 8)),
+                None => return Err(self.no_shadow(vmcs, run, 0, 8)),
             }
         }
         self.cr0 = v;
-        self.apply_paging_state();
+        self.apply_paging_state(vmcs);
         if changed {
-            self.reset_shadow();
+            self.reset_shadow(vmcs);
         } else {
             self.need_reset = false;
         }
@@ -494,26 +499,26 @@ impl VcpuInner {
     /// MOV to or from a debug register (SDM Vol. 3B, 18.2): #GP outside ring 0 or for
     /// a DR6/DR7 value with bits 63:32 set, #UD for DR4/DR5 under CR4.DE (else they
     /// are DR6/DR7).
-    fn dr_access(&mut self, qual: u64) -> Next {
+    fn dr_access(&mut self, vmcs: &CurrentVmcs, qual: u64) -> Next {
         let mut dr = (qual & 7) as usize;
         let gpr = ((qual >> 8) & 0xf) as u8;
-        if vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
-            return self.inject(vector::GP, Some(0));
+        if vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
+            return self.inject(vmcs, vector::GP, Some(0));
         }
         if dr == 4 || dr == 5 {
             if self.cr4 & CR4_DE != 0 {
-                return self.inject(vector::UD, None);
+                return self.inject(vmcs, vector::UD, None);
             }
             dr += 2;
         }
         if qual & (1 << 4) == 0 {
-            let v = if self.long_mode_code() {
-                self.gpr(gpr)
+            let v = if self.long_mode_code(vmcs) {
+                self.gpr(vmcs, gpr)
             } else {
-                self.gpr(gpr) & 0xffff_ffff
+                self.gpr(vmcs, gpr) & 0xffff_ffff
             };
             if dr >= 6 && v >> 32 != 0 {
-                return self.inject(vector::GP, Some(0));
+                return self.inject(vmcs, vector::GP, Some(0));
             }
             let mut next = Next::Fast;
             match dr {
@@ -526,7 +531,7 @@ impl VcpuInner {
                 }
                 7 => {
                     let v = (v | 0x400) & !(1 << 12 | 1 << 14 | 1 << 15);
-                    vmw(guest::DR7, v);
+                    vmcs.write(guest::DR7, v);
                     self.dr[7] = v;
                     // Breakpoints enabled now: the next section loads DR0-3.
                     if v & 0xff != 0 && !self.guest_drs_loaded {
@@ -542,25 +547,25 @@ impl VcpuInner {
                     }
                 }
             }
-            self.skip_instruction();
+            self.skip_instruction(vmcs);
             return next;
         } else {
             let v = match dr {
                 // What the guest's #DBs reported so far, in the CPU for this section.
                 6 => crate::vmx::read_dr6(),
-                7 => vmr(guest::DR7),
+                7 => vmcs.read(guest::DR7),
                 _ => self.dr[dr],
             };
-            self.set_gpr(gpr, v);
+            self.set_gpr(vmcs, gpr, v);
         }
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
     /// XSETBV: the guest's XCR0, within x87/SSE/AVX and the architecture's rules.
-    fn xsetbv(&mut self) -> Next {
+    fn xsetbv(&mut self, vmcs: &CurrentVmcs) -> Next {
         let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
-        let cpl = vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3;
+        let cpl = vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3;
         let ok = self.xsave
             && self.cr4 & (1 << 18) != 0
             && cpl == 0
@@ -570,17 +575,17 @@ impl VcpuInner {
             && (v & 4 == 0 || v & 2 != 0);
         if !ok {
             if !self.xsave || self.cr4 & (1 << 18) == 0 {
-                return self.inject(vector::UD, None);
+                return self.inject(vmcs, vector::UD, None);
             }
-            return self.inject(vector::GP, Some(0));
+            return self.inject(vmcs, vector::GP, Some(0));
         }
         self.xcr0 = v;
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
-    fn interrupt_window(&mut self, run: *mut uapi::Run) -> Next {
-        self.set_window_exiting(false);
+    fn interrupt_window(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
+        self.set_window_exiting(vmcs, false);
         if self.pending_irq.is_some() {
             return Next::Fast;
         }
@@ -594,20 +599,20 @@ impl VcpuInner {
         self.exit_to_user(run, uapi::RVMM_EXIT_IRQ_WINDOW_OPEN)
     }
 
-    pub(crate) fn set_window_exiting(&mut self, on: bool) {
+    pub(crate) fn set_window_exiting(&mut self, vmcs: &CurrentVmcs, on: bool) {
         self.irq_window = on;
-        self.write_proc_controls();
+        self.write_proc_controls(vmcs);
     }
 
     /// Asks for an exit when the guest can take an NMI (where VMX has virtual NMIs).
-    pub(crate) fn set_nmi_window_exiting(&mut self, on: bool) {
+    pub(crate) fn set_nmi_window_exiting(&mut self, vmcs: &CurrentVmcs, on: bool) {
         if self.virtual_nmis {
             self.nmi_window = on;
-            self.write_proc_controls();
+            self.write_proc_controls(vmcs);
         }
     }
 
-    fn write_proc_controls(&self) {
+    fn write_proc_controls(&self, vmcs: &CurrentVmcs) {
         let mut v = self.proc_base;
         if self.irq_window {
             v |= PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
@@ -615,45 +620,45 @@ impl VcpuInner {
         if self.nmi_window {
             v |= PrimaryControls::NMI_WINDOW_EXITING.bits();
         }
-        vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, v.into());
+        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, v.into());
     }
 
     /// Whether the guest can take an external interrupt now.
-    pub(crate) fn interruptible(&self) -> bool {
+    pub(crate) fn interruptible(&self, vmcs: &CurrentVmcs) -> bool {
         !self.rmode
-            && vmr(guest::RFLAGS) & (1 << 9) != 0
-            && vmr(guest::INTERRUPTIBILITY_STATE) & 3 == 0
-            && vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
+            && vmcs.read(guest::RFLAGS) & (1 << 9) != 0
+            && vmcs.read(guest::INTERRUPTIBILITY_STATE) & 3 == 0
+            && vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
     }
 
     /// Puts queued events into the VMCS before an entry (VMCS current).
     #[inline]
-    pub(crate) fn deliver_events(&mut self) {
+    pub(crate) fn deliver_events(&mut self, vmcs: &CurrentVmcs) {
         if self.apic.is_none() && self.pending_exception.is_none() && self.pending_irq.is_none() {
             return;
         }
         if self.apic.is_some() {
-            self.apic_inject();
+            self.apic_inject(vmcs);
         }
         if self.pending_exception.is_none() && self.pending_irq.is_none() {
             return;
         }
         if let Some((vec, ec)) = self.pending_exception.take() {
-            if vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
-                let _ = self.inject(vec, ec);
+            if vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
+                let _ = self.inject(vmcs, vec, ec);
             } else {
                 self.pending_exception = Some((vec, ec));
             }
         }
         if let Some(vec) = self.pending_irq {
-            if self.interruptible() {
-                vmw(
+            if self.interruptible(vmcs) {
+                vmcs.write(
                     control::VMENTRY_INTERRUPTION_INFO_FIELD,
                     u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(vec)),
                 );
                 self.pending_irq = None;
             } else {
-                self.set_window_exiting(true);
+                self.set_window_exiting(vmcs, true);
             }
         }
     }

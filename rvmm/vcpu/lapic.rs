@@ -12,8 +12,9 @@ use rvmm_core::apic::{Effect, Trigger};
 use rvmm_core::exit::intr;
 use x86::vmx::vmcs::{control, guest};
 
-use super::{vmr, vmw, Next, VcpuInner};
+use super::{Next, VcpuInner};
 use crate::ffi::*;
+use crate::vmx::CurrentVmcs;
 
 /// The host's TSC.
 fn rdtsc() -> u64 {
@@ -65,7 +66,7 @@ impl VcpuInner {
     /// Before an entry (VMCS current, nothing else queued): inject the APIC's NMI or
     /// highest deliverable vector if the guest can take it now, else ask for an
     /// interrupt-window exit; cut the preemption timer to the APIC timer's deadline.
-    pub(super) fn apic_inject(&mut self) {
+    pub(super) fn apic_inject(&mut self, vmcs: &CurrentVmcs) {
         self.apic_collect();
         let Some(pending) = self.apic.as_ref().map(|a| a.pending()) else {
             return;
@@ -74,48 +75,49 @@ impl VcpuInner {
             // No injection into real mode (see `realmode`).
             return;
         }
-        let slot_free = vmr(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
+        let slot_free =
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
         if slot_free && self.pending_irq.is_none() && self.pending_exception.is_none() {
-            let istate = vmr(guest::INTERRUPTIBILITY_STATE);
+            let istate = vmcs.read(guest::INTERRUPTIBILITY_STATE);
             if self.pending_nmi && istate & 0xa == 0 {
                 // No blocking by NMI or MOV SS.
-                vmw(
+                vmcs.write(
                     control::VMENTRY_INTERRUPTION_INFO_FIELD,
                     u64::from(intr::VALID | intr::TYPE_NMI | 2),
                 );
                 self.pending_nmi = false;
             } else if self.pending_nmi {
                 // Blocked (an NMI handler runs): an exit when its IRET unblocks NMIs.
-                self.set_nmi_window_exiting(true);
+                self.set_nmi_window_exiting(vmcs, true);
             } else if let Some(v) = self.pending_extint {
                 // From the 8259 (acknowledged there): no IRR/ISR of the APIC, no TPR.
-                if vmr(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
-                    vmw(
+                if vmcs.read(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
+                    vmcs.write(
                         control::VMENTRY_INTERRUPTION_INFO_FIELD,
                         u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
                     );
                     self.pending_extint = None;
                     self.stats.apic_injections.inc();
                 } else {
-                    self.set_window_exiting(true);
+                    self.set_window_exiting(vmcs, true);
                 }
             } else if let Some(v) = pending {
-                if vmr(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
+                if vmcs.read(guest::RFLAGS) & (1 << 9) != 0 && istate & 3 == 0 {
                     if let Some(a) = self.apic.as_mut() {
                         a.ack(v);
                     }
-                    vmw(
+                    vmcs.write(
                         control::VMENTRY_INTERRUPTION_INFO_FIELD,
                         u64::from(intr::VALID | intr::TYPE_EXT_INTR | u32::from(v)),
                     );
                     self.stats.apic_injections.inc();
                 } else {
-                    self.set_window_exiting(true);
+                    self.set_window_exiting(vmcs, true);
                 }
             }
         }
-        self.program_preemption_timer();
-        self.tpr_to_vapic();
+        self.program_preemption_timer(vmcs);
+        self.tpr_to_vapic(vmcs);
     }
 
     /// After an exit, with the TPR shadow: the guest's VTPR becomes the APIC's TPR.
@@ -133,7 +135,7 @@ impl VcpuInner {
     /// Before an entry, with the TPR shadow: the APIC's TPR into VTPR, and the TPR
     /// threshold: the class of the highest interrupt the TPR holds back, so that the
     /// guest's lowering CR8 below it exits (SDM 30.1.2).
-    fn tpr_to_vapic(&mut self) {
+    fn tpr_to_vapic(&mut self, vmcs: &CurrentVmcs) {
         if self.vapic_tpr == 0 {
             return;
         }
@@ -147,12 +149,12 @@ impl VcpuInner {
         };
         // SAFETY: as in `tpr_from_vapic`.
         unsafe { core::ptr::write_volatile(self.vapic_tpr as *mut u8, tpr as u8) };
-        vmw(control::TPR_THRESHOLD, blocked.into());
+        vmcs.write(control::TPR_THRESHOLD, blocked.into());
     }
 
     /// The VMX-preemption timer ends guest execution at the APIC timer's deadline (or
     /// after the usual quantum, whichever is first).
-    fn program_preemption_timer(&mut self) {
+    fn program_preemption_timer(&mut self, vmcs: &CurrentVmcs) {
         if self.preemption_quantum == 0 {
             return;
         }
@@ -160,14 +162,14 @@ impl VcpuInner {
         match deadline {
             Some(d) => {
                 let left = d.saturating_sub(self.guest_tsc()) >> self.preemption_shift;
-                vmw(
+                vmcs.write(
                     guest::VMX_PREEMPTION_TIMER_VALUE,
                     left.min(self.preemption_quantum),
                 );
                 self.preemption_short = true;
             }
             None if self.preemption_short => {
-                vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
+                vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
                 self.preemption_short = false;
             }
             None => {}
@@ -185,8 +187,8 @@ impl VcpuInner {
     /// HLT (RIP already past it). Without an APIC, or with interrupts off (only an NMI
     /// or INIT could end it: rvmm reports that HLT to userspace, as before), userspace
     /// sees the exit; else the vCPU sleeps in the host until an interrupt is due.
-    pub(super) fn hlt(&mut self, run: *mut rvmm_uapi::Run) -> Next {
-        if self.apic.is_none() || vmr(guest::RFLAGS) & (1 << 9) == 0 {
+    pub(super) fn hlt(&mut self, vmcs: &CurrentVmcs, run: *mut rvmm_uapi::Run) -> Next {
+        if self.apic.is_none() || vmcs.read(guest::RFLAGS) & (1 << 9) == 0 {
             // SAFETY: our run page.
             unsafe {
                 ptr::write_volatile(
@@ -247,7 +249,7 @@ impl VcpuInner {
                 self.wait_sipi = false;
                 // The VMCS cannot fail to load here but for a broken VMX: then the
                 // vCPU stays where it was.
-                let _ = self.with_vmcs(|g| g.start_real_mode(v));
+                let _ = self.with_vmcs(|g, vmcs| g.start_real_mode(vmcs, v));
             }
         }
     }

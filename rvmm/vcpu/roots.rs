@@ -53,29 +53,39 @@ pub(super) enum RootLoad {
 impl VcpuInner {
     /// Drops the whole shadow and makes an empty root (a full TLB flush). The VMCS must
     /// be current.
-    pub(crate) fn reset_shadow(&mut self) -> bool {
-        self.load_cr3_shadow(true)
+    pub(crate) fn reset_shadow(&mut self, vmcs: &CurrentVmcs) -> bool {
+        self.load_cr3_shadow(vmcs, true)
     }
 
     /// The shadow for a (new) CR3 or paging mode, from the VM's pool; `flush` says
     /// whether out-of-sync shadows must be brought up to date (MOV CR3 with PCIDs and
     /// bit 63 set does not flush).
-    pub(crate) fn load_cr3_shadow(&mut self, flush: bool) -> bool {
-        matches!(self.load_cr3_step(flush, u32::MAX), RootLoad::Done)
+    pub(crate) fn load_cr3_shadow(&mut self, vmcs: &CurrentVmcs, flush: bool) -> bool {
+        matches!(self.load_cr3_step(vmcs, flush, u32::MAX), RootLoad::Done)
     }
 
     /// [`Self::load_cr3_shadow`] for an instruction that can run again: its sync takes
     /// at most `budget` (see `Pool::load_root`).
-    pub(super) fn load_cr3_step(&mut self, flush: bool, budget: u32) -> RootLoad {
+    pub(super) fn load_cr3_step(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        flush: bool,
+        budget: u32,
+    ) -> RootLoad {
         if !self.shadow.usable() {
             return RootLoad::Failed;
         }
-        self.load_pool_root(flush, budget)
+        self.load_pool_root(vmcs, flush, budget)
     }
 
     /// MOV CR3 (or a paging change): the root for CR3 and the paging mode from the VM's
     /// pool. The VMCS must be current.
-    pub(super) fn load_pool_root(&mut self, flush: bool, budget: u32) -> RootLoad {
+    pub(super) fn load_pool_root(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        flush: bool,
+        budget: u32,
+    ) -> RootLoad {
         // A root this vCPU holds a reference on (a recent one), while the pool has not
         // been reset and nothing needs a resync: no lock, no pool work.
         let gen = self.shadow.modes.generation.load(Ordering::Acquire);
@@ -91,14 +101,14 @@ impl VcpuInner {
                 let (root, pa) = (h.root, h.pa);
                 self.proot = root;
                 self.proot_gen = gen;
-                vmw(guest::CR3, pa);
+                vmcs.write(guest::CR3, pa);
                 self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
                 self.on_pool = true;
                 self.need_reset = false;
                 return RootLoad::Done;
             }
         }
-        let ctx = self.perm_ctx();
+        let ctx = self.perm_ctx(vmcs);
         let key = self.root_key();
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
         let mut guard = self.shadow.pool.lock();
@@ -153,7 +163,7 @@ impl VcpuInner {
         self.proot = root;
         self.proot_gen = gen;
         let pa = pool.root_pa(root);
-        vmw(guest::CR3, pa);
+        vmcs.write(guest::CR3, pa);
         // Remember it, with a reference of its own, for the lock-free path.
         let cr3 = self.cr3;
         // As many hints as the root cache keeps roots (a power of two): their references

@@ -55,28 +55,28 @@ pub(super) const SECTION_BUDGET_US: u64 = 250;
 impl VcpuInner {
     /// Moves RIP past a port I/O instruction that exited to userspace at `rip`, unless
     /// userspace has moved RIP since; returns whether it did.
-    pub(super) fn complete_io(&mut self, rip: u64, len: u8) -> bool {
-        if vmr(guest::RIP) != rip {
+    pub(super) fn complete_io(&mut self, vmcs: &CurrentVmcs, rip: u64, len: u8) -> bool {
+        if vmcs.read(guest::RIP) != rip {
             return false;
         }
-        vmw(guest::RIP, self.rip_after(rip, len.into()));
-        let intr_state = vmr(guest::INTERRUPTIBILITY_STATE);
+        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len.into()));
+        let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
-            vmw(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
         }
         true
     }
 
     /// Completes the exit userspace has handled (the data of an IN or MMIO read, RIP past
     /// an I/O instruction). The VMCS must be current.
-    pub(super) fn complete_pending(&mut self, run: *mut uapi::Run) {
+    pub(super) fn complete_pending(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) {
         match self.pending {
             Pending::None => {}
             Pending::IoOut { rip, len } => {
-                self.complete_io(rip, len);
+                self.complete_io(vmcs, rip, len);
             }
             Pending::IoIn { size, rip, len } => {
-                if !self.complete_io(rip, len) {
+                if !self.complete_io(vmcs, rip, len) {
                     self.pending = Pending::None;
                     return;
                 }
@@ -111,7 +111,7 @@ impl VcpuInner {
                     let load = |old| rvmm_core::emulate::load_result(old, data, &op, long);
                     if dst == 4 {
                         // RSP lives in the VMCS.
-                        vmw(guest::RSP, load(vmr(guest::RSP)));
+                        vmcs.write(guest::RSP, load(vmcs.read(guest::RSP)));
                     } else {
                         let new = load(self.gprs.get(dst, 0));
                         self.gprs.set(dst, new);
@@ -142,7 +142,7 @@ impl VcpuInner {
             Err(_) => {
                 self.internal_error(run, uapi::RVMM_INTERNAL_UNHANDLED_EXIT, [0xffff, 0, 0, 0])
             }
-            Ok(_guard) => self.enter_loop(run, id, start),
+            Ok(vmcs) => self.enter_loop(&vmcs, run, id, start),
         };
         let took = exit::rdtsc().wrapping_sub(start);
         if took > self.stats.longest_section.get() {
@@ -159,15 +159,21 @@ impl VcpuInner {
     }
 
     /// The run section's body; `start` is the TSC when interrupts went off.
-    pub(super) fn enter_loop(&mut self, run: *mut uapi::Run, id: u32, start: u64) -> Next {
-        self.write_host_state();
+    pub(super) fn enter_loop(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        id: u32,
+        start: u64,
+    ) -> Next {
+        self.write_host_state(vmcs);
         // The exit userspace handled completes here, with the VMCS current.
-        self.complete_pending(run);
-        if self.need_reset && !self.reset_shadow() {
+        self.complete_pending(vmcs, run);
+        if self.need_reset && !self.reset_shadow(vmcs) {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }
         if !self.state_checked {
-            if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state()) {
+            if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state(vmcs)) {
                 user_pr!(
                     pr_info,
                     "vcpu {}: guest state refused before VM entry: {}\n",
@@ -193,9 +199,9 @@ impl VcpuInner {
         self.shadow.section_start(id, unsafe { rvmm_cpu() });
         // SAFETY: our run page.
         if unsafe { ptr::read_volatile(addr_of_mut!((*run).request_interrupt_window)) } != 0
-            && !self.interruptible()
+            && !self.interruptible(vmcs)
         {
-            self.set_window_exiting(true);
+            self.set_window_exiting(vmcs, true);
         }
         let host_state = HostState::read();
         // SAFETY: interrupts are off for the whole section; the guest context is put back
@@ -204,7 +210,7 @@ impl VcpuInner {
         // Every entry of the section starts the timer from this value: without the "save
         // VMX-preemption timer value" exit control, exits leave the field alone.
         if self.preemption_quantum != 0 {
-            vmw(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
+            vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, self.preemption_quantum);
             self.preemption_short = false;
         }
         // L1TF: host data may be in the L1D since the last section (where the kernel
@@ -213,7 +219,7 @@ impl VcpuInner {
         unsafe { rvmm_spec_l1d_flush() };
         let mut launched = false;
         let next = loop {
-            self.deliver_events();
+            self.deliver_events(vmcs);
             self.shadow.entering(id);
             let root_gen = self.on_pool.then_some(self.proot_gen);
             if self.need_reset || !self.shadow.pre_entry_ok(root_gen, self.slots.generation) {
@@ -222,11 +228,11 @@ impl VcpuInner {
                 self.shadow.exited(id);
                 if self.shadow.pre_entry_ok(None, self.slots.generation) {
                     // The pool was reset (or the paging state changed): a new root.
-                    if !self.reset_shadow() {
+                    if !self.reset_shadow(vmcs) {
                         break self.internal_error(
                             run,
                             uapi::RVMM_INTERNAL_NO_SHADOW,
-                            [0, 0, vmr(guest::RIP), 6],
+                            [0, 0, vmcs.read(guest::RIP), 6],
                         );
                     }
                     // Other vCPUs may keep resetting the pool: the budget holds here too.
@@ -238,10 +244,10 @@ impl VcpuInner {
                 // The memory map changed: the run loop takes the new one.
                 break Next::Host;
             }
-            let r = self.enter_once(launched, host.xcr0);
+            let r = self.enter_once(vmcs, launched, host.xcr0);
             self.shadow.exited(id);
             if r.is_err() {
-                let err = vmr(ro::VM_INSTRUCTION_ERROR);
+                let err = vmcs.read(ro::VM_INSTRUCTION_ERROR);
                 user_pr!(
                     pr_info,
                     "vcpu {}: VM entry instruction failed, VM-instruction error {}\n",
@@ -252,14 +258,14 @@ impl VcpuInner {
                 break Next::User;
             }
             launched = true;
-            let next = self.handle_exit(run, id);
+            let next = self.handle_exit(vmcs, run, id);
             if let Next::User = next {
-                let ready = self.interruptible() && self.pending_irq.is_none();
+                let ready = self.interruptible(vmcs) && self.pending_irq.is_none();
                 // SAFETY: our run page.
                 unsafe {
                     ptr::write_volatile(
                         ptr::addr_of_mut!((*run).if_flag),
-                        u8::from(vmr(guest::RFLAGS) & (1 << 9) != 0),
+                        u8::from(vmcs.read(guest::RFLAGS) & (1 << 9) != 0),
                     );
                     ptr::write_volatile(
                         ptr::addr_of_mut!((*run).ready_for_interrupt_injection),
@@ -390,10 +396,15 @@ impl VcpuInner {
 
     /// One VM entry and exit. Per entry only what the host cannot run with: the guest's
     /// XCR0 (NMI handlers may use XSAVE features) and CR2.
-    pub(super) fn enter_once(&mut self, launched: bool, host_xcr0: u64) -> Result<(), vmx::VmFail> {
-        // SAFETY: interrupts are off, our VMCS is current with complete state, and the
-        // guest context is loaded (run section); XCR0 values are the guest's, checked at
-        // XSETBV, and the host's, read at the section start.
+    pub(super) fn enter_once(
+        &mut self,
+        _vmcs: &CurrentVmcs,
+        launched: bool,
+        host_xcr0: u64,
+    ) -> Result<(), vmx::VmFail> {
+        // SAFETY: interrupts are off, our VMCS is current (`_vmcs`) with complete state,
+        // and the guest context is loaded (run section); XCR0 values are the guest's,
+        // checked at XSETBV, and the host's, read at the section start.
         unsafe {
             // The guest's XCR0 matters only with its CR4.OSXSAVE on (without it, XSAVE
             // instructions and AVX raise #UD in the guest whatever XCR0 holds).

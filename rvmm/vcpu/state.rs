@@ -95,7 +95,7 @@ pub(super) const SEGS: [(u32, u32, u32, u32); 8] = [
 ];
 
 impl VcpuInner {
-    pub(super) fn regs(&self) -> uapi::Regs {
+    pub(super) fn regs(&self, vmcs: &CurrentVmcs) -> uapi::Regs {
         let g = &self.gprs;
         uapi::Regs {
             rax: g.rax,
@@ -104,7 +104,7 @@ impl VcpuInner {
             rdx: g.rdx,
             rsi: g.rsi,
             rdi: g.rdi,
-            rsp: vmr(guest::RSP),
+            rsp: vmcs.read(guest::RSP),
             rbp: g.rbp,
             r8: g.r8,
             r9: g.r9,
@@ -114,12 +114,12 @@ impl VcpuInner {
             r13: g.r13,
             r14: g.r14,
             r15: g.r15,
-            rip: vmr(guest::RIP),
-            rflags: vmr(guest::RFLAGS) & !(1 << 17),
+            rip: vmcs.read(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS) & !(1 << 17),
         }
     }
 
-    pub(super) fn set_regs(&mut self, r: &uapi::Regs) {
+    pub(super) fn set_regs(&mut self, vmcs: &CurrentVmcs, r: &uapi::Regs) {
         self.gprs = Gprs {
             rax: r.rax,
             rbx: r.rbx,
@@ -137,19 +137,24 @@ impl VcpuInner {
             r14: r.r14,
             r15: r.r15,
         };
-        vmw(guest::RSP, r.rsp);
-        vmw(guest::RIP, r.rip);
+        vmcs.write(guest::RSP, r.rsp);
+        vmcs.write(guest::RIP, r.rip);
         // A real-mode vCPU runs in virtual-8086 mode: RFLAGS.VM stays set (userspace
         // sees RFLAGS without it).
         let vm86 = if self.rmode { RFLAGS_VM } else { 0 };
-        vmw(guest::RFLAGS, r.rflags | vm86);
+        vmcs.write(guest::RFLAGS, r.rflags | vm86);
         self.state_checked = false;
     }
 
-    pub(super) fn sregs(&self) -> uapi::Sregs {
+    pub(super) fn sregs(&self, vmcs: &CurrentVmcs) -> uapi::Sregs {
         let seg = |i: usize| {
             let (s, b, l, a) = SEGS[i];
-            seg_from_ar(vmr(b), vmr(l) as u32, vmr(s) as u16, vmr(a))
+            seg_from_ar(
+                vmcs.read(b),
+                vmcs.read(l) as u32,
+                vmcs.read(s) as u16,
+                vmcs.read(a),
+            )
         };
         uapi::Sregs {
             cs: seg(0),
@@ -161,13 +166,13 @@ impl VcpuInner {
             tr: seg(6),
             ldt: seg(7),
             gdt: uapi::Dtable {
-                base: vmr(guest::GDTR_BASE),
-                limit: vmr(guest::GDTR_LIMIT) as u16,
+                base: vmcs.read(guest::GDTR_BASE),
+                limit: vmcs.read(guest::GDTR_LIMIT) as u16,
                 padding: [0; 3],
             },
             idt: uapi::Dtable {
-                base: vmr(guest::IDTR_BASE),
-                limit: vmr(guest::IDTR_LIMIT) as u16,
+                base: vmcs.read(guest::IDTR_BASE),
+                limit: vmcs.read(guest::IDTR_LIMIT) as u16,
                 padding: [0; 3],
             },
             cr0: self.cr0,
@@ -180,38 +185,38 @@ impl VcpuInner {
         }
     }
 
-    pub(super) fn set_sregs(&mut self, s: &uapi::Sregs) -> Result {
+    pub(super) fn set_sregs(&mut self, vmcs: &CurrentVmcs, s: &uapi::Sregs) -> Result {
         if self.rmode {
             // Userspace's segments replace the virtual-8086 ones: rvmm's real mode ends.
             self.rmode = false;
-            vmw(guest::RFLAGS, vmr(guest::RFLAGS) & !RFLAGS_VM);
-            vmw(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
+            vmcs.write(guest::RFLAGS, vmcs.read(guest::RFLAGS) & !RFLAGS_VM);
+            vmcs.write(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
         }
         let segs = [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt];
         for (seg, (sel, base, limit, ar)) in segs.iter().zip(SEGS) {
-            vmw(sel, seg.selector.into());
-            vmw(base, seg.base);
-            vmw(limit, seg.limit.into());
-            vmw(ar, seg_ar(seg));
+            vmcs.write(sel, seg.selector.into());
+            vmcs.write(base, seg.base);
+            vmcs.write(limit, seg.limit.into());
+            vmcs.write(ar, seg_ar(seg));
         }
-        vmw(guest::GDTR_BASE, s.gdt.base);
-        vmw(guest::GDTR_LIMIT, s.gdt.limit.into());
-        vmw(guest::IDTR_BASE, s.idt.base);
-        vmw(guest::IDTR_LIMIT, s.idt.limit.into());
+        vmcs.write(guest::GDTR_BASE, s.gdt.base);
+        vmcs.write(guest::GDTR_LIMIT, s.gdt.limit.into());
+        vmcs.write(guest::IDTR_BASE, s.idt.base);
+        vmcs.write(guest::IDTR_LIMIT, s.idt.limit.into());
         self.cr0 = s.cr0;
         self.cr2 = s.cr2;
         self.cr3 = s.cr3;
         self.cr4 = s.cr4;
         self.cr8 = s.cr8 & 0xf;
         self.efer = s.efer;
-        self.apply_paging_state();
+        self.apply_paging_state(vmcs);
         self.state_checked = false;
         Ok(())
     }
 
     /// Writes the real CR0/CR4/EFER and the read shadows from the guest's views, and
     /// drops the shadow (its shape or its permissions may have changed).
-    pub(super) fn apply_paging_state(&mut self) {
+    pub(super) fn apply_paging_state(&mut self, vmcs: &CurrentVmcs) {
         let lma = self.efer & EFER_LME != 0 && self.cr0 & CR0_PG != 0;
         if lma {
             self.efer |= EFER_LMA;
@@ -239,38 +244,38 @@ impl VcpuInner {
         };
         let real_cr4 = (self.cr4 & guest_bits) | CR4_PAE | (1 << 13);
         let real_efer = EFER_NXE | if lma { EFER_LME | EFER_LMA } else { 0 } | (self.efer & 1);
-        vmw(guest::CR0, real_cr0);
-        vmw(control::CR0_READ_SHADOW, self.cr0);
-        vmw(guest::CR4, real_cr4);
-        vmw(control::CR4_READ_SHADOW, self.cr4);
-        vmw(guest::IA32_EFER_FULL, real_efer);
+        vmcs.write(guest::CR0, real_cr0);
+        vmcs.write(control::CR0_READ_SHADOW, self.cr0);
+        vmcs.write(guest::CR4, real_cr4);
+        vmcs.write(control::CR4_READ_SHADOW, self.cr4);
+        vmcs.write(guest::IA32_EFER_FULL, real_efer);
         let ia32e = if lma {
             EntryControls::IA32E_MODE_GUEST.bits()
         } else {
             0
         };
-        vmw(control::VMENTRY_CONTROLS, (self.entry_base | ia32e).into());
+        vmcs.write(control::VMENTRY_CONTROLS, (self.entry_base | ia32e).into());
         self.mode = PagingMode::from_regs(self.cr0, self.cr4, self.efer);
         self.need_reset = true;
     }
 
     /// The state the pre-entry checks look at (VMCS current).
-    pub(super) fn guest_state(&self) -> rvmm_core::guest_state::GuestState {
+    pub(super) fn guest_state(&self, vmcs: &CurrentVmcs) -> rvmm_core::guest_state::GuestState {
         let seg = |i: usize| {
             let (sel, base, limit, ar) = SEGS[i];
             rvmm_core::guest_state::Seg {
-                selector: vmr(sel) as u16,
-                base: vmr(base),
-                limit: vmr(limit) as u32,
-                ar: vmr(ar) as u32,
+                selector: vmcs.read(sel) as u16,
+                base: vmcs.read(base),
+                limit: vmcs.read(limit) as u32,
+                ar: vmcs.read(ar) as u32,
             }
         };
         rvmm_core::guest_state::GuestState {
             cr0: self.cr0,
             cr4: self.cr4,
             efer: self.efer,
-            rflags: vmr(guest::RFLAGS),
-            rip: vmr(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS),
+            rip: vmcs.read(guest::RIP),
             // SEGS is in uapi::Sregs order (CS DS ES FS GS SS TR LDTR).
             segs: [
                 seg(0),
@@ -282,8 +287,8 @@ impl VcpuInner {
                 seg(6),
                 seg(7),
             ],
-            gdtr_base: vmr(guest::GDTR_BASE),
-            idtr_base: vmr(guest::IDTR_BASE),
+            gdtr_base: vmcs.read(guest::GDTR_BASE),
+            idtr_base: vmcs.read(guest::IDTR_BASE),
         }
     }
 }

@@ -12,18 +12,21 @@ use x86::vmx::vmcs::{control, guest, host};
 use super::*;
 
 impl VcpuInner {
-    /// Runs `f` with this vCPU's VMCS current (interrupts off), then clears it and puts
-    /// back the VMCS that was current before.
+    /// Runs `f` with this vCPU's VMCS current (interrupts off) and the guard that makes
+    /// it so, then clears it and puts back the VMCS that was current before.
     /// `EIO` if the VMCS cannot be made current: `f` does not run (its VMREADs and
     /// VMWRITEs would go to whatever VMCS is current, perhaps KVM's).
-    pub(crate) fn with_vmcs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R> {
+    pub(crate) fn with_vmcs<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &CurrentVmcs) -> R,
+    ) -> Result<R> {
         // SAFETY: interrupts stay off until `irq_restore`, so this task stays on this
         // CPU, which is in VMX operation while the module is loaded; our VMCS is not
         // active anywhere (it is VMCLEARed whenever a section ends).
         unsafe {
             let flags = rvmm_irq_save();
             let r = match vmx::CurrentVmcs::load(self.vmcs_pa) {
-                Ok(_guard) => Ok(f(self)),
+                Ok(vmcs) => Ok(f(self, &vmcs)),
                 Err(_) => Err(EIO),
             };
             rvmm_irq_restore(flags);
@@ -133,43 +136,43 @@ impl VcpuInner {
             self.vapic_tpr = unsafe { rvmm_pa_to_va(vapic_pa).cast::<u8>().add(0x80) } as usize;
             self.vapic = Some(page);
         }
-        self.with_vmcs(|g| {
+        self.with_vmcs(|g, vmcs| {
             if vapic_pa != 0 {
-                vmw(control::VIRT_APIC_ADDR_FULL, vapic_pa);
-                vmw(control::TPR_THRESHOLD, 0);
+                vmcs.write(control::VIRT_APIC_ADDR_FULL, vapic_pa);
+                vmcs.write(control::TPR_THRESHOLD, 0);
             }
             if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
-                vmw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());
+                vmcs.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());
             }
-            vmw(control::PINBASED_EXEC_CONTROLS, pin.into());
-            vmw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
-            vmw(control::VMEXIT_CONTROLS, exit.into());
-            vmw(control::VMENTRY_CONTROLS, entry.into());
+            vmcs.write(control::PINBASED_EXEC_CONTROLS, pin.into());
+            vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into());
+            vmcs.write(control::VMEXIT_CONTROLS, exit.into());
+            vmcs.write(control::VMENTRY_CONTROLS, entry.into());
             // #MC always exits: a machine check belongs to the host (SDM 27.1: it goes
             // to the guest otherwise).
-            vmw(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
-            vmw(control::TSC_OFFSET_FULL, 0);
-            vmw(control::MSR_BITMAPS_ADDR_FULL, g.msr_bitmap_pa);
-            vmw(control::PAGE_FAULT_ERR_CODE_MASK, 0);
-            vmw(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
-            vmw(control::CR3_TARGET_COUNT, 0);
-            vmw(control::CR0_GUEST_HOST_MASK, !0);
-            vmw(control::CR4_GUEST_HOST_MASK, !0);
-            vmw(control::VMEXIT_MSR_STORE_COUNT, 0);
-            vmw(control::VMEXIT_MSR_LOAD_COUNT, 0);
-            vmw(control::VMENTRY_MSR_LOAD_COUNT, 0);
-            vmw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-            vmw(guest::LINK_PTR_FULL, !0);
-            vmw(guest::DR7, 0x400);
+            vmcs.write(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
+            vmcs.write(control::TSC_OFFSET_FULL, 0);
+            vmcs.write(control::MSR_BITMAPS_ADDR_FULL, g.msr_bitmap_pa);
+            vmcs.write(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+            vmcs.write(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+            vmcs.write(control::CR3_TARGET_COUNT, 0);
+            vmcs.write(control::CR0_GUEST_HOST_MASK, !0);
+            vmcs.write(control::CR4_GUEST_HOST_MASK, !0);
+            vmcs.write(control::VMEXIT_MSR_STORE_COUNT, 0);
+            vmcs.write(control::VMEXIT_MSR_LOAD_COUNT, 0);
+            vmcs.write(control::VMENTRY_MSR_LOAD_COUNT, 0);
+            vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+            vmcs.write(guest::LINK_PTR_FULL, !0);
+            vmcs.write(guest::DR7, 0x400);
             // Reset values (a VMCS field never written holds whatever the CPU left).
-            vmw(guest::IA32_DEBUGCTL_FULL, 0);
-            vmw(guest::IA32_SYSENTER_CS, 0);
-            vmw(guest::IA32_SYSENTER_ESP, 0);
-            vmw(guest::IA32_SYSENTER_EIP, 0);
-            vmw(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
-            vmw(guest::ACTIVITY_STATE, 0);
-            vmw(guest::INTERRUPTIBILITY_STATE, 0);
-            vmw(guest::PENDING_DBG_EXCEPTIONS, 0);
+            vmcs.write(guest::IA32_DEBUGCTL_FULL, 0);
+            vmcs.write(guest::IA32_SYSENTER_CS, 0);
+            vmcs.write(guest::IA32_SYSENTER_ESP, 0);
+            vmcs.write(guest::IA32_SYSENTER_EIP, 0);
+            vmcs.write(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
+            vmcs.write(guest::ACTIVITY_STATE, 0);
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, 0);
+            vmcs.write(guest::PENDING_DBG_EXCEPTIONS, 0);
             // Host state that does not change between CPUs or entries.
             let (cs, ss): (u16, u16);
             // SAFETY: reading CS and SS.
@@ -177,18 +180,18 @@ impl VcpuInner {
             let cr0: u64;
             // SAFETY: reading CR0.
             unsafe { core::arch::asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack)) };
-            vmw(host::CR0, cr0);
-            vmw(host::CS_SELECTOR, cs.into());
-            vmw(host::SS_SELECTOR, ss.into());
-            vmw(host::DS_SELECTOR, 0);
-            vmw(host::ES_SELECTOR, 0);
-            vmw(host::FS_SELECTOR, 0);
-            vmw(host::GS_SELECTOR, 0);
-            vmw(host::TR_SELECTOR, vmx::host_tr().into());
-            vmw(host::IA32_PAT_FULL, vmx::rdmsr_arch(msr::IA32_PAT));
-            vmw(host::IA32_EFER_FULL, vmx::rdmsr_arch(msr::IA32_EFER));
-            vmw(host::IA32_SYSENTER_CS, vmx::rdmsr_arch(msr::IA32_SYSENTER_CS));
-            vmw(host::RIP, vmx::host_rip());
+            vmcs.write(host::CR0, cr0);
+            vmcs.write(host::CS_SELECTOR, cs.into());
+            vmcs.write(host::SS_SELECTOR, ss.into());
+            vmcs.write(host::DS_SELECTOR, 0);
+            vmcs.write(host::ES_SELECTOR, 0);
+            vmcs.write(host::FS_SELECTOR, 0);
+            vmcs.write(host::GS_SELECTOR, 0);
+            vmcs.write(host::TR_SELECTOR, vmx::host_tr().into());
+            vmcs.write(host::IA32_PAT_FULL, vmx::rdmsr_arch(msr::IA32_PAT));
+            vmcs.write(host::IA32_EFER_FULL, vmx::rdmsr_arch(msr::IA32_EFER));
+            vmcs.write(host::IA32_SYSENTER_CS, vmx::rdmsr_arch(msr::IA32_SYSENTER_CS));
+            vmcs.write(host::RIP, vmx::host_rip());
             // A flat 32-bit protected-mode guest with paging off; userspace sets the rest.
             let code = uapi::Segment { limit: 0xffff_ffff, selector: 8, seg_type: 0xb, present: 1, s: 1, db: 1, g: 1, ..Default::default() };
             let data = uapi::Segment { selector: 0x10, seg_type: 0x3, ..code };
@@ -206,29 +209,29 @@ impl VcpuInner {
                 cr0: CR0_PE | (1 << 4),
                 ..Default::default()
             };
-            let _ = g.set_sregs(&sregs);
-            g.set_regs(&uapi::Regs { rflags: 2, ..Default::default() });
+            let _ = g.set_sregs(vmcs, &sregs);
+            g.set_regs(vmcs, &uapi::Regs { rflags: 2, ..Default::default() });
         })?;
         Ok(())
     }
 
     /// Host state that depends on the CPU or the task.
-    pub(super) fn write_host_state(&self) {
+    pub(super) fn write_host_state(&self, vmcs: &CurrentVmcs) {
         let gdt = vmx::host_gdt_base();
         // SAFETY: reading CR3 and the CR4 shadow of this CPU.
         let (cr3, cr4) = unsafe { (rvmm_read_cr3(), cr4_read_shadow() as u64) };
-        vmw(host::CR3, cr3);
-        vmw(host::CR4, cr4);
-        vmw(host::FS_BASE, vmx::rdmsr_arch(msr::IA32_FS_BASE));
-        vmw(host::GS_BASE, vmx::rdmsr_arch(msr::IA32_GS_BASE));
-        vmw(host::TR_BASE, vmx::host_tss_base(gdt, vmx::host_tr()));
-        vmw(host::GDTR_BASE, gdt);
-        vmw(host::IDTR_BASE, vmx::host_idt_base());
-        vmw(
+        vmcs.write(host::CR3, cr3);
+        vmcs.write(host::CR4, cr4);
+        vmcs.write(host::FS_BASE, vmx::rdmsr_arch(msr::IA32_FS_BASE));
+        vmcs.write(host::GS_BASE, vmx::rdmsr_arch(msr::IA32_GS_BASE));
+        vmcs.write(host::TR_BASE, vmx::host_tss_base(gdt, vmx::host_tr()));
+        vmcs.write(host::GDTR_BASE, gdt);
+        vmcs.write(host::IDTR_BASE, vmx::host_idt_base());
+        vmcs.write(
             host::IA32_SYSENTER_ESP,
             vmx::rdmsr_arch(msr::IA32_SYSENTER_ESP),
         );
-        vmw(
+        vmcs.write(
             host::IA32_SYSENTER_EIP,
             vmx::rdmsr_arch(msr::IA32_SYSENTER_EIP),
         );

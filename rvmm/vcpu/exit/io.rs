@@ -5,17 +5,20 @@
 use super::*;
 
 impl VcpuInner {
-    pub(super) fn io(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+    pub(super) fn io(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
         let io = IoAccess::decode(qual);
         if io.string {
-            return self.string_io(run, io);
+            return self.string_io(vmcs, run, io);
         }
         let data = if io.input {
             0
         } else {
             self.gprs.rax & ((1u64 << (8 * u32::from(io.size))) - 1)
         };
-        let (rip, len) = (vmr(guest::RIP), vmr(ro::VMEXIT_INSTRUCTION_LEN) as u8);
+        let (rip, len) = (
+            vmcs.read(guest::RIP),
+            vmcs.read(ro::VMEXIT_INSTRUCTION_LEN) as u8,
+        );
         self.pending = if io.input {
             Pending::IoIn {
                 size: io.size,
@@ -60,21 +63,26 @@ impl VcpuInner {
 
     /// INS/OUTS, one element per exit: a REP prefix re-executes the instruction until
     /// the count runs out, so interrupts and signals get in between elements.
-    pub(super) fn string_io(&mut self, run: *mut uapi::Run, io: IoAccess) -> Next {
-        let info = vmr(ro::VMEXIT_INSTRUCTION_INFO);
+    pub(super) fn string_io(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        io: IoAccess,
+    ) -> Next {
+        let info = vmcs.read(ro::VMEXIT_INSTRUCTION_INFO);
         let addr_mask = match (info >> 7) & 7 {
             0 => 0xffff,
             1 => 0xffff_ffff,
             _ => u64::MAX,
         };
         if io.rep && self.gprs.rcx & addr_mask == 0 {
-            self.skip_instruction();
+            self.skip_instruction(vmcs);
             return Next::Fast;
         }
-        let long = self.efer & EFER_LMA != 0 && vmr(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0;
+        let long = self.efer & EFER_LMA != 0 && vmcs.read(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0;
         let (base, index) = if io.input {
             (
-                if long { 0 } else { vmr(guest::ES_BASE) },
+                if long { 0 } else { vmcs.read(guest::ES_BASE) },
                 self.gprs.rdi & addr_mask,
             )
         } else {
@@ -87,17 +95,17 @@ impl VcpuInner {
                 guest::GS_BASE,
             ];
             let seg = ((info >> 15) & 7) as usize;
-            let b = vmr(seg_base[seg.min(5)]);
+            let b = vmcs.read(seg_base[seg.min(5)]);
             (
                 if long && seg < 4 { 0 } else { b },
                 self.gprs.rsi & addr_mask,
             )
         };
         let la = base.wrapping_add(index);
-        let ctx = self.perm_ctx();
+        let ctx = self.perm_ctx(vmcs);
         let access = Access {
             write: io.input,
-            user: vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
+            user: vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
             fetch: false,
         };
         let slots = self.slots.clone();
@@ -105,7 +113,7 @@ impl VcpuInner {
             Ok(w) => w.gpa,
             Err(f) => {
                 self.cr2 = la;
-                return self.inject(vector::PF, Some(f.error_code));
+                return self.inject(vmcs, vector::PF, Some(f.error_code));
             }
         };
         let p = if io.input {
@@ -119,10 +127,10 @@ impl VcpuInner {
             return self.internal_error(
                 run,
                 uapi::RVMM_INTERNAL_EMULATION,
-                [30, la, vmr(guest::RIP), 3],
+                [30, la, vmcs.read(guest::RIP), 3],
             );
         };
-        let step = if vmr(guest::RFLAGS) & (1 << 10) != 0 {
+        let step = if vmcs.read(guest::RFLAGS) & (1 << 10) != 0 {
             u64::from(io.size).wrapping_neg()
         } else {
             u64::from(io.size)
@@ -147,7 +155,7 @@ impl VcpuInner {
             done = c == 0;
         }
         if done {
-            self.skip_instruction();
+            self.skip_instruction(vmcs);
         }
         self.io_exit(run, io, data)
     }

@@ -6,20 +6,20 @@ use super::*;
 use x86::msr;
 
 impl VcpuInner {
-    pub(super) fn rdmsr(&mut self) -> Next {
+    pub(super) fn rdmsr(&mut self, vmcs: &CurrentVmcs) -> Next {
         if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&(self.gprs.rcx as u32)) {
             self.stats.apic_accesses.inc();
         }
-        let Some(v) = self.get_msr(self.gprs.rcx as u32) else {
-            return self.inject(vector::GP, Some(0));
+        let Some(v) = self.get_msr(vmcs, self.gprs.rcx as u32) else {
+            return self.inject(vmcs, vector::GP, Some(0));
         };
         self.gprs.rax = v & 0xffff_ffff;
         self.gprs.rdx = v >> 32;
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
-    pub(super) fn wrmsr(&mut self) -> Next {
+    pub(super) fn wrmsr(&mut self, vmcs: &CurrentVmcs) -> Next {
         let v = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
         let index = self.gprs.rcx as u32;
         if (X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&index) {
@@ -27,16 +27,16 @@ impl VcpuInner {
         }
         if index == msr::IA32_EFER
             && (v ^ self.efer) & (EFER_NXE | EFER_LME) != 0
-            && self.flush_all_step() == Some(false)
+            && self.flush_all_step(vmcs) == Some(false)
         {
             // A paging change flushes every PCID's entries: that sync first, in steps
             // (the guest runs WRMSR again).
             return Next::Fast;
         }
-        if !self.set_msr(index, v) {
-            return self.inject(vector::GP, Some(0));
+        if !self.set_msr(vmcs, index, v) {
+            return self.inject(vmcs, vector::GP, Some(0));
         }
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         match index {
             // Loaded in the CPU for the whole section: update it there too.
             // SAFETY: inside a run section with the guest's context loaded; `v` is canonical
@@ -52,21 +52,23 @@ impl VcpuInner {
     }
 
     /// The guest's value of an MSR rvmm virtualizes (VMCS current); `None`: #GP.
-    pub(crate) fn get_msr(&self, index: u32) -> Option<u64> {
+    pub(crate) fn get_msr(&self, vmcs: &CurrentVmcs, index: u32) -> Option<u64> {
         Some(match index {
             msr::IA32_EFER => self.efer,
-            msr::IA32_FS_BASE => vmr(guest::FS_BASE),
-            msr::IA32_GS_BASE => vmr(guest::GS_BASE),
+            msr::IA32_FS_BASE => vmcs.read(guest::FS_BASE),
+            msr::IA32_GS_BASE => vmcs.read(guest::GS_BASE),
             msr::IA32_KERNEL_GSBASE => self.kernel_gs_base,
             msr::IA32_STAR => self.syscall_msrs[0],
             msr::IA32_LSTAR => self.syscall_msrs[1],
             msr::IA32_CSTAR => self.syscall_msrs[2],
             msr::IA32_FMASK => self.syscall_msrs[3],
-            msr::IA32_SYSENTER_CS => vmr(guest::IA32_SYSENTER_CS),
-            msr::IA32_SYSENTER_ESP => vmr(guest::IA32_SYSENTER_ESP),
-            msr::IA32_SYSENTER_EIP => vmr(guest::IA32_SYSENTER_EIP),
-            msr::IA32_PAT => vmr(guest::IA32_PAT_FULL),
-            msr::IA32_TIME_STAMP_COUNTER => rdtsc().wrapping_add(vmr(control::TSC_OFFSET_FULL)),
+            msr::IA32_SYSENTER_CS => vmcs.read(guest::IA32_SYSENTER_CS),
+            msr::IA32_SYSENTER_ESP => vmcs.read(guest::IA32_SYSENTER_ESP),
+            msr::IA32_SYSENTER_EIP => vmcs.read(guest::IA32_SYSENTER_EIP),
+            msr::IA32_PAT => vmcs.read(guest::IA32_PAT_FULL),
+            msr::IA32_TIME_STAMP_COUNTER => {
+                rdtsc().wrapping_add(vmcs.read(control::TSC_OFFSET_FULL))
+            }
             msr::IA32_APIC_BASE => self.apic.as_ref().map_or(0xfee0_0900, |a| a.base_msr()),
             X2APIC_MSR_BASE..=X2APIC_MSR_END if self.apic.is_some() => {
                 return self.apic.as_ref()?.rdmsr(index, self.guest_tsc()).ok();
@@ -81,7 +83,7 @@ impl VcpuInner {
     }
 
     /// Sets an MSR for the guest (VMCS current); false if the guest would get #GP.
-    pub(crate) fn set_msr(&mut self, index: u32, v: u64) -> bool {
+    pub(crate) fn set_msr(&mut self, vmcs: &CurrentVmcs, index: u32, v: u64) -> bool {
         let canonical = ((v as i64) << 16 >> 16) as u64 == v;
         match index {
             msr::IA32_EFER => {
@@ -92,9 +94,9 @@ impl VcpuInner {
                 let paging = (v ^ self.efer) & (EFER_NXE | EFER_LME) != 0;
                 let need_reset = self.need_reset;
                 self.efer = (v & !EFER_LMA) | (self.efer & EFER_LMA);
-                self.apply_paging_state();
+                self.apply_paging_state(vmcs);
                 if paging {
-                    self.reset_shadow();
+                    self.reset_shadow(vmcs);
                 } else {
                     // The root and its rights stay (SCE is not about paging).
                     self.need_reset = need_reset;
@@ -109,8 +111,8 @@ impl VcpuInner {
             {
                 return false;
             }
-            msr::IA32_FS_BASE => vmw(guest::FS_BASE, v),
-            msr::IA32_GS_BASE => vmw(guest::GS_BASE, v),
+            msr::IA32_FS_BASE => vmcs.write(guest::FS_BASE, v),
+            msr::IA32_GS_BASE => vmcs.write(guest::GS_BASE, v),
             msr::IA32_KERNEL_GSBASE => self.kernel_gs_base = v,
             msr::IA32_STAR | msr::IA32_LSTAR | msr::IA32_CSTAR | msr::IA32_FMASK => {
                 let i = match index {
@@ -121,19 +123,19 @@ impl VcpuInner {
                 };
                 self.syscall_msrs[i] = v;
             }
-            msr::IA32_SYSENTER_CS => vmw(guest::IA32_SYSENTER_CS, v),
-            msr::IA32_SYSENTER_ESP => vmw(guest::IA32_SYSENTER_ESP, v),
-            msr::IA32_SYSENTER_EIP => vmw(guest::IA32_SYSENTER_EIP, v),
+            msr::IA32_SYSENTER_CS => vmcs.write(guest::IA32_SYSENTER_CS, v),
+            msr::IA32_SYSENTER_ESP => vmcs.write(guest::IA32_SYSENTER_ESP, v),
+            msr::IA32_SYSENTER_EIP => vmcs.write(guest::IA32_SYSENTER_EIP, v),
             msr::IA32_PAT => {
                 // Each byte must be a valid memory type (0, 1, 4, 5, 6, 7).
                 if (0..8).any(|i| matches!((v >> (8 * i)) as u8, 2 | 3 | 8..=255)) {
                     return false;
                 }
-                vmw(guest::IA32_PAT_FULL, v)
+                vmcs.write(guest::IA32_PAT_FULL, v)
             }
             msr::IA32_TIME_STAMP_COUNTER => {
                 self.tsc_offset = v.wrapping_sub(rdtsc());
-                vmw(control::TSC_OFFSET_FULL, self.tsc_offset);
+                vmcs.write(control::TSC_OFFSET_FULL, self.tsc_offset);
             }
             msr::IA32_APIC_BASE if self.apic.is_some() => {
                 let m = self.maxphyaddr;

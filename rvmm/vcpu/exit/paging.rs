@@ -8,9 +8,15 @@ use super::*;
 impl VcpuInner {
     /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
     /// the fault its tables call for.
-    pub(super) fn page_fault(&mut self, run: *mut uapi::Run, gva: u64, ec: u32) -> Next {
+    pub(super) fn page_fault(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        gva: u64,
+        ec: u32,
+    ) -> Next {
         let access = Access::from_error_code(ec);
-        let ctx = self.perm_ctx();
+        let ctx = self.perm_ctx(vmcs);
         if self.on_pool {
             // A reserved-bit fault can only come from an MMIO entry of the pool: the
             // guest-physical address is in it, no guest walk needed.
@@ -27,32 +33,38 @@ impl VcpuInner {
                     None => None,
                 };
                 if let Some(gpa) = gpa {
-                    return self.mmio(run, gpa, &ctx);
+                    return self.mmio(vmcs, run, gpa, &ctx);
                 }
             }
-            return self.pool_fault(run, gva, ec, access, &ctx);
+            return self.pool_fault(vmcs, run, gva, ec, access, &ctx);
         }
         // No shadow (the VM's pool could not give a root): nothing to fix.
         self.internal_error(
             run,
             uapi::RVMM_INTERNAL_NO_SHADOW,
-            [gva, u64::from(ec), vmr(guest::RIP), 0],
+            [gva, u64::from(ec), vmcs.read(guest::RIP), 0],
         )
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
     /// slot): decode the instruction and hand the access to userspace.
-    pub(super) fn mmio(&mut self, run: *mut uapi::Run, gpa: u64, ctx: &PermCtx) -> Next {
-        let rip = vmr(guest::RIP);
-        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+    pub(super) fn mmio(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        gpa: u64,
+        ctx: &PermCtx,
+    ) -> Next {
+        let rip = vmcs.read(guest::RIP);
+        let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
         let linear = if long {
             rip
         } else {
-            vmr(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+            vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
         };
         let mut code = [0u8; 15];
-        let n = self.fetch_code(linear, ctx, &mut code);
+        let n = self.fetch_code(vmcs, linear, ctx, &mut code);
         let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
             Ok(d) => d,
             Err(_) => {
@@ -65,7 +77,7 @@ impl VcpuInner {
             }
         };
         if self.apic_page() == Some(gpa & !0xfff) {
-            return self.apic_page_access(gpa, rip, decoded, long);
+            return self.apic_page_access(vmcs, gpa, rip, decoded, long);
         }
         let mut mmio = uapi::ExitMmio {
             phys_addr: gpa,
@@ -74,8 +86,8 @@ impl VcpuInner {
         match decoded.op {
             MmioOp::Store { size, src } => {
                 let v = match src {
-                    Source::Reg(r) => self.gpr(r),
-                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Reg(r) => self.gpr(vmcs, r),
+                    Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
                     Source::Imm(v) => v,
                 };
                 mmio.len = size.into();
@@ -95,7 +107,7 @@ impl VcpuInner {
         }
         // SAFETY: our run page.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
-        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
+        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
         self.stats.mmio_exits.inc();
         self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
     }
@@ -103,6 +115,7 @@ impl VcpuInner {
     /// A decoded access to the xAPIC page, done in the kernel.
     pub(super) fn apic_page_access(
         &mut self,
+        vmcs: &CurrentVmcs,
         gpa: u64,
         rip: u64,
         decoded: rvmm_core::emulate::Decoded,
@@ -111,32 +124,39 @@ impl VcpuInner {
         match decoded.op {
             MmioOp::Store { size, src } => {
                 let v = match src {
-                    Source::Reg(r) => self.gpr(r),
-                    Source::HighByte(r) => self.gpr(r) >> 8,
+                    Source::Reg(r) => self.gpr(vmcs, r),
+                    Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
                     Source::Imm(v) => v,
                 };
                 self.apic_mmio(gpa, size, Some(v));
             }
             MmioOp::Load { size, dst, .. } => {
                 let data = self.apic_mmio(gpa, size, None).unwrap_or(0);
-                let new = rvmm_core::emulate::load_result(self.gpr(dst), data, &decoded.op, long);
-                self.set_gpr(dst, new);
+                let new =
+                    rvmm_core::emulate::load_result(self.gpr(vmcs, dst), data, &decoded.op, long);
+                self.set_gpr(vmcs, dst, new);
             }
         }
-        vmw(guest::RIP, self.rip_after(rip, decoded.len.into()));
+        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
         Next::Fast
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many.
-    pub(super) fn fetch_code(&mut self, rip: u64, ctx: &PermCtx, out: &mut [u8; 15]) -> usize {
+    pub(super) fn fetch_code(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        rip: u64,
+        ctx: &PermCtx,
+        out: &mut [u8; 15],
+    ) -> usize {
         let slots = self.slots.clone();
         let fetch = Access {
             write: false,
-            user: vmr(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
+            user: vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3,
             fetch: true,
         };
         // Linear addresses wrap at 32 bits outside 64-bit mode, at 64 bits in it.
-        let mask = if self.long_mode_code() {
+        let mask = if self.long_mode_code(vmcs) {
             u64::MAX
         } else {
             0xffff_ffff
@@ -163,6 +183,7 @@ impl VcpuInner {
     /// or MMIO).
     pub(super) fn pool_fault(
         &mut self,
+        vmcs: &CurrentVmcs,
         run: *mut uapi::Run,
         gva: u64,
         ec: u32,
@@ -198,14 +219,14 @@ impl VcpuInner {
         match fix {
             // The pool was reset (full): load the root again and retry the access.
             None | Some(Err(_)) => {
-                if !self.reload_root(matches!(fix, Some(Err(_)))) {
-                    return self.no_shadow(run, gva, 0);
+                if !self.reload_root(vmcs, matches!(fix, Some(Err(_)))) {
+                    return self.no_shadow(vmcs, run, gva, 0);
                 }
                 Next::Fast
             }
             Some(Ok(PoolFix::Mapped)) => {
                 self.stats.shadow_faults.inc();
-                let rip = vmr(guest::RIP);
+                let rip = vmcs.read(guest::RIP);
                 if (gva, rip) == self.last_fault {
                     self.repeat_faults += 1;
                     if self.repeat_faults > 64 {
@@ -234,17 +255,19 @@ impl VcpuInner {
                     return self.internal_error(
                         run,
                         uapi::RVMM_INTERNAL_EMULATION,
-                        [table, gva, vmr(guest::RIP), 1],
+                        [table, gva, vmcs.read(guest::RIP), 1],
                     );
                 }
                 self.stats.guest_faults.inc();
                 self.cr2 = gva;
-                self.inject(vector::PF, Some(f.error_code))
+                self.inject(vmcs, vector::PF, Some(f.error_code))
+            }
+            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(vmcs, run, gpa, ctx),
+            Some(Ok(PoolFix::WriteProtected { gpa, .. })) => {
+                self.pt_write(vmcs, run, gva, gpa, ctx)
             }
             // The guest faults again and the sync goes on (not a fault loop).
             Some(Ok(PoolFix::Retry)) => Next::Fast,
-            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(run, gpa, ctx),
-            Some(Ok(PoolFix::WriteProtected { gpa, .. })) => self.pt_write(run, gva, gpa, ctx),
         }
     }
 
@@ -254,16 +277,17 @@ impl VcpuInner {
     /// instead, and the instruction runs again natively.
     pub(super) fn pt_write(
         &mut self,
+        vmcs: &CurrentVmcs,
         run: *mut uapi::Run,
         gva: u64,
         gpa: u64,
         ctx: &PermCtx,
     ) -> Next {
-        let rip = vmr(guest::RIP);
-        let cs_ar = vmr(guest::CS_ACCESS_RIGHTS);
+        let rip = vmcs.read(guest::RIP);
+        let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
         let mut code = [0u8; 15];
-        let n = self.fetch_code(rip, ctx, &mut code);
+        let n = self.fetch_code(vmcs, rip, ctx, &mut code);
         let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
         let emulated = match op {
             // Within one naturally aligned 8-byte word (entries are), so that the
@@ -284,11 +308,11 @@ impl VcpuInner {
                             ((1u64 << (8 * u32::from(op.size))) - 1) << shift
                         };
                         let src = match op.src {
-                            Source::Reg(r) => self.gpr(r),
-                            Source::HighByte(r) => self.gpr(r) >> 8,
+                            Source::Reg(r) => self.gpr(vmcs, r),
+                            Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
                             Source::Imm(v) => v,
                         };
-                        let (rax, rflags) = (self.gprs.rax, vmr(guest::RFLAGS));
+                        let (rax, rflags) = (self.gprs.rax, vmcs.read(guest::RFLAGS));
                         let (edx_eax, ecx_ebx) = (
                             (self.gprs.rdx << 32) | (rax & 0xffff_ffff),
                             (self.gprs.rcx << 32) | (self.gprs.rbx & 0xffff_ffff),
@@ -334,13 +358,13 @@ impl VcpuInner {
                             let merged = match op.size {
                                 8 => v,
                                 4 => v & 0xffff_ffff,
-                                2 => (self.gpr(r) & !0xffff) | (v & 0xffff),
-                                _ => (self.gpr(r) & !(0xff << shift)) | ((v & 0xff) << shift),
+                                2 => (self.gpr(vmcs, r) & !0xffff) | (v & 0xffff),
+                                _ => (self.gpr(vmcs, r) & !(0xff << shift)) | ((v & 0xff) << shift),
                             };
-                            self.set_gpr(r, merged);
+                            self.set_gpr(vmcs, r, merged);
                         }
-                        vmw(guest::RFLAGS, e.rflags);
-                        vmw(guest::RIP, self.rip_after(rip, op.len.into()));
+                        vmcs.write(guest::RFLAGS, e.rflags);
+                        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, op.len.into()));
                         Some(op.size)
                     }
                     None => None,
@@ -373,8 +397,8 @@ impl VcpuInner {
         };
         let (r, dirty) = r;
         self.flush_remote(dirty);
-        if r.is_err() && !self.reload_root(true) {
-            return self.no_shadow(run, gva, 4);
+        if r.is_err() && !self.reload_root(vmcs, true) {
+            return self.no_shadow(vmcs, run, gva, 4);
         }
         Next::Fast
     }
@@ -384,6 +408,7 @@ impl VcpuInner {
     /// this vCPU (`None`). False if no root can be had.
     pub(super) fn finish_pool_op(
         &mut self,
+        vmcs: &CurrentVmcs,
         r: Option<Result<bool, rvmm_core::mmu::pool::Full>>,
     ) -> bool {
         match r {
@@ -391,14 +416,14 @@ impl VcpuInner {
                 self.flush_remote(dirty);
                 true
             }
-            Some(Err(_)) => self.reload_root(true),
-            None => self.reload_root(false),
+            Some(Err(_)) => self.reload_root(vmcs, true),
+            None => self.reload_root(vmcs, false),
         }
     }
 
     /// The pool is full (`full`: reset it), or was reset under this vCPU: load this
     /// vCPU's root again. False if even that fails.
-    pub(super) fn reload_root(&mut self, full: bool) -> bool {
+    pub(super) fn reload_root(&mut self, vmcs: &CurrentVmcs, full: bool) -> bool {
         if full {
             if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
                 let mut pool = storage.pool();
@@ -407,22 +432,28 @@ impl VcpuInner {
             }
             self.stats.shadow_resets.inc();
         }
-        self.reset_shadow()
+        self.reset_shadow(vmcs)
     }
 
     /// No shadow for the guest (the pool cannot give a root): the vCPU stops with an
     /// internal error; `site` says where.
-    pub(super) fn no_shadow(&mut self, run: *mut uapi::Run, gva: u64, site: u64) -> Next {
+    pub(super) fn no_shadow(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        gva: u64,
+        site: u64,
+    ) -> Next {
         self.internal_error(
             run,
             uapi::RVMM_INTERNAL_NO_SHADOW,
-            [gva, 0, vmr(guest::RIP), site],
+            [gva, 0, vmcs.read(guest::RIP), site],
         )
     }
 
-    pub(super) fn invlpg(&mut self, run: *mut uapi::Run, gva: u64) -> Next {
+    pub(super) fn invlpg(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
-            let ctx = self.perm_ctx();
+            let ctx = self.perm_ctx(vmcs);
             let mut done = true;
             // None: the root is from an older pool generation.
             let r = match self.shadow.pool.lock().as_deref_mut() {
@@ -448,25 +479,25 @@ impl VcpuInner {
                 }
                 None => None,
             };
-            let ok = self.finish_pool_op(r);
+            let ok = self.finish_pool_op(vmcs, r);
             if !ok {
-                return self.no_shadow(run, gva, 2);
+                return self.no_shadow(vmcs, run, gva, 2);
             }
             if !done {
                 // The sync goes on when the guest runs INVLPG again.
                 return Next::Fast;
             }
-            self.skip_instruction();
+            self.skip_instruction(vmcs);
             return Next::Fast;
         }
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 
     /// One step of a global flush's sync (every out-of-sync shadow, see
     /// `Pool::flush_all`): `Some(false)` while some are left (the flushing instruction
     /// runs again), `None` if no root can be had.
-    pub(super) fn flush_all_step(&mut self) -> Option<bool> {
+    pub(super) fn flush_all_step(&mut self, vmcs: &CurrentVmcs) -> Option<bool> {
         if !self.on_pool
             || self
                 .shadow
@@ -479,7 +510,7 @@ impl VcpuInner {
             // new root (under the pool lock).
             return Some(true);
         }
-        let ctx = self.perm_ctx();
+        let ctx = self.perm_ctx(vmcs);
         let mut done = true;
         // None: the root is from an older pool generation (or there is no pool).
         let r = match self.shadow.pool.lock().as_deref_mut() {
@@ -499,13 +530,13 @@ impl VcpuInner {
             }
             None => None,
         };
-        self.finish_pool_op(r).then_some(done)
+        self.finish_pool_op(vmcs, r).then_some(done)
     }
 
     /// INVPCID (SDM Vol. 2A): type 0 invalidates one address of one PCID, 1 one PCID,
     /// 2 and 3 every PCID. The shadow is shared by PCIDs: type 0 for the current PCID is
     /// an INVLPG, anything else brings every out-of-sync shadow up to date.
-    pub(super) fn invpcid(&mut self, run: *mut uapi::Run, qual: u64) -> Next {
+    pub(super) fn invpcid(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
         // Segment bases in instruction-information order: ES CS SS DS FS GS.
         const SEG_BASES: [u32; 6] = [
             guest::ES_BASE,
@@ -516,24 +547,24 @@ impl VcpuInner {
             guest::GS_BASE,
         ];
         let slots = self.slots.clone();
-        if vmr(guest::CS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
-            return self.inject(vector::GP, Some(0));
+        if vmcs.read(guest::CS_ACCESS_RIGHTS) >> 5 & 3 != 0 {
+            return self.inject(vmcs, vector::GP, Some(0));
         }
-        let op = MemOperand::decode(vmr(ro::VMEXIT_INSTRUCTION_INFO) as u32);
-        let kind = self.gpr(op.reg2);
+        let op = MemOperand::decode(vmcs.read(ro::VMEXIT_INSTRUCTION_INFO) as u32);
+        let kind = self.gpr(vmcs, op.reg2);
         let long = self.efer & EFER_LMA != 0;
-        let ea = op.effective(qual, |r| self.gpr(r));
+        let ea = op.effective(qual, |r| self.gpr(vmcs, r));
         let seg_base = match op.seg {
-            4 => vmr(guest::FS_BASE),
-            5 => vmr(guest::GS_BASE),
-            s if !long => vmr(SEG_BASES[usize::from(s).min(5)]),
+            4 => vmcs.read(guest::FS_BASE),
+            5 => vmcs.read(guest::GS_BASE),
+            s if !long => vmcs.read(SEG_BASES[usize::from(s).min(5)]),
             _ => 0,
         };
         let la = seg_base.wrapping_add(ea);
         // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
         // address in bits 127:64.
         let mut desc = [0u64; 2];
-        let ctx = self.perm_ctx();
+        let ctx = self.perm_ctx(vmcs);
         let read = Access::default();
         for (i, d) in desc.iter_mut().enumerate() {
             let a = la.wrapping_add(8 * i as u64);
@@ -544,20 +575,20 @@ impl VcpuInner {
                         return self.internal_error(
                             run,
                             uapi::RVMM_INTERNAL_EMULATION,
-                            [a, w.gpa, vmr(guest::RIP), 5],
+                            [a, w.gpa, vmcs.read(guest::RIP), 5],
                         )
                     }
                 },
                 Err(f) => {
                     self.cr2 = a;
-                    return self.inject(vector::PF, Some(f.error_code));
+                    return self.inject(vmcs, vector::PF, Some(f.error_code));
                 }
             }
         }
         let (pcid, addr) = (desc[0], desc[1]);
         let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
         if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) {
-            return self.inject(vector::GP, Some(0));
+            return self.inject(vmcs, vector::GP, Some(0));
         }
         let current = if self.cr4 & CR4_PCIDE != 0 {
             self.cr3 & 0xfff
@@ -566,15 +597,15 @@ impl VcpuInner {
         };
         if kind == 0 && pcid == current {
             // Like INVLPG (which skips the instruction itself).
-            return self.invlpg(run, addr);
+            return self.invlpg(vmcs, run, addr);
         }
-        match self.flush_all_step() {
+        match self.flush_all_step(vmcs) {
             Some(true) => {}
             // The sync goes on when the guest runs INVPCID again.
             Some(false) => return Next::Fast,
-            None => return self.no_shadow(run, addr, 3),
+            None => return self.no_shadow(vmcs, run, addr, 3),
         }
-        self.skip_instruction();
+        self.skip_instruction(vmcs);
         Next::Fast
     }
 }
