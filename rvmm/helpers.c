@@ -380,7 +380,7 @@ void rvmm_kick_cpu(int cpu)
 /* A zeroed page below 4 GiB (a PAE shadow root must be: CR3 is 32 bits there). */
 struct page *rvmm_alloc_page_dma32(void)
 {
-	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_ZERO | GFP_DMA32);
+	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN | __GFP_ZERO | GFP_DMA32);
 }
 
 void rvmm_free_page(struct page *page)
@@ -404,7 +404,7 @@ struct rvmm_waiter {
 
 struct rvmm_waiter *rvmm_waiter_new(void)
 {
-	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL);
+	struct rvmm_waiter *w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN);
 
 	if (w)
 		init_waitqueue_head(&w->wq);

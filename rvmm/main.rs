@@ -34,9 +34,10 @@ macro_rules! user_pr {
 
 /// Allocation flags for everything a VM causes: charged to its creator's memory cgroup
 /// (as KVM charges its VMs), and failing with `ENOMEM` where the cgroup's limit or the
-/// machine's memory runs out, rather than invoking the OOM killer.
+/// machine's memory runs out, rather than invoking the OOM killer or dumping a warning
+/// into the kernel log (the errno says it).
 pub(crate) fn vm_gfp() -> kernel::alloc::Flags {
-    GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL
+    GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN
 }
 
 mod apic;

@@ -123,6 +123,9 @@ pub(crate) struct VcpuInner {
     /// How long a run section may go on handling exits with interrupts off (TSC
     /// ticks): `SECTION_BUDGET_US`.
     section_budget: u64,
+    /// When the current run section started (TSC): a flushing instruction's sync in
+    /// steps starts a step early in a section (see `sync_late`).
+    section_tsc: u64,
     /// The preemption timer field holds a value shortened for the APIC timer.
     preemption_short: bool,
     /// The in-kernel local APIC (`RVMM_CREATE_IRQCHIP`) and the VM's mailboxes.
@@ -309,6 +312,7 @@ impl Vcpu {
             // SAFETY: reads a kernel variable.
             section_budget: (u64::from(unsafe { rvmm_tsc_khz() }).max(1000) * SECTION_BUDGET_US)
                 / 1000,
+            section_tsc: 0,
             preemption_short: false,
             apic: irq
                 .as_ref()

@@ -394,10 +394,9 @@ impl VcpuInner {
                     v & 0xffff_ffff
                 };
                 if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
-                    // The sync goes on when the guest runs MOV CR3 again (the section
-                    // may end in between: its time budget holds).
+                    // The sync goes on when the guest runs MOV CR3 again.
                     self.cr3 = old;
-                    return Next::Fast;
+                    return self.sync_pause();
                 }
             }
             CrAccess::MovTo { cr: 4, gpr } => {
@@ -416,7 +415,7 @@ impl VcpuInner {
                     // A global flush first (every PCID's entries go), in steps.
                     match self.flush_all_step(vmcs) {
                         Some(true) => {}
-                        Some(false) => return Next::Fast,
+                        Some(false) => return self.sync_pause(),
                         None => return self.no_shadow(vmcs, run, 0, 7),
                     }
                 }
@@ -482,7 +481,7 @@ impl VcpuInner {
             // A paging change flushes every PCID's entries: that sync first, in steps.
             match self.flush_all_step(vmcs) {
                 Some(true) => {}
-                Some(false) => return Err(Next::Fast),
+                Some(false) => return Err(self.sync_pause()),
                 None => return Err(self.no_shadow(vmcs, run, 0, 8)),
             }
         }

@@ -75,6 +75,13 @@ impl VcpuInner {
         if !self.shadow.usable() {
             return RootLoad::Failed;
         }
+        if flush
+            && budget != u32::MAX
+            && self.shadow.modes.unsync.load(Ordering::Acquire) != 0
+            && self.sync_late()
+        {
+            return RootLoad::Again;
+        }
         self.load_pool_root(vmcs, flush, budget)
     }
 
@@ -192,6 +199,23 @@ impl VcpuInner {
         self.on_pool = true;
         self.need_reset = false;
         RootLoad::Done
+    }
+
+    /// Whether the run section is too far along to start a step of a sync (which may
+    /// take a whole budget's work): the step waits for the next section, so that a
+    /// section's interrupts-off time is at most half its budget plus one step.
+    pub(super) fn sync_late(&self) -> bool {
+        exit::rdtsc().wrapping_sub(self.section_tsc) >= self.section_budget / 2
+    }
+
+    /// Where an exit goes when a flushing instruction's sync is not done: on in the
+    /// same section, or to the next one once this one is too far along.
+    pub(super) fn sync_pause(&self) -> Next {
+        if self.sync_late() {
+            Next::Host
+        } else {
+            Next::Fast
+        }
     }
 
     /// What a root's role depends on besides CR3: paging mode and permission bits.

@@ -166,6 +166,7 @@ impl VcpuInner {
         id: u32,
         start: u64,
     ) -> Next {
+        self.section_tsc = start;
         self.write_host_state(vmcs);
         // The exit userspace handled completes here, with the VMCS current.
         self.complete_pending(vmcs, run);

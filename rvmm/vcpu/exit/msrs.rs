@@ -31,7 +31,7 @@ impl VcpuInner {
         {
             // A paging change flushes every PCID's entries: that sync first, in steps
             // (the guest runs WRMSR again).
-            return Next::Fast;
+            return self.sync_pause();
         }
         if !self.set_msr(vmcs, index, v) {
             return self.inject(vmcs, vector::GP, Some(0));

@@ -453,6 +453,17 @@ impl VcpuInner {
 
     pub(super) fn invlpg(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
+            if self
+                .shadow
+                .modes
+                .unsync
+                .load(core::sync::atomic::Ordering::Acquire)
+                != 0
+                && self.sync_late()
+            {
+                // Its sync may take a step's work: in the next section.
+                return Next::Host;
+            }
             let ctx = self.perm_ctx(vmcs);
             let mut done = true;
             // None: the root is from an older pool generation.
@@ -485,7 +496,7 @@ impl VcpuInner {
             }
             if !done {
                 // The sync goes on when the guest runs INVLPG again.
-                return Next::Fast;
+                return self.sync_pause();
             }
             self.skip_instruction(vmcs);
             return Next::Fast;
@@ -509,6 +520,9 @@ impl VcpuInner {
             // What went out of sync since the count was published is synced with the
             // new root (under the pool lock).
             return Some(true);
+        }
+        if self.sync_late() {
+            return Some(false);
         }
         let ctx = self.perm_ctx(vmcs);
         let mut done = true;
@@ -602,7 +616,7 @@ impl VcpuInner {
         match self.flush_all_step(vmcs) {
             Some(true) => {}
             // The sync goes on when the guest runs INVPCID again.
-            Some(false) => return Next::Fast,
+            Some(false) => return self.sync_pause(),
             None => return self.no_shadow(vmcs, run, addr, 3),
         }
         self.skip_instruction(vmcs);
