@@ -593,6 +593,8 @@ impl VcpuInner {
                         )
                     }
                 },
+                // Other vCPUs keep changing the entries: INVPCID runs again.
+                Err(f) if f.raced => return Next::Fast,
                 Err(f) => {
                     self.cr2 = a;
                     return self.inject(vmcs, vector::PF, Some(f.error_code));

@@ -1640,6 +1640,8 @@ impl<T: Tables> Pool<'_, T> {
         };
         let w = match walker::walk(guest, mode, cr3, gva, access, ctx) {
             Ok(w) => w,
+            // Other vCPUs keep changing the entries: the access faults again.
+            Err(f) if f.raced => return Ok(Fix::Retry),
             Err(f) => return Ok(Fix::GuestFault(f)),
         };
         let mut path = [NIL; 5];

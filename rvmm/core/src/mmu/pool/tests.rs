@@ -35,6 +35,16 @@ impl GuestMemory for Guest {
             (q >> (8 * (gpa & 4))) & 0xffff_ffff
         })
     }
+    fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
+        if self.read_entry(gpa, size) != Some(old) {
+            return false;
+        }
+        self.write_entry(gpa, size, new);
+        true
+    }
+}
+
+impl Guest {
     fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
         let q = &mut self.mem[(gpa / 8) as usize];
         if size == 8 {
