@@ -12,6 +12,7 @@
 //!   --fuzz-seed S     its seed (decimal or 0x-hex; default: a fresh one, printed)
 
 mod adversarial;
+mod coherence;
 mod fuzz;
 mod ktap;
 mod kvm_guest;
@@ -185,6 +186,10 @@ fn main() {
         suite.add(
             "unsync_storm_bounded_section",
             adversarial::unsync_storm_bounded_section,
+        );
+        suite.add(
+            "global_flush_reaches_every_pcid",
+            coherence::global_flush_reaches_every_pcid,
         );
         suite.add(
             "fan_in_page_tables_bounded_section",

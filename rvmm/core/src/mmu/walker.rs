@@ -890,7 +890,11 @@ mod tests {
         let long = PagingMode::Long4;
         let f = walk(&mut r, long, 0x1000, 0x40_0000, W, &PermCtx::default()).unwrap_err();
         assert!(!f.raced);
-        assert_eq!(f.error_code & pferr::PRESENT, 0, "the walk saw the cleared PTE");
+        assert_eq!(
+            f.error_code & pferr::PRESENT,
+            0,
+            "the walk saw the cleared PTE"
+        );
         assert_eq!(r.mem.get(pte, 8), 0, "the cleared PTE stays cleared");
         // Changed to another page instead: the walk maps that one, with A and D.
         let mut m = Mem::default();

@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Shadow MMU coherence: guests that change their page tables in the ways where a
+//! shadow can lag behind, each checking that it sees what the architecture says (SDM
+//! Vol. 3A, 4.10) after the flush it made.
+
+use crate::adversarial::{new_vcpu, run, Machine, CODE, PW};
+use crate::check;
+use crate::ktap::Outcome;
+use rvmm::guest::EntryMode;
+use rvmm::uapi::Regs;
+use rvmm::Exit;
+
+/// A global flush reaches every PCID: with CR4.PCIDE on, the guest reads page X in
+/// address space A (PCID 1), moves to B (PCID 2), rewrites A's page table for X
+/// (through its identity map) so that X maps another page, toggles CR4.PGE (which
+/// invalidates the TLB entries of every PCID) and returns to A with CR3 bit 63 set (no
+/// flush). X must read the new page: a flush that synced only B's shadow left A's
+/// stale, and X read the old page.
+pub fn global_flush_reaches_every_pcid(_: &crate::Ctx) -> Outcome {
+    const B: u64 = 0x10_0000;
+    const PDPT_A: u64 = 0x10_1000;
+    const PD_A: u64 = 0x10_2000;
+    const PT_A: u64 = 0x10_3000;
+    const PDPT_B: u64 = 0x10_4000;
+    const PD_B: u64 = 0x10_5000;
+    const PT_B: u64 = 0x10_6000;
+    const D1: u64 = 0x20_0000;
+    const D2: u64 = 0x20_1000;
+    const D3: u64 = 0x20_2000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    let mem = &mut m.mem;
+    let a = rvmm::guest::PML4;
+    // Both address spaces keep `setup`'s identity map in entry 0; X = 512 GiB.
+    mem.write_u64(B, rvmm::guest::PDPT | PW)?;
+    for (pml4, pdpt, pd, pt, page) in [(a, PDPT_A, PD_A, PT_A, D1), (B, PDPT_B, PD_B, PT_B, D3)] {
+        mem.write_u64(pml4 + 8, pdpt | PW)?;
+        mem.write_u64(pdpt, pd | PW)?;
+        mem.write_u64(pd, pt | PW)?;
+        mem.write_u64(pt, page | PW)?;
+    }
+    mem.write_u64(D1, 0x1111)?;
+    mem.write_u64(D2, 0x2222)?;
+    mem.write_u64(D3, 0x3333)?;
+    #[rustfmt::skip]
+    let code = [
+        0x0f, 0x20, 0xe0,                         // mov rax, cr4
+        0x0d, 0x80, 0x00, 0x02, 0x00,             // or eax, PCIDE | PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax
+        0xb8, 0x01, 0x10, 0x00, 0x00,             // mov eax, A | PCID 1
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0,    // mov rbx, X
+        0x48, 0x8b, 0x0b,                         // mov rcx, [rbx] (A's X: D1)
+        0xb8, 0x02, 0x00, 0x10, 0x00,             // mov eax, B | PCID 2
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x48, 0x8b, 0x0b,                         // mov rcx, [rbx] (B's X: D3)
+        0xbf, 0x00, 0x30, 0x10, 0x00,             // mov edi, PT_A
+        0x48, 0xc7, 0x07, 0x03, 0x10, 0x20, 0x00, // mov qword [rdi], D2 | P | RW
+        0x0f, 0x20, 0xe0,                         // mov rax, cr4
+        0x25, 0x7f, 0xff, 0xff, 0xff,             // and eax, ~PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax (flushes every PCID)
+        0x0d, 0x80, 0x00, 0x00, 0x00,             // or eax, PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax
+        0x48, 0xb8, 0x01, 0x10, 0, 0, 0, 0, 0, 0x80, // mov rax, A | PCID 1 | no flush
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x8b, 0x03,                               // mov eax, [rbx]
+        0xe7, 0x10,                               // out 0x10, eax
+        0xf4,                                     // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let e = run(&v)?;
+    let want = Exit::IoOut {
+        port: 0x10,
+        size: 4,
+        data: 0x2222,
+    };
+    check(e == want, || {
+        format!(
+            "after a global flush and a no-flush MOV CR3 back to PCID 1, X read {e:?}, want {want:?} (0x1111: A's stale shadow)"
+        )
+    })
+}
