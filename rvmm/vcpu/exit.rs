@@ -171,12 +171,18 @@ impl VcpuInner {
 
     /// Advances RIP past the exiting instruction; STI/MOV SS blocking ends with it.
     fn skip_instruction(&mut self, vmcs: &CurrentVmcs) {
-        let rip = self.rip_after(
+        self.retire(
             vmcs,
             vmcs.read(guest::RIP),
             vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
         );
-        vmcs.write(guest::RIP, rip);
+    }
+
+    /// Completes an instruction of `len` bytes at `rip` that the hypervisor carried
+    /// out: RIP moves past it, and a blocking by STI or MOV SS that covered it ends
+    /// (SDM Vol. 3A, 6.8.3).
+    pub(super) fn retire(&mut self, vmcs: &CurrentVmcs, rip: u64, len: u64) {
+        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len));
         let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);

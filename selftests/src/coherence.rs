@@ -89,3 +89,56 @@ pub fn global_flush_reaches_every_pcid(_: &crate::Ctx) -> Outcome {
         )
     })
 }
+
+/// A write to a page table that rvmm emulates is fetched from CS.base + EIP outside
+/// 64-bit mode: a 32-bit guest with CS.base = 64 KiB turns on paging (its page
+/// directory maps 4 MiB pages, and itself) and writes a PDE with `mov [eax], ecx`.
+/// At linear address EIP (what a fetch without the base reads) sits a decoy,
+/// `mov [eax], ebx`. The PDE must hold ECX's value.
+pub fn pt_write_fetches_at_cs_base(_: &crate::Ctx) -> Outcome {
+    const PD: u64 = 0x20_0000;
+    const CS_BASE: u64 = CODE;
+    let mut m = Machine::new(EntryMode::Protected, 8 << 20)?;
+    // PDE 0: 4 MiB at 0 (the code, the stack, the GDT); PDE 1 is what the guest writes.
+    m.mem.write_u64(PD, 0x83)?;
+    #[rustfmt::skip]
+    let code: [u8; 50] = [
+        0xb8, 0x00, 0x00, 0x20, 0x00, // mov eax, PD
+        0x0f, 0x22, 0xd8,             // mov cr3, eax
+        0x0f, 0x20, 0xe0,             // mov eax, cr4
+        0x83, 0xc8, 0x10,             // or eax, PSE
+        0x0f, 0x22, 0xe0,             // mov cr4, eax
+        0x0f, 0x20, 0xc0,             // mov eax, cr0
+        0x0d, 0x00, 0x00, 0x00, 0x80, // or eax, PG
+        0x0f, 0x22, 0xc0,             // mov cr0, eax
+        0xb8, 0x04, 0x00, 0x20, 0x00, // mov eax, PD + 4 (PDE 1)
+        0xb9, 0x83, 0x00, 0x40, 0x00, // mov ecx, 4 MiB | PS | RW | P
+        0xbb, 0x83, 0x00, 0x80, 0x00, // mov ebx, 8 MiB | PS | RW | P (the decoy's)
+        0x89, 0x08,                   // mov [eax], ecx (a write to the page directory)
+        0x8b, 0x00,                   // mov eax, [eax]
+        0xe7, 0x10,                   // out 0x10, eax
+        0xf4,                         // hlt
+    ];
+    // The write's EIP, and the decoy at that linear address.
+    let store = 43u64;
+    check(
+        code[store as usize..store as usize + 2] == [0x89, 0x08],
+        || "the store is not where the test expects it".into(),
+    )?;
+    m.mem.write(CS_BASE, &code)?;
+    m.mem.write(store, &[0x89, 0x18])?;
+    let mut sregs = m.sregs;
+    sregs.cs.base = CS_BASE;
+    let v = new_vcpu(&m.vm, 0, &Regs { rip: 0, ..m.regs }, &sregs)?;
+    let e = run(&v)?;
+    let want = Exit::IoOut {
+        port: 0x10,
+        size: 4,
+        data: 0x40_0083,
+    };
+    check(e == want, || {
+        format!(
+            "the PDE read back {e:?}, want {want:?} (0x800083: the emulator ran the decoy at EIP without CS.base)"
+        )
+    })
+}

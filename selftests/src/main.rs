@@ -192,6 +192,10 @@ fn main() {
             coherence::global_flush_reaches_every_pcid,
         );
         suite.add(
+            "pt_write_fetches_at_cs_base",
+            coherence::pt_write_fetches_at_cs_base,
+        );
+        suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,
         );

@@ -107,7 +107,7 @@ impl VcpuInner {
         }
         // SAFETY: our run page.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
+        self.retire(vmcs, rip, decoded.len.into());
         self.stats.mmio_exits.inc();
         self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
     }
@@ -137,7 +137,7 @@ impl VcpuInner {
                 self.set_gpr(vmcs, dst, new);
             }
         }
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
+        self.retire(vmcs, rip, decoded.len.into());
         Next::Fast
     }
 
@@ -286,15 +286,31 @@ impl VcpuInner {
         let rip = vmcs.read(guest::RIP);
         let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
-        let mut code = [0u8; 15];
-        let n = self.fetch_code(vmcs, rip, ctx, &mut code);
-        let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
+        // Not emulated (the table is unprotected and the guest runs on): a write the
+        // CPU made while delivering an event (pushing its frame: the instruction at RIP
+        // did not run; the event is delivered again), and an instruction under single
+        // step (run natively, it raises its own #DB).
+        let vectoring = vmcs.read(ro::IDT_VECTORING_INFO) as u32 & intr::VALID != 0;
+        let single_step = vmcs.read(guest::RFLAGS) & (1 << 8) != 0;
+        let op = if vectoring || single_step {
+            None
+        } else {
+            // The instruction's linear address: CS.base counts outside 64-bit mode.
+            let linear = if long {
+                rip
+            } else {
+                vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+            };
+            let mut code = [0u8; 15];
+            let n = self.fetch_code(vmcs, linear, ctx, &mut code);
+            rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0).ok()
+        };
         let emulated = match op {
             // Within one naturally aligned 8-byte word (entries are), so that the
             // read-modify-write is one atomic compare-exchange on it: other vCPUs may
             // write the same table at the same time (their writes trap as well, but the
             // emulation runs outside the pool lock).
-            Ok(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
+            Some(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
                 match self.slots.ptr_mut(gpa & !7, 8) {
                     Some(p) => {
                         // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
@@ -364,7 +380,7 @@ impl VcpuInner {
                             self.set_gpr(vmcs, r, merged);
                         }
                         vmcs.write(guest::RFLAGS, e.rflags);
-                        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, op.len.into()));
+                        self.retire(vmcs, rip, op.len.into());
                         Some(op.size)
                     }
                     None => None,
