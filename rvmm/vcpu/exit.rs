@@ -13,7 +13,7 @@ use rvmm_core::exit::{
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::{Fix as PoolFix, SYNC_BUDGET};
-use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
+use rvmm_core::mmu::{walker, Access, PermCtx};
 use rvmm_uapi as uapi;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};

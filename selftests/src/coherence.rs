@@ -142,3 +142,67 @@ pub fn pt_write_fetches_at_cs_base(_: &crate::Ctx) -> Outcome {
         )
     })
 }
+
+/// INVPCID as the SDM defines it (Vol. 2A): a descriptor at any alignment, across a
+/// page boundary too (m128 has no alignment rule), and #GP for a PCID other than 0 in
+/// a single-context type while CR4.PCIDE = 0. The guest runs type 2 with a descriptor
+/// that spans two pages (then OUT 0x11), then type 1 with PCID 5 (its #GP handler
+/// OUTs 0x33 to port 0x13; going on would OUT 0x22).
+pub fn invpcid_checks_like_hardware(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    const DESC_SPLIT: u64 = 0x20_0ffc;
+    const DESC_PCID5: u64 = 0x20_1100;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // PCID 0, address 0 (type 2 ignores both), 4 bytes in each page.
+    m.mem.write(DESC_SPLIT, &[0u8; 16])?;
+    m.mem.write_u64(DESC_PCID5, 5)?;
+    // The #GP gate (vector 13): a 64-bit interrupt gate to HANDLER.
+    let cs = u64::from(m.sregs.cs.selector);
+    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
+    m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+    m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
+    #[rustfmt::skip]
+    let code = [
+        0xb8, 0x02, 0x00, 0x00, 0x00,       // mov eax, 2 (all contexts)
+        0xbb, 0xfc, 0x0f, 0x20, 0x00,       // mov ebx, DESC_SPLIT
+        0x66, 0x0f, 0x38, 0x82, 0x03,       // invpcid rax, [rbx]
+        0xb0, 0x11,                         // mov al, 0x11
+        0xe6, 0x10,                         // out 0x10, al
+        0xb8, 0x01, 0x00, 0x00, 0x00,       // mov eax, 1 (one context)
+        0xbb, 0x00, 0x11, 0x20, 0x00,       // mov ebx, DESC_PCID5
+        0x66, 0x0f, 0x38, 0x82, 0x03,       // invpcid rax, [rbx] (#GP: PCIDE is 0)
+        0xb0, 0x22,                         // mov al, 0x22
+        0xe6, 0x10,                         // out 0x10, al
+        0xf4,                               // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 14 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    let out = |port, data| Exit::IoOut {
+        port,
+        size: 1,
+        data,
+    };
+    let e = run(&v)?;
+    check(e == out(0x10, 0x11), || {
+        format!("INVPCID with a descriptor across two pages: exit {e:?}, want the OUT of 0x11")
+    })?;
+    let e = run(&v)?;
+    check(e == out(0x13, 0x33), || {
+        format!(
+            "INVPCID type 1, PCID 5, CR4.PCIDE = 0: exit {e:?}, want the #GP handler's OUT of 0x33"
+        )
+    })
+}

@@ -196,6 +196,10 @@ fn main() {
             coherence::pt_write_fetches_at_cs_base,
         );
         suite.add(
+            "invpcid_checks_like_hardware",
+            coherence::invpcid_checks_like_hardware,
+        );
+        suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,
         );

@@ -590,25 +590,31 @@ impl VcpuInner {
             s if !long => vmcs.read(SEG_BASES[usize::from(s).min(5)]),
             _ => 0,
         };
-        let la = seg_base.wrapping_add(ea);
+        let mask = if long { u64::MAX } else { 0xffff_ffff };
+        let la = seg_base.wrapping_add(ea) & mask;
         // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
-        // address in bits 127:64.
-        let mut desc = [0u64; 2];
+        // address in bits 127:64. Any alignment (m128 has no alignment rule), across a
+        // page boundary too.
+        let mut bytes = [0u8; 16];
         let ctx = self.perm_ctx(vmcs);
         let read = Access::default();
-        for (i, d) in desc.iter_mut().enumerate() {
-            let a = la.wrapping_add(8 * i as u64);
+        let mut n = 0;
+        while n < bytes.len() {
+            let a = la.wrapping_add(n as u64) & mask;
             match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, a, read, &ctx) {
-                Ok(w) => match GuestMem(&slots).read_entry(w.gpa, 8) {
-                    Some(v) if w.gpa & 7 == 0 => *d = v,
-                    _ => {
+                Ok(w) => {
+                    let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(bytes.len() - n);
+                    let Some(p) = slots.ptr(w.gpa, chunk as u64) else {
                         return self.internal_error(
                             run,
                             uapi::RVMM_INTERNAL_EMULATION,
                             [a, w.gpa, vmcs.read(guest::RIP), 5],
-                        )
-                    }
-                },
+                        );
+                    };
+                    // SAFETY: `p` points at `chunk` bytes of a pinned guest page.
+                    unsafe { ptr::copy_nonoverlapping(p, bytes[n..].as_mut_ptr(), chunk) };
+                    n += chunk;
+                }
                 // Other vCPUs keep changing the entries: INVPCID runs again.
                 Err(f) if f.raced => return Next::Fast,
                 Err(f) => {
@@ -617,9 +623,13 @@ impl VcpuInner {
                 }
             }
         }
+        let half = |h: &[u8]| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]));
+        let desc = [half(&bytes[..8]), half(&bytes[8..])];
         let (pcid, addr) = (desc[0], desc[1]);
         let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
-        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) {
+        // A PCID other than 0 for one context (types 0 and 1) needs CR4.PCIDE.
+        let no_pcids = kind <= 1 && pcid != 0 && self.cr4 & CR4_PCIDE == 0;
+        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) || no_pcids {
             return self.inject(vmcs, vector::GP, Some(0));
         }
         let current = if self.cr4 & CR4_PCIDE != 0 {
