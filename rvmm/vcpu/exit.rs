@@ -278,7 +278,7 @@ impl VcpuInner {
             smap: self.cr4 & CR4_SMAP != 0,
             ac: vmcs.read(guest::RFLAGS) & (1 << 18) != 0,
             nxe: self.efer & EFER_NXE != 0,
-            gbpages: true,
+            gbpages: self.gbpages,
             maxphyaddr: self.maxphyaddr,
         }
     }
@@ -311,7 +311,7 @@ impl VcpuInner {
     /// entries): the host's answer through the policy, then userspace's entries.
     #[cold]
     #[inline(never)]
-    fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
+    pub(super) fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
         let mut v = rvmm_core::cpuid::guest(
             leaf,

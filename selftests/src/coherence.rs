@@ -206,3 +206,60 @@ pub fn invpcid_checks_like_hardware(_: &crate::Ctx) -> Outcome {
         )
     })
 }
+
+/// 1-GiB pages only where the guest's CPUID has them (leaf 0x80000001, EDX bit 26):
+/// with the bit clear, a PDPTE with PS set has a reserved bit, and an access through it
+/// is a #PF with RSVD (the handler OUTs its error code to port 0x14), not a read of
+/// the page.
+pub fn gbpages_follow_cpuid(_: &crate::Ctx) -> Outcome {
+    const PDPT1: u64 = 0x10_0000;
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // X = 512 GiB: PML4 entry 1, a PDPTE mapping 1 GiB at 0.
+    m.mem.write_u64(rvmm::guest::PML4 + 8, PDPT1 | PW)?;
+    m.mem.write_u64(PDPT1, 0x83)?;
+    let cs = u64::from(m.sregs.cs.selector);
+    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    m.mem.write_u64(IDT + 16 * 14, gate_lo)?;
+    m.mem.write_u64(IDT + 16 * 14 + 8, HANDLER >> 32)?;
+    // mov eax, [rsp] (the error code); out 0x14, eax; hlt
+    m.mem
+        .write(HANDLER, &[0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
+    #[rustfmt::skip]
+    let code = [
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0, // mov rbx, X
+        0x8b, 0x03,                            // mov eax, [rbx]
+        0xe7, 0x10,                            // out 0x10, eax
+        0xf4,                                  // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 15 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    // Long mode, NX, SYSCALL; no 1-GiB pages.
+    v.set_cpuid(&[rvmm::uapi::CpuidEntry {
+        function: 0x8000_0001,
+        ecx: 1,
+        edx: (1 << 29) | (1 << 20) | (1 << 11),
+        ..Default::default()
+    }])
+    .map_err(|e| e.to_string())?;
+    let e = run(&v)?;
+    let want_ec = 0x9; // present, reserved bit
+    check(
+        matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data & 0x1f == want_ec),
+        || {
+            format!("a 1-GiB page without CPUID's Page1GB: exit {e:?}, want a #PF with error code {want_ec:#x} (port 0x14)")
+        },
+    )
+}

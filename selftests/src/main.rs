@@ -199,6 +199,7 @@ fn main() {
             "invpcid_checks_like_hardware",
             coherence::invpcid_checks_like_hardware,
         );
+        suite.add("gbpages_follow_cpuid", coherence::gbpages_follow_cpuid);
         suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,

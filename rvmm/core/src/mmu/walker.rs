@@ -291,8 +291,9 @@ fn walk_once(
         }
         let pae_pdpte = mode == PagingMode::Pae && level == 3;
         if pae_pdpte {
-            // PAE PDPTEs: bits 2:1, 8:5 and 63 are reserved.
-            reserved |= e & (0x6 | 0x1e0 | XD);
+            // PAE PDPTEs: bits 2:1, 8:5 and 63:MAXPHYADDR are reserved (SDM Vol. 3A,
+            // table 4-8: no ignored high bits, unlike the other levels' 62:52).
+            reserved |= e & (0x6 | 0x1e0 | !phys_mask);
         }
         let large = !pae_pdpte
             && e & PS != 0
@@ -707,14 +708,18 @@ mod tests {
             .error_code,
             pferr::PRESENT | pferr::USER | pferr::FETCH
         );
-        // R/W in a PDPTE is reserved.
-        m.set(cr3 + 16, 8, 0x3000 | P | RW);
-        assert_eq!(
-            walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx)
-                .unwrap_err()
-                .error_code,
-            pferr::PRESENT | pferr::RSVD
-        );
+        // R/W in a PDPTE is reserved, and so are bits 62:52 (ignored at other levels).
+        for bad in [RW, 1 << 52, 1 << 57, 1 << 62] {
+            m.set(cr3 + 16, 8, 0x3000 | P | bad);
+            assert_eq!(
+                walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx)
+                    .unwrap_err()
+                    .error_code,
+                pferr::PRESENT | pferr::RSVD,
+                "PDPTE bit {:#x}",
+                bad
+            );
+        }
     }
 
     #[test]
