@@ -392,13 +392,24 @@ impl VcpuInner {
             CrAccess::MovTo { cr: 3, gpr } => {
                 let v = self.gpr(vmcs, gpr);
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
-                let keep = self.cr4 & CR4_PCIDE != 0 && v & (1 << 63) != 0;
-                let old = self.cr3;
-                self.cr3 = if long {
-                    v & !(1 << 63)
+                let pcids = self.cr4 & CR4_PCIDE != 0;
+                let keep = pcids && v & (1 << 63) != 0;
+                let new = if long {
+                    if pcids {
+                        v & !(1 << 63)
+                    } else {
+                        v
+                    }
                 } else {
                     v & 0xffff_ffff
                 };
+                // In IA-32e mode, bits 63:MAXPHYADDR are reserved (bit 63 too without
+                // PCIDs): #GP (SDM Vol. 3A, 4.5.2 and MOV CR3).
+                if long && new.checked_shr(u32::from(self.maxphyaddr)).unwrap_or(0) != 0 {
+                    return self.inject(vmcs, vector::GP, Some(0));
+                }
+                let old = self.cr3;
+                self.cr3 = new;
                 if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
                     // The sync goes on when the guest runs MOV CR3 again.
                     self.cr3 = old;

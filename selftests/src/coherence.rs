@@ -263,3 +263,52 @@ pub fn gbpages_follow_cpuid(_: &crate::Ctx) -> Outcome {
         },
     )
 }
+
+/// MOV CR3 in IA-32e mode with a reserved bit is a #GP: bit 63 while CR4.PCIDE = 0,
+/// and a bit above MAXPHYADDR (bit 62). Each in its own VM; the #GP handler OUTs 0x33
+/// to port 0x13 (going on would OUT 0x22 to port 0x10).
+pub fn mov_cr3_reserved_bits_gp(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    for bit in [63u8, 62] {
+        let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+        let cs = u64::from(m.sregs.cs.selector);
+        let gate_lo =
+            (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+        m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
+        m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+        m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?;
+        #[rustfmt::skip]
+        let code = [
+            0x0f, 0x20, 0xd8,             // mov rax, cr3
+            0x48, 0x0f, 0xba, 0xe8, bit,  // bts rax, bit
+            0x0f, 0x22, 0xd8,             // mov cr3, rax (#GP)
+            0xb0, 0x22,                   // mov al, 0x22
+            0xe6, 0x10,                   // out 0x10, al
+            0xf4,                         // hlt
+        ];
+        m.mem.write(CODE, &code)?;
+        let mut sregs = m.sregs;
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 16 * 14 - 1;
+        let v = new_vcpu(
+            &m.vm,
+            0,
+            &Regs {
+                rip: CODE,
+                ..m.regs
+            },
+            &sregs,
+        )?;
+        let e = run(&v)?;
+        let want = Exit::IoOut {
+            port: 0x13,
+            size: 1,
+            data: 0x33,
+        };
+        check(e == want, || {
+            format!("MOV CR3 with bit {bit} set (CR4.PCIDE = 0): exit {e:?}, want the #GP handler's {want:?}")
+        })?;
+    }
+    Ok(())
+}

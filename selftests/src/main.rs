@@ -201,6 +201,10 @@ fn main() {
         );
         suite.add("gbpages_follow_cpuid", coherence::gbpages_follow_cpuid);
         suite.add(
+            "mov_cr3_reserved_bits_gp",
+            coherence::mov_cr3_reserved_bits_gp,
+        );
+        suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,
         );
