@@ -6,6 +6,7 @@
 
 use core::ffi::c_void;
 use core::ptr;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kernel::{prelude::*, sync::Arc};
 use rvmm_core::mmu::GuestMemory;
@@ -306,17 +307,26 @@ impl GuestMemory for GuestMem<'_> {
         true
     }
 
-    fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
+    fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
         // Accessed/dirty updates of a table in a read-only slot are dropped, as a ROM
         // drops them.
-        if let Some(p) = self.0.ptr_mut(gpa, u64::from(size)) {
-            // SAFETY: as in `read_entry`; entries are naturally aligned.
-            unsafe {
-                if size == 4 {
-                    ptr::write_volatile(p.cast::<u32>(), value as u32)
-                } else {
-                    ptr::write_volatile(p.cast::<u64>(), value)
-                }
+        let Some(p) = self.0.ptr_mut(gpa, u64::from(size)) else {
+            return true;
+        };
+        // A compare-exchange, as the CPU's locked update: another vCPU (or the VMM) may
+        // have changed the entry since the walk read it.
+        // SAFETY: `p` points at `size` bytes of a pinned, writable guest page, naturally
+        // aligned (entries are); every access to guest memory from the host is volatile
+        // or atomic, and the guest's own are the CPU's.
+        unsafe {
+            if size == 4 {
+                AtomicU32::from_ptr(p.cast::<u32>())
+                    .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            } else {
+                AtomicU64::from_ptr(p.cast::<u64>())
+                    .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
             }
         }
     }

@@ -50,6 +50,9 @@ struct FxArea([u8; 1024]);
 /// XCR0 components rvmm gives guests: x87, SSE, AVX.
 pub(crate) const GUEST_XCR0_SUPPORTED: u64 = 0x7;
 
+/// CPUID.80000001H:EDX.Page1GB.
+const GBPAGES: u32 = 1 << 26;
+
 /// Work left from the last exit to userspace, finished before the next entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pending {
@@ -194,6 +197,9 @@ pub(crate) struct VcpuInner {
     need_reset: bool,
     state_checked: bool,
     maxphyaddr: u8,
+    /// 1-GiB pages, as the guest's CPUID says (leaf 0x80000001, EDX bit 26): without
+    /// them a PDPTE's PS bit is reserved.
+    gbpages: bool,
     pending: Pending,
     triple_fault: bool,
     /// (gva, rip) of the last shadow fault, and how often it repeated.
@@ -354,6 +360,7 @@ impl Vcpu {
             need_reset: true,
             state_checked: false,
             maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
+            gbpages: false,
             pending: Pending::None,
             triple_fault: false,
             last_fault: (0, 0),
@@ -384,6 +391,7 @@ impl Vcpu {
             let leaf = 0x8000_0000 + l as u32;
             *e = rvmm_core::cpuid::guest(leaf, 0, host(leaf), &cfg);
         }
+        g.gbpages = g.cpuid_slow(0x8000_0001, 0)[3] & GBPAGES != 0;
         if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
             irq.add_vcpu(id, &apic.addressing())?;
         }
@@ -485,7 +493,9 @@ impl Vcpu {
         for e in entries {
             v.push(*e, crate::vm_gfp())?;
         }
-        self.inner.lock().cpuid = v;
+        let mut g = self.inner.lock();
+        g.cpuid = v;
+        g.gbpages = g.cpuid_slow(0x8000_0001, 0)[3] & GBPAGES != 0;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use rvmm_core::exit::{
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::{Fix as PoolFix, SYNC_BUDGET};
-use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
+use rvmm_core::mmu::{walker, Access, PermCtx};
 use rvmm_uapi as uapi;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
@@ -171,12 +171,18 @@ impl VcpuInner {
 
     /// Advances RIP past the exiting instruction; STI/MOV SS blocking ends with it.
     fn skip_instruction(&mut self, vmcs: &CurrentVmcs) {
-        let rip = self.rip_after(
+        self.retire(
             vmcs,
             vmcs.read(guest::RIP),
             vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
         );
-        vmcs.write(guest::RIP, rip);
+    }
+
+    /// Completes an instruction of `len` bytes at `rip` that the hypervisor carried
+    /// out: RIP moves past it, and a blocking by STI or MOV SS that covered it ends
+    /// (SDM Vol. 3A, 6.8.3).
+    pub(super) fn retire(&mut self, vmcs: &CurrentVmcs, rip: u64, len: u64) {
+        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len));
         let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
@@ -272,7 +278,7 @@ impl VcpuInner {
             smap: self.cr4 & CR4_SMAP != 0,
             ac: vmcs.read(guest::RFLAGS) & (1 << 18) != 0,
             nxe: self.efer & EFER_NXE != 0,
-            gbpages: true,
+            gbpages: self.gbpages,
             maxphyaddr: self.maxphyaddr,
         }
     }
@@ -305,7 +311,7 @@ impl VcpuInner {
     /// entries): the host's answer through the policy, then userspace's entries.
     #[cold]
     #[inline(never)]
-    fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
+    pub(super) fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
         let mut v = rvmm_core::cpuid::guest(
             leaf,
@@ -386,13 +392,24 @@ impl VcpuInner {
             CrAccess::MovTo { cr: 3, gpr } => {
                 let v = self.gpr(vmcs, gpr);
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
-                let keep = self.cr4 & CR4_PCIDE != 0 && v & (1 << 63) != 0;
-                let old = self.cr3;
-                self.cr3 = if long {
-                    v & !(1 << 63)
+                let pcids = self.cr4 & CR4_PCIDE != 0;
+                let keep = pcids && v & (1 << 63) != 0;
+                let new = if long {
+                    if pcids {
+                        v & !(1 << 63)
+                    } else {
+                        v
+                    }
                 } else {
                     v & 0xffff_ffff
                 };
+                // In IA-32e mode, bits 63:MAXPHYADDR are reserved (bit 63 too without
+                // PCIDs): #GP (SDM Vol. 3A, 4.5.2 and MOV CR3).
+                if long && new.checked_shr(u32::from(self.maxphyaddr)).unwrap_or(0) != 0 {
+                    return self.inject(vmcs, vector::GP, Some(0));
+                }
+                let old = self.cr3;
+                self.cr3 = new;
                 if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
                     // The sync goes on when the guest runs MOV CR3 again.
                     self.cr3 = old;

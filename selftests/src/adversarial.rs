@@ -21,11 +21,11 @@ use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 /// Where the guests' code starts (free in both of `setup`'s layouts).
-const CODE: u64 = 0x1_0000;
+pub(crate) const CODE: u64 = 0x1_0000;
 /// The guest's RAM (slot 0) in most tests.
 const RAM: usize = 2 << 20;
 /// Present and writable (a page-table entry's low bits).
-const PW: u64 = 0x3;
+pub(crate) const PW: u64 = 0x3;
 /// Present, writable, 2-MiB page.
 const PW_LARGE: u64 = 0x83;
 
@@ -115,15 +115,15 @@ impl Drop for Anon {
 /// A VM with `size` bytes of RAM at guest-physical 0 (slot 0) and the GDT (and, for
 /// long mode, 4 GiB of identity page tables) of `rvmm::guest::setup`; vCPUs start at
 /// [`CODE`].
-struct Machine {
-    vm: Vm,
-    mem: GuestMem,
-    regs: Regs,
-    sregs: Sregs,
+pub(crate) struct Machine {
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMem,
+    pub(crate) regs: Regs,
+    pub(crate) sregs: Sregs,
 }
 
 impl Machine {
-    fn new(mode: EntryMode, size: usize) -> Result<Self, String> {
+    pub(crate) fn new(mode: EntryMode, size: usize) -> Result<Self, String> {
         let mut mem = GuestMem::new(size).map_err(err)?;
         let (regs, sregs) = setup(&mut mem, mode, CODE, size as u64 - 16)?;
         let vm = Rvmm::open(crate::DEV)
@@ -161,14 +161,19 @@ impl Machine {
 
 /// Creates vCPU `id` of `vm` with these registers (a free function, so that the vCPU
 /// borrows only the VM and the test can still write the machine's memory).
-fn new_vcpu<'a>(vm: &'a Vm, id: u32, regs: &Regs, sregs: &Sregs) -> Result<Vcpu<'a>, String> {
+pub(crate) fn new_vcpu<'a>(
+    vm: &'a Vm,
+    id: u32,
+    regs: &Regs,
+    sregs: &Sregs,
+) -> Result<Vcpu<'a>, String> {
     let v = vm.create_vcpu(id).map_err(err)?;
     v.set_sregs(sregs).map_err(err)?;
     v.set_regs(regs).map_err(err)?;
     Ok(v)
 }
 
-fn run(v: &Vcpu) -> Result<Exit, String> {
+pub(crate) fn run(v: &Vcpu) -> Result<Exit, String> {
     v.run().map_err(err)
 }
 

@@ -12,6 +12,7 @@
 //!   --fuzz-seed S     its seed (decimal or 0x-hex; default: a fresh one, printed)
 
 mod adversarial;
+mod coherence;
 mod fuzz;
 mod ktap;
 mod kvm_guest;
@@ -185,6 +186,23 @@ fn main() {
         suite.add(
             "unsync_storm_bounded_section",
             adversarial::unsync_storm_bounded_section,
+        );
+        suite.add(
+            "global_flush_reaches_every_pcid",
+            coherence::global_flush_reaches_every_pcid,
+        );
+        suite.add(
+            "pt_write_fetches_at_cs_base",
+            coherence::pt_write_fetches_at_cs_base,
+        );
+        suite.add(
+            "invpcid_checks_like_hardware",
+            coherence::invpcid_checks_like_hardware,
+        );
+        suite.add("gbpages_follow_cpuid", coherence::gbpages_follow_cpuid);
+        suite.add(
+            "mov_cr3_reserved_bits_gp",
+            coherence::mov_cr3_reserved_bits_gp,
         );
         suite.add(
             "fan_in_page_tables_bounded_section",

@@ -111,6 +111,8 @@ impl VcpuInner {
         let slots = self.slots.clone();
         let gpa = match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, access, &ctx) {
             Ok(w) => w.gpa,
+            // Other vCPUs keep changing the entries: the instruction runs again.
+            Err(f) if f.raced => return Next::Fast,
             Err(f) => {
                 self.cr2 = la;
                 return self.inject(vmcs, vector::PF, Some(f.error_code));

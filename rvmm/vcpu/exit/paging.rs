@@ -107,7 +107,7 @@ impl VcpuInner {
         }
         // SAFETY: our run page.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
+        self.retire(vmcs, rip, decoded.len.into());
         self.stats.mmio_exits.inc();
         self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
     }
@@ -137,7 +137,7 @@ impl VcpuInner {
                 self.set_gpr(vmcs, dst, new);
             }
         }
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, decoded.len.into()));
+        self.retire(vmcs, rip, decoded.len.into());
         Next::Fast
     }
 
@@ -286,15 +286,31 @@ impl VcpuInner {
         let rip = vmcs.read(guest::RIP);
         let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
-        let mut code = [0u8; 15];
-        let n = self.fetch_code(vmcs, rip, ctx, &mut code);
-        let op = rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0);
+        // Not emulated (the table is unprotected and the guest runs on): a write the
+        // CPU made while delivering an event (pushing its frame: the instruction at RIP
+        // did not run; the event is delivered again), and an instruction under single
+        // step (run natively, it raises its own #DB).
+        let vectoring = vmcs.read(ro::IDT_VECTORING_INFO) as u32 & intr::VALID != 0;
+        let single_step = vmcs.read(guest::RFLAGS) & (1 << 8) != 0;
+        let op = if vectoring || single_step {
+            None
+        } else {
+            // The instruction's linear address: CS.base counts outside 64-bit mode.
+            let linear = if long {
+                rip
+            } else {
+                vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+            };
+            let mut code = [0u8; 15];
+            let n = self.fetch_code(vmcs, linear, ctx, &mut code);
+            rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0).ok()
+        };
         let emulated = match op {
             // Within one naturally aligned 8-byte word (entries are), so that the
             // read-modify-write is one atomic compare-exchange on it: other vCPUs may
             // write the same table at the same time (their writes trap as well, but the
             // emulation runs outside the pool lock).
-            Ok(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
+            Some(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
                 match self.slots.ptr_mut(gpa & !7, 8) {
                     Some(p) => {
                         // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
@@ -364,7 +380,7 @@ impl VcpuInner {
                             self.set_gpr(vmcs, r, merged);
                         }
                         vmcs.write(guest::RFLAGS, e.rflags);
-                        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, op.len.into()));
+                        self.retire(vmcs, rip, op.len.into());
                         Some(op.size)
                     }
                     None => None,
@@ -574,34 +590,46 @@ impl VcpuInner {
             s if !long => vmcs.read(SEG_BASES[usize::from(s).min(5)]),
             _ => 0,
         };
-        let la = seg_base.wrapping_add(ea);
+        let mask = if long { u64::MAX } else { 0xffff_ffff };
+        let la = seg_base.wrapping_add(ea) & mask;
         // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
-        // address in bits 127:64.
-        let mut desc = [0u64; 2];
+        // address in bits 127:64. Any alignment (m128 has no alignment rule), across a
+        // page boundary too.
+        let mut bytes = [0u8; 16];
         let ctx = self.perm_ctx(vmcs);
         let read = Access::default();
-        for (i, d) in desc.iter_mut().enumerate() {
-            let a = la.wrapping_add(8 * i as u64);
+        let mut n = 0;
+        while n < bytes.len() {
+            let a = la.wrapping_add(n as u64) & mask;
             match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, a, read, &ctx) {
-                Ok(w) => match GuestMem(&slots).read_entry(w.gpa, 8) {
-                    Some(v) if w.gpa & 7 == 0 => *d = v,
-                    _ => {
+                Ok(w) => {
+                    let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(bytes.len() - n);
+                    let Some(p) = slots.ptr(w.gpa, chunk as u64) else {
                         return self.internal_error(
                             run,
                             uapi::RVMM_INTERNAL_EMULATION,
                             [a, w.gpa, vmcs.read(guest::RIP), 5],
-                        )
-                    }
-                },
+                        );
+                    };
+                    // SAFETY: `p` points at `chunk` bytes of a pinned guest page.
+                    unsafe { ptr::copy_nonoverlapping(p, bytes[n..].as_mut_ptr(), chunk) };
+                    n += chunk;
+                }
+                // Other vCPUs keep changing the entries: INVPCID runs again.
+                Err(f) if f.raced => return Next::Fast,
                 Err(f) => {
                     self.cr2 = a;
                     return self.inject(vmcs, vector::PF, Some(f.error_code));
                 }
             }
         }
+        let half = |h: &[u8]| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]));
+        let desc = [half(&bytes[..8]), half(&bytes[8..])];
         let (pcid, addr) = (desc[0], desc[1]);
         let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
-        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) {
+        // A PCID other than 0 for one context (types 0 and 1) needs CR4.PCIDE.
+        let no_pcids = kind <= 1 && pcid != 0 && self.cr4 & CR4_PCIDE == 0;
+        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) || no_pcids {
             return self.inject(vmcs, vector::GP, Some(0));
         }
         let current = if self.cr4 & CR4_PCIDE != 0 {

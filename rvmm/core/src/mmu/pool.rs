@@ -121,6 +121,20 @@ impl Role {
         Self(r)
     }
 
+    /// The paging controls this shadow was built under (CR0.WP, CR4.SMEP/SMAP,
+    /// EFER.NXE), with the CPU's properties (MAXPHYADDR, 1-GiB pages) from `cpu`: a
+    /// shadow is kept up to date under its own controls, whoever's flush or write
+    /// reaches it.
+    pub fn perm_ctx(self, cpu: &PermCtx) -> PermCtx {
+        PermCtx {
+            wp: self.0 & Self::WP != 0,
+            smep: self.0 & Self::SMEP != 0,
+            smap: self.0 & Self::SMAP != 0,
+            nxe: self.0 & Self::NXE != 0,
+            ..*cpu
+        }
+    }
+
     /// Level of the shadowed table (1 = page table).
     pub const fn level(self) -> u8 {
         (self.0 & Self::LEVEL) as u8
@@ -1137,6 +1151,9 @@ impl<T: Tables> Pool<'_, T> {
             // Root quadrants and PDPTE copies do not follow guest memory.
             return Ok(());
         };
+        // Its own controls, not the caller's (a global flush or a table write reaches
+        // shadows of every role).
+        let ctx = &sp.role.perm_ctx(ctx);
         let pte = guest.read_entry(gpa, size).unwrap_or(0);
         let new = if sp.role.level() == 1 {
             self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
@@ -1640,6 +1657,8 @@ impl<T: Tables> Pool<'_, T> {
         };
         let w = match walker::walk(guest, mode, cr3, gva, access, ctx) {
             Ok(w) => w,
+            // Other vCPUs keep changing the entries: the access faults again.
+            Err(f) if f.raced => return Ok(Fix::Retry),
             Err(f) => return Ok(Fix::GuestFault(f)),
         };
         let mut path = [NIL; 5];

@@ -111,8 +111,10 @@ pub trait GuestMemory {
     /// Reads a paging-structure entry of `size` bytes (4 or 8); `None` if the address
     /// is not backed by guest RAM.
     fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64>;
-    /// Writes back an entry whose accessed/dirty flags the walk set.
-    fn write_entry(&mut self, gpa: u64, size: u8, value: u64);
+    /// Sets the accessed/dirty flags the walk set in an entry: writes `new` only if the
+    /// entry still holds `old`, atomically (another vCPU may have changed it since the
+    /// walk read it, as hardware's locked update allows for); false if it did not.
+    fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool;
     /// Reads `out.len()` consecutive 8-byte entries from `gpa` (within one page);
     /// false if the page is not guest RAM.
     fn read_entries(&mut self, gpa: u64, out: &mut [u64]) -> bool {
@@ -166,10 +168,41 @@ pub struct WalkFault {
     /// Guest-physical address of a paging entry outside guest RAM (the walk could not
     /// read it); the hypervisor decides what that means.
     pub unbacked_table: Option<u64>,
+    /// No fault: entries kept changing under the walk's accessed/dirty updates (other
+    /// vCPUs writing the tables), [`WALK_TRIES`] times. The access must be retried
+    /// (the instruction run again), never reported to the guest.
+    pub raced: bool,
 }
 
-/// Walks the guest's tables for `gva` and `access`.
+/// Walks made before a walk whose accessed/dirty update keeps losing the race gives up
+/// ([`WalkFault::raced`]).
+pub const WALK_TRIES: usize = 4;
+
+/// Walks the guest's tables for `gva` and `access`, as hardware does: an entry whose
+/// accessed/dirty update finds it changed is walked again from the top.
 pub fn walk(
+    mem: &mut impl GuestMemory,
+    mode: PagingMode,
+    cr3: u64,
+    gva: u64,
+    access: Access,
+    ctx: &PermCtx,
+) -> Result<Walk, WalkFault> {
+    for _ in 0..WALK_TRIES {
+        match walk_once(mem, mode, cr3, gva, access, ctx) {
+            Err(f) if f.raced => continue,
+            r => return r,
+        }
+    }
+    Err(WalkFault {
+        error_code: 0,
+        unbacked_table: None,
+        raced: true,
+    })
+}
+
+/// One walk; `raced` if an accessed/dirty update found its entry changed.
+fn walk_once(
     mem: &mut impl GuestMemory,
     mode: PagingMode,
     cr3: u64,
@@ -188,10 +221,12 @@ pub fn walk(
     let not_present = WalkFault {
         error_code: base_ec,
         unbacked_table: None,
+        raced: false,
     };
     let rsvd = WalkFault {
         error_code: base_ec | pferr::PRESENT | pferr::RSVD,
         unbacked_table: None,
+        raced: false,
     };
     let phys_mask = ctx.phys_mask();
 
@@ -239,6 +274,7 @@ pub fn walk(
             return Err(WalkFault {
                 error_code: base_ec,
                 unbacked_table: Some(egpa),
+                raced: false,
             });
         };
         if e & P == 0 {
@@ -255,8 +291,9 @@ pub fn walk(
         }
         let pae_pdpte = mode == PagingMode::Pae && level == 3;
         if pae_pdpte {
-            // PAE PDPTEs: bits 2:1, 8:5 and 63 are reserved.
-            reserved |= e & (0x6 | 0x1e0 | XD);
+            // PAE PDPTEs: bits 2:1, 8:5 and 63:MAXPHYADDR are reserved (SDM Vol. 3A,
+            // table 4-8: no ignored high bits, unlike the other levels' 62:52).
+            reserved |= e & (0x6 | 0x1e0 | !phys_mask);
         }
         let large = !pae_pdpte
             && e & PS != 0
@@ -320,6 +357,7 @@ pub fn walk(
     let prot = WalkFault {
         error_code: base_ec | pferr::PRESENT,
         unbacked_table: None,
+        raced: false,
     };
     if access.user {
         if !us || (access.write && !rw) || (access.fetch && nx) {
@@ -352,8 +390,14 @@ pub fn walk(
             }
             dirty = new & D != 0;
         }
-        if new != e {
-            mem.write_entry(egpa, size, new);
+        if new != e && !mem.update_entry(egpa, size, e, new) {
+            // Changed since it was read (another vCPU cleared it, say): what it maps
+            // now decides, as for hardware, whose update is a locked operation.
+            return Err(WalkFault {
+                error_code: 0,
+                unbacked_table: None,
+                raced: true,
+            });
         }
         path.pte[usize::from(leaf_level) + n - 2 - i] = new;
     }
@@ -393,20 +437,24 @@ mod tests {
                 word
             })
         }
-        fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
-            let w = self.0.entry(gpa & !7).or_insert(0);
-            if size == 4 {
-                let sh = (gpa & 4) * 8;
-                *w = (*w & !(0xffff_ffffu64 << sh)) | (value << sh);
-            } else {
-                *w = value;
+        fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
+            if self.read_entry(gpa, size) != Some(old) {
+                return false;
             }
+            self.set(gpa, size, new);
+            true
         }
     }
 
     impl Mem {
         fn set(&mut self, gpa: u64, size: u8, v: u64) {
-            self.write_entry(gpa, size, v);
+            let w = self.0.entry(gpa & !7).or_insert(0);
+            if size == 4 {
+                let sh = (gpa & 4) * 8;
+                *w = (*w & !(0xffff_ffffu64 << sh)) | (v << sh);
+            } else {
+                *w = v;
+            }
         }
         fn get(&mut self, gpa: u64, size: u8) -> u64 {
             self.read_entry(gpa, size).unwrap()
@@ -660,14 +708,18 @@ mod tests {
             .error_code,
             pferr::PRESENT | pferr::USER | pferr::FETCH
         );
-        // R/W in a PDPTE is reserved.
-        m.set(cr3 + 16, 8, 0x3000 | P | RW);
-        assert_eq!(
-            walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx)
-                .unwrap_err()
-                .error_code,
-            pferr::PRESENT | pferr::RSVD
-        );
+        // R/W in a PDPTE is reserved, and so are bits 62:52 (ignored at other levels).
+        for bad in [RW, 1 << 52, 1 << 57, 1 << 62] {
+            m.set(cr3 + 16, 8, 0x3000 | P | bad);
+            assert_eq!(
+                walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx)
+                    .unwrap_err()
+                    .error_code,
+                pferr::PRESENT | pferr::RSVD,
+                "PDPTE bit {:#x}",
+                bad
+            );
+        }
     }
 
     #[test]
@@ -786,7 +838,93 @@ mod tests {
             let e = x | P;
             Some(if size == 4 { e & 0xffff_ffff } else { e })
         }
-        fn write_entry(&mut self, _: u64, _: u8, _: u64) {}
+        fn update_entry(&mut self, gpa: u64, size: u8, old: u64, _: u64) -> bool {
+            self.read_entry(gpa, size) == Some(old)
+        }
+    }
+
+    /// Memory where another vCPU changes entry `at` to `to` right after the walk read
+    /// it (before the walk's accessed/dirty update), `times` times; `to` = `u64::MAX`:
+    /// flips an ignored bit of it instead.
+    struct Racing {
+        mem: Mem,
+        at: u64,
+        to: u64,
+        times: usize,
+    }
+
+    impl GuestMemory for Racing {
+        fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
+            self.mem.read_entry(gpa, size)
+        }
+        fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
+            if gpa == self.at && self.times > 0 {
+                self.times -= 1;
+                let to = if self.to == u64::MAX {
+                    self.mem.get(gpa, size) ^ (1 << 9)
+                } else {
+                    self.to
+                };
+                self.mem.set(gpa, size, to);
+            }
+            self.mem.update_entry(gpa, size, old, new)
+        }
+    }
+
+    /// Long-mode tables mapping 0x40_0000 (4 KiB) with every accessed flag clear; the
+    /// PTE's address.
+    fn racing_tables(m: &mut Mem) -> u64 {
+        m.set(0x1000, 8, 0x2000 | P | RW);
+        m.set(0x2000, 8, 0x3000 | P | RW);
+        m.set(0x3000 + 8 * 2, 8, 0x4000 | P | RW);
+        m.set(0x4000, 8, 0x9000 | P | RW);
+        0x4000
+    }
+
+    #[test]
+    fn a_pte_cleared_under_the_walk_is_not_brought_back() {
+        let mut m = Mem::default();
+        let pte = racing_tables(&mut m);
+        // Another vCPU clears the PTE (munmap) between the walk's read and its update.
+        let mut r = Racing {
+            mem: m,
+            at: pte,
+            to: 0,
+            times: 1,
+        };
+        let long = PagingMode::Long4;
+        let f = walk(&mut r, long, 0x1000, 0x40_0000, W, &PermCtx::default()).unwrap_err();
+        assert!(!f.raced);
+        assert_eq!(
+            f.error_code & pferr::PRESENT,
+            0,
+            "the walk saw the cleared PTE"
+        );
+        assert_eq!(r.mem.get(pte, 8), 0, "the cleared PTE stays cleared");
+        // Changed to another page instead: the walk maps that one, with A and D.
+        let mut m = Mem::default();
+        let pte = racing_tables(&mut m);
+        let mut r = Racing {
+            mem: m,
+            at: pte,
+            to: 0xa000 | P | RW,
+            times: 1,
+        };
+        let w = walk(&mut r, long, 0x1000, 0x40_0000, W, &PermCtx::default()).unwrap();
+        assert_eq!(w.gpa, 0xa000);
+        assert_eq!(r.mem.get(pte, 8), 0xa000 | P | RW | A | D);
+        // An entry that never holds still: the walk gives up, for the access to be
+        // retried, and reports no fault.
+        let mut m = Mem::default();
+        let pte = racing_tables(&mut m);
+        let mut r = Racing {
+            mem: m,
+            at: pte,
+            to: u64::MAX,
+            times: usize::MAX,
+        };
+        let f = walk(&mut r, long, 0x1000, 0x40_0000, W, &PermCtx::default()).unwrap_err();
+        assert!(f.raced);
     }
 
     #[test]

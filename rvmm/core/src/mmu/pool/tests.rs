@@ -35,6 +35,16 @@ impl GuestMemory for Guest {
             (q >> (8 * (gpa & 4))) & 0xffff_ffff
         })
     }
+    fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
+        if self.read_entry(gpa, size) != Some(old) {
+            return false;
+        }
+        self.write_entry(gpa, size, new);
+        true
+    }
+}
+
+impl Guest {
     fn write_entry(&mut self, gpa: u64, size: u8, value: u64) {
         let q = &mut self.mem[(gpa / 8) as usize];
         if size == 8 {
@@ -823,6 +833,39 @@ fn linking_a_table_syncs_what_it_brings_in_steps() {
     for t in 0..TABLES_OUT {
         assert_eq!(m.access(gva(t, 0), rd()).0, Ok((DATA + 100) << 12));
         assert_eq!(m.access(gva(t, 5), rd()).0, Ok((DATA + 5) << 12));
+    }
+}
+
+/// A shadow built under EFER.NXE = 0 is resynced under its own controls when a flush
+/// made under NXE = 1 reaches it: a PTE that gained the XD bit (reserved without NXE)
+/// must fault with RSVD in the first address space, not map the page as no-execute.
+#[test]
+fn a_flush_resyncs_other_roles_under_their_own_controls() {
+    const XD: u64 = 1 << 63;
+    let mut m = Machine::new(64, 16);
+    m.ctx.nxe = false;
+    m.load_cr3(ROOTS << 12);
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // The guest sets XD in the PTE (its table goes out of sync).
+    m.write(pt << 12, (DATA << 12) | P | RW | US | PTE_A | XD);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    // Another vCPU, with NXE on, flushes everything.
+    let mut nxe = m.ctx;
+    nxe.nxe = true;
+    loop {
+        match m.s.pool().flush_all(&mut m.g, &nxe, SYNC_BUDGET) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(Full) => panic!("room in the pool"),
+        }
+    }
+    // Back in the NXE = 0 address space without a flush: XD is a reserved bit there.
+    m.load_cr3_pcid(ROOTS << 12, false);
+    match m.access(gva, rd()).0 {
+        Err(ec) => assert_ne!(ec & walker::pferr::RSVD, 0, "error code {ec:#x}"),
+        Ok(pa) => panic!("read {pa:#x} through a PTE with a reserved bit set"),
     }
 }
 

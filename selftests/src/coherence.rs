@@ -1,0 +1,314 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Shadow MMU coherence: guests that change their page tables in the ways where a
+//! shadow can lag behind, each checking that it sees what the architecture says (SDM
+//! Vol. 3A, 4.10) after the flush it made.
+
+use crate::adversarial::{new_vcpu, run, Machine, CODE, PW};
+use crate::check;
+use crate::ktap::Outcome;
+use rvmm::guest::EntryMode;
+use rvmm::uapi::Regs;
+use rvmm::Exit;
+
+/// A global flush reaches every PCID: with CR4.PCIDE on, the guest reads page X in
+/// address space A (PCID 1), moves to B (PCID 2), rewrites A's page table for X
+/// (through its identity map) so that X maps another page, toggles CR4.PGE (which
+/// invalidates the TLB entries of every PCID) and returns to A with CR3 bit 63 set (no
+/// flush). X must read the new page: a flush that synced only B's shadow left A's
+/// stale, and X read the old page.
+pub fn global_flush_reaches_every_pcid(_: &crate::Ctx) -> Outcome {
+    const B: u64 = 0x10_0000;
+    const PDPT_A: u64 = 0x10_1000;
+    const PD_A: u64 = 0x10_2000;
+    const PT_A: u64 = 0x10_3000;
+    const PDPT_B: u64 = 0x10_4000;
+    const PD_B: u64 = 0x10_5000;
+    const PT_B: u64 = 0x10_6000;
+    const D1: u64 = 0x20_0000;
+    const D2: u64 = 0x20_1000;
+    const D3: u64 = 0x20_2000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    let mem = &mut m.mem;
+    let a = rvmm::guest::PML4;
+    // Both address spaces keep `setup`'s identity map in entry 0; X = 512 GiB.
+    mem.write_u64(B, rvmm::guest::PDPT | PW)?;
+    for (pml4, pdpt, pd, pt, page) in [(a, PDPT_A, PD_A, PT_A, D1), (B, PDPT_B, PD_B, PT_B, D3)] {
+        mem.write_u64(pml4 + 8, pdpt | PW)?;
+        mem.write_u64(pdpt, pd | PW)?;
+        mem.write_u64(pd, pt | PW)?;
+        mem.write_u64(pt, page | PW)?;
+    }
+    mem.write_u64(D1, 0x1111)?;
+    mem.write_u64(D2, 0x2222)?;
+    mem.write_u64(D3, 0x3333)?;
+    #[rustfmt::skip]
+    let code = [
+        0x0f, 0x20, 0xe0,                         // mov rax, cr4
+        0x0d, 0x80, 0x00, 0x02, 0x00,             // or eax, PCIDE | PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax
+        0xb8, 0x01, 0x10, 0x00, 0x00,             // mov eax, A | PCID 1
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0,    // mov rbx, X
+        0x48, 0x8b, 0x0b,                         // mov rcx, [rbx] (A's X: D1)
+        0xb8, 0x02, 0x00, 0x10, 0x00,             // mov eax, B | PCID 2
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x48, 0x8b, 0x0b,                         // mov rcx, [rbx] (B's X: D3)
+        0xbf, 0x00, 0x30, 0x10, 0x00,             // mov edi, PT_A
+        0x48, 0xc7, 0x07, 0x03, 0x10, 0x20, 0x00, // mov qword [rdi], D2 | P | RW
+        0x0f, 0x20, 0xe0,                         // mov rax, cr4
+        0x25, 0x7f, 0xff, 0xff, 0xff,             // and eax, ~PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax (flushes every PCID)
+        0x0d, 0x80, 0x00, 0x00, 0x00,             // or eax, PGE
+        0x0f, 0x22, 0xe0,                         // mov cr4, rax
+        0x48, 0xb8, 0x01, 0x10, 0, 0, 0, 0, 0, 0x80, // mov rax, A | PCID 1 | no flush
+        0x0f, 0x22, 0xd8,                         // mov cr3, rax
+        0x8b, 0x03,                               // mov eax, [rbx]
+        0xe7, 0x10,                               // out 0x10, eax
+        0xf4,                                     // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let e = run(&v)?;
+    let want = Exit::IoOut {
+        port: 0x10,
+        size: 4,
+        data: 0x2222,
+    };
+    check(e == want, || {
+        format!(
+            "after a global flush and a no-flush MOV CR3 back to PCID 1, X read {e:?}, want {want:?} (0x1111: A's stale shadow)"
+        )
+    })
+}
+
+/// A write to a page table that rvmm emulates is fetched from CS.base + EIP outside
+/// 64-bit mode: a 32-bit guest with CS.base = 64 KiB turns on paging (its page
+/// directory maps 4 MiB pages, and itself) and writes a PDE with `mov [eax], ecx`.
+/// At linear address EIP (what a fetch without the base reads) sits a decoy,
+/// `mov [eax], ebx`. The PDE must hold ECX's value.
+pub fn pt_write_fetches_at_cs_base(_: &crate::Ctx) -> Outcome {
+    const PD: u64 = 0x20_0000;
+    const CS_BASE: u64 = CODE;
+    let mut m = Machine::new(EntryMode::Protected, 8 << 20)?;
+    // PDE 0: 4 MiB at 0 (the code, the stack, the GDT); PDE 1 is what the guest writes.
+    m.mem.write_u64(PD, 0x83)?;
+    #[rustfmt::skip]
+    let code: [u8; 50] = [
+        0xb8, 0x00, 0x00, 0x20, 0x00, // mov eax, PD
+        0x0f, 0x22, 0xd8,             // mov cr3, eax
+        0x0f, 0x20, 0xe0,             // mov eax, cr4
+        0x83, 0xc8, 0x10,             // or eax, PSE
+        0x0f, 0x22, 0xe0,             // mov cr4, eax
+        0x0f, 0x20, 0xc0,             // mov eax, cr0
+        0x0d, 0x00, 0x00, 0x00, 0x80, // or eax, PG
+        0x0f, 0x22, 0xc0,             // mov cr0, eax
+        0xb8, 0x04, 0x00, 0x20, 0x00, // mov eax, PD + 4 (PDE 1)
+        0xb9, 0x83, 0x00, 0x40, 0x00, // mov ecx, 4 MiB | PS | RW | P
+        0xbb, 0x83, 0x00, 0x80, 0x00, // mov ebx, 8 MiB | PS | RW | P (the decoy's)
+        0x89, 0x08,                   // mov [eax], ecx (a write to the page directory)
+        0x8b, 0x00,                   // mov eax, [eax]
+        0xe7, 0x10,                   // out 0x10, eax
+        0xf4,                         // hlt
+    ];
+    // The write's EIP, and the decoy at that linear address.
+    let store = 43u64;
+    check(
+        code[store as usize..store as usize + 2] == [0x89, 0x08],
+        || "the store is not where the test expects it".into(),
+    )?;
+    m.mem.write(CS_BASE, &code)?;
+    m.mem.write(store, &[0x89, 0x18])?;
+    let mut sregs = m.sregs;
+    sregs.cs.base = CS_BASE;
+    let v = new_vcpu(&m.vm, 0, &Regs { rip: 0, ..m.regs }, &sregs)?;
+    let e = run(&v)?;
+    let want = Exit::IoOut {
+        port: 0x10,
+        size: 4,
+        data: 0x40_0083,
+    };
+    check(e == want, || {
+        format!(
+            "the PDE read back {e:?}, want {want:?} (0x800083: the emulator ran the decoy at EIP without CS.base)"
+        )
+    })
+}
+
+/// INVPCID as the SDM defines it (Vol. 2A): a descriptor at any alignment, across a
+/// page boundary too (m128 has no alignment rule), and #GP for a PCID other than 0 in
+/// a single-context type while CR4.PCIDE = 0. The guest runs type 2 with a descriptor
+/// that spans two pages (then OUT 0x11), then type 1 with PCID 5 (its #GP handler
+/// OUTs 0x33 to port 0x13; going on would OUT 0x22).
+pub fn invpcid_checks_like_hardware(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    const DESC_SPLIT: u64 = 0x20_0ffc;
+    const DESC_PCID5: u64 = 0x20_1100;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // PCID 0, address 0 (type 2 ignores both), 4 bytes in each page.
+    m.mem.write(DESC_SPLIT, &[0u8; 16])?;
+    m.mem.write_u64(DESC_PCID5, 5)?;
+    // The #GP gate (vector 13): a 64-bit interrupt gate to HANDLER.
+    let cs = u64::from(m.sregs.cs.selector);
+    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
+    m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+    m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
+    #[rustfmt::skip]
+    let code = [
+        0xb8, 0x02, 0x00, 0x00, 0x00,       // mov eax, 2 (all contexts)
+        0xbb, 0xfc, 0x0f, 0x20, 0x00,       // mov ebx, DESC_SPLIT
+        0x66, 0x0f, 0x38, 0x82, 0x03,       // invpcid rax, [rbx]
+        0xb0, 0x11,                         // mov al, 0x11
+        0xe6, 0x10,                         // out 0x10, al
+        0xb8, 0x01, 0x00, 0x00, 0x00,       // mov eax, 1 (one context)
+        0xbb, 0x00, 0x11, 0x20, 0x00,       // mov ebx, DESC_PCID5
+        0x66, 0x0f, 0x38, 0x82, 0x03,       // invpcid rax, [rbx] (#GP: PCIDE is 0)
+        0xb0, 0x22,                         // mov al, 0x22
+        0xe6, 0x10,                         // out 0x10, al
+        0xf4,                               // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 14 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    let out = |port, data| Exit::IoOut {
+        port,
+        size: 1,
+        data,
+    };
+    let e = run(&v)?;
+    check(e == out(0x10, 0x11), || {
+        format!("INVPCID with a descriptor across two pages: exit {e:?}, want the OUT of 0x11")
+    })?;
+    let e = run(&v)?;
+    check(e == out(0x13, 0x33), || {
+        format!(
+            "INVPCID type 1, PCID 5, CR4.PCIDE = 0: exit {e:?}, want the #GP handler's OUT of 0x33"
+        )
+    })
+}
+
+/// 1-GiB pages only where the guest's CPUID has them (leaf 0x80000001, EDX bit 26):
+/// with the bit clear, a PDPTE with PS set has a reserved bit, and an access through it
+/// is a #PF with RSVD (the handler OUTs its error code to port 0x14), not a read of
+/// the page.
+pub fn gbpages_follow_cpuid(_: &crate::Ctx) -> Outcome {
+    const PDPT1: u64 = 0x10_0000;
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // X = 512 GiB: PML4 entry 1, a PDPTE mapping 1 GiB at 0.
+    m.mem.write_u64(rvmm::guest::PML4 + 8, PDPT1 | PW)?;
+    m.mem.write_u64(PDPT1, 0x83)?;
+    let cs = u64::from(m.sregs.cs.selector);
+    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    m.mem.write_u64(IDT + 16 * 14, gate_lo)?;
+    m.mem.write_u64(IDT + 16 * 14 + 8, HANDLER >> 32)?;
+    // mov eax, [rsp] (the error code); out 0x14, eax; hlt
+    m.mem
+        .write(HANDLER, &[0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
+    #[rustfmt::skip]
+    let code = [
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0, // mov rbx, X
+        0x8b, 0x03,                            // mov eax, [rbx]
+        0xe7, 0x10,                            // out 0x10, eax
+        0xf4,                                  // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 15 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    // Long mode, NX, SYSCALL; no 1-GiB pages.
+    v.set_cpuid(&[rvmm::uapi::CpuidEntry {
+        function: 0x8000_0001,
+        ecx: 1,
+        edx: (1 << 29) | (1 << 20) | (1 << 11),
+        ..Default::default()
+    }])
+    .map_err(|e| e.to_string())?;
+    let e = run(&v)?;
+    let want_ec = 0x9; // present, reserved bit
+    check(
+        matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data & 0x1f == want_ec),
+        || {
+            format!("a 1-GiB page without CPUID's Page1GB: exit {e:?}, want a #PF with error code {want_ec:#x} (port 0x14)")
+        },
+    )
+}
+
+/// MOV CR3 in IA-32e mode with a reserved bit is a #GP: bit 63 while CR4.PCIDE = 0,
+/// and a bit above MAXPHYADDR (bit 62). Each in its own VM; the #GP handler OUTs 0x33
+/// to port 0x13 (going on would OUT 0x22 to port 0x10).
+pub fn mov_cr3_reserved_bits_gp(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    for bit in [63u8, 62] {
+        let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+        let cs = u64::from(m.sregs.cs.selector);
+        let gate_lo =
+            (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+        m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
+        m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+        m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?;
+        #[rustfmt::skip]
+        let code = [
+            0x0f, 0x20, 0xd8,             // mov rax, cr3
+            0x48, 0x0f, 0xba, 0xe8, bit,  // bts rax, bit
+            0x0f, 0x22, 0xd8,             // mov cr3, rax (#GP)
+            0xb0, 0x22,                   // mov al, 0x22
+            0xe6, 0x10,                   // out 0x10, al
+            0xf4,                         // hlt
+        ];
+        m.mem.write(CODE, &code)?;
+        let mut sregs = m.sregs;
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 16 * 14 - 1;
+        let v = new_vcpu(
+            &m.vm,
+            0,
+            &Regs {
+                rip: CODE,
+                ..m.regs
+            },
+            &sregs,
+        )?;
+        let e = run(&v)?;
+        let want = Exit::IoOut {
+            port: 0x13,
+            size: 1,
+            data: 0x33,
+        };
+        check(e == want, || {
+            format!("MOV CR3 with bit {bit} set (CR4.PCIDE = 0): exit {e:?}, want the #GP handler's {want:?}")
+        })?;
+    }
+    Ok(())
+}
