@@ -381,8 +381,11 @@ impl VcpuInner {
     }
 
     fn cr_access(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
+        // IA-32e mode decides the CR rules; 64-bit code (CS.L) the operand's width: in
+        // compatibility mode MOV to CR moves 32 bits (SDM Vol. 2B, MOV Control Regs).
         let long = self.efer & EFER_LMA != 0;
-        let width = |v: u64| if long { v } else { v & 0xffff_ffff };
+        let wide = self.long_mode_code(vmcs);
+        let width = |v: u64| if wide { v } else { v & 0xffff_ffff };
         match CrAccess::decode(qual) {
             CrAccess::MovTo { cr: 0, gpr } => {
                 if let Err(n) = self.set_cr0(vmcs, run, width(self.gpr(vmcs, gpr))) {
@@ -394,7 +397,8 @@ impl VcpuInner {
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
                 let pcids = self.cr4 & CR4_PCIDE != 0;
                 let keep = pcids && v & (1 << 63) != 0;
-                let new = if long {
+                let keep = keep && wide;
+                let new = if wide {
                     if pcids {
                         v & !(1 << 63)
                     } else {

@@ -64,7 +64,9 @@ impl VcpuInner {
             vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
         };
         let mut code = [0u8; 15];
-        let n = self.fetch_code(vmcs, linear, ctx, &mut code);
+        let Some(n) = self.fetch_code(vmcs, linear, ctx, &mut code) else {
+            return Next::Fast;
+        };
         let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
             Ok(d) => d,
             Err(_) => {
@@ -141,14 +143,16 @@ impl VcpuInner {
         Next::Fast
     }
 
-    /// Reads up to 15 bytes of code at linear address `rip`; returns how many.
+    /// Reads up to 15 bytes of code at linear address `rip`; returns how many, or
+    /// `None` if other vCPUs kept changing the page tables under the walk (the
+    /// instruction is to run again).
     pub(super) fn fetch_code(
         &mut self,
         vmcs: &CurrentVmcs,
         rip: u64,
         ctx: &PermCtx,
         out: &mut [u8; 15],
-    ) -> usize {
+    ) -> Option<usize> {
         let slots = self.slots.clone();
         let fetch = Access {
             write: false,
@@ -164,9 +168,10 @@ impl VcpuInner {
         let mut n = 0;
         while n < out.len() {
             let la = rip.wrapping_add(n as u64) & mask;
-            let Ok(w) = walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx)
-            else {
-                break;
+            let w = match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx) {
+                Ok(w) => w,
+                Err(f) if f.raced => return None,
+                Err(_) => break,
             };
             let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(out.len() - n);
             let Some(p) = slots.ptr(w.gpa, chunk as u64) else {
@@ -176,7 +181,7 @@ impl VcpuInner {
             unsafe { ptr::copy_nonoverlapping(p, out[n..].as_mut_ptr(), chunk) };
             n += chunk;
         }
-        n
+        Some(n)
     }
 
     /// A #PF under the VM's pool: sync the missing entry (or report the guest's fault,
@@ -302,7 +307,10 @@ impl VcpuInner {
                 vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
             };
             let mut code = [0u8; 15];
-            let n = self.fetch_code(vmcs, linear, ctx, &mut code);
+            let Some(n) = self.fetch_code(vmcs, linear, ctx, &mut code) else {
+                // The instruction runs again.
+                return Next::Fast;
+            };
             rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0).ok()
         };
         let emulated = match op {
