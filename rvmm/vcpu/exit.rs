@@ -13,7 +13,7 @@ use rvmm_core::exit::{
 };
 use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::{Fix as PoolFix, SYNC_BUDGET};
-use rvmm_core::mmu::{walker, Access, PermCtx};
+use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
 use rvmm_uapi as uapi;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
@@ -412,6 +412,10 @@ impl VcpuInner {
                 if long && new.checked_shr(u32::from(self.maxphyaddr)).unwrap_or(0) != 0 {
                     return self.inject(vmcs, vector::GP, Some(0));
                 }
+                // Under PAE paging MOV CR3 loads the four PDPTEs.
+                if self.mode == PagingMode::Pae && !self.pdptes_ok(new) {
+                    return self.inject(vmcs, vector::GP, Some(0));
+                }
                 let old = self.cr3;
                 self.cr3 = new;
                 if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
@@ -428,7 +432,12 @@ impl VcpuInner {
                     || (pcide_on && (!long || self.cr3 & 0xfff != 0))
                     || (v & (1 << 18) != 0 && !self.xsave)
                     || (long && v & CR4_PAE == 0);
-                if bad {
+                // Under PAE paging, a change of PAE, PGE, PSE or SMEP loads the PDPTEs.
+                let loads_pdptes = self.cr0 & CR0_PG != 0
+                    && !long
+                    && v & CR4_PAE != 0
+                    && (v ^ self.cr4) & (CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP) != 0;
+                if bad || (loads_pdptes && !self.pdptes_ok(self.cr3)) {
                     return self.inject(vmcs, vector::GP, Some(0));
                 }
                 let flush = (v ^ self.cr4) & CR4_FLUSH != 0;
@@ -493,7 +502,13 @@ impl VcpuInner {
         let long_without_pae =
             v & CR0_PG != 0 && self.efer & EFER_LME != 0 && self.cr4 & CR4_PAE == 0;
         let nw_without_cd = v & (1 << 29) != 0 && v & (1 << 30) == 0;
-        if reserved || pg_without_pe || long_without_pae || nw_without_cd {
+        // Paging turned on with PAE outside IA-32e mode loads the PDPTEs.
+        let loads_pdptes = v & CR0_PG != 0
+            && self.cr0 & CR0_PG == 0
+            && self.cr4 & CR4_PAE != 0
+            && self.efer & EFER_LME == 0;
+        let bad_pdptes = loads_pdptes && !self.pdptes_ok(self.cr3);
+        if reserved || pg_without_pe || long_without_pae || nw_without_cd || bad_pdptes {
             return Err(self.inject(vmcs, vector::GP, Some(0)));
         }
         let paging_bits = CR0_PG | CR0_PE | CR0_WP;
@@ -514,6 +529,23 @@ impl VcpuInner {
             self.need_reset = false;
         }
         Ok(())
+    }
+
+    /// Whether the four PDPTEs at `cr3` can be loaded (PAE paging): a present one with
+    /// a reserved bit (2:1, 8:5, 63:MAXPHYADDR) makes the instruction that loads them
+    /// #GP (SDM Vol. 3A, 4.4.1), before it changes anything.
+    fn pdptes_ok(&self, cr3: u64) -> bool {
+        let base = cr3 & 0xffff_ffe0;
+        let phys = 1u64
+            .checked_shl(u32::from(self.maxphyaddr))
+            .map_or(u64::MAX, |b| b - 1);
+        (0..4u64).all(|i| {
+            // Outside RAM: nothing to check here (a walk through it reports it).
+            let e = GuestMem(&self.slots)
+                .read_entry(base + 8 * i, 8)
+                .unwrap_or(0);
+            e & 1 == 0 || e & (0x1e6 | !phys) == 0
+        })
     }
 
     /// MOV to or from a debug register (SDM Vol. 3B, 18.2): #GP outside ring 0 or for

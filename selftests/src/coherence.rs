@@ -312,3 +312,67 @@ pub fn mov_cr3_reserved_bits_gp(_: &crate::Ctx) -> Outcome {
     }
     Ok(())
 }
+
+/// Under PAE paging, MOV CR3 loads the four PDPTEs and raises #GP for a present one
+/// with a reserved bit, before CR3 changes (SDM Vol. 3A, 4.4.1). The 32-bit guest turns
+/// on PAE paging with good PDPTEs, then loads a PDPT whose entry 0 has R/W set
+/// (reserved in a PDPTE): its #GP handler OUTs 0x33 to port 0x13, still under the
+/// good tables. Loading the bad one would leave the guest without its code (a #PF
+/// that cannot be delivered: shutdown).
+pub fn pae_bad_pdpte_gp(_: &crate::Ctx) -> Outcome {
+    const PDPT_OK: u64 = 0x20_0000;
+    const PD: u64 = 0x20_1000;
+    const PDPT_BAD: u64 = 0x20_2000;
+    const IDT: u64 = 0x20_3000;
+    const HANDLER: u64 = 0x20_4000;
+    let mut m = Machine::new(EntryMode::Protected, 8 << 20)?;
+    let mem = &mut m.mem;
+    mem.write_u64(PDPT_OK, PD | 1)?;
+    mem.write_u64(PDPT_BAD, PD | 1 | 2)?;
+    for i in 0..4u64 {
+        // 2-MiB pages: the first 8 MiB, identity.
+        mem.write_u64(PD + 8 * i, (i << 21) | 0x83)?;
+    }
+    let cs = u64::from(m.sregs.cs.selector);
+    let gate = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    mem.write_u64(IDT + 8 * 13, gate)?;
+    mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
+    #[rustfmt::skip]
+    let code = [
+        0x0f, 0x20, 0xe0,             // mov eax, cr4
+        0x83, 0xc8, 0x20,             // or eax, PAE
+        0x0f, 0x22, 0xe0,             // mov cr4, eax
+        0xb8, 0x00, 0x00, 0x20, 0x00, // mov eax, PDPT_OK
+        0x0f, 0x22, 0xd8,             // mov cr3, eax
+        0x0f, 0x20, 0xc0,             // mov eax, cr0
+        0x0d, 0x00, 0x00, 0x00, 0x80, // or eax, PG
+        0x0f, 0x22, 0xc0,             // mov cr0, eax (PAE paging)
+        0xb8, 0x00, 0x20, 0x20, 0x00, // mov eax, PDPT_BAD
+        0x0f, 0x22, 0xd8,             // mov cr3, eax (#GP)
+        0xb0, 0x22,                   // mov al, 0x22
+        0xe6, 0x10,                   // out 0x10, al
+        0xf4,                         // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 8 * 14 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    let e = run(&v)?;
+    let want = Exit::IoOut {
+        port: 0x13,
+        size: 1,
+        data: 0x33,
+    };
+    check(e == want, || {
+        format!("MOV CR3 to a PDPT with a reserved bit in a present PDPTE: exit {e:?}, want the #GP handler's {want:?}")
+    })
+}

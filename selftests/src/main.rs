@@ -204,6 +204,7 @@ fn main() {
             "mov_cr3_reserved_bits_gp",
             coherence::mov_cr3_reserved_bits_gp,
         );
+        suite.add("pae_bad_pdpte_gp", coherence::pae_bad_pdpte_gp);
         suite.add(
             "fan_in_page_tables_bounded_section",
             adversarial::fan_in_page_tables_bounded_section,
