@@ -186,6 +186,17 @@ impl Role {
     }
 }
 
+/// A large page's entry as its direct shadow's rights see it: a clean page (D clear)
+/// is not writable, so that the first write faults and the walk sets D (KVM's rule;
+/// its role then differs from the dirty page's, whose pieces may be writable).
+fn clean_read_only(pte: u64) -> u64 {
+    if pte & PTE_D == 0 {
+        pte & !PTE_RW
+    } else {
+        pte
+    }
+}
+
 /// The top shadow level for a guest mode.
 const fn top_level(mode: u8) -> u8 {
     if mode == MODE_LONG4 {
@@ -1097,8 +1108,29 @@ impl<T: Tables> Pool<'_, T> {
             // Quadrant j of the guest page directory.
             return Some((sp.gfn, sp.role.child(0, false, j as u32)));
         }
-        if pte & PTE_P == 0 {
+        // Not present, or not accessed: no link (a walk sets A first, as the CPU does
+        // before it caches an entry; a guest that clears A sees it set again).
+        if pte & PTE_P == 0 || pte & PTE_A == 0 {
             return None;
+        }
+        if mode != MODE_BITS32 {
+            // Reserved bits: address bits above MAXPHYADDR, XD without NXE, PS in a
+            // PML4E, and the low bits of a large page's frame.
+            let mut reserved = pte & !phys & ((1 << 52) - 1) & !PTE_XD;
+            if !ctx.nxe {
+                reserved |= pte & PTE_XD;
+            }
+            if pte & PTE_PS != 0 {
+                reserved |= match level {
+                    4 if mode == MODE_LONG4 => PTE_PS,
+                    3 if large(pte, level, sp.role, ctx) => pte & 0x3fff_e000,
+                    2 => pte & 0x1f_e000,
+                    _ => 0,
+                };
+            }
+            if reserved != 0 {
+                return None;
+            }
         }
         if mode == MODE_BITS32 {
             let pte = pte & 0xffff_ffff;
@@ -1107,7 +1139,7 @@ impl<T: Tables> Pool<'_, T> {
                 let frame = (pte & 0xffc0_0000) | (((pte >> 13) & 0xff) << 32);
                 return Some((
                     (frame >> 12) + 512 * (j as u64 & 1),
-                    sp.role.child(pte, true, 0),
+                    sp.role.child(clean_read_only(pte), true, 0),
                 ));
             }
             return Some((
@@ -1117,7 +1149,10 @@ impl<T: Tables> Pool<'_, T> {
         }
         if large(pte, level, sp.role, ctx) {
             let span = (1u64 << (12 + 9 * u32::from(level - 1))) - 1;
-            return Some(((pte & phys & !span) >> 12, sp.role.child(pte, true, 0)));
+            return Some((
+                (pte & phys & !span) >> 12,
+                sp.role.child(clean_read_only(pte), true, 0),
+            ));
         }
         Some(((pte & phys & !0xfff) >> 12, sp.role.child(pte, false, 0)))
     }
@@ -1700,9 +1735,15 @@ impl<T: Tables> Pool<'_, T> {
             // an existing link without recomputing it.
             let e = self.tables.table(sp)[j];
             if e & SPTE_P != 0 && !cur.unsync {
-                sp = self.tables.index(e & SPTE_ADDR);
-                pin(self, sp);
-                continue;
+                let c = self.tables.index(e & SPTE_ADDR);
+                // Except into a large page's shadow: its rights follow the entry's D,
+                // which this walk may just have set (in guest memory, without a write
+                // the pool sees).
+                if !self.sps[c as usize].role.direct() || cur.role.direct() {
+                    sp = c;
+                    pin(self, sp);
+                    continue;
+                }
             }
             // The guest entry behind shadow entry j, from the walk.
             let pte = match (mode, level) {

@@ -1314,6 +1314,66 @@ fn repeated_mmio_takes_no_walk() {
     assert_eq!(m.access(dev, wr_user()), (Err(1 | 2 | 4), false));
 }
 
+/// A guest that clears the accessed flag of a page-directory entry (Linux's LRU aging
+/// does) and flushes sees it set again by the next access, as the CPU's walk sets it:
+/// the shadow link is dropped when A goes, not kept for the same table.
+#[test]
+fn a_cleared_upper_level_accessed_flag_is_set_again() {
+    let mut m = Machine::new(64, 16);
+    m.s.st.emulate_writes = true;
+    let gva = map_private(&mut m, 0);
+    let pde_at = ((TABLES + 1) * 512) as usize;
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    let pde = m.g.mem[pde_at];
+    assert_ne!(pde & PTE_A, 0, "the walk set PDE.A");
+    m.write((TABLES + 1) << 12, pde & !PTE_A);
+    m.invlpg(gva);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_ne!(
+        m.g.mem[pde_at] & PTE_A,
+        0,
+        "PDE.A set again by the next access"
+    );
+}
+
+/// A 2-MiB page whose dirty flag the guest cleared (and flushed) gets it again on the
+/// next write: a clean large page's shadow pieces are not writable (KVM's rule), and a
+/// dirty one's shadow is not shared with the clean one's.
+#[test]
+fn a_cleaned_large_page_gets_dirty_again() {
+    let mut m = Machine::new(64, 16);
+    m.s.st.emulate_writes = true;
+    let (pdpt, pd) = (TABLES, TABLES + 1);
+    let flags = P | RW | US;
+    m.g.mem[(ROOTS * 512 + 1) as usize] = (pdpt << 12) | flags;
+    m.g.mem[(pdpt * 512) as usize] = (pd << 12) | flags;
+    // 2 MiB at guest-physical 0 (all of the test's guest memory).
+    let pde_at = (pd * 512) as usize;
+    m.g.mem[pde_at] = flags | PTE_PS;
+    let gva = (1u64 << 39) | (DATA << 12);
+    let wr = Access {
+        write: true,
+        ..Access::default()
+    };
+    // A read first: the page stays clean, and its shadow must not let a write through.
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.g.mem[pde_at] & PTE_D, 0);
+    assert_eq!(m.access(gva, wr).0, Ok(DATA << 12));
+    let pde = m.g.mem[pde_at];
+    assert_ne!(pde & PTE_D, 0, "the first write set PDE.D");
+    // The guest cleans the page (clears D), flushes its TLB (MOV CR3), and writes
+    // again.
+    m.write(pd << 12, pde & !PTE_D);
+    let cr3 = m.cr3;
+    m.load_cr3(cr3);
+    assert_eq!(m.access(gva, wr).0, Ok(DATA << 12));
+    assert_ne!(
+        m.g.mem[pde_at] & PTE_D,
+        0,
+        "PDE.D set again by the next write"
+    );
+}
+
 #[test]
 fn upper_level_writes_are_emulated_and_stay_in_sync() {
     let mut m = Machine::new(64, 16);
