@@ -502,9 +502,11 @@ impl VcpuInner {
         let long_without_pae =
             v & CR0_PG != 0 && self.efer & EFER_LME != 0 && self.cr4 & CR4_PAE == 0;
         let nw_without_cd = v & (1 << 29) != 0 && v & (1 << 30) == 0;
-        // Paging turned on with PAE outside IA-32e mode loads the PDPTEs.
+        // A change of PG, CD or NW that leaves PAE paging on (outside IA-32e mode) loads
+        // the PDPTEs (SDM Vol. 3A, 4.4.1).
+        const CR0_CD_NW: u64 = (1 << 30) | (1 << 29);
         let loads_pdptes = v & CR0_PG != 0
-            && self.cr0 & CR0_PG == 0
+            && (v ^ self.cr0) & (CR0_PG | CR0_CD_NW) != 0
             && self.cr4 & CR4_PAE != 0
             && self.efer & EFER_LME == 0;
         let bad_pdptes = loads_pdptes && !self.pdptes_ok(self.cr3);
@@ -512,7 +514,8 @@ impl VcpuInner {
             return Err(self.inject(vmcs, vector::GP, Some(0)));
         }
         let paging_bits = CR0_PG | CR0_PE | CR0_WP;
-        let changed = (self.cr0 ^ v) & paging_bits != 0;
+        // (A PDPTE load also takes the root again: its copy of them.)
+        let changed = (self.cr0 ^ v) & paging_bits != 0 || loads_pdptes;
         if changed {
             // A paging change flushes every PCID's entries: that sync first, in steps.
             match self.flush_all_step(vmcs) {

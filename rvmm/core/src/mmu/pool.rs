@@ -1123,6 +1123,7 @@ impl<T: Tables> Pool<'_, T> {
             if pte & PTE_PS != 0 {
                 reserved |= match level {
                     4 if mode == MODE_LONG4 => PTE_PS,
+                    3 if mode == MODE_LONG4 && !ctx.gbpages => PTE_PS,
                     3 if large(pte, level, sp.role, ctx) => pte & 0x3fff_e000,
                     2 => pte & 0x1f_e000,
                     _ => 0,
@@ -1497,7 +1498,7 @@ impl<T: Tables> Pool<'_, T> {
             if !role.direct() {
                 self.protect_new(guest, c);
             }
-        } else {
+        } else if !role.direct() {
             // An existing shadow joins this tree: what went out of sync under it
             // before this address space's last flush must not show through it. Synced
             // before the link (pinned meanwhile: a sync unshadows orphans), so that a
@@ -1736,10 +1737,14 @@ impl<T: Tables> Pool<'_, T> {
             let e = self.tables.table(sp)[j];
             if e & SPTE_P != 0 && !cur.unsync {
                 let c = self.tables.index(e & SPTE_ADDR);
-                // Except into a large page's shadow: its rights follow the entry's D,
-                // which this walk may just have set (in guest memory, without a write
-                // the pool sees).
-                if !self.sps[c as usize].role.direct() || cur.role.direct() {
+                // Except, on a write, into the large page's shadow the walk ended in:
+                // its rights follow the entry's D, which this walk may just have set
+                // (in guest memory, without a write the pool sees).
+                let large_written = access.write
+                    && level == w.level
+                    && self.sps[c as usize].role.direct()
+                    && !cur.role.direct();
+                if !large_written {
                     sp = c;
                     pin(self, sp);
                     continue;
