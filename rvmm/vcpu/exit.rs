@@ -396,8 +396,7 @@ impl VcpuInner {
                 let v = self.gpr(vmcs, gpr);
                 // With PCIDs, bit 63 set keeps the TLB entries (no flush).
                 let pcids = self.cr4 & CR4_PCIDE != 0;
-                let keep = pcids && v & (1 << 63) != 0;
-                let keep = keep && wide;
+                let keep = wide && pcids && v & (1 << 63) != 0;
                 let new = if wide {
                     if pcids {
                         v & !(1 << 63)

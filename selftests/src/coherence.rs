@@ -11,6 +11,19 @@ use rvmm::guest::EntryMode;
 use rvmm::uapi::Regs;
 use rvmm::Exit;
 
+/// Writes an interrupt gate for `vector` to `handler` into the IDT at `idt`: 16-byte
+/// gates in long mode, 8-byte ones in 32-bit protected mode.
+fn idt_gate(m: &mut Machine, idt: u64, vector: u64, handler: u64, long: bool) -> Outcome {
+    let cs = u64::from(m.sregs.cs.selector);
+    let lo = (handler & 0xffff) | (cs << 16) | (0x8e << 40) | ((handler >> 16 & 0xffff) << 48);
+    if long {
+        m.mem.write_u64(idt + 16 * vector, lo)?;
+        m.mem.write_u64(idt + 16 * vector + 8, handler >> 32)
+    } else {
+        m.mem.write_u64(idt + 8 * vector, lo)
+    }
+}
+
 /// A global flush reaches every PCID: with CR4.PCIDE on, the guest reads page X in
 /// address space A (PCID 1), moves to B (PCID 2), rewrites A's page table for X
 /// (through its identity map) so that X maps another page, toggles CR4.PGE (which
@@ -158,10 +171,7 @@ pub fn invpcid_checks_like_hardware(_: &crate::Ctx) -> Outcome {
     m.mem.write(DESC_SPLIT, &[0u8; 16])?;
     m.mem.write_u64(DESC_PCID5, 5)?;
     // The #GP gate (vector 13): a 64-bit interrupt gate to HANDLER.
-    let cs = u64::from(m.sregs.cs.selector);
-    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
-    m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
-    m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+    idt_gate(&mut m, IDT, 13, HANDLER, true)?;
     m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
     #[rustfmt::skip]
     let code = [
@@ -219,10 +229,7 @@ pub fn gbpages_follow_cpuid(_: &crate::Ctx) -> Outcome {
     // X = 512 GiB: PML4 entry 1, a PDPTE mapping 1 GiB at 0.
     m.mem.write_u64(rvmm::guest::PML4 + 8, PDPT1 | PW)?;
     m.mem.write_u64(PDPT1, 0x83)?;
-    let cs = u64::from(m.sregs.cs.selector);
-    let gate_lo = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
-    m.mem.write_u64(IDT + 16 * 14, gate_lo)?;
-    m.mem.write_u64(IDT + 16 * 14 + 8, HANDLER >> 32)?;
+    idt_gate(&mut m, IDT, 14, HANDLER, true)?;
     // mov eax, [rsp] (the error code); out 0x14, eax; hlt
     m.mem
         .write(HANDLER, &[0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
@@ -272,11 +279,7 @@ pub fn mov_cr3_reserved_bits_gp(_: &crate::Ctx) -> Outcome {
     const HANDLER: u64 = 0x20_3000;
     for bit in [63u8, 62] {
         let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
-        let cs = u64::from(m.sregs.cs.selector);
-        let gate_lo =
-            (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
-        m.mem.write_u64(IDT + 16 * 13, gate_lo)?;
-        m.mem.write_u64(IDT + 16 * 13 + 8, HANDLER >> 32)?;
+        idt_gate(&mut m, IDT, 13, HANDLER, true)?;
         m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?;
         #[rustfmt::skip]
         let code = [
@@ -333,10 +336,8 @@ pub fn pae_bad_pdpte_gp(_: &crate::Ctx) -> Outcome {
         // 2-MiB pages: the first 8 MiB, identity.
         mem.write_u64(PD + 8 * i, (i << 21) | 0x83)?;
     }
-    let cs = u64::from(m.sregs.cs.selector);
-    let gate = (HANDLER & 0xffff) | (cs << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
-    mem.write_u64(IDT + 8 * 13, gate)?;
-    mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
+    idt_gate(&mut m, IDT, 13, HANDLER, false)?;
+    m.mem.write(HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?; // mov al, 0x33; out 0x13, al; hlt
     #[rustfmt::skip]
     let code = [
         0x0f, 0x20, 0xe0,             // mov eax, cr4

@@ -5,6 +5,16 @@
 
 use super::*;
 
+/// The linear address of the instruction at `rip`: CS.base counts outside 64-bit code,
+/// where addresses wrap at 32 bits.
+fn code_linear(vmcs: &CurrentVmcs, rip: u64, long: bool) -> u64 {
+    if long {
+        rip
+    } else {
+        vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+    }
+}
+
 impl VcpuInner {
     /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
     /// the fault its tables call for.
@@ -58,13 +68,8 @@ impl VcpuInner {
         let rip = vmcs.read(guest::RIP);
         let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
-        let linear = if long {
-            rip
-        } else {
-            vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
-        };
         let mut code = [0u8; 15];
-        let Some(n) = self.fetch_code(vmcs, linear, ctx, &mut code) else {
+        let Some(n) = self.fetch_code(vmcs, code_linear(vmcs, rip, long), ctx, &mut code) else {
             return Next::Fast;
         };
         let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
@@ -300,14 +305,9 @@ impl VcpuInner {
         let op = if vectoring || single_step {
             None
         } else {
-            // The instruction's linear address: CS.base counts outside 64-bit mode.
-            let linear = if long {
-                rip
-            } else {
-                vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
-            };
             let mut code = [0u8; 15];
-            let Some(n) = self.fetch_code(vmcs, linear, ctx, &mut code) else {
+            let Some(n) = self.fetch_code(vmcs, code_linear(vmcs, rip, long), ctx, &mut code)
+            else {
                 // The instruction runs again.
                 return Next::Fast;
             };
