@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Shadow entries: setting an entry keeps the parent links and the rmap right; zapping
+//! a shadow page unlinks it from every parent, drops its entries and puts the page on
+//! the zapped list.
+
+use super::*;
+
+impl<T: Tables> Pool<'_, T> {
+    fn is_leaf(&self, sp: u32) -> bool {
+        self.sps[sp as usize].role.level() == 1
+    }
+
+    /// Forgets what entry `index` of `sp` (value `e`, present) links or maps.
+    fn drop_entry(&mut self, sp: u32, index: usize, e: u64) {
+        if e & SPTE_MMIO != 0 {
+            return;
+        }
+        if self.is_leaf(sp) {
+            self.rmap_remove(e & SPTE_ADDR, at(sp, index));
+        } else {
+            let child = self.tables.index(e & SPTE_ADDR);
+            self.link_remove(child, at(sp, index));
+        }
+    }
+
+    /// Sets entry `index` of `sp` to `new`, keeping links and the rmap right.
+    pub(super) fn set_entry(&mut self, sp: u32, index: usize, new: u64) -> Result<(), Full> {
+        let old = self.tables.table(sp)[index];
+        if old == new {
+            return Ok(());
+        }
+        if old & SPTE_P != 0 {
+            self.st.tlb_dirty = true;
+            if self.is_leaf(sp)
+                && new & SPTE_P != 0
+                && (old ^ new) & (SPTE_ADDR | SPTE_MMIO) == 0
+                && new & SPTE_MMIO == 0
+            {
+                // Same frame, other rights.
+                self.tables.table(sp)[index] = new;
+                return Ok(());
+            }
+            self.drop_entry(sp, index, old);
+        }
+        self.tables.table(sp)[index] = 0;
+        if new & SPTE_P != 0 {
+            if new & SPTE_MMIO != 0 {
+                // No host frame: nothing to write-protect.
+            } else if self.is_leaf(sp) {
+                self.rmap_add(new & SPTE_ADDR, at(sp, index))?;
+            } else {
+                let child = self.tables.index(new & SPTE_ADDR);
+                self.link_add(child, at(sp, index))?;
+            }
+            self.tables.table(sp)[index] = new;
+        }
+        Ok(())
+    }
+
+    fn clear_entries(&mut self, sp: u32) {
+        for index in 0..512 {
+            let e = self.tables.table(sp)[index];
+            if e & SPTE_P != 0 {
+                self.drop_entry(sp, index, e);
+                self.tables.table(sp)[index] = 0;
+                self.st.tlb_dirty = true;
+            }
+        }
+    }
+
+    /// Unshadows sp `i`: unlinked from every parent, its entries dropped, its page
+    /// freed. Not for pinned sps.
+    pub(super) fn zap(&mut self, i: u32) {
+        let mut n = self.sps[i as usize].parents;
+        while n != NIL {
+            let l = self.links[n as usize];
+            self.tables.table(l.at >> 9)[(l.at & 511) as usize] = 0;
+            self.st.tlb_dirty = true;
+            self.links[n as usize].next = self.st.free_link;
+            self.st.free_link = n;
+            n = l.next;
+        }
+        self.sps[i as usize].parents = NIL;
+        self.clear_entries(i);
+        // Out of the hash chain.
+        let gfn = self.sps[i as usize].gfn;
+        let b = hash(gfn, self.buckets.len());
+        if self.buckets[b] == i {
+            self.buckets[b] = self.sps[i as usize].hash_next;
+        } else {
+            let mut p = self.buckets[b];
+            while p != NIL {
+                let next = self.sps[p as usize].hash_next;
+                if next == i {
+                    self.sps[p as usize].hash_next = self.sps[i as usize].hash_next;
+                    break;
+                }
+                p = next;
+            }
+        }
+        if self.sps[i as usize].unsync {
+            if let Some(k) = self.unsync[..self.st.n_unsync].iter().position(|&u| u == i) {
+                self.st.n_unsync -= 1;
+                self.unsync[k] = self.unsync[self.st.n_unsync];
+            }
+        }
+        self.lru_unlink(i);
+        self.sps[i as usize] = Sp {
+            hash_next: self.st.zapped,
+            ..Sp::default()
+        };
+        self.st.zapped = i;
+        self.st.stats.pages_in_use -= 1;
+        self.st.stats.zaps += 1;
+    }
+}

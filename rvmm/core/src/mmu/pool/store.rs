@@ -1,0 +1,222 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The shadow page store: every shadow page's metadata, found by guest frame and role
+//! through a hash, kept in least-recently-used order, handed out from the free list (or
+//! the untouched pages above the high-water mark) and reclaimed, the least recently
+//! used first, when the pool is full; zapped pages wait for a remote flush before they
+//! are used again.
+
+use super::*;
+
+impl<T: Tables> Pool<'_, T> {
+    /// Makes every page free and forgets every shadow (the tables must be zero, as
+    /// after creation).
+    pub fn init(&mut self) {
+        for sp in self.sps.iter_mut() {
+            *sp = Sp::default();
+        }
+        self.buckets.fill(NIL);
+        self.rbuckets.fill(NIL);
+        self.st.free_sp = NIL;
+        self.st.zapped = NIL;
+        self.st.free_link = NIL;
+        self.st.free_rmap = NIL;
+        self.st.sp_hwm = 0;
+        self.st.link_hwm = 0;
+        self.st.rmap_hwm = 0;
+        self.st.lru_head = NIL;
+        self.st.lru_tail = NIL;
+        self.st.n_unsync = 0;
+        self.st.n_roots = 0;
+        self.st.stats.pages_in_use = 0;
+    }
+
+    /// Drops every shadow, roots included; vCPUs must load their roots again (the
+    /// generation changes). Costs what the pool used, not its size (this runs with the
+    /// pool lock held and interrupts off).
+    pub fn reset(&mut self) {
+        // Every page handed out so far waits for the remote flush before it is used
+        // again (a vCPU still in guest mode may be walking it); their tables are zeroed
+        // now, so that such a vCPU sees not-present entries.
+        self.st.zapped = NIL;
+        for i in (0..self.st.sp_hwm).rev() {
+            if self.sps[i as usize].valid {
+                self.tables.table(i).fill(0);
+                self.st.stats.zaps += 1;
+            }
+            self.sps[i as usize] = Sp {
+                hash_next: self.st.zapped,
+                ..Sp::default()
+            };
+            self.st.zapped = i;
+        }
+        self.st.free_sp = NIL;
+        // Metadata is the pool's alone: reused at once.
+        for i in 0..self.st.rmap_hwm as usize {
+            let b = hash(self.rmaps[i].hpa >> 12, self.rbuckets.len());
+            self.rbuckets[b] = NIL;
+        }
+        self.buckets.fill(NIL);
+        self.st.free_link = NIL;
+        self.st.free_rmap = NIL;
+        self.st.link_hwm = 0;
+        self.st.rmap_hwm = 0;
+        self.st.lru_head = NIL;
+        self.st.lru_tail = NIL;
+        self.st.n_unsync = 0;
+        self.st.n_roots = 0;
+        self.st.stats.pages_in_use = 0;
+        self.st.generation = self.st.generation.wrapping_add(1);
+        self.st.tlb_dirty = true;
+        self.st.stats.resets += 1;
+    }
+
+    /// The remote flush that lets zapped pages be used again: every vCPU leaves guest
+    /// mode (and its next entry checks the generation), then the zapped pages join the
+    /// free list. Also settles `tlb_dirty`: nothing changed before it is cached anywhere.
+    pub fn commit_zapped(&mut self) {
+        self.tables.flush_remote(self.st.generation);
+        self.st.tlb_dirty = false;
+        while self.st.zapped != NIL {
+            let i = self.st.zapped;
+            self.st.zapped = self.sps[i as usize].hash_next;
+            self.sps[i as usize].hash_next = self.st.free_sp;
+            self.st.free_sp = i;
+        }
+    }
+
+    pub(super) fn find(&self, gfn: u64, role: Role) -> u32 {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            if sp.gfn == gfn && sp.role == role {
+                return i;
+            }
+            i = sp.hash_next;
+        }
+        NIL
+    }
+
+    /// The shadows of guest table `gfn` (not the direct ones), through `f`.
+    pub(super) fn for_gfn(&self, gfn: u64, mut f: impl FnMut(u32, &Sp)) {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            let next = sp.hash_next;
+            if sp.gfn == gfn && !sp.role.direct() {
+                f(i, sp);
+            }
+            i = next;
+        }
+    }
+
+    /// Calls `f` on each shadow of guest table `gfn` in turn; `f` may zap the one it is
+    /// given (and no other).
+    pub(super) fn each_shadow(&mut self, gfn: u64, mut f: impl FnMut(&mut Self, u32)) {
+        let mut i = self.buckets[hash(gfn, self.buckets.len())];
+        while i != NIL {
+            let sp = &self.sps[i as usize];
+            let next = sp.hash_next;
+            if sp.gfn == gfn && !sp.role.direct() {
+                f(self, i);
+            }
+            i = next;
+        }
+    }
+
+    pub(super) fn lru_unlink(&mut self, i: u32) {
+        let (p, n) = {
+            let sp = &self.sps[i as usize];
+            (sp.lru_prev, sp.lru_next)
+        };
+        if p != NIL {
+            self.sps[p as usize].lru_next = n;
+        } else {
+            self.st.lru_head = n;
+        }
+        if n != NIL {
+            self.sps[n as usize].lru_prev = p;
+        } else {
+            self.st.lru_tail = p;
+        }
+    }
+
+    fn lru_push(&mut self, i: u32) {
+        let h = self.st.lru_head;
+        {
+            let sp = &mut self.sps[i as usize];
+            sp.lru_prev = NIL;
+            sp.lru_next = h;
+        }
+        if h != NIL {
+            self.sps[h as usize].lru_prev = i;
+        } else {
+            self.st.lru_tail = i;
+        }
+        self.st.lru_head = i;
+    }
+
+    /// Marks sp `i` as just used.
+    pub(super) fn touch(&mut self, i: u32) {
+        if self.st.lru_head != i {
+            self.lru_unlink(i);
+            self.lru_push(i);
+        }
+    }
+
+    pub(super) fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<u32, Full> {
+        let i = if self.st.free_sp != NIL {
+            let i = self.st.free_sp;
+            self.st.free_sp = self.sps[i as usize].hash_next;
+            i
+        } else if self.st.sp_hwm < self.st.sp_cap && (self.st.sp_hwm as usize) < self.sps.len() {
+            // Never used (its table is zero).
+            self.st.sp_hwm += 1;
+            self.st.sp_hwm - 1
+        } else {
+            if self.st.zapped == NIL {
+                self.reclaim()?;
+            }
+            self.commit_zapped();
+            let i = self.st.free_sp;
+            self.st.free_sp = self.sps[i as usize].hash_next;
+            i
+        };
+        let b = hash(gfn, self.buckets.len());
+        self.sps[i as usize] = Sp {
+            gfn,
+            role,
+            valid: true,
+            hash_next: self.buckets[b],
+            ..Sp::default()
+        };
+        self.buckets[b] = i;
+        self.lru_push(i);
+        let s = &mut self.st.stats;
+        s.pages_in_use += 1;
+        s.pages_peak = s.pages_peak.max(s.pages_in_use);
+        Ok(i)
+    }
+
+    /// Zaps the least recently used sps that nothing pins, a batch of them (a
+    /// sixteenth of the pool): each reclaim costs a remote flush before the pages are
+    /// used again.
+    fn reclaim(&mut self) -> Result<(), Full> {
+        let batch = (self.st.sp_cap.min(self.sps.len() as u32) as usize / 16).max(1);
+        let mut done = 0;
+        let mut i = self.st.lru_tail;
+        while i != NIL && done < batch {
+            let prev = self.sps[i as usize].lru_prev;
+            if self.sps[i as usize].pins == 0 {
+                self.zap(i);
+                self.st.stats.reclaimed += 1;
+                done += 1;
+            }
+            i = prev;
+        }
+        if done == 0 {
+            return Err(Full);
+        }
+        Ok(())
+    }
+}
