@@ -16,7 +16,7 @@ ifneq ($(KERNELRELEASE),)
 # Invoked by Kbuild: the module's rules are in ./Kbuild.
 else
 
-.PHONY: fuzz all help setup kernel kernel-debug guest-kernel module module-debug userspace selftests initramfs demo linux test bench check-host e2e clean
+.PHONY: fuzz all help setup kernel kernel-debug guest-kernel module module-debug userspace selftests initramfs demo linux test test-long bench check-host e2e clean
 
 all: module userspace selftests
 
@@ -32,6 +32,7 @@ help:
 	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
 	@echo "make linux      boot Bochs, insmod rvmm.ko, a Linux guest's shell on this terminal"
 	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
+	@echo "make test-long  the shadow MMU's property tests with 100000 cases each (PROPTEST_CASES=...)"
 	@echo "make bench      benchmark guests on rvmm, KVM ept=0, KVM ept=1 in one Bochs boot"
 	@echo "make fuzz       the fuzzer on the debug kernel for FUZZ_SECONDS (600; FUZZ_SEED=0x... repeats a run)"
 
@@ -85,6 +86,12 @@ linux: setup module userspace selftests
 
 test:
 	bash scripts/test.sh
+
+# The property tests of rvmm-core (shadow pool against the SDM reference walkers, the
+# walker, the emulator) with many more cases than `make test` runs: before a change to
+# the MMU lands.
+test-long:
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --locked --release -p rvmm-core --lib
 
 fuzz: setup module userspace selftests module-debug
 	bash scripts/e2e.sh fuzz

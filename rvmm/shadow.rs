@@ -356,11 +356,18 @@ impl Shadow {
         Ok(())
     }
 
-    /// Publishes the pool's generation and unsync count (under the pool lock, after an
-    /// operation).
-    pub(crate) fn publish(&self, st: &rvmm_core::mmu::pool::State, unsync: usize) {
-        self.modes.generation.store(st.generation, Ordering::SeqCst);
-        self.modes.unsync.store(unsync, Ordering::Release);
+    /// The end of a pool operation, under the pool lock: entries that lost rights are
+    /// flushed from every other vCPU's TLB before anyone (the next holder of the lock
+    /// included) relies on the change, then the pool's generation and unsync count are
+    /// published for the lock-free root switch.
+    pub(crate) fn settle(&self, pool: &mut Pool<'_, PoolTables>) {
+        pool.flush_tlbs();
+        self.modes
+            .generation
+            .store(pool.st.generation, Ordering::SeqCst);
+        self.modes
+            .unsync
+            .store(pool.unsync_count(), Ordering::Release);
     }
 
     /// The memory map changed (to generation `slots_generation`): drops every shadow
@@ -377,8 +384,7 @@ impl Shadow {
                 let mut pool = storage.pool();
                 pool.reset();
                 pool.st.slots_generation = slots_generation;
-                pool.commit_zapped();
-                self.publish(pool.st, 0);
+                self.settle(&mut pool);
                 true
             }
             None => false,
@@ -431,6 +437,11 @@ impl Shadow {
         }
     }
 
+    /// The VM's vCPUs so far.
+    pub(crate) fn vcpus(&self) -> u32 {
+        self.modes.vcpus.load(Ordering::Relaxed)
+    }
+
     /// Whether vCPUs may use the pool (once it exists, always).
     pub(crate) fn usable(&self) -> bool {
         self.modes.vcpus.load(Ordering::Relaxed) != 0
@@ -459,7 +470,7 @@ impl Shadow {
 
     /// vCPU `id` left the guest (one VM exit). Only the vCPU itself writes its count.
     pub(crate) fn exited(&self, id: u32) {
-        // Out of guest mode first, then counted (see `kick_others`).
+        // Out of guest mode first, then counted (see `GuestModes::kick_in_guest`).
         self.modes.in_guest[id as usize].store(false, Ordering::SeqCst);
         let n = &self.modes.exits[id as usize];
         n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::SeqCst);
@@ -472,22 +483,12 @@ impl Shadow {
         self.modes.running[id as usize].store(-1, Ordering::SeqCst);
     }
 
-    /// After a pool change that took rights away from shadow entries (pool lock
-    /// released): makes every other vCPU in guest mode leave it, and waits until it has.
-    /// Called with interrupts off.
-    pub(crate) fn kick_others(&self, me: u32) {
-        if self.modes.vcpus.load(Ordering::Relaxed) < 2 {
-            return;
-        }
-        self.modes.kick_in_guest(me);
-    }
-
     /// Makes vCPU `j` leave guest mode if it is in a run section (an interrupt was
     /// posted for it); does not wait. Callable with interrupts off.
     pub(crate) fn kick(&self, j: usize) {
         let cpu = self.modes.running[j].load(Ordering::SeqCst);
         if cpu >= 0 {
-            // SAFETY: as in `kick_others`: the CPU runs vCPU `j` with interrupts off and
+            // SAFETY: as in `GuestModes::kick_in_guest`: the CPU runs vCPU `j` with interrupts off and
             // cannot go offline under it; if the section ended meanwhile, the IPI only
             // makes that CPU check for rescheduling.
             unsafe { rvmm_kick_cpu(cpu) };

@@ -38,7 +38,8 @@ mod stats;
 mod vmcs;
 
 use realmode::RFLAGS_VM;
-use roots::{RootHint, RootLoad, HINTS};
+use roots::RootLoad;
+use rvmm_core::mmu::root_hints::RootHints;
 use section::{xgetbv0, SECTION_BUDGET_US};
 use stats::Stats;
 
@@ -184,8 +185,7 @@ pub(crate) struct VcpuInner {
     pinned_gen: u64,
     /// Recent roots by CR3 (direct-mapped), each with a reference of its own: a MOV CR3
     /// to one of them needs no lock (see `load_pool_root`).
-    hints: [RootHint; HINTS],
-    hint_mask: usize,
+    hints: RootHints,
     /// The pool root in use (pool::NIL when none) and the pool generation it is from.
     proot: u32,
     proot_gen: u64,
@@ -193,6 +193,10 @@ pub(crate) struct VcpuInner {
     /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
     pub(crate) invpcid: bool,
     mode: PagingMode,
+    /// Under PAE paging, the PDPTE registers: what the last load (MOV CR3, a paging
+    /// change) read from the PDPT, which walks use instead of memory; `None` when a
+    /// load happened and the registers are read at their next use.
+    pdptes: Option<[u64; 4]>,
     slots: Arc<MemSlots>,
     need_reset: bool,
     state_checked: bool,
@@ -348,9 +352,9 @@ impl Vcpu {
             shadow,
             vcpu_id: id,
             pinned_active: NIL,
+            pdptes: None,
             pinned_gen: u64::MAX,
-            hints: [RootHint::EMPTY; HINTS],
-            hint_mask: 0,
+            hints: RootHints::new(),
             proot: rvmm_core::mmu::pool::NIL,
             proot_gen: 0,
             on_pool: false,

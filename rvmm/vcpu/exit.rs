@@ -415,11 +415,12 @@ impl VcpuInner {
                 if self.mode == PagingMode::Pae && !self.pdptes_ok(new) {
                     return self.inject(vmcs, vector::GP, Some(0));
                 }
-                let old = self.cr3;
+                let old = (self.cr3, self.pdptes);
                 self.cr3 = new;
+                self.pdptes = None;
                 if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
                     // The sync goes on when the guest runs MOV CR3 again.
-                    self.cr3 = old;
+                    (self.cr3, self.pdptes) = old;
                     return self.sync_pause();
                 }
             }
@@ -449,6 +450,9 @@ impl VcpuInner {
                     }
                 }
                 let need_reset = self.need_reset;
+                if loads_pdptes {
+                    self.pdptes = None;
+                }
                 self.cr4 = v;
                 self.apply_paging_state(vmcs);
                 if flush {
@@ -522,6 +526,9 @@ impl VcpuInner {
                 Some(false) => return Err(self.sync_pause()),
                 None => return Err(self.no_shadow(vmcs, run, 0, 8)),
             }
+        }
+        if loads_pdptes {
+            self.pdptes = None;
         }
         self.cr0 = v;
         self.apply_paging_state(vmcs);

@@ -6,38 +6,12 @@
 
 use core::sync::atomic::Ordering;
 
+use rvmm_core::mmu::pdptes::WithPdptes;
 use x86::vmx::vmcs::guest;
 
+use crate::mmu::{GuestMem, MemSlots};
+
 use super::*;
-
-/// Recent roots a vCPU keeps a reference on (as many as the default root cache).
-pub(super) const HINTS: usize = 64;
-
-/// The hint slot of a CR3 value (its page, and a PAE PDPT's place in it).
-pub(super) fn hint_slot(cr3: u64) -> usize {
-    (((cr3 >> 12) ^ (cr3 >> 5)) as usize) & (HINTS - 1)
-}
-
-/// A recent root of a vCPU: for CR3 `cr3` under the paging state `key`.
-#[derive(Clone, Copy)]
-pub(super) struct RootHint {
-    cr3: u64,
-    key: u64,
-    root: u32,
-    pa: u64,
-    gen: u64,
-}
-
-impl RootHint {
-    /// No root.
-    pub(super) const EMPTY: Self = Self {
-        cr3: 0,
-        key: 0,
-        root: NIL,
-        pa: 0,
-        gen: u64::MAX,
-    };
-}
 
 /// What a root load did.
 pub(super) enum RootLoad {
@@ -101,11 +75,7 @@ impl VcpuInner {
         if self.mode != PagingMode::Pae
             && (!flush || self.shadow.modes.unsync.load(Ordering::Acquire) == 0)
         {
-            let key = self.root_key();
-            let cr3 = self.cr3;
-            let h = &self.hints[hint_slot(cr3) & self.hint_mask];
-            if h.root != NIL && h.gen == gen && h.cr3 == cr3 && h.key == key {
-                let (root, pa) = (h.root, h.pa);
+            if let Some((root, pa)) = self.hints.lookup(self.cr3, self.root_key(), gen) {
                 self.proot = root;
                 self.proot_gen = gen;
                 vmcs.write(guest::CR3, pa);
@@ -117,6 +87,7 @@ impl VcpuInner {
         }
         let ctx = self.perm_ctx(vmcs);
         let key = self.root_key();
+        let (pdpt, regs) = self.pdpte_regs();
         // Fields only below (no `&mut self` calls): the guard borrows `self.shadow`.
         let mut guard = self.shadow.pool.lock();
         let Some(storage) = guard.as_deref_mut() else {
@@ -142,25 +113,46 @@ impl VcpuInner {
         } else {
             NIL
         };
-        let mut mem = crate::mmu::GuestMem(&self.slots);
-        let root = match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, prev, flush, budget) {
+        let mut mem = WithPdptes {
+            mem: GuestMem(&self.slots),
+            pdpt,
+            regs,
+        };
+        let root = match pool.load_root(
+            &mut mem,
+            self.mode,
+            self.cr3,
+            self.vcpu_id,
+            &ctx,
+            prev,
+            flush,
+            budget,
+        ) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 // Part of the sync is done; the vCPU stays on its root meanwhile.
-                let dirty = core::mem::take(&mut pool.st.tlb_dirty);
-                let unsync = pool.unsync_count();
-                self.shadow.publish(pool.st, unsync);
-                drop(guard);
-                self.flush_remote(dirty);
+                self.shadow.settle(&mut pool);
                 return RootLoad::Again;
             }
             Err(_) => {
                 pool.reset();
                 self.stats.shadow_resets.inc();
                 // An empty pool has nothing out of sync: the sync is done at once.
-                match pool.load_root(&mut mem, self.mode, self.cr3, &ctx, NIL, true, u32::MAX) {
+                match pool.load_root(
+                    &mut mem,
+                    self.mode,
+                    self.cr3,
+                    self.vcpu_id,
+                    &ctx,
+                    NIL,
+                    true,
+                    u32::MAX,
+                ) {
                     Ok(Some(r)) => r,
-                    _ => return RootLoad::Failed,
+                    _ => {
+                        self.shadow.settle(&mut pool);
+                        return RootLoad::Failed;
+                    }
                 }
             }
         };
@@ -172,30 +164,10 @@ impl VcpuInner {
         let pa = pool.root_pa(root);
         vmcs.write(guest::CR3, pa);
         // Remember it, with a reference of its own, for the lock-free path.
-        let cr3 = self.cr3;
-        // As many hints as the root cache keeps roots (a power of two): their references
-        // must leave the pool room to work in.
-        let cap = 1usize << (usize::BITS - 1 - pool.st.max_roots.leading_zeros());
-        self.hint_mask = cap.min(HINTS) - 1;
-        let slot = &mut self.hints[hint_slot(cr3) & self.hint_mask];
-        if !(slot.root == root && slot.gen == gen && slot.cr3 == cr3 && slot.key == key) {
-            if slot.gen == gen {
-                pool.unpin(slot.root);
-            }
-            pool.pin(root);
-            *slot = RootHint {
-                cr3,
-                key,
-                root,
-                pa,
-                gen,
-            };
-        }
-        let dirty = core::mem::take(&mut pool.st.tlb_dirty);
-        let unsync = pool.unsync_count();
-        self.shadow.publish(pool.st, unsync);
+        let vcpus = self.shadow.vcpus();
+        self.hints.remember(&mut pool, self.cr3, key, root, vcpus);
+        self.shadow.settle(&mut pool);
         drop(guard);
-        self.flush_remote(dirty);
         self.on_pool = true;
         self.need_reset = false;
         RootLoad::Done
@@ -218,18 +190,34 @@ impl VcpuInner {
         }
     }
 
+    /// Guest memory as this vCPU walks it: under PAE paging its PDPT reads as its PDPTE
+    /// registers (loaded from memory here if a load left them to their next use).
+    pub(super) fn walk_mem<'a>(&mut self, slots: &'a MemSlots) -> WithPdptes<GuestMem<'a>> {
+        let (pdpt, regs) = self.pdpte_regs();
+        WithPdptes {
+            mem: GuestMem(slots),
+            pdpt,
+            regs,
+        }
+    }
+
+    /// Under PAE paging, where the PDPT is and the PDPTE registers (see `walk_mem`).
+    pub(super) fn pdpte_regs(&mut self) -> (Option<u64>, [u64; 4]) {
+        if self.mode != PagingMode::Pae {
+            return (None, [0; 4]);
+        }
+        let pdpt = self.cr3 & 0xffff_ffe0;
+        let slots = &self.slots;
+        let regs = *self
+            .pdptes
+            .get_or_insert_with(|| WithPdptes::load(&mut GuestMem(slots), pdpt));
+        (Some(pdpt), regs)
+    }
+
     /// What a root's role depends on besides CR3: paging mode and permission bits.
     pub(super) fn root_key(&self) -> u64 {
         (self.cr0 & (CR0_WP | CR0_PG))
             | (self.cr4 & (CR4_PSE | CR4_PAE | CR4_SMEP | CR4_SMAP))
             | ((self.efer & (EFER_LMA | EFER_NXE)) << 40)
-    }
-
-    /// After a pool operation (lock released): if shadow entries lost rights, the
-    /// VM's other vCPUs leave guest mode before this one relies on it.
-    pub(super) fn flush_remote(&self, dirty: bool) {
-        if dirty {
-            self.shadow.kick_others(self.vcpu_id);
-        }
     }
 }

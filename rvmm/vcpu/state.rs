@@ -209,6 +209,7 @@ impl VcpuInner {
         self.cr4 = s.cr4;
         self.cr8 = s.cr8 & 0xf;
         self.efer = s.efer;
+        self.pdptes = None;
         self.apply_paging_state(vmcs);
         self.state_checked = false;
         Ok(())
@@ -255,7 +256,12 @@ impl VcpuInner {
             0
         };
         vmcs.write(control::VMENTRY_CONTROLS, (self.entry_base | ia32e).into());
-        self.mode = PagingMode::from_regs(self.cr0, self.cr4, self.efer);
+        let mode = PagingMode::from_regs(self.cr0, self.cr4, self.efer);
+        if mode != self.mode {
+            // Entering PAE paging loads the PDPTEs.
+            self.pdptes = None;
+        }
+        self.mode = mode;
         self.need_reset = true;
     }
 

@@ -7,7 +7,9 @@
 //! Faults the guest must see are computed here, with the architectural error code.
 
 pub mod mode;
+pub mod pdptes;
 pub mod pool;
+pub mod root_hints;
 pub mod spte;
 pub mod walker;
 

@@ -109,7 +109,14 @@ impl VcpuInner {
             fetch: false,
         };
         let slots = self.slots.clone();
-        let gpa = match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, access, &ctx) {
+        let gpa = match walker::walk(
+            &mut self.walk_mem(&slots),
+            self.mode,
+            self.cr3,
+            la,
+            access,
+            &ctx,
+        ) {
             Ok(w) => w.gpa,
             // Other vCPUs keep changing the entries: the instruction runs again.
             Err(f) if f.raced => return Next::Fast,

@@ -3,6 +3,8 @@
 //! Page faults under the shadow pool (fill, the guest's own fault, MMIO, writes to
 //! write-protected page tables emulated), MMIO decoding, INVLPG and INVPCID.
 
+use rvmm_core::mmu::pdptes::WithPdptes;
+
 use super::*;
 
 /// The linear address of the instruction at `rip`: CS.base counts outside 64-bit code,
@@ -173,7 +175,14 @@ impl VcpuInner {
         let mut n = 0;
         while n < out.len() {
             let la = rip.wrapping_add(n as u64) & mask;
-            let w = match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, la, fetch, ctx) {
+            let w = match walker::walk(
+                &mut self.walk_mem(&slots),
+                self.mode,
+                self.cr3,
+                la,
+                fetch,
+                ctx,
+            ) {
                 Ok(w) => w,
                 Err(f) if f.raced => return None,
                 Err(_) => break,
@@ -200,6 +209,7 @@ impl VcpuInner {
         access: Access,
         ctx: &PermCtx,
     ) -> Next {
+        let (pdpt, regs) = self.pdpte_regs();
         let fix = {
             let mut guard = self.shadow.pool.lock();
             let Some(storage) = guard.as_deref_mut() else {
@@ -211,7 +221,11 @@ impl VcpuInner {
                 None
             } else {
                 Some(pool.page_fault(
-                    &mut GuestMem(&self.slots),
+                    &mut WithPdptes {
+                        mem: GuestMem(&self.slots),
+                        pdpt,
+                        regs,
+                    },
                     self.proot,
                     self.cr3,
                     gva,
@@ -219,11 +233,8 @@ impl VcpuInner {
                     ctx,
                 ))
             };
-            let dirty = core::mem::take(&mut pool.st.tlb_dirty);
-            let unsync = pool.unsync_count();
-            self.shadow.publish(pool.st, unsync);
+            self.shadow.settle(&mut pool);
             drop(guard);
-            self.flush_remote(dirty);
             fix
         };
         match fix {
@@ -412,34 +423,27 @@ impl VcpuInner {
                             Ok(())
                         }
                     };
-                    let unsync = pool.unsync_count();
-                    self.shadow.publish(pool.st, unsync);
-                    (r, core::mem::take(&mut pool.st.tlb_dirty))
+                    self.shadow.settle(&mut pool);
+                    r
                 }
-                None => (Ok(()), false),
+                None => Ok(()),
             }
         };
-        let (r, dirty) = r;
-        self.flush_remote(dirty);
         if r.is_err() && !self.reload_root(vmcs, true) {
             return self.no_shadow(vmcs, run, gva, 4);
         }
         Next::Fast
     }
 
-    /// After a pool operation (lock released): a remote flush if entries lost rights
-    /// (`Some(Ok(true))`); a new root if the pool was full (`Some(Err)`) or reset under
-    /// this vCPU (`None`). False if no root can be had.
+    /// After a pool operation (lock released): a new root if the pool was full
+    /// (`Some(Err)`) or reset under this vCPU (`None`). False if no root can be had.
     pub(super) fn finish_pool_op(
         &mut self,
         vmcs: &CurrentVmcs,
-        r: Option<Result<bool, rvmm_core::mmu::pool::Full>>,
+        r: Option<Result<(), rvmm_core::mmu::pool::Full>>,
     ) -> bool {
         match r {
-            Some(Ok(dirty)) => {
-                self.flush_remote(dirty);
-                true
-            }
+            Some(Ok(())) => true,
             Some(Err(_)) => self.reload_root(vmcs, true),
             None => self.reload_root(vmcs, false),
         }
@@ -452,7 +456,7 @@ impl VcpuInner {
             if let Some(storage) = self.shadow.pool.lock().as_deref_mut() {
                 let mut pool = storage.pool();
                 pool.reset();
-                self.shadow.publish(pool.st, 0);
+                self.shadow.settle(&mut pool);
             }
             self.stats.shadow_resets.inc();
         }
@@ -504,12 +508,8 @@ impl VcpuInner {
                             &ctx,
                             SYNC_BUDGET,
                         );
-                        let unsync = pool.unsync_count();
-                        self.shadow.publish(pool.st, unsync);
-                        Some(r.map(|d| {
-                            done = d;
-                            core::mem::take(&mut pool.st.tlb_dirty)
-                        }))
+                        self.shadow.settle(&mut pool);
+                        Some(r.map(|d| done = d))
                     }
                 }
                 None => None,
@@ -558,12 +558,8 @@ impl VcpuInner {
                     None
                 } else {
                     let r = pool.flush_all(&mut GuestMem(&self.slots), &ctx, SYNC_BUDGET);
-                    let unsync = pool.unsync_count();
-                    self.shadow.publish(pool.st, unsync);
-                    Some(r.map(|d| {
-                        done = d;
-                        core::mem::take(&mut pool.st.tlb_dirty)
-                    }))
+                    self.shadow.settle(&mut pool);
+                    Some(r.map(|d| done = d))
                 }
             }
             None => None,
@@ -609,7 +605,14 @@ impl VcpuInner {
         let mut n = 0;
         while n < bytes.len() {
             let a = la.wrapping_add(n as u64) & mask;
-            match walker::walk(&mut GuestMem(&slots), self.mode, self.cr3, a, read, &ctx) {
+            match walker::walk(
+                &mut self.walk_mem(&slots),
+                self.mode,
+                self.cr3,
+                a,
+                read,
+                &ctx,
+            ) {
                 Ok(w) => {
                     let chunk = ((0x1000 - (w.gpa & 0xfff)) as usize).min(bytes.len() - n);
                     let Some(p) = slots.ptr(w.gpa, chunk as u64) else {

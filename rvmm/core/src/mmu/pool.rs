@@ -163,6 +163,12 @@ pub trait GuestPhys: GuestMemory {
     fn host_pa(&mut self, gpa: u64) -> Option<(u64, bool)>;
 }
 
+impl<M: GuestPhys + ?Sized> GuestPhys for &mut M {
+    fn host_pa(&mut self, gpa: u64) -> Option<(u64, bool)> {
+        (**self).host_pa(gpa)
+    }
+}
+
 /// The pool ran out of pages, links or rmap nodes with nothing left to reclaim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Full;

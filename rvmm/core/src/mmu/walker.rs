@@ -128,6 +128,18 @@ pub trait GuestMemory {
     }
 }
 
+impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
+    fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        (**self).read_entry(gpa, size)
+    }
+    fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
+        (**self).update_entry(gpa, size, old, new)
+    }
+    fn read_entries(&mut self, gpa: u64, out: &mut [u64]) -> bool {
+        (**self).read_entries(gpa, out)
+    }
+}
+
 /// A successful translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {

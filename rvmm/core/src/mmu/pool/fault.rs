@@ -63,6 +63,8 @@ impl<T: Tables> Pool<'_, T> {
             n += 1;
         };
         pin(self, sp);
+        // Whether `sp` was made by this fault (its table protected after the walk).
+        let mut fresh = false;
         // From the root down to the shadow page table: guest tables, then the pieces of
         // a large page.
         let mode = self.sps[root as usize].role.mode();
@@ -94,20 +96,29 @@ impl<T: Tables> Pool<'_, T> {
                 (MODE_BITS32, _) => w.path.pte[1],
                 (_, l) => w.path.pte[usize::from(l) - 1],
             };
+            if fresh && !self.gpte_unchanged(guest, sp, j, pte) {
+                return Ok(Fix::Retry);
+            }
             // A walk that succeeded always leads somewhere.
             let (gfn, role) = Self::expected_child(&cur, j, pte, ctx).ok_or(Full)?;
-            let Some(c) = self.child(guest, sp, j, gfn, role, ctx, SYNC_BUDGET)? else {
+            let Some((c, new)) = self.child(guest, sp, j, gfn, role, ctx, SYNC_BUDGET)? else {
                 return Ok(Fix::Retry);
             };
             sp = c;
+            fresh = new;
             pin(self, sp);
+        }
+        if fresh && !self.gpte_unchanged(guest, sp, index_of(gva, 1), w.path.pte[0]) {
+            return Ok(Fix::Retry);
         }
         let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
             if self.st.mmio_sptes && w.gpa < SPTE_MMIO {
                 let e = SPTE_P
                     | SPTE_MMIO
                     | (w.gpa & SPTE_ADDR)
-                    | if w.rw_all { MMIO_W } else { 0 }
+                    // Writable without a walk only once the leaf is dirty: the
+                    // first write walks and sets D, as the CPU's does.
+                    | if w.rw_all && w.dirty { MMIO_W } else { 0 }
                     | if w.user { MMIO_U } else { 0 }
                     | if w.nx { MMIO_NX } else { 0 };
                 self.set_entry(sp, index_of(gva, 1), e)?;
@@ -236,13 +247,16 @@ impl<T: Tables> Pool<'_, T> {
                     return None;
                 }
                 let (w, u, nx) = (e & MMIO_W != 0, e & MMIO_U != 0, e & MMIO_NX != 0);
-                let denied = if access.user {
-                    !u || (access.write && !w) || (access.fetch && nx)
-                } else if access.fetch {
-                    nx || (u && ctx.smep)
-                } else {
-                    (u && ctx.smap && !ctx.ac) || (access.write && !w && ctx.wp)
-                };
+                // A write needs the cached right whatever CR0.WP says: without it the
+                // walk decides (and sets D).
+                let denied = (access.write && !w)
+                    || if access.user {
+                        !u || (access.fetch && nx)
+                    } else if access.fetch {
+                        nx || (u && ctx.smep)
+                    } else {
+                        u && ctx.smap && !ctx.ac
+                    };
                 if denied {
                     return None;
                 }

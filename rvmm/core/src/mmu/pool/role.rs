@@ -38,16 +38,24 @@ impl Role {
     pub(super) const PSE: u32 = 1 << 15;
     const PDPT_SHIFT: u32 = 16;
     const PDPT: u32 = 0x7f << 16;
+    const VCPU_SHIFT: u32 = 23;
+    const VCPU: u32 = 0xff << 23;
 
     /// The role of a root under `ctx`, for guest paging `mode`: level 4 for 4-level
     /// paging; else the 4-entry PAE PDPT the CPU loads, level 3 - for a PAE guest a copy
     /// of its PDPTE registers (not a shadow of memory: direct, keyed by the PDPT's place
-    /// in its page), for a 32-bit guest the four quadrants of its page directory.
-    pub fn root(ctx: &PermCtx, mode: u8, pse: bool, cr3: u64) -> Self {
+    /// in its page and by the vCPU `vcpu` whose registers they are: another vCPU's MOV
+    /// CR3 to the same PDPT loads its own), for a 32-bit guest the four quadrants of its
+    /// page directory.
+    pub fn root(ctx: &PermCtx, mode: u8, pse: bool, cr3: u64, vcpu: u32) -> Self {
         let mut r = Self::W | Self::U | (u32::from(mode) << Self::MODE_SHIFT);
         r |= match mode {
             MODE_LONG4 => 4,
-            MODE_PAE => 3 | Self::DIRECT | ((((cr3 >> 5) & 0x7f) as u32) << Self::PDPT_SHIFT),
+            MODE_PAE => {
+                3 | Self::DIRECT
+                    | ((((cr3 >> 5) & 0x7f) as u32) << Self::PDPT_SHIFT)
+                    | ((vcpu & 0xff) << Self::VCPU_SHIFT)
+            }
             MODE_NONE => 3 | Self::DIRECT,
             _ => 3 | if pse { Self::PSE } else { 0 },
         };
@@ -105,7 +113,7 @@ impl Role {
     /// The role of a child reached through guest entry `pte` of a table with this role
     /// (the PDPTEs of a PAE root and the quadrants of a 32-bit root carry no rights).
     pub(super) fn child(self, pte: u64, direct: bool, quadrant: u32) -> Self {
-        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT | Self::QUAD | Self::PDPT))
+        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT | Self::QUAD | Self::PDPT | Self::VCPU))
             | u32::from(self.level() - 1)
             | (quadrant << Self::QUAD_SHIFT);
         if direct {

@@ -9,8 +9,8 @@ impl<T: Tables> Pool<'_, T> {
     /// MOV CR3: returns the root for `cr3` under `ctx`, from the pool if it is there;
     /// with `flush` (any MOV CR3 without PCIDs, or with bit 63 clear) out-of-sync
     /// shadows are brought up to date first (with PCIDs and bit 63 set, the TLB may keep
-    /// stale entries, and so may the shadow). `prev` is the vCPU's current root
-    /// (unpinned), or NIL.
+    /// stale entries, and so may the shadow). `vcpu` is the loading vCPU's index (a PAE
+    /// root is its PDPTE registers), `prev` its current root (unpinned), or NIL.
     ///
     /// The sync stops after `budget` ([`SYNC_BUDGET`], or `u32::MAX` for all of it):
     /// `None` then, with the vCPU still on `prev`; it runs the instruction again.
@@ -20,6 +20,7 @@ impl<T: Tables> Pool<'_, T> {
         guest: &mut impl GuestPhys,
         mode: PagingMode,
         cr3: u64,
+        vcpu: u32,
         ctx: &PermCtx,
         prev: u32,
         flush: bool,
@@ -32,7 +33,7 @@ impl<T: Tables> Pool<'_, T> {
             PagingMode::None => (MODE_NONE, false, 0),
         };
         let gfn = cr3 >> 12;
-        let role = Role::root(ctx, m, pse, cr3);
+        let role = Role::root(ctx, m, pse, cr3, vcpu);
         let mut r = self.find(gfn, role);
         if r != NIL {
             self.st.stats.root_hits += 1;

@@ -85,6 +85,16 @@ impl<T: Tables> Pool<'_, T> {
         }
     }
 
+    /// Makes every other vCPU drop the translations it may hold from entries that lost
+    /// rights or went away (a remote flush, if there are any): from then on the pool
+    /// may rely on the change, e.g. read a table it write-protected knowing that a
+    /// store into it faults. The module calls it before it drops the pool lock.
+    pub fn flush_tlbs(&mut self) {
+        if self.st.tlb_dirty {
+            self.commit_zapped();
+        }
+    }
+
     pub(super) fn find(&self, gfn: u64, role: Role) -> u32 {
         let mut i = self.buckets[hash(gfn, self.buckets.len())];
         while i != NIL {

@@ -159,17 +159,21 @@ impl<T: Tables> Pool<'_, T> {
             done += 1;
         }
         let complete = k >= self.st.n_unsync;
-        for d in 0..done {
-            let i = self.unsync[self.sps.len() - 1 - d];
-            if self.sps[i as usize].valid {
-                self.resync(guest, i, ctx)?;
-            }
-        }
+        // Protected, the protection in every TLB, then read: another vCPU's store into
+        // the table lands before the flush (and is read) or faults after it (and is
+        // followed), never in between unseen.
         for d in 0..done {
             let i = self.unsync[self.sps.len() - 1 - d];
             let sp = self.sps[i as usize];
             if sp.valid && !sp.unsync {
                 self.write_protect(guest, sp.gfn);
+            }
+        }
+        self.flush_tlbs();
+        for d in 0..done {
+            let i = self.unsync[self.sps.len() - 1 - d];
+            if self.sps[i as usize].valid {
+                self.resync(guest, i, ctx)?;
             }
         }
         Ok(complete)
@@ -198,17 +202,18 @@ impl<T: Tables> Pool<'_, T> {
         role: Role,
         ctx: &PermCtx,
         budget: u32,
-    ) -> Result<Option<u32>, Full> {
+    ) -> Result<Option<(u32, bool)>, Full> {
         let e = self.tables.table(parent)[index];
         if e & SPTE_P != 0 {
             let c = self.tables.index(e & SPTE_ADDR);
             let sp = &self.sps[c as usize];
             if sp.gfn == gfn && sp.role == role {
-                return Ok(Some(c));
+                return Ok(Some((c, false)));
             }
         }
         let mut c = self.find(gfn, role);
-        if c == NIL {
+        let fresh = c == NIL;
+        if fresh {
             c = self.alloc_sp(gfn, role)?;
             if !role.direct() {
                 self.protect_new(guest, c);
@@ -235,7 +240,26 @@ impl<T: Tables> Pool<'_, T> {
             spte::table(pa)
         };
         self.set_entry(parent, index, e)?;
-        Ok(Some(c))
+        Ok(Some((c, fresh)))
+    }
+
+    /// Whether entry `j` of sp `sp`'s guest table still holds `pte`, what a walk read
+    /// before the table was write-protected (a shadow made during this fault): checked
+    /// once the protection is in every TLB, so that another vCPU's store that landed in
+    /// between is not lost under a shadow that counts as in sync (the fault is taken
+    /// again instead, as KVM's gpte_changed does).
+    pub(super) fn gpte_unchanged(
+        &mut self,
+        guest: &mut impl GuestPhys,
+        sp: u32,
+        j: usize,
+        pte: u64,
+    ) -> bool {
+        let Some((gpa, size)) = Self::gentry(&self.sps[sp as usize], j) else {
+            return true;
+        };
+        self.flush_tlbs();
+        guest.read_entry(gpa, size) == Some(pte)
     }
 
     /// A new shadow of a guest table: in sync and write-protected, unless the table's

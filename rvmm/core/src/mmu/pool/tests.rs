@@ -6,7 +6,11 @@
 
 extern crate std;
 use super::*;
+use crate::mmu::pdptes::WithPdptes;
+use crate::mmu::root_hints::RootHints;
 use proptest::prelude::*;
+use std::cell::Cell;
+use std::rc::Rc;
 use std::vec;
 use std::vec::Vec;
 
@@ -24,16 +28,41 @@ const DATA: u64 = 64;
 
 struct Guest {
     mem: Vec<u64>,
+    /// Another vCPU's store, armed by [`Machine::race`].
+    race: Option<Race>,
+}
+
+/// A store by another vCPU into a guest table, made without a VM exit because that
+/// vCPU's TLB still holds a writable translation of the table's page: it lands right
+/// after this vCPU's pool operation reads the entry (the worst moment), unless a remote
+/// flush came first (from then on the store faults and goes through the pool).
+struct Race {
+    gpa: u64,
+    size: u8,
+    value: u64,
+    /// Remote flushes so far, shared with [`VecTables`].
+    flushes: Rc<Cell<u64>>,
+    /// Remote flushes when the race was armed.
+    armed_at: u64,
+    landed: bool,
 }
 
 impl GuestMemory for Guest {
     fn read_entry(&mut self, gpa: u64, size: u8) -> Option<u64> {
         let q = *self.mem.get((gpa / 8) as usize)?;
-        Some(if size == 8 {
+        let v = if size == 8 {
             q
         } else {
             (q >> (8 * (gpa & 4))) & 0xffff_ffff
-        })
+        };
+        if let Some(r) = self.race.as_mut() {
+            if !r.landed && r.gpa & !7 == gpa & !7 && r.flushes.get() == r.armed_at {
+                r.landed = true;
+                let (at, size, value) = (r.gpa, r.size, r.value);
+                self.write_entry(at, size, value);
+            }
+        }
+        Some(v)
     }
     fn update_entry(&mut self, gpa: u64, size: u8, old: u64, new: u64) -> bool {
         if self.read_entry(gpa, size) != Some(old) {
@@ -63,9 +92,9 @@ impl GuestPhys for Guest {
 }
 
 /// The table pages, the remote flushes the pool asked for (with the generation it
-/// published in the last one), and how many of the pages exist (a pool grows its pages
-/// up to its limit).
-struct VecTables(Vec<[u64; 512]>, u64, u64, u32);
+/// published in the last one), how many of the pages exist (a pool grows its pages up
+/// to its limit), and the flush count again for a [`Race`] to see.
+struct VecTables(Vec<[u64; 512]>, u64, u64, u32, Rc<Cell<u64>>);
 
 impl Tables for VecTables {
     fn table(&mut self, i: u32) -> &mut [u64; 512] {
@@ -79,6 +108,7 @@ impl Tables for VecTables {
     fn flush_remote(&mut self, generation: u64) {
         self.1 += 1;
         self.2 = generation;
+        self.4.set(self.1);
     }
     fn pa(&self, i: u32) -> u64 {
         SHADOW_BASE + u64::from(i) * 4096
@@ -109,7 +139,7 @@ impl Store {
             rbuckets: vec![NIL; (pages * 16).next_power_of_two()],
             unsync: vec![NIL; pages],
             st: State::new(roots),
-            tables: VecTables(vec![[0; 512]; pages], 0, 0, pages as u32),
+            tables: VecTables(vec![[0; 512]; pages], 0, 0, pages as u32, Rc::default()),
         };
         s.pool().init();
         s.st.sp_cap = pages as u32;
@@ -397,6 +427,9 @@ struct Machine {
     budget: u32,
     /// Flushing instructions that took more than one call.
     reruns: u64,
+    /// This vCPU's index, and its PDPTE registers (PAE paging).
+    vcpu: u32,
+    pdptes: [u64; 4],
 }
 
 impl Machine {
@@ -407,6 +440,7 @@ impl Machine {
     fn with_mode(pages: usize, roots: usize, mode: u8) -> Self {
         let mut g = Guest {
             mem: vec![0; (GPAGES * 512) as usize],
+            race: None,
         };
         // Kernel identity map of the 2 MiB: PML4[0] (in every root) -> 1 -> 2 -> 3;
         // with PAE, PDPTE 0 -> 2 -> 3; with 32-bit paging, PDE 0 -> 3 (4-byte entries).
@@ -445,6 +479,8 @@ impl Machine {
             mode,
             budget: SYNC_BUDGET,
             reruns: 0,
+            vcpu: 0,
+            pdptes: [0; 4],
         };
         m.load_cr3(ROOTS << 12);
         m
@@ -482,11 +518,21 @@ impl Machine {
         } else {
             NIL
         };
+        if self.mode == MODE_PAE {
+            // MOV CR3 loads the PDPTE registers.
+            self.pdptes = WithPdptes::load(&mut self.g, cr3 & 0xffff_ffe0);
+        }
+        let (pdpt, regs) = self.pdpt();
         self.root = loop {
             match self.s.pool().load_root(
-                &mut self.g,
+                &mut WithPdptes {
+                    mem: &mut self.g,
+                    pdpt,
+                    regs,
+                },
                 paging,
                 cr3,
+                self.vcpu,
                 &self.ctx,
                 prev,
                 flush,
@@ -500,7 +546,20 @@ impl Machine {
                     break self
                         .s
                         .pool()
-                        .load_root(&mut self.g, paging, cr3, &self.ctx, NIL, true, u32::MAX)
+                        .load_root(
+                            &mut WithPdptes {
+                                mem: &mut self.g,
+                                pdpt,
+                                regs,
+                            },
+                            paging,
+                            cr3,
+                            self.vcpu,
+                            &self.ctx,
+                            NIL,
+                            true,
+                            u32::MAX,
+                        )
                         .expect("an empty pool has room for a root")
                         .expect("an unbounded sync completes");
                 }
@@ -528,10 +587,16 @@ impl Machine {
                 }
                 Err(false) => {}
             }
+            let (pdpt, regs) = self.pdpt();
+            let mut mem = WithPdptes {
+                mem: &mut self.g,
+                pdpt,
+                regs,
+            };
             match self
                 .s
                 .pool()
-                .page_fault(&mut self.g, self.root, self.cr3, gva, acc, &self.ctx)
+                .page_fault(&mut mem, self.root, self.cr3, gva, acc, &self.ctx)
             {
                 Ok(Fix::Mapped) => {}
                 // The access faults again.
@@ -583,6 +648,14 @@ impl Machine {
         }
     }
 
+    /// Where this vCPU's PDPTE registers stand in for memory (PAE paging), and them.
+    fn pdpt(&self) -> (Option<u64>, [u64; 4]) {
+        (
+            (self.mode == MODE_PAE).then_some(self.cr3 & 0xffff_ffe0),
+            self.pdptes,
+        )
+    }
+
     /// Page-table entry size.
     fn esize(&self) -> u8 {
         if self.mode == MODE_BITS32 || self.mode == MODE_NONE {
@@ -614,6 +687,67 @@ impl Machine {
                 Ok(false) => self.reruns += 1,
                 Err(Full) => return self.s.pool().reset(),
             }
+        }
+    }
+
+    /// Another vCPU stores `value` at guest-physical `gpa` (a table entry) during this
+    /// vCPU's next pool operations, right after one of them reads the entry, if it can
+    /// without an exit: the shadow maps the page writable now (the other vCPU's TLB
+    /// may hold that; what lost rights before was flushed at the end of the operation
+    /// that took them) and no remote flush comes first. See [`Machine::end_race`].
+    fn race(&mut self, gpa: u64, value: u64) {
+        self.end_race();
+        self.settle();
+        if !self.maps_writable(gpa) {
+            // It faults at once: a plain write through the pool.
+            return self.write(gpa, value);
+        }
+        self.arm_race(gpa, value);
+    }
+
+    /// Whether a shadow leaf maps guest page `gpa` writable now.
+    fn maps_writable(&self, gpa: u64) -> bool {
+        let hpa = (gpa & !0xfff) + HOST_OFF;
+        self.s.sps.iter().enumerate().any(|(i, sp)| {
+            sp.valid
+                && sp.role.level() == 1
+                && self.s.tables.0[i].iter().any(|&e| {
+                    e & (SPTE_P | SPTE_RW | SPTE_MMIO) == SPTE_P | SPTE_RW && e & SPTE_ADDR == hpa
+                })
+        })
+    }
+
+    /// Arms another vCPU's store that can land without an exit (see [`Machine::race`]).
+    fn arm_race(&mut self, gpa: u64, value: u64) {
+        self.g.race = Some(Race {
+            gpa,
+            size: self.esize(),
+            value,
+            flushes: self.s.tables.4.clone(),
+            armed_at: self.s.tables.1,
+            landed: false,
+        });
+    }
+
+    /// After the operations the race ran against: if the other vCPU's store did not
+    /// land under them, it is made now (it faulted: through the pool). Returns whether
+    /// it landed under them.
+    fn end_race(&mut self) -> bool {
+        let Some(r) = self.g.race.take() else {
+            return false;
+        };
+        self.settle();
+        if !r.landed {
+            self.write(r.gpa, r.value);
+        }
+        r.landed
+    }
+
+    /// The end of a pool operation in the module: entries that lost rights are flushed
+    /// from every vCPU's TLB before the pool lock is dropped.
+    fn settle(&mut self) {
+        if self.s.st.tlb_dirty {
+            self.s.pool().flush_tlbs();
         }
     }
 }
@@ -762,7 +896,7 @@ fn a_long_sync_takes_steps_of_bounded_work() {
         let resyncs = m.s.st.stats.resyncs;
         let r =
             m.s.pool()
-                .load_root(&mut m.g, paging, m.cr3, &m.ctx, root, true, SYNC_BUDGET)
+                .load_root(&mut m.g, paging, m.cr3, 0, &m.ctx, root, true, SYNC_BUDGET)
                 .expect("room in the pool");
         assert!(m.s.st.stats.resyncs - resyncs <= 1, "one table per call");
         if let Some(r) = r {
@@ -869,6 +1003,46 @@ fn a_flush_resyncs_other_roles_under_their_own_controls() {
     }
 }
 
+/// Another vCPU remaps a page while this one's CR3 load resyncs the page table that
+/// maps it (the table is out of sync: its page is writable, and that vCPU writes it
+/// without an exit until a remote flush). After that vCPU's own flush the store is
+/// seen: the table was write-protected, and the protection flushed, before its entries
+/// were read.
+#[test]
+fn a_store_racing_a_resync_is_not_lost() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    let pte = (TABLES + 2) << 12;
+    m.write(pte, ((DATA + 5) << 12) | P | RW | US | A);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    m.race(pte, ((DATA + 6) << 12) | P | RW | US | A);
+    let cr3 = m.cr3;
+    m.load_cr3(cr3);
+    m.end_race();
+    m.load_cr3(cr3);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 6) << 12));
+}
+
+/// Another vCPU remaps a page while this one's fault walks to it through a page table
+/// the pool has not shadowed yet (so its page is writable): the shadow built for the
+/// table is checked against the guest's entry once the table is write-protected and
+/// the protection flushed, and the fault is taken again when they differ.
+#[test]
+fn a_store_racing_a_new_shadow_is_not_lost() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    let pte = (TABLES + 2) << 12;
+    // The kernel fills the table through its identity map (writable in the shadow).
+    m.write(pte, (DATA << 12) | P | RW | US | A);
+    m.race(pte, ((DATA + 6) << 12) | P | RW | US | A);
+    let _ = m.access(gva, rd());
+    m.end_race();
+    let cr3 = m.cr3;
+    m.load_cr3(cr3);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 6) << 12));
+}
+
 #[test]
 fn invlpg_refreshes_the_page_it_names() {
     let mut m = Machine::new(64, 16);
@@ -971,6 +1145,12 @@ enum Op {
     },
     /// INVPCID of all contexts (types 2 and 3; type 1 for the one PCID in use).
     FlushAll,
+    /// Another vCPU stores into a table during the next operation ([`Machine::race`]).
+    Race {
+        frame: u64,
+        index: usize,
+        value: u64,
+    },
     Ctx {
         wp: bool,
         nxe: bool,
@@ -1050,6 +1230,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(frame, index, value)| Op::Write { frame, index, value }),
         1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
         1 => Just(Op::FlushAll),
+        2 => (TABLES..TABLES + NTABLES, 0usize..90, value())
+            .prop_map(|(frame, index, value)| Op::Race { frame, index, value }),
         2 => (ROOTS..ROOTS + NROOTS, any::<bool>())
             .prop_map(|(root, flush)| Op::Cr3 { root, flush }),
         1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
@@ -1088,8 +1270,11 @@ fn run_ops_grown(
     let mut last_flush = 0u64;
     let mut invlpg_at = [0u64; 192];
     for op in ops {
-        seq += 1;
-        if seq.is_multiple_of(16) && (m.s.st.sp_cap as usize) < pages {
+        // Two steps per operation: what the operation does, then a store of another
+        // vCPU that raced it (which may land after anything the operation did).
+        seq += 2;
+        let racing = m.g.race.is_some();
+        if seq.is_multiple_of(32) && (m.s.st.sp_cap as usize) < pages {
             m.s.st.sp_cap = (m.s.st.sp_cap * 2).min(pages as u32);
             m.s.tables.3 = m.s.st.sp_cap;
         }
@@ -1111,7 +1296,9 @@ fn run_ops_grown(
                 // A TLB may be stale for a page whose tables changed since the last
                 // flush that covered it (MOV CR3, or INVLPG of that page).
                 let may_be_stale = last_write > last_flush && invlpg_at[va] < last_write;
-                if !hit || !may_be_stale {
+                // Another vCPU's store that landed during the access: either result.
+                let raced = m.g.race.as_ref().is_some_and(|r| r.landed);
+                if !raced && (!hit || !may_be_stale) {
                     let want_r = want.clone().map(|(gpa, _)| gpa);
                     prop_assert_eq!(
                         got,
@@ -1162,6 +1349,15 @@ fn run_ops_grown(
                 m.flush_all();
                 last_flush = seq;
             }
+            Op::Race {
+                frame,
+                index,
+                value,
+            } => {
+                let i = write_index(mode, false, index) as u64;
+                m.race((frame << 12) + u64::from(m.esize()) * i, value);
+                last_write = seq;
+            }
             Op::Cr3 { root, flush } => {
                 m.load_cr3_pcid(root << 12, flush);
                 if flush {
@@ -1184,6 +1380,10 @@ fn run_ops_grown(
                 m.load_cr3(m.cr3);
                 last_flush = seq;
             }
+        }
+        if racing && !matches!(op, Op::Race { .. }) {
+            m.end_race();
+            last_write = seq + 1;
         }
         if m.s.tables.1 == flushes {
             for (i, (sp, &(valid, gfn, role))) in m.s.sps.iter().zip(held.iter()).enumerate() {
@@ -1498,6 +1698,39 @@ fn bits32_quadrants_and_halves() {
     assert_eq!(m.access((1 << 22) + 0x25_0000, rd()).0, Ok(0x25_0000)); // MMIO
 }
 
+/// Each vCPU has its own PDPTE registers: another vCPU's MOV CR3 to the same PDPT,
+/// whose memory changed meanwhile (Linux PAE reuses PDPTs for new processes), loads
+/// the new entries for that vCPU only; this one keeps translating through the ones it
+/// loaded, INVLPG or not, until its own next load.
+#[test]
+fn pae_pdpte_registers_are_per_vcpu() {
+    let mut m = Machine::with_mode(64, 16, MODE_PAE);
+    let (pd, pt, pd2, pt2) = (TABLES, TABLES + 1, TABLES + 2, TABLES + 3);
+    m.g.mem[(ROOTS * 512 + 2) as usize] = (pd << 12) | P;
+    m.g.mem[(pd * 512 + 5) as usize] = (pt << 12) | P | RW | US;
+    m.g.mem[(pt * 512 + 7) as usize] = ((DATA + 4) << 12) | P | RW | US;
+    m.g.mem[(pd2 * 512 + 5) as usize] = (pt2 << 12) | P | RW | US;
+    m.g.mem[(pt2 * 512 + 7) as usize] = ((DATA + 9) << 12) | P | RW | US;
+    let cr3 = m.cr3;
+    m.load_cr3(cr3);
+    let gva = (2 << 30) | (5 << 21) | (7 << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
+    m.g.mem[(ROOTS * 512 + 2) as usize] = (pd2 << 12) | P;
+    // vCPU 1 loads the PDPT as it is now.
+    let vcpu0 = (m.root, m.pdptes);
+    m.vcpu = 1;
+    m.load_cr3(cr3);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 9) << 12));
+    // Back on vCPU 0, which has not reloaded CR3.
+    m.vcpu = 0;
+    (m.root, m.pdptes) = vcpu0;
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
+    m.invlpg(gva);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 4) << 12));
+    m.load_cr3(cr3);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 9) << 12));
+}
+
 #[test]
 fn pae_root_is_the_pdpte_registers() {
     let mut m = Machine::with_mode(64, 16, MODE_PAE);
@@ -1569,3 +1802,63 @@ fn parent_searches_cost_the_pool_not_the_paths() {
         "{visits} parent visits for one CR3 load"
     );
 }
+
+/// A device page read first, through a clean PTE, then written: the write walks and
+/// sets the PTE's dirty flag, as the CPU's walk does (the cached MMIO entry does not
+/// let a write through before the leaf is dirty).
+#[test]
+fn a_clean_device_page_gets_dirty_on_its_first_write() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    let pte_at = ((TABLES + 2) * 512) as usize;
+    m.g.mem[pte_at] = ((GPAGES + 3) << 12) | P | RW | US | A;
+    assert_eq!(m.access(gva, rd()).0, Ok((GPAGES + 3) << 12));
+    assert_eq!(m.access(gva, rd()), (Ok((GPAGES + 3) << 12), true));
+    assert_eq!(m.g.mem[pte_at] & D, 0);
+    assert_eq!(m.access(gva, wr_user()).0, Ok((GPAGES + 3) << 12));
+    assert_ne!(m.g.mem[pte_at] & D, 0, "the first write set D");
+    // Dirty now: writes need no walk.
+    let fast = m.s.st.stats.mmio_fast;
+    assert_eq!(m.access(gva, wr_user()), (Ok((GPAGES + 3) << 12), true));
+    assert_eq!(m.s.st.stats.mmio_fast, fast + 1);
+}
+
+/// Eight vCPUs, each switching among its own eight address spaces: the roots they hold
+/// for the lock-free switch stay within the root cache's size together (a vCPU's share
+/// of it), so the pool keeps room for the trees under them and never resets.
+#[test]
+fn vcpus_hold_their_share_of_the_root_cache() {
+    let mut m = Machine::new(64, 16);
+    let vcpus = 8u32;
+    let mut hints = [RootHints::new(); 8];
+    for round in 0..2 {
+        for (v, h) in hints.iter_mut().enumerate() {
+            for k in 0..8u64 {
+                // Each vCPU its own roots: the same tables under its own paging controls.
+                let c = v as u64;
+                m.ctx = PermCtx {
+                    wp: c & 1 != 0,
+                    smep: c & 2 != 0,
+                    smap: c & 4 != 0,
+                    ..m.ctx
+                };
+                m.load_cr3((ROOTS + k) << 12);
+                assert_eq!(
+                    m.access(0, rd()).0,
+                    Ok(0),
+                    "round {round} vCPU {v} root {k}"
+                );
+                let (cr3, root) = (m.cr3, m.root);
+                h.remember(&mut m.s.pool(), cr3, c, root, vcpus);
+            }
+        }
+    }
+    let held: usize = hints.iter().map(|h| h.held()).sum();
+    assert!(
+        held <= 16,
+        "{held} roots held for 8 vCPUs with a cache of 16"
+    );
+    assert_eq!(m.s.st.stats.resets, 0, "the pool reset");
+}
+
+mod smp;
