@@ -88,10 +88,10 @@ test:
 	bash scripts/test.sh
 
 # The property tests of rvmm-core (shadow pool against the SDM reference walkers, the
-# walker, the emulator) with many more cases than `make test` runs: before a change to
-# the MMU lands.
+# walker, the emulator) with many more cases than `make test` runs, and the long replays
+# (the whole of kvm-unit-tests' access.c main loop): before a change to the MMU lands.
 test-long:
-	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --locked --release -p rvmm-core --lib
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --locked --release -p rvmm-core --lib -- --include-ignored
 
 fuzz: setup module userspace selftests module-debug
 	bash scripts/e2e.sh fuzz

@@ -210,13 +210,14 @@ impl VcpuInner {
         ctx: &PermCtx,
     ) -> Next {
         let (pdpt, regs) = self.pdpte_regs();
-        let fix = {
+        let (fix, spurious) = {
             let mut guard = self.shadow.pool.lock();
             let Some(storage) = guard.as_deref_mut() else {
                 drop(guard);
                 return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [gva, 1, 0, 0]);
             };
             let mut pool = storage.pool();
+            let spurious_before = pool.st.stats.spurious_faults;
             let fix = if pool.st.generation != self.proot_gen {
                 None
             } else {
@@ -233,9 +234,10 @@ impl VcpuInner {
                     ctx,
                 ))
             };
+            let spurious = pool.st.stats.spurious_faults != spurious_before;
             self.shadow.settle(&mut pool);
             drop(guard);
-            fix
+            (fix, spurious)
         };
         match fix {
             // The pool was reset (full): load the root again and retry the access.
@@ -248,7 +250,12 @@ impl VcpuInner {
             Some(Ok(PoolFix::Mapped)) => {
                 self.stats.shadow_faults.inc();
                 let rip = vmcs.read(guest::RIP);
-                if (gva, rip) == self.last_fault {
+                // A loop is a fault the pool "fixes" without changing anything, again
+                // and again. A fault that filled an entry is progress, however often
+                // the guest comes back to the same address and instruction (a test
+                // that rewrites a PTE and INVLPGs it before every access, as
+                // kvm-unit-tests' access.c does, faults there every time).
+                if spurious && (gva, rip) == self.last_fault {
                     self.repeat_faults += 1;
                     if self.repeat_faults > 64 {
                         self.repeat_faults = 0;

@@ -30,6 +30,7 @@ impl<T: Tables> Pool<'_, T> {
         if old == new {
             return Ok(());
         }
+        self.st.entry_writes = self.st.entry_writes.wrapping_add(1);
         if old & SPTE_P != 0 {
             self.st.tlb_dirty = true;
             if self.is_leaf(sp)

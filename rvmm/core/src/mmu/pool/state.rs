@@ -10,6 +10,10 @@ use super::*;
 pub struct PoolStats {
     /// #PF exits fixed by syncing the missing entry.
     pub faults_fixed: u64,
+    /// Of those, the ones after which the shadow was what it had been: nothing had to
+    /// be written, the CPU faulted on entries the pool holds to allow the access. Only
+    /// these, over and over at one address and instruction, are a fault loop.
+    pub spurious_faults: u64,
     /// Guest writes to write-protected page tables.
     pub pt_writes: u64,
     /// Shadow pages that went out of sync.
@@ -86,6 +90,9 @@ pub struct State {
     /// Writes to upper-level tables are emulated ([`Fix::WriteProtected`]) rather than
     /// unsynced.
     pub emulate_writes: bool,
+    /// Shadow entries changed so far (by `Pool::set_entry`): a fault that changed
+    /// none is spurious.
+    pub(super) entry_writes: u64,
     /// Counters.
     pub stats: PoolStats,
 }
@@ -127,8 +134,10 @@ impl State {
             mmio_sptes: false,
             emulate_writes: false,
             tlb_dirty: false,
+            entry_writes: 0,
             stats: PoolStats {
                 faults_fixed: 0,
+                spurious_faults: 0,
                 pt_writes: 0,
                 unsyncs: 0,
                 resyncs: 0,

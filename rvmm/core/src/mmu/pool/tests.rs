@@ -656,6 +656,12 @@ impl Machine {
         )
     }
 
+    /// The pool's count of `Mapped` faults, and of the spurious ones among them.
+    fn faults(&self) -> (u64, u64) {
+        let s = self.s.st.stats;
+        (s.faults_fixed, s.spurious_faults)
+    }
+
     /// Page-table entry size.
     fn esize(&self) -> u8 {
         if self.mode == MODE_BITS32 || self.mode == MODE_NONE {
@@ -1861,4 +1867,5 @@ fn vcpus_hold_their_share_of_the_root_cache() {
     assert_eq!(m.s.st.stats.resets, 0, "the pool reset");
 }
 
+mod access_c;
 mod smp;
