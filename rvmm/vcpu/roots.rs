@@ -70,20 +70,19 @@ impl VcpuInner {
         // A root this vCPU holds a reference on (a recent one), while the pool has not
         // been reset and nothing needs a resync: no lock, no pool work.
         let gen = self.shadow.modes.generation.load(Ordering::Acquire);
-        // Not under PAE paging: MOV CR3 loads the four PDPTEs, which the root copies
-        // (`Pool::load_root` reads them again).
-        if self.mode != PagingMode::Pae
-            && (!flush || self.shadow.modes.unsync.load(Ordering::Acquire) == 0)
+        let unsync = self.shadow.modes.unsync.load(Ordering::Acquire);
+        let pae = self.mode == PagingMode::Pae;
+        if let Some((root, pa)) =
+            self.hints
+                .fast_switch(self.cr3, self.root_key(), gen, flush, unsync, pae)
         {
-            if let Some((root, pa)) = self.hints.lookup(self.cr3, self.root_key(), gen) {
-                self.proot = root;
-                self.proot_gen = gen;
-                vmcs.write(guest::CR3, pa);
-                self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
-                self.on_pool = true;
-                self.need_reset = false;
-                return RootLoad::Done;
-            }
+            self.proot = root;
+            self.proot_gen = gen;
+            vmcs.write(guest::CR3, pa);
+            self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
+            self.on_pool = true;
+            self.need_reset = false;
+            return RootLoad::Done;
         }
         let ctx = self.perm_ctx(vmcs);
         let key = self.root_key();

@@ -60,6 +60,26 @@ impl RootHints {
         }
     }
 
+    /// MOV CR3 without the pool lock: the root to switch to and its table's address, if
+    /// this vCPU holds one for `cr3` under `key` from the pool's current generation
+    /// `gen`, and the load needs nothing else: it flushes nothing out of sync (no
+    /// `flush`, or `unsync`, the VM's out-of-sync shadows, is zero), and it loads no
+    /// PDPTEs (`pae`: under PAE paging MOV CR3 loads them, which the root copies).
+    pub fn fast_switch(
+        &self,
+        cr3: u64,
+        key: u64,
+        gen: u64,
+        flush: bool,
+        unsync: usize,
+        pae: bool,
+    ) -> Option<(u32, u64)> {
+        if pae || (flush && unsync != 0) {
+            return None;
+        }
+        self.lookup(cr3, key, gen)
+    }
+
     /// Without the pool lock: the root and its table's address for `cr3` under `key`,
     /// if this vCPU holds a reference on it from pool generation `gen`.
     pub fn lookup(&self, cr3: u64, key: u64, gen: u64) -> Option<(u32, u64)> {

@@ -430,6 +430,9 @@ struct Machine {
     /// This vCPU's index, and its PDPTE registers (PAE paging).
     vcpu: u32,
     pdptes: [u64; 4],
+    /// The root this vCPU holds its active reference on (MOV CR3 through the pool
+    /// moves it; a lock-free switch to a root it holds a hint on does not).
+    pinned: u32,
 }
 
 impl Machine {
@@ -481,6 +484,7 @@ impl Machine {
             reruns: 0,
             vcpu: 0,
             pdptes: [0; 4],
+            pinned: NIL,
         };
         m.load_cr3(ROOTS << 12);
         m
@@ -514,7 +518,7 @@ impl Machine {
         self.cr3 = cr3;
         let paging = self.paging();
         let prev = if self.generation == self.s.st.generation {
-            self.root
+            self.pinned
         } else {
             NIL
         };
@@ -566,6 +570,7 @@ impl Machine {
             }
         };
         self.generation = self.s.st.generation;
+        self.pinned = self.root;
     }
 
     /// An access by the guest: through the shadow, with #PF exits handled by the pool.

@@ -9,6 +9,7 @@
 //! changed since that vCPU's last flush covering the address).
 
 use super::*;
+use crate::mmu::root_hints::RootHints;
 use std::collections::BTreeMap;
 
 /// Model vCPUs.
@@ -21,6 +22,9 @@ struct Cpu {
     root: u32,
     generation: u64,
     pdptes: [u64; 4],
+    pinned: u32,
+    /// Its recent roots, for MOV CR3 without the pool lock (as the module's vCPU).
+    hints: RootHints,
     /// Its TLB: (linear page, access kind) -> guest-physical page.
     tlb: BTreeMap<(u64, u8), u64>,
     /// When it last flushed everything (MOV CR3 that flushes, INVPCID), and each test
@@ -53,6 +57,8 @@ impl Smp {
             root: NIL,
             generation: u64::MAX,
             pdptes: m.pdptes,
+            pinned: NIL,
+            hints: RootHints::new(),
             tlb: BTreeMap::new(),
             last_flush: 0,
             invlpg_at: [0; 192],
@@ -64,6 +70,7 @@ impl Smp {
             m,
         };
         s.cpus[0].root = s.m.root;
+        s.cpus[0].pinned = s.m.pinned;
         s.cpus[0].generation = s.m.generation;
         for v in 1..CPUS {
             s.switch_to(v);
@@ -77,11 +84,21 @@ impl Smp {
     /// Runs vCPU `v` from now on.
     fn switch_to(&mut self, v: usize) {
         let c = &mut self.cpus[self.cur];
-        (c.cr3, c.root, c.generation, c.pdptes) =
-            (self.m.cr3, self.m.root, self.m.generation, self.m.pdptes);
+        (c.cr3, c.root, c.generation, c.pdptes, c.pinned) = (
+            self.m.cr3,
+            self.m.root,
+            self.m.generation,
+            self.m.pdptes,
+            self.m.pinned,
+        );
         let c = &self.cpus[v];
-        (self.m.cr3, self.m.root, self.m.generation, self.m.pdptes) =
-            (c.cr3, c.root, c.generation, c.pdptes);
+        (
+            self.m.cr3,
+            self.m.root,
+            self.m.generation,
+            self.m.pdptes,
+            self.m.pinned,
+        ) = (c.cr3, c.root, c.generation, c.pdptes, c.pinned);
         self.m.vcpu = v as u32;
         self.cur = v;
     }
@@ -100,6 +117,32 @@ impl Smp {
                 c.tlb.clear();
             }
         }
+    }
+
+    /// MOV CR3 as the module's vCPU runs it: to a root it holds a hint on without the
+    /// pool lock when nothing needs doing, else through the pool (and remembered).
+    fn load_cr3(&mut self, cr3: u64, flush: bool) {
+        let ctx = self.m.ctx;
+        let key = u64::from(ctx.wp)
+            | u64::from(ctx.smep) << 1
+            | u64::from(ctx.smap) << 2
+            | u64::from(ctx.nxe) << 3;
+        let gen = self.m.s.st.generation;
+        let unsync = self.m.s.pool().unsync_count();
+        let pae = self.m.mode == MODE_PAE;
+        let c = &self.cpus[self.cur];
+        if let Some((root, _)) = c.hints.fast_switch(cr3, key, gen, flush, unsync, pae) {
+            self.m.cr3 = cr3;
+            self.m.root = root;
+            self.m.generation = gen;
+            return;
+        }
+        self.m.load_cr3_pcid(cr3, flush);
+        let (cr3, root) = (self.m.cr3, self.m.root);
+        let mut pool = self.m.s.pool();
+        self.cpus[self.cur]
+            .hints
+            .remember(&mut pool, cr3, key, root, CPUS as u32);
     }
 
     /// What the shadow gives the current vCPU for `gva` now, as its TLB would cache it.
@@ -350,7 +393,7 @@ fn run_smp(
                 s.cpus[cpu].last_flush = seq;
             }
             Act::Cr3 { cr3, flush } => {
-                s.m.load_cr3_pcid(cr3, flush);
+                s.load_cr3(cr3, flush);
                 s.after_op(true);
                 if flush {
                     s.cpus[cpu].last_flush = seq;
