@@ -51,9 +51,6 @@ struct FxArea([u8; 1024]);
 /// XCR0 components rvmm gives guests: x87, SSE, AVX.
 pub(crate) const GUEST_XCR0_SUPPORTED: u64 = 0x7;
 
-/// CPUID.80000001H:EDX.Page1GB.
-const GBPAGES: u32 = 1 << 26;
-
 /// Work left from the last exit to userspace, finished before the next entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pending {
@@ -200,7 +197,10 @@ pub(crate) struct VcpuInner {
     slots: Arc<MemSlots>,
     need_reset: bool,
     state_checked: bool,
+    /// MAXPHYADDR as the guest's CPUID says (leaf 0x80000008, at most the host's):
+    /// address bits above it are reserved in its page tables and CR3.
     maxphyaddr: u8,
+    host_maxphyaddr: u8,
     /// 1-GiB pages, as the guest's CPUID says (leaf 0x80000001, EDX bit 26): without
     /// them a PDPTE's PS bit is reserved.
     gbpages: bool,
@@ -364,6 +364,7 @@ impl Vcpu {
             need_reset: true,
             state_checked: false,
             maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
+            host_maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
             gbpages: false,
             pending: Pending::None,
             triple_fault: false,
@@ -395,7 +396,7 @@ impl Vcpu {
             let leaf = 0x8000_0000 + l as u32;
             *e = rvmm_core::cpuid::guest(leaf, 0, host(leaf), &cfg);
         }
-        g.gbpages = g.cpuid_slow(0x8000_0001, 0)[3] & GBPAGES != 0;
+        g.cpuid_paging();
         if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
             irq.add_vcpu(id, &apic.addressing())?;
         }
@@ -499,7 +500,7 @@ impl Vcpu {
         }
         let mut g = self.inner.lock();
         g.cpuid = v;
-        g.gbpages = g.cpuid_slow(0x8000_0001, 0)[3] & GBPAGES != 0;
+        g.cpuid_paging();
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use rvmm_core::mmu::mode::*;
 use rvmm_core::mmu::pool::{Fix as PoolFix, SYNC_BUDGET};
 use rvmm_core::mmu::{walker, Access, GuestMemory, PermCtx};
 use rvmm_uapi as uapi;
+use x86::bits64::rflags::RFlags;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
@@ -22,6 +23,11 @@ use super::{Next, Pending, RootLoad, VcpuInner};
 use crate::ffi::*;
 use crate::mmu::GuestMem;
 use crate::vmx::CurrentVmcs;
+
+/// IA32_DEBUGCTL.BTF: single-step on branches.
+const DEBUGCTL_BTF: u64 = 1 << 1;
+/// The pending-debug-exceptions field's BS bit: a single-step trap (SDM Vol. 3C, 25.4.2).
+const PENDING_DBG_BS: u64 = 1 << 14;
 
 mod io;
 mod msrs;
@@ -179,13 +185,25 @@ impl VcpuInner {
     }
 
     /// Completes an instruction of `len` bytes at `rip` that the hypervisor carried
-    /// out: RIP moves past it, and a blocking by STI or MOV SS that covered it ends
-    /// (SDM Vol. 3A, 6.8.3).
+    /// out, as the CPU completes one: RIP moves past it, a blocking by STI or MOV SS
+    /// that covered it ends (SDM Vol. 3A, 6.8.3), RFLAGS.RF is cleared, and with
+    /// RFLAGS.TF a single-step #DB is pending (DR6.BS; not under DEBUGCTL.BTF, which
+    /// traps on branches only: Vol. 3B, 18.4.3).
     pub(super) fn retire(&mut self, vmcs: &CurrentVmcs, rip: u64, len: u64) {
         vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len));
         let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
+        }
+        let rflags = RFlags::from_bits_truncate(vmcs.read(guest::RFLAGS));
+        if rflags.contains(RFlags::FLAGS_RF) {
+            vmcs.write(guest::RFLAGS, (rflags - RFlags::FLAGS_RF).bits());
+        }
+        if rflags.contains(RFlags::FLAGS_TF)
+            && vmcs.read(guest::IA32_DEBUGCTL_FULL) & DEBUGCTL_BTF == 0
+        {
+            let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+            vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_DBG_BS);
         }
     }
 
@@ -311,6 +329,16 @@ impl VcpuInner {
     /// entries): the host's answer through the policy, then userspace's entries.
     #[cold]
     #[inline(never)]
+    /// What the guest's CPUID says of its paging: 1-GiB pages (leaf 0x80000001, EDX bit
+    /// 26) and MAXPHYADDR (leaf 0x80000008, EAX bits 7:0; no more than the host's, and
+    /// 36 where the leaf says 0).
+    pub(super) fn cpuid_paging(&mut self) {
+        self.gbpages = self.cpuid_slow(0x8000_0001, 0)[3] & rvmm_core::cpuid::EXT_EDX_PAGE1GB != 0;
+        let m = (self.cpuid_slow(0x8000_0008, 0)[0] & 0xff) as u8;
+        let m = if m == 0 { 36 } else { m.max(32) };
+        self.maxphyaddr = m.min(self.host_maxphyaddr);
+    }
+
     pub(super) fn cpuid_slow(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, sub);
         let mut v = rvmm_core::cpuid::guest(
@@ -690,6 +718,15 @@ impl VcpuInner {
             && vmcs.read(guest::RFLAGS) & (1 << 9) != 0
             && vmcs.read(guest::INTERRUPTIBILITY_STATE) & 3 == 0
             && vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
+            && !Self::debug_trap_pending(vmcs)
+    }
+
+    /// Whether a single-step #DB of an instruction rvmm completed ([`Self::retire`]) is
+    /// pending: it goes first (a trap on the previous instruction outranks NMIs and
+    /// external interrupts, SDM Vol. 3A, 6.9), and a VM entry that injects an event
+    /// would drop it (Vol. 3C, 27.7.3), so events wait for a window exit.
+    pub(crate) fn debug_trap_pending(vmcs: &CurrentVmcs) -> bool {
+        vmcs.read(guest::PENDING_DBG_EXCEPTIONS) & PENDING_DBG_BS != 0
     }
 
     /// Puts queued events into the VMCS before an entry (VMCS current).

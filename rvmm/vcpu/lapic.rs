@@ -79,7 +79,10 @@ impl VcpuInner {
             vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
         if slot_free && self.pending_irq.is_none() && self.pending_exception.is_none() {
             let istate = vmcs.read(guest::INTERRUPTIBILITY_STATE);
-            if self.pending_nmi && istate & 0xa == 0 {
+            // A pending single-step #DB blocks like STI (see `debug_trap_pending`).
+            let dbg = Self::debug_trap_pending(vmcs);
+            let istate = if dbg { istate | 1 } else { istate };
+            if self.pending_nmi && istate & 0xa == 0 && !dbg {
                 // No blocking by NMI or MOV SS.
                 vmcs.write(
                     control::VMENTRY_INTERRUPTION_INFO_FIELD,

@@ -217,6 +217,53 @@ pub fn invpcid_checks_like_hardware(_: &crate::Ctx) -> Outcome {
     })
 }
 
+/// INVPCID's memory operand in 64-bit mode must be canonical: a #GP(0) before any
+/// access (a walk of the non-canonical address would give a #PF instead). The #GP
+/// handler OUTs 0x33 to port 0x13, the #PF handler 0x44 to port 0x14.
+pub fn invpcid_noncanonical_operand_gp(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const GP_HANDLER: u64 = 0x20_3000;
+    const PF_HANDLER: u64 = 0x20_3100;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    idt_gate(&mut m, IDT, 13, GP_HANDLER, true)?;
+    idt_gate(&mut m, IDT, 14, PF_HANDLER, true)?;
+    m.mem.write(GP_HANDLER, &[0xb0, 0x33, 0xe6, 0x13, 0xf4])?;
+    m.mem.write(PF_HANDLER, &[0xb0, 0x44, 0xe6, 0x14, 0xf4])?;
+    #[rustfmt::skip]
+    let code = [
+        0xb8, 0x02, 0x00, 0x00, 0x00,                   // mov eax, 2 (all contexts)
+        0x48, 0xbb, 0, 0, 0, 0, 0, 0x80, 0, 0,          // mov rbx, 1 << 47 (not canonical)
+        0x66, 0x0f, 0x38, 0x82, 0x03,                   // invpcid rax, [rbx]
+        0xb0, 0x22,                                     // mov al, 0x22
+        0xe6, 0x10,                                     // out 0x10, al
+        0xf4,                                           // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 15 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    let e = run(&v)?;
+    check(
+        e == Exit::IoOut {
+            port: 0x13,
+            size: 1,
+            data: 0x33,
+        },
+        || {
+            format!("INVPCID of a non-canonical operand: exit {e:?}, want the #GP handler's OUT of 0x33")
+        },
+    )
+}
+
 /// 1-GiB pages only where the guest's CPUID has them (leaf 0x80000001, EDX bit 26):
 /// with the bit clear, a PDPTE with PS set has a reserved bit, and an access through it
 /// is a #PF with RSVD (the handler OUTs its error code to port 0x14), not a read of
@@ -267,6 +314,112 @@ pub fn gbpages_follow_cpuid(_: &crate::Ctx) -> Outcome {
         matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data & 0x1f == want_ec),
         || {
             format!("a 1-GiB page without CPUID's Page1GB: exit {e:?}, want a #PF with error code {want_ec:#x} (port 0x14)")
+        },
+    )
+}
+
+/// MAXPHYADDR is what the guest's CPUID says (leaf 0x80000008, here 36 bits): a 2-MiB
+/// page whose frame has bit 37 set is a reserved-bit #PF for the guest, as on a CPU of
+/// 36 address bits, whatever the host's.
+pub fn maxphyaddr_follows_cpuid(_: &crate::Ctx) -> Outcome {
+    const PDPT1: u64 = 0x10_0000;
+    const PD1: u64 = 0x10_1000;
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // X = 512 GiB: PML4 entry 1 -> PDPT -> a 2-MiB page at 1 << 37.
+    m.mem.write_u64(rvmm::guest::PML4 + 8, PDPT1 | PW)?;
+    m.mem.write_u64(PDPT1, PD1 | PW)?;
+    m.mem.write_u64(PD1, (1 << 37) | 0x83)?;
+    idt_gate(&mut m, IDT, 14, HANDLER, true)?;
+    // mov eax, [rsp] (the error code); out 0x14, eax; hlt
+    m.mem
+        .write(HANDLER, &[0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
+    #[rustfmt::skip]
+    let code = [
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0, // mov rbx, X
+        0x8b, 0x03,                            // mov eax, [rbx]
+        0xe7, 0x10,                            // out 0x10, eax
+        0xf4,                                  // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 15 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    // Long mode, NX, SYSCALL; 36 physical and 48 linear address bits.
+    v.set_cpuid(&[
+        rvmm::uapi::CpuidEntry {
+            function: 0x8000_0001,
+            ecx: 1,
+            edx: (1 << 29) | (1 << 20) | (1 << 11),
+            ..Default::default()
+        },
+        rvmm::uapi::CpuidEntry {
+            function: 0x8000_0008,
+            eax: 36 | (48 << 8),
+            ..Default::default()
+        },
+    ])
+    .map_err(|e| e.to_string())?;
+    let e = run(&v)?;
+    let want_ec = 0x9; // present, reserved bit
+    check(
+        matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data & 0x1f == want_ec),
+        || {
+            format!("a frame bit above CPUID's MAXPHYADDR: exit {e:?}, want a #PF with error code {want_ec:#x} (port 0x14)")
+        },
+    )
+}
+
+/// An instruction rvmm carries out completes as the CPU's would: with RFLAGS.TF the
+/// single-step #DB comes right after it (here CPUID, which always exits), not after
+/// the next instruction, and RF is clear. The #DB handler OUTs the RIP it was given.
+pub fn single_step_traps_after_exiting_instructions(_: &crate::Ctx) -> Outcome {
+    const IDT: u64 = 0x20_2000;
+    const HANDLER: u64 = 0x20_3000;
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    idt_gate(&mut m, IDT, 1, HANDLER, true)?;
+    // mov rax, [rsp] (the RIP pushed); out 0x14, eax; hlt
+    m.mem
+        .write(HANDLER, &[0x48, 0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
+    #[rustfmt::skip]
+    let code = [
+        0x9c,                                     // pushfq
+        0x48, 0x81, 0x0c, 0x24, 0, 0x01, 0, 0,    // or qword [rsp], 0x100 (TF)
+        0x9d,                                     // popfq
+        0x0f, 0xa2,                               // cpuid (traps after it)
+        0x90,                                     // nop
+        0xe7, 0x10,                               // out 0x10, eax
+        0xf4,                                     // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 16 * 15 - 1;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &sregs,
+    )?;
+    let e = run(&v)?;
+    let want = (CODE + 12) as u32; // right after CPUID
+    check(
+        matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data == want),
+        || {
+            format!("single step over CPUID: exit {e:?}, want the #DB handler to see RIP {want:#x} (port 0x14)")
         },
     )
 }

@@ -199,7 +199,19 @@ fn main() {
             "invpcid_checks_like_hardware",
             coherence::invpcid_checks_like_hardware,
         );
+        suite.add(
+            "invpcid_noncanonical_operand_gp",
+            coherence::invpcid_noncanonical_operand_gp,
+        );
         suite.add("gbpages_follow_cpuid", coherence::gbpages_follow_cpuid);
+        suite.add(
+            "maxphyaddr_follows_cpuid",
+            coherence::maxphyaddr_follows_cpuid,
+        );
+        suite.add(
+            "single_step_traps_after_exiting_instructions",
+            coherence::single_step_traps_after_exiting_instructions,
+        );
         suite.add(
             "mov_cr3_reserved_bits_gp",
             coherence::mov_cr3_reserved_bits_gp,

@@ -30,6 +30,9 @@ pub struct Config {
 /// Leaf "time stamp counter and nominal core crystal clock".
 pub const TSC_LEAF: u32 = 0x15;
 
+/// CPUID.80000001H:EDX.Page1GB: 1-GiB pages.
+pub const EXT_EDX_PAGE1GB: u32 = 1 << 26;
+
 /// Leaf 1 ECX bits hidden: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, SDBG, xTPR,
 /// PDCM, DCA (their instructions exit or their MSRs are not virtualized), x2APIC and
 /// TSC-deadline (shown with an APIC), XSAVE, OSXSAVE, AVX (shown with rvmm's XSAVE).

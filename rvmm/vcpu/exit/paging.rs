@@ -603,6 +603,13 @@ impl VcpuInner {
         };
         let mask = if long { u64::MAX } else { 0xffff_ffff };
         let la = seg_base.wrapping_add(ea) & mask;
+        // In 64-bit mode the operand's 16 bytes must be canonical: #SS(0) through SS,
+        // else #GP(0) (SDM Vol. 2A, INVPCID).
+        let canonical = |a: u64| ((a as i64) << 16 >> 16) as u64 == a;
+        if long && !(canonical(la) && canonical(la.wrapping_add(15))) {
+            let v = if op.seg == 2 { vector::SS } else { vector::GP };
+            return self.inject(vmcs, v, Some(0));
+        }
         // The 16-byte descriptor: PCID in bits 11:0, bits 63:12 reserved, the linear
         // address in bits 127:64. Any alignment (m128 has no alignment rule), across a
         // page boundary too.
@@ -644,10 +651,9 @@ impl VcpuInner {
         let half = |h: &[u8]| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]));
         let desc = [half(&bytes[..8]), half(&bytes[8..])];
         let (pcid, addr) = (desc[0], desc[1]);
-        let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
         // A PCID other than 0 for one context (types 0 and 1) needs CR4.PCIDE.
         let no_pcids = kind <= 1 && pcid != 0 && self.cr4 & CR4_PCIDE == 0;
-        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical) || no_pcids {
+        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical(addr)) || no_pcids {
             return self.inject(vmcs, vector::GP, Some(0));
         }
         let current = if self.cr4 & CR4_PCIDE != 0 {
