@@ -59,11 +59,7 @@ impl VcpuInner {
         if vmcs.read(guest::RIP) != rip {
             return false;
         }
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len.into()));
-        let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
-        if intr_state & 3 != 0 {
-            vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);
-        }
+        self.retire(vmcs, rip, len.into());
         true
     }
 

@@ -381,22 +381,31 @@ pub fn maxphyaddr_follows_cpuid(_: &crate::Ctx) -> Outcome {
 }
 
 /// An instruction rvmm carries out completes as the CPU's would: with RFLAGS.TF the
-/// single-step #DB comes right after it (here CPUID, which always exits), not after
-/// the next instruction, and RF is clear. The #DB handler OUTs the RIP it was given.
-pub fn single_step_traps_after_exiting_instructions(_: &crate::Ctx) -> Outcome {
+/// single-step #DB comes right after it (here an MMIO read, which the CPU does not
+/// complete: it faults on the shadow's MMIO entry and rvmm emulates it), not after the
+/// next instruction. The #DB handler OUTs the RIP it was given.
+pub fn single_step_traps_after_emulated_instructions(_: &crate::Ctx) -> Outcome {
+    const PDPT1: u64 = 0x10_0000;
+    const PD1: u64 = 0x10_1000;
     const IDT: u64 = 0x20_2000;
     const HANDLER: u64 = 0x20_3000;
+    const DEVICE: u64 = 0x4000_0000;
     let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    // X = 512 GiB: PML4 entry 1 -> PDPT -> a 2-MiB page at 1 GiB, outside RAM.
+    m.mem.write_u64(rvmm::guest::PML4 + 8, PDPT1 | PW)?;
+    m.mem.write_u64(PDPT1, PD1 | PW)?;
+    m.mem.write_u64(PD1, DEVICE | 0x83)?;
     idt_gate(&mut m, IDT, 1, HANDLER, true)?;
     // mov rax, [rsp] (the RIP pushed); out 0x14, eax; hlt
     m.mem
         .write(HANDLER, &[0x48, 0x8b, 0x04, 0x24, 0xe7, 0x14, 0xf4])?;
     #[rustfmt::skip]
     let code = [
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0, 0, 0,    // mov rbx, X
         0x9c,                                     // pushfq
         0x48, 0x81, 0x0c, 0x24, 0, 0x01, 0, 0,    // or qword [rsp], 0x100 (TF)
         0x9d,                                     // popfq
-        0x0f, 0xa2,                               // cpuid (traps after it)
+        0x8b, 0x03,                               // mov eax, [rbx] (MMIO: traps after it)
         0x90,                                     // nop
         0xe7, 0x10,                               // out 0x10, eax
         0xf4,                                     // hlt
@@ -415,11 +424,24 @@ pub fn single_step_traps_after_exiting_instructions(_: &crate::Ctx) -> Outcome {
         &sregs,
     )?;
     let e = run(&v)?;
-    let want = (CODE + 12) as u32; // right after CPUID
+    check(
+        matches!(
+            e,
+            Exit::Mmio {
+                addr: DEVICE,
+                is_write: false,
+                ..
+            }
+        ),
+        || format!("the MMIO read: exit {e:?}"),
+    )?;
+    // The read completes with 0 (the run page's data).
+    let e = run(&v)?;
+    let want = (CODE + 22) as u32; // right after the MMIO read
     check(
         matches!(e, Exit::IoOut { port: 0x14, size: 4, data } if data == want),
         || {
-            format!("single step over CPUID: exit {e:?}, want the #DB handler to see RIP {want:#x} (port 0x14)")
+            format!("single step over an emulated read: exit {e:?}, want the #DB handler to see RIP {want:#x} (port 0x14)")
         },
     )
 }

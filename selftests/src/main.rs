@@ -209,8 +209,8 @@ fn main() {
             coherence::maxphyaddr_follows_cpuid,
         );
         suite.add(
-            "single_step_traps_after_exiting_instructions",
-            coherence::single_step_traps_after_exiting_instructions,
+            "single_step_traps_after_emulated_instructions",
+            coherence::single_step_traps_after_emulated_instructions,
         );
         suite.add(
             "mov_cr3_reserved_bits_gp",

@@ -1156,6 +1156,12 @@ enum Op {
     },
     /// INVPCID of all contexts (types 2 and 3; type 1 for the one PCID in use).
     FlushAll,
+    /// One bit of an entry on the last access's path flips (P, R/W, U/S, A, D, PS, XD,
+    /// a reserved bit), then the guest flushes.
+    Flip {
+        level: usize,
+        bit: usize,
+    },
     /// Another vCPU stores into a table during the next operation ([`Machine::race`]).
     Race {
         frame: u64,
@@ -1241,6 +1247,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(frame, index, value)| Op::Write { frame, index, value }),
         1 => (0usize..192).prop_map(|va| Op::Invlpg { va }),
         1 => Just(Op::FlushAll),
+        2 => (0usize..4, 0usize..8).prop_map(|(level, bit)| Op::Flip { level, bit }),
         2 => (TABLES..TABLES + NTABLES, 0usize..90, value())
             .prop_map(|(frame, index, value)| Op::Race { frame, index, value }),
         2 => (ROOTS..ROOTS + NROOTS, any::<bool>())
@@ -1248,6 +1255,50 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(wp, nxe, smep, smap)| Op::Ctx { wp, nxe, smep, smap }),
     ]
+}
+
+/// An access by the guest to test address `va`, checked against the reference (unless
+/// the TLB `may_be_stale` and the shadow gave it without an exit, or another vCPU's
+/// store landed during it): the result, and the A flags (and D for a write) set on the
+/// entries it used. Returns those entries when the reference translates.
+fn check_access(
+    m: &mut Machine,
+    va: usize,
+    acc: Access,
+    may_be_stale: bool,
+) -> Result<Option<Vec<u64>>, TestCaseError> {
+    let mode = m.mode;
+    let gva = va_of(va, mode);
+    let want = m.reference(gva, acc);
+    let (got, hit) = m.access(gva, acc);
+    // Another vCPU's store that landed during the access: either result.
+    let raced = m.g.race.as_ref().is_some_and(|r| r.landed);
+    if !raced && (!hit || !may_be_stale) {
+        let want_r = want.clone().map(|(gpa, _)| gpa);
+        prop_assert_eq!(
+            got,
+            want_r,
+            "{:#x} {:?} ({} exit)",
+            gva,
+            acc,
+            if hit { "no" } else { "after an" }
+        );
+        if let Ok((_, used)) = &want {
+            // The access left the guest's A flags set, and D for a write. (PAE PDPTEs
+            // have no A flag.)
+            let first = usize::from(mode == MODE_PAE);
+            for &e in &used[first..] {
+                let v = rd_entry(&m.g.mem, e, m.esize()).unwrap();
+                prop_assert!(v & A != 0, "A at {:#x}", e);
+            }
+            if acc.write {
+                let leaf = *used.last().unwrap();
+                let v = rd_entry(&m.g.mem, leaf, m.esize()).unwrap();
+                prop_assert!(v & D != 0, "D at {:#x}", leaf);
+            }
+        }
+    }
+    Ok(want.ok().map(|(_, used)| used))
 }
 
 fn run_ops(
@@ -1280,6 +1331,10 @@ fn run_ops_grown(
     let mut last_write = 0u64;
     let mut last_flush = 0u64;
     let mut invlpg_at = [0u64; 192];
+    // The entries the last successful access went through (the reference's walk), and
+    // that access.
+    let mut last_path: Vec<u64> = Vec::new();
+    let mut last_access = None;
     for op in ops {
         // Two steps per operation: what the operation does, then a store of another
         // vCPU that raced it (which may land after anything the operation did).
@@ -1301,38 +1356,12 @@ fn run_ops_grown(
                     user,
                     fetch: kind == 2,
                 };
-                let gva = va_of(va, mode);
-                let want = m.reference(gva, acc);
-                let (got, hit) = m.access(gva, acc);
                 // A TLB may be stale for a page whose tables changed since the last
                 // flush that covered it (MOV CR3, or INVLPG of that page).
                 let may_be_stale = last_write > last_flush && invlpg_at[va] < last_write;
-                // Another vCPU's store that landed during the access: either result.
-                let raced = m.g.race.as_ref().is_some_and(|r| r.landed);
-                if !raced && (!hit || !may_be_stale) {
-                    let want_r = want.clone().map(|(gpa, _)| gpa);
-                    prop_assert_eq!(
-                        got,
-                        want_r,
-                        "{:#x} {:?} ({} exit)",
-                        gva,
-                        acc,
-                        if hit { "no" } else { "after an" }
-                    );
-                    if let Ok((_, used)) = want {
-                        // The access left the guest's A flags set, and D for a write.
-                        // (PAE PDPTEs have no A flag.)
-                        let first = usize::from(mode == MODE_PAE);
-                        for &e in &used[first..] {
-                            let v = rd_entry(&m.g.mem, e, m.esize()).unwrap();
-                            prop_assert!(v & A != 0, "A at {:#x}", e);
-                        }
-                        if acc.write {
-                            let leaf = *used.last().unwrap();
-                            let v = rd_entry(&m.g.mem, leaf, m.esize()).unwrap();
-                            prop_assert!(v & D != 0, "D at {:#x}", leaf);
-                        }
-                    }
+                if let Some(used) = check_access(&mut m, va, acc, may_be_stale)? {
+                    last_path = used;
+                    last_access = Some((va, acc));
                 }
             }
             Op::Write {
@@ -1359,6 +1388,29 @@ fn run_ops_grown(
             Op::FlushAll => {
                 m.flush_all();
                 last_flush = seq;
+            }
+            Op::Flip { level, bit } => {
+                // Not a PAE PDPTE (a register MOV CR3 loads; the write below reloads).
+                let first = usize::from(mode == MODE_PAE);
+                if last_path.len() > first {
+                    let at = last_path[first + level % (last_path.len() - first)];
+                    let bits: &[u8] = if m.esize() == 4 {
+                        &[0, 1, 2, 5, 6, 7, 8, 12]
+                    } else {
+                        &[0, 1, 2, 5, 6, 7, 63, 51]
+                    };
+                    let v =
+                        rd_entry(&m.g.mem, at, m.esize()).unwrap() ^ (1 << bits[bit % bits.len()]);
+                    m.write(at, v);
+                    last_write = seq;
+                    let cr3 = m.cr3;
+                    m.load_cr3(cr3);
+                    last_flush = seq;
+                    // The same access again: what the flipped bit means now.
+                    if let Some((va, acc)) = last_access {
+                        check_access(&mut m, va, acc, false)?;
+                    }
+                }
             }
             Op::Race {
                 frame,

@@ -284,7 +284,7 @@ fn step(mode: u8) -> impl Strategy<Value = (usize, Act)> {
                 gva: va_of(va, mode),
                 slot: va,
             },
-            Op::FlushAll | Op::Ctx { .. } => Act::Flush,
+            Op::FlushAll | Op::Ctx { .. } | Op::Flip { .. } => Act::Flush,
             Op::Cr3 { root, flush } => Act::Cr3 {
                 cr3: root << 12,
                 flush: flush || mode != MODE_LONG4,
