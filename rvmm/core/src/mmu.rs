@@ -6,6 +6,7 @@
 //! cache (`pool`), which the module runs over memory it allocates once per VM.
 //! Faults the guest must see are computed here, with the architectural error code.
 
+pub mod invpcid;
 pub mod mode;
 pub mod pdptes;
 pub mod pool;

@@ -3,6 +3,7 @@
 //! Page faults under the shadow pool (fill, the guest's own fault, MMIO, writes to
 //! write-protected page tables emulated), MMIO decoding, INVLPG and INVPCID.
 
+use rvmm_core::mmu::invpcid::{self, Invpcid};
 use rvmm_core::mmu::pdptes::WithPdptes;
 
 use super::*;
@@ -593,7 +594,9 @@ impl VcpuInner {
         }
         let op = MemOperand::decode(vmcs.read(ro::VMEXIT_INSTRUCTION_INFO) as u32);
         let kind = self.gpr(vmcs, op.reg2);
-        let long = self.efer & EFER_LMA != 0;
+        // 64-bit mode (not compatibility mode): flat segments but FS and GS, 64-bit
+        // addresses.
+        let long = self.long_mode_code(vmcs);
         let ea = op.effective(qual, |r| self.gpr(vmcs, r));
         let seg_base = match op.seg {
             4 => vmcs.read(guest::FS_BASE),
@@ -603,10 +606,7 @@ impl VcpuInner {
         };
         let mask = if long { u64::MAX } else { 0xffff_ffff };
         let la = seg_base.wrapping_add(ea) & mask;
-        // In 64-bit mode the operand's 16 bytes must be canonical: #SS(0) through SS,
-        // else #GP(0) (SDM Vol. 2A, INVPCID).
-        let canonical = |a: u64| ((a as i64) << 16 >> 16) as u64 == a;
-        if long && !(canonical(la) && canonical(la.wrapping_add(15))) {
+        if !invpcid::operand_ok(la, long) {
             let v = if op.seg == 2 { vector::SS } else { vector::GP };
             return self.inject(vmcs, v, Some(0));
         }
@@ -650,26 +650,19 @@ impl VcpuInner {
         }
         let half = |h: &[u8]| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]));
         let desc = [half(&bytes[..8]), half(&bytes[8..])];
-        let (pcid, addr) = (desc[0], desc[1]);
-        // A PCID other than 0 for one context (types 0 and 1) needs CR4.PCIDE.
-        let no_pcids = kind <= 1 && pcid != 0 && self.cr4 & CR4_PCIDE == 0;
-        if kind > 3 || pcid >> 12 != 0 || (kind == 0 && !canonical(addr)) || no_pcids {
-            return self.inject(vmcs, vector::GP, Some(0));
-        }
-        let current = if self.cr4 & CR4_PCIDE != 0 {
-            self.cr3 & 0xfff
-        } else {
-            0
-        };
-        if kind == 0 && pcid == current {
+        let pcide = self.cr4 & CR4_PCIDE != 0;
+        let current = if pcide { self.cr3 & 0xfff } else { 0 };
+        match invpcid::decide(kind, desc, pcide, current) {
+            Invpcid::Fault => return self.inject(vmcs, vector::GP, Some(0)),
             // Like INVLPG (which skips the instruction itself).
-            return self.invlpg(vmcs, run, addr);
+            Invpcid::Address(addr) => return self.invlpg(vmcs, run, addr),
+            Invpcid::Flush => {}
         }
         match self.flush_all_step(vmcs) {
             Some(true) => {}
             // The sync goes on when the guest runs INVPCID again.
             Some(false) => return self.sync_pause(),
-            None => return self.no_shadow(vmcs, run, addr, 3),
+            None => return self.no_shadow(vmcs, run, desc[1], 3),
         }
         self.skip_instruction(vmcs);
         Next::Fast
