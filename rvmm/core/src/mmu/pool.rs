@@ -42,7 +42,7 @@ mod write_track;
 pub use role::{Role, MODE_BITS32, MODE_LONG4, MODE_NONE, MODE_PAE};
 pub use state::{PoolStats, State};
 
-use role::{clean_read_only, large, sindex, top_level};
+use role::{large, sindex, top_level};
 
 use super::spte::{self, SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_RW, SPTE_US};
 use super::walker::{self, Access, GuestMemory, PermCtx, Walk, WalkFault};

@@ -128,7 +128,7 @@ impl<T: Tables> Pool<'_, T> {
                 let frame = (pte & 0xffc0_0000) | (((pte >> 13) & 0xff) << 32);
                 return Some((
                     (frame >> 12) + 512 * (j as u64 & 1),
-                    sp.role.child(clean_read_only(pte), true, 0),
+                    sp.role.large_page(pte),
                 ));
             }
             return Some((
@@ -138,10 +138,7 @@ impl<T: Tables> Pool<'_, T> {
         }
         if large(pte, level, sp.role, ctx) {
             let span = (1u64 << (12 + 9 * u32::from(level - 1))) - 1;
-            return Some((
-                (pte & phys & !span) >> 12,
-                sp.role.child(clean_read_only(pte), true, 0),
-            ));
+            return Some(((pte & phys & !span) >> 12, sp.role.large_page(pte)));
         }
         Some(((pte & phys & !0xfff) >> 12, sp.role.child(pte, false, 0)))
     }

@@ -40,6 +40,8 @@ impl Role {
     const PDPT: u32 = 0x7f << 16;
     const VCPU_SHIFT: u32 = 23;
     const VCPU: u32 = 0xff << 23;
+    /// A direct shadow of a clean large page (D clear in the guest's entry).
+    const CLEAN: u32 = 1 << 31;
 
     /// The role of a root under `ctx`, for guest paging `mode`: level 4 for 4-level
     /// paging; else the 4-entry PAE PDPT the CPU loads, level 3 - for a PAE guest a copy
@@ -113,7 +115,8 @@ impl Role {
     /// The role of a child reached through guest entry `pte` of a table with this role
     /// (the PDPTEs of a PAE root and the quadrants of a 32-bit root carry no rights).
     pub(super) fn child(self, pte: u64, direct: bool, quadrant: u32) -> Self {
-        let mut r = (self.0 & !(Self::LEVEL | Self::DIRECT | Self::QUAD | Self::PDPT | Self::VCPU))
+        let mut r = (self.0
+            & !(Self::LEVEL | Self::DIRECT | Self::QUAD | Self::PDPT | Self::VCPU | Self::CLEAN))
             | u32::from(self.level() - 1)
             | (quadrant << Self::QUAD_SHIFT);
         if direct {
@@ -140,14 +143,18 @@ impl Role {
     }
 }
 
-/// A large page's entry as its direct shadow's rights see it: a clean page (D clear)
-/// is not writable, so that the first write faults and the walk sets D (KVM's rule;
-/// its role then differs from the dirty page's, whose pieces may be writable).
-pub(super) fn clean_read_only(pte: u64) -> u64 {
-    if pte & PTE_D == 0 {
-        pte & !PTE_RW
-    } else {
-        pte
+impl Role {
+    /// The role of the direct shadow of large page `pte` under a table of this role: a
+    /// clean page (D clear) is not writable, so that the first write faults and the walk
+    /// sets D (KVM's rule), and its role differs from the dirty page's whatever the
+    /// other bits (a read-only page that a supervisor wrote under CR0.WP = 0 has
+    /// writable pieces once dirty: a guest that cleans it again must fault again).
+    pub(super) fn large_page(self, pte: u64) -> Self {
+        if pte & PTE_D == 0 {
+            Self(self.child(pte & !PTE_RW, true, 0).0 | Self::CLEAN)
+        } else {
+            self.child(pte, true, 0)
+        }
     }
 }
 

@@ -1637,6 +1637,46 @@ fn a_cleaned_large_page_gets_dirty_again() {
     );
 }
 
+/// The same with a read-only large page that the kernel writes under CR0.WP = 0 (the
+/// shadow's pieces are then writable for supervisor writes, not for user accesses):
+/// once the guest cleans it and flushes, the next write faults and sets D again. Found
+/// by the long property run (a clean and a dirty read-only page had one role).
+#[test]
+fn a_read_only_large_page_cleaned_under_wp0_gets_dirty_again() {
+    for mode in [MODE_LONG4, MODE_BITS32] {
+        let mut m = Machine::with_mode(64, 16, mode);
+        m.ctx.wp = false;
+        let cr3 = m.cr3;
+        m.load_cr3(cr3);
+        // The root's last page-directory entry (a 2-MiB or 4-MiB page at 0, read-only).
+        let (gva, pde_at, pde) = if mode == MODE_LONG4 {
+            let (pdpt, pd) = (TABLES, TABLES + 1);
+            m.g.mem[(ROOTS * 512 + 1) as usize] = (pdpt << 12) | P | RW;
+            m.g.mem[(pdpt * 512) as usize] = (pd << 12) | P | RW;
+            ((1u64 << 39) | (DATA << 12), pd << 12, P | PTE_PS)
+        } else {
+            ((1023u64 << 22) | (DATA << 12), (ROOTS << 12) + 4 * 1023, P | PTE_PS)
+        };
+        let esize = m.esize();
+        m.g.write_entry(pde_at, esize, pde);
+        let wr = Access {
+            write: true,
+            ..Access::default()
+        };
+        assert_eq!(m.access(gva, wr).0, Ok(DATA << 12), "mode {mode}");
+        let dirty = m.g.read_entry(pde_at, esize).unwrap();
+        assert_ne!(dirty & PTE_D, 0, "mode {mode}: the write set D");
+        m.write(pde_at, dirty & !PTE_D);
+        m.load_cr3(cr3);
+        assert_eq!(m.access(gva, wr).0, Ok(DATA << 12), "mode {mode}");
+        assert_ne!(
+            m.g.read_entry(pde_at, esize).unwrap() & PTE_D,
+            0,
+            "mode {mode}: D set again by the next write"
+        );
+    }
+}
+
 #[test]
 fn upper_level_writes_are_emulated_and_stay_in_sync() {
     let mut m = Machine::new(64, 16);
