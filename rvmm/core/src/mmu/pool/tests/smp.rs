@@ -157,7 +157,8 @@ impl Smp {
     }
 
     /// An access by the current vCPU: from its TLB, else through the shadow (with the
-    /// pool handling its exits). Returns the result and whether it needed no exit.
+    /// pool handling its exits). Returns the result and whether it came without a walk
+    /// of the guest's tables (from the TLB or the shadow).
     fn access(&mut self, gva: u64, acc: Access) -> (Result<u64, u32>, bool) {
         if let Some(&page) = self.cpus[self.cur].tlb.get(&(gva & !0xfff, kind(acc))) {
             return (Ok(page | (gva & 0xfff)), true);
@@ -169,7 +170,9 @@ impl Smp {
         if got.is_ok() && !mmio {
             self.cache(gva, acc);
         }
-        (got, hit && !mmio)
+        // An MMIO access resolved from the shadow's MMIO entry (no walk) is a TLB hit
+        // as far as staleness goes, though it exits.
+        (got, hit)
     }
 
     /// A store of `value` into the table entry at `gpa` by the current vCPU, through
