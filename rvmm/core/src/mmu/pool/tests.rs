@@ -1676,7 +1676,11 @@ fn a_read_only_large_page_cleaned_under_wp0_gets_dirty_again() {
             m.g.mem[(pdpt * 512) as usize] = (pd << 12) | P | RW;
             ((1u64 << 39) | (DATA << 12), pd << 12, P | PTE_PS)
         } else {
-            ((1023u64 << 22) | (DATA << 12), (ROOTS << 12) + 4 * 1023, P | PTE_PS)
+            (
+                (1023u64 << 22) | (DATA << 12),
+                (ROOTS << 12) + 4 * 1023,
+                P | PTE_PS,
+            )
         };
         let esize = m.esize();
         m.g.write_entry(pde_at, esize, pde);
