@@ -10,7 +10,9 @@ use core::sync::atomic::{
 };
 
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Arc, sync::Mutex, sync::SpinLock};
-use rvmm_core::mmu::pool::{Link, Pool, PoolStats, Rmap, Sp, State, Tables, MAX_ROOTS, NIL};
+use rvmm_core::mmu::pool::{
+    Link, Pool, PoolStats, Rmap, RmapId, Sp, SpId, State, Tables, MAX_ROOTS,
+};
 use rvmm_uapi as uapi;
 
 use crate::ffi::{rvmm_kick_cpu, rvmm_pa_to_va};
@@ -28,14 +30,15 @@ pub(crate) struct PoolTables {
     pas: KVVec<u64>,
     /// Their direct-map addresses (no translation on the hot paths).
     vas: KVVec<usize>,
-    by_pa: KVVec<u32>,
+    /// Open addressing (linear probing) from host-physical address to page.
+    by_pa: KVVec<Option<SpId>>,
 }
 
 impl PoolTables {
     /// Room for `n` table pages, `first` of them allocated now.
     fn new(n: usize, first: usize, modes: Arc<GuestModes>) -> Result<Self> {
         let mut by_pa = KVVec::new();
-        by_pa.resize((2 * n).next_power_of_two(), NIL, crate::vm_gfp())?;
+        by_pa.resize((2 * n).next_power_of_two(), None, crate::vm_gfp())?;
         let mut t = Self {
             modes,
             _pages: KVVec::with_capacity(n, crate::vm_gfp())?,
@@ -71,10 +74,10 @@ impl PoolTables {
         }
         let mask = self.by_pa.len() - 1;
         let mut h = Self::slot(pa, mask);
-        while self.by_pa[h] != NIL {
+        while self.by_pa[h].is_some() {
             h = (h + 1) & mask;
         }
-        self.by_pa[h] = i as u32;
+        self.by_pa[h] = Some(SpId::new(i as u32));
     }
 
     fn slot(pa: u64, mask: usize) -> usize {
@@ -83,23 +86,24 @@ impl PoolTables {
 }
 
 impl Tables for PoolTables {
-    fn table(&mut self, i: u32) -> &mut [u64; 512] {
+    fn table(&mut self, i: SpId) -> &mut [u64; 512] {
         // SAFETY: `pas[i]` is a 4-KiB page this struct owns, reachable through the direct
         // map; `&mut self` makes the reference exclusive (the pool is behind a lock).
-        unsafe { &mut *(self.vas[i as usize] as *mut [u64; 512]) }
+        unsafe { &mut *(self.vas[i.index()] as *mut [u64; 512]) }
     }
-    fn pa(&self, i: u32) -> u64 {
-        self.pas[i as usize]
+    fn pa(&self, i: SpId) -> u64 {
+        self.pas[i.index()]
     }
-    fn index(&self, pa: u64) -> u32 {
+    fn index(&self, pa: u64) -> SpId {
         let mask = self.by_pa.len() - 1;
         let mut h = Self::slot(pa, mask);
         loop {
-            let i = self.by_pa[h];
-            if i == NIL || self.pas[i as usize] == pa {
-                return i;
+            match self.by_pa[h] {
+                Some(i) if self.pas[i.index()] == pa => return i,
+                Some(_) => h = (h + 1) & mask,
+                // Not a table page: the pool asks only about addresses `pa` gave it.
+                None => panic!("rvmm: {pa:#x} is not a shadow table page"),
             }
-            h = (h + 1) & mask;
         }
     }
     fn flush_remote(&mut self, generation: u64) {
@@ -110,11 +114,11 @@ impl Tables for PoolTables {
 /// The pool's storage.
 pub(crate) struct ShadowPool {
     sps: KVVec<Sp>,
-    buckets: KVVec<u32>,
+    buckets: KVVec<Option<SpId>>,
     links: KVVec<Link>,
     rmaps: KVVec<Rmap>,
-    rbuckets: KVVec<u32>,
-    unsync: KVVec<u32>,
+    rbuckets: KVVec<Option<RmapId>>,
+    unsync: KVVec<SpId>,
     st: State,
     tables: PoolTables,
 }
@@ -125,11 +129,16 @@ impl ShadowPool {
         let mut p = KBox::new(
             Self {
                 sps: KVVec::from_elem(Sp::default(), pages, crate::vm_gfp())?,
-                buckets: KVVec::from_elem(NIL, pages.next_power_of_two(), crate::vm_gfp())?,
+                buckets: KVVec::from_elem(None, pages.next_power_of_two(), crate::vm_gfp())?,
                 links: KVVec::from_elem(Link::default(), pages * 8, crate::vm_gfp())?,
                 rmaps: KVVec::from_elem(Rmap::default(), pages * 64, crate::vm_gfp())?,
-                rbuckets: KVVec::from_elem(NIL, (pages * 16).next_power_of_two(), crate::vm_gfp())?,
-                unsync: KVVec::from_elem(NIL, pages, crate::vm_gfp())?,
+                rbuckets: KVVec::from_elem(
+                    None,
+                    (pages * 16).next_power_of_two(),
+                    crate::vm_gfp(),
+                )?,
+                // Any sp: only the ones the pool counts as out of sync are read.
+                unsync: KVVec::from_elem(SpId::new(0), pages, crate::vm_gfp())?,
                 st: State::new(roots),
                 tables: PoolTables::new(pages, first, modes)?,
             },

@@ -19,7 +19,7 @@ use core::ptr::{self, addr_of_mut};
 use kernel::{new_mutex, page::Page, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_core::caps::VmxBasic;
 use rvmm_core::mmu::mode::*;
-use rvmm_core::mmu::pool::NIL;
+use rvmm_core::mmu::pool::SpId;
 use rvmm_core::mmu::PagingMode;
 use rvmm_uapi as uapi;
 use x86::msr;
@@ -178,13 +178,13 @@ pub(crate) struct VcpuInner {
     /// This vCPU's index (for the pool's remote flushes).
     vcpu_id: u32,
     /// The root this vCPU holds its active reference on, and its pool generation.
-    pinned_active: u32,
+    pinned_active: Option<SpId>,
     pinned_gen: u64,
     /// Recent roots by CR3 (direct-mapped), each with a reference of its own: a MOV CR3
     /// to one of them needs no lock (see `load_pool_root`).
     hints: RootHints,
-    /// The pool root in use (pool::NIL when none) and the pool generation it is from.
-    proot: u32,
+    /// The pool root in use and the pool generation it is from.
+    proot: Option<SpId>,
     proot_gen: u64,
     on_pool: bool,
     /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
@@ -351,11 +351,11 @@ impl Vcpu {
             cpuid: KVec::new(),
             shadow,
             vcpu_id: id,
-            pinned_active: NIL,
+            pinned_active: None,
             pdptes: None,
             pinned_gen: u64::MAX,
             hints: RootHints::new(),
-            proot: rvmm_core::mmu::pool::NIL,
+            proot: None,
             proot_gen: 0,
             on_pool: false,
             invpcid: false,

@@ -76,7 +76,7 @@ impl VcpuInner {
             self.hints
                 .fast_switch(self.cr3, self.root_key(), gen, flush, unsync, pae)
         {
-            self.proot = root;
+            self.proot = Some(root);
             self.proot_gen = gen;
             vmcs.write(guest::CR3, pa);
             self.shadow.fast_root_hits.fetch_add(1, Ordering::Relaxed);
@@ -98,7 +98,7 @@ impl VcpuInner {
                 // This vCPU's memory map is older than the pool's entries: no root until
                 // it has taken the new one (the pre-entry check sends it to do so).
                 self.on_pool = false;
-                self.proot = NIL;
+                self.proot = None;
                 self.need_reset = true;
                 return RootLoad::Done;
             }
@@ -110,7 +110,7 @@ impl VcpuInner {
         let prev = if self.pinned_gen == pool.st.generation {
             self.pinned_active
         } else {
-            NIL
+            None
         };
         let mut mem = WithPdptes {
             mem: GuestMem(&self.slots),
@@ -143,7 +143,7 @@ impl VcpuInner {
                     self.cr3,
                     self.vcpu_id,
                     &ctx,
-                    NIL,
+                    None,
                     true,
                     u32::MAX,
                 ) {
@@ -156,9 +156,9 @@ impl VcpuInner {
             }
         };
         let gen = pool.st.generation;
-        self.pinned_active = root;
+        self.pinned_active = Some(root);
         self.pinned_gen = gen;
-        self.proot = root;
+        self.proot = Some(root);
         self.proot_gen = gen;
         let pa = pool.root_pa(root);
         vmcs.write(guest::CR3, pa);

@@ -37,10 +37,11 @@ impl VcpuInner {
                 let gpa = match self.shadow.pool.lock().as_deref_mut() {
                     Some(storage) => {
                         let mut pool = storage.pool();
-                        if pool.st.generation == self.proot_gen {
-                            pool.mmio_fast(self.proot, gva, access, &ctx)
-                        } else {
-                            None
+                        match self.proot {
+                            Some(root) if pool.st.generation == self.proot_gen => {
+                                pool.mmio_fast(root, gva, access, &ctx)
+                            }
+                            _ => None,
                         }
                     }
                     None => None,
@@ -219,21 +220,20 @@ impl VcpuInner {
             };
             let mut pool = storage.pool();
             let spurious_before = pool.st.stats.spurious_faults;
-            let fix = if pool.st.generation != self.proot_gen {
-                None
-            } else {
-                Some(pool.page_fault(
+            let fix = match self.proot {
+                Some(root) if pool.st.generation == self.proot_gen => Some(pool.page_fault(
                     &mut WithPdptes {
                         mem: GuestMem(&self.slots),
                         pdpt,
                         regs,
                     },
-                    self.proot,
+                    root,
                     self.cr3,
                     gva,
                     access,
                     ctx,
-                ))
+                )),
+                _ => None,
             };
             let spurious = pool.st.stats.spurious_faults != spurious_before;
             self.shadow.settle(&mut pool);
@@ -502,22 +502,23 @@ impl VcpuInner {
             }
             let ctx = self.perm_ctx(vmcs);
             let mut done = true;
-            // None: the root is from an older pool generation.
+            // None: no root, or one from an older pool generation.
             let r = match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
-                    if pool.st.generation != self.proot_gen {
-                        None
-                    } else {
-                        let r = pool.invlpg(
-                            &mut GuestMem(&self.slots),
-                            self.proot,
-                            gva,
-                            &ctx,
-                            SYNC_BUDGET,
-                        );
-                        self.shadow.settle(&mut pool);
-                        Some(r.map(|d| done = d))
+                    match self.proot {
+                        Some(root) if pool.st.generation == self.proot_gen => {
+                            let r = pool.invlpg(
+                                &mut GuestMem(&self.slots),
+                                root,
+                                gva,
+                                &ctx,
+                                SYNC_BUDGET,
+                            );
+                            self.shadow.settle(&mut pool);
+                            Some(r.map(|d| done = d))
+                        }
+                        _ => None,
                     }
                 }
                 None => None,
@@ -558,7 +559,7 @@ impl VcpuInner {
         }
         let ctx = self.perm_ctx(vmcs);
         let mut done = true;
-        // None: the root is from an older pool generation (or there is no pool).
+        // None: no root, or one from an older pool generation (or there is no pool).
         let r = match self.shadow.pool.lock().as_deref_mut() {
             Some(storage) => {
                 let mut pool = storage.pool();

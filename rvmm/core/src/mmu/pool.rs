@@ -30,6 +30,7 @@
 mod entries;
 mod fault;
 mod gpte;
+mod id;
 mod invalidate;
 mod rmap;
 mod role;
@@ -39,17 +40,17 @@ mod store;
 mod sync;
 mod write_track;
 
+pub use id::{LinkId, RmapId, SpId};
 pub use role::{Role, MODE_BITS32, MODE_LONG4, MODE_NONE, MODE_PAE};
 pub use state::{PoolStats, State};
 
+use id::EntryAt;
 use role::{large, sindex, top_level};
 
 use super::spte::{self, SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_RW, SPTE_US};
 use super::walker::{self, Access, GuestMemory, PermCtx, Walk, WalkFault};
 use super::PagingMode;
 
-/// No index.
-pub const NIL: u32 = u32::MAX;
 /// Most roots the cache can keep.
 pub const MAX_ROOTS: usize = 64;
 /// Unsyncs without a walk through the table before it is unshadowed.
@@ -100,10 +101,12 @@ pub struct Sp {
     pub stamp: u64,
     /// The parent-link search that last visited it ([`State::visit`]).
     visit: u32,
-    parents: u32,
-    hash_next: u32,
-    lru_prev: u32,
-    lru_next: u32,
+    /// The entries that link to it.
+    parents: Option<LinkId>,
+    /// The next sp in its hash chain, or on the free or zapped list.
+    hash_next: Option<SpId>,
+    lru_prev: Option<SpId>,
+    lru_next: Option<SpId>,
 }
 
 impl Default for Sp {
@@ -118,37 +121,38 @@ impl Default for Sp {
             cached: false,
             stamp: 0,
             visit: 0,
-            parents: NIL,
-            hash_next: NIL,
-            lru_prev: NIL,
-            lru_next: NIL,
+            parents: None,
+            hash_next: None,
+            lru_prev: None,
+            lru_next: None,
         }
     }
 }
 
-/// A parent link: entry `at` (sp << 9 | index) points at the sp owning the list.
+/// A parent link: entry `at` points at the sp owning the list.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Link {
-    at: u32,
-    next: u32,
+    at: EntryAt,
+    next: Option<LinkId>,
 }
 
-/// An rmap node: leaf entry `at` (sp << 9 | index) maps host frame `hpa`.
+/// An rmap node: leaf entry `at` maps host frame `hpa`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Rmap {
     hpa: u64,
-    at: u32,
-    next: u32,
+    at: EntryAt,
+    next: Option<RmapId>,
 }
 
-/// The shadow table pages: one per sp index.
+/// The shadow table pages: one per sp.
 pub trait Tables {
     /// The table of sp `i`.
-    fn table(&mut self, i: u32) -> &mut [u64; 512];
+    fn table(&mut self, i: SpId) -> &mut [u64; 512];
     /// Its host-physical address.
-    fn pa(&self, i: u32) -> u64;
-    /// The sp whose table is at host-physical `pa` (one that `pa` returned).
-    fn index(&self, pa: u64) -> u32;
+    fn pa(&self, i: SpId) -> u64;
+    /// The sp whose table is at host-physical `pa` (one that `pa` returned: the pool
+    /// asks only about the tables its entries link to).
+    fn index(&self, pa: u64) -> SpId;
     /// Makes every vCPU that may translate through these tables leave guest mode,
     /// after making `generation` visible to their pre-entry checks: on return, no vCPU
     /// holds a translation (TLB or paging-structure cache) made from a table zapped
@@ -203,20 +207,22 @@ pub enum Fix {
 
 /// The pool over its storage. The arrays are sized at creation: `sps` one per table
 /// page, `buckets` and `rbuckets` powers of two, `links` and `rmaps` as many nodes as
-/// parent links and leaf entries may exist, `unsync` one per table page.
+/// parent links and leaf entries may exist, `unsync` one per table page. What they hold
+/// at first does not matter: [`Pool::init`] sets what is read before it is written.
 pub struct Pool<'a, T: Tables> {
     /// Shadow page metadata, one per table page.
     pub sps: &'a mut [Sp],
-    /// Hash of shadow pages by guest frame.
-    pub buckets: &'a mut [u32],
+    /// Hash of shadow pages by guest frame: the head of each chain.
+    pub buckets: &'a mut [Option<SpId>],
     /// Parent-link nodes.
     pub links: &'a mut [Link],
     /// Rmap nodes (leaf entries by host frame).
     pub rmaps: &'a mut [Rmap],
-    /// Hash of rmap nodes by host frame.
-    pub rbuckets: &'a mut [u32],
-    /// The out-of-sync shadow pages.
-    pub unsync: &'a mut [u32],
+    /// Hash of rmap nodes by host frame: the head of each chain.
+    pub rbuckets: &'a mut [Option<RmapId>],
+    /// The out-of-sync shadow pages, the first [`Pool::unsync_count`] of them (the
+    /// rest is scratch space for a sync).
+    pub unsync: &'a mut [SpId],
     /// Scalar state and counters.
     pub st: &'a mut State,
     /// The table pages.
@@ -225,10 +231,6 @@ pub struct Pool<'a, T: Tables> {
 
 fn hash(v: u64, len: usize) -> usize {
     (v.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & (len - 1)
-}
-
-const fn at(sp: u32, index: usize) -> u32 {
-    (sp << 9) | index as u32
 }
 
 fn index_of(gva: u64, level: u8) -> usize {

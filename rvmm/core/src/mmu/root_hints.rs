@@ -6,7 +6,7 @@
 //! vCPUs together stay within what the root cache keeps, so that however many vCPUs
 //! there are, their pins leave the pool room to work in.
 
-use super::pool::{Pool, Tables, NIL};
+use super::pool::{Pool, SpId, Tables};
 
 /// Most recent roots a vCPU keeps (as many as the largest root cache).
 pub const HINTS: usize = 64;
@@ -22,7 +22,8 @@ fn slot(cr3: u64) -> usize {
 struct RootHint {
     cr3: u64,
     key: u64,
-    root: u32,
+    /// `None`: an empty slot.
+    root: Option<SpId>,
     pa: u64,
     gen: u64,
 }
@@ -31,7 +32,7 @@ impl RootHint {
     const EMPTY: Self = Self {
         cr3: 0,
         key: 0,
-        root: NIL,
+        root: None,
         pa: 0,
         gen: u64::MAX,
     };
@@ -73,7 +74,7 @@ impl RootHints {
         flush: bool,
         unsync: usize,
         pae: bool,
-    ) -> Option<(u32, u64)> {
+    ) -> Option<(SpId, u64)> {
         if pae || (flush && unsync != 0) {
             return None;
         }
@@ -82,9 +83,10 @@ impl RootHints {
 
     /// Without the pool lock: the root and its table's address for `cr3` under `key`,
     /// if this vCPU holds a reference on it from pool generation `gen`.
-    pub fn lookup(&self, cr3: u64, key: u64, gen: u64) -> Option<(u32, u64)> {
+    pub fn lookup(&self, cr3: u64, key: u64, gen: u64) -> Option<(SpId, u64)> {
         let h = &self.hints[slot(cr3) & self.mask];
-        (h.root != NIL && h.gen == gen && h.cr3 == cr3 && h.key == key).then_some((h.root, h.pa))
+        let root = h.root?;
+        (h.gen == gen && h.cr3 == cr3 && h.key == key).then_some((root, h.pa))
     }
 
     /// Under the pool lock, after `root` was loaded for `cr3` under `key`: remembered,
@@ -96,7 +98,7 @@ impl RootHints {
         pool: &mut Pool<'_, T>,
         cr3: u64,
         key: u64,
-        root: u32,
+        root: SpId,
         vcpus: u32,
     ) {
         let share = (pool.st.max_roots / vcpus.max(1) as usize).clamp(1, HINTS);
@@ -107,17 +109,17 @@ impl RootHints {
         }
         let gen = pool.st.generation;
         let h = &mut self.hints[slot(cr3) & self.mask];
-        if h.root == root && h.gen == gen && h.cr3 == cr3 && h.key == key {
+        if h.root == Some(root) && h.gen == gen && h.cr3 == cr3 && h.key == key {
             return;
         }
-        if h.gen == gen {
-            pool.unpin(h.root);
+        if let Some(old) = h.root.filter(|_| h.gen == gen) {
+            pool.unpin(old);
         }
         pool.pin(root);
         *h = RootHint {
             cr3,
             key,
-            root,
+            root: Some(root),
             pa: pool.root_pa(root),
             gen,
         };
@@ -128,8 +130,8 @@ impl RootHints {
     pub fn release<T: Tables>(&mut self, pool: &mut Pool<'_, T>) {
         let gen = pool.st.generation;
         for h in self.hints.iter_mut() {
-            if h.gen == gen {
-                pool.unpin(h.root);
+            if let Some(old) = h.root.filter(|_| h.gen == gen) {
+                pool.unpin(old);
             }
             *h = RootHint::EMPTY;
         }
@@ -137,6 +139,6 @@ impl RootHints {
 
     /// Roots held (of any generation).
     pub fn held(&self) -> usize {
-        self.hints.iter().filter(|h| h.root != NIL).count()
+        self.hints.iter().filter(|h| h.root.is_some()).count()
     }
 }

@@ -7,25 +7,25 @@
 use super::*;
 
 impl<T: Tables> Pool<'_, T> {
-    fn is_leaf(&self, sp: u32) -> bool {
-        self.sps[sp as usize].role.level() == 1
+    fn is_leaf(&self, sp: SpId) -> bool {
+        self.sps[sp.index()].role.level() == 1
     }
 
     /// Forgets what entry `index` of `sp` (value `e`, present) links or maps.
-    fn drop_entry(&mut self, sp: u32, index: usize, e: u64) {
+    fn drop_entry(&mut self, sp: SpId, index: usize, e: u64) {
         if e & SPTE_MMIO != 0 {
             return;
         }
         if self.is_leaf(sp) {
-            self.rmap_remove(e & SPTE_ADDR, at(sp, index));
+            self.rmap_remove(e & SPTE_ADDR, EntryAt::new(sp, index));
         } else {
             let child = self.tables.index(e & SPTE_ADDR);
-            self.link_remove(child, at(sp, index));
+            self.link_remove(child, EntryAt::new(sp, index));
         }
     }
 
     /// Sets entry `index` of `sp` to `new`, keeping links and the rmap right.
-    pub(super) fn set_entry(&mut self, sp: u32, index: usize, new: u64) -> Result<(), Full> {
+    pub(super) fn set_entry(&mut self, sp: SpId, index: usize, new: u64) -> Result<(), Full> {
         let old = self.tables.table(sp)[index];
         if old == new {
             return Ok(());
@@ -49,17 +49,17 @@ impl<T: Tables> Pool<'_, T> {
             if new & SPTE_MMIO != 0 {
                 // No host frame: nothing to write-protect.
             } else if self.is_leaf(sp) {
-                self.rmap_add(new & SPTE_ADDR, at(sp, index))?;
+                self.rmap_add(new & SPTE_ADDR, EntryAt::new(sp, index))?;
             } else {
                 let child = self.tables.index(new & SPTE_ADDR);
-                self.link_add(child, at(sp, index))?;
+                self.link_add(child, EntryAt::new(sp, index))?;
             }
             self.tables.table(sp)[index] = new;
         }
         Ok(())
     }
 
-    fn clear_entries(&mut self, sp: u32) {
+    fn clear_entries(&mut self, sp: SpId) {
         for index in 0..512 {
             let e = self.tables.table(sp)[index];
             if e & SPTE_P != 0 {
@@ -72,46 +72,46 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Unshadows sp `i`: unlinked from every parent, its entries dropped, its page
     /// freed. Not for pinned sps.
-    pub(super) fn zap(&mut self, i: u32) {
-        let mut n = self.sps[i as usize].parents;
-        while n != NIL {
-            let l = self.links[n as usize];
-            self.tables.table(l.at >> 9)[(l.at & 511) as usize] = 0;
+    pub(super) fn zap(&mut self, i: SpId) {
+        let mut next = self.sps[i.index()].parents;
+        while let Some(n) = next {
+            let l = self.links[n.index()];
+            self.tables.table(l.at.sp())[l.at.index()] = 0;
             self.st.tlb_dirty = true;
-            self.links[n as usize].next = self.st.free_link;
-            self.st.free_link = n;
-            n = l.next;
+            self.links[n.index()].next = self.st.free_link;
+            self.st.free_link = Some(n);
+            next = l.next;
         }
-        self.sps[i as usize].parents = NIL;
+        self.sps[i.index()].parents = None;
         self.clear_entries(i);
         // Out of the hash chain.
-        let gfn = self.sps[i as usize].gfn;
+        let gfn = self.sps[i.index()].gfn;
         let b = hash(gfn, self.buckets.len());
-        if self.buckets[b] == i {
-            self.buckets[b] = self.sps[i as usize].hash_next;
+        if self.buckets[b] == Some(i) {
+            self.buckets[b] = self.sps[i.index()].hash_next;
         } else {
-            let mut p = self.buckets[b];
-            while p != NIL {
-                let next = self.sps[p as usize].hash_next;
-                if next == i {
-                    self.sps[p as usize].hash_next = self.sps[i as usize].hash_next;
+            let mut at = self.buckets[b];
+            while let Some(p) = at {
+                let next = self.sps[p.index()].hash_next;
+                if next == Some(i) {
+                    self.sps[p.index()].hash_next = self.sps[i.index()].hash_next;
                     break;
                 }
-                p = next;
+                at = next;
             }
         }
-        if self.sps[i as usize].unsync {
+        if self.sps[i.index()].unsync {
             if let Some(k) = self.unsync[..self.st.n_unsync].iter().position(|&u| u == i) {
                 self.st.n_unsync -= 1;
                 self.unsync[k] = self.unsync[self.st.n_unsync];
             }
         }
         self.lru_unlink(i);
-        self.sps[i as usize] = Sp {
+        self.sps[i.index()] = Sp {
             hash_next: self.st.zapped,
             ..Sp::default()
         };
-        self.st.zapped = i;
+        self.st.zapped = Some(i);
         self.st.stats.pages_in_use -= 1;
         self.st.stats.zaps += 1;
     }

@@ -13,13 +13,13 @@ impl<T: Tables> Pool<'_, T> {
     pub fn page_fault(
         &mut self,
         guest: &mut impl GuestPhys,
-        root: u32,
+        root: SpId,
         cr3: u64,
         gva: u64,
         access: Access,
         ctx: &PermCtx,
     ) -> Result<Fix, Full> {
-        let role = self.sps[root as usize].role;
+        let role = self.sps[root.index()].role;
         let mode = match role.mode() {
             MODE_LONG4 => PagingMode::Long4,
             MODE_PAE => PagingMode::Pae,
@@ -34,11 +34,11 @@ impl<T: Tables> Pool<'_, T> {
             Err(f) if f.raced => return Ok(Fix::Retry),
             Err(f) => return Ok(Fix::GuestFault(f)),
         };
-        let mut path = [NIL; 5];
+        let mut path = [None; 5];
         let writes = self.st.entry_writes;
         let r = self.fault_path(guest, root, gva, access, ctx, &w, &mut path);
-        for &i in path.iter().filter(|&&i| i != NIL) {
-            self.sps[i as usize].pins -= 1;
+        for i in path.into_iter().flatten() {
+            self.sps[i.index()].pins -= 1;
         }
         if r == Ok(Fix::Mapped) && self.st.entry_writes == writes {
             // The shadow already allowed the access: the CPU faulted on entries the
@@ -52,20 +52,20 @@ impl<T: Tables> Pool<'_, T> {
     fn fault_path(
         &mut self,
         guest: &mut impl GuestPhys,
-        root: u32,
+        root: SpId,
         gva: u64,
         access: Access,
         ctx: &PermCtx,
         w: &Walk,
-        path: &mut [u32; 5],
+        path: &mut [Option<SpId>; 5],
     ) -> Result<Fix, Full> {
         let mut sp = root;
         let mut n = 0;
-        let mut pin = |pool: &mut Self, i: u32| {
-            pool.sps[i as usize].pins += 1;
-            pool.sps[i as usize].flood = 0;
+        let mut pin = |pool: &mut Self, i: SpId| {
+            pool.sps[i.index()].pins += 1;
+            pool.sps[i.index()].flood = 0;
             pool.touch(i);
-            path[n] = i;
+            path[n] = Some(i);
             n += 1;
         };
         pin(self, sp);
@@ -73,9 +73,9 @@ impl<T: Tables> Pool<'_, T> {
         let mut fresh = false;
         // From the root down to the shadow page table: guest tables, then the pieces of
         // a large page.
-        let mode = self.sps[root as usize].role.mode();
+        let mode = self.sps[root.index()].role.mode();
         for level in (2..=top_level(mode)).rev() {
-            let cur = self.sps[sp as usize];
+            let cur = self.sps[sp.index()];
             let j = sindex(gva, level, mode);
             // An in-sync table cannot have changed since its links were made: follow
             // an existing link without recomputing it.
@@ -87,7 +87,7 @@ impl<T: Tables> Pool<'_, T> {
                 // (in guest memory, without a write the pool sees).
                 let large_written = access.write
                     && level == w.level
-                    && self.sps[c as usize].role.direct()
+                    && self.sps[c.index()].role.direct()
                     && !cur.role.direct();
                 if !large_written {
                     sp = c;
@@ -181,12 +181,12 @@ impl<T: Tables> Pool<'_, T> {
     fn prefetch(
         &mut self,
         guest: &mut impl GuestPhys,
-        sp: u32,
+        sp: SpId,
         index: usize,
         w: &Walk,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
-        let s = self.sps[sp as usize];
+        let s = self.sps[sp.index()];
         let first = index & !(PREFETCH - 1);
         let mut ptes = [0u64; PREFETCH];
         match Self::gentry(&s, first) {
@@ -240,9 +240,15 @@ impl<T: Tables> Pool<'_, T> {
     /// A #PF with the RSVD bit: the guest-physical address of `gva` if its shadow entry
     /// is an MMIO entry whose cached guest rights allow `access` (else the slow path
     /// decides, with a full walk).
-    pub fn mmio_fast(&mut self, root: u32, gva: u64, access: Access, ctx: &PermCtx) -> Option<u64> {
+    pub fn mmio_fast(
+        &mut self,
+        root: SpId,
+        gva: u64,
+        access: Access,
+        ctx: &PermCtx,
+    ) -> Option<u64> {
         let mut sp = root;
-        let mode = self.sps[root as usize].role.mode();
+        let mode = self.sps[root.index()].role.mode();
         for level in (1..=top_level(mode)).rev() {
             let e = self.tables.table(sp)[sindex(gva, level, mode)];
             if e & SPTE_P == 0 {

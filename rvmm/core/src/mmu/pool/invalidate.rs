@@ -14,7 +14,7 @@ impl<T: Tables> Pool<'_, T> {
     pub fn invlpg(
         &mut self,
         guest: &mut impl GuestPhys,
-        root: u32,
+        root: SpId,
         gva: u64,
         ctx: &PermCtx,
         budget: u32,
@@ -22,7 +22,7 @@ impl<T: Tables> Pool<'_, T> {
         // INVLPG acts on the current address space: the upper-level shadows its root
         // reaches (others, a root being filled for a new process included, wait for
         // their own flush).
-        if !self.sync_some(guest, ctx, true, root, budget)? {
+        if !self.sync_some(guest, ctx, true, Some(root), budget)? {
             self.st.stats.sync_steps += 1;
             return Ok(false);
         }
@@ -34,12 +34,12 @@ impl<T: Tables> Pool<'_, T> {
     fn invlpg_entry(
         &mut self,
         guest: &mut impl GuestPhys,
-        root: u32,
+        root: SpId,
         gva: u64,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
         let mut sp = root;
-        let mode = self.sps[root as usize].role.mode();
+        let mode = self.sps[root.index()].role.mode();
         for level in (1..=top_level(mode)).rev() {
             let index = sindex(gva, level, mode);
             let e = self.tables.table(sp)[index];
@@ -49,7 +49,7 @@ impl<T: Tables> Pool<'_, T> {
             if level == 1 {
                 // The entry comes back from the guest's current PTE (the path down to
                 // it is in sync), as KVM's invlpg does: no fault to refill it.
-                let s = self.sps[sp as usize];
+                let s = self.sps[sp.index()];
                 let new = match Self::gentry(&s, index) {
                     None => 0,
                     Some((gpa, size)) => match guest.read_entry(gpa, size) {
@@ -73,7 +73,7 @@ impl<T: Tables> Pool<'_, T> {
         ctx: &PermCtx,
         budget: u32,
     ) -> Result<bool, Full> {
-        let done = self.sync_some(guest, ctx, false, NIL, budget)?;
+        let done = self.sync_some(guest, ctx, false, None, budget)?;
         if !done {
             self.st.stats.sync_steps += 1;
         }

@@ -8,100 +8,96 @@
 use super::*;
 
 impl<T: Tables> Pool<'_, T> {
-    pub(super) fn link_add(&mut self, child: u32, parent_at: u32) -> Result<(), Full> {
-        let n = self.st.free_link;
-        let n = if n != NIL {
-            self.st.free_link = self.links[n as usize].next;
+    pub(super) fn link_add(&mut self, child: SpId, parent_at: EntryAt) -> Result<(), Full> {
+        let n = if let Some(n) = self.st.free_link {
+            self.st.free_link = self.links[n.index()].next;
             n
         } else if (self.st.link_hwm as usize) < self.links.len() {
             self.st.link_hwm += 1;
-            self.st.link_hwm - 1
+            LinkId::new(self.st.link_hwm - 1)
         } else {
             return Err(Full);
         };
-        self.links[n as usize] = Link {
+        self.links[n.index()] = Link {
             at: parent_at,
-            next: self.sps[child as usize].parents,
+            next: self.sps[child.index()].parents,
         };
-        self.sps[child as usize].parents = n;
+        self.sps[child.index()].parents = Some(n);
         Ok(())
     }
 
-    pub(super) fn link_remove(&mut self, child: u32, parent_at: u32) {
-        let mut prev = NIL;
-        let mut n = self.sps[child as usize].parents;
-        while n != NIL {
-            let l = self.links[n as usize];
+    pub(super) fn link_remove(&mut self, child: SpId, parent_at: EntryAt) {
+        let mut prev: Option<LinkId> = None;
+        let mut next = self.sps[child.index()].parents;
+        while let Some(n) = next {
+            let l = self.links[n.index()];
             if l.at == parent_at {
-                if prev == NIL {
-                    self.sps[child as usize].parents = l.next;
-                } else {
-                    self.links[prev as usize].next = l.next;
+                match prev {
+                    None => self.sps[child.index()].parents = l.next,
+                    Some(p) => self.links[p.index()].next = l.next,
                 }
-                self.links[n as usize].next = self.st.free_link;
-                self.st.free_link = n;
+                self.links[n.index()].next = self.st.free_link;
+                self.st.free_link = Some(n);
                 return;
             }
-            prev = n;
-            n = l.next;
+            prev = Some(n);
+            next = l.next;
         }
     }
 
-    pub(super) fn rmap_add(&mut self, hpa: u64, leaf_at: u32) -> Result<(), Full> {
-        let n = self.st.free_rmap;
-        let n = if n != NIL {
-            self.st.free_rmap = self.rmaps[n as usize].next;
+    pub(super) fn rmap_add(&mut self, hpa: u64, leaf_at: EntryAt) -> Result<(), Full> {
+        let n = if let Some(n) = self.st.free_rmap {
+            self.st.free_rmap = self.rmaps[n.index()].next;
             n
         } else if (self.st.rmap_hwm as usize) < self.rmaps.len() {
             self.st.rmap_hwm += 1;
-            self.st.rmap_hwm - 1
+            RmapId::new(self.st.rmap_hwm - 1)
         } else {
             return Err(Full);
         };
         let b = hash(hpa >> 12, self.rbuckets.len());
-        self.rmaps[n as usize] = Rmap {
+        self.rmaps[n.index()] = Rmap {
             hpa,
             at: leaf_at,
             next: self.rbuckets[b],
         };
-        self.rbuckets[b] = n;
+        self.rbuckets[b] = Some(n);
         Ok(())
     }
 
-    pub(super) fn rmap_remove(&mut self, hpa: u64, leaf_at: u32) {
+    pub(super) fn rmap_remove(&mut self, hpa: u64, leaf_at: EntryAt) {
         let b = hash(hpa >> 12, self.rbuckets.len());
-        let mut prev = NIL;
-        let mut n = self.rbuckets[b];
-        while n != NIL {
-            let r = self.rmaps[n as usize];
+        let mut prev: Option<RmapId> = None;
+        let mut next = self.rbuckets[b];
+        while let Some(n) = next {
+            let r = self.rmaps[n.index()];
             if r.at == leaf_at && r.hpa == hpa {
-                if prev == NIL {
-                    self.rbuckets[b] = r.next;
-                } else {
-                    self.rmaps[prev as usize].next = r.next;
+                match prev {
+                    None => self.rbuckets[b] = r.next,
+                    Some(p) => self.rmaps[p.index()].next = r.next,
                 }
-                self.rmaps[n as usize].next = self.st.free_rmap;
-                self.st.free_rmap = n;
+                self.rmaps[n.index()].next = self.st.free_rmap;
+                self.st.free_rmap = Some(n);
                 return;
             }
-            prev = n;
-            n = r.next;
+            prev = Some(n);
+            next = r.next;
         }
     }
 
     /// Clears R/W in every leaf that maps host frame `hpa`.
     fn write_protect_hpa(&mut self, hpa: u64) {
-        let mut n = self.rbuckets[hash(hpa >> 12, self.rbuckets.len())];
-        while n != NIL {
-            let r = self.rmaps[n as usize];
+        let mut next = self.rbuckets[hash(hpa >> 12, self.rbuckets.len())];
+        while let Some(n) = next {
+            let r = self.rmaps[n.index()];
             if r.hpa == hpa {
-                let e = &mut self.tables.table(r.at >> 9)[(r.at & 511) as usize];
+                let e = &mut self.tables.table(r.at.sp())[r.at.index()];
                 if *e & SPTE_RW != 0 {
                     *e &= !SPTE_RW;
                     self.st.tlb_dirty = true;
                 }
             }
-            n = r.next;
+            next = r.next;
         }
     }
 
@@ -128,9 +124,9 @@ impl<T: Tables> Pool<'_, T> {
     /// Marks sp `i` visited by the current search; false if it already was. (An sp is
     /// always reached at the same distance from where the search started: a parent is
     /// one level up.)
-    fn first_visit(&mut self, i: u32) -> bool {
+    fn first_visit(&mut self, i: SpId) -> bool {
         self.st.stats.parent_visits += 1;
-        let sp = &mut self.sps[i as usize];
+        let sp = &mut self.sps[i.index()];
         if sp.visit == self.st.visit {
             return false;
         }
@@ -140,13 +136,13 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Whether a pinned sp is sp `i` or above it (through parent links, at most `depth`
     /// levels up; deeper counts as yes).
-    pub(super) fn rooted(&mut self, i: u32, depth: u8) -> bool {
+    pub(super) fn rooted(&mut self, i: SpId, depth: u8) -> bool {
         self.new_visit();
         self.rooted_from(i, depth)
     }
 
-    fn rooted_from(&mut self, i: u32, depth: u8) -> bool {
-        let sp = &self.sps[i as usize];
+    fn rooted_from(&mut self, i: SpId, depth: u8) -> bool {
+        let sp = &self.sps[i.index()];
         if sp.pins > 0 || depth == 0 {
             return true;
         }
@@ -154,38 +150,38 @@ impl<T: Tables> Pool<'_, T> {
             // Searched already, found nothing.
             return false;
         }
-        let mut n = self.sps[i as usize].parents;
-        while n != NIL {
-            let l = self.links[n as usize];
-            if self.rooted_from(l.at >> 9, depth - 1) {
+        let mut next = self.sps[i.index()].parents;
+        while let Some(n) = next {
+            let l = self.links[n.index()];
+            if self.rooted_from(l.at.sp(), depth - 1) {
                 return true;
             }
-            n = l.next;
+            next = l.next;
         }
         false
     }
 
     /// Whether sp `i` is `top` or linked below it (through parent links, at most
     /// `depth` levels up).
-    pub(super) fn under(&mut self, i: u32, top: u32, depth: u8) -> bool {
+    pub(super) fn under(&mut self, i: SpId, top: SpId, depth: u8) -> bool {
         self.new_visit();
         self.under_from(i, top, depth)
     }
 
-    fn under_from(&mut self, i: u32, top: u32, depth: u8) -> bool {
+    fn under_from(&mut self, i: SpId, top: SpId, depth: u8) -> bool {
         if i == top {
             return true;
         }
         if depth == 0 || !self.first_visit(i) {
             return false;
         }
-        let mut n = self.sps[i as usize].parents;
-        while n != NIL {
-            let l = self.links[n as usize];
-            if self.under_from(l.at >> 9, top, depth - 1) {
+        let mut next = self.sps[i.index()].parents;
+        while let Some(n) = next {
+            let l = self.links[n.index()];
+            if self.under_from(l.at.sp(), top, depth - 1) {
                 return true;
             }
-            n = l.next;
+            next = l.next;
         }
         false
     }

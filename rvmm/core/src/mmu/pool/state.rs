@@ -51,15 +51,16 @@ pub struct PoolStats {
 /// The pool's scalar state.
 #[derive(Clone, Copy, Debug)]
 pub struct State {
-    pub(super) free_sp: u32,
+    /// Free sps (chained by `hash_next`).
+    pub(super) free_sp: Option<SpId>,
     /// Sps zapped since the last remote flush (chained by `hash_next`): another vCPU may
     /// still translate through their tables, so they go to `free_sp` only after
     /// [`Tables::flush_remote`].
-    pub(super) zapped: u32,
-    pub(super) lru_head: u32,
-    pub(super) lru_tail: u32,
-    pub(super) free_link: u32,
-    pub(super) free_rmap: u32,
+    pub(super) zapped: Option<SpId>,
+    pub(super) lru_head: Option<SpId>,
+    pub(super) lru_tail: Option<SpId>,
+    pub(super) free_link: Option<LinkId>,
+    pub(super) free_rmap: Option<RmapId>,
     /// Sps, links and rmap nodes below these were handed out since the pool was made
     /// (or, for links and rmaps, reset): the rest are untouched and free. A reset costs
     /// what was used, not the pool's size.
@@ -70,7 +71,8 @@ pub struct State {
     /// pool's lock): sps at or above it are not handed out.
     pub sp_cap: u32,
     pub(super) n_unsync: usize,
-    pub(super) roots: [u32; MAX_ROOTS],
+    /// The root cache, the first `n_roots` of it.
+    pub(super) roots: [Option<SpId>; MAX_ROOTS],
     pub(super) n_roots: usize,
     pub(super) clock: u64,
     /// The current parent-link search (see [`Pool::rooted`]).
@@ -107,18 +109,18 @@ impl State {
     /// A pool state whose root cache keeps `max_roots` roots (1 to [`MAX_ROOTS`]).
     pub const fn new(max_roots: usize) -> Self {
         Self {
-            free_sp: NIL,
-            zapped: NIL,
-            lru_head: NIL,
-            lru_tail: NIL,
-            free_link: NIL,
-            free_rmap: NIL,
+            free_sp: None,
+            zapped: None,
+            lru_head: None,
+            lru_tail: None,
+            free_link: None,
+            free_rmap: None,
             sp_hwm: 0,
             link_hwm: 0,
             rmap_hwm: 0,
             sp_cap: 0,
             n_unsync: 0,
-            roots: [NIL; MAX_ROOTS],
+            roots: [None; MAX_ROOTS],
             n_roots: 0,
             clock: 0,
             visit: 0,

@@ -15,17 +15,17 @@ impl<T: Tables> Pool<'_, T> {
         for sp in self.sps.iter_mut() {
             *sp = Sp::default();
         }
-        self.buckets.fill(NIL);
-        self.rbuckets.fill(NIL);
-        self.st.free_sp = NIL;
-        self.st.zapped = NIL;
-        self.st.free_link = NIL;
-        self.st.free_rmap = NIL;
+        self.buckets.fill(None);
+        self.rbuckets.fill(None);
+        self.st.free_sp = None;
+        self.st.zapped = None;
+        self.st.free_link = None;
+        self.st.free_rmap = None;
         self.st.sp_hwm = 0;
         self.st.link_hwm = 0;
         self.st.rmap_hwm = 0;
-        self.st.lru_head = NIL;
-        self.st.lru_tail = NIL;
+        self.st.lru_head = None;
+        self.st.lru_tail = None;
         self.st.n_unsync = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
@@ -38,31 +38,31 @@ impl<T: Tables> Pool<'_, T> {
         // Every page handed out so far waits for the remote flush before it is used
         // again (a vCPU still in guest mode may be walking it); their tables are zeroed
         // now, so that such a vCPU sees not-present entries.
-        self.st.zapped = NIL;
-        for i in (0..self.st.sp_hwm).rev() {
-            if self.sps[i as usize].valid {
+        self.st.zapped = None;
+        for i in (0..self.st.sp_hwm).rev().map(SpId::new) {
+            if self.sps[i.index()].valid {
                 self.tables.table(i).fill(0);
                 self.st.stats.zaps += 1;
             }
-            self.sps[i as usize] = Sp {
+            self.sps[i.index()] = Sp {
                 hash_next: self.st.zapped,
                 ..Sp::default()
             };
-            self.st.zapped = i;
+            self.st.zapped = Some(i);
         }
-        self.st.free_sp = NIL;
+        self.st.free_sp = None;
         // Metadata is the pool's alone: reused at once.
         for i in 0..self.st.rmap_hwm as usize {
             let b = hash(self.rmaps[i].hpa >> 12, self.rbuckets.len());
-            self.rbuckets[b] = NIL;
+            self.rbuckets[b] = None;
         }
-        self.buckets.fill(NIL);
-        self.st.free_link = NIL;
-        self.st.free_rmap = NIL;
+        self.buckets.fill(None);
+        self.st.free_link = None;
+        self.st.free_rmap = None;
         self.st.link_hwm = 0;
         self.st.rmap_hwm = 0;
-        self.st.lru_head = NIL;
-        self.st.lru_tail = NIL;
+        self.st.lru_head = None;
+        self.st.lru_tail = None;
         self.st.n_unsync = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
@@ -77,11 +77,10 @@ impl<T: Tables> Pool<'_, T> {
     pub fn commit_zapped(&mut self) {
         self.tables.flush_remote(self.st.generation);
         self.st.tlb_dirty = false;
-        while self.st.zapped != NIL {
-            let i = self.st.zapped;
-            self.st.zapped = self.sps[i as usize].hash_next;
-            self.sps[i as usize].hash_next = self.st.free_sp;
-            self.st.free_sp = i;
+        while let Some(i) = self.st.zapped {
+            self.st.zapped = self.sps[i.index()].hash_next;
+            self.sps[i.index()].hash_next = self.st.free_sp;
+            self.st.free_sp = Some(i);
         }
     }
 
@@ -95,112 +94,111 @@ impl<T: Tables> Pool<'_, T> {
         }
     }
 
-    pub(super) fn find(&self, gfn: u64, role: Role) -> u32 {
-        let mut i = self.buckets[hash(gfn, self.buckets.len())];
-        while i != NIL {
-            let sp = &self.sps[i as usize];
+    pub(super) fn find(&self, gfn: u64, role: Role) -> Option<SpId> {
+        let mut next = self.buckets[hash(gfn, self.buckets.len())];
+        while let Some(i) = next {
+            let sp = &self.sps[i.index()];
             if sp.gfn == gfn && sp.role == role {
-                return i;
+                return Some(i);
             }
-            i = sp.hash_next;
+            next = sp.hash_next;
         }
-        NIL
+        None
     }
 
     /// The shadows of guest table `gfn` (not the direct ones), through `f`.
-    pub(super) fn for_gfn(&self, gfn: u64, mut f: impl FnMut(u32, &Sp)) {
-        let mut i = self.buckets[hash(gfn, self.buckets.len())];
-        while i != NIL {
-            let sp = &self.sps[i as usize];
-            let next = sp.hash_next;
+    pub(super) fn for_gfn(&self, gfn: u64, mut f: impl FnMut(SpId, &Sp)) {
+        let mut next = self.buckets[hash(gfn, self.buckets.len())];
+        while let Some(i) = next {
+            let sp = &self.sps[i.index()];
+            next = sp.hash_next;
             if sp.gfn == gfn && !sp.role.direct() {
                 f(i, sp);
             }
-            i = next;
         }
     }
 
     /// Calls `f` on each shadow of guest table `gfn` in turn; `f` may zap the one it is
     /// given (and no other).
-    pub(super) fn each_shadow(&mut self, gfn: u64, mut f: impl FnMut(&mut Self, u32)) {
-        let mut i = self.buckets[hash(gfn, self.buckets.len())];
-        while i != NIL {
-            let sp = &self.sps[i as usize];
-            let next = sp.hash_next;
+    pub(super) fn each_shadow(&mut self, gfn: u64, mut f: impl FnMut(&mut Self, SpId)) {
+        let mut next = self.buckets[hash(gfn, self.buckets.len())];
+        while let Some(i) = next {
+            let sp = &self.sps[i.index()];
+            next = sp.hash_next;
             if sp.gfn == gfn && !sp.role.direct() {
                 f(self, i);
             }
-            i = next;
         }
     }
 
-    pub(super) fn lru_unlink(&mut self, i: u32) {
+    pub(super) fn lru_unlink(&mut self, i: SpId) {
         let (p, n) = {
-            let sp = &self.sps[i as usize];
+            let sp = &self.sps[i.index()];
             (sp.lru_prev, sp.lru_next)
         };
-        if p != NIL {
-            self.sps[p as usize].lru_next = n;
-        } else {
-            self.st.lru_head = n;
+        match p {
+            Some(p) => self.sps[p.index()].lru_next = n,
+            None => self.st.lru_head = n,
         }
-        if n != NIL {
-            self.sps[n as usize].lru_prev = p;
-        } else {
-            self.st.lru_tail = p;
+        match n {
+            Some(n) => self.sps[n.index()].lru_prev = p,
+            None => self.st.lru_tail = p,
         }
     }
 
-    fn lru_push(&mut self, i: u32) {
+    fn lru_push(&mut self, i: SpId) {
         let h = self.st.lru_head;
         {
-            let sp = &mut self.sps[i as usize];
-            sp.lru_prev = NIL;
+            let sp = &mut self.sps[i.index()];
+            sp.lru_prev = None;
             sp.lru_next = h;
         }
-        if h != NIL {
-            self.sps[h as usize].lru_prev = i;
-        } else {
-            self.st.lru_tail = i;
+        match h {
+            Some(h) => self.sps[h.index()].lru_prev = Some(i),
+            None => self.st.lru_tail = Some(i),
         }
-        self.st.lru_head = i;
+        self.st.lru_head = Some(i);
     }
 
     /// Marks sp `i` as just used.
-    pub(super) fn touch(&mut self, i: u32) {
-        if self.st.lru_head != i {
+    pub(super) fn touch(&mut self, i: SpId) {
+        if self.st.lru_head != Some(i) {
             self.lru_unlink(i);
             self.lru_push(i);
         }
     }
 
-    pub(super) fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<u32, Full> {
-        let i = if self.st.free_sp != NIL {
-            let i = self.st.free_sp;
-            self.st.free_sp = self.sps[i as usize].hash_next;
+    /// Takes a free sp off the free list.
+    fn pop_free(&mut self) -> Option<SpId> {
+        let i = self.st.free_sp?;
+        self.st.free_sp = self.sps[i.index()].hash_next;
+        Some(i)
+    }
+
+    pub(super) fn alloc_sp(&mut self, gfn: u64, role: Role) -> Result<SpId, Full> {
+        let i = if let Some(i) = self.pop_free() {
             i
         } else if self.st.sp_hwm < self.st.sp_cap && (self.st.sp_hwm as usize) < self.sps.len() {
             // Never used (its table is zero).
             self.st.sp_hwm += 1;
-            self.st.sp_hwm - 1
+            SpId::new(self.st.sp_hwm - 1)
         } else {
-            if self.st.zapped == NIL {
+            if self.st.zapped.is_none() {
                 self.reclaim()?;
             }
             self.commit_zapped();
-            let i = self.st.free_sp;
-            self.st.free_sp = self.sps[i as usize].hash_next;
-            i
+            // A reclaim zaps at least one sp, and the remote flush frees what is zapped.
+            self.pop_free().ok_or(Full)?
         };
         let b = hash(gfn, self.buckets.len());
-        self.sps[i as usize] = Sp {
+        self.sps[i.index()] = Sp {
             gfn,
             role,
             valid: true,
             hash_next: self.buckets[b],
             ..Sp::default()
         };
-        self.buckets[b] = i;
+        self.buckets[b] = Some(i);
         self.lru_push(i);
         let s = &mut self.st.stats;
         s.pages_in_use += 1;
@@ -214,15 +212,14 @@ impl<T: Tables> Pool<'_, T> {
     fn reclaim(&mut self) -> Result<(), Full> {
         let batch = (self.st.sp_cap.min(self.sps.len() as u32) as usize / 16).max(1);
         let mut done = 0;
-        let mut i = self.st.lru_tail;
-        while i != NIL && done < batch {
-            let prev = self.sps[i as usize].lru_prev;
-            if self.sps[i as usize].pins == 0 {
+        let mut next = self.st.lru_tail;
+        while let Some(i) = next.filter(|_| done < batch) {
+            next = self.sps[i.index()].lru_prev;
+            if self.sps[i.index()].pins == 0 {
                 self.zap(i);
                 self.st.stats.reclaimed += 1;
                 done += 1;
             }
-            i = prev;
         }
         if done == 0 {
             return Err(Full);

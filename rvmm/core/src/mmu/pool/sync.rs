@@ -8,8 +8,8 @@
 use super::*;
 
 impl<T: Tables> Pool<'_, T> {
-    fn mark_unsync(&mut self, i: u32) {
-        let sp = &mut self.sps[i as usize];
+    fn mark_unsync(&mut self, i: SpId) {
+        let sp = &mut self.sps[i.index()];
         if !sp.unsync {
             sp.unsync = true;
             self.unsync[self.st.n_unsync] = i;
@@ -33,7 +33,7 @@ impl<T: Tables> Pool<'_, T> {
     /// Brings sp `i` back in sync with the guest table: leaves are recomputed in place
     /// from the guest's entries (or dropped), links to children whose guest entry
     /// changed are dropped.
-    fn resync(&mut self, guest: &mut impl GuestPhys, i: u32, ctx: &PermCtx) -> Result<(), Full> {
+    fn resync(&mut self, guest: &mut impl GuestPhys, i: SpId, ctx: &PermCtx) -> Result<(), Full> {
         for index in 0..512 {
             self.resync_entry(guest, i, index, ctx)?;
         }
@@ -46,7 +46,7 @@ impl<T: Tables> Pool<'_, T> {
     pub(super) fn resync_entry(
         &mut self,
         guest: &mut impl GuestPhys,
-        i: u32,
+        i: SpId,
         index: usize,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
@@ -54,7 +54,7 @@ impl<T: Tables> Pool<'_, T> {
         if e & SPTE_P == 0 {
             return Ok(());
         }
-        let sp = self.sps[i as usize];
+        let sp = self.sps[i.index()];
         let Some((gpa, size)) = Self::gentry(&sp, index) else {
             // Root quadrants and PDPTE copies do not follow guest memory.
             return Ok(());
@@ -67,7 +67,7 @@ impl<T: Tables> Pool<'_, T> {
             self.leaf_from_pte(guest, sp.role, pte, ctx).unwrap_or(0)
         } else {
             // Keep the link while the guest entry still leads to the same shadow.
-            let child = self.sps[self.tables.index(e & SPTE_ADDR) as usize];
+            let child = self.sps[self.tables.index(e & SPTE_ADDR).index()];
             match Self::expected_child(&sp, index, pte, ctx) {
                 Some((gfn, role)) if gfn == child.gfn && role == child.role => e,
                 _ => 0,
@@ -76,7 +76,7 @@ impl<T: Tables> Pool<'_, T> {
         self.set_entry(i, index, new)
     }
 
-    /// Resyncs the unsync shadows under `top` (NIL: every one), or only the upper-level
+    /// Resyncs the unsync shadows under `top` (`None`: every one), or only the upper-level
     /// ones (INVLPG flushes the paging-structure caches); then write-protects their
     /// tables. A flushing CR3 load syncs what its root reaches: tables only other
     /// address spaces use may stay out of sync (a dead process's are never synced
@@ -92,7 +92,7 @@ impl<T: Tables> Pool<'_, T> {
         guest: &mut impl GuestPhys,
         ctx: &PermCtx,
         upper_only: bool,
-        top: u32,
+        top: Option<SpId>,
         budget: u32,
     ) -> Result<bool, Full> {
         if self.st.n_unsync == 0 {
@@ -114,14 +114,14 @@ impl<T: Tables> Pool<'_, T> {
             }
             spent = spent.saturating_add(1);
             let i = self.unsync[k];
-            if upper_only && self.sps[i as usize].role.level() == 1 {
+            if upper_only && self.sps[i.index()].role.level() == 1 {
                 k += 1;
                 continue;
             }
             // Under `top` (one walk up the parent links; such an sp is rooted: `top`
             // is pinned), else an orphan, else another address space's.
-            let in_scope = top == NIL || self.under(i, top, 4);
-            let orphan = (top == NIL || !in_scope) && !self.rooted(i, 4);
+            let in_scope = top.is_none_or(|top| self.under(i, top, 4));
+            let orphan = (top.is_none() || !in_scope) && !self.rooted(i, 4);
             let v = self.st.stats.parent_visits;
             spent = spent.saturating_add(u32::try_from(v - visits).unwrap_or(u32::MAX));
             visits = v;
@@ -140,7 +140,7 @@ impl<T: Tables> Pool<'_, T> {
             }
             spent = spent.saturating_add(cost);
             progress = true;
-            self.sps[i as usize].unsync = false;
+            self.sps[i.index()].unsync = false;
             self.st.n_unsync -= 1;
             self.unsync[k] = self.unsync[self.st.n_unsync];
             if orphan {
@@ -164,7 +164,7 @@ impl<T: Tables> Pool<'_, T> {
         // followed), never in between unseen.
         for d in 0..done {
             let i = self.unsync[self.sps.len() - 1 - d];
-            let sp = self.sps[i as usize];
+            let sp = self.sps[i.index()];
             if sp.valid && !sp.unsync {
                 self.write_protect(guest, sp.gfn);
             }
@@ -172,7 +172,7 @@ impl<T: Tables> Pool<'_, T> {
         self.flush_tlbs();
         for d in 0..done {
             let i = self.unsync[self.sps.len() - 1 - d];
-            if self.sps[i as usize].valid {
+            if self.sps[i.index()].valid {
                 self.resync(guest, i, ctx)?;
             }
         }
@@ -180,7 +180,7 @@ impl<T: Tables> Pool<'_, T> {
     }
 
     /// Present entries of sp `i` (what its resync costs).
-    fn present_entries(&mut self, i: u32) -> u32 {
+    fn present_entries(&mut self, i: SpId) -> u32 {
         self.tables
             .table(i)
             .iter()
@@ -196,42 +196,50 @@ impl<T: Tables> Pool<'_, T> {
     pub(super) fn child(
         &mut self,
         guest: &mut impl GuestPhys,
-        parent: u32,
+        parent: SpId,
         index: usize,
         gfn: u64,
         role: Role,
         ctx: &PermCtx,
         budget: u32,
-    ) -> Result<Option<(u32, bool)>, Full> {
+    ) -> Result<Option<(SpId, bool)>, Full> {
         let e = self.tables.table(parent)[index];
         if e & SPTE_P != 0 {
             let c = self.tables.index(e & SPTE_ADDR);
-            let sp = &self.sps[c as usize];
+            let sp = &self.sps[c.index()];
             if sp.gfn == gfn && sp.role == role {
                 return Ok(Some((c, false)));
             }
         }
-        let mut c = self.find(gfn, role);
-        let fresh = c == NIL;
-        if fresh {
-            c = self.alloc_sp(gfn, role)?;
-            if !role.direct() {
-                self.protect_new(guest, c);
+        let found = self.find(gfn, role);
+        let fresh = found.is_none();
+        let c = match found {
+            None => {
+                let c = self.alloc_sp(gfn, role)?;
+                if !role.direct() {
+                    self.protect_new(guest, c);
+                }
+                c
             }
-        } else if !role.direct() {
-            // An existing shadow joins this tree: what went out of sync under it
-            // before this address space's last flush must not show through it. Synced
-            // before the link (pinned meanwhile: a sync unshadows orphans), so that a
-            // sync in steps never exposes a half-synced tree.
-            self.sps[c as usize].pins += 1;
-            let synced = self.sync_some(guest, ctx, false, c, budget);
-            self.sps[c as usize].pins -= 1;
-            if !synced? {
-                self.st.stats.sync_steps += 1;
-                return Ok(None);
+            Some(c) => {
+                if !role.direct() {
+                    // An existing shadow joins this tree: what went out of sync under
+                    // it before this address space's last flush must not show through
+                    // it. Synced before the link (pinned meanwhile: a sync unshadows
+                    // orphans), so that a sync in steps never exposes a half-synced
+                    // tree.
+                    self.sps[c.index()].pins += 1;
+                    let synced = self.sync_some(guest, ctx, false, Some(c), budget);
+                    self.sps[c.index()].pins -= 1;
+                    if !synced? {
+                        self.st.stats.sync_steps += 1;
+                        return Ok(None);
+                    }
+                }
+                c
             }
-        }
-        let prole = self.sps[parent as usize].role;
+        };
+        let prole = self.sps[parent.index()].role;
         let pa = self.tables.pa(c);
         // The CPU loads a PAE-format root's four entries as PDPTEs: P and address only.
         let e = if prole.level() == 3 && prole.mode() != MODE_LONG4 {
@@ -251,11 +259,11 @@ impl<T: Tables> Pool<'_, T> {
     pub(super) fn gpte_unchanged(
         &mut self,
         guest: &mut impl GuestPhys,
-        sp: u32,
+        sp: SpId,
         j: usize,
         pte: u64,
     ) -> bool {
-        let Some((gpa, size)) = Self::gentry(&self.sps[sp as usize], j) else {
+        let Some((gpa, size)) = Self::gentry(&self.sps[sp.index()], j) else {
             return true;
         };
         self.flush_tlbs();
@@ -264,8 +272,8 @@ impl<T: Tables> Pool<'_, T> {
 
     /// A new shadow of a guest table: in sync and write-protected, unless the table's
     /// other shadows are out of sync (then it joins them).
-    pub(super) fn protect_new(&mut self, guest: &mut impl GuestPhys, c: u32) {
-        let gfn = self.sps[c as usize].gfn;
+    pub(super) fn protect_new(&mut self, guest: &mut impl GuestPhys, c: SpId) {
+        let gfn = self.sps[c.index()].gfn;
         let mut others_unsync = false;
         self.for_gfn(gfn, |i, sp| others_unsync |= i != c && sp.unsync);
         if others_unsync {

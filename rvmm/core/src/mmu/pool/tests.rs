@@ -97,34 +97,35 @@ impl GuestPhys for Guest {
 struct VecTables(Vec<[u64; 512]>, u64, u64, u32, Rc<Cell<u64>>);
 
 impl Tables for VecTables {
-    fn table(&mut self, i: u32) -> &mut [u64; 512] {
+    fn table(&mut self, i: SpId) -> &mut [u64; 512] {
         assert!(
-            i < self.3,
-            "table page {i} does not exist yet ({} do)",
+            i.get() < self.3,
+            "table page {} does not exist yet ({} do)",
+            i.get(),
             self.3
         );
-        &mut self.0[i as usize]
+        &mut self.0[i.index()]
     }
     fn flush_remote(&mut self, generation: u64) {
         self.1 += 1;
         self.2 = generation;
         self.4.set(self.1);
     }
-    fn pa(&self, i: u32) -> u64 {
-        SHADOW_BASE + u64::from(i) * 4096
+    fn pa(&self, i: SpId) -> u64 {
+        SHADOW_BASE + u64::from(i.get()) * 4096
     }
-    fn index(&self, pa: u64) -> u32 {
-        ((pa - SHADOW_BASE) / 4096) as u32
+    fn index(&self, pa: u64) -> SpId {
+        SpId::new(((pa - SHADOW_BASE) / 4096) as u32)
     }
 }
 
 struct Store {
     sps: Vec<Sp>,
-    buckets: Vec<u32>,
+    buckets: Vec<Option<SpId>>,
     links: Vec<Link>,
     rmaps: Vec<Rmap>,
-    rbuckets: Vec<u32>,
-    unsync: Vec<u32>,
+    rbuckets: Vec<Option<RmapId>>,
+    unsync: Vec<SpId>,
     st: State,
     tables: VecTables,
 }
@@ -133,11 +134,12 @@ impl Store {
     fn new(pages: usize, roots: usize) -> Self {
         let mut s = Self {
             sps: vec![Sp::default(); pages],
-            buckets: vec![NIL; pages.next_power_of_two()],
+            buckets: vec![None; pages.next_power_of_two()],
             links: vec![Link::default(); pages * 8],
             rmaps: vec![Rmap::default(); pages * 64],
-            rbuckets: vec![NIL; (pages * 16).next_power_of_two()],
-            unsync: vec![NIL; pages],
+            rbuckets: vec![None; (pages * 16).next_power_of_two()],
+            // Any sp: only the ones `n_unsync` counts are read.
+            unsync: vec![SpId::new(0); pages],
             st: State::new(roots),
             tables: VecTables(vec![[0; 512]; pages], 0, 0, pages as u32, Rc::default()),
         };
@@ -418,7 +420,8 @@ struct Machine {
     s: Store,
     g: Guest,
     cr3: u64,
-    root: u32,
+    /// The root in use (`None` before the first CR3 load).
+    root: Option<SpId>,
     ctx: PermCtx,
     generation: u64,
     mode: u8,
@@ -432,7 +435,7 @@ struct Machine {
     pdptes: [u64; 4],
     /// The root this vCPU holds its active reference on (MOV CR3 through the pool
     /// moves it; a lock-free switch to a root it holds a hint on does not).
-    pinned: u32,
+    pinned: Option<SpId>,
 }
 
 impl Machine {
@@ -472,7 +475,7 @@ impl Machine {
             s: store,
             g,
             cr3: ROOTS << 12,
-            root: NIL,
+            root: None,
             ctx: PermCtx {
                 // 32-bit paging: the tests' CR4.PSE.
                 gbpages: true,
@@ -484,7 +487,7 @@ impl Machine {
             reruns: 0,
             vcpu: 0,
             pdptes: [0; 4],
-            pinned: NIL,
+            pinned: None,
         };
         m.load_cr3(ROOTS << 12);
         m
@@ -520,14 +523,14 @@ impl Machine {
         let prev = if self.generation == self.s.st.generation {
             self.pinned
         } else {
-            NIL
+            None
         };
         if self.mode == MODE_PAE {
             // MOV CR3 loads the PDPTE registers.
             self.pdptes = WithPdptes::load(&mut self.g, cr3 & 0xffff_ffe0);
         }
         let (pdpt, regs) = self.pdpt();
-        self.root = loop {
+        let root = loop {
             match self.s.pool().load_root(
                 &mut WithPdptes {
                     mem: &mut self.g,
@@ -560,7 +563,7 @@ impl Machine {
                             cr3,
                             self.vcpu,
                             &self.ctx,
-                            NIL,
+                            None,
                             true,
                             u32::MAX,
                         )
@@ -569,8 +572,14 @@ impl Machine {
                 }
             }
         };
+        self.root = Some(root);
         self.generation = self.s.st.generation;
-        self.pinned = self.root;
+        self.pinned = Some(root);
+    }
+
+    /// The root in use.
+    fn root(&self) -> SpId {
+        self.root.expect("a root is loaded")
     }
 
     /// An access by the guest: through the shadow, with #PF exits handled by the pool.
@@ -582,11 +591,12 @@ impl Machine {
             if self.generation != self.s.st.generation {
                 self.load_cr3(self.cr3);
             }
-            let root_pa = self.s.pool().root_pa(self.root);
+            let root = self.root();
+            let root_pa = self.s.pool().root_pa(root);
             match hw(&mut self.s.tables, self.mode, root_pa, gva, acc, &self.ctx) {
                 Ok(hpa) => return (Ok(hpa - HOST_OFF), tries == 0),
                 Err(true) => {
-                    if let Some(gpa) = self.s.pool().mmio_fast(self.root, gva, acc, &self.ctx) {
+                    if let Some(gpa) = self.s.pool().mmio_fast(root, gva, acc, &self.ctx) {
                         return (Ok(gpa), tries == 0);
                     }
                 }
@@ -601,7 +611,7 @@ impl Machine {
             match self
                 .s
                 .pool()
-                .page_fault(&mut mem, self.root, self.cr3, gva, acc, &self.ctx)
+                .page_fault(&mut mem, root, self.cr3, gva, acc, &self.ctx)
             {
                 Ok(Fix::Mapped) => {}
                 // The access faults again.
@@ -677,11 +687,12 @@ impl Machine {
     }
 
     fn invlpg(&mut self, gva: u64) {
+        let root = self.root();
         loop {
             match self
                 .s
                 .pool()
-                .invlpg(&mut self.g, self.root, gva, &self.ctx, self.budget)
+                .invlpg(&mut self.g, root, gva, &self.ctx, self.budget)
             {
                 Ok(true) => return,
                 Ok(false) => self.reruns += 1,
@@ -898,7 +909,7 @@ fn a_long_sync_takes_steps_of_bounded_work() {
         m.s.st.stats
     );
     let before = m.s.st.stats;
-    let root = m.root;
+    let root = m.root();
     // Step by step, as the module does it: the vCPU stays on its root in between.
     let paging = m.paging();
     let mut calls = 0;
@@ -907,14 +918,24 @@ fn a_long_sync_takes_steps_of_bounded_work() {
         let resyncs = m.s.st.stats.resyncs;
         let r =
             m.s.pool()
-                .load_root(&mut m.g, paging, m.cr3, 0, &m.ctx, root, true, SYNC_BUDGET)
+                .load_root(
+                    &mut m.g,
+                    paging,
+                    m.cr3,
+                    0,
+                    &m.ctx,
+                    Some(root),
+                    true,
+                    SYNC_BUDGET,
+                )
                 .expect("room in the pool");
         assert!(m.s.st.stats.resyncs - resyncs <= 1, "one table per call");
         if let Some(r) = r {
             break r;
         }
         assert_eq!(
-            m.s.sps[root as usize].pins, 2,
+            m.s.sps[root.index()].pins,
+            2,
             "the vCPU's root keeps its pin"
         );
     };
@@ -1955,7 +1976,7 @@ fn vcpus_hold_their_share_of_the_root_cache() {
                     Ok(0),
                     "round {round} vCPU {v} root {k}"
                 );
-                let (cr3, root) = (m.cr3, m.root);
+                let (cr3, root) = (m.cr3, m.root());
                 h.remember(&mut m.s.pool(), cr3, c, root, vcpus);
             }
         }

@@ -47,8 +47,8 @@ impl<T: Tables> Pool<'_, T> {
 
     /// A guest write reached shadow `i` of a table: counts it towards flooding, and
     /// unshadows it if the table floods. Returns whether `i` is gone.
-    pub(super) fn written(&mut self, i: u32, flooded: bool) -> bool {
-        let sp = &mut self.sps[i as usize];
+    pub(super) fn written(&mut self, i: SpId, flooded: bool) -> bool {
+        let sp = &mut self.sps[i.index()];
         sp.flood = sp.flood.saturating_add(1);
         if flooded && sp.pins == 0 {
             self.zap(i);
@@ -89,13 +89,13 @@ impl<T: Tables> Pool<'_, T> {
     fn rewrite_entries(
         &mut self,
         guest: &mut impl GuestPhys,
-        i: u32,
+        i: SpId,
         lo: u64,
         hi: u64,
         ctx: &PermCtx,
     ) -> Result<(), Full> {
         // The shadow entries that the written guest entries stand behind.
-        let role = self.sps[i as usize].role;
+        let role = self.sps[i.index()].role;
         let (first, last) = match (role.mode(), role.level()) {
             (MODE_BITS32, 3) => return Ok(()),
             (MODE_BITS32, 2) => {

@@ -370,7 +370,7 @@ fn a_fault_that_changes_nothing_is_spurious() {
     let gva = map_private(&mut m, 0);
     assert_eq!(m.access(gva, rd()), (Ok(DATA << 12), false));
     assert_eq!(m.s.st.stats.spurious_faults, 0);
-    let (root, cr3) = (m.root, m.cr3);
+    let (root, cr3) = (m.root(), m.cr3);
     let ctx = m.ctx;
     let r = m.s.pool().page_fault(&mut m.g, root, cr3, gva, rd(), &ctx);
     assert_eq!(r, Ok(Fix::Mapped));

@@ -19,10 +19,10 @@ const CPUS: usize = 3;
 #[derive(Clone)]
 struct Cpu {
     cr3: u64,
-    root: u32,
+    root: Option<SpId>,
     generation: u64,
     pdptes: [u64; 4],
-    pinned: u32,
+    pinned: Option<SpId>,
     /// Its recent roots, for MOV CR3 without the pool lock (as the module's vCPU).
     hints: RootHints,
     /// Its TLB: (linear page, access kind) -> guest-physical page.
@@ -54,10 +54,10 @@ impl Smp {
         m.s.st.emulate_writes = emulate;
         let cpu = Cpu {
             cr3: m.cr3,
-            root: NIL,
+            root: None,
             generation: u64::MAX,
             pdptes: m.pdptes,
-            pinned: NIL,
+            pinned: None,
             hints: RootHints::new(),
             tlb: BTreeMap::new(),
             last_flush: 0,
@@ -133,12 +133,12 @@ impl Smp {
         let c = &self.cpus[self.cur];
         if let Some((root, _)) = c.hints.fast_switch(cr3, key, gen, flush, unsync, pae) {
             self.m.cr3 = cr3;
-            self.m.root = root;
+            self.m.root = Some(root);
             self.m.generation = gen;
             return;
         }
         self.m.load_cr3_pcid(cr3, flush);
-        let (cr3, root) = (self.m.cr3, self.m.root);
+        let (cr3, root) = (self.m.cr3, self.m.root());
         let mut pool = self.m.s.pool();
         self.cpus[self.cur]
             .hints
@@ -147,7 +147,8 @@ impl Smp {
 
     /// What the shadow gives the current vCPU for `gva` now, as its TLB would cache it.
     fn cache(&mut self, gva: u64, acc: Access) {
-        let root_pa = self.m.s.pool().root_pa(self.m.root);
+        let root = self.m.root();
+        let root_pa = self.m.s.pool().root_pa(root);
         let mode = self.m.mode;
         if let Ok(hpa) = hw(&mut self.m.s.tables, mode, root_pa, gva, acc, &self.m.ctx) {
             self.cpus[self.cur]
