@@ -391,8 +391,8 @@ impl Shadow {
         let had_pool = match self.pool.lock().as_deref_mut() {
             Some(storage) => {
                 let mut pool = storage.pool();
-                pool.reset();
-                pool.st.slots_generation = slots_generation;
+                // (A vCPU that took the new map first has reset the pool already.)
+                pool.take_map(slots_generation);
                 self.settle(&mut pool);
                 true
             }

@@ -7,6 +7,7 @@
 use core::sync::atomic::Ordering;
 
 use rvmm_core::mmu::pdptes::WithPdptes;
+use rvmm_core::mmu::pool::MapCheck;
 use x86::vmx::vmcs::guest;
 
 use crate::mmu::{GuestMem, MemSlots};
@@ -93,19 +94,15 @@ impl VcpuInner {
             return RootLoad::Failed;
         };
         let mut pool = storage.pool();
-        if self.slots.generation != pool.st.slots_generation {
-            if self.slots.generation < pool.st.slots_generation {
-                // This vCPU's memory map is older than the pool's entries: no root until
-                // it has taken the new one (the pre-entry check sends it to do so).
-                self.on_pool = false;
-                self.proot = None;
-                self.need_reset = true;
-                return RootLoad::Done;
-            }
-            // The map changed under every shadow (`Shadow::memory_map_changed` does the
-            // same when the ioctl gets the lock first).
-            pool.reset();
-            pool.st.slots_generation = self.slots.generation;
+        // (`Shadow::memory_map_changed` resets the pool too when the ioctl gets the lock
+        // first.)
+        if pool.take_map(self.slots.generation) == MapCheck::Older {
+            // No root until this vCPU has taken the new map (the pre-entry check sends
+            // it to do so).
+            self.on_pool = false;
+            self.proot = None;
+            self.need_reset = true;
+            return RootLoad::Done;
         }
         let prev = if self.pinned_gen == pool.st.generation {
             self.pinned_active

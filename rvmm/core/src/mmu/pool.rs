@@ -173,6 +173,17 @@ impl<M: GuestPhys + ?Sized> GuestPhys for &mut M {
     }
 }
 
+/// What [`Pool::take_map`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapCheck {
+    /// The shadow was made from this map.
+    Current,
+    /// The caller's map is older than the shadow's: it must take the new one first.
+    Older,
+    /// The caller's map is newer: the pool dropped every shadow and follows it now.
+    Reset,
+}
+
 /// The pool ran out of pages, links or rmap nodes with nothing left to reclaim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Full;

@@ -84,6 +84,22 @@ impl<T: Tables> Pool<'_, T> {
         }
     }
 
+    /// A vCPU whose guest memory map has generation `map` is about to use the pool:
+    /// whether it may. Shadow entries hold host frames of the map they were made from,
+    /// so a vCPU with an older map may not use them (it takes the new map first), and a
+    /// newer map drops every shadow (the pool resets, as when the map changed).
+    pub fn take_map(&mut self, map: u64) -> MapCheck {
+        if map == self.st.slots_generation {
+            MapCheck::Current
+        } else if map < self.st.slots_generation {
+            MapCheck::Older
+        } else {
+            self.reset();
+            self.st.slots_generation = map;
+            MapCheck::Reset
+        }
+    }
+
     /// Makes every other vCPU drop the translations it may hold from entries that lost
     /// rights or went away (a remote flush, if there are any): from then on the pool
     /// may rely on the change, e.g. read a table it write-protected knowing that a

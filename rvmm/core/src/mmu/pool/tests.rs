@@ -1702,6 +1702,29 @@ fn a_read_only_large_page_cleaned_under_wp0_gets_dirty_again() {
     }
 }
 
+/// A new guest memory map drops every shadow (their entries hold the old map's host
+/// frames): the first user of the new map resets the pool, a user of the old one is
+/// refused, and every vCPU's root is from an older generation then.
+#[test]
+fn a_new_memory_map_drops_every_shadow() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    let generation = m.s.st.generation;
+    assert!(m.s.st.stats.pages_in_use > 1);
+    assert_eq!(m.s.pool().take_map(0), MapCheck::Current);
+    assert_eq!(m.s.pool().take_map(1), MapCheck::Reset);
+    assert_eq!(m.s.st.stats.pages_in_use, 0);
+    assert_ne!(
+        m.s.st.generation, generation,
+        "roots of the old map are stale"
+    );
+    assert_eq!(m.s.pool().take_map(0), MapCheck::Older);
+    assert_eq!(m.s.pool().take_map(1), MapCheck::Current);
+    // The vCPU loads its root again (its generation is old) and translates as before.
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+}
+
 #[test]
 fn upper_level_writes_are_emulated_and_stay_in_sync() {
     let mut m = Machine::new(64, 16);
