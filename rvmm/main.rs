@@ -201,6 +201,7 @@ const IOCTLS: &[u32] = &[
     uapi::RVMM_CREATE_IRQCHIP,
     uapi::RVMM_SIGNAL_MSI,
     uapi::RVMM_SET_MP_STATE,
+    uapi::RVMM_SET_HYPERCALL_EXITS,
 ];
 
 #[vtable]
@@ -322,6 +323,7 @@ impl RvmmFile {
             }
             uapi::RVMM_RUN => vm.vcpu(arg)?.run(&vm),
             uapi::RVMM_CREATE_IRQCHIP => vm.create_irqchip(),
+            uapi::RVMM_SET_HYPERCALL_EXITS => vm.set_hypercall_exits(&read_struct(user)?),
             uapi::RVMM_SIGNAL_MSI => vm.signal_msi(&read_struct(user)?),
             uapi::RVMM_SET_MP_STATE => {
                 let m: uapi::MpState = read_struct(user)?;

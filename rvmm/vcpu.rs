@@ -15,6 +15,7 @@
 //! fields are written at each section's start.
 
 use core::ptr::{self, addr_of_mut};
+use core::sync::atomic::AtomicU64;
 
 use kernel::{new_mutex, page::Page, prelude::*, sync::Arc, sync::Mutex};
 use rvmm_core::caps::VmxBasic;
@@ -132,6 +133,8 @@ pub(crate) struct VcpuInner {
     /// The in-kernel local APIC (`RVMM_CREATE_IRQCHIP`) and the VM's mailboxes.
     apic: Option<rvmm_core::apic::Apic>,
     irq: Option<Arc<crate::apic::Irqchip>>,
+    /// The VM's `RVMM_SET_HYPERCALL_EXITS` mask (bit n: VMCALL n exits to userspace).
+    hypercall_exits: Arc<AtomicU64>,
     /// The guest executed HLT with interrupts on: it sleeps until an interrupt is due.
     halted: bool,
     /// An NMI from the APIC waits for the guest to be able to take it.
@@ -256,6 +259,7 @@ impl Vcpu {
         id: u32,
         shadow: Arc<crate::shadow::Shadow>,
         irq: Option<Arc<crate::apic::Irqchip>>,
+        hypercall_exits: Arc<AtomicU64>,
     ) -> Result<Arc<Self>> {
         let basic = VmxBasic(vmx::rdmsr(msr::IA32_VMX_BASIC).ok_or(ENODEV)?);
         let vmcs = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;
@@ -328,6 +332,7 @@ impl Vcpu {
                 .as_ref()
                 .map(|_| rvmm_core::apic::Apic::new(id, id == 0)),
             irq,
+            hypercall_exits,
             halted: false,
             pending_nmi: false,
             virtual_nmis: false,

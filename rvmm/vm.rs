@@ -4,6 +4,8 @@
 //! `RVMM_CREATE_VM`); it lives until the file is closed and the last vCPU reference
 //! goes.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Arc, sync::Mutex, sync::SpinLock};
 use rvmm_uapi as uapi;
 
@@ -29,6 +31,9 @@ pub(crate) struct Vm {
     /// The in-kernel local APICs' mailboxes (`RVMM_CREATE_IRQCHIP`).
     #[pin]
     irqchip: Mutex<Option<Arc<Irqchip>>>,
+    /// `RVMM_SET_HYPERCALL_EXITS`: bit n, VMCALL n exits to userspace (every vCPU reads
+    /// it at its VMCALLs).
+    hypercall_exits: Arc<AtomicU64>,
 }
 
 impl Vm {
@@ -41,6 +46,7 @@ impl Vm {
             )?,
             crate::vm_gfp(),
         )?;
+        let hypercall_exits = Arc::new(AtomicU64::new(0), crate::vm_gfp())?;
         Arc::pin_init(
             pin_init!(Self {
                 map_writer <- new_mutex!(()),
@@ -48,6 +54,7 @@ impl Vm {
                 vcpus <- new_mutex!([const { None }; uapi::RVMM_MAX_VCPUS as usize]),
                 shadow,
                 irqchip <- new_mutex!(None),
+                hypercall_exits,
             }),
             crate::vm_gfp(),
         )
@@ -107,10 +114,21 @@ impl Vm {
             return Err(EEXIST);
         }
         let irqchip = self.irqchip.lock().clone();
-        let vcpu = Vcpu::new(id as u32, self.shadow.clone(), irqchip)?;
+        let vcpu = Vcpu::new(
+            id as u32,
+            self.shadow.clone(),
+            irqchip,
+            self.hypercall_exits.clone(),
+        )?;
         self.shadow.vcpu_added()?;
         vcpus[id] = Some(vcpu);
         Ok(id as isize)
+    }
+
+    /// `RVMM_SET_HYPERCALL_EXITS`: which hypercalls exit to userspace.
+    pub(crate) fn set_hypercall_exits(&self, h: &uapi::HypercallExits) -> Result<isize> {
+        self.hypercall_exits.store(h.mask, Ordering::Relaxed);
+        Ok(0)
     }
 
     /// `RVMM_CREATE_IRQCHIP`: local APICs for the vCPUs created from now on.

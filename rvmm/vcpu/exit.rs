@@ -380,7 +380,25 @@ impl VcpuInner {
         }
     }
 
+    /// VMCALL: to userspace if it asked for this hypercall (`RVMM_SET_HYPERCALL_EXITS`),
+    /// else an error in RAX, in the kernel and without a log line (KVM's -KVM_ENOSYS,
+    /// -KVM_EPERM outside ring 0): a guest that probes hypercalls costs one exit each.
     fn vmcall(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
+        let nr = self.gprs.rax;
+        let cpl0 = vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 0;
+        let asked = self
+            .hypercall_exits
+            .load(core::sync::atomic::Ordering::Relaxed);
+        let exits = nr < 64 && asked & (1 << nr) != 0;
+        if !cpl0 || !exits {
+            self.gprs.rax = if cpl0 {
+                uapi::RVMM_HC_ENOSYS
+            } else {
+                uapi::RVMM_HC_EPERM
+            };
+            self.skip_instruction(vmcs);
+            return Next::Fast;
+        }
         let g = &self.gprs;
         // SAFETY: our run page.
         unsafe {

@@ -14,6 +14,7 @@
 mod adversarial;
 mod coherence;
 mod fuzz;
+mod hypercall;
 mod ktap;
 mod kvm_guest;
 mod linux_tests;
@@ -98,6 +99,10 @@ fn main() {
         suite.add("io_in_round_trip", vm_tests::io_in_round_trip);
         suite.add("mmio_round_trip", vm_tests::mmio_round_trip);
         suite.add("string_io", vm_tests::string_io);
+        suite.add(
+            "hypercalls_exit_only_when_asked",
+            hypercall::hypercalls_exit_only_when_asked,
+        );
         suite.add("cpuid_values_as_set", vm_tests::cpuid_values_as_set);
         suite.add("msrs_get_set", vm_tests::msrs_get_set);
         suite.add(

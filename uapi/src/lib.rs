@@ -13,7 +13,7 @@
 pub const RVMM_IOCTL_TYPE: u32 = 0xB9;
 
 /// Version of this ABI. Bumped on any incompatible change.
-pub const RVMM_API_VERSION: u32 = 2;
+pub const RVMM_API_VERSION: u32 = 3;
 
 const IOC_NRBITS: u32 = 8;
 const IOC_TYPEBITS: u32 = 8;
@@ -510,6 +510,18 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// `RVMM_SET_HYPERCALL_EXITS`: the hypercalls (VMCALL with RAX = `nr`, at CPL 0)
+    /// that exit to userspace ([`RVMM_EXIT_HYPERCALL`]): bit `nr` of `mask`, for `nr`
+    /// below 64. Every other VMCALL returns [`RVMM_HC_ENOSYS`] in RAX (at CPL > 0,
+    /// [`RVMM_HC_EPERM`]) without leaving the kernel, as KVM does with hypercalls it does
+    /// not know. None exit until this is set.
+    pub struct HypercallExits as "rvmm_hypercall_exits" {
+        /// Bit `nr`: hypercall `nr` exits to userspace.
+        pub mask: u64 => "__u64 mask",
+    }
+}
+
+abi_struct! {
     /// `RVMM_INTERRUPT`: an event for a vCPU's next entry. An external interrupt waits
     /// until the guest is interruptible (RFLAGS.IF, no STI/MOV SS shadow).
     pub struct Interrupt as "rvmm_interrupt" {
@@ -707,6 +719,8 @@ pub const CONSTANTS: &[(&str, u64)] = &[
     ("RVMM_INTERNAL_NO_SHADOW", RVMM_INTERNAL_NO_SHADOW as u64),
     ("RVMM_MP_STATE_RUNNABLE", RVMM_MP_STATE_RUNNABLE as u64),
     ("RVMM_MP_STATE_WAIT_SIPI", RVMM_MP_STATE_WAIT_SIPI as u64),
+    ("RVMM_HC_ENOSYS", RVMM_HC_ENOSYS),
+    ("RVMM_HC_EPERM", RVMM_HC_EPERM),
 ];
 
 /// `RVMM_GET_API_VERSION`: returns [`RVMM_API_VERSION`] as the ioctl's value.
@@ -768,6 +782,15 @@ pub const RVMM_SET_MP_STATE: u32 = ioc(IOC_WRITE, 0x20, core::mem::size_of::<MpS
 pub const RVMM_MP_STATE_RUNNABLE: u32 = 0;
 /// [`MpState::state`]: waits for a start-up IPI.
 pub const RVMM_MP_STATE_WAIT_SIPI: u32 = 1;
+
+/// `RVMM_SET_HYPERCALL_EXITS`: sets the VM's [`HypercallExits`] (every vCPU, at its
+/// next VMCALL).
+pub const RVMM_SET_HYPERCALL_EXITS: u32 =
+    ioc(IOC_WRITE, 0x21, core::mem::size_of::<HypercallExits>());
+/// RAX after a VMCALL rvmm does not pass to userspace: -1000, KVM's -KVM_ENOSYS.
+pub const RVMM_HC_ENOSYS: u64 = -1000i64 as u64;
+/// RAX after a VMCALL at CPL > 0: -1, KVM's -KVM_EPERM.
+pub const RVMM_HC_EPERM: u64 = -1i64 as u64;
 
 /// Every ioctl of the ABI: C name, number. The header lists them in this order.
 pub const IOCTLS: &[(&str, u32, &str)] = &[
@@ -866,5 +889,10 @@ pub const IOCTLS: &[(&str, u32, &str)] = &[
         "RVMM_SET_MP_STATE",
         RVMM_SET_MP_STATE,
         "_IOW(RVMM_IOCTL_TYPE, 0x20, struct rvmm_mp_state)",
+    ),
+    (
+        "RVMM_SET_HYPERCALL_EXITS",
+        RVMM_SET_HYPERCALL_EXITS,
+        "_IOW(RVMM_IOCTL_TYPE, 0x21, struct rvmm_hypercall_exits)",
     ),
 ];

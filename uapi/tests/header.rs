@@ -116,6 +116,12 @@ fn structs() -> Vec<(&'static str, &'static [CField], &'static [usize], usize)> 
             size_of::<ShadowLimits>(),
         ),
         (
+            HypercallExits::C_NAME,
+            HypercallExits::C_FIELDS,
+            HypercallExits::offsets(),
+            size_of::<HypercallExits>(),
+        ),
+        (
             Interrupt::C_NAME,
             Interrupt::C_FIELDS,
             Interrupt::offsets(),

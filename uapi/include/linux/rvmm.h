@@ -7,7 +7,7 @@
 #include <linux/types.h>
 
 #define RVMM_IOCTL_TYPE 0xB9
-#define RVMM_API_VERSION 2
+#define RVMM_API_VERSION 3
 #define RVMM_NR_EXIT_REASONS 72
 #define RVMM_EVENT_INTERRUPT 0
 #define RVMM_EVENT_EXCEPTION 1
@@ -35,6 +35,8 @@
 #define RVMM_INTERNAL_NO_SHADOW 3
 #define RVMM_MP_STATE_RUNNABLE 0
 #define RVMM_MP_STATE_WAIT_SIPI 1
+#define RVMM_HC_ENOSYS 18446744073709550616
+#define RVMM_HC_EPERM 18446744073709551615
 
 struct rvmm_vmx_caps {
 	__u64 basic;
@@ -240,6 +242,10 @@ struct rvmm_shadow_limits {
 	__u32 roots;
 };
 
+struct rvmm_hypercall_exits {
+	__u64 mask;
+};
+
 struct rvmm_interrupt {
 	__u32 vcpu;
 	__u32 kind;
@@ -298,5 +304,6 @@ struct rvmm_msrs {
 #define RVMM_CREATE_IRQCHIP _IO(RVMM_IOCTL_TYPE, 0x1e)
 #define RVMM_SIGNAL_MSI _IOW(RVMM_IOCTL_TYPE, 0x1f, struct rvmm_msi)
 #define RVMM_SET_MP_STATE _IOW(RVMM_IOCTL_TYPE, 0x20, struct rvmm_mp_state)
+#define RVMM_SET_HYPERCALL_EXITS _IOW(RVMM_IOCTL_TYPE, 0x21, struct rvmm_hypercall_exits)
 
 #endif /* _UAPI_LINUX_RVMM_H */

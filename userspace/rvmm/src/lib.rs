@@ -264,6 +264,20 @@ impl Vm {
         Ok(())
     }
 
+    /// Which hypercalls (VMCALL with RAX = n, n below 64) exit to this program as
+    /// [`Exit::Hypercall`]: bit n of `mask`. The others return
+    /// [`uapi::RVMM_HC_ENOSYS`] to the guest without an exit; none exit until this is set.
+    pub fn set_hypercall_exits(&self, mask: u64) -> Result<()> {
+        let mut h = uapi::HypercallExits { mask };
+        ioctl_ptr(
+            &self.file,
+            "RVMM_SET_HYPERCALL_EXITS",
+            uapi::RVMM_SET_HYPERCALL_EXITS,
+            &mut h,
+        )?;
+        Ok(())
+    }
+
     /// Gives every vCPU created from now on an in-kernel local APIC
     /// (`RVMM_CREATE_IRQCHIP`): xAPIC page, x2APIC MSRs, timer, IPIs; a HLT with
     /// interrupts on then waits in the kernel. Before the first vCPU (EBUSY after).
