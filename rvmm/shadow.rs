@@ -188,6 +188,8 @@ const POOL_SLACK: usize = 16;
 pub(crate) struct GuestModes {
     /// vCPUs of the VM.
     vcpus: AtomicU32,
+    /// Bit `j`: vCPU `j` exists.
+    created: AtomicU32,
     /// Per vCPU: the CPU its run section is on (-1: none), and how many times it has
     /// left guest mode.
     running: [AtomicI32; MAX_VCPUS],
@@ -217,6 +219,7 @@ impl GuestModes {
         Ok(Arc::new(
             Self {
                 vcpus: AtomicU32::new(0),
+                created: AtomicU32::new(0),
                 running: [const { AtomicI32::new(-1) }; MAX_VCPUS],
                 exits: [const { AtomicU64::new(0) }; MAX_VCPUS],
                 sections: [const { AtomicU64::new(0) }; MAX_VCPUS],
@@ -262,7 +265,10 @@ impl GuestModes {
     /// Makes every vCPU but `me` that is in guest mode leave it, and waits until it
     /// has. Called with interrupts off.
     fn kick_in_guest(&self, me: u32) {
-        if self.vcpus.load(Ordering::Relaxed) == 0 {
+        // Only the vCPUs that exist (with one vCPU that calls this, none: no loop over
+        // every possible vCPU on each pool operation that removed rights).
+        let created = self.created.load(Ordering::Acquire) & !1u32.checked_shl(me).unwrap_or(0);
+        if created == 0 {
             return;
         }
         // The entries changed before this point; a vCPU that enters after this read
@@ -270,7 +276,7 @@ impl GuestModes {
         fence(Ordering::SeqCst);
         let mut seen = [(-1i32, 0u64); MAX_VCPUS];
         for (j, s) in seen.iter_mut().enumerate() {
-            if j as u32 == me {
+            if created & (1 << j) == 0 {
                 continue;
             }
             let cpu = self.running[j].load(Ordering::SeqCst);
@@ -351,7 +357,7 @@ impl Shadow {
     }
 
     /// A vCPU is being created: make the pool if this is the first.
-    pub(crate) fn vcpu_added(&self) -> Result {
+    pub(crate) fn vcpu_added(&self, id: u32) -> Result {
         let limits = self.limits.lock();
         if self.pool.lock().is_none() {
             let p = ShadowPool::new(
@@ -362,6 +368,7 @@ impl Shadow {
             *self.pool.lock() = Some(p);
         }
         self.modes.vcpus.fetch_add(1, Ordering::Relaxed);
+        self.modes.created.fetch_or(1 << id, Ordering::Release);
         Ok(())
     }
 

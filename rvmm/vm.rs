@@ -120,7 +120,7 @@ impl Vm {
             irqchip,
             self.hypercall_exits.clone(),
         )?;
-        self.shadow.vcpu_added()?;
+        self.shadow.vcpu_added(id as u32)?;
         vcpus[id] = Some(vcpu);
         Ok(id as isize)
     }
