@@ -2014,3 +2014,24 @@ fn vcpus_hold_their_share_of_the_root_cache() {
 
 mod access_c;
 mod smp;
+
+/// Instruction counts of the fault path (run under valgrind's callgrind, `--ignored`):
+/// `RVMM_FAULTS` first touches of 4-KiB pages in one page table.
+#[test]
+#[ignore = "a cost probe, for callgrind"]
+fn cost_probe_first_touch() {
+    let n: u64 = std::env::var("RVMM_FAULTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut m = Machine::new(1024, 16);
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    for i in 1..256u64 {
+        m.g.mem[(pt * 512 + i) as usize] = ((DATA + i) << 12) | P | RW | US;
+    }
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    for i in 1..=n {
+        assert_eq!(m.access(gva + 4096 * i, rd()).0, Ok((DATA + i) << 12));
+    }
+}
