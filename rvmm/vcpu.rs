@@ -106,6 +106,9 @@ pub(crate) struct VcpuInner {
     /// host's SYSCALL entry point must not be where a guest SYSCALL lands).
     kernel_gs_base: u64,
     syscall_msrs: [u64; 4],
+    /// IA32_MISC_ENABLE as the guest last wrote it.
+    misc_enable: u64,
+
     fx: KBox<FxArea>,
     /// The host has XSAVE with x87, SSE and AVX enabled: the guest gets them too, and
     /// its state is switched with XSAVE/XRSTOR (else FXSAVE/FXRSTOR, and no XSAVE).
@@ -315,6 +318,8 @@ impl Vcpu {
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400, 0xffff_0ff0, 0x400],
             guest_drs_loaded: false,
             kernel_gs_base: 0,
+            misc_enable: exit::MISC_ENABLE_RESET,
+
             syscall_msrs: [0; 4],
             fx,
             xsave,

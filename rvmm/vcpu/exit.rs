@@ -24,6 +24,9 @@ use crate::ffi::*;
 use crate::mmu::GuestMem;
 use crate::vmx::CurrentVmcs;
 
+/// IA32_MISC_ENABLE at reset: fast strings on, branch trace store and PEBS unavailable
+/// (bits 0, 11 and 12; rvmm has no BTS or PEBS).
+pub(super) const MISC_ENABLE_RESET: u64 = (1 << 0) | (1 << 11) | (1 << 12);
 /// IA32_DEBUGCTL.BTF: single-step on branches.
 const DEBUGCTL_BTF: u64 = 1 << 1;
 /// The pending-debug-exceptions field's BS bit: a single-step trap (SDM Vol. 3C, 25.4.2).

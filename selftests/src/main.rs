@@ -13,6 +13,7 @@
 
 mod adversarial;
 mod coherence;
+mod cpu_msrs;
 mod fuzz;
 mod hypercall;
 mod ktap;
@@ -103,6 +104,7 @@ fn main() {
             "hypercalls_exit_only_when_asked",
             hypercall::hypercalls_exit_only_when_asked,
         );
+        suite.add("misc_enable_reads_back", cpu_msrs::misc_enable_reads_back);
         suite.add("cpuid_values_as_set", vm_tests::cpuid_values_as_set);
         suite.add("msrs_get_set", vm_tests::msrs_get_set);
         suite.add(

@@ -74,7 +74,7 @@ impl VcpuInner {
                 return self.apic.as_ref()?.rdmsr(index, self.guest_tsc()).ok();
             }
             MSR_TSC_DEADLINE if self.apic.is_some() => self.apic.as_ref()?.tsc_deadline(),
-            msr::IA32_MISC_ENABLE => 1,
+            msr::IA32_MISC_ENABLE => self.misc_enable,
             // IA32_BIOS_SIGN_ID: the microcode revision (none: 0), which Linux writes 0
             // to and reads back after a CPUID.
             IA32_BIOS_SIGN_ID => 0,
@@ -160,7 +160,9 @@ impl VcpuInner {
                     a.set_tsc_deadline(v);
                 }
             }
-            msr::IA32_MISC_ENABLE | msr::IA32_APIC_BASE | IA32_BIOS_SIGN_ID => {}
+            // Kept as written (KVM does the same): the guest reads back what it set.
+            msr::IA32_MISC_ENABLE => self.misc_enable = v,
+            msr::IA32_APIC_BASE | IA32_BIOS_SIGN_ID => {}
             _ => return false,
         }
         true
