@@ -85,6 +85,14 @@ impl PoolTables {
     }
 }
 
+/// The pool asked for the sp of an address that is not one of its table pages: a bug
+/// (out of line, so that the lookup stays small enough to inline).
+#[cold]
+#[inline(never)]
+fn not_a_table_page(pa: u64) -> ! {
+    panic!("rvmm: {pa:#x} is not a shadow table page")
+}
+
 impl Tables for PoolTables {
     fn table(&mut self, i: SpId) -> &mut [u64; 512] {
         // SAFETY: `pas[i]` is a 4-KiB page this struct owns, reachable through the direct
@@ -102,7 +110,7 @@ impl Tables for PoolTables {
                 Some(i) if self.pas[i.index()] == pa => return i,
                 Some(_) => h = (h + 1) & mask,
                 // Not a table page: the pool asks only about addresses `pa` gave it.
-                None => panic!("rvmm: {pa:#x} is not a shadow table page"),
+                None => not_a_table_page(pa),
             }
         }
     }
