@@ -228,21 +228,15 @@ impl MiscDevice for RvmmFile {
             Some(_) => {}
         }
         let user = UserSlice::new(UserPtr::from_addr(arg), uapi::ioc_size(cmd));
+        // Each command's work is a function of its own (never inlined here), so that
+        // the stack frame a vCPU runs its guest under (RVMM_RUN) is not the sum of
+        // every command's locals: exits are handled on the same 16-KiB kernel stack.
         match cmd {
             uapi::RVMM_GET_API_VERSION => Ok(uapi::RVMM_API_VERSION as isize),
-            uapi::RVMM_GET_VMX_CAPS => write_struct(user, &vmx::read_caps()),
-            uapi::RVMM_GET_STATUS => write_struct(user, &vmx::check_all_cpus()?),
-            uapi::RVMM_CREATE_VM => {
-                let mut vm = me.vm.lock();
-                if vm.is_some() {
-                    return Err(EEXIST);
-                }
-                let new = vm::Vm::new()?;
-                // Counters in debugfs are a convenience: a VM works without them.
-                *me.debugfs.lock() = vm_debugfs(&new).ok();
-                *vm = Some(new);
-                Ok(0)
-            }
+            uapi::RVMM_GET_VMX_CAPS => get_vmx_caps(user),
+            uapi::RVMM_GET_STATUS => get_status(user),
+            uapi::RVMM_CREATE_VM => me.create_vm(),
+            uapi::RVMM_RUN => me.run(arg),
             _ => me.vm_ioctl(cmd, arg, user),
         }
     }
@@ -275,7 +269,37 @@ impl MiscDevice for RvmmFile {
     }
 }
 
+#[inline(never)]
+fn get_vmx_caps(user: UserSlice) -> Result<isize> {
+    write_struct(user, &vmx::read_caps())
+}
+
+#[inline(never)]
+fn get_status(user: UserSlice) -> Result<isize> {
+    write_struct(user, &vmx::check_all_cpus()?)
+}
+
 impl RvmmFile {
+    #[inline(never)]
+    fn create_vm(&self) -> Result<isize> {
+        let mut vm = self.vm.lock();
+        if vm.is_some() {
+            return Err(EEXIST);
+        }
+        let new = vm::Vm::new()?;
+        // Counters in debugfs are a convenience: a VM works without them.
+        *self.debugfs.lock() = vm_debugfs(&new).ok();
+        *vm = Some(new);
+        Ok(0)
+    }
+
+    #[inline(never)]
+    fn run(&self, vcpu: usize) -> Result<isize> {
+        let vm = self.vm()?;
+        let v = vm.vcpu(vcpu)?;
+        v.run(&vm)
+    }
+
     fn vm(&self) -> Result<Arc<vm::Vm>> {
         self.vm.lock().clone().ok_or_else(|| {
             user_pr!(
@@ -286,6 +310,7 @@ impl RvmmFile {
         })
     }
 
+    #[inline(never)]
     fn vm_ioctl(&self, cmd: u32, arg: usize, user: UserSlice) -> Result<isize> {
         let vm = self.vm()?;
         match cmd {
@@ -321,7 +346,6 @@ impl RvmmFile {
                 vm.vcpu(s.vcpu as usize)?.set_sregs(&s.sregs)?;
                 Ok(0)
             }
-            uapi::RVMM_RUN => vm.vcpu(arg)?.run(&vm),
             uapi::RVMM_CREATE_IRQCHIP => vm.create_irqchip(),
             uapi::RVMM_SET_HYPERCALL_EXITS => vm.set_hypercall_exits(&read_struct(user)?),
             uapi::RVMM_SIGNAL_MSI => vm.signal_msi(&read_struct(user)?),

@@ -99,6 +99,9 @@ impl Vm {
         Ok(())
     }
 
+    /// `RVMM_CREATE_VCPU`. Not inlined: a new vCPU's state is built on the stack, and
+    /// that frame must not be part of every other command's.
+    #[inline(never)]
     pub(crate) fn create_vcpu(&self, id: usize) -> Result<isize> {
         if id >= uapi::RVMM_MAX_VCPUS as usize {
             user_pr!(
