@@ -76,11 +76,14 @@ pub(crate) enum Pending {
         gpa: u64,
         size: u8,
     },
-    /// An MMIO read: the data is in the run page.
+    /// An MMIO read of `len` bytes at `gpa`: the data is in the run page, and the
+    /// instruction runs again with it.
     MmioRead {
-        op: rvmm_core::emulate::MmioOp,
-        long: bool,
+        gpa: u64,
+        len: u8,
     },
+    /// An MMIO write went to userspace: the instruction's next one, if any, follows.
+    MmioWrite,
 }
 
 pub(crate) struct VcpuInner {
@@ -211,6 +214,8 @@ pub(crate) struct VcpuInner {
     /// them a PDPTE's PS bit is reserved.
     gbpages: bool,
     pending: Pending,
+    /// MMIO reads answered for the instruction being emulated.
+    mmio_reads: exit::MmioReads,
     triple_fault: bool,
     /// (gva, rip) of the last shadow fault, and how often it repeated.
     last_fault: (u64, u64),
@@ -377,6 +382,7 @@ impl Vcpu {
             host_maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
             gbpages: false,
             pending: Pending::None,
+            mmio_reads: exit::MmioReads::default(),
             triple_fault: false,
             last_fault: (0, 0),
             repeat_faults: 0,

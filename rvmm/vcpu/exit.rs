@@ -6,7 +6,6 @@
 use core::ptr;
 
 use rvmm_core::apic::{MSR_TSC_DEADLINE, X2APIC_MSR_BASE, X2APIC_MSR_END};
-use rvmm_core::emulate::{MmioOp, Source, WriteKind};
 use rvmm_core::exit::{
     combine_exceptions, intr, vector, CrAccess, ExitReason, IoAccess, MemOperand,
     EXIT_REASON_FAILED_ENTRY,
@@ -32,9 +31,12 @@ const DEBUGCTL_BTF: u64 = 1 << 1;
 /// The pending-debug-exceptions field's BS bit: a single-step trap (SDM Vol. 3C, 25.4.2).
 const PENDING_DBG_BS: u64 = 1 << 14;
 
+mod emulate;
 mod io;
 mod msrs;
 mod paging;
+
+pub(crate) use emulate::MmioReads;
 
 /// Basic exit reason 41: a machine-check event during VM entry (SDM C).
 const EXIT_REASON_MACHINE_CHECK: u16 = 41;
@@ -193,7 +195,13 @@ impl VcpuInner {
     /// RFLAGS.TF a single-step #DB is pending (DR6.BS; not under DEBUGCTL.BTF, which
     /// traps on branches only: Vol. 3B, 18.4.3).
     pub(super) fn retire(&mut self, vmcs: &CurrentVmcs, rip: u64, len: u64) {
-        vmcs.write(guest::RIP, self.rip_after(vmcs, rip, len));
+        self.retire_to(vmcs, self.rip_after(vmcs, rip, len));
+    }
+
+    /// Completes an instruction the host carried out, as `retire` does, with RIP
+    /// moving to `next` (the emulator's, which may be a branch target).
+    pub(super) fn retire_to(&mut self, vmcs: &CurrentVmcs, next: u64) {
+        vmcs.write(guest::RIP, next);
         let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
             vmcs.write(guest::INTERRUPTIBILITY_STATE, intr_state & !3);

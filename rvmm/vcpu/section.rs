@@ -64,8 +64,13 @@ impl VcpuInner {
     }
 
     /// Completes the exit userspace has handled (the data of an IN or MMIO read, RIP past
-    /// an I/O instruction). The VMCS must be current.
-    pub(super) fn complete_pending(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) {
+    /// an I/O instruction). The VMCS must be current. `Some` when that ends in another
+    /// exit to userspace (an emulated instruction that needs more).
+    pub(super) fn complete_pending(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+    ) -> Option<Next> {
         match self.pending {
             Pending::None => {}
             Pending::IoOut { rip, len } => {
@@ -74,7 +79,7 @@ impl VcpuInner {
             Pending::IoIn { size, rip, len } => {
                 if !self.complete_io(vmcs, rip, len) {
                     self.pending = Pending::None;
-                    return;
+                    return None;
                 }
                 // SAFETY: our run page; io_data is plain bytes.
                 let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
@@ -98,21 +103,19 @@ impl VcpuInner {
                     unsafe { ptr::copy_nonoverlapping(data.as_ptr(), p, usize::from(size)) };
                 }
             }
-            Pending::MmioRead { op, long } => {
+            Pending::MmioRead { gpa, len } => {
                 // SAFETY: our run page.
                 let data = u64::from_le_bytes(unsafe {
                     ptr::read_volatile(addr_of_mut!((*run).mmio.data))
                 });
-                if let rvmm_core::emulate::MmioOp::Load { dst, .. } = op {
-                    let load = |old| rvmm_core::emulate::load_result(old, data, &op, long);
-                    if dst == 4 {
-                        // RSP lives in the VMCS.
-                        vmcs.write(guest::RSP, load(vmcs.read(guest::RSP)));
-                    } else {
-                        let new = load(self.gprs.get(dst, 0));
-                        self.gprs.set(dst, new);
-                    }
-                }
+                self.mmio_reads.push(gpa, len, data);
+                self.pending = Pending::None;
+                // The instruction runs again, now with the data (and may need more).
+                return Some(self.emulate_mmio(vmcs, run));
+            }
+            Pending::MmioWrite => {
+                self.pending = Pending::None;
+                return self.next_mmio_write(run);
             }
             Pending::Hypercall => {
                 // SAFETY: as above.
@@ -120,6 +123,7 @@ impl VcpuInner {
             }
         }
         self.pending = Pending::None;
+        None
     }
 
     /// One interrupts-off section: enter the guest, handle fast exits, until the host or
@@ -165,7 +169,9 @@ impl VcpuInner {
         self.section_tsc = start;
         self.write_host_state(vmcs);
         // The exit userspace handled completes here, with the VMCS current.
-        self.complete_pending(vmcs, run);
+        if let Some(Next::User) = self.complete_pending(vmcs, run) {
+            return Next::User;
+        }
         if self.need_reset && !self.reset_shadow(vmcs) {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }

@@ -14,6 +14,7 @@
 mod adversarial;
 mod coherence;
 mod cpu_msrs;
+mod emulator;
 mod fuzz;
 mod hypercall;
 mod ktap;
@@ -100,6 +101,10 @@ fn main() {
         suite.add("io_in_round_trip", vm_tests::io_in_round_trip);
         suite.add("mmio_round_trip", vm_tests::mmio_round_trip);
         suite.add("string_io", vm_tests::string_io);
+        suite.add(
+            "emulator_matches_the_cpu",
+            emulator::emulator_matches_the_cpu,
+        );
         suite.add(
             "hypercalls_exit_only_when_asked",
             hypercall::hypercalls_exit_only_when_asked,

@@ -8,16 +8,6 @@ use rvmm_core::mmu::pdptes::WithPdptes;
 
 use super::*;
 
-/// The linear address of the instruction at `rip`: CS.base counts outside 64-bit code,
-/// where addresses wrap at 32 bits.
-fn code_linear(vmcs: &CurrentVmcs, rip: u64, long: bool) -> u64 {
-    if long {
-        rip
-    } else {
-        vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
-    }
-}
-
 impl VcpuInner {
     /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
     /// the fault its tables call for.
@@ -32,9 +22,9 @@ impl VcpuInner {
         let ctx = self.perm_ctx(vmcs);
         if self.on_pool {
             // A reserved-bit fault can only come from an MMIO entry of the pool: the
-            // guest-physical address is in it, no guest walk needed.
+            // emulator takes the instruction (it walks the guest's tables itself).
             if ec & (1 << 3) != 0 {
-                let gpa = match self.shadow.pool.lock().as_deref_mut() {
+                let device = match self.shadow.pool.lock().as_deref_mut() {
                     Some(storage) => {
                         let mut pool = storage.pool();
                         match self.proot {
@@ -46,8 +36,8 @@ impl VcpuInner {
                     }
                     None => None,
                 };
-                if let Some(gpa) = gpa {
-                    return self.mmio(vmcs, run, gpa, &ctx);
+                if device.is_some() {
+                    return self.mmio(vmcs, run);
                 }
             }
             return self.pool_fault(vmcs, run, gva, ec, access, &ctx);
@@ -61,95 +51,9 @@ impl VcpuInner {
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
-    /// slot): decode the instruction and hand the access to userspace.
-    pub(super) fn mmio(
-        &mut self,
-        vmcs: &CurrentVmcs,
-        run: *mut uapi::Run,
-        gpa: u64,
-        ctx: &PermCtx,
-    ) -> Next {
-        let rip = vmcs.read(guest::RIP);
-        let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
-        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
-        let mut code = [0u8; 15];
-        let Some(n) = self.fetch_code(vmcs, code_linear(vmcs, rip, long), ctx, &mut code) else {
-            return Next::Fast;
-        };
-        let decoded = match rvmm_core::emulate::decode(&code[..n], long, cs_ar & (1 << 14) != 0) {
-            Ok(d) => d,
-            Err(_) => {
-                let first = u64::from_le_bytes(code[..8].try_into().unwrap_or([0; 8]));
-                return self.internal_error(
-                    run,
-                    uapi::RVMM_INTERNAL_EMULATION,
-                    [gpa, rip, first, 4],
-                );
-            }
-        };
-        if self.apic_page() == Some(gpa & !0xfff) {
-            return self.apic_page_access(vmcs, gpa, rip, decoded, long);
-        }
-        let mut mmio = uapi::ExitMmio {
-            phys_addr: gpa,
-            ..Default::default()
-        };
-        match decoded.op {
-            MmioOp::Store { size, src } => {
-                let v = match src {
-                    Source::Reg(r) => self.gpr(vmcs, r),
-                    Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
-                    Source::Imm(v) => v,
-                };
-                mmio.len = size.into();
-                mmio.is_write = 1;
-                mmio.data = v.to_le_bytes();
-                for b in mmio.data.iter_mut().skip(usize::from(size)) {
-                    *b = 0;
-                }
-            }
-            MmioOp::Load { size, .. } => {
-                mmio.len = size.into();
-                self.pending = Pending::MmioRead {
-                    op: decoded.op,
-                    long,
-                };
-            }
-        }
-        // SAFETY: our run page.
-        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), mmio) };
-        self.retire(vmcs, rip, decoded.len.into());
-        self.stats.mmio_exits.inc();
-        self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
-    }
-
-    /// A decoded access to the xAPIC page, done in the kernel.
-    pub(super) fn apic_page_access(
-        &mut self,
-        vmcs: &CurrentVmcs,
-        gpa: u64,
-        rip: u64,
-        decoded: rvmm_core::emulate::Decoded,
-        long: bool,
-    ) -> Next {
-        match decoded.op {
-            MmioOp::Store { size, src } => {
-                let v = match src {
-                    Source::Reg(r) => self.gpr(vmcs, r),
-                    Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
-                    Source::Imm(v) => v,
-                };
-                self.apic_mmio(gpa, size, Some(v));
-            }
-            MmioOp::Load { size, dst, .. } => {
-                let data = self.apic_mmio(gpa, size, None).unwrap_or(0);
-                let new =
-                    rvmm_core::emulate::load_result(self.gpr(vmcs, dst), data, &decoded.op, long);
-                self.set_gpr(vmcs, dst, new);
-            }
-        }
-        self.retire(vmcs, rip, decoded.len.into());
-        Next::Fast
+    /// slot): the emulator carries out the instruction (see `emulate_mmio`).
+    pub(super) fn mmio(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
+        self.emulate_mmio(vmcs, run)
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many, or
@@ -291,7 +195,7 @@ impl VcpuInner {
                 self.cr2 = gva;
                 self.inject(vmcs, vector::PF, Some(f.error_code))
             }
-            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(vmcs, run, gpa, ctx),
+            Some(Ok(PoolFix::Mmio { .. })) => self.mmio(vmcs, run),
             Some(Ok(PoolFix::WriteProtected { gpa, .. })) => {
                 self.pt_write(vmcs, run, gva, gpa, ctx)
             }
@@ -300,10 +204,12 @@ impl VcpuInner {
         }
     }
 
-    /// A write to a write-protected upper-level guest page table: emulate the
-    /// instruction (MOV, XCHG, CMPXCHG, OR, AND, BTS, BTR), then let the pool update the
-    /// shadow entries it covers. What the emulator does not handle unsyncs the table
-    /// instead, and the instruction runs again natively.
+    /// A write to a write-protected upper-level guest page table: the emulator carries
+    /// out the instruction, its write made as one compare-exchange on the entry's
+    /// aligned word (other vCPUs may write the same table at once: their writes trap
+    /// as well, but the emulation runs outside the pool lock); then the pool updates
+    /// the shadow entries the write covers. What is not emulated here unprotects the
+    /// table instead, and the instruction runs again natively.
     pub(super) fn pt_write(
         &mut self,
         vmcs: &CurrentVmcs,
@@ -312,108 +218,19 @@ impl VcpuInner {
         gpa: u64,
         ctx: &PermCtx,
     ) -> Next {
-        let rip = vmcs.read(guest::RIP);
-        let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
-        let long = self.efer & EFER_LMA != 0 && cs_ar & (1 << 13) != 0;
-        // Not emulated (the table is unprotected and the guest runs on): a write the
-        // CPU made while delivering an event (pushing its frame: the instruction at RIP
-        // did not run; the event is delivered again), and an instruction under single
-        // step (run natively, it raises its own #DB).
+        // Not emulated: a write the CPU made while delivering an event (pushing its
+        // frame: the instruction at RIP did not run; the event is delivered again),
+        // and an instruction under single step (run natively, it raises its own #DB).
         let vectoring = vmcs.read(ro::IDT_VECTORING_INFO) as u32 & intr::VALID != 0;
-        let single_step = vmcs.read(guest::RFLAGS) & (1 << 8) != 0;
-        let op = if vectoring || single_step {
-            None
+        let single_step = vmcs.read(guest::RFLAGS) & RFlags::FLAGS_TF.bits() != 0;
+        let emulated = if vectoring || single_step {
+            Some(None)
         } else {
-            let mut code = [0u8; 15];
-            let Some(n) = self.fetch_code(vmcs, code_linear(vmcs, rip, long), ctx, &mut code)
-            else {
-                // The instruction runs again.
-                return Next::Fast;
-            };
-            rvmm_core::emulate::decode_write(&code[..n], long, cs_ar & (1 << 14) != 0).ok()
+            self.pt_emulate(vmcs, gpa, ctx)
         };
-        let emulated = match op {
-            // Within one naturally aligned 8-byte word (entries are), so that the
-            // read-modify-write is one atomic compare-exchange on it: other vCPUs may
-            // write the same table at the same time (their writes trap as well, but the
-            // emulation runs outside the pool lock).
-            Some(op) if (gpa & 7) + u64::from(op.size) <= 8 => {
-                match self.slots.ptr_mut(gpa & !7, 8) {
-                    Some(p) => {
-                        // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page
-                        // (`ptr` checked the range); the guest and other vCPUs only access it
-                        // as memory, so atomic accesses through it are sound.
-                        let word = unsafe { &*p.cast::<core::sync::atomic::AtomicU64>() };
-                        let shift = 8 * (gpa & 7);
-                        let mask = if op.size == 8 {
-                            u64::MAX
-                        } else {
-                            ((1u64 << (8 * u32::from(op.size))) - 1) << shift
-                        };
-                        let src = match op.src {
-                            Source::Reg(r) => self.gpr(vmcs, r),
-                            Source::HighByte(r) => self.gpr(vmcs, r) >> 8,
-                            Source::Imm(v) => v,
-                        };
-                        let (rax, rflags) = (self.gprs.rax, vmcs.read(guest::RFLAGS));
-                        let (edx_eax, ecx_ebx) = (
-                            (self.gprs.rdx << 32) | (rax & 0xffff_ffff),
-                            (self.gprs.rcx << 32) | (self.gprs.rbx & 0xffff_ffff),
-                        );
-                        let mut cur = word.load(core::sync::atomic::Ordering::SeqCst);
-                        let e = loop {
-                            let old = (cur & mask) >> shift;
-                            let e = if op.kind == WriteKind::Cmpxchg8b {
-                                let (mem, reg, rflags) = rvmm_core::emulate::apply_cmpxchg8b(
-                                    old, edx_eax, ecx_ebx, rflags,
-                                );
-                                rvmm_core::emulate::WriteEffect {
-                                    mem,
-                                    reg: reg.map(|v| (0, v)),
-                                    rflags,
-                                }
-                            } else {
-                                rvmm_core::emulate::apply_write(&op, old, src, rax, rflags)
-                            };
-                            let next = (cur & !mask) | ((e.mem << shift) & mask);
-                            match word.compare_exchange(
-                                cur,
-                                next,
-                                core::sync::atomic::Ordering::SeqCst,
-                                core::sync::atomic::Ordering::SeqCst,
-                            ) {
-                                Ok(_) => break e,
-                                Err(now) => cur = now,
-                            }
-                        };
-                        if let (WriteKind::Cmpxchg8b, Some((_, v))) = (op.kind, e.reg) {
-                            // EDX:EAX (32-bit writes: the upper halves clear).
-                            self.gprs.rax = v & 0xffff_ffff;
-                            self.gprs.rdx = v >> 32;
-                        } else if let Some((_, v)) = e.reg {
-                            // XCHG: the source register; CMPXCHG: rAX. Merged as a MOV
-                            // of the operand size (32-bit results zero-extend).
-                            let (r, shift) = match (op.kind, op.src) {
-                                (WriteKind::Xchg, Source::HighByte(h)) => (h, 8),
-                                (WriteKind::Xchg, Source::Reg(r)) => (r, 0),
-                                _ => (0, 0),
-                            };
-                            let merged = match op.size {
-                                8 => v,
-                                4 => v & 0xffff_ffff,
-                                2 => (self.gpr(vmcs, r) & !0xffff) | (v & 0xffff),
-                                _ => (self.gpr(vmcs, r) & !(0xff << shift)) | ((v & 0xff) << shift),
-                            };
-                            self.set_gpr(vmcs, r, merged);
-                        }
-                        vmcs.write(guest::RFLAGS, e.rflags);
-                        self.retire(vmcs, rip, op.len.into());
-                        Some(op.size)
-                    }
-                    None => None,
-                }
-            }
-            _ => None,
+        let Some(emulated) = emulated else {
+            // The page tables changed under a walk: the instruction runs again.
+            return Next::Fast;
         };
         let r = {
             let mut guard = self.shadow.pool.lock();
@@ -425,7 +242,9 @@ impl VcpuInner {
                         // map this vCPU does not have yet): it has no shadow of the
                         // table to update, and must not get one from this vCPU's map.
                         _ if pool.st.generation != self.proot_gen => Ok(()),
-                        Some(size) => pool.pt_written(&mut GuestMem(&self.slots), gpa, size, ctx),
+                        Some((at, size)) => {
+                            pool.pt_written(&mut GuestMem(&self.slots), at, size, ctx)
+                        }
                         None => {
                             pool.unprotect(gpa >> 12);
                             Ok(())
@@ -441,6 +260,89 @@ impl VcpuInner {
             return self.no_shadow(vmcs, run, gva, 4);
         }
         Next::Fast
+    }
+
+    /// Emulates the instruction that wrote the page table at `gpa`: `Some(Some((at,
+    /// size)))` when it completed with a write of `size` bytes at `at` in that word, `Some(None)` when it is not
+    /// for this path (the table is to be unprotected), `None` when the instruction is to
+    /// run again.
+    fn pt_emulate(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        gpa: u64,
+        ctx: &PermCtx,
+    ) -> Option<Option<(u64, u8)>> {
+        use core::sync::atomic::{AtomicU64, Ordering};
+        let (code, n) = self.fetch_insn(vmcs, ctx)?;
+        let mode = emulate::guest_mode(self, vmcs);
+        let Ok(insn) = rvmm_core::emulate::decode(&code[..n], mode.long, mode.def32) else {
+            return Some(None);
+        };
+        if !emulate::pt_emulates(&insn) {
+            return Some(None);
+        }
+        let word_gpa = gpa & !7;
+        let Some(p) = self.slots.ptr_mut(word_gpa, 8) else {
+            return Some(None);
+        };
+        // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page (`ptr_mut`
+        // checked the range); the guest and other vCPUs only access it as memory, so
+        // atomic accesses through it are sound.
+        let word = unsafe { &*p.cast::<AtomicU64>() };
+        // Another vCPU changing the word between the read and the compare-exchange
+        // makes the instruction run again here, a bounded number of times.
+        for _ in 0..8 {
+            let before = self.emu_regs(vmcs);
+            let mut regs = before;
+            let pt = emulate::PtWord {
+                word: word_gpa,
+                seen: None,
+            };
+            let mut env = emulate::GuestEnv::new(self, vmcs, ctx, Some(pt));
+            let done = match rvmm_core::emulate::execute(&insn, &mode, &mut regs, &mut env) {
+                Ok(d) => d,
+                Err(rvmm_core::emulate::Stop::Retry) => return None,
+                // Faults and the rest: the CPU decides, natively.
+                Err(_) => return Some(None),
+            };
+            let seen = env.pt.as_ref().and_then(|pt| pt.seen);
+            let Some(w) = env.single_ram_write() else {
+                return Some(None);
+            };
+            if w.gpa & !7 != word_gpa || (w.gpa & 7) + u64::from(w.len) > 8 {
+                return Some(None);
+            }
+            let shift = 8 * (w.gpa & 7);
+            let mask = if w.len == 8 {
+                u64::MAX
+            } else {
+                ((1u64 << (8 * u32::from(w.len))) - 1) << shift
+            };
+            let value = (u64::from_le_bytes(w.data) << shift) & mask;
+            let stored = match seen {
+                // A read-modify-write: against the word the instruction read.
+                Some(old) => word
+                    .compare_exchange(
+                        old,
+                        (old & !mask) | value,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_ok(),
+                // A plain store: its bytes replace theirs, the rest of the word stays.
+                None => {
+                    let _ = word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                        Some((cur & !mask) | value)
+                    });
+                    true
+                }
+            };
+            if stored {
+                self.emu_commit_regs(vmcs, &before, &regs, done);
+                return Some(Some((w.gpa, w.len)));
+            }
+        }
+        Some(None)
     }
 
     /// After a pool operation (lock released): a new root if the pool was full

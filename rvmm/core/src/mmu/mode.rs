@@ -4,6 +4,8 @@
 
 /// CR0.PE.
 pub const CR0_PE: u64 = 1 << 0;
+/// CR0.AM: alignment checking at CPL 3 with RFLAGS.AC.
+pub const CR0_AM: u64 = 1 << 18;
 /// CR0.WP.
 pub const CR0_WP: u64 = 1 << 16;
 /// CR0.PG.

@@ -1,0 +1,533 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The guest as the instruction emulator sees it ([`GuestEnv`]): linear memory through
+//! the guest's page tables, RAM through the memory map, device memory through
+//! userspace (MMIO exits) or the in-kernel xAPIC; and how an emulated instruction's
+//! results are committed. The MMIO path (`mmio`) and the page-table write path
+//! (`pt_write`, in `paging.rs`) both run instructions through here.
+
+use rvmm_core::emulate::{self, Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop};
+use rvmm_core::guest_state::Seg;
+
+use super::*;
+use crate::vcpu::state::SEGS;
+
+/// MMIO reads one instruction may make (a CMPXCHG16B on device memory makes two).
+const MAX_MMIO_READS: usize = 4;
+/// Write pieces (at most 8 bytes each, within one page) one instruction may make.
+const MAX_WRITES: usize = 6;
+
+/// The data of the MMIO reads userspace has answered for the instruction being
+/// emulated (the instruction runs again from the start after each answer, and its
+/// reads, in order, take these values until one misses); and the MMIO writes of a
+/// completed instruction still to go to userspace, one exit each.
+#[derive(Default)]
+pub(crate) struct MmioReads {
+    data: [(u64, u8, u64); MAX_MMIO_READS],
+    n: usize,
+    writes: [Option<Write>; MAX_WRITES],
+}
+
+impl MmioReads {
+    pub(crate) fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    fn next_write(&mut self) -> Option<Write> {
+        let w = self.writes.iter_mut().find(|w| w.is_some())?.take();
+        w
+    }
+
+    /// Userspace's answer to the read of `len` bytes at `gpa`.
+    pub(crate) fn push(&mut self, gpa: u64, len: u8, value: u64) {
+        if let Some(slot) = self.data.get_mut(self.n) {
+            *slot = (gpa, len, value);
+            self.n += 1;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Ram,
+    Apic,
+    Mmio,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct Write {
+    pub(super) gpa: u64,
+    pub(super) len: u8,
+    pub(super) data: [u8; 8],
+    target: Target,
+}
+
+/// What the page-table write path needs from an emulation: the only write must land
+/// in the aligned word `word`, whose value at the instruction's read is recorded.
+pub(super) struct PtWord {
+    /// Guest-physical address of the 8-byte word the fault wrote to.
+    pub(super) word: u64,
+    /// The word as the instruction read it (an atomic load), if it read it.
+    pub(super) seen: Option<u64>,
+}
+
+pub(super) struct GuestEnv<'a> {
+    v: &'a mut VcpuInner,
+    vmcs: &'a CurrentVmcs,
+    ctx: &'a PermCtx,
+    user: bool,
+    /// Linear addresses wrap at 32 bits outside 64-bit mode.
+    la_mask: u64,
+    /// MMIO reads answered so far and taken by this run of the instruction.
+    reads_taken: usize,
+    /// The MMIO read that userspace must answer before the instruction can complete.
+    pub(super) need: Option<(u64, u8)>,
+    writes: [Option<Write>; MAX_WRITES],
+    /// Page-table write path: only RAM, and the word it read.
+    pub(super) pt: Option<PtWord>,
+}
+
+impl<'a> GuestEnv<'a> {
+    pub(super) fn new(
+        v: &'a mut VcpuInner,
+        vmcs: &'a CurrentVmcs,
+        ctx: &'a PermCtx,
+        pt: Option<PtWord>,
+    ) -> Self {
+        let user = vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3;
+        let la_mask = if v.long_mode_code(vmcs) {
+            u64::MAX
+        } else {
+            0xffff_ffff
+        };
+        Self {
+            v,
+            vmcs,
+            ctx,
+            user,
+            la_mask,
+            reads_taken: 0,
+            need: None,
+            writes: [None; MAX_WRITES],
+            pt,
+        }
+    }
+
+    fn translate(&mut self, la: u64, write: bool) -> Result<u64, Stop> {
+        let slots = self.v.slots.clone();
+        let access = Access {
+            write,
+            user: self.user,
+            fetch: false,
+        };
+        let (mode, cr3) = (self.v.mode, self.v.cr3);
+        match walker::walk(
+            &mut self.v.walk_mem(&slots),
+            mode,
+            cr3,
+            la,
+            access,
+            self.ctx,
+        ) {
+            Ok(w) => Ok(w.gpa),
+            Err(f) if f.raced => Err(Stop::Retry),
+            // A guest page table outside RAM: nothing the CPU would do here either.
+            Err(f) if f.unbacked_table.is_some() => Err(Stop::Unsupported(0)),
+            Err(f) => Err(Exception::page_fault(f.error_code, la).into()),
+        }
+    }
+
+    fn target(&self, gpa: u64, len: u64, write: bool) -> Target {
+        let ram = if write {
+            self.v.slots.ptr_mut(gpa, len)
+        } else {
+            self.v.slots.ptr(gpa, len)
+        };
+        if ram.is_some() {
+            Target::Ram
+        } else if self.v.apic_page() == Some(gpa & !0xfff) {
+            Target::Apic
+        } else {
+            Target::Mmio
+        }
+    }
+
+    /// Splits `len` bytes at `la` into pieces within one page: (offset, gpa, length).
+    fn pieces(
+        &mut self,
+        la: u64,
+        len: usize,
+        write: bool,
+        mut each: impl FnMut(&mut Self, usize, u64, usize) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let mut done = 0;
+        while done < len {
+            let a = la.wrapping_add(done as u64) & self.la_mask;
+            let n = (len - done).min((0x1000 - (a & 0xfff)) as usize);
+            let gpa = self.translate(a, write)?;
+            // Device memory goes to userspace in pieces of at most 8 bytes.
+            let mut off = 0;
+            while off < n {
+                let m = (n - off).min(8);
+                each(self, done + off, gpa + off as u64, m)?;
+                off += m;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn mmio_read(&mut self, gpa: u64, len: u8) -> Result<u64, Stop> {
+        let reads = &mut self.v.mmio_reads;
+        if self.reads_taken < reads.n {
+            let (g, l, value) = reads.data[self.reads_taken];
+            if (g, l) == (gpa, len) {
+                self.reads_taken += 1;
+                return Ok(value);
+            }
+            // Not what the instruction reads now (userspace changed its state):
+            // the answers from here on are stale.
+            reads.n = self.reads_taken;
+        }
+        if reads.n >= MAX_MMIO_READS {
+            return Err(Stop::Unsupported(0));
+        }
+        self.need = Some((gpa, len));
+        Err(Stop::Retry)
+    }
+
+    /// The only piece written, if there was exactly one and it went to RAM.
+    pub(super) fn single_ram_write(&self) -> Option<Write> {
+        let mut it = self.writes.iter().flatten();
+        match (it.next(), it.next()) {
+            (Some(w), None) if w.target == Target::Ram => Some(*w),
+            _ => None,
+        }
+    }
+
+    /// The pieces written that go to userspace, in order.
+    fn mmio_writes(&self) -> [Option<Write>; MAX_WRITES] {
+        let mut out = [None; MAX_WRITES];
+        for (slot, w) in out.iter_mut().zip(
+            self.writes
+                .iter()
+                .flatten()
+                .filter(|w| w.target == Target::Mmio),
+        ) {
+            *slot = Some(*w);
+        }
+        out
+    }
+}
+
+impl Env for GuestEnv<'_> {
+    fn segment(&mut self, s: SegReg) -> Seg {
+        // SEGS is in uapi::Sregs order: CS DS ES FS GS SS.
+        let i = match s {
+            SegReg::Cs => 0,
+            SegReg::Ds => 1,
+            SegReg::Es => 2,
+            SegReg::Fs => 3,
+            SegReg::Gs => 4,
+            SegReg::Ss => 5,
+        };
+        let (sel, base, limit, ar) = SEGS[i];
+        Seg {
+            selector: self.vmcs.read(sel) as u16,
+            base: self.vmcs.read(base),
+            limit: self.vmcs.read(limit) as u32,
+            ar: self.vmcs.read(ar) as u32,
+        }
+    }
+
+    fn read(&mut self, la: u64, buf: &mut [u8]) -> Result<(), Stop> {
+        self.pieces(la, buf.len(), false, |env, off, gpa, n| {
+            let Some(dst) = buf.get_mut(off..off + n) else {
+                return Err(Stop::Unsupported(0));
+            };
+            match env.target(gpa, n as u64, false) {
+                Target::Ram => {
+                    let Some(p) = env.v.slots.ptr(gpa, n as u64) else {
+                        return Err(Stop::Unsupported(0));
+                    };
+                    if let Some(pt) = env.pt.as_mut().filter(|pt| gpa & !7 == pt.word) {
+                        // The word a page-table write changes: read it atomically, so
+                        // that the write can be a compare-exchange against it. (A
+                        // piece that overlaps the word but starts before it is not
+                        // served from it: such a read is refused below.)
+                        let Some(wp) = env.v.slots.ptr(pt.word, 8) else {
+                            return Err(Stop::Unsupported(0));
+                        };
+                        // SAFETY: as above; `wp` is 8-byte aligned.
+                        let word = unsafe { &*wp.cast::<core::sync::atomic::AtomicU64>() };
+                        let value = word.load(core::sync::atomic::Ordering::SeqCst);
+                        pt.seen.get_or_insert(value);
+                        let bytes = pt.seen.unwrap_or(value).to_le_bytes();
+                        let at = (gpa & 7) as usize;
+                        match bytes.get(at..at + n) {
+                            Some(b) => dst.copy_from_slice(b),
+                            None => return Err(Stop::Unsupported(0)),
+                        }
+                        return Ok(());
+                    }
+                    // SAFETY: `n` bytes of a pinned guest page.
+                    unsafe { ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), n) };
+                }
+                _ if env.pt.is_some() => return Err(Stop::Unsupported(0)),
+                Target::Apic => {
+                    let v = env.v.apic_mmio(gpa, n as u8, None).unwrap_or(0);
+                    dst.copy_from_slice(&v.to_le_bytes()[..n]);
+                }
+                Target::Mmio => {
+                    let v = env.mmio_read(gpa, n as u8)?;
+                    dst.copy_from_slice(&v.to_le_bytes()[..n]);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn write(&mut self, la: u64, data: &[u8]) -> Result<(), Stop> {
+        self.pieces(la, data.len(), true, |env, off, gpa, n| {
+            let target = env.target(gpa, n as u64, true);
+            if env.pt.is_some() && target != Target::Ram {
+                return Err(Stop::Unsupported(0));
+            }
+            let mut bytes = [0u8; 8];
+            match data.get(off..off + n) {
+                Some(d) => bytes[..n].copy_from_slice(d),
+                None => return Err(Stop::Unsupported(0)),
+            }
+            let Some(slot) = env.writes.iter_mut().find(|w| w.is_none()) else {
+                return Err(Stop::Unsupported(0));
+            };
+            *slot = Some(Write {
+                gpa,
+                len: n as u8,
+                data: bytes,
+                target,
+            });
+            Ok(())
+        })
+    }
+}
+
+/// The linear address of the instruction at `rip`: CS.base counts outside 64-bit code,
+/// where addresses wrap at 32 bits.
+pub(super) fn code_linear(vmcs: &CurrentVmcs, rip: u64, long: bool) -> u64 {
+    if long {
+        rip
+    } else {
+        vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xffff_ffff
+    }
+}
+
+/// The mode the emulator runs the guest's instruction in.
+pub(super) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
+    let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
+    let ss_ar = vmcs.read(guest::SS_ACCESS_RIGHTS);
+    let vm86 = vmcs.read(guest::RFLAGS) & RFlags::FLAGS_VM.bits() != 0;
+    Mode {
+        long: v.long_mode_code(vmcs),
+        def32: cs_ar & (1 << 14) != 0,
+        stack32: ss_ar & (1 << 14) != 0,
+        protected: v.cr0 & CR0_PE != 0 && !vm86,
+        cpl: if v.cr0 & CR0_PE == 0 {
+            0
+        } else {
+            (ss_ar >> 5 & 3) as u8
+        },
+        align_check: v.cr0 & CR0_AM != 0,
+        // CR4.LA57 is reserved for rvmm's guests (no 5-level paging).
+        la57: false,
+    }
+}
+
+impl VcpuInner {
+    /// The guest's registers as the emulator takes them.
+    pub(super) fn emu_regs(&self, vmcs: &CurrentVmcs) -> Regs {
+        let mut gpr = [0u64; 16];
+        for (n, slot) in gpr.iter_mut().enumerate() {
+            *slot = self.gpr(vmcs, n as u8);
+        }
+        Regs {
+            gpr,
+            rip: vmcs.read(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS),
+        }
+    }
+
+    /// Writes back what an emulated instruction changed; `done`: it completed (RIP
+    /// moves to `regs.rip`, as `retire` does for every completed instruction).
+    pub(super) fn emu_commit_regs(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        before: &Regs,
+        regs: &Regs,
+        done: Done,
+    ) {
+        for n in 0..16u8 {
+            let v = regs.gpr[usize::from(n)];
+            if v != before.gpr[usize::from(n)] {
+                self.set_gpr(vmcs, n, v);
+            }
+        }
+        if regs.rflags != before.rflags {
+            vmcs.write(guest::RFLAGS, regs.rflags);
+        }
+        if done == Done::Next {
+            self.retire_to(vmcs, regs.rip);
+        }
+    }
+
+    /// Reads the instruction at the guest's RIP: its bytes and how many there are, or
+    /// `None` if the page tables changed under the walk.
+    pub(super) fn fetch_insn(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        ctx: &PermCtx,
+    ) -> Option<([u8; 15], usize)> {
+        let rip = vmcs.read(guest::RIP);
+        let long = self.long_mode_code(vmcs);
+        let mut code = [0u8; 15];
+        let n = self.fetch_code(vmcs, code_linear(vmcs, rip, long), ctx, &mut code)?;
+        Some((code, n))
+    }
+
+    /// An access to guest-physical memory that is not RAM (or a write to a read-only
+    /// slot): the emulator carries out the instruction; device memory it reads or
+    /// writes goes to userspace as MMIO exits (the xAPIC page stays in the kernel).
+    pub(in crate::vcpu) fn emulate_mmio(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+    ) -> Next {
+        let ctx = self.perm_ctx(vmcs);
+        let Some((code, n)) = self.fetch_insn(vmcs, &ctx) else {
+            return Next::Fast;
+        };
+        let mode = guest_mode(self, vmcs);
+        let before = self.emu_regs(vmcs);
+        let mut regs = before;
+        let mut env = GuestEnv::new(self, vmcs, &ctx, None);
+        let result = emulate::emulate(&code[..n], &mode, &mut regs, &mut env);
+        let need = env.need;
+        let writes = env.writes;
+        let mmio_writes = env.mmio_writes();
+        match result {
+            Ok((_, done)) => {
+                self.mmio_reads.clear();
+                let full = self.commit_writes(&writes, &ctx);
+                self.emu_commit_regs(vmcs, &before, &regs, done);
+                if full && !self.reload_root(vmcs, true) {
+                    return self.no_shadow(vmcs, run, before.rip, 5);
+                }
+                self.mmio_reads.writes = mmio_writes;
+                self.next_mmio_write(run).unwrap_or(Next::Fast)
+            }
+            Err(Stop::Retry) => match need {
+                Some((gpa, len)) => {
+                    let exit = uapi::ExitMmio {
+                        phys_addr: gpa,
+                        len: len.into(),
+                        ..Default::default()
+                    };
+                    // SAFETY: our run page.
+                    unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), exit) };
+                    self.pending = Pending::MmioRead { gpa, len };
+                    self.stats.mmio_exits.inc();
+                    self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
+                }
+                // The page tables changed under a walk: the instruction runs again.
+                None => Next::Fast,
+            },
+            Err(Stop::Exception(e)) => {
+                self.mmio_reads.clear();
+                self.emu_exception(vmcs, e)
+            }
+            Err(Stop::Unsupported(op)) => {
+                self.mmio_reads.clear();
+                let first = u64::from_le_bytes(code[..8].try_into().unwrap_or([0; 8]));
+                self.internal_error(
+                    run,
+                    uapi::RVMM_INTERNAL_EMULATION,
+                    [u64::from(op), before.rip, first, 4],
+                )
+            }
+        }
+    }
+
+    /// The next MMIO write of a completed instruction, as an exit to userspace (the
+    /// instruction has retired: userspace sees its writes one exit at a time).
+    pub(in crate::vcpu) fn next_mmio_write(&mut self, run: *mut uapi::Run) -> Option<Next> {
+        let w = self.mmio_reads.next_write()?;
+        let exit = uapi::ExitMmio {
+            phys_addr: w.gpa,
+            data: w.data,
+            len: w.len.into(),
+            is_write: 1,
+            ..Default::default()
+        };
+        // SAFETY: our run page.
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), exit) };
+        self.pending = Pending::MmioWrite;
+        self.stats.mmio_exits.inc();
+        Some(self.exit_to_user(run, uapi::RVMM_EXIT_MMIO))
+    }
+
+    /// The exception an emulated instruction raises, delivered to the guest.
+    pub(super) fn emu_exception(&mut self, vmcs: &CurrentVmcs, e: Exception) -> Next {
+        if let Some(cr2) = e.cr2 {
+            self.cr2 = cr2;
+        }
+        self.inject(vmcs, e.vector, e.error_code)
+    }
+
+    /// Makes an emulated instruction's writes to RAM and to the xAPIC; a write to a
+    /// guest page table the pool write-protects updates the shadows as a trapped write
+    /// would. True if the pool was full doing so.
+    fn commit_writes(&mut self, writes: &[Option<Write>; MAX_WRITES], ctx: &PermCtx) -> bool {
+        let mut full = false;
+        for w in writes.iter().flatten() {
+            match w.target {
+                Target::Ram => {
+                    if let Some(p) = self.slots.ptr_mut(w.gpa, w.len.into()) {
+                        // SAFETY: `len` bytes of a pinned, writable guest page.
+                        unsafe { ptr::copy_nonoverlapping(w.data.as_ptr(), p, usize::from(w.len)) };
+                        full |= self.ram_written(w.gpa, w.len, ctx);
+                    }
+                }
+                Target::Apic => {
+                    let v = u64::from_le_bytes(w.data);
+                    self.apic_mmio(w.gpa, w.len, Some(v));
+                }
+                Target::Mmio => {}
+            }
+        }
+        full
+    }
+
+    /// The host wrote `len` bytes of guest RAM at `gpa` for the guest: if that is a
+    /// page table the pool shadows, its shadows follow. True if the pool was full.
+    fn ram_written(&mut self, gpa: u64, len: u8, ctx: &PermCtx) -> bool {
+        let mut guard = self.shadow.pool.lock();
+        let Some(storage) = guard.as_deref_mut() else {
+            return false;
+        };
+        let mut pool = storage.pool();
+        let full = pool.protected(gpa >> 12)
+            && pool.st.generation == self.proot_gen
+            && pool
+                .pt_written(&mut GuestMem(&self.slots), gpa, len, ctx)
+                .is_err();
+        self.shadow.settle(&mut pool);
+        full
+    }
+}
+
+/// Whether the page-table write path emulates `insn`: a single write, no REP string
+/// (a table being cleared by REP STOS is unprotected instead, and cleared natively).
+pub(super) fn pt_emulates(insn: &Insn) -> bool {
+    use rvmm_core::emulate::Map;
+    !(insn.map == Map::One && matches!(insn.op, 0xa4..=0xa7 | 0xaa..=0xaf))
+}

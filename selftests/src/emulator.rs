@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The instruction emulator against the CPU: every instruction form runs twice in the
+//! same guest, once on RAM (the CPU executes it) and once on device memory that this
+//! test backs with the same bytes (rvmm emulates it, with MMIO exits), from the same
+//! random registers and flags. Registers, the flags the SDM defines, memory and the
+//! exception raised must agree.
+
+use crate::adversarial::{new_vcpu, Machine, CODE};
+use crate::check;
+use crate::ktap::Outcome;
+use rvmm::guest::{EntryMode, GuestMem};
+use rvmm::uapi::Regs;
+use rvmm::{Exit, Vcpu};
+
+/// Guest RAM size.
+const RAM: usize = 8 << 20;
+/// The operand region in RAM, and at a guest-physical address outside RAM (the
+/// 4-GiB identity map covers both).
+const RAM_BUF: u64 = 0x40_0000;
+const MMIO_BUF: u64 = 0xc000_0000;
+const BUF_LEN: usize = 0x200;
+/// RDI and RSI point here into the region.
+const PTR: u64 = 0x100;
+/// The IDT and its handlers: vector n runs `mov al, n; out 0xe0, al; hlt`.
+const IDT: u64 = 0x30_0000;
+const HANDLERS: u64 = 0x31_0000;
+const EXC_PORT: u16 = 0xe0;
+/// Where CALL and JMP through memory go: a HLT.
+const TARGET: u64 = CODE + 0x800;
+
+const CF: u64 = 1;
+const PF: u64 = 1 << 2;
+const AF: u64 = 1 << 4;
+const ZF: u64 = 1 << 6;
+const SF: u64 = 1 << 7;
+const OF: u64 = 1 << 11;
+const DF: u64 = 1 << 10;
+const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Plain,
+    /// A moffs form: the operand's address follows the opcode (8 bytes).
+    Moffs,
+    /// A shift with an imm8 count (the last byte), at most this.
+    ShiftImm(u8),
+    /// A shift by CL, at most this.
+    ShiftCl(u8),
+    /// DIV or IDIV: RDX clear, so that the quotient usually fits.
+    Div,
+    /// BT* with a register bit offset: a small signed offset in EAX.
+    BitReg,
+    /// CMPXCHG16B: the operand 16-byte aligned.
+    Cx16,
+    /// CALL or JMP through memory: the operand holds `TARGET`.
+    Branch,
+    /// A string instruction: RCX small, DF random.
+    Str,
+}
+
+struct Form {
+    bytes: Vec<u8>,
+    /// Flags the SDM leaves undefined after it.
+    undef: u64,
+    kind: Kind,
+}
+
+fn forms() -> Vec<Form> {
+    let mut v = Vec::new();
+    let mut add = |bytes: &[u8], undef: u64, kind: Kind| {
+        v.push(Form {
+            bytes: bytes.to_vec(),
+            undef,
+            kind,
+        })
+    };
+    // ModRM [rdi] with reg = r; with a disp8 of -8 for a second addressing form.
+    let m = |r: u8| (r << 3) | 7;
+    let md8 = |r: u8| 0x40 | (r << 3) | 7;
+    for kind in 0..8u8 {
+        let undef = if matches!(kind, 1 | 4 | 6) { AF } else { 0 };
+        let base = kind * 8;
+        // Byte forms with AH (no REX) and with BL (REX); word forms in 16, 32 and 64 bits.
+        add(&[base, m(4)], undef, Kind::Plain);
+        add(&[0x40, base, m(3)], undef, Kind::Plain);
+        add(&[base + 2, md8(4), 0xf8], undef, Kind::Plain);
+        for p in [&[][..], &[0x66], &[0x48]] {
+            let mut b = p.to_vec();
+            b.extend_from_slice(&[base + 1, m(0)]);
+            add(&b, undef, Kind::Plain);
+            let mut b = p.to_vec();
+            b.extend_from_slice(&[base + 3, m(3)]);
+            add(&b, undef, Kind::Plain);
+            let mut b = p.to_vec();
+            b.extend_from_slice(&[0x81, m(kind), 0x78, 0x56, 0x34, 0x92]);
+            if p == [0x66] {
+                b.truncate(b.len() - 2);
+            }
+            add(&b, undef, Kind::Plain);
+            let mut b = p.to_vec();
+            b.extend_from_slice(&[0x83, m(kind), 0x85]);
+            add(&b, undef, Kind::Plain);
+        }
+        add(&[0x80, m(kind), 0x5a], undef, Kind::Plain);
+        if kind != 7 {
+            add(&[0xf0, base + 1, m(0)], undef, Kind::Plain);
+        }
+    }
+    for p in [&[][..], &[0x66], &[0x48]] {
+        let word = |op: &[u8]| {
+            let mut b = p.to_vec();
+            b.extend_from_slice(op);
+            b
+        };
+        add(&word(&[0x85, m(0)]), AF, Kind::Plain); // test
+        add(&word(&[0x87, m(0)]), 0, Kind::Plain); // xchg
+        add(&word(&[0x89, m(0)]), 0, Kind::Plain); // mov
+        add(&word(&[0x8b, m(3)]), 0, Kind::Plain);
+        add(&word(&[0xf7, m(2)]), 0, Kind::Plain); // not
+        add(&word(&[0xf7, m(3)]), 0, Kind::Plain); // neg
+        add(&word(&[0xf7, m(4)]), SF | ZF | AF | PF, Kind::Plain); // mul
+        add(&word(&[0xf7, m(5)]), SF | ZF | AF | PF, Kind::Plain); // imul
+        add(&word(&[0xf7, m(6)]), STATUS, Kind::Div); // div
+        add(&word(&[0xf7, m(7)]), STATUS, Kind::Div); // idiv
+        add(&word(&[0xff, m(0)]), 0, Kind::Plain); // inc
+        add(&word(&[0xff, m(1)]), 0, Kind::Plain); // dec
+        add(&word(&[0x0f, 0xaf, m(0)]), SF | ZF | AF | PF, Kind::Plain); // imul r, r/m
+        add(&word(&[0x6b, m(0), 0x83]), SF | ZF | AF | PF, Kind::Plain);
+        add(&word(&[0x0f, 0xb1, m(3)]), 0, Kind::Plain); // cmpxchg
+        add(&word(&[0x0f, 0xc1, m(3)]), 0, Kind::Plain); // xadd
+        add(&word(&[0xf0, 0x0f, 0xc1, m(3)]), 0, Kind::Plain);
+        add(&word(&[0x0f, 0xb6, m(0)]), 0, Kind::Plain); // movzx
+        add(&word(&[0x0f, 0xbf, m(0)]), 0, Kind::Plain); // movsx
+        add(&word(&[0x0f, 0x38, 0xf0, m(0)]), 0, Kind::Plain); // movbe
+        add(&word(&[0x0f, 0x38, 0xf1, m(0)]), 0, Kind::Plain);
+        for g in 0..8u8 {
+            let bits = if p == [0x66] {
+                16
+            } else if p == [0x48] {
+                64
+            } else {
+                32
+            };
+            add(&word(&[0xc1, m(g), 0]), OF | AF, Kind::ShiftImm(bits));
+            add(&word(&[0xd3, m(g)]), OF | AF, Kind::ShiftCl(bits));
+            add(&word(&[0xd1, m(g)]), AF, Kind::Plain);
+        }
+        for (op, r) in [(0xa3u8, 0u8), (0xab, 0), (0xb3, 0), (0xbb, 0)] {
+            add(&word(&[0x0f, op, m(r)]), OF | SF | AF | PF, Kind::BitReg);
+        }
+        for r in 4..8u8 {
+            add(
+                &word(&[0x0f, 0xba, m(r), 0x25]),
+                OF | SF | AF | PF,
+                Kind::Plain,
+            );
+        }
+        let bits = if p == [0x66] {
+            16
+        } else if p == [0x48] {
+            64
+        } else {
+            32
+        };
+        add(
+            &word(&[0x0f, 0xa4, m(3), 0]),
+            OF | AF,
+            Kind::ShiftImm(bits - 1),
+        ); // shld imm
+        add(&word(&[0x0f, 0xad, m(3)]), OF | AF, Kind::ShiftCl(bits - 1)); // shrd cl
+        for cc in 0..16u8 {
+            add(&word(&[0x0f, 0x40 + cc, m(0)]), 0, Kind::Plain); // cmovcc
+        }
+    }
+    // Byte-only and other forms.
+    add(&[0x86, m(4)], 0, Kind::Plain);
+    add(&[0x88, m(4)], 0, Kind::Plain);
+    add(&[0x8a, m(4)], 0, Kind::Plain);
+    add(&[0xc6, m(0), 0xa5], 0, Kind::Plain);
+    add(&[0xc7, m(0), 0x11, 0x22, 0x33, 0x84], 0, Kind::Plain);
+    add(&[0x48, 0xc7, m(0), 0x11, 0x22, 0x33, 0x84], 0, Kind::Plain);
+    add(&[0x48, 0x63, m(0)], 0, Kind::Plain); // movsxd
+    add(&[0x8c, m(3)], 0, Kind::Plain); // mov [rdi], ds
+    add(&[0xf6, m(0), 0x81], AF, Kind::Plain); // test byte
+    add(&[0xf6, m(3)], 0, Kind::Plain); // neg byte
+    add(&[0xf6, m(4)], SF | ZF | AF | PF, Kind::Plain); // mul byte
+    add(&[0xf6, m(6)], STATUS, Kind::Div); // div byte
+    add(&[0xfe, m(0)], 0, Kind::Plain);
+    add(&[0xfe, m(1)], 0, Kind::Plain);
+    add(&[0x0f, 0xb0, m(3)], 0, Kind::Plain);
+    add(&[0x0f, 0xc0, m(3)], 0, Kind::Plain);
+    add(&[0x0f, 0xbe, m(0)], 0, Kind::Plain);
+    for g in 0..8u8 {
+        add(&[0xc0, m(g), 0], OF | AF, Kind::ShiftImm(8));
+        add(&[0xd2, m(g)], OF | AF, Kind::ShiftCl(8));
+    }
+    for cc in 0..16u8 {
+        add(&[0x0f, 0x90 + cc, m(0)], 0, Kind::Plain); // setcc
+    }
+    add(&[0x0f, 0xc7, m(1)], 0, Kind::Plain); // cmpxchg8b
+    add(&[0xf0, 0x0f, 0xc7, m(1)], 0, Kind::Plain);
+    add(&[0x48, 0x0f, 0xc7, m(1)], 0, Kind::Cx16);
+    add(&[0xff, m(6)], 0, Kind::Plain); // push
+    add(&[0x8f, 0x47, 0x08], 0, Kind::Plain); // pop [rdi+8]
+    add(&[0xff, m(2)], 0, Kind::Branch); // call
+    add(&[0xff, m(4)], 0, Kind::Branch); // jmp
+                                         // Moffs: mov al/eax/rax and back, with a 64-bit offset.
+    for op in [0xa0u8, 0xa1, 0xa2, 0xa3] {
+        add(&[op], 0, Kind::Moffs);
+        add(&[0x48, op], 0, Kind::Moffs);
+    }
+    // Strings, with and without REP, bytes and words.
+    for op in [0xa4u8, 0xa5, 0xa6, 0xa7, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf] {
+        add(&[op], 0, Kind::Str);
+        add(&[0xf3, op], 0, Kind::Str);
+        add(&[0x48, op], 0, Kind::Str);
+        if matches!(op, 0xa6 | 0xa7 | 0xae | 0xaf) {
+            add(&[0xf2, op], 0, Kind::Str);
+        }
+    }
+    add(&[0xf3, 0x67, 0xab], 0, Kind::Str);
+    v
+}
+
+/// xorshift64*: deterministic operands, so that a failure repeats.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// What one run of a form ended with.
+#[derive(Debug, PartialEq)]
+struct Outcome1 {
+    regs: Regs,
+    /// The exception vector, and CR2 relative to the region, if one was raised.
+    exception: Option<(u8, u64)>,
+    mem: Vec<u8>,
+}
+
+fn run_form(
+    gm: &mut GuestMem,
+    v: &Vcpu,
+    code: &[u8],
+    regs: &Regs,
+    mem: &[u8],
+    base: u64,
+) -> Result<Outcome1, String> {
+    gm.write(CODE, code)?;
+    gm.write(RAM_BUF, mem)?;
+    let mut dev = mem.to_vec();
+    v.set_regs(regs).map_err(|e| e.to_string())?;
+    let mut exception = None;
+    for _ in 0..64 {
+        match v.run().map_err(|e| e.to_string())? {
+            Exit::Hlt => break,
+            Exit::IoOut {
+                port: EXC_PORT,
+                data,
+                ..
+            } => {
+                // CR2 means something after a #PF only.
+                let cr2 = match data as u8 {
+                    14 => v.sregs().map_err(|e| e.to_string())?.cr2.wrapping_sub(base),
+                    _ => 0,
+                };
+                exception = Some((data as u8, cr2));
+                break;
+            }
+            Exit::Mmio {
+                addr,
+                len,
+                is_write,
+                data,
+            } => {
+                let off = addr.wrapping_sub(MMIO_BUF) as usize;
+                let len = len as usize;
+                if base != MMIO_BUF || off + len > BUF_LEN || len > 8 {
+                    return Err(format!(
+                        "MMIO exit at {addr:#x} ({len} bytes), outside the region"
+                    ));
+                }
+                if is_write {
+                    dev[off..off + len].copy_from_slice(&data.to_le_bytes()[..len]);
+                } else {
+                    let mut b = [0u8; 8];
+                    b[..len].copy_from_slice(&dev[off..off + len]);
+                    v.set_mmio_data(u64::from_le_bytes(b));
+                }
+            }
+            e => return Err(format!("unexpected exit {e:?}")),
+        }
+    }
+    let mut regs = v.regs().map_err(|e| e.to_string())?;
+    regs.rdi = regs.rdi.wrapping_sub(base);
+    regs.rsi = regs.rsi.wrapping_sub(base);
+    let mem = if base == MMIO_BUF {
+        dev
+    } else {
+        let mut b = vec![0u8; BUF_LEN];
+        gm.read(RAM_BUF, &mut b)?;
+        b
+    };
+    Ok(Outcome1 {
+        regs,
+        exception,
+        mem,
+    })
+}
+
+/// Every form, from several random starting states, on RAM and on MMIO.
+pub fn emulator_matches_the_cpu(_: &crate::Ctx) -> Outcome {
+    let mut m = Machine::new(EntryMode::Long, RAM)?;
+    // IDT: 32 interrupt gates to the handlers, in the 64-bit code segment.
+    let cs = m.sregs.cs.selector;
+    for n in 0..32u64 {
+        let h = HANDLERS + 16 * n;
+        m.mem
+            .write(h, &[0xb0, n as u8, 0xe6, EXC_PORT as u8, 0xf4])?;
+        let lo =
+            (h & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((h >> 16 & 0xffff) << 48);
+        m.mem.write_u64(IDT + 16 * n, lo)?;
+        m.mem.write_u64(IDT + 16 * n + 8, h >> 32)?;
+    }
+    m.mem.write(TARGET, &[0xf4])?;
+    let mut sregs = m.sregs;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 32 * 16 - 1;
+    let base_regs = m.regs;
+    let v = new_vcpu(&m.vm, 0, &base_regs, &sregs)?;
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    let (mut runs, mut differ) = (0, Vec::new());
+    let all = forms();
+    for f in &all {
+        for _ in 0..3 {
+            let mut mem: Vec<u8> = (0..BUF_LEN).map(|_| rng.next() as u8).collect();
+            let mut r = base_regs;
+            for slot in [
+                &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rbp, &mut r.r8, &mut r.r9,
+                &mut r.r10, &mut r.r11, &mut r.r12, &mut r.r13, &mut r.r14, &mut r.r15,
+            ] {
+                *slot = rng.next();
+            }
+            r.rip = CODE;
+            r.rflags = 2 | (rng.next() & STATUS);
+            r.rdi = PTR;
+            r.rsi = PTR - 0x40;
+            let mut code = f.bytes.clone();
+            match f.kind {
+                Kind::Plain => {}
+                Kind::Moffs => code.extend_from_slice(&PTR.to_le_bytes()),
+                Kind::ShiftImm(max) => {
+                    if let Some(last) = code.last_mut() {
+                        *last = (rng.next() % (u64::from(max) + 1)) as u8;
+                    }
+                }
+                Kind::ShiftCl(max) => {
+                    r.rcx = (r.rcx & !0xff) | (rng.next() % (u64::from(max) + 1));
+                }
+                Kind::Div => r.rdx = 0,
+                Kind::BitReg => r.rax = (rng.next() % 0x400).wrapping_sub(0x200),
+                Kind::Cx16 => {
+                    r.rdi = PTR & !15;
+                    if rng.next() & 1 == 0 {
+                        // Make the compare succeed half the time.
+                        let at = (PTR & !15) as usize;
+                        r.rax = u64::from_le_bytes(mem[at..at + 8].try_into().unwrap_or([0; 8]));
+                        r.rdx =
+                            u64::from_le_bytes(mem[at + 8..at + 16].try_into().unwrap_or([0; 8]));
+                    }
+                }
+                Kind::Branch => {
+                    mem[PTR as usize..PTR as usize + 8].copy_from_slice(&TARGET.to_le_bytes())
+                }
+                Kind::Str => {
+                    r.rcx = rng.next() % 5;
+                    if rng.next() & 1 == 0 {
+                        r.rflags |= DF;
+                    }
+                }
+            }
+            code.push(0xf4);
+            let mut outcomes = Vec::new();
+            let mut failed = None;
+            for base in [RAM_BUF, MMIO_BUF] {
+                let mut rb = r;
+                rb.rdi = r.rdi.wrapping_add(base);
+                rb.rsi = r.rsi.wrapping_add(base);
+                let mut c = code.clone();
+                if f.kind == Kind::Moffs {
+                    let at = f.bytes.len();
+                    c[at..at + 8].copy_from_slice(&(base + PTR).to_le_bytes());
+                }
+                match run_form(&mut m.mem, &v, &c, &rb, &mem, base) {
+                    Ok(o) => outcomes.push(o),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            runs += 1;
+            if let Some(e) = failed {
+                differ.push(format!("{:02x?} from {r:x?}: {e}", f.bytes));
+                continue;
+            }
+            let (native, emulated) = (&outcomes[0], &outcomes[1]);
+            let mut e = emulated.regs;
+            e.rflags = (e.rflags & !f.undef) | (native.regs.rflags & f.undef);
+            if e != native.regs
+                || native.exception != emulated.exception
+                || native.mem != emulated.mem
+            {
+                if differ.len() < 8 {
+                    differ.push(format!(
+                        "{:02x?} from {r:x?}:\n  cpu      {:x?} exc {:?}\n  emulated {:x?} exc {:?}{}",
+                        f.bytes,
+                        native.regs,
+                        native.exception,
+                        emulated.regs,
+                        emulated.exception,
+                        if native.mem != emulated.mem { " (memory differs)" } else { "" }
+                    ));
+                } else {
+                    differ.push(String::new());
+                }
+            }
+        }
+    }
+    crate::ktap::diag(&format!(
+        "{} forms, {} runs each on RAM and MMIO, {} differ",
+        all.len(),
+        runs,
+        differ.len()
+    ));
+    check(differ.is_empty(), || {
+        format!(
+            "{} of {runs} runs differ:\n{}",
+            differ.len(),
+            differ.join("\n")
+        )
+    })
+}
