@@ -113,6 +113,9 @@ pub(crate) struct VcpuInner {
     misc_enable: u64,
 
     fx: KBox<FxArea>,
+    /// The guest's FPU/SSE/AVX state is in the CPU (between `load_guest_context` and
+    /// `save_guest_context`), not in `fx`.
+    guest_fpu_loaded: bool,
     /// The host has XSAVE with x87, SSE and AVX enabled: the guest gets them too, and
     /// its state is switched with XSAVE/XRSTOR (else FXSAVE/FXRSTOR, and no XSAVE).
     pub(crate) xsave: bool,
@@ -327,6 +330,7 @@ impl Vcpu {
 
             syscall_msrs: [0; 4],
             fx,
+            guest_fpu_loaded: false,
             xsave,
             xcr0: 1,
             entry_base: 0,

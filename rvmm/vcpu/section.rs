@@ -360,7 +360,41 @@ impl VcpuInner {
             } else {
                 core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
             }
+            self.guest_fpu_loaded = true;
             host
+        }
+    }
+
+    /// Copies the guest's FPU/SSE/AVX state from the CPU to `fx` (for the emulator),
+    /// when it is in the CPU.
+    pub(super) fn guest_fpu_to_memory(&mut self) {
+        if !self.guest_fpu_loaded {
+            return;
+        }
+        // SAFETY: the guest's state is in the CPU (inside the section, interrupts off,
+        // within rvmm_fpu_begin); `fx` is a 64-byte aligned XSAVE area of 1024 bytes.
+        unsafe {
+            if self.xsave {
+                core::arch::asm!("xsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
+            } else {
+                core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            }
+        }
+    }
+
+    /// Loads `fx` (changed by the emulator) back into the CPU, when the guest's state
+    /// is there.
+    pub(super) fn guest_fpu_from_memory(&mut self) {
+        if !self.guest_fpu_loaded {
+            return;
+        }
+        // SAFETY: as in `guest_fpu_to_memory`; `fx` holds a valid image (saved by it).
+        unsafe {
+            if self.xsave {
+                core::arch::asm!("xrstor64 [{}]", in(reg) self.fx.0.as_ptr(), in("eax") GUEST_XCR0_SUPPORTED as u32, in("edx") 0u32, options(nostack));
+            } else {
+                core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack));
+            }
         }
     }
 
@@ -374,6 +408,7 @@ impl VcpuInner {
             } else {
                 core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
             }
+            self.guest_fpu_loaded = false;
             // The guest cannot change the SYSCALL MSRs in the CPU (WRMSR exits, and
             // ends the section): the host's go back where the guest's differed.
             for (i, &m) in SYSCALL_MSRS.iter().enumerate() {

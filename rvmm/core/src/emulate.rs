@@ -12,7 +12,7 @@ pub mod decode;
 pub mod execute;
 pub mod flags;
 
-pub use decode::{decode, DecodeError, Insn, Map, Mem, Rep, Rm, SegReg, MAX_INSN_LEN};
+pub use decode::{decode, DecodeError, Insn, Map, Mem, Rep, Rm, SegReg, Vex, MAX_INSN_LEN};
 pub use execute::{execute, Done, Env, Exception, Mode, Regs, Stop};
 
 /// Decodes and carries out the instruction in `code` (the bytes at `regs.rip`).
@@ -27,6 +27,7 @@ pub fn emulate<E: Env>(
     let insn = match decode(code, mode.long, mode.def32) {
         Ok(i) => i,
         Err(DecodeError::TooLong) => return Err(Exception::GP0.into()),
+        Err(DecodeError::Invalid) => return Err(Exception::UD.into()),
         Err(DecodeError::Truncated) => return Err(Stop::Unsupported(0)),
         Err(DecodeError::Unsupported(op)) => return Err(Stop::Unsupported(op)),
     };

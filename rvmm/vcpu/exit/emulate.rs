@@ -85,6 +85,62 @@ pub(super) struct GuestEnv<'a> {
     writes: [Option<Write>; MAX_WRITES],
     /// Page-table write path: only RAM, and the word it read.
     pub(super) pt: Option<PtWord>,
+    /// The guest's vector registers are in `fx` (copied out of the CPU).
+    fpu_synced: bool,
+    /// A vector register the instruction loads: (register, value).
+    vreg_write: Option<(u8, [u8; 32])>,
+}
+
+/// Where XMM0 is in an FXSAVE/XSAVE image, and the XSAVE header's XSTATE_BV.
+const FX_XMM: usize = 160;
+const XSTATE_BV: usize = 512;
+const XSTATE_SSE: u64 = 1 << 1;
+const XSTATE_AVX: u64 = 1 << 2;
+
+/// Where the upper halves of YMM0-15 are in the standard XSAVE format (CPUID leaf 0xD,
+/// sub-leaf 2), if they fit the vCPU's area.
+fn ymm_hi_offset() -> Option<usize> {
+    let off = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    (off >= 576 && off + 256 <= 1024).then_some(off)
+}
+
+/// YMMn from an XSAVE (or FXSAVE) image: a component the image marks as in its
+/// initial state reads as zeros.
+fn image_vreg(fx: &[u8; 1024], xsave: bool, n: u8) -> [u8; 32] {
+    let n = usize::from(n & 15);
+    let bv = u64::from_le_bytes(fx[XSTATE_BV..XSTATE_BV + 8].try_into().unwrap_or([0; 8]));
+    let mut out = [0u8; 32];
+    if !xsave || bv & XSTATE_SSE != 0 {
+        out[..16].copy_from_slice(&fx[FX_XMM + 16 * n..FX_XMM + 16 * n + 16]);
+    }
+    if let (true, Some(off)) = (xsave && bv & XSTATE_AVX != 0, ymm_hi_offset()) {
+        out[16..].copy_from_slice(&fx[off + 16 * n..off + 16 * n + 16]);
+    }
+    out
+}
+
+/// Writes YMMn into an XSAVE (or FXSAVE) image, marking its components in use (a
+/// component that was in its initial state gets zeros for the other registers).
+fn set_image_vreg(fx: &mut [u8; 1024], xsave: bool, n: u8, v: &[u8; 32]) {
+    let n = usize::from(n & 15);
+    if !xsave {
+        fx[FX_XMM + 16 * n..FX_XMM + 16 * n + 16].copy_from_slice(&v[..16]);
+        return;
+    }
+    let mut bv = u64::from_le_bytes(fx[XSTATE_BV..XSTATE_BV + 8].try_into().unwrap_or([0; 8]));
+    if bv & XSTATE_SSE == 0 {
+        fx[FX_XMM..FX_XMM + 256].fill(0);
+        bv |= XSTATE_SSE;
+    }
+    fx[FX_XMM + 16 * n..FX_XMM + 16 * n + 16].copy_from_slice(&v[..16]);
+    if let Some(off) = ymm_hi_offset() {
+        if bv & XSTATE_AVX == 0 {
+            fx[off..off + 256].fill(0);
+            bv |= XSTATE_AVX;
+        }
+        fx[off + 16 * n..off + 16 * n + 16].copy_from_slice(&v[16..]);
+    }
+    fx[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
 }
 
 impl<'a> GuestEnv<'a> {
@@ -110,6 +166,8 @@ impl<'a> GuestEnv<'a> {
             need: None,
             writes: [None; MAX_WRITES],
             pt,
+            fpu_synced: false,
+            vreg_write: None,
         }
     }
 
@@ -221,6 +279,18 @@ impl<'a> GuestEnv<'a> {
 }
 
 impl Env for GuestEnv<'_> {
+    fn vreg(&mut self, n: u8) -> [u8; 32] {
+        if !self.fpu_synced {
+            self.v.guest_fpu_to_memory();
+            self.fpu_synced = true;
+        }
+        image_vreg(&self.v.fx.0, self.v.xsave, n)
+    }
+
+    fn set_vreg(&mut self, n: u8, v: [u8; 32]) {
+        self.vreg_write = Some((n, v));
+    }
+
     fn segment(&mut self, s: SegReg) -> Seg {
         // SEGS is in uapi::Sregs order: CS DS ES FS GS SS.
         let i = match s {
@@ -338,6 +408,11 @@ pub(super) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
             (ss_ar >> 5 & 3) as u8
         },
         align_check: v.cr0 & CR0_AM != 0,
+        sse: v.cr4 & CR4_OSFXSR != 0 && v.cr0 & CR0_EM == 0,
+        avx: v.xsave
+            && v.cr4 & CR4_OSXSAVE != 0
+            && v.xcr0 & (XSTATE_SSE | XSTATE_AVX) == XSTATE_SSE | XSTATE_AVX,
+        ts: v.cr0 & CR0_TS != 0,
         // CR4.LA57 is reserved for rvmm's guests (no 5-level paging).
         la57: false,
     }
@@ -413,10 +488,15 @@ impl VcpuInner {
         let result = emulate::emulate(&code[..n], &mode, &mut regs, &mut env);
         let need = env.need;
         let writes = env.writes;
+        let vreg_write = env.vreg_write;
         let mmio_writes = env.mmio_writes();
         match result {
             Ok((_, done)) => {
                 self.mmio_reads.clear();
+                if let Some((n, v)) = vreg_write {
+                    set_image_vreg(&mut self.fx.0, self.xsave, n, &v);
+                    self.guest_fpu_from_memory();
+                }
                 let full = self.commit_writes(&writes, &ctx);
                 self.emu_commit_regs(vmcs, &before, &regs, done);
                 if full && !self.reload_root(vmcs, true) {

@@ -21,6 +21,9 @@ pub enum DecodeError {
     Truncated,
     /// More than 15 bytes: #GP(0).
     TooLong,
+    /// An encoding the CPU rejects with #UD (a legacy prefix or REX before VEX, an
+    /// opcode map VEX does not define).
+    Invalid,
     /// An instruction the emulator does not carry out: its opcode (0F xx as 0x0fxx,
     /// 0F 38 xx as 0x0f38xx).
     Unsupported(u32),
@@ -104,6 +107,15 @@ pub enum Rm {
     Mem(Mem),
 }
 
+/// The VEX prefix's fields that the moves use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vex {
+    /// VEX.L: 256-bit operation.
+    pub l: bool,
+    /// VEX.vvvv (un-inverted): the moves to and from memory need 0.
+    pub vvvv: u8,
+}
+
 /// A decoded instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Insn {
@@ -139,6 +151,8 @@ pub struct Insn {
     pub seg: Option<SegReg>,
     /// 64-bit mode.
     pub long: bool,
+    /// The VEX prefix (its pp field shows as `p66` and `rep`, its W as `rex_w`).
+    pub vex: Option<Vex>,
 }
 
 impl Insn {
@@ -223,6 +237,11 @@ fn shape(map: Map, op: u8, long: bool) -> Option<(bool, Imm)> {
             _ => return Option::None,
         },
         Map::Two => match op {
+            // SSE moves: MOVUPS/MOVSS/MOVSD, MOVAPS, MOVNTPS, MOVD/MOVQ, MOVDQA/MOVDQU,
+            // MOVQ, MOVNTDQ (and their 66 and VEX forms).
+            0x10 | 0x11 | 0x28 | 0x29 | 0x2b | 0x6e | 0x6f | 0x7e | 0x7f | 0xd6 | 0xe7 => {
+                (true, None)
+            }
             0x40..=0x4f | 0x90..=0x9f => (true, None),
             0xa3 | 0xa5 | 0xab | 0xad | 0xaf => (true, None),
             0xa4 | 0xac | 0xba => (true, B),
@@ -283,6 +302,53 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
         }
         i += 1;
     }
+    // VEX (C4 3-byte, C5 2-byte): outside 64-bit mode only when the next byte has
+    // its top bits set (otherwise C4/C5 are LES/LDS with a memory operand).
+    let mut vex = None;
+    let mut vex_map = None;
+    if let b @ (0xc4 | 0xc5) = at(i)? {
+        let b1 = at(i + 1)?;
+        if long || b1 >> 6 == 3 {
+            if p66 || rep != Rep::None || lock || rex != 0 {
+                return Err(DecodeError::Invalid);
+            }
+            let (r, x, bb, mmmmm, w, b_last) = if b == 0xc5 {
+                (!b1 >> 7 & 1, 0, 0, 1, 0, b1)
+            } else {
+                let b2 = at(i + 2)?;
+                (
+                    !b1 >> 7 & 1,
+                    !b1 >> 6 & 1,
+                    !b1 >> 5 & 1,
+                    b1 & 0x1f,
+                    b2 >> 7,
+                    b2,
+                )
+            };
+            i += if b == 0xc5 { 2 } else { 3 };
+            // Outside 64-bit mode VEX.W is ignored by the moves, and R, X, B are 1.
+            if long {
+                rex = 0x40 | w << 3 | r << 2 | x << 1 | bb;
+            }
+            match b_last & 3 {
+                1 => p66 = true,
+                2 => rep = Rep::Rep,
+                3 => rep = Rep::Repne,
+                _ => {}
+            }
+            let vvvv = !b_last >> 3 & if long { 15 } else { 7 };
+            vex = Some(Vex {
+                l: b_last >> 2 & 1 != 0,
+                vvvv,
+            });
+            vex_map = Some(match mmmmm {
+                1 => Map::Two,
+                2 => Map::Three38,
+                3 => return Err(DecodeError::Unsupported(0x0f_3a00 | u32::from(at(i)?))),
+                _ => return Err(DecodeError::Invalid),
+            });
+        }
+    }
     let rex_w = rex & 8 != 0;
     let opsize = if long && rex_w {
         8
@@ -305,7 +371,9 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
     let mut op = at(i)?;
     i += 1;
     let mut map = Map::One;
-    if op == 0x0f {
+    if let Some(m) = vex_map {
+        map = m;
+    } else if op == 0x0f {
         op = at(i)?;
         i += 1;
         map = Map::Two;
@@ -456,5 +524,6 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
         rex_b: rex & 1 != 0,
         seg,
         long,
+        vex,
     })
 }

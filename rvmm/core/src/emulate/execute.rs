@@ -40,6 +40,12 @@ pub struct Mode {
     pub align_check: bool,
     /// CR4.LA57: canonical addresses have 57 bits.
     pub la57: bool,
+    /// SSE instructions run (CR4.OSFXSR set, CR0.EM clear); else they are #UD.
+    pub sse: bool,
+    /// AVX instructions run (CR4.OSXSAVE, and XCR0 enables SSE and AVX state).
+    pub avx: bool,
+    /// CR0.TS: SSE and AVX instructions raise #NM.
+    pub ts: bool,
 }
 
 /// An exception to deliver to the guest.
@@ -64,6 +70,8 @@ impl Exception {
     pub const SS0: Self = Self::new(12, Some(0));
     /// #AC(0).
     pub const AC0: Self = Self::new(17, Some(0));
+    /// #NM.
+    pub const NM: Self = Self::new(7, None);
 
     const fn new(vector: u8, error_code: Option<u32>) -> Self {
         Self {
@@ -115,12 +123,16 @@ pub enum Done {
 pub trait Env {
     /// Segment register `s`.
     fn segment(&mut self, s: SegReg) -> Seg;
-    /// Reads `buf.len()` bytes (at most 16) at linear address `la`, which may cross a
+    /// Reads `buf.len()` bytes (at most 32) at linear address `la`, which may cross a
     /// page, with the rights of the current privilege level.
     fn read(&mut self, la: u64, buf: &mut [u8]) -> Result<(), Stop>;
-    /// Writes `data` (at most 16 bytes) at linear address `la`: checked now (a fault
+    /// Writes `data` (at most 32 bytes) at linear address `la`: checked now (a fault
     /// is returned now), made when the caller commits.
     fn write(&mut self, la: u64, data: &[u8]) -> Result<(), Stop>;
+    /// Vector register `n` (YMMn; XMMn is its low 16 bytes).
+    fn vreg(&mut self, n: u8) -> [u8; 32];
+    /// Sets YMMn, when the caller commits.
+    fn set_vreg(&mut self, n: u8, v: [u8; 32]);
 }
 
 const RAX: u8 = 0;
@@ -319,8 +331,8 @@ impl<E: Env> Cpu<'_, E> {
         if self.mode.align_check
             && self.mode.cpl == 3
             && self.r.rflags & RFlags::FLAGS_AC.bits() != 0
-            && matches!(size, 2 | 4 | 8 | 16)
-            && la & (u64::from(size.min(8)) - 1) != 0
+            && matches!(size, 2 | 4 | 8)
+            && la & (u64::from(size) - 1) != 0
         {
             return Err(Exception::AC0.into());
         }
@@ -441,6 +453,14 @@ impl<E: Env> Cpu<'_, E> {
         let i = *self.insn;
         if i.lock && !lockable(&i) {
             return Err(Exception::UD.into());
+        }
+        let vector = i.map == Map::Two
+            && matches!(
+                i.op,
+                0x10 | 0x11 | 0x28 | 0x29 | 0x2b | 0x6e | 0x6f | 0x7e | 0x7f | 0xd6 | 0xe7
+            );
+        if i.vex.is_some() && !vector {
+            return Err(Stop::Unsupported(0xc4));
         }
         let w = i.opsize;
         let ext = i.reg & 7;
@@ -625,6 +645,10 @@ impl<E: Env> Cpu<'_, E> {
                 let v = self.read_rm(size)?;
                 self.push(size, v)?;
             }
+            (
+                Map::Two,
+                0x10 | 0x11 | 0x28 | 0x29 | 0x2b | 0x6e | 0x6f | 0x7e | 0x7f | 0xd6 | 0xe7,
+            ) => self.vector_move()?,
             (Map::Two, 0x40..=0x4f) => {
                 // CMOVcc reads its source whatever the condition; a 32-bit destination
                 // is zero-extended even when nothing moves.
@@ -977,6 +1001,82 @@ impl<E: Env> Cpu<'_, E> {
             Some((seg, ea)) => self.write_at(seg, ea, w, r),
             None => self.write_rm(w, r),
         }
+    }
+
+    /// The SSE and AVX moves between a vector register and memory. Legacy SSE loads
+    /// keep bits 255:128 of the YMM register; VEX loads clear them; scalar loads (MOVSS,
+    /// MOVSD, MOVD, MOVQ) clear the bits above their size. The aligned forms raise
+    /// #GP(0) on a misaligned operand.
+    fn vector_move(&mut self) -> Result<(), Stop> {
+        let i = *self.insn;
+        let m = i.mem().ok_or(Stop::Unsupported(0x0f00 | u32::from(i.op)))?;
+        if i.lock {
+            return Err(Exception::UD.into());
+        }
+        let vex = i.vex;
+        if match vex {
+            Some(v) => !self.mode.avx || v.vvvv != 0,
+            None => !self.mode.sse,
+        } {
+            return Err(Exception::UD.into());
+        }
+        if self.mode.ts {
+            return Err(Exception::NM.into());
+        }
+        let wide = vex.is_some_and(|v| v.l);
+        let full = if wide { 32u8 } else { 16 };
+        // (size, load, aligned) by opcode and mandatory prefix.
+        let (none, p66, f3, f2) = (
+            !i.p66 && i.rep == Rep::None,
+            i.p66 && i.rep == Rep::None,
+            i.rep == Rep::Rep,
+            i.rep == Rep::Repne,
+        );
+        let scalar = |size: u8| -> Result<u8, Stop> {
+            if wide {
+                Err(Exception::UD.into())
+            } else {
+                Ok(size)
+            }
+        };
+        let q = if i.rex_w { 8 } else { 4 };
+        let (size, load, aligned) = match i.op {
+            0x10 | 0x11 if none || p66 => (full, i.op == 0x10, false),
+            0x10 | 0x11 if f3 => (4, i.op == 0x10, false),
+            0x10 | 0x11 if f2 => (8, i.op == 0x10, false),
+            0x28 | 0x29 if none || p66 => (full, i.op == 0x28, true),
+            0x2b if none || p66 => (full, false, true),
+            0x6e if p66 => (scalar(q)?, true, false),
+            0x7e if p66 => (scalar(q)?, false, false),
+            0x7e if f3 => (scalar(8)?, true, false),
+            0x6f | 0x7f if p66 => (full, i.op == 0x6f, true),
+            0x6f | 0x7f if f3 => (full, i.op == 0x6f, false),
+            0xd6 if p66 => (scalar(8)?, false, false),
+            0xe7 if p66 => (full, false, true),
+            _ => return Err(Stop::Unsupported(0x0f00 | u32::from(i.op))),
+        };
+        let ea = self.ea(&m);
+        let la = self.linear(m.seg, ea, size, !load)?;
+        if aligned && la & (u64::from(size) - 1) != 0 {
+            return Err(Self::gp_or_ss(m.seg).into());
+        }
+        let n = usize::from(size);
+        let mut reg = self.env.vreg(i.reg & 15);
+        if load {
+            let mut b = [0u8; 32];
+            self.env.read(la, &mut b[..n])?;
+            // Cleared above the load: up to bit 127 (scalar loads), and bits 255:128
+            // with VEX.
+            let keep_from = if vex.is_some() { 32 } else { 16 };
+            reg[..n].copy_from_slice(&b[..n]);
+            for byte in reg.iter_mut().take(keep_from).skip(n) {
+                *byte = 0;
+            }
+            self.env.set_vreg(i.reg & 15, reg);
+        } else {
+            self.env.write(la, &reg[..n])?;
+        }
+        Ok(())
     }
 
     /// CMPXCHG8B / CMPXCHG16B (REX.W): 16 bytes need 16-byte alignment.

@@ -4,6 +4,10 @@
 
 /// CR0.PE.
 pub const CR0_PE: u64 = 1 << 0;
+/// CR0.EM: x87 emulation (SSE instructions are #UD).
+pub const CR0_EM: u64 = 1 << 2;
+/// CR0.TS: task switched (x87, SSE and AVX instructions raise #NM).
+pub const CR0_TS: u64 = 1 << 3;
 /// CR0.AM: alignment checking at CPL 3 with RFLAGS.AC.
 pub const CR0_AM: u64 = 1 << 18;
 /// CR0.WP.
@@ -18,6 +22,10 @@ pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 /// CR4.PGE.
 pub const CR4_PGE: u64 = 1 << 7;
+/// CR4.OSFXSR: the OS supports FXSAVE/FXRSTOR (SSE instructions run).
+pub const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4.OSXSAVE: XSAVE and XCR0 enabled.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
 /// CR4.PCIDE.
 pub const CR4_PCIDE: u64 = 1 << 17;
 /// The CR4 bits whose change flushes the TLB (SDM Vol. 3A, 4.10.4.1; PCIDE from 1
