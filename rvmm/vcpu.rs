@@ -71,9 +71,10 @@ pub(crate) enum Pending {
     },
     /// A VMCALL: the result is in the run page.
     Hypercall,
-    /// An INS: the data is in the run page, for guest-physical `gpa`.
-    StringIn {
-        gpa: u64,
+    /// An INS's port read: the data is in the run page, and the instruction runs
+    /// again with it.
+    PortIn {
+        port: u16,
         size: u8,
     },
     /// An MMIO read of `len` bytes at `gpa`: the data is in the run page, and the

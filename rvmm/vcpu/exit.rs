@@ -36,7 +36,7 @@ mod io;
 mod msrs;
 mod paging;
 
-pub(crate) use emulate::MmioReads;
+pub(crate) use emulate::{MmioReads, PORT_KEY};
 
 /// Basic exit reason 41: a machine-check event during VM entry (SDM C).
 const EXIT_REASON_MACHINE_CHECK: u16 = 41;

@@ -94,14 +94,12 @@ impl VcpuInner {
                     (self.gprs.rax & !mask) | (data & mask)
                 };
             }
-            Pending::StringIn { gpa, size } => {
+            Pending::PortIn { port, size } => {
                 // SAFETY: our run page.
-                let io_data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) };
-                let data = io_data[0].to_le_bytes();
-                if let Some(p) = self.slots.ptr_mut(gpa, size.into()) {
-                    // SAFETY: `size` bytes of a pinned, writable guest page.
-                    unsafe { ptr::copy_nonoverlapping(data.as_ptr(), p, usize::from(size)) };
-                }
+                let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
+                self.mmio_reads.push(super::exit::PORT_KEY | u64::from(port), size, data);
+                self.pending = Pending::None;
+                return Some(self.emulate_insn(vmcs, run));
             }
             Pending::MmioRead { gpa, len } => {
                 // SAFETY: our run page.
@@ -111,7 +109,7 @@ impl VcpuInner {
                 self.mmio_reads.push(gpa, len, data);
                 self.pending = Pending::None;
                 // The instruction runs again, now with the data (and may need more).
-                return Some(self.emulate_mmio(vmcs, run));
+                return Some(self.emulate_insn(vmcs, run));
             }
             Pending::MmioWrite => {
                 self.pending = Pending::None;

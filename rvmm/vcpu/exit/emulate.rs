@@ -12,6 +12,10 @@ use rvmm_core::guest_state::Seg;
 use super::*;
 use crate::vcpu::state::SEGS;
 
+/// Port reads share the answer cache with MMIO reads, keyed apart by this bit (no
+/// guest-physical address has it).
+pub(crate) const PORT_KEY: u64 = 1 << 63;
+
 /// MMIO reads one instruction may make (a CMPXCHG16B on device memory makes two).
 const MAX_MMIO_READS: usize = 4;
 /// Write pieces (at most 8 bytes each, within one page) one instruction may make.
@@ -80,8 +84,11 @@ pub(super) struct GuestEnv<'a> {
     la_mask: u64,
     /// MMIO reads answered so far and taken by this run of the instruction.
     reads_taken: usize,
-    /// The MMIO read that userspace must answer before the instruction can complete.
+    /// The MMIO read (or, with `PORT_KEY`, port read) that userspace must answer
+    /// before the instruction can complete.
     pub(super) need: Option<(u64, u8)>,
+    /// A port write of the instruction: (port, size, value).
+    port_out: Option<(u16, u8, u64)>,
     writes: [Option<Write>; MAX_WRITES],
     /// Page-table write path: only RAM, and the word it read.
     pub(super) pt: Option<PtWord>,
@@ -168,6 +175,7 @@ impl<'a> GuestEnv<'a> {
             pt,
             fpu_synced: false,
             vreg_write: None,
+            port_out: None,
         }
     }
 
@@ -279,6 +287,21 @@ impl<'a> GuestEnv<'a> {
 }
 
 impl Env for GuestEnv<'_> {
+    fn port_in(&mut self, port: u16, size: u8) -> Result<u64, Stop> {
+        if self.pt.is_some() {
+            return Err(Stop::Unsupported(0));
+        }
+        self.mmio_read(PORT_KEY | u64::from(port), size)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u64) -> Result<(), Stop> {
+        if self.pt.is_some() {
+            return Err(Stop::Unsupported(0));
+        }
+        self.port_out = Some((port, size, value));
+        Ok(())
+    }
+
     fn vreg(&mut self, n: u8) -> [u8; 32] {
         if !self.fpu_synced {
             self.v.guest_fpu_to_memory();
@@ -470,9 +493,10 @@ impl VcpuInner {
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
-    /// slot): the emulator carries out the instruction; device memory it reads or
-    /// writes goes to userspace as MMIO exits (the xAPIC page stays in the kernel).
-    pub(in crate::vcpu) fn emulate_mmio(
+    /// slot), or a string I/O instruction: the emulator carries out the instruction;
+    /// device memory and ports it reads or writes go to userspace as MMIO and I/O
+    /// exits (the xAPIC page stays in the kernel).
+    pub(in crate::vcpu) fn emulate_insn(
         &mut self,
         vmcs: &CurrentVmcs,
         run: *mut uapi::Run,
@@ -489,6 +513,7 @@ impl VcpuInner {
         let need = env.need;
         let writes = env.writes;
         let vreg_write = env.vreg_write;
+        let port_out = env.port_out;
         let mmio_writes = env.mmio_writes();
         match result {
             Ok((_, done)) => {
@@ -503,9 +528,33 @@ impl VcpuInner {
                     return self.no_shadow(vmcs, run, before.rip, 5);
                 }
                 self.mmio_reads.writes = mmio_writes;
+                if let Some((port, size, value)) = port_out {
+                    let io = IoAccess {
+                        size,
+                        input: false,
+                        string: true,
+                        rep: false,
+                        port,
+                    };
+                    return self.io_exit(run, io, value & rvmm_core::emulate::flags::mask(size));
+                }
                 self.next_mmio_write(run).unwrap_or(Next::Fast)
             }
             Err(Stop::Retry) => match need {
+                Some((key, size)) if key & PORT_KEY != 0 => {
+                    let io = IoAccess {
+                        size,
+                        input: true,
+                        string: true,
+                        rep: false,
+                        port: key as u16,
+                    };
+                    self.pending = Pending::PortIn {
+                        port: key as u16,
+                        size,
+                    };
+                    self.io_exit(run, io, 0)
+                }
                 Some((gpa, len)) => {
                     let exit = uapi::ExitMmio {
                         phys_addr: gpa,

@@ -51,9 +51,9 @@ impl VcpuInner {
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
-    /// slot): the emulator carries out the instruction (see `emulate_mmio`).
+    /// slot): the emulator carries out the instruction (see `emulate_insn`).
     pub(super) fn mmio(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
-        self.emulate_mmio(vmcs, run)
+        self.emulate_insn(vmcs, run)
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many, or

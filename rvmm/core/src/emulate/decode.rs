@@ -224,6 +224,7 @@ fn shape(map: Map, op: u8, long: bool) -> Option<(bool, Imm)> {
             0x82 if !long => (true, B),
             0x81 => (true, Z),
             0x84..=0x8c | 0x8f => (true, None),
+            0x6c..=0x6f => (false, None),
             0xa0..=0xa3 => (false, Moffs),
             0xa4..=0xa7 | 0xaa..=0xaf => (false, None),
             0xc0 | 0xc1 => (true, B),

@@ -129,6 +129,11 @@ pub trait Env {
     /// Writes `data` (at most 32 bytes) at linear address `la`: checked now (a fault
     /// is returned now), made when the caller commits.
     fn write(&mut self, la: u64, data: &[u8]) -> Result<(), Stop>;
+    /// Reads `size` bytes from I/O port `port` (`Stop::Retry` while userspace has not
+    /// answered).
+    fn port_in(&mut self, port: u16, size: u8) -> Result<u64, Stop>;
+    /// Writes `size` bytes of `value` to I/O port `port`, when the caller commits.
+    fn port_out(&mut self, port: u16, size: u8, value: u64) -> Result<(), Stop>;
     /// Vector register `n` (YMMn; XMMn is its low 16 bytes).
     fn vreg(&mut self, n: u8) -> [u8; 32];
     /// Sets YMMn, when the caller commits.
@@ -581,7 +586,7 @@ impl<E: Env> Cpu<'_, E> {
                     self.write_rm(size, v)?;
                 }
             }
-            (Map::One, 0xa4..=0xa7 | 0xaa..=0xaf) => return self.string(),
+            (Map::One, 0x6c..=0x6f | 0xa4..=0xa7 | 0xaa..=0xaf) => return self.string(),
             (Map::One, 0xc0 | 0xc1 | 0xd0..=0xd3) => {
                 let size = if i.op & 1 == 0 { 1 } else { w };
                 let count = match i.op {
@@ -1125,11 +1130,17 @@ impl<E: Env> Cpu<'_, E> {
         Ok(())
     }
 
-    /// MOVS, CMPS, STOS, LODS, SCAS: one iteration; with REP, `Done::Repeat` while
-    /// the count and the REPE/REPNE condition say go on.
+    /// INS, OUTS, MOVS, CMPS, STOS, LODS, SCAS: one iteration; with REP,
+    /// `Done::Repeat` while the count and the REPE/REPNE condition say go on. (The
+    /// I/O permission checks of INS and OUTS come before their VM exit.)
     fn string(&mut self) -> Result<Done, Stop> {
         let i = *self.insn;
-        let size = if i.op & 1 == 0 { 1 } else { i.opsize };
+        let size = match i.op {
+            0x6c | 0x6e => 1,
+            0x6d | 0x6f => i.opsize.min(4),
+            _ if i.op & 1 == 0 => 1,
+            _ => i.opsize,
+        };
         let asz = i.addrsize;
         let am = mask(asz);
         let rep = i.rep != Rep::None;
@@ -1144,7 +1155,20 @@ impl<E: Env> Cpu<'_, E> {
         );
         let (mut step_si, mut step_di) = (false, false);
         let mut compared = false;
+        let port = self.r.gpr[usize::from(RDX)] as u16;
         match i.op {
+            0x6c | 0x6d => {
+                // The destination's segment checks come before the port read.
+                self.linear(SegReg::Es, di, size, true)?;
+                let v = self.env.port_in(port, size)?;
+                self.write_at(SegReg::Es, di, size, v)?;
+                step_di = true;
+            }
+            0x6e | 0x6f => {
+                let v = self.read_at(src_seg, si, size)?;
+                self.env.port_out(port, size, v)?;
+                step_si = true;
+            }
             0xa4 | 0xa5 => {
                 let v = self.read_at(src_seg, si, size)?;
                 self.write_at(SegReg::Es, di, size, v)?;

@@ -21,6 +21,10 @@ struct TestEnv {
     reads: usize,
     vregs: [[u8; 32]; 16],
     pending_vreg: Option<(u8, [u8; 32])>,
+    /// Port reads answer from here (in order); port writes collect in `outs`.
+    ins: Vec<u64>,
+    outs: Vec<(u16, u8, u64)>,
+    pending_out: Option<(u16, u8, u64)>,
 }
 
 impl TestEnv {
@@ -75,6 +79,9 @@ impl TestEnv {
         if let Some((n, v)) = self.pending_vreg.take() {
             self.vregs[usize::from(n)] = v;
         }
+        if let Some(o) = self.pending_out.take() {
+            self.outs.push(o);
+        }
     }
 }
 
@@ -97,6 +104,16 @@ impl Env for TestEnv {
     }
     fn vreg(&mut self, n: u8) -> [u8; 32] {
         self.vregs[usize::from(n & 15)]
+    }
+    fn port_in(&mut self, _port: u16, _size: u8) -> Result<u64, Stop> {
+        if self.ins.is_empty() {
+            return Err(Stop::Retry);
+        }
+        Ok(self.ins.remove(0))
+    }
+    fn port_out(&mut self, port: u16, size: u8, value: u64) -> Result<(), Stop> {
+        self.pending_out = Some((port, size, value));
+        Ok(())
     }
     fn set_vreg(&mut self, n: u8, v: [u8; 32]) {
         self.pending_vreg = Some((n & 15, v));
@@ -157,6 +174,8 @@ fn run(code: &[u8], mode: &Mode, r: &mut Regs, env: &mut TestEnv) -> Result<Done
         env.commit();
     } else {
         env.pending.clear();
+        env.pending_out = None;
+        env.pending_vreg = None;
     }
     res
 }
@@ -801,7 +820,7 @@ fn supported_opcodes() -> Vec<Vec<u8>> {
     for op in 0u8..=0xff {
         let one = match op {
             0x00..=0x3f => op & 7 < 6 && op != 0x0f,
-            0x50..=0x5f | 0x63 | 0x68..=0x6b | 0x80 | 0x81 | 0x83..=0x8c | 0x8f => true,
+            0x50..=0x5f | 0x63 | 0x68..=0x6f | 0x80 | 0x81 | 0x83..=0x8c | 0x8f => true,
             0xa0..=0xa7 | 0xaa..=0xaf | 0xc0..=0xc3 | 0xc6 | 0xc7 | 0xd0..=0xd3 | 0xe8 => true,
             0xf6 | 0xf7 | 0xfe | 0xff => true,
             _ => false,
@@ -864,6 +883,42 @@ proptest::proptest! {
             proptest::prop_assert_eq!(usize::from(i.len), n, "{:x?} long {} def32 {}", code, long, def32);
         }
     }
+}
+
+#[test]
+fn string_port_io() {
+    // rep insw with cx = 2 into es:[di], 16-bit code; the second port read is not
+    // answered yet: Retry, nothing changes.
+    let mut env = TestEnv::flat32();
+    env.ins = std::vec![0x1234];
+    let mut r = regs(&[(7, 0x500), (1, 2), (2, 0x3f8)]);
+    assert_eq!(run(&[0xf3, 0x6d], &M16, &mut r, &mut env), Ok(Done::Repeat));
+    assert_eq!((env.get(0x500, 2), r.gpr[7], r.gpr[1]), (0x1234, 0x502, 1));
+    let before = r;
+    assert_eq!(run(&[0xf3, 0x6d], &M16, &mut r, &mut env), Err(Stop::Retry));
+    assert_eq!(r, before);
+    env.ins.push(0x5678);
+    assert_eq!(run(&[0xf3, 0x6d], &M16, &mut r, &mut env), Ok(Done::Next));
+    assert_eq!((env.get(0x502, 2), r.rip), (0x5678, 0x102));
+    // outsb from fs:[esi] (64-bit mode), DF set: ESI goes down.
+    let mut env = TestEnv::flat64();
+    env.segs[SegReg::Fs as usize].base = 0x9000;
+    env.put(0x9010, &[0x77]);
+    let mut r = regs(&[(6, 0x10), (2, 0x80)]);
+    r.rflags |= 1 << 10;
+    run(&[0x64, 0x6e], &M64, &mut r, &mut env).unwrap();
+    assert_eq!(env.outs, std::vec![(0x80, 1, 0x77)]);
+    assert_eq!(r.gpr[6], 0xf);
+    // insd into a read-only segment: #GP(0) before the port is read.
+    let mut env = TestEnv::flat32();
+    env.segs[SegReg::Es as usize].ar = 0xc091;
+    env.ins = std::vec![1];
+    let mut r = regs(&[(7, 0x500)]);
+    assert_eq!(
+        run(&[0x6d], &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception::GP0))
+    );
+    assert_eq!(env.ins.len(), 1);
 }
 
 #[test]
