@@ -202,6 +202,12 @@ pub(crate) struct VcpuInner {
     on_pool: bool,
     /// The CPU lets the guest run INVPCID (exiting on it): CPUID shows INVPCID.
     pub(crate) invpcid: bool,
+    /// RDTSCP and RDPID run in the guest (the "enable RDTSCP" control is on).
+    pub(crate) rdtscp: bool,
+    /// The guest's IA32_TSC_AUX (in the CPU during run sections when `rdtscp`).
+    tsc_aux: u64,
+    /// The guest's IA32_TSC_ADJUST: what its writes to it and to the TSC added.
+    tsc_adjust: u64,
     mode: PagingMode,
     /// Under PAE paging, the PDPTE registers: what the last load (MOV CR3, a paging
     /// change) read from the PDPT, which walks use instead of memory; `None` when a
@@ -379,6 +385,9 @@ impl Vcpu {
             proot_gen: 0,
             on_pool: false,
             invpcid: false,
+            rdtscp: false,
+            tsc_aux: 0,
+            tsc_adjust: 0,
             mode: PagingMode::None,
             slots: Arc::new(MemSlots::new(), crate::vm_gfp())?,
             need_reset: true,

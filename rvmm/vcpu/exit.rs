@@ -386,6 +386,7 @@ impl VcpuInner {
             apic: self.apic.is_some(),
             apic_id: self.vcpu_id,
             invpcid: self.invpcid,
+            rdtscp: self.rdtscp,
             tsc_khz: self.tsc_khz,
             host_max_basic: self.host_max_basic,
         }

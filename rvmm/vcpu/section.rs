@@ -20,6 +20,9 @@ pub(super) struct HostContext {
     syscall: [u64; 4],
     guest_syscall: [u64; 4],
     xcr0: u64,
+    /// The host's IA32_TSC_AUX (its CPU number, for RDTSCP and RDPID), when the
+    /// guest's is loaded.
+    tsc_aux: Option<u64>,
 }
 
 /// The SYSCALL MSRs, in the order of `VcpuInner::syscall_msrs`.
@@ -97,7 +100,8 @@ impl VcpuInner {
             Pending::PortIn { port, size } => {
                 // SAFETY: our run page.
                 let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
-                self.mmio_reads.push(super::exit::PORT_KEY | u64::from(port), size, data);
+                self.mmio_reads
+                    .push(super::exit::PORT_KEY | u64::from(port), size, data);
                 self.pending = Pending::None;
                 return Some(self.emulate_insn(vmcs, run));
             }
@@ -321,7 +325,15 @@ impl VcpuInner {
                 syscall: [0; 4],
                 guest_syscall: self.syscall_msrs,
                 xcr0: 0,
+                tsc_aux: None,
             };
+            if self.rdtscp {
+                let h = vmx::rdmsr_arch(msr::IA32_TSC_AUX);
+                if h != self.tsc_aux {
+                    vmx::wrmsr_arch(msr::IA32_TSC_AUX, self.tsc_aux);
+                }
+                host.tsc_aux = Some(h);
+            }
             vmx::wrmsr_arch(msr::IA32_KERNEL_GSBASE, self.kernel_gs_base);
             // The guest's breakpoint addresses, only while its DR7 enables one: the
             // host's would match in the guest otherwise (and tell it where they are).
@@ -407,6 +419,12 @@ impl VcpuInner {
                 core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
             }
             self.guest_fpu_loaded = false;
+            // A guest WRMSR to IA32_TSC_AUX went to the CPU too.
+            if let Some(h) = host.tsc_aux {
+                if h != self.tsc_aux {
+                    vmx::wrmsr_arch(msr::IA32_TSC_AUX, h);
+                }
+            }
             // The guest cannot change the SYSCALL MSRs in the CPU (WRMSR exits, and
             // ends the section): the host's go back where the guest's differed.
             for (i, &m) in SYSCALL_MSRS.iter().enumerate() {

@@ -116,16 +116,24 @@ impl VcpuInner {
                 .clamp(1, u64::from(u32::MAX));
         }
         self.proc_base = proc;
-        // Secondary controls only for INVPCID (which then exits, with INVLPG exiting);
-        // without them a guest INVPCID is #UD and CPUID does not show it.
+        // Secondary controls for INVPCID (which then exits, with INVLPG exiting) and
+        // RDTSCP (and RDPID: they run in the guest, reading its IA32_TSC_AUX, which the
+        // run section switches); without them a guest INVPCID, RDTSCP or RDPID is #UD
+        // and CPUID does not show it.
         let proc2 = if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
             AllowedControls(caps.procbased2)
-                .adjust(0, SecondaryControls::ENABLE_INVPCID.bits())
+                .adjust(
+                    0,
+                    (SecondaryControls::ENABLE_INVPCID | SecondaryControls::ENABLE_RDTSCP).bits(),
+                )
                 .unwrap_or(0)
         } else {
             0
         };
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
+        // The host must have RDTSCP for its IA32_TSC_AUX to exist.
+        self.rdtscp = proc2 & SecondaryControls::ENABLE_RDTSCP.bits() != 0
+            && core::arch::x86_64::__cpuid(0x8000_0001).edx & rvmm_core::cpuid::EXT_EDX_RDTSCP != 0;
         let mut vapic_pa = 0;
         if proc & PrimaryControls::USE_TPR_SHADOW.bits() != 0 {
             let page = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;

@@ -110,6 +110,7 @@ fn main() {
             hypercall::hypercalls_exit_only_when_asked,
         );
         suite.add("misc_enable_reads_back", cpu_msrs::misc_enable_reads_back);
+        suite.add("rdtscp_and_tsc_adjust", cpu_msrs::rdtscp_and_tsc_adjust);
         suite.add("cpuid_values_as_set", vm_tests::cpuid_values_as_set);
         suite.add("msrs_get_set", vm_tests::msrs_get_set);
         suite.add(

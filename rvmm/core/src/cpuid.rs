@@ -21,6 +21,9 @@ pub struct Config {
     pub apic_id: u32,
     /// INVPCID exits to rvmm.
     pub invpcid: bool,
+    /// The "enable RDTSCP" VM-execution control is on: RDTSCP (and RDPID, where the
+    /// host has it) run, reading the guest's IA32_TSC_AUX.
+    pub rdtscp: bool,
     /// The TSC (and APIC timer) frequency in kHz.
     pub tsc_khz: u32,
     /// The host's highest basic leaf.
@@ -67,6 +70,12 @@ const L1_EDX_HIDDEN: u32 = (1 << 7)
 /// Leaf 7 EBX bits shown: FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
 const L7_EBX_SHOWN: u32 =
     (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20);
+/// CPUID.(EAX=7,ECX=0):EBX.TSC_ADJUST: IA32_TSC_ADJUST (rvmm emulates it, always).
+pub const L7_EBX_TSC_ADJUST: u32 = 1 << 1;
+/// CPUID.(EAX=7,ECX=0):ECX.RDPID.
+pub const L7_ECX_RDPID: u32 = 1 << 22;
+/// CPUID.80000001H:EDX.RDTSCP.
+pub const EXT_EDX_RDTSCP: u32 = 1 << 27;
 
 /// The guest's CPUID leaf `leaf`/`sub`, from the host's answer `host` ([eax, ebx, ecx,
 /// edx]).
@@ -101,11 +110,12 @@ pub fn guest(leaf: u32, sub: u32, host: [u32; 4], c: &Config) -> [u32; 4] {
         // Cache parameters: no sharing, one core per package.
         4 => a &= 0x3fff,
         7 if sub == 0 => {
-            b &= L7_EBX_SHOWN;
+            b = (b & L7_EBX_SHOWN) | L7_EBX_TSC_ADJUST;
             if c.invpcid {
                 b |= 1 << 10;
             }
-            (a, cx, d) = (0, 0, 0);
+            cx &= if c.rdtscp { L7_ECX_RDPID } else { 0 };
+            (a, d) = (0, 0);
         }
         7 => (a, b, cx, d) = (0, 0, 0, 0),
         0xd if c.xsave => {
@@ -129,7 +139,7 @@ pub fn guest(leaf: u32, sub: u32, host: [u32; 4], c: &Config) -> [u32; 4] {
             cx = b;
             d = b;
         }
-        0x8000_0001 => d &= !(1 << 27), // RDTSCP is not enabled
+        0x8000_0001 if !c.rdtscp => d &= !EXT_EDX_RDTSCP,
         _ => {}
     }
     [a, b, cx, d]
@@ -263,9 +273,23 @@ mod tests {
                 ..cfg()
             },
         );
-        assert_eq!(l7[1], L7_EBX_SHOWN | (1 << 10));
+        assert_eq!(l7[1], L7_EBX_SHOWN | L7_EBX_TSC_ADJUST | (1 << 10));
         assert_eq!([l7[0], l7[2], l7[3]], [0, 0, 0]);
-        assert_eq!(guest(0x8000_0001, 0, EVERYTHING, &cfg())[3] & (1 << 27), 0);
+        assert_eq!(
+            guest(0x8000_0001, 0, EVERYTHING, &cfg())[3] & EXT_EDX_RDTSCP,
+            0
+        );
+        // With the RDTSCP control: RDTSCP, and RDPID where the host has it.
+        let on = Config {
+            rdtscp: true,
+            ..cfg()
+        };
+        assert_ne!(
+            guest(0x8000_0001, 0, EVERYTHING, &on)[3] & EXT_EDX_RDTSCP,
+            0
+        );
+        assert_eq!(guest(7, 0, EVERYTHING, &on)[2], L7_ECX_RDPID);
+        assert_eq!(guest(7, 0, [0; 4], &on)[2], 0);
         assert_eq!(guest(4, 0, EVERYTHING, &cfg())[0], 0x3fff);
     }
 }

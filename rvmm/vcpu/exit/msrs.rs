@@ -42,6 +42,9 @@ impl VcpuInner {
             // SAFETY: inside a run section with the guest's context loaded; `v` is canonical
             // (checked by `set_msr`).
             msr::IA32_KERNEL_GSBASE => unsafe { crate::vmx::wrmsr_arch(index, v) },
+            // SAFETY: as above; the section loaded the guest's IA32_TSC_AUX (`rdtscp`),
+            // and puts the host's back at its end.
+            msr::IA32_TSC_AUX => unsafe { crate::vmx::wrmsr_arch(index, v) },
             // Loaded at the section's start: end the section so the next one loads them.
             msr::IA32_STAR | msr::IA32_LSTAR | msr::IA32_CSTAR | msr::IA32_FMASK => {
                 return Next::Host
@@ -75,6 +78,8 @@ impl VcpuInner {
             }
             MSR_TSC_DEADLINE if self.apic.is_some() => self.apic.as_ref()?.tsc_deadline(),
             msr::IA32_MISC_ENABLE => self.misc_enable,
+            msr::IA32_TSC_AUX if self.rdtscp => self.tsc_aux,
+            msr::IA32_TSC_ADJUST => self.tsc_adjust,
             // IA32_BIOS_SIGN_ID: the microcode revision (none: 0), which Linux writes 0
             // to and reads back after a CPUID.
             IA32_BIOS_SIGN_ID => 0,
@@ -134,9 +139,24 @@ impl VcpuInner {
                 vmcs.write(guest::IA32_PAT_FULL, v)
             }
             msr::IA32_TIME_STAMP_COUNTER => {
-                self.tsc_offset = v.wrapping_sub(rdtsc());
+                // IA32_TSC_ADJUST follows a write to the TSC (SDM Vol. 3B, 18.17.3).
+                let offset = v.wrapping_sub(rdtsc());
+                self.tsc_adjust = self
+                    .tsc_adjust
+                    .wrapping_add(offset.wrapping_sub(self.tsc_offset));
+                self.tsc_offset = offset;
                 vmcs.write(control::TSC_OFFSET_FULL, self.tsc_offset);
             }
+            msr::IA32_TSC_ADJUST => {
+                // Writing it moves the TSC by the difference.
+                self.tsc_offset = self
+                    .tsc_offset
+                    .wrapping_add(v.wrapping_sub(self.tsc_adjust));
+                self.tsc_adjust = v;
+                vmcs.write(control::TSC_OFFSET_FULL, self.tsc_offset);
+            }
+            // Bits 63:32 are reserved.
+            msr::IA32_TSC_AUX if self.rdtscp && v >> 32 == 0 => self.tsc_aux = v,
             msr::IA32_APIC_BASE if self.apic.is_some() => {
                 let m = self.maxphyaddr;
                 if self
