@@ -6,12 +6,13 @@
 //! random registers and flags. Registers, the flags the SDM defines, memory and the
 //! exception raised must agree.
 
-use crate::adversarial::{new_vcpu, Machine, CODE};
+use crate::adversarial::CODE;
 use crate::check;
 use crate::ktap::Outcome;
-use rvmm::guest::{EntryMode, GuestMem};
+use rvmm::backend::{Backend, KvmBackend, RvmmBackend};
+use rvmm::guest::{setup, EntryMode, GuestMem};
 use rvmm::uapi::Regs;
-use rvmm::{Exit, Vcpu};
+use rvmm::Exit;
 
 /// Guest RAM size.
 const RAM: usize = 8 << 20;
@@ -309,22 +310,42 @@ struct Outcome1 {
     vec: Vec<u8>,
 }
 
+/// One run of a form from one starting state.
+struct Case {
+    form: usize,
+    /// Code with the operand region at `RAM_BUF`; `moffs_at`: where its 8-byte moffs
+    /// address is, to point it at the region run.
+    code: Vec<u8>,
+    moffs_at: Option<usize>,
+    regs: Regs,
+    mem: Vec<u8>,
+    ymm: Vec<u8>,
+}
+
+/// Runs `code` from `regs` with the operand region at `base` (RAM or MMIO backed by
+/// this test with the bytes `mem`).
 fn run_form(
+    b: &mut dyn Backend,
     gm: &mut GuestMem,
-    v: &Vcpu,
-    code: &[u8],
-    regs: &Regs,
-    mem: &[u8],
+    c: &Case,
     base: u64,
 ) -> Result<Outcome1, String> {
-    gm.write(CODE, code)?;
-    gm.write(RAM_BUF, mem)?;
+    let mut code = c.code.clone();
+    if let Some(at) = c.moffs_at {
+        code[at..at + 8].copy_from_slice(&(base + PTR).to_le_bytes());
+    }
+    let mut regs = c.regs;
+    regs.rdi = regs.rdi.wrapping_add(base);
+    regs.rsi = regs.rsi.wrapping_add(base);
+    gm.write(CODE, &code)?;
+    gm.write(RAM_BUF, &c.mem)?;
+    gm.write(VEC_IN, &c.ymm)?;
     gm.write(VEC_OUT, &[0; 32])?;
-    let mut dev = mem.to_vec();
-    v.set_regs(regs).map_err(|e| e.to_string())?;
+    let mut dev = c.mem.clone();
+    b.set_regs(&regs)?;
     let mut exception = None;
     for _ in 0..64 {
-        match v.run().map_err(|e| e.to_string())? {
+        match b.run()? {
             Exit::Hlt => break,
             Exit::IoOut {
                 port: EXC_PORT,
@@ -333,7 +354,7 @@ fn run_form(
             } => {
                 // CR2 means something after a #PF only.
                 let cr2 = match data as u8 {
-                    14 => v.sregs().map_err(|e| e.to_string())?.cr2.wrapping_sub(base),
+                    14 => b.sregs()?.cr2.wrapping_sub(base),
                     _ => 0,
                 };
                 exception = Some((data as u8, cr2));
@@ -355,23 +376,23 @@ fn run_form(
                 if is_write {
                     dev[off..off + len].copy_from_slice(&data.to_le_bytes()[..len]);
                 } else {
-                    let mut b = [0u8; 8];
-                    b[..len].copy_from_slice(&dev[off..off + len]);
-                    v.set_mmio_data(u64::from_le_bytes(b));
+                    let mut v = [0u8; 8];
+                    v[..len].copy_from_slice(&dev[off..off + len]);
+                    b.set_mmio_data(u64::from_le_bytes(v));
                 }
             }
             e => return Err(format!("unexpected exit {e:?}")),
         }
     }
-    let mut regs = v.regs().map_err(|e| e.to_string())?;
+    let mut regs = b.regs()?;
     regs.rdi = regs.rdi.wrapping_sub(base);
     regs.rsi = regs.rsi.wrapping_sub(base);
     let mem = if base == MMIO_BUF {
         dev
     } else {
-        let mut b = vec![0u8; BUF_LEN];
-        gm.read(RAM_BUF, &mut b)?;
-        b
+        let mut v = vec![0u8; BUF_LEN];
+        gm.read(RAM_BUF, &mut v)?;
+        v
     };
     let mut vec = vec![0u8; 32];
     gm.read(VEC_OUT, &mut vec)?;
@@ -383,48 +404,14 @@ fn run_form(
     })
 }
 
-/// Every form, from several random starting states, on RAM and on MMIO.
-pub fn emulator_matches_the_cpu(_: &crate::Ctx) -> Outcome {
-    let mut m = Machine::new(EntryMode::Long, RAM)?;
-    // IDT: 32 interrupt gates to the handlers, in the 64-bit code segment.
-    let cs = m.sregs.cs.selector;
-    for n in 0..32u64 {
-        let h = HANDLERS + 16 * n;
-        m.mem
-            .write(h, &[0xb0, n as u8, 0xe6, EXC_PORT as u8, 0xf4])?;
-        let lo =
-            (h & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((h >> 16 & 0xffff) << 48);
-        m.mem.write_u64(IDT + 16 * n, lo)?;
-        m.mem.write_u64(IDT + 16 * n + 8, h >> 32)?;
-    }
-    m.mem.write(TARGET, &[0xf4])?;
-    let mut sregs = m.sregs;
-    sregs.idt.base = IDT;
-    sregs.idt.limit = 32 * 16 - 1;
-    sregs.cr4 |= CR4_SSE_AVX;
-    let base_regs = m.regs;
-    let v = new_vcpu(&m.vm, 0, &base_regs, &sregs)?;
-    // XCR0 = x87 | SSE | AVX: xor ecx, ecx; mov eax, 7; xor edx, edx; xsetbv; hlt.
-    m.mem.write(
-        CODE,
-        &[
-            0x31, 0xc9, 0xb8, 7, 0, 0, 0, 0x31, 0xd2, 0x0f, 0x01, 0xd1, 0xf4,
-        ],
-    )?;
-    let e = v.run().map_err(|e| e.to_string())?;
-    check(e == Exit::Hlt, || {
-        format!("XSETBV to enable AVX: exit {e:?}")
-    })?;
+/// Every form from 3 random starting states: the same cases for every backend.
+fn cases(all: &[Form], base_regs: &Regs) -> Vec<Case> {
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
-    let (mut runs, mut differ) = (0, Vec::new());
-    // Runs that raised an exception, and vector-move runs that completed: the test
-    // proves little if the forms fault before they reach device memory.
-    let (mut faulted, mut vector_done) = (0, 0);
-    let all = forms();
-    for f in &all {
+    let mut out = Vec::new();
+    for (form, f) in all.iter().enumerate() {
         for _ in 0..3 {
             let mut mem: Vec<u8> = (0..BUF_LEN).map(|_| rng.next() as u8).collect();
-            let mut r = base_regs;
+            let mut r = *base_regs;
             for slot in [
                 &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rbp, &mut r.r8, &mut r.r9,
                 &mut r.r10, &mut r.r11, &mut r.r12, &mut r.r13, &mut r.r14, &mut r.r15,
@@ -436,9 +423,14 @@ pub fn emulator_matches_the_cpu(_: &crate::Ctx) -> Outcome {
             r.rdi = PTR;
             r.rsi = PTR - 0x40;
             let mut code = f.bytes.clone();
+            let mut moffs_at = None;
+            let mut ymm = vec![0u8; 32];
             match f.kind {
                 Kind::Plain => {}
-                Kind::Moffs => code.extend_from_slice(&PTR.to_le_bytes()),
+                Kind::Moffs => {
+                    moffs_at = Some(code.len());
+                    code.extend_from_slice(&PTR.to_le_bytes());
+                }
                 Kind::ShiftImm(max) => {
                     if let Some(last) = code.last_mut() {
                         *last = (rng.next() % (u64::from(max) + 1)) as u8;
@@ -469,74 +461,186 @@ pub fn emulator_matches_the_cpu(_: &crate::Ctx) -> Outcome {
                     }
                 }
                 Kind::Vector => {
-                    let ymm: Vec<u8> = (0..32).map(|_| rng.next() as u8).collect();
-                    m.mem.write(VEC_IN, &ymm)?;
+                    ymm = (0..32).map(|_| rng.next() as u8).collect();
                     let mut c = ymm1_rip(false, CODE, VEC_IN);
                     c.extend_from_slice(&code);
                     let at = CODE + c.len() as u64;
                     c.extend_from_slice(&ymm1_rip(true, at, VEC_OUT));
+                    moffs_at = None;
                     code = c;
                 }
             }
             code.push(0xf4);
-            let mut outcomes = Vec::new();
-            let mut failed = None;
-            for base in [RAM_BUF, MMIO_BUF] {
-                let mut rb = r;
-                rb.rdi = r.rdi.wrapping_add(base);
-                rb.rsi = r.rsi.wrapping_add(base);
-                let mut c = code.clone();
-                if f.kind == Kind::Moffs {
-                    let at = f.bytes.len();
-                    c[at..at + 8].copy_from_slice(&(base + PTR).to_le_bytes());
-                }
-                match run_form(&mut m.mem, &v, &c, &rb, &mem, base) {
-                    Ok(o) => outcomes.push(o),
-                    Err(e) => failed = Some(e),
-                }
-            }
-            runs += 1;
-            if let Some(e) = failed {
-                differ.push(format!("{:02x?} from {r:x?}: {e}", f.bytes));
-                continue;
-            }
-            let (native, emulated) = (&outcomes[0], &outcomes[1]);
-            if native.exception.is_some() {
-                faulted += 1;
-            } else if f.kind == Kind::Vector {
-                vector_done += 1;
-            }
-            let mut e = emulated.regs;
-            e.rflags = (e.rflags & !f.undef) | (native.regs.rflags & f.undef);
-            if e != native.regs
-                || native.exception != emulated.exception
-                || native.mem != emulated.mem
-            {
-                if differ.len() < 8 {
-                    differ.push(format!(
-                        "{:02x?} from {r:x?}:\n  cpu      {:x?} exc {:?}\n  emulated {:x?} exc {:?}{}{}",
-                        f.bytes,
-                        native.regs,
-                        native.exception,
-                        emulated.regs,
-                        emulated.exception,
-                        if native.mem != emulated.mem { " (memory differs)" } else { "" },
-                        if native.vec != emulated.vec { " (YMM1 differs)" } else { "" }
-                    ));
-                } else {
-                    differ.push(String::new());
-                }
-            }
+            out.push(Case {
+                form,
+                code,
+                moffs_at,
+                regs: r,
+                mem,
+                ymm,
+            });
         }
     }
+    out
+}
+
+/// What one backend did with one case: (on RAM, on MMIO), or why a run failed.
+type CaseResult = Result<(Outcome1, Outcome1), String>;
+
+/// What one backend did with every case.
+fn run_cases(
+    b: &mut dyn Backend,
+    gm: &mut GuestMem,
+    sregs: &rvmm::uapi::Sregs,
+    cases: &[Case],
+) -> Result<Vec<CaseResult>, String> {
+    b.set_sregs(sregs)?;
+    // XCR0 = x87 | SSE | AVX: xor ecx, ecx; mov eax, 7; xor edx, edx; xsetbv; hlt.
+    gm.write(
+        CODE,
+        &[
+            0x31, 0xc9, 0xb8, 7, 0, 0, 0, 0x31, 0xd2, 0x0f, 0x01, 0xd1, 0xf4,
+        ],
+    )?;
+    let mut r = b.regs()?;
+    r.rip = CODE;
+    b.set_regs(&r)?;
+    let e = b.run()?;
+    check(e == Exit::Hlt, || {
+        format!("{}: XSETBV to enable AVX: exit {e:?}", b.name())
+    })?;
+    Ok(cases
+        .iter()
+        .map(|c| Ok((run_form(b, gm, c, RAM_BUF)?, run_form(b, gm, c, MMIO_BUF)?)))
+        .collect())
+}
+
+/// The differences between the CPU (on RAM) and the emulator (on MMIO) of one backend:
+/// (how many, the first few described), and (exceptions raised, vector moves done).
+fn differences(
+    all: &[Form],
+    cases: &[Case],
+    results: &[CaseResult],
+) -> (Vec<String>, usize, usize) {
+    let (mut differ, mut faulted, mut vector_done) = (Vec::new(), 0, 0);
+    for (c, r) in cases.iter().zip(results) {
+        let f = &all[c.form];
+        let (native, emulated) = match r {
+            Ok((n, e)) => (n, e),
+            Err(e) => {
+                differ.push(format!("{:02x?} from {:x?}: {e}", f.bytes, c.regs));
+                continue;
+            }
+        };
+        if native.exception.is_some() {
+            faulted += 1;
+        } else if f.kind == Kind::Vector {
+            vector_done += 1;
+        }
+        let mut e = emulated.regs;
+        e.rflags = (e.rflags & !f.undef) | (native.regs.rflags & f.undef);
+        if e != native.regs
+            || native.exception != emulated.exception
+            || native.mem != emulated.mem
+            || native.vec != emulated.vec
+        {
+            differ.push(format!(
+                "{:02x?} from {:x?}:\n  cpu      {:x?} exc {:?}\n  emulated {:x?} exc {:?}{}{}",
+                f.bytes,
+                c.regs,
+                native.regs,
+                native.exception,
+                emulated.regs,
+                emulated.exception,
+                if native.mem != emulated.mem {
+                    " (memory differs)"
+                } else {
+                    ""
+                },
+                if native.vec != emulated.vec {
+                    " (YMM1 differs)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    (differ, faulted, vector_done)
+}
+
+/// Every form, from several random starting states, on RAM and on MMIO: on rvmm, and
+/// for reference on KVM ept=0 (its own emulator) in the same boot.
+pub fn emulator_matches_the_cpu(ctx: &crate::Ctx) -> Outcome {
+    let mut mem = GuestMem::new(RAM).map_err(|e| e.to_string())?;
+    let (base_regs, mut sregs) = setup(&mut mem, EntryMode::Long, CODE, RAM as u64 - 16)?;
+    // IDT: 32 interrupt gates to the handlers, in the 64-bit code segment.
+    let cs = sregs.cs.selector;
+    for n in 0..32u64 {
+        let h = HANDLERS + 16 * n;
+        mem.write(h, &[0xb0, n as u8, 0xe6, EXC_PORT as u8, 0xf4])?;
+        let lo =
+            (h & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((h >> 16 & 0xffff) << 48);
+        mem.write_u64(IDT + 16 * n, lo)?;
+        mem.write_u64(IDT + 16 * n + 8, h >> 32)?;
+    }
+    mem.write(TARGET, &[0xf4])?;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 32 * 16 - 1;
+    sregs.cr4 |= CR4_SSE_AVX;
+    let all = forms();
+    let cases = cases(&all, &base_regs);
+    let on_rvmm = {
+        let mut b = RvmmBackend::new(crate::DEV, &mem, 0, 0, false, 1)?.remove(0);
+        b.set_regs(&base_regs)?;
+        run_cases(&mut b, &mut mem, &sregs, &cases)?
+    };
+    let (differ, faulted, vector_done) = differences(&all, &cases, &on_rvmm);
+    let runs = cases.len();
     crate::ktap::diag(&format!(
-        "{} forms, {} runs each on RAM and MMIO, {} differ; {} raised an exception, {} vector moves completed",
+        "rvmm: {} forms, {runs} runs each on RAM and MMIO, {} differ; {faulted} raised an exception, {vector_done} vector moves completed",
         all.len(),
-        runs,
         differ.len(),
-        faulted,
-        vector_done
     ));
+    // KVM ept=0 for reference: what its emulator does with the same cases.
+    crate::vm_tests::load_kvm_ept0(ctx)?;
+    let on_kvm = KvmBackend::new(&mem, false, 1).and_then(|mut v| {
+        let mut b = v.remove(0);
+        b.set_regs(&base_regs)?;
+        run_cases(&mut b, &mut mem, &sregs, &cases)
+    });
+    crate::vm_tests::unload_kvm()?;
+    match on_kvm {
+        Ok(r) => {
+            let (kvm_differ, _, _) = differences(&all, &cases, &r);
+            // The forms KVM's emulator does not run as the CPU does, once each.
+            let mut forms_differ: Vec<&str> = Vec::new();
+            for d in &kvm_differ {
+                let form = d.split(" from ").next().unwrap_or("");
+                if !forms_differ.contains(&form) {
+                    forms_differ.push(form);
+                }
+            }
+            crate::ktap::diag(&format!(
+                "KVM ept=0: {} of {runs} runs differ, in {} forms: {}",
+                kvm_differ.len(),
+                forms_differ.len(),
+                forms_differ.join(" ")
+            ));
+            // The CPU's own results must not depend on the hypervisor.
+            let native_differ = on_rvmm
+                .iter()
+                .zip(&r)
+                .filter(|(a, b)| match (a, b) {
+                    (Ok((x, _)), Ok((y, _))) => x != y,
+                    _ => false,
+                })
+                .count();
+            check(native_differ == 0, || {
+                format!("{native_differ} runs on RAM differ between rvmm and KVM ept=0")
+            })?;
+        }
+        Err(e) => crate::ktap::diag(&format!("KVM ept=0 not run: {e}")),
+    }
     check(faulted * 10 < runs && vector_done >= 3 * 30, || {
         format!("{faulted} of {runs} runs faulted, {vector_done} vector moves completed: the forms do not reach device memory")
     })?;
@@ -544,7 +648,12 @@ pub fn emulator_matches_the_cpu(_: &crate::Ctx) -> Outcome {
         format!(
             "{} of {runs} runs differ:\n{}",
             differ.len(),
-            differ.join("\n")
+            differ
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
         )
     })
 }

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::backend::Backend;
 use crate::run::{self, Observer, RunArgs};
+use rvmm::backend::Backend;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {

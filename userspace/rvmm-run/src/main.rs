@@ -2,7 +2,6 @@
 
 //! `rvmm-run`: create VMs on rvmm and inspect the module.
 
-mod backend;
 mod bench;
 mod console;
 mod linux;

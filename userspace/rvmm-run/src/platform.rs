@@ -91,10 +91,7 @@ pub fn e820(size: u64) -> Vec<(u64, u64, u32)> {
 }
 
 /// Where interrupt messages go: the local APICs of the backend's VM.
-pub trait IrqSink: Send + Sync {
-    /// An interrupt message in the MSI format.
-    fn msi(&self, address: u64, data: u32);
-}
+pub use rvmm::backend::IrqSink;
 
 /// What a guest access asks rvmm-run to do beyond the device's own work.
 #[derive(Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use rvmm::Exit;
 use vm_superio::{Serial, Trigger};
 
-use crate::backend::{Backend, KvmBackend, RvmmBackend};
+use rvmm::backend::{Backend, KvmBackend, RvmmBackend};
 use rvmm::guest::{self as machine, GuestMem};
 
 #[derive(clap::Args, Debug)]

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+pub mod backend;
 pub mod guest;
 
 pub use rvmm_uapi as uapi;

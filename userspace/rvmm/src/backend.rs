@@ -3,14 +3,17 @@
 //! Where a guest runs: rvmm (/dev/rvmm) or KVM (/dev/kvm, through kvm-ioctls), behind
 //! one small trait, so that the same image can be run and compared on both.
 
-use rvmm::uapi::{Regs, Sregs};
-use rvmm::Exit;
-
-use rvmm::guest::GuestMem;
+use crate::guest::GuestMem;
+use crate::uapi::{Regs, Sregs};
+use crate::Exit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use crate::platform::IrqSink;
+/// Where a VMM's interrupt controllers send interrupt messages (the VM's local APICs).
+pub trait IrqSink: Send + Sync {
+    /// An interrupt message in the MSI format.
+    fn msi(&self, address: u64, data: u32);
+}
 
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
@@ -27,7 +30,7 @@ pub trait Backend: Send {
     /// The value of the MMIO read that caused the last exit.
     fn set_mmio_data(&mut self, value: u64);
     /// Exit counters, where the backend has them.
-    fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
+    fn stats(&mut self) -> Option<crate::uapi::VmStats> {
         None
     }
     /// Every counter the backend keeps for this VM, by name (monotonic ones only).
@@ -81,7 +84,7 @@ impl IrqSink for MsiFd {
             // SAFETY: KVM_SIGNAL_MSI reads a `struct kvm_msi`.
             unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_SIGNAL_MSI as _, &m) }
         } else {
-            let mut m = rvmm::uapi::Msi {
+            let mut m = crate::uapi::Msi {
                 address,
                 data,
                 flags: 0,
@@ -90,7 +93,7 @@ impl IrqSink for MsiFd {
             unsafe {
                 libc::ioctl(
                     self.fd.as_raw_fd(),
-                    rvmm::uapi::RVMM_SIGNAL_MSI as _,
+                    crate::uapi::RVMM_SIGNAL_MSI as _,
                     &mut m,
                 )
             }
@@ -111,8 +114,8 @@ const IA32_TSC: u32 = 0x10;
 /// keeps the VM alive.
 pub struct RvmmBackend {
     // Field order matters: the vCPU borrows the VM (see `new`).
-    vcpu: rvmm::Vcpu<'static>,
-    _vm: Arc<rvmm::Vm>,
+    vcpu: crate::Vcpu<'static>,
+    _vm: Arc<crate::Vm>,
 }
 
 // SAFETY: a vCPU is used by one thread at a time (each backend is moved to the thread
@@ -131,7 +134,7 @@ impl RvmmBackend {
         cpus: u32,
     ) -> Result<Vec<Self>, String> {
         let vm = Arc::new(
-            rvmm::Rvmm::open(device)
+            crate::Rvmm::open(device)
                 .map_err(|e| e.to_string())?
                 .create_vm()
                 .map_err(|e| e.to_string())?,
@@ -148,7 +151,7 @@ impl RvmmBackend {
         }
         // SAFETY: the VM is reference-counted and each backend drops its reference after
         // its vCPU (field order), so the reference stays valid for the vCPU's life.
-        let vm_ref: &'static rvmm::Vm = unsafe { &*Arc::as_ptr(&vm) };
+        let vm_ref: &'static crate::Vm = unsafe { &*Arc::as_ptr(&vm) };
         (0..cpus)
             .map(|i| {
                 let vcpu = vm_ref.create_vcpu(i).map_err(|e| e.to_string())?;
@@ -193,7 +196,7 @@ impl Backend for RvmmBackend {
     fn sregs(&mut self) -> Result<Sregs, String> {
         self.vcpu.sregs().map_err(|e| e.to_string())
     }
-    fn stats(&mut self) -> Option<rvmm::uapi::VmStats> {
+    fn stats(&mut self) -> Option<crate::uapi::VmStats> {
         self._vm.stats().ok()
     }
     fn counters(&mut self) -> Result<Vec<(String, u64)>, String> {
@@ -379,7 +382,7 @@ impl KvmBackend {
     }
 }
 
-fn kvm_seg(s: &rvmm::uapi::Segment) -> kvm_bindings::kvm_segment {
+fn kvm_seg(s: &crate::uapi::Segment) -> kvm_bindings::kvm_segment {
     kvm_bindings::kvm_segment {
         base: s.base,
         limit: s.limit,
