@@ -751,12 +751,14 @@ impl VcpuInner {
             && !Self::debug_trap_pending(vmcs)
     }
 
-    /// Whether a single-step #DB of an instruction rvmm completed ([`Self::retire`]) is
-    /// pending: it goes first (a trap on the previous instruction outranks NMIs and
+    /// Whether a debug trap of an instruction rvmm completed is pending (a single step,
+    /// [`Self::retire`], or a data breakpoint the emulator's accesses hit): it goes first (a trap on the previous instruction outranks NMIs and
     /// external interrupts, SDM Vol. 3A, 6.9), and a VM entry that injects an event
     /// would drop it (Vol. 3C, 27.7.3), so events wait for a window exit.
     pub(crate) fn debug_trap_pending(vmcs: &CurrentVmcs) -> bool {
-        vmcs.read(guest::PENDING_DBG_EXCEPTIONS) & PENDING_DBG_BS != 0
+        vmcs.read(guest::PENDING_DBG_EXCEPTIONS)
+            & (PENDING_DBG_BS | rvmm_core::debug::ENABLED_BREAKPOINT | 0xf)
+            != 0
     }
 
     /// Puts queued events into the VMCS before an entry (VMCS current).

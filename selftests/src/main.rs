@@ -14,6 +14,7 @@
 mod adversarial;
 mod coherence;
 mod cpu_msrs;
+mod debug_regs;
 mod emulator;
 mod fuzz;
 mod hypercall;
@@ -111,6 +112,10 @@ fn main() {
         );
         suite.add("misc_enable_reads_back", cpu_msrs::misc_enable_reads_back);
         suite.add("rdtscp_and_tsc_adjust", cpu_msrs::rdtscp_and_tsc_adjust);
+        suite.add(
+            "debug_registers_like_hardware",
+            debug_regs::debug_registers_like_hardware,
+        );
         suite.add("cpuid_values_as_set", vm_tests::cpuid_values_as_set);
         suite.add("msrs_get_set", vm_tests::msrs_get_set);
         suite.add(

@@ -12,6 +12,7 @@
 pub mod apic;
 pub mod caps;
 pub mod cpuid;
+pub mod debug;
 pub mod emulate;
 pub mod exit;
 pub mod guest_state;

@@ -6,6 +6,7 @@
 //! results are committed. The MMIO path (`mmio`) and the page-table write path
 //! (`pt_write`, in `paging.rs`) both run instructions through here.
 
+use rvmm_core::debug::{data_breakpoints_hit, DataAccess, ENABLED_BREAKPOINT};
 use rvmm_core::emulate::{self, Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop};
 use rvmm_core::guest_state::Seg;
 
@@ -20,6 +21,8 @@ pub(crate) const PORT_KEY: u64 = 1 << 63;
 const MAX_MMIO_READS: usize = 4;
 /// Write pieces (at most 8 bytes each, within one page) one instruction may make.
 const MAX_WRITES: usize = 6;
+/// Data accesses one instruction makes (CMPXCHG: a read and a write; MOVS: two).
+const MAX_ACCESSES: usize = 4;
 
 /// The data of the MMIO reads userspace has answered for the instruction being
 /// emulated (the instruction runs again from the start after each answer, and its
@@ -89,6 +92,8 @@ pub(super) struct GuestEnv<'a> {
     pub(super) need: Option<(u64, u8)>,
     /// A port write of the instruction: (port, size, value).
     port_out: Option<(u16, u8, u64)>,
+    /// The instruction's data accesses, for the guest's data breakpoints.
+    accesses: [Option<DataAccess>; MAX_ACCESSES],
     writes: [Option<Write>; MAX_WRITES],
     /// Page-table write path: only RAM, and the word it read.
     pub(super) pt: Option<PtWord>,
@@ -176,6 +181,7 @@ impl<'a> GuestEnv<'a> {
             fpu_synced: false,
             vreg_write: None,
             port_out: None,
+            accesses: [None; MAX_ACCESSES],
         }
     }
 
@@ -262,6 +268,36 @@ impl<'a> GuestEnv<'a> {
         Err(Stop::Retry)
     }
 
+    fn note_access(&mut self, la: u64, len: usize, write: bool) {
+        if let Some(slot) = self.accesses.iter_mut().find(|a| a.is_none()) {
+            *slot = Some(DataAccess {
+                la,
+                len: len as u8,
+                write,
+            });
+        }
+    }
+
+    /// The guest's enabled data breakpoints the instruction's accesses hit (DR6 bits).
+    fn breakpoints_hit(&self) -> u64 {
+        let dr7 = self.v.dr[7];
+        if dr7 & 0xff == 0 {
+            return 0;
+        }
+        let drs = [self.v.dr[0], self.v.dr[1], self.v.dr[2], self.v.dr[3]];
+        let mut list = [DataAccess {
+            la: 0,
+            len: 0,
+            write: false,
+        }; MAX_ACCESSES];
+        let mut n = 0;
+        for a in self.accesses.iter().flatten() {
+            list[n] = *a;
+            n += 1;
+        }
+        data_breakpoints_hit(dr7, &drs, &list[..n])
+    }
+
     /// The only piece written, if there was exactly one and it went to RAM.
     pub(super) fn single_ram_write(&self) -> Option<Write> {
         let mut it = self.writes.iter().flatten();
@@ -334,6 +370,7 @@ impl Env for GuestEnv<'_> {
     }
 
     fn read(&mut self, la: u64, buf: &mut [u8]) -> Result<(), Stop> {
+        self.note_access(la, buf.len(), false);
         self.pieces(la, buf.len(), false, |env, off, gpa, n| {
             let Some(dst) = buf.get_mut(off..off + n) else {
                 return Err(Stop::Unsupported(0));
@@ -381,6 +418,7 @@ impl Env for GuestEnv<'_> {
     }
 
     fn write(&mut self, la: u64, data: &[u8]) -> Result<(), Stop> {
+        self.note_access(la, data.len(), true);
         self.pieces(la, data.len(), true, |env, off, gpa, n| {
             let target = env.target(gpa, n as u64, true);
             if env.pt.is_some() && target != Target::Ram {
@@ -514,6 +552,7 @@ impl VcpuInner {
         let writes = env.writes;
         let vreg_write = env.vreg_write;
         let port_out = env.port_out;
+        let breakpoints = env.breakpoints_hit();
         let mmio_writes = env.mmio_writes();
         match result {
             Ok((_, done)) => {
@@ -528,6 +567,15 @@ impl VcpuInner {
                     return self.no_shadow(vmcs, run, before.rip, 5);
                 }
                 self.mmio_reads.writes = mmio_writes;
+                if breakpoints != 0 {
+                    // A data breakpoint is a trap after the instruction: pending for
+                    // the next entry, which delivers the #DB and sets DR6's B bits.
+                    let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+                    vmcs.write(
+                        guest::PENDING_DBG_EXCEPTIONS,
+                        pending | breakpoints | ENABLED_BREAKPOINT,
+                    );
+                }
                 if let Some((port, size, value)) = port_out {
                     let io = IoAccess {
                         size,
