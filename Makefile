@@ -32,7 +32,7 @@ help:
 	@echo "make demo       boot Bochs, insmod rvmm.ko, run 'rvmm-run info'"
 	@echo "make linux      boot Bochs, insmod rvmm.ko, a Linux guest's shell on this terminal"
 	@echo "make test       host tests + e2e kselftests in Bochs and QEMU"
-	@echo "make test-long  the shadow MMU's property tests with 100000 cases each (PROPTEST_CASES=...)"
+	@echo "make test-long  the shadow MMU's property tests with 100000 cases each (PROPTEST_CASES=...), the emulator against the host CPU with 3000 per form (RVMM_NATIVE_CASES=...)"
 	@echo "make bench      benchmark guests on rvmm, KVM ept=0, KVM ept=1 in one Bochs boot"
 	@echo "make fuzz       the fuzzer on the debug kernel for FUZZ_SECONDS (600; FUZZ_SEED=0x... repeats a run)"
 
@@ -91,7 +91,8 @@ test:
 # walker, the emulator) with many more cases than `make test` runs, and the long replays
 # (the whole of kvm-unit-tests' access.c main loop): before a change to the MMU lands.
 test-long:
-	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --locked --release -p rvmm-core --lib -- --include-ignored
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} RVMM_NATIVE_CASES=$${RVMM_NATIVE_CASES:-3000} \
+		cargo test --locked --release -p rvmm-core --lib -- --include-ignored
 
 fuzz: setup module userspace selftests module-debug
 	bash scripts/e2e.sh fuzz

@@ -5,6 +5,9 @@
 
 extern crate std;
 
+#[cfg(target_arch = "x86_64")]
+mod native;
+
 use super::*;
 use crate::guest_state::Seg;
 use std::collections::BTreeMap;
