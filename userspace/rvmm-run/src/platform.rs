@@ -98,6 +98,9 @@ pub use rvmm::backend::IrqSink;
 pub enum Event {
     /// The guest powered off through ACPI (\_S5).
     PowerOff,
+    /// The guest reset the machine (the way it did): port 0x92 bit 0, the reset
+    /// control register at 0xcf9, or the keyboard controller's pulse (0xfe to 0x64).
+    Reset(&'static str),
 }
 
 /// The devices, behind one lock (the vCPU threads and the PIT thread share them).
@@ -112,6 +115,10 @@ pub struct Devices {
     pm1_en: u16,
     pm1_cnt: u16,
     port61_written: bool,
+    /// Port 0x92 (system control port A): bit 1 A20, bit 0 fast reset.
+    port92: u8,
+    /// The reset control register (0xcf9): bit 1 SYS_RST.
+    rcr: u8,
     /// The PIT's last IRQ 0 (or programming), in ns since `start`.
     pit_last: u64,
     start: Instant,
@@ -188,6 +195,8 @@ pub struct Config {
     pub mem: u64,
     pub cpus: u32,
     pub cmdline: Option<String>,
+    /// The CMOS RAM the machine had before a reset (else a fresh one).
+    pub cmos: Option<[u8; 128]>,
 }
 
 impl Platform {
@@ -211,13 +220,18 @@ impl Platform {
             pit: pit::Pit::new(),
             pics: pic::Pics::new(),
             ioapic: ioapic::IoApic::new(cfg.cpus as u8),
-            cmos: cmos::Cmos::new(cfg.mem),
+            cmos: match cfg.cmos {
+                Some(ram) => cmos::Cmos::with_ram(ram),
+                None => cmos::Cmos::new(cfg.mem),
+            },
             pci: pci::PciConfig::new(),
             fwcfg,
             pm1_sts: 0,
             pm1_en: 0,
             pm1_cnt: 1, // SCI_EN: ACPI mode from the start (no SMI_CMD)
             port61_written: false,
+            port92: 0x02,
+            rcr: 0,
             start: Instant::now(),
             sink,
             pit_irqs: 0,
@@ -339,6 +353,22 @@ impl Devices {
                 self.port61_written = true;
             }
             0x70 | 0x71 => self.cmos.write(port, b),
+            // As QEMU's PC: a reset on bit 0 going from 0 to 1 (port 0x92), on RST_CPU
+            // (0xcf9, bit 2), and on the keyboard controller's reset pulse.
+            0x92 => {
+                let old = self.port92;
+                self.port92 = b;
+                if b & 1 != 0 && old & 1 == 0 {
+                    return Some(Some(Event::Reset("port 0x92")));
+                }
+            }
+            0xcf9 if size == 1 => {
+                if b & 4 != 0 {
+                    return Some(Some(Event::Reset("port 0xcf9")));
+                }
+                self.rcr = b & 2;
+            }
+            0x64 if b == 0xfe => return Some(Some(Event::Reset("keyboard controller"))),
             0xcf8..=0xcff => self.pci.write(port, size, data),
             fwcfg::SELECTOR => self.fwcfg.write_selector(data as u16),
             fwcfg::DATA => {}
@@ -351,8 +381,8 @@ impl Devices {
                     return Some(Some(Event::PowerOff));
                 }
             }
-            // POST codes, the A20 gate, the keyboard controller: accepted, ignored.
-            0x80 | 0x92 | 0x60 | 0x64 => {}
+            // POST codes, the keyboard controller's other commands: accepted, ignored.
+            0x80 | 0x60 | 0x64 => {}
             _ => return None,
         }
         Some(None)
@@ -371,6 +401,7 @@ impl Devices {
                     .map_or(0, |d| d.as_secs());
                 self.cmos.read(port, secs).into()
             }
+            0xcf9 if size == 1 => self.rcr.into(),
             0xcf8..=0xcff => self.pci.read(port, size),
             fwcfg::SELECTOR => 0,
             fwcfg::DATA => {
@@ -386,7 +417,7 @@ impl Devices {
             p if p == acpi::PM_TMR => {
                 ((u128::from(now) * 3_579_545 / 1_000_000_000) as u32) & 0xff_ffff
             }
-            0x92 => 0x02,
+            0x92 => self.port92.into(),
             0x60 | 0x64 | 0x80 => 0xff,
             _ => return None,
         })

@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// guest), and Ctrl-A x quits.
     #[arg(long)]
     pub no_stdin: bool,
+    /// A guest reset (port 0x92, 0xcf9, the keyboard controller) ends the run with
+    /// status 0 instead of rebooting the machine (QEMU's -no-reboot).
+    #[arg(long)]
+    pub no_reboot: bool,
     /// Guest memory size, in MiB.
     #[arg(long, default_value_t = 16)]
     pub mem: u64,
@@ -163,6 +167,22 @@ struct Shared {
     serial: Mutex<Serial<SerialIrq, vm_superio::serial::NoEvents, SerialOut>>,
     serial_irq: Arc<AtomicBool>,
     platform: Option<crate::platform::Platform>,
+    /// The guest reset the machine: the run ends, and the machine boots again.
+    reset: AtomicBool,
+}
+
+/// What survives a guest reset: the CMOS RAM (battery-backed on a PC), and where the
+/// console sends stdin (the machine of the current boot).
+#[derive(Default)]
+struct Carry {
+    cmos: Option<[u8; 128]>,
+    console: Option<Arc<Mutex<Option<Arc<Shared>>>>>,
+}
+
+/// How one boot of the machine ended.
+enum End {
+    Exit(ExitCode),
+    Reset,
 }
 
 impl Shared {
@@ -192,9 +212,17 @@ impl Shared {
                     .platform
                     .as_ref()
                     .and_then(|p| p.io_out(port, size, data));
-                if r == Some(Some(crate::platform::Event::PowerOff)) {
-                    eprintln!("rvmm-run: the guest powered off (ACPI S5)");
-                    return Some(ExitCode::SUCCESS);
+                match r {
+                    Some(Some(crate::platform::Event::PowerOff)) => {
+                        eprintln!("rvmm-run: the guest powered off (ACPI S5)");
+                        return Some(ExitCode::SUCCESS);
+                    }
+                    Some(Some(crate::platform::Event::Reset(how))) => {
+                        eprintln!("rvmm-run: the guest reset the machine ({how})");
+                        self.reset.store(true, Ordering::Release);
+                        return Some(ExitCode::SUCCESS);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -560,11 +588,31 @@ pub fn run(device: &str, args: &RunArgs) -> ExitCode {
 }
 
 /// Runs the image (or kernel) to its end; returns the exit status rvmm-run would exit with.
+/// A guest reset boots the machine again (the image loaded anew, the CMOS kept), unless
+/// `--no-reboot`.
 pub fn run_inner(
     device: &str,
     args: &RunArgs,
     mut observer: Option<&mut dyn Observer>,
 ) -> Result<ExitCode, String> {
+    let mut carry = Carry::default();
+    loop {
+        let observer = observer.as_mut().map(|o| &mut **o as &mut dyn Observer);
+        match boot(device, args, observer, &mut carry)? {
+            End::Exit(code) => return Ok(code),
+            End::Reset if args.no_reboot => return Ok(ExitCode::SUCCESS),
+            End::Reset => eprintln!("rvmm-run: booting again"),
+        }
+    }
+}
+
+/// One boot of the machine, to the end of the run or a guest reset.
+fn boot(
+    device: &str,
+    args: &RunArgs,
+    mut observer: Option<&mut dyn Observer>,
+    carry: &mut Carry,
+) -> Result<End, String> {
     if args.mem < 2 || args.mem > 4096 {
         return Err(format!("--mem {} MiB: give 2 to 4096", args.mem));
     }
@@ -705,6 +753,7 @@ pub fn run_inner(
                 mem: mem.size() as u64,
                 cpus: args.cpus,
                 cmdline: args.append.clone(),
+                cmos: carry.cmos,
             },
             cpu.irq_sink()?,
         ))
@@ -722,10 +771,26 @@ pub fn run_inner(
         )),
         serial_irq,
         platform,
+        reset: AtomicBool::new(false),
     });
     if pc && observer.is_none() && !args.no_stdin {
-        let shared = shared.clone();
-        crate::console::spawn(move |bytes| shared.serial_input(bytes))?;
+        // One console for every boot: it feeds the current machine's serial port.
+        match &carry.console {
+            Some(target) => {
+                *target.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone())
+            }
+            None => {
+                let target = Arc::new(Mutex::new(Some(shared.clone())));
+                carry.console = Some(target.clone());
+                crate::console::spawn(move |bytes| {
+                    target
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map_or(0, |s| s.serial_input(bytes))
+                })?;
+            }
+        }
     }
     // The APs: each waits for the guest's wake-up through the ACPI mailbox, then starts
     // in long mode (the control and segment registers rvmm-run's long-mode entry uses,
@@ -820,6 +885,14 @@ pub fn run_inner(
         }
         o.end(cpu.as_mut(), entry_tsc)?;
     }
+    // A reset: the next boot reports the end of the run.
+    if shared.reset.load(Ordering::Acquire) {
+        carry.cmos = shared.platform.as_ref().map(|p| p.with(|d| d.cmos.ram()));
+        if args.cpus > 1 {
+            std::mem::forget(mem);
+        }
+        return Ok(End::Reset);
+    }
     if args.stats {
         if let (Some(t0), Ok(t1)) = (entry_tsc, cpu.guest_tsc()) {
             eprintln!(
@@ -848,7 +921,7 @@ pub fn run_inner(
         // process exits: it is not unmapped before.
         std::mem::forget(mem);
     }
-    Ok(code)
+    Ok(End::Exit(code))
 }
 
 fn print_stats(s: &rvmm::uapi::VmStats) {

@@ -49,6 +49,16 @@ impl Cmos {
         Self { index: 0, ram }
     }
 
+    /// A CMOS holding `ram` (what it held before a reset: a reset keeps it).
+    pub fn with_ram(ram: [u8; 128]) -> Self {
+        Self { index: 0, ram }
+    }
+
+    /// What it holds now.
+    pub fn ram(&self) -> [u8; 128] {
+        self.ram
+    }
+
     /// Port 0x70 (index; bit 7 is NMI disable) or 0x71 (data) written.
     pub fn write(&mut self, port: u16, v: u8) {
         if port == 0x70 {
