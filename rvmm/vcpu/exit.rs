@@ -36,6 +36,7 @@ mod io;
 mod msrs;
 mod paging;
 
+pub(in crate::vcpu) use emulate::Cause;
 pub(crate) use emulate::{MmioReads, PORT_KEY};
 
 /// Basic exit reason 41: a machine-check event during VM entry (SDM C).

@@ -103,7 +103,12 @@ impl VcpuInner {
                 self.mmio_reads
                     .push(super::exit::PORT_KEY | u64::from(port), size, data);
                 self.pending = Pending::None;
-                return Some(self.emulate_insn(vmcs, run));
+                let cause = super::exit::Cause::StringIo {
+                    port,
+                    size,
+                    input: true,
+                };
+                return Some(self.emulate_insn(vmcs, run, cause));
             }
             Pending::MmioRead { gpa, len } => {
                 // SAFETY: our run page.
@@ -113,7 +118,7 @@ impl VcpuInner {
                 self.mmio_reads.push(gpa, len, data);
                 self.pending = Pending::None;
                 // The instruction runs again, now with the data (and may need more).
-                return Some(self.emulate_insn(vmcs, run));
+                return Some(self.emulate_insn(vmcs, run, super::exit::Cause::Mmio));
             }
             Pending::MmioWrite => {
                 self.pending = Pending::None;

@@ -17,8 +17,38 @@ use crate::vcpu::state::SEGS;
 /// guest-physical address has it).
 pub(crate) const PORT_KEY: u64 = 1 << 63;
 
-/// MMIO reads one instruction may make (a CMPXCHG16B on device memory makes two).
-const MAX_MMIO_READS: usize = 4;
+/// MMIO reads one instruction may make (a 32-byte load crossing a page makes five).
+const MAX_MMIO_READS: usize = 5;
+
+/// What made rvmm carry out the instruction at RIP, which decides what it may be: the
+/// bytes are fetched again, and another vCPU (or a stale TLB entry) may have changed
+/// them since the exit.
+#[derive(Clone, Copy)]
+pub(in crate::vcpu) enum Cause {
+    /// An access to device memory: anything but INS/OUTS (those exit as I/O first,
+    /// after the CPU's I/O permission checks).
+    Mmio,
+    /// A string I/O exit: only INS/OUTS of the port, size and direction that exited.
+    StringIo { port: u16, size: u8, input: bool },
+}
+
+impl Cause {
+    fn allows(&self, insn: &Insn, dx: u64) -> bool {
+        let string_io =
+            insn.map == rvmm_core::emulate::Map::One && (0x6c..=0x6f).contains(&insn.op);
+        match *self {
+            Cause::Mmio => !string_io,
+            Cause::StringIo { port, size, input } => {
+                let insn_size = if insn.op & 1 == 0 {
+                    1
+                } else {
+                    insn.opsize.min(4)
+                };
+                string_io && dx as u16 == port && insn_size == size && (insn.op < 0x6e) == input
+            }
+        }
+    }
+}
 /// Write pieces (at most 8 bytes each, within one page) one instruction may make.
 const MAX_WRITES: usize = 6;
 /// Data accesses one instruction makes (CMPXCHG: a read and a write; MOVS: two).
@@ -538,13 +568,24 @@ impl VcpuInner {
         &mut self,
         vmcs: &CurrentVmcs,
         run: *mut uapi::Run,
+        cause: Cause,
     ) -> Next {
         let ctx = self.perm_ctx(vmcs);
         let Some((code, n)) = self.fetch_insn(vmcs, &ctx) else {
+            // The instruction runs again (and exits again): its reads start over.
+            self.mmio_reads.clear();
             return Next::Fast;
         };
         let mode = guest_mode(self, vmcs);
         let before = self.emu_regs(vmcs);
+        // Not the instruction that exited (the bytes changed since): it runs again
+        // natively, with the CPU's checks.
+        if let Ok(insn) = rvmm_core::emulate::decode(&code[..n], mode.long, mode.def32) {
+            if !cause.allows(&insn, before.gpr[2]) {
+                self.mmio_reads.clear();
+                return Next::Fast;
+            }
+        }
         let mut regs = before;
         let mut env = GuestEnv::new(self, vmcs, &ctx, None);
         let result = emulate::emulate(&code[..n], &mode, &mut regs, &mut env);
@@ -563,9 +604,6 @@ impl VcpuInner {
                 }
                 let full = self.commit_writes(&writes, &ctx);
                 self.emu_commit_regs(vmcs, &before, &regs, done);
-                if full && !self.reload_root(vmcs, true) {
-                    return self.no_shadow(vmcs, run, before.rip, 5);
-                }
                 self.mmio_reads.writes = mmio_writes;
                 if breakpoints != 0 {
                     // A data breakpoint is a trap after the instruction: pending for
@@ -575,6 +613,9 @@ impl VcpuInner {
                         guest::PENDING_DBG_EXCEPTIONS,
                         pending | breakpoints | ENABLED_BREAKPOINT,
                     );
+                }
+                if full && !self.reload_root(vmcs, true) {
+                    return self.no_shadow(vmcs, run, before.rip, 5);
                 }
                 if let Some((port, size, value)) = port_out {
                     let io = IoAccess {
@@ -616,7 +657,10 @@ impl VcpuInner {
                     self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
                 }
                 // The page tables changed under a walk: the instruction runs again.
-                None => Next::Fast,
+                None => {
+                    self.mmio_reads.clear();
+                    Next::Fast
+                }
             },
             Err(Stop::Exception(e)) => {
                 self.mmio_reads.clear();

@@ -9,7 +9,12 @@ impl VcpuInner {
     pub(super) fn io(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
         let io = IoAccess::decode(qual);
         if io.string {
-            return self.emulate_insn(vmcs, run);
+            let cause = emulate::Cause::StringIo {
+                port: io.port,
+                size: io.size,
+                input: io.input,
+            };
+            return self.emulate_insn(vmcs, run, cause);
         }
         let data = if io.input {
             0

@@ -8,6 +8,28 @@ use rvmm_core::mmu::pdptes::WithPdptes;
 
 use super::*;
 
+/// Stores the low `len` bytes of `v` at byte `off` of the aligned guest word at `p` as
+/// one atomic store, when `len` is 1, 2, 4 or 8 and `off` a multiple of it; else false.
+fn store_exact(p: *mut u8, off: u64, len: u8, v: u64) -> bool {
+    use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+    if !matches!(len, 1 | 2 | 4 | 8) || off % u64::from(len) != 0 || off + u64::from(len) > 8 {
+        return false;
+    }
+    // SAFETY: `p` is an 8-byte aligned pointer into a pinned guest page and
+    // `off + len <= 8` with `off` a multiple of `len`: the target is naturally aligned
+    // within the word; the guest only accesses it as memory.
+    unsafe {
+        let t = p.add(off as usize);
+        match len {
+            1 => (*t.cast::<AtomicU8>()).store(v as u8, Ordering::SeqCst),
+            2 => (*t.cast::<AtomicU16>()).store(v as u16, Ordering::SeqCst),
+            4 => (*t.cast::<AtomicU32>()).store(v as u32, Ordering::SeqCst),
+            _ => (*t.cast::<AtomicU64>()).store(v, Ordering::SeqCst),
+        }
+    }
+    true
+}
+
 impl VcpuInner {
     /// A #PF in the guest: fill the shadow from the guest's tables, or give the guest
     /// the fault its tables call for.
@@ -51,9 +73,21 @@ impl VcpuInner {
     }
 
     /// An access to guest-physical memory that is not RAM (or a write to a read-only
-    /// slot): the emulator carries out the instruction (see `emulate_insn`).
+    /// slot): the emulator carries out the instruction (see `emulate_insn`). Not while
+    /// the CPU was delivering an event (its frame or IDT in device memory): the
+    /// instruction at RIP did not run, and that delivery is not emulated (KVM stops the
+    /// same way).
     pub(super) fn mmio(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
-        self.emulate_insn(vmcs, run)
+        let vectoring = vmcs.read(ro::IDT_VECTORING_INFO);
+        if vectoring as u32 & intr::VALID != 0 {
+            self.mmio_reads.clear();
+            return self.internal_error(
+                run,
+                uapi::RVMM_INTERNAL_EMULATION,
+                [vectoring, vmcs.read(guest::RIP), 0, 6],
+            );
+        }
+        self.emulate_insn(vmcs, run, emulate::Cause::Mmio)
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many, or
@@ -330,12 +364,21 @@ impl VcpuInner {
                     )
                     .is_ok(),
                 // A plain store: its bytes replace theirs, the rest of the word stays.
-                None => {
-                    let _ = word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
-                        Some((cur & !mask) | value)
-                    });
-                    true
-                }
+                // One atomic store of its width when aligned; else one compare-exchange
+                // against the word now (and again on a race, a bounded number of times).
+                None => match store_exact(p, w.gpa & 7, w.len, u64::from_le_bytes(w.data)) {
+                    true => true,
+                    false => {
+                        let cur = word.load(Ordering::SeqCst);
+                        word.compare_exchange(
+                            cur,
+                            (cur & !mask) | value,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    }
+                },
             };
             if stored {
                 self.emu_commit_regs(vmcs, &before, &regs, done);
