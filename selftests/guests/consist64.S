@@ -6,7 +6,8 @@
  *   - CPUID.1 hides VMX, MONITOR, MCE, MTRR, MCA and shows "hypervisor";
  *     CPUID.7 hides UMIP and PKU.
  *   - CR4 bits of hidden features (VMXE, UMIP, MCE, PKE) and LA57: #GP(0).
- *   - VMXON, MONITOR, RDTSCP: #UD; RDMSR of IA32_MCG_CAP, WRMSR of an unknown MSR: #GP(0).
+ *   - VMXON, MONITOR: #UD; RDTSCP: #UD exactly when CPUID.80000001H:EDX hides it;
+ *     RDMSR of IA32_MCG_CAP, WRMSR of an unknown MSR: #GP(0).
  * Each check prints a line; the guest ends with a word-sized OUT to the exit port:
  * 0x2d if all passed, 1 if not.
  */
@@ -69,10 +70,18 @@ _start:
 	monitor
 	call	want_ud
 	lea	rsi, [rip + s_rdtscp]
+	mov	eax, 0x80000001
+	cpuid
+	mov	r13d, edx
 	mov	r12, 3
 	mov	byte ptr [rip + got], 0xff
 	rdtscp
+	bt	r13d, 27
+	jc	1f
 	call	want_ud
+	jmp	2f
+1:	call	want_none
+2:
 	lea	rsi, [rip + s_mcg]
 	mov	r12, 2
 	mov	byte ptr [rip + got], 0xff
@@ -107,6 +116,10 @@ want_gp0:
 	cmp	qword ptr [rip + got_ec], 0
 	jne	fail
 	jmp	want_rf
+want_none:
+	cmp	byte ptr [rip + got], 0xff
+	jne	fail
+	jmp	ok
 want_ud:
 	cmp	byte ptr [rip + got], 6
 	jne	fail
@@ -187,7 +200,7 @@ s_cr4_22: .asciz "cr4.pke: #gp(0), rf"
 s_cr4_12: .asciz "cr4.la57: #gp(0), rf"
 s_vmxon: .asciz	"vmxon: #ud, rf"
 s_monitor: .asciz "monitor: #ud, rf"
-s_rdtscp: .asciz "rdtscp: #ud, rf"
+s_rdtscp: .asciz "rdtscp: #ud (rf) exactly when cpuid hides it"
 s_mcg:	.asciz	"rdmsr mcg_cap: #gp(0), rf"
 s_wrmsr: .asciz	"wrmsr 0x1234: #gp(0), rf"
 s_ok:	.asciz	" ok\n"
