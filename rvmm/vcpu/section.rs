@@ -108,7 +108,7 @@ impl VcpuInner {
                     size,
                     input: true,
                 };
-                return Some(self.emulate_insn(vmcs, run, cause));
+                return Some(self.emulate_insn(vmcs, run, cause, None));
             }
             Pending::MmioRead { gpa, len } => {
                 // SAFETY: our run page.
@@ -118,7 +118,7 @@ impl VcpuInner {
                 self.mmio_reads.push(gpa, len, data);
                 self.pending = Pending::None;
                 // The instruction runs again, now with the data (and may need more).
-                return Some(self.emulate_insn(vmcs, run, super::exit::Cause::Mmio));
+                return Some(self.emulate_insn(vmcs, run, super::exit::Cause::Mmio, None));
             }
             Pending::MmioWrite => {
                 self.pending = Pending::None;

@@ -15,6 +15,17 @@ pub mod flags;
 pub use decode::{decode, DecodeError, Insn, Map, Mem, Rep, Rm, SegReg, Vex, MAX_INSN_LEN};
 pub use execute::{execute, Done, Env, Exception, Mode, Regs, Stop};
 
+/// What a decoding failure means for the guest: the exception the CPU raises for it,
+/// or an instruction the emulator does not carry out.
+pub fn decode_stop(e: DecodeError) -> Stop {
+    match e {
+        DecodeError::TooLong => Exception::GP0.into(),
+        DecodeError::Invalid => Exception::UD.into(),
+        DecodeError::Truncated => Stop::Unsupported(0),
+        DecodeError::Unsupported(op) => Stop::Unsupported(op),
+    }
+}
+
 /// Decodes and carries out the instruction in `code` (the bytes at `regs.rip`).
 /// Returns the decoded instruction with how it completed; an encoding the CPU rejects
 /// is the exception it raises.
@@ -24,13 +35,7 @@ pub fn emulate<E: Env>(
     regs: &mut Regs,
     env: &mut E,
 ) -> Result<(Insn, Done), Stop> {
-    let insn = match decode(code, mode.long, mode.def32) {
-        Ok(i) => i,
-        Err(DecodeError::TooLong) => return Err(Exception::GP0.into()),
-        Err(DecodeError::Invalid) => return Err(Exception::UD.into()),
-        Err(DecodeError::Truncated) => return Err(Stop::Unsupported(0)),
-        Err(DecodeError::Unsupported(op)) => return Err(Stop::Unsupported(op)),
-    };
+    let insn = decode(code, mode.long, mode.def32).map_err(decode_stop)?;
     let done = execute(&insn, mode, regs, env)?;
     Ok((insn, done))
 }

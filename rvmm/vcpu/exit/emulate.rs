@@ -7,7 +7,7 @@
 //! (`pt_write`, in `paging.rs`) both run instructions through here.
 
 use rvmm_core::debug::{data_breakpoints_hit, DataAccess, ENABLED_BREAKPOINT};
-use rvmm_core::emulate::{self, Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop};
+use rvmm_core::emulate::{Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop};
 use rvmm_core::guest_state::Seg;
 
 use super::*;
@@ -63,11 +63,33 @@ pub(crate) struct MmioReads {
     data: [(u64, u8, u64); MAX_MMIO_READS],
     n: usize,
     writes: [Option<Write>; MAX_WRITES],
+    /// The instruction waiting for the answers: its RIP, bytes and the fault's
+    /// translation, so that running it again needs neither the fetch nor that walk
+    /// (the CPU had fetched it too when it faulted).
+    waiting: Option<Waiting>,
+}
+
+#[derive(Clone, Copy)]
+struct Waiting {
+    rip: u64,
+    code: [u8; 15],
+    insn: Insn,
+    hint: Option<Hint>,
+}
+
+/// The translation a fault gave for the access that exited: guest-linear page to
+/// guest-physical page, checked for the fault's access (a write, or a read).
+#[derive(Clone, Copy)]
+pub(in crate::vcpu) struct Hint {
+    pub(in crate::vcpu) la_page: u64,
+    pub(in crate::vcpu) gpa_page: u64,
+    pub(in crate::vcpu) write: bool,
 }
 
 impl MmioReads {
     pub(crate) fn clear(&mut self) {
         self.n = 0;
+        self.waiting = None;
     }
 
     fn next_write(&mut self) -> Option<Write> {
@@ -127,6 +149,8 @@ pub(super) struct GuestEnv<'a> {
     writes: [Option<Write>; MAX_WRITES],
     /// Page-table write path: only RAM, and the word it read.
     pub(super) pt: Option<PtWord>,
+    /// The exit's own translation (no walk for that page).
+    hint: Option<Hint>,
     /// The guest's vector registers are in `fx` (copied out of the CPU).
     fpu_synced: bool,
     /// A vector register the instruction loads: (register, value).
@@ -208,6 +232,7 @@ impl<'a> GuestEnv<'a> {
             need: None,
             writes: [None; MAX_WRITES],
             pt,
+            hint: None,
             fpu_synced: false,
             vreg_write: None,
             port_out: None,
@@ -216,6 +241,11 @@ impl<'a> GuestEnv<'a> {
     }
 
     fn translate(&mut self, la: u64, write: bool) -> Result<u64, Stop> {
+        if let Some(h) = self.hint {
+            if la >> 12 == h.la_page && (h.write || !write) {
+                return Ok((h.gpa_page << 12) | (la & 0xfff));
+            }
+        }
         let slots = self.v.slots.clone();
         let access = Access {
             write,
@@ -569,26 +599,43 @@ impl VcpuInner {
         vmcs: &CurrentVmcs,
         run: *mut uapi::Run,
         cause: Cause,
+        hint: Option<Hint>,
     ) -> Next {
         let ctx = self.perm_ctx(vmcs);
-        let Some((code, n)) = self.fetch_insn(vmcs, &ctx) else {
-            // The instruction runs again (and exits again): its reads start over.
-            self.mmio_reads.clear();
-            return Next::Fast;
-        };
+        let rip = vmcs.read(guest::RIP);
         let mode = guest_mode(self, vmcs);
         let before = self.emu_regs(vmcs);
-        // Not the instruction that exited (the bytes changed since): it runs again
-        // natively, with the CPU's checks.
-        if let Ok(insn) = rvmm_core::emulate::decode(&code[..n], mode.long, mode.def32) {
-            if !cause.allows(&insn, before.gpr[2]) {
-                self.mmio_reads.clear();
-                return Next::Fast;
+        let (code, insn, hint) = match self.mmio_reads.waiting {
+            // Running again with userspace's answers: decoded and checked already.
+            Some(w) if w.rip == rip => (w.code, Ok(w.insn), w.hint),
+            _ => {
+                let Some((code, n)) = self.fetch_insn(vmcs, &ctx) else {
+                    // The instruction runs again (and exits again): its reads start over.
+                    self.mmio_reads.clear();
+                    return Next::Fast;
+                };
+                // Not the instruction that exited (the bytes changed since): it runs
+                // again natively, with the CPU's checks.
+                let insn = match rvmm_core::emulate::decode(&code[..n], mode.long, mode.def32) {
+                    Ok(insn) if cause.allows(&insn, before.gpr[2]) => Ok(insn),
+                    Ok(_) => {
+                        self.mmio_reads.clear();
+                        return Next::Fast;
+                    }
+                    Err(e) => Err(e),
+                };
+                (code, insn, hint)
             }
-        }
+        };
         let mut regs = before;
         let mut env = GuestEnv::new(self, vmcs, &ctx, None);
-        let result = emulate::emulate(&code[..n], &mode, &mut regs, &mut env);
+        env.hint = hint;
+        let result = match insn {
+            Ok(insn) => {
+                rvmm_core::emulate::execute(&insn, &mode, &mut regs, &mut env).map(|d| (insn, d))
+            }
+            Err(e) => Err(rvmm_core::emulate::decode_stop(e)),
+        };
         let need = env.need;
         let writes = env.writes;
         let vreg_write = env.vreg_write;
@@ -642,6 +689,14 @@ impl VcpuInner {
                         port: key as u16,
                         size,
                     };
+                    if let Ok(insn) = insn {
+                        self.mmio_reads.waiting = Some(Waiting {
+                            rip,
+                            code,
+                            insn,
+                            hint,
+                        });
+                    }
                     self.io_exit(run, io, 0)
                 }
                 Some((gpa, len)) => {
@@ -653,6 +708,14 @@ impl VcpuInner {
                     // SAFETY: our run page.
                     unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).mmio), exit) };
                     self.pending = Pending::MmioRead { gpa, len };
+                    if let Ok(insn) = insn {
+                        self.mmio_reads.waiting = Some(Waiting {
+                            rip,
+                            code,
+                            insn,
+                            hint,
+                        });
+                    }
                     self.stats.mmio_exits.inc();
                     self.exit_to_user(run, uapi::RVMM_EXIT_MMIO)
                 }

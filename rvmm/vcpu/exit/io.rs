@@ -14,7 +14,7 @@ impl VcpuInner {
                 size: io.size,
                 input: io.input,
             };
-            return self.emulate_insn(vmcs, run, cause);
+            return self.emulate_insn(vmcs, run, cause, None);
         }
         let data = if io.input {
             0

@@ -58,8 +58,8 @@ impl VcpuInner {
                     }
                     None => None,
                 };
-                if device.is_some() {
-                    return self.mmio(vmcs, run);
+                if let Some(gpa) = device {
+                    return self.mmio(vmcs, run, gva, gpa, access.write);
                 }
             }
             return self.pool_fault(vmcs, run, gva, ec, access, &ctx);
@@ -77,7 +77,15 @@ impl VcpuInner {
     /// the CPU was delivering an event (its frame or IDT in device memory): the
     /// instruction at RIP did not run, and that delivery is not emulated (KVM stops the
     /// same way).
-    pub(super) fn mmio(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
+    /// `gva` faulted with an access (`write` or a read) that the pool checked, to `gpa`.
+    pub(super) fn mmio(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        gva: u64,
+        gpa: u64,
+        write: bool,
+    ) -> Next {
         let vectoring = vmcs.read(ro::IDT_VECTORING_INFO);
         if vectoring as u32 & intr::VALID != 0 {
             self.mmio_reads.clear();
@@ -87,7 +95,12 @@ impl VcpuInner {
                 [vectoring, vmcs.read(guest::RIP), 0, 6],
             );
         }
-        self.emulate_insn(vmcs, run, emulate::Cause::Mmio)
+        let hint = emulate::Hint {
+            la_page: gva >> 12,
+            gpa_page: gpa >> 12,
+            write,
+        };
+        self.emulate_insn(vmcs, run, emulate::Cause::Mmio, Some(hint))
     }
 
     /// Reads up to 15 bytes of code at linear address `rip`; returns how many, or
@@ -229,7 +242,7 @@ impl VcpuInner {
                 self.cr2 = gva;
                 self.inject(vmcs, vector::PF, Some(f.error_code))
             }
-            Some(Ok(PoolFix::Mmio { .. })) => self.mmio(vmcs, run),
+            Some(Ok(PoolFix::Mmio { gpa, .. })) => self.mmio(vmcs, run, gva, gpa, access.write),
             Some(Ok(PoolFix::WriteProtected { gpa, .. })) => {
                 self.pt_write(vmcs, run, gva, gpa, ctx)
             }

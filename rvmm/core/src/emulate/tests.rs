@@ -1095,3 +1095,43 @@ fn the_vex_oracle_decodes_vex() {
     assert_eq!(yax_len(&code, true, false), Some(10));
     assert_eq!(decode(&code, true, false).map(|i| i.len), Ok(10));
 }
+
+/// For callgrind (`RVMM_EMU_LOOPS=n`): the instruction cost of decoding and carrying
+/// out `mov eax, [rdi]` with a minimal environment (an MMIO load's work per run).
+#[test]
+#[ignore]
+fn cost_probe_mmio_load() {
+    struct Flat;
+    impl Env for Flat {
+        fn segment(&mut self, _: SegReg) -> Seg {
+            Seg::default()
+        }
+        fn read(&mut self, _: u64, buf: &mut [u8]) -> Result<(), Stop> {
+            buf.fill(7);
+            Ok(())
+        }
+        fn write(&mut self, _: u64, _: &[u8]) -> Result<(), Stop> {
+            Ok(())
+        }
+        fn port_in(&mut self, _: u16, _: u8) -> Result<u64, Stop> {
+            Ok(0)
+        }
+        fn port_out(&mut self, _: u16, _: u8, _: u64) -> Result<(), Stop> {
+            Ok(())
+        }
+        fn vreg(&mut self, _: u8) -> [u8; 32] {
+            [0; 32]
+        }
+        fn set_vreg(&mut self, _: u8, _: [u8; 32]) {}
+    }
+    let loops: usize = std::env::var("RVMM_EMU_LOOPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let mut env = Flat;
+    for _ in 0..loops {
+        let mut r = regs(&[(7, DATA)]);
+        let d = emulate(core::hint::black_box(&[0x8b, 0x07]), &M64, &mut r, &mut env);
+        assert_eq!(d.map(|x| x.1), Ok(Done::Next));
+    }
+}
