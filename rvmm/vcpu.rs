@@ -240,7 +240,8 @@ pub(crate) struct Vcpu {
     /// The counters, readable while the vCPU runs (`inner` is locked then).
     stats: Arc<Stats>,
     #[pin]
-    inner: Mutex<VcpuInner>,
+    /// On the heap: 4.3 KB, which must not be moved through kernel stack frames.
+    inner: Mutex<KBox<VcpuInner>>,
 }
 
 /// Basic CPUID leaves kept in `VcpuInner::cpuid_basic` (0..=0x15), and which of them
@@ -315,10 +316,13 @@ impl Vcpu {
             && xgetbv0() & GUEST_XCR0_SUPPORTED == GUEST_XCR0_SUPPORTED;
         fx.0[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
         fx.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
-        let maxphyaddr = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
+        let host_bits = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8;
+        let host_bits = if host_bits == 0 { 36 } else { host_bits };
         // SAFETY: reads a kernel variable.
         let stats = Arc::new(Stats::new(unsafe { rvmm_tsc_khz() }), crate::vm_gfp())?;
-        let inner = VcpuInner {
+        let stats_inner = stats.clone();
+        let inner = KBox::init(
+            try_init!(VcpuInner {
             _vmcs: vmcs,
             _msr_bitmap: msr_bitmap,
             msr_bitmap_pa,
@@ -392,16 +396,18 @@ impl Vcpu {
             slots: Arc::new(MemSlots::new(), crate::vm_gfp())?,
             need_reset: true,
             state_checked: false,
-            maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
-            host_maxphyaddr: if maxphyaddr == 0 { 36 } else { maxphyaddr },
+            maxphyaddr: host_bits,
+            host_maxphyaddr: host_bits,
             gbpages: false,
             pending: Pending::None,
             mmio_reads: exit::MmioReads::default(),
             triple_fault: false,
             last_fault: (0, 0),
             repeat_faults: 0,
-            stats: stats.clone(),
-        };
+            stats: stats_inner,
+        }? Error),
+            crate::vm_gfp(),
+        )?;
         // Set up before it is behind its lock (no lock nests in the VM's vCPU list's).
         let mut g = inner;
         let cfg = g.cpuid_config();
