@@ -21,6 +21,8 @@ const MMIO_ADDR: u64 = 0xc000_0000;
 /// DR7: L0, R/W0 = 01 (writes), LEN0 = 11 (4 bytes).
 const DR7_W4: u64 = 1 | (0b1101 << 16);
 const CR4_DE: u64 = 1 << 3;
+/// Where `rvmm::guest::setup` puts the long-mode PML4 (identity-mapped).
+const PML4: u64 = rvmm::guest::PML4;
 
 /// The guest's OUT (port, data) after `code`, or (0, 0) for a HLT, from registers
 /// `set` (0 RAX, 1 RCX, 2 RDX, 3 RBX, else RDI) and CR4 | `cr4`; with the MMIO writes
@@ -111,5 +113,16 @@ pub fn debug_registers_like_hardware(_: &crate::Ctx) -> Outcome {
             format!("a read of {what} under a write breakpoint: {o:x?}, want HLT")
         })?;
     }
-    Ok(())
+    // A store to the guest's own PML4 (write-protected by the shadow pool, so rvmm
+    // carries it out) under an 8-byte write breakpoint on it: mov rcx, [rdi];
+    // mov [rdi], rcx (the same value back).
+    let pt = [
+        0x0f, 0x23, 0xf2, 0x0f, 0x23, 0xc0, 0x0f, 0x23, 0xfb, 0x48, 0x8b, 0x0f, 0x48, 0x89, 0x0f,
+        0xf4,
+    ];
+    let set = [(0, PML4), (3, 1 | (0b1001 << 16)), (2, 0), (7, PML4)];
+    let (o, _) = outcome(&pt, &set, 0)?;
+    check(o.0 == DB_PORT && o.1 & 0xf == 1, || {
+        format!("a store to the PML4 under a write breakpoint: {o:x?}, want #DB with DR6.B0")
+    })
 }

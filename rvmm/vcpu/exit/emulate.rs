@@ -339,7 +339,7 @@ impl<'a> GuestEnv<'a> {
     }
 
     /// The guest's enabled data breakpoints the instruction's accesses hit (DR6 bits).
-    fn breakpoints_hit(&self) -> u64 {
+    pub(super) fn breakpoints_hit(&self) -> u64 {
         let dr7 = self.v.dr[7];
         if dr7 & 0xff == 0 {
             return 0;
@@ -513,6 +513,18 @@ pub(super) fn code_linear(vmcs: &CurrentVmcs, rip: u64, long: bool) -> u64 {
     }
 }
 
+/// Data breakpoints an emulated instruction hit (DR6 B bits): a trap after the
+/// instruction, pending for the next entry, which delivers the #DB and sets DR6.
+pub(super) fn data_breakpoint_trap(vmcs: &CurrentVmcs, hit: u64) {
+    if hit != 0 {
+        let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+        vmcs.write(
+            guest::PENDING_DBG_EXCEPTIONS,
+            pending | hit | ENABLED_BREAKPOINT,
+        );
+    }
+}
+
 /// The mode the emulator runs the guest's instruction in.
 pub(super) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
     let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
@@ -652,15 +664,7 @@ impl VcpuInner {
                 let full = self.commit_writes(&writes, &ctx);
                 self.emu_commit_regs(vmcs, &before, &regs, done);
                 self.mmio_reads.writes = mmio_writes;
-                if breakpoints != 0 {
-                    // A data breakpoint is a trap after the instruction: pending for
-                    // the next entry, which delivers the #DB and sets DR6's B bits.
-                    let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
-                    vmcs.write(
-                        guest::PENDING_DBG_EXCEPTIONS,
-                        pending | breakpoints | ENABLED_BREAKPOINT,
-                    );
-                }
+                data_breakpoint_trap(vmcs, breakpoints);
                 if full && !self.reload_root(vmcs, true) {
                     return self.no_shadow(vmcs, run, before.rip, 5);
                 }

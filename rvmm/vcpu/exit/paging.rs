@@ -353,6 +353,7 @@ impl VcpuInner {
                 Err(_) => return Some(None),
             };
             let seen = env.pt.as_ref().and_then(|pt| pt.seen);
+            let breakpoints = env.breakpoints_hit();
             let Some(w) = env.single_ram_write() else {
                 return Some(None);
             };
@@ -395,6 +396,7 @@ impl VcpuInner {
             };
             if stored {
                 self.emu_commit_regs(vmcs, &before, &regs, done);
+                emulate::data_breakpoint_trap(vmcs, breakpoints);
                 return Some(Some((w.gpa, w.len)));
             }
         }
