@@ -13,7 +13,9 @@ pub mod execute;
 pub mod flags;
 
 pub use decode::{decode, DecodeError, Insn, Map, Mem, Rep, Rm, SegReg, Vex, MAX_INSN_LEN};
-pub use execute::{execute, Done, Env, Exception, Mode, Regs, Stop};
+pub use execute::{
+    execute, real_mode_interrupt, Control, Done, Env, Exception, Mode, Regs, Stop, SysWrite,
+};
 
 /// What a decoding failure means for the guest: the exception the CPU raises for it,
 /// or an instruction the emulator does not carry out.

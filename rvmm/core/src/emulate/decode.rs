@@ -153,6 +153,8 @@ pub struct Insn {
     pub long: bool,
     /// The VEX prefix (its pp field shows as `p66` and `rep`, its W as `rex_w`).
     pub vex: Option<Vex>,
+    /// The selector of a far pointer immediate (JMP/CALL ptr16:16/32).
+    pub sel: u16,
 }
 
 impl Insn {
@@ -201,6 +203,10 @@ enum Imm {
     W,
     /// An address-size offset (MOV moffs).
     Moffs,
+    /// The operand size's bytes, up to 8 (MOV r, imm64 with REX.W).
+    V,
+    /// A far pointer: an operand-size offset, then a 16-bit selector (in `Insn::sel`).
+    Far,
 }
 
 /// Whether (map, op) takes a ModRM byte, what immediate follows it, and whether the
@@ -214,7 +220,14 @@ fn shape(map: Map, op: u8, long: bool) -> Option<(bool, Imm)> {
             0x00..=0x3f if op & 7 < 4 => (true, None),
             0x00..=0x3f if op & 7 == 4 => (false, B),
             0x00..=0x3f if op & 7 == 5 => (false, Z),
+            // PUSH/POP ES, CS, SS, DS (POP CS does not exist: 0F is the escape).
+            0x06 | 0x07 | 0x0e | 0x16 | 0x17 | 0x1e | 0x1f if !long => (false, None),
+            // INC/DEC r (REX prefixes in 64-bit mode).
+            0x40..=0x4f if !long => (false, None),
             0x50..=0x5f => (false, None),
+            // PUSHA/POPA.
+            0x60 | 0x61 if !long => (false, None),
+            0x70..=0x7f => (false, B),
             0x63 if long => (true, None),
             0x68 => (false, Z),
             0x69 => (true, Z),
@@ -223,21 +236,46 @@ fn shape(map: Map, op: u8, long: bool) -> Option<(bool, Imm)> {
             0x80 | 0x83 => (true, B),
             0x82 if !long => (true, B),
             0x81 => (true, Z),
-            0x84..=0x8c | 0x8f => (true, None),
+            0x84..=0x8f => (true, None),
             0x6c..=0x6f => (false, None),
+            // XCHG rAX, r / NOP; CBW, CWD; PUSHF, POPF, SAHF, LAHF.
+            0x90..=0x99 | 0x9c..=0x9f => (false, None),
+            0x9a | 0xea if !long => (false, Far),
             0xa0..=0xa3 => (false, Moffs),
             0xa4..=0xa7 | 0xaa..=0xaf => (false, None),
+            0xa8 => (false, B),
+            0xa9 => (false, Z),
+            0xb0..=0xb7 => (false, B),
+            0xb8..=0xbf => (false, V),
             0xc0 | 0xc1 => (true, B),
-            0xc2 => (false, W),
-            0xc3 => (false, None),
+            0xc2 | 0xca => (false, W),
+            0xc3 | 0xc9 | 0xcb | 0xcc | 0xcf => (false, None),
+            // LES, LDS (outside 64-bit mode, where C4/C5 with a register operand
+            // are VEX, taken above).
+            0xc4 | 0xc5 if !long => (true, None),
             0xc6 => (true, B),
             0xc7 => (true, Z),
+            0xcd => (false, B),
+            0xce if !long => (false, None),
             0xd0..=0xd3 => (true, None),
-            0xe8 => (false, Z),
+            0xd7 => (false, None),
+            // LOOPNE, LOOPE, LOOP, JCXZ; IN/OUT with an immediate port; JMP rel8.
+            0xe0..=0xe7 | 0xeb => (false, B),
+            0xe8 | 0xe9 => (false, Z),
+            0xec..=0xef | 0xf4 | 0xf5 | 0xf8..=0xfd => (false, None),
             0xf6 | 0xf7 | 0xfe | 0xff => (true, None),
             _ => return Option::None,
         },
         Map::Two => match op {
+            // Group 7 (LGDT, LIDT, SGDT, SIDT, SMSW, LMSW, INVLPG); MOV from and to
+            // CR0-CR4 (ModRM.mod is ignored: always registers).
+            0x01 | 0x20 | 0x22 => (true, None),
+            // CLTS, INVD, WBINVD, WRMSR, RDMSR, CPUID, PUSH/POP FS and GS, BSWAP.
+            0x06 | 0x08 | 0x09 | 0x30 | 0x32 | 0xa2 | 0xa0 | 0xa1 | 0xa8 | 0xa9 => (false, None),
+            0xc8..=0xcf => (false, None),
+            0x80..=0x8f => (false, Z),
+            // LSS, LFS, LGS.
+            0xb2 | 0xb4 | 0xb5 => (true, None),
             // SSE moves: MOVUPS/MOVSS/MOVSD, MOVAPS, MOVNTPS, MOVD/MOVQ, MOVDQA/MOVDQU,
             // MOVQ, MOVNTDQ (and their 66 and VEX forms).
             0x10 | 0x11 | 0x28 | 0x29 | 0x2b | 0x6e | 0x6f | 0x7e | 0x7f | 0xd6 | 0xe7 => {
@@ -396,7 +434,10 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
     if has_modrm {
         let modrm = at(i)?;
         i += 1;
-        let (md, r, m) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+        let (mut md, r, m) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+        if map == Map::Two && (op == 0x20 || op == 0x22) {
+            md = 3;
+        }
         reg = r | ((rex >> 2 & 1) << 3);
         rm = Some(if md == 3 {
             Rm::Reg(m | ((rex & 1) << 3))
@@ -487,9 +528,12 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
         *i += n;
         Ok(v)
     };
-    // Near CALL rel in 64-bit mode: a 32-bit displacement and a 64-bit operand size
-    // whatever 66 says (Intel; SDM Vol. 2A, CALL).
-    let near64 = long && map == Map::One && op == 0xe8;
+    // Near CALL, JMP and Jcc rel in 64-bit mode: a 32-bit displacement and a 64-bit
+    // operand size whatever 66 says (Intel; SDM Vol. 2A, CALL, JMP, Jcc).
+    let near64 = long
+        && ((map == Map::One && (op == 0xe8 || op == 0xe9))
+            || (map == Map::Two && (0x80..=0x8f).contains(&op)));
+    let mut sel = 0u16;
     match imm_kind {
         Imm::None => {}
         Imm::Z if near64 => imm = take(4, &mut i)? as u32 as i32 as i64 as u64,
@@ -497,6 +541,11 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
         Imm::W => imm = take(2, &mut i)?,
         Imm::Z if opsize == 2 => imm = take(2, &mut i)? as u16 as i16 as i64 as u64,
         Imm::Z => imm = take(4, &mut i)? as u32 as i32 as i64 as u64,
+        Imm::V => imm = take(usize::from(opsize), &mut i)?,
+        Imm::Far => {
+            imm = take(usize::from(opsize), &mut i)?;
+            sel = take(2, &mut i)? as u16;
+        }
         Imm::Moffs => {
             let off = take(usize::from(addrsize), &mut i)?;
             rm = Some(Rm::Mem(Mem {
@@ -526,5 +575,6 @@ pub fn decode(code: &[u8], long: bool, def32: bool) -> Result<Insn, DecodeError>
         seg,
         long,
         vex,
+        sel,
     })
 }

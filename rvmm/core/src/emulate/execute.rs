@@ -12,6 +12,11 @@ use super::decode::{Insn, Map, Mem, Rep, Rm, SegReg};
 use super::flags::{self, mask, sext, sign, RFlags, STATUS};
 use crate::guest_state::Seg;
 
+mod control;
+mod system;
+
+pub use control::real_mode_interrupt;
+
 /// The general registers, RIP and RFLAGS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Regs {
@@ -73,6 +78,21 @@ impl Exception {
     /// #NM.
     pub const NM: Self = Self::new(7, None);
 
+    /// #GP with a selector error code.
+    pub const fn gp(code: u16) -> Self {
+        Self::new(13, Some(code as u32))
+    }
+
+    /// #NP (segment not present) with a selector error code.
+    pub const fn np(code: u16) -> Self {
+        Self::new(11, Some(code as u32))
+    }
+
+    /// #SS with a selector error code.
+    pub const fn ss(code: u16) -> Self {
+        Self::new(12, Some(code as u32))
+    }
+
     const fn new(vector: u8, error_code: Option<u32>) -> Self {
         Self {
             vector,
@@ -119,7 +139,38 @@ pub enum Done {
     Repeat,
 }
 
-/// Guest memory and segment registers, as the executor sees them.
+/// The system registers the system instructions read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// CR0, CR2, CR3, CR4 as the guest sees them.
+    pub cr: [u64; 5],
+    /// GDTR (base, limit).
+    pub gdtr: (u64, u16),
+    /// IDTR (base, limit); the interrupt vector table in real mode.
+    pub idtr: (u64, u16),
+    /// LDTR.
+    pub ldtr: Seg,
+}
+
+/// A change of system state: the [`Env`] checks it when the instruction makes it (an
+/// invalid value is the exception it returns) and applies it when the caller commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SysWrite {
+    /// MOV to CR0, CR2, CR3 or CR4 (also LMSW and CLTS, as CR0 writes).
+    Cr(u8, u64),
+    /// LGDT: base, limit.
+    Gdtr(u64, u16),
+    /// LIDT: base, limit.
+    Idtr(u64, u16),
+    /// WRMSR: index, value.
+    Msr(u32, u64),
+    /// HLT: the vCPU waits for an interrupt after the instruction retires.
+    Halt,
+}
+
+/// Guest memory and segment registers, as the executor sees them. The system side
+/// (segment loads, control registers, MSRs, CPUID) has defaults that refuse: an
+/// environment that emulates only data accesses need not provide it.
 pub trait Env {
     /// Segment register `s`.
     fn segment(&mut self, s: SegReg) -> Seg;
@@ -138,6 +189,30 @@ pub trait Env {
     fn vreg(&mut self, n: u8) -> [u8; 32];
     /// Sets YMMn, when the caller commits.
     fn set_vreg(&mut self, n: u8, v: [u8; 32]);
+    /// Loads segment register `s` (selector and descriptor cache), when the caller
+    /// commits; later reads of `segment(s)` in the same instruction see the old value.
+    fn load_segment(&mut self, _s: SegReg, _seg: Seg) -> Result<(), Stop> {
+        Err(Stop::Unsupported(0))
+    }
+    /// The control registers and descriptor-table registers.
+    fn control(&mut self) -> Result<Control, Stop> {
+        Err(Stop::Unsupported(0))
+    }
+    /// A change of system state (see [`SysWrite`]); one per instruction.
+    fn sys_write(&mut self, _w: SysWrite) -> Result<(), Stop> {
+        Err(Stop::Unsupported(0))
+    }
+    /// RDMSR: the value, or the exception (#GP for an MSR the vCPU does not have).
+    fn rdmsr(&mut self, _index: u32) -> Result<u64, Stop> {
+        Err(Stop::Unsupported(0))
+    }
+    /// CPUID leaf `leaf`, sub-leaf `sub`: EAX, EBX, ECX, EDX.
+    fn cpuid(&mut self, _leaf: u32, _sub: u32) -> Result<[u32; 4], Stop> {
+        Err(Stop::Unsupported(0))
+    }
+    /// The instruction blocks interrupts until the next one retires: STI that set
+    /// IF (`mov_ss` false), or a load of SS (`mov_ss` true).
+    fn interrupt_shadow(&mut self, _mov_ss: bool) {}
 }
 
 const RAX: u8 = 0;
@@ -471,7 +546,7 @@ impl<E: Env> Cpu<'_, E> {
         let ext = i.reg & 7;
         let next = self.next_rip();
         match (i.map, i.op) {
-            (Map::One, 0x00..=0x3f) => {
+            (Map::One, 0x00..=0x3f) if i.op & 7 < 6 => {
                 let kind = i.op >> 3;
                 let size = if i.op & 1 == 0 { 1 } else { w };
                 match i.op & 7 {
@@ -727,13 +802,7 @@ impl<E: Env> Cpu<'_, E> {
                     self.write_at(m.seg, ea, w, swap(v))?;
                 }
             }
-            _ => {
-                return Err(Stop::Unsupported(match i.map {
-                    Map::One => u32::from(i.op),
-                    Map::Two => 0x0f00 | u32::from(i.op),
-                    Map::Three38 => 0x0f_3800 | u32::from(i.op),
-                }))
-            }
+            _ => return self.run_control(next),
         }
         self.r.rip = next;
         Ok(Done::Next)
