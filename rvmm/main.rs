@@ -174,6 +174,7 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
     writeln!(f, "apic_messages: {}", s.apic_messages)?;
     writeln!(f, "apic_accesses: {}", s.apic_accesses)?;
     writeln!(f, "longest_section_ns: {}", s.longest_section_ns)?;
+    writeln!(f, "real_mode_emulated: {}", s.real_mode_emulated)?;
     writeln!(f, "halt_sleeps: {}", s.halt_sleeps)?;
     writeln!(f, "user_exits: {}", s.user_exits)
 }

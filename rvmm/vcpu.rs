@@ -155,8 +155,8 @@ pub(crate) struct VcpuInner {
     nmi_window: bool,
     /// The vCPU waits for a start-up IPI (after INIT, or as userspace set it).
     wait_sipi: bool,
-    /// Real mode, run in virtual-8086 mode (see `realmode`).
-    rmode: bool,
+    /// Real mode and mode switches (see `realmode`).
+    real: realmode::RealMode,
     /// A vector from the 8259s (an ExtINT message) waiting for the guest.
     pending_extint: Option<u8>,
     /// The VMCS's TSC offset (guest TSC = host TSC + offset).
@@ -364,7 +364,7 @@ impl Vcpu {
             irq_window: false,
             nmi_window: false,
             wait_sipi: false,
-            rmode: false,
+            real: Default::default(),
             pending_extint: None,
             tsc_offset: 0,
             vapic: None,

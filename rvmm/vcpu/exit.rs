@@ -36,7 +36,7 @@ mod io;
 mod msrs;
 mod paging;
 
-pub(in crate::vcpu) use emulate::Cause;
+pub(in crate::vcpu) use emulate::{guest_mode, Cause, GuestEnv};
 pub(crate) use emulate::{MmioReads, PORT_KEY};
 
 /// Basic exit reason 41: a machine-check event during VM entry (SDM C).
@@ -78,8 +78,11 @@ impl VcpuInner {
             return Next::User;
         }
         // An event whose delivery the exit interrupted is delivered again on entry.
+        // Not in rvmm's vm86, where nothing is delivered through the IDT: what a CPU
+        // may report there is the guest's INT n refused for IOPL (the #GP that exited),
+        // which the emulator carries out through the IVT.
         let idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
-        if idt & intr::VALID != 0 {
+        if idt & intr::VALID != 0 && !self.real.vm86 {
             vmcs.write(
                 control::VMENTRY_INTERRUPTION_INFO_FIELD,
                 u64::from(idt & !intr::NMI_UNBLOCK),
@@ -175,7 +178,7 @@ impl VcpuInner {
         }
     }
 
-    fn exit_to_user(&mut self, run: *mut uapi::Run, reason: u32) -> Next {
+    pub(super) fn exit_to_user(&mut self, run: *mut uapi::Run, reason: u32) -> Next {
         // SAFETY: our run page.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).exit_reason), reason) };
         Next::User
@@ -289,8 +292,8 @@ impl VcpuInner {
             let s = vmcs.read(guest::INTERRUPTIBILITY_STATE);
             vmcs.write(guest::INTERRUPTIBILITY_STATE, s | 8);
         }
-        if self.rmode && vec != vector::PF {
-            return self.rmode_exception(vmcs, run, vec);
+        if self.real.vm86 && vec != vector::PF {
+            return self.vm86_exception(vmcs, run, info);
         }
         let ec = (info & intr::HAS_ERROR_CODE != 0)
             .then(|| vmcs.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
@@ -315,6 +318,17 @@ impl VcpuInner {
 
     fn cpuid(&mut self, vmcs: &CurrentVmcs) -> Next {
         let (leaf, sub) = (self.gprs.rax as u32, self.gprs.rcx as u32);
+        let [a, b, c, d] = self.cpuid_values(leaf, sub);
+        self.gprs.rax = a.into();
+        self.gprs.rbx = b.into();
+        self.gprs.rcx = c.into();
+        self.gprs.rdx = d.into();
+        self.skip_instruction(vmcs);
+        Next::Fast
+    }
+
+    /// The guest's CPUID leaf `leaf`, sub-leaf `sub`.
+    pub(super) fn cpuid_values(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let cached = match leaf {
             0..=0x15 if super::CPUID_CACHEABLE >> leaf & 1 != 0 => {
                 self.cpuid_basic.get(leaf as usize)
@@ -329,12 +343,7 @@ impl VcpuInner {
         if leaf == 1 && self.cr4 & (1 << 18) != 0 && self.xsave {
             c |= 1 << 27;
         }
-        self.gprs.rax = a.into();
-        self.gprs.rbx = b.into();
-        self.gprs.rcx = c.into();
-        self.gprs.rdx = d.into();
-        self.skip_instruction(vmcs);
-        Next::Fast
+        [a, b, c, d]
     }
 
     /// CPUID leaves with subleaves or state (and any leaf while userspace has set
@@ -440,96 +449,10 @@ impl VcpuInner {
     }
 
     fn cr_access(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, qual: u64) -> Next {
-        // IA-32e mode decides the CR rules; 64-bit code (CS.L) the operand's width: in
-        // compatibility mode MOV to CR moves 32 bits (SDM Vol. 2B, MOV Control Regs).
-        let long = self.efer & EFER_LMA != 0;
-        let wide = self.long_mode_code(vmcs);
-        let width = |v: u64| if wide { v } else { v & 0xffff_ffff };
         match CrAccess::decode(qual) {
-            CrAccess::MovTo { cr: 0, gpr } => {
-                if let Err(n) = self.set_cr0(vmcs, run, width(self.gpr(vmcs, gpr))) {
+            CrAccess::MovTo { cr, gpr } => {
+                if let Err(n) = self.write_cr(vmcs, run, cr, self.gpr(vmcs, gpr)) {
                     return n;
-                }
-            }
-            CrAccess::MovTo { cr: 3, gpr } => {
-                let v = self.gpr(vmcs, gpr);
-                // With PCIDs, bit 63 set keeps the TLB entries (no flush).
-                let pcids = self.cr4 & CR4_PCIDE != 0;
-                let keep = wide && pcids && v & (1 << 63) != 0;
-                let new = if wide {
-                    if pcids {
-                        v & !(1 << 63)
-                    } else {
-                        v
-                    }
-                } else {
-                    v & 0xffff_ffff
-                };
-                // In IA-32e mode, bits 63:MAXPHYADDR are reserved (bit 63 too without
-                // PCIDs): #GP (SDM Vol. 3A, 4.5.2 and MOV CR3).
-                if long && new.checked_shr(u32::from(self.maxphyaddr)).unwrap_or(0) != 0 {
-                    return self.inject(vmcs, vector::GP, Some(0));
-                }
-                // Under PAE paging MOV CR3 loads the four PDPTEs.
-                if self.mode == PagingMode::Pae && !self.pdptes_ok(new) {
-                    return self.inject(vmcs, vector::GP, Some(0));
-                }
-                let old = (self.cr3, self.pdptes);
-                self.cr3 = new;
-                self.pdptes = None;
-                if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
-                    // The sync goes on when the guest runs MOV CR3 again.
-                    (self.cr3, self.pdptes) = old;
-                    return self.sync_pause();
-                }
-            }
-            CrAccess::MovTo { cr: 4, gpr } => {
-                let v = width(self.gpr(vmcs, gpr));
-                // PCIDE: only in IA-32e mode with CR3[11:0] = 0 (SDM 4.10.1).
-                let pcide_on = v & CR4_PCIDE != 0 && self.cr4 & CR4_PCIDE == 0;
-                let bad = v & !(rvmm_core::guest_state::CR4_ALLOWED & self.cr4_allowed) != 0
-                    || (pcide_on && (!long || self.cr3 & 0xfff != 0))
-                    || (v & (1 << 18) != 0 && !self.xsave)
-                    || (long && v & CR4_PAE == 0);
-                // Under PAE paging, a change of PAE, PGE, PSE or SMEP loads the PDPTEs.
-                let loads_pdptes = self.cr0 & CR0_PG != 0
-                    && !long
-                    && v & CR4_PAE != 0
-                    && (v ^ self.cr4) & (CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP) != 0;
-                if bad || (loads_pdptes && !self.pdptes_ok(self.cr3)) {
-                    return self.inject(vmcs, vector::GP, Some(0));
-                }
-                let flush = (v ^ self.cr4) & CR4_FLUSH != 0;
-                if flush {
-                    // A global flush first (every PCID's entries go), in steps.
-                    match self.flush_all_step(vmcs) {
-                        Some(true) => {}
-                        Some(false) => return self.sync_pause(),
-                        None => return self.no_shadow(vmcs, run, 0, 7),
-                    }
-                }
-                let need_reset = self.need_reset;
-                if loads_pdptes {
-                    self.pdptes = None;
-                }
-                self.cr4 = v;
-                self.apply_paging_state(vmcs);
-                if flush {
-                    self.reset_shadow(vmcs);
-                } else {
-                    // The root and its rights stay (nothing of paging changed).
-                    self.need_reset = need_reset;
-                }
-            }
-            CrAccess::MovTo { cr: 8, gpr } => {
-                let v = self.gpr(vmcs, gpr);
-                if v >> 4 != 0 {
-                    return self.inject(vmcs, vector::GP, Some(0));
-                }
-                match self.apic.as_mut() {
-                    // CR8 is TPR[7:4].
-                    Some(a) => a.set_tpr((v as u32) << 4),
-                    None => self.cr8 = v,
                 }
             }
             CrAccess::MovFrom { cr: 8, gpr } => {
@@ -555,6 +478,109 @@ impl VcpuInner {
         }
         self.skip_instruction(vmcs);
         Next::Fast
+    }
+
+    /// MOV to CR0, CR2, CR3, CR4 or CR8 of `v` (the register's 64 bits): the checks,
+    /// then the change. `Err` is what the guest gets instead (an exception, or the
+    /// instruction running again while a flush goes on in steps); the caller retires
+    /// the instruction on `Ok`.
+    pub(super) fn write_cr(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        cr: u8,
+        v: u64,
+    ) -> Result<(), Next> {
+        // IA-32e mode decides the CR rules; 64-bit code (CS.L) the operand's width: in
+        // compatibility mode MOV to CR moves 32 bits (SDM Vol. 2B, MOV Control Regs).
+        let long = self.efer & EFER_LMA != 0;
+        let wide = self.long_mode_code(vmcs);
+        let width = |v: u64| if wide { v } else { v & 0xffff_ffff };
+        match cr {
+            0 => self.set_cr0(vmcs, run, width(v))?,
+            2 => self.cr2 = width(v),
+            3 => {
+                // With PCIDs, bit 63 set keeps the TLB entries (no flush).
+                let pcids = self.cr4 & CR4_PCIDE != 0;
+                let keep = wide && pcids && v & (1 << 63) != 0;
+                let new = if wide {
+                    if pcids {
+                        v & !(1 << 63)
+                    } else {
+                        v
+                    }
+                } else {
+                    v & 0xffff_ffff
+                };
+                // In IA-32e mode, bits 63:MAXPHYADDR are reserved (bit 63 too without
+                // PCIDs): #GP (SDM Vol. 3A, 4.5.2 and MOV CR3).
+                if long && new.checked_shr(u32::from(self.maxphyaddr)).unwrap_or(0) != 0 {
+                    return Err(self.inject(vmcs, vector::GP, Some(0)));
+                }
+                // Under PAE paging MOV CR3 loads the four PDPTEs.
+                if self.mode == PagingMode::Pae && !self.pdptes_ok(new) {
+                    return Err(self.inject(vmcs, vector::GP, Some(0)));
+                }
+                let old = (self.cr3, self.pdptes);
+                self.cr3 = new;
+                self.pdptes = None;
+                if let RootLoad::Again = self.load_cr3_step(vmcs, !keep, SYNC_BUDGET) {
+                    // The sync goes on when the guest runs MOV CR3 again.
+                    (self.cr3, self.pdptes) = old;
+                    return Err(self.sync_pause());
+                }
+            }
+            4 => {
+                let v = width(v);
+                // PCIDE: only in IA-32e mode with CR3[11:0] = 0 (SDM 4.10.1).
+                let pcide_on = v & CR4_PCIDE != 0 && self.cr4 & CR4_PCIDE == 0;
+                let bad = v & !(rvmm_core::guest_state::CR4_ALLOWED & self.cr4_allowed) != 0
+                    || (pcide_on && (!long || self.cr3 & 0xfff != 0))
+                    || (v & (1 << 18) != 0 && !self.xsave)
+                    || (long && v & CR4_PAE == 0);
+                // Under PAE paging, a change of PAE, PGE, PSE or SMEP loads the PDPTEs.
+                let loads_pdptes = self.cr0 & CR0_PG != 0
+                    && !long
+                    && v & CR4_PAE != 0
+                    && (v ^ self.cr4) & (CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP) != 0;
+                if bad || (loads_pdptes && !self.pdptes_ok(self.cr3)) {
+                    return Err(self.inject(vmcs, vector::GP, Some(0)));
+                }
+                let flush = (v ^ self.cr4) & CR4_FLUSH != 0;
+                if flush {
+                    // A global flush first (every PCID's entries go), in steps.
+                    match self.flush_all_step(vmcs) {
+                        Some(true) => {}
+                        Some(false) => return Err(self.sync_pause()),
+                        None => return Err(self.no_shadow(vmcs, run, 0, 7)),
+                    }
+                }
+                let need_reset = self.need_reset;
+                if loads_pdptes {
+                    self.pdptes = None;
+                }
+                self.cr4 = v;
+                self.apply_paging_state(vmcs);
+                if flush {
+                    self.reset_shadow(vmcs);
+                } else {
+                    // The root and its rights stay (nothing of paging changed).
+                    self.need_reset = need_reset;
+                }
+            }
+            8 => {
+                if v >> 4 != 0 {
+                    return Err(self.inject(vmcs, vector::GP, Some(0)));
+                }
+                match self.apic.as_mut() {
+                    // CR8 is TPR[7:4].
+                    Some(a) => a.set_tpr((v as u32) << 4),
+                    None => self.cr8 = v,
+                }
+            }
+            _ => return Err(self.inject(vmcs, vector::UD, None)),
+        }
+        Ok(())
     }
 
     fn set_cr0(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, v: u64) -> Result<(), Next> {
@@ -589,8 +615,16 @@ impl VcpuInner {
         if loads_pdptes {
             self.pdptes = None;
         }
+        let pe_changed = (self.cr0 ^ v) & CR0_PE != 0;
         self.cr0 = v;
         self.apply_paging_state(vmcs);
+        if pe_changed {
+            if v & CR0_PE == 0 {
+                self.enter_real_mode(vmcs);
+            } else {
+                self.leave_real_mode(vmcs);
+            }
+        }
         if changed {
             self.reset_shadow(vmcs);
         } else {
@@ -745,8 +779,7 @@ impl VcpuInner {
 
     /// Whether the guest can take an external interrupt now.
     pub(crate) fn interruptible(&self, vmcs: &CurrentVmcs) -> bool {
-        !self.rmode
-            && vmcs.read(guest::RFLAGS) & (1 << 9) != 0
+        vmcs.read(guest::RFLAGS) & (1 << 9) != 0
             && vmcs.read(guest::INTERRUPTIBILITY_STATE) & 3 == 0
             && vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0
             && !Self::debug_trap_pending(vmcs)
@@ -765,13 +798,23 @@ impl VcpuInner {
     /// Puts queued events into the VMCS before an entry (VMCS current).
     #[inline]
     pub(crate) fn deliver_events(&mut self, vmcs: &CurrentVmcs) {
+        if self.real.emulating && !self.real.active {
+            // A mode switch in the emulator: events wait for the protected-mode entry.
+            return;
+        }
         if self.apic.is_none() && self.pending_exception.is_none() && self.pending_irq.is_none() {
+            if self.real.active {
+                self.real_mode_deliver(vmcs);
+            }
             return;
         }
         if self.apic.is_some() {
             self.apic_inject(vmcs);
         }
         if self.pending_exception.is_none() && self.pending_irq.is_none() {
+            if self.real.active {
+                self.real_mode_deliver(vmcs);
+            }
             return;
         }
         if let Some((vec, ec)) = self.pending_exception.take() {
@@ -791,6 +834,9 @@ impl VcpuInner {
             } else {
                 self.set_window_exiting(vmcs, true);
             }
+        }
+        if self.real.active {
+            self.real_mode_deliver(vmcs);
         }
     }
 }

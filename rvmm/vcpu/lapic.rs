@@ -71,10 +71,6 @@ impl VcpuInner {
         let Some(pending) = self.apic.as_ref().map(|a| a.pending()) else {
             return;
         };
-        if self.rmode {
-            // No injection into real mode (see `realmode`).
-            return;
-        }
         let slot_free =
             vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0;
         if slot_free && self.pending_irq.is_none() && self.pending_exception.is_none() {

@@ -4,7 +4,8 @@
 //! VM entries and exits until the host or userspace needs the CPU (or the section's time
 //! budget is spent), the pre-entry checks, and the completion of what userspace handled.
 
-use x86::vmx::vmcs::{guest, ro};
+use rvmm_core::exit::intr;
+use x86::vmx::vmcs::{control, guest, ro};
 
 use super::*;
 use crate::vmx::{HostState, DR7_INIT};
@@ -98,16 +99,17 @@ impl VcpuInner {
                 };
             }
             Pending::PortIn { port, size } => {
+                let string_io = super::exit::Cause::StringIo {
+                    port,
+                    size,
+                    input: true,
+                };
                 // SAFETY: our run page.
                 let data = unsafe { ptr::read_volatile(addr_of_mut!((*run).io_data)) }[0];
                 self.mmio_reads
                     .push(super::exit::PORT_KEY | u64::from(port), size, data);
                 self.pending = Pending::None;
-                let cause = super::exit::Cause::StringIo {
-                    port,
-                    size,
-                    input: true,
-                };
+                let cause = self.mmio_reads.resume_cause(string_io);
                 return Some(self.emulate_insn(vmcs, run, cause, None));
             }
             Pending::MmioRead { gpa, len } => {
@@ -118,7 +120,8 @@ impl VcpuInner {
                 self.mmio_reads.push(gpa, len, data);
                 self.pending = Pending::None;
                 // The instruction runs again, now with the data (and may need more).
-                return Some(self.emulate_insn(vmcs, run, super::exit::Cause::Mmio, None));
+                let cause = self.mmio_reads.resume_cause(super::exit::Cause::Mmio);
+                return Some(self.emulate_insn(vmcs, run, cause, None));
             }
             Pending::MmioWrite => {
                 self.pending = Pending::None;
@@ -182,7 +185,7 @@ impl VcpuInner {
         if self.need_reset && !self.reset_shadow(vmcs) {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }
-        if !self.state_checked {
+        if !self.state_checked && !self.real.emulating {
             if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state(vmcs)) {
                 user_pr!(
                     pr_info,
@@ -230,6 +233,49 @@ impl VcpuInner {
         let mut launched = false;
         let next = loop {
             self.deliver_events(vmcs);
+            if core::mem::take(&mut self.triple_fault) {
+                break self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
+            }
+            if self.needs_emulation(vmcs) {
+                // A state VMX cannot enter: the emulator runs the guest, an
+                // instruction per turn, within the section's budget.
+                let next = if self.real.active
+                    || vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & u64::from(intr::VALID)
+                        == 0
+                {
+                    self.emulate_step(vmcs, run)
+                } else {
+                    // An exception in the middle of a switch to protected mode, before
+                    // the guest has a state to take it in.
+                    self.internal_error(
+                        run,
+                        uapi::RVMM_INTERNAL_EMULATION,
+                        [
+                            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+                            vmcs.read(guest::RIP),
+                            0,
+                            9,
+                        ],
+                    )
+                };
+                if core::mem::take(&mut self.triple_fault) {
+                    break self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
+                }
+                match next {
+                    // SAFETY: plain queries with interrupts off.
+                    Next::Fast
+                        if unsafe { !rvmm_exit_request() }
+                            && exit::rdtsc().wrapping_sub(start) < self.section_budget =>
+                    {
+                        continue
+                    }
+                    Next::Fast | Next::Host => break Next::Host,
+                    Next::User => {
+                        self.report_interrupt_window(vmcs, run);
+                        break Next::User;
+                    }
+                }
+            }
             self.shadow.entering(id);
             let root_gen = self.on_pool.then_some(self.proot_gen);
             if self.need_reset || !self.shadow.pre_entry_ok(root_gen, self.slots.generation) {
@@ -270,18 +316,7 @@ impl VcpuInner {
             launched = true;
             let next = self.handle_exit(vmcs, run, id);
             if let Next::User = next {
-                let ready = self.interruptible(vmcs) && self.pending_irq.is_none();
-                // SAFETY: our run page.
-                unsafe {
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).if_flag),
-                        u8::from(vmcs.read(guest::RFLAGS) & (1 << 9) != 0),
-                    );
-                    ptr::write_volatile(
-                        ptr::addr_of_mut!((*run).ready_for_interrupt_injection),
-                        u8::from(ready),
-                    );
-                }
+                self.report_interrupt_window(vmcs, run);
             }
             match next {
                 // The section ends after its time budget whatever the guest does (an
@@ -310,6 +345,22 @@ impl VcpuInner {
         // SAFETY: the state `HostState::read` took on this CPU at the start.
         unsafe { host_state.restore_after_exit() };
         next
+    }
+
+    /// Tells userspace, at an exit to it, whether the guest takes an interrupt now.
+    fn report_interrupt_window(&self, vmcs: &CurrentVmcs, run: *mut uapi::Run) {
+        let ready = self.interruptible(vmcs) && self.pending_irq.is_none();
+        // SAFETY: our run page.
+        unsafe {
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).if_flag),
+                u8::from(vmcs.read(guest::RFLAGS) & (1 << 9) != 0),
+            );
+            ptr::write_volatile(
+                ptr::addr_of_mut!((*run).ready_for_interrupt_injection),
+                u8::from(ready),
+            );
+        }
     }
 
     /// Loads the guest's FPU/SSE/AVX state and the MSRs switched by hand, once per

@@ -115,7 +115,8 @@ impl VcpuInner {
             r14: g.r14,
             r15: g.r15,
             rip: vmcs.read(guest::RIP),
-            rflags: vmcs.read(guest::RFLAGS) & !(1 << 17),
+            // rvmm's vm86 is not the guest's: it sees real mode.
+            rflags: vmcs.read(guest::RFLAGS) & if self.real.vm86 { !RFLAGS_VM } else { !0 },
         }
     }
 
@@ -141,20 +142,15 @@ impl VcpuInner {
         vmcs.write(guest::RIP, r.rip);
         // A real-mode vCPU runs in virtual-8086 mode: RFLAGS.VM stays set (userspace
         // sees RFLAGS without it).
-        let vm86 = if self.rmode { RFLAGS_VM } else { 0 };
+        let vm86 = if self.real.vm86 { RFLAGS_VM } else { 0 };
         vmcs.write(guest::RFLAGS, r.rflags | vm86);
         self.state_checked = false;
     }
 
     pub(super) fn sregs(&self, vmcs: &CurrentVmcs) -> uapi::Sregs {
         let seg = |i: usize| {
-            let (s, b, l, a) = SEGS[i];
-            seg_from_ar(
-                vmcs.read(b),
-                vmcs.read(l) as u32,
-                vmcs.read(s) as u16,
-                vmcs.read(a),
-            )
+            let s = self.guest_seg(vmcs, i);
+            seg_from_ar(s.base, s.limit, s.selector, s.ar.into())
         };
         uapi::Sregs {
             cs: seg(0),
@@ -186,11 +182,11 @@ impl VcpuInner {
     }
 
     pub(super) fn set_sregs(&mut self, vmcs: &CurrentVmcs, s: &uapi::Sregs) -> Result {
-        if self.rmode {
-            // Userspace's segments replace the virtual-8086 ones: rvmm's real mode ends.
-            self.rmode = false;
-            vmcs.write(guest::RFLAGS, vmcs.read(guest::RFLAGS) & !RFLAGS_VM);
-            vmcs.write(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
+        if self.real.active || self.real.emulating {
+            // Userspace's segments replace the virtual-8086 ones (and its CR0 says the
+            // mode, below).
+            self.leave_real_mode(vmcs);
+            self.real.emulating = false;
         }
         let segs = [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt];
         for (seg, (sel, base, limit, ar)) in segs.iter().zip(SEGS) {
@@ -212,6 +208,10 @@ impl VcpuInner {
         self.pdptes = None;
         self.apply_paging_state(vmcs);
         self.state_checked = false;
+        // Real mode (PG without PE is refused at entry, by the checks).
+        if s.cr0 & (CR0_PE | CR0_PG) == 0 {
+            self.enter_real_mode(vmcs);
+        }
         Ok(())
     }
 

@@ -43,6 +43,7 @@ pub(crate) struct Stats {
     pub(crate) apic_injections: Counter,
     pub(crate) halt_sleeps: Counter,
     pub(crate) apic_accesses: Counter,
+    pub(crate) emulated_steps: Counter,
     /// The APIC timer's interrupts (copied from the APIC at the end of each section).
     pub(crate) apic_timer_irqs: Counter,
     /// The longest run section (interrupts off), in TSC ticks.
@@ -63,6 +64,7 @@ impl Stats {
             apic_injections: Counter::default(),
             halt_sleeps: Counter::default(),
             apic_accesses: Counter::default(),
+            emulated_steps: Counter::default(),
             apic_timer_irqs: Counter::default(),
             longest_section: Counter::default(),
             tsc_khz: tsc_khz.max(1),
@@ -83,6 +85,7 @@ impl Stats {
         add(&mut out.apic_injections, &self.apic_injections);
         add(&mut out.halt_sleeps, &self.halt_sleeps);
         add(&mut out.apic_accesses, &self.apic_accesses);
+        add(&mut out.real_mode_emulated, &self.emulated_steps);
         add(&mut out.apic_timer_irqs, &self.apic_timer_irqs);
         // Ticks to ns in two parts (no 128-bit division in the kernel).
         let (t, khz) = (self.longest_section.get(), u64::from(self.tsc_khz));

@@ -123,6 +123,16 @@ pub(crate) fn unload_kvm() -> Result<(), String> {
     Ok(())
 }
 
+/// Images KVM with ept=0 cannot run in Bochs, with the exit status it ends with and
+/// what stops it. The differential checks that KVM still ends so (an entry that no
+/// longer holds must go) and compares rvmm with the recorded final state alone.
+const KVM_EPT0_CANNOT: &[(&str, i32, &str)] = &[(
+    "realmode32.elf",
+    5,
+    "an internal error at the first real-mode INT n: Bochs reports the #GP that \
+     virtual-8086 mode raises for INT n as an exit during event delivery",
+)];
+
 /// One run of an image through rvmm-run: serial output, exit status, final state line.
 fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), String> {
     let mut cmd = Command::new("rvmm-run");
@@ -170,7 +180,22 @@ pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
             n += 1;
             let rvmm = run_image(&path, false)?;
             let kvm = run_image(&path, true)?;
-            if rvmm != kvm {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let known = KVM_EPT0_CANNOT.iter().find(|k| k.0 == name);
+            if let Some((_, status, why)) = known {
+                if kvm.1 != Some(*status) {
+                    bad.push(format!(
+                        "{}: KVM ept=0 ended with {:?}, not the {status} recorded ({why})",
+                        path.display(),
+                        kvm.1
+                    ));
+                    continue;
+                }
+                crate::ktap::diag(&format!(
+                    "{}: KVM ept=0 cannot run it ({why}); rvmm against the recorded state",
+                    path.display()
+                ));
+            } else if rvmm != kvm {
                 crate::ktap::diag(&format!(
                     "{}:\n-- rvmm (status {:?}):\n{}\n{}\n-- KVM ept=0 (status {:?}):\n{}\n{}",
                     path.display(),

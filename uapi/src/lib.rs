@@ -495,6 +495,9 @@ abi_struct! {
         /// The longest interrupts-off run section of any vCPU, in nanoseconds: how long
         /// a guest held a host CPU with interrupts off.
         pub longest_section_ns: u64 => "__u64 longest_section_ns",
+        /// Instructions the emulator ran for a guest VMX cannot enter: real mode
+        /// outside virtual-8086 mode, and the switches between real and protected mode.
+        pub real_mode_emulated: u64 => "__u64 real_mode_emulated",
     }
 }
 

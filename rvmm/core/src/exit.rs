@@ -369,6 +369,10 @@ pub mod intr {
     pub const TYPE_NMI: u32 = 2 << 8;
     /// Type: hardware exception.
     pub const TYPE_HW_EXCEPTION: u32 = 3 << 8;
+    /// Type: software interrupt (INT n).
+    pub const TYPE_SW_INTR: u32 = 4 << 8;
+    /// Type: privileged software exception (INT1).
+    pub const TYPE_PRIV_SW_EXCEPTION: u32 = 5 << 8;
     /// Type: software exception (INT3, INTO).
     pub const TYPE_SW_EXCEPTION: u32 = 6 << 8;
     /// Type mask.

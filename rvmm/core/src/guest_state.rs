@@ -40,6 +40,10 @@ pub enum Check {
     BadLimitGranularity = 14,
     /// GDTR, IDTR, FS, GS, TR or LDTR base not canonical in IA-32e mode.
     BadBase = 15,
+    /// Selector and descriptor privilege levels VMX refuses without unrestricted guest:
+    /// SS.RPL != CS.RPL, SS.DPL != SS.RPL, CS.DPL against SS.DPL, or a data segment
+    /// with DPL < RPL (SDM 27.3.1.2).
+    BadPrivilege = 16,
 }
 
 impl Check {
@@ -61,6 +65,7 @@ impl Check {
             Self::BadLdtr => "LDTR, when usable, must be a present LDT descriptor (type 2)",
             Self::BadLimitGranularity => "a segment limit does not fit its granularity bit",
             Self::BadBase => "a descriptor-table or segment base is not canonical",
+            Self::BadPrivilege => "segment privileges VMX refuses: SS.RPL must equal CS.RPL and SS.DPL, CS.DPL must match SS.DPL, data segments need DPL >= RPL",
         }
     }
 }
@@ -162,6 +167,7 @@ pub fn check_state(g: &GuestState) -> Result<(), Check> {
             return Err(Check::BadDataSegment);
         }
     }
+    check_privileges(&g.segs)?;
     let tr_type_ok = tr.seg_type() == 11 || (!ia32e && tr.seg_type() == 3);
     if tr.unusable() || tr.s() || !tr.present() || !tr_type_ok || tr.selector & 4 != 0 {
         return Err(Check::BadTr);
@@ -188,6 +194,29 @@ pub fn check_state(g: &GuestState) -> Result<(), Check> {
         ];
         if bases.iter().any(|&b| !canonical(b)) {
             return Err(Check::BadBase);
+        }
+    }
+    Ok(())
+}
+
+/// The privilege-level rules of SDM 27.3.1.2 for a guest outside virtual-8086 mode
+/// without unrestricted guest (`segs` as in [`GuestState::segs`]).
+pub fn check_privileges(segs: &[Seg; 8]) -> Result<(), Check> {
+    let [cs, ss, ds, es, fs, gs, _, _] = *segs;
+    let cs_rpl = u32::from(cs.selector & 3);
+    if !ss.unusable() && (u32::from(ss.selector & 3) != cs_rpl || ss.dpl() != u32::from(ss.selector & 3)) {
+        return Err(Check::BadPrivilege);
+    }
+    let cs_ok = match cs.seg_type() {
+        9 | 11 => cs.dpl() == ss.dpl(),
+        _ => cs.dpl() <= ss.dpl(),
+    };
+    if !cs_ok {
+        return Err(Check::BadPrivilege);
+    }
+    for d in [ds, es, fs, gs] {
+        if !d.unusable() && d.seg_type() <= 11 && d.dpl() < u32::from(d.selector & 3) {
+            return Err(Check::BadPrivilege);
         }
     }
     Ok(())

@@ -7,11 +7,11 @@
 //! (`pt_write`, in `paging.rs`) both run instructions through here.
 
 use rvmm_core::debug::{data_breakpoints_hit, DataAccess, ENABLED_BREAKPOINT};
-use rvmm_core::emulate::{Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop};
+use rvmm_core::emulate::{Control, Done, Env, Exception, Insn, Mode, Regs, SegReg, Stop, SysWrite};
 use rvmm_core::guest_state::Seg;
 
 use super::*;
-use crate::vcpu::state::SEGS;
+use crate::vcpu::realmode::seg_index;
 
 /// Port reads share the answer cache with MMIO reads, keyed apart by this bit (no
 /// guest-physical address has it).
@@ -30,6 +30,26 @@ pub(in crate::vcpu) enum Cause {
     Mmio,
     /// A string I/O exit: only INS/OUTS of the port, size and direction that exited.
     StringIo { port: u16, size: u8, input: bool },
+    /// A guest VMX cannot enter (real mode outside vm86, a mode switch), or an
+    /// instruction vm86 refused: any instruction, with its architectural checks.
+    Any,
+}
+
+/// Instructions an MMIO exit never leads to the emulator for: they access no memory
+/// operand (or only system tables), and the CPU runs them with its own checks and
+/// exits (I/O, HLT, CLI/STI, MOV CR, MSRs, CPUID, CLTS, INVD/WBINVD, LGDT/LIDT/LMSW).
+fn system_insn(insn: &Insn) -> bool {
+    use rvmm_core::emulate::Map;
+    match insn.map {
+        Map::One => matches!(insn.op, 0xe4..=0xe7 | 0xec..=0xef | 0xf4 | 0xfa | 0xfb),
+        Map::Two => {
+            matches!(
+                insn.op,
+                0x06 | 0x08 | 0x09 | 0x20 | 0x22 | 0x30 | 0x32 | 0xa2
+            ) || (insn.op == 0x01 && matches!(insn.reg & 7, 2 | 3 | 6))
+        }
+        Map::Three38 => false,
+    }
 }
 
 impl Cause {
@@ -37,7 +57,8 @@ impl Cause {
         let string_io =
             insn.map == rvmm_core::emulate::Map::One && (0x6c..=0x6f).contains(&insn.op);
         match *self {
-            Cause::Mmio => !string_io,
+            Cause::Any => true,
+            Cause::Mmio => !string_io && !system_insn(insn),
             Cause::StringIo { port, size, input } => {
                 let insn_size = if insn.op & 1 == 0 {
                     1
@@ -75,6 +96,7 @@ struct Waiting {
     code: [u8; 15],
     insn: Insn,
     hint: Option<Hint>,
+    cause: Cause,
 }
 
 /// The translation a fault gave for the access that exited: guest-linear page to
@@ -90,6 +112,11 @@ impl MmioReads {
     pub(crate) fn clear(&mut self) {
         self.n = 0;
         self.waiting = None;
+    }
+
+    /// What made the instruction waiting for an answer run in the emulator.
+    pub(crate) fn resume_cause(&self, default: Cause) -> Cause {
+        self.waiting.map_or(default, |w| w.cause)
     }
 
     fn next_write(&mut self) -> Option<Write> {
@@ -123,14 +150,14 @@ pub(super) struct Write {
 
 /// What the page-table write path needs from an emulation: the only write must land
 /// in the aligned word `word`, whose value at the instruction's read is recorded.
-pub(super) struct PtWord {
+pub(in crate::vcpu) struct PtWord {
     /// Guest-physical address of the 8-byte word the fault wrote to.
-    pub(super) word: u64,
+    pub(in crate::vcpu) word: u64,
     /// The word as the instruction read it (an atomic load), if it read it.
-    pub(super) seen: Option<u64>,
+    pub(in crate::vcpu) seen: Option<u64>,
 }
 
-pub(super) struct GuestEnv<'a> {
+pub(in crate::vcpu) struct GuestEnv<'a> {
     v: &'a mut VcpuInner,
     vmcs: &'a CurrentVmcs,
     ctx: &'a PermCtx,
@@ -155,6 +182,25 @@ pub(super) struct GuestEnv<'a> {
     fpu_synced: bool,
     /// A vector register the instruction loads: (register, value).
     vreg_write: Option<(u8, [u8; 32])>,
+    /// Segment loads (SEGS index, segment): MOV Sreg and LDS & co. load one, far
+    /// transfers CS, INT and IRET CS.
+    seg_loads: [Option<(usize, Seg)>; 2],
+    /// The system change the instruction makes, and its interrupt shadow.
+    sys: Option<SysWrite>,
+    shadow: Option<bool>,
+}
+
+/// What an emulated instruction does, taken out of its [`GuestEnv`] to be committed.
+pub(in crate::vcpu) struct Effects {
+    writes: [Option<Write>; MAX_WRITES],
+    vreg_write: Option<(u8, [u8; 32])>,
+    port_out: Option<(u16, u8, u64)>,
+    seg_loads: [Option<(usize, Seg)>; 2],
+    sys: Option<SysWrite>,
+    shadow: Option<bool>,
+    breakpoints: u64,
+    mmio_writes: [Option<Write>; MAX_WRITES],
+    need: Option<(u64, u8)>,
 }
 
 /// Where XMM0 is in an FXSAVE/XSAVE image, and the XSAVE header's XSTATE_BV.
@@ -210,13 +256,13 @@ fn set_image_vreg(fx: &mut [u8; 1024], xsave: bool, n: u8, v: &[u8; 32]) {
 }
 
 impl<'a> GuestEnv<'a> {
-    pub(super) fn new(
+    pub(in crate::vcpu) fn new(
         v: &'a mut VcpuInner,
         vmcs: &'a CurrentVmcs,
         ctx: &'a PermCtx,
         pt: Option<PtWord>,
     ) -> Self {
-        let user = vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5 & 3 == 3;
+        let user = v.guest_seg(vmcs, 5).ar >> 5 & 3 == 3;
         let la_mask = if v.long_mode_code(vmcs) {
             u64::MAX
         } else {
@@ -237,6 +283,24 @@ impl<'a> GuestEnv<'a> {
             vreg_write: None,
             port_out: None,
             accesses: [None; MAX_ACCESSES],
+            seg_loads: [None; 2],
+            sys: None,
+            shadow: None,
+        }
+    }
+
+    /// What the instruction did, to commit.
+    pub(in crate::vcpu) fn effects(&self) -> Effects {
+        Effects {
+            writes: self.writes,
+            vreg_write: self.vreg_write,
+            port_out: self.port_out,
+            seg_loads: self.seg_loads,
+            sys: self.sys,
+            shadow: self.shadow,
+            breakpoints: self.breakpoints_hit(),
+            mmio_writes: self.mmio_writes(),
+            need: self.need,
         }
     }
 
@@ -411,22 +475,61 @@ impl Env for GuestEnv<'_> {
     }
 
     fn segment(&mut self, s: SegReg) -> Seg {
-        // SEGS is in uapi::Sregs order: CS DS ES FS GS SS.
-        let i = match s {
-            SegReg::Cs => 0,
-            SegReg::Ds => 1,
-            SegReg::Es => 2,
-            SegReg::Fs => 3,
-            SegReg::Gs => 4,
-            SegReg::Ss => 5,
-        };
-        let (sel, base, limit, ar) = SEGS[i];
-        Seg {
-            selector: self.vmcs.read(sel) as u16,
-            base: self.vmcs.read(base),
-            limit: self.vmcs.read(limit) as u32,
-            ar: self.vmcs.read(ar) as u32,
+        self.v.guest_seg(self.vmcs, seg_index(s))
+    }
+
+    fn load_segment(&mut self, s: SegReg, seg: Seg) -> Result<(), Stop> {
+        let slot = self
+            .seg_loads
+            .iter_mut()
+            .find(|l| l.is_none())
+            .ok_or(Stop::Unsupported(0))?;
+        *slot = Some((seg_index(s), seg));
+        Ok(())
+    }
+
+    fn control(&mut self) -> Result<Control, Stop> {
+        let v = &self.v;
+        let ldtr = v.guest_seg(self.vmcs, 7);
+        Ok(Control {
+            cr: [v.cr0, 0, v.cr2, v.cr3, v.cr4],
+            gdtr: (
+                self.vmcs.read(guest::GDTR_BASE),
+                self.vmcs.read(guest::GDTR_LIMIT) as u16,
+            ),
+            idtr: (
+                self.vmcs.read(guest::IDTR_BASE),
+                self.vmcs.read(guest::IDTR_LIMIT) as u16,
+            ),
+            ldtr,
+        })
+    }
+
+    fn sys_write(&mut self, w: SysWrite) -> Result<(), Stop> {
+        if self.pt.is_some() || self.sys.is_some() {
+            return Err(Stop::Unsupported(0));
         }
+        // With paging on, CR3 and CR4 changes take the exit path's shadow work; the
+        // emulator meets them only in real mode and mode switches, where paging is off.
+        if matches!(w, SysWrite::Cr(3 | 4, _)) && self.v.cr0 & CR0_PG != 0 {
+            return Err(Stop::Unsupported(0x0f22));
+        }
+        self.sys = Some(w);
+        Ok(())
+    }
+
+    fn rdmsr(&mut self, index: u32) -> Result<u64, Stop> {
+        self.v
+            .get_msr(self.vmcs, index)
+            .ok_or(Stop::Exception(Exception::GP0))
+    }
+
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> Result<[u32; 4], Stop> {
+        Ok(self.v.cpuid_values(leaf, sub))
+    }
+
+    fn interrupt_shadow(&mut self, mov_ss: bool) {
+        self.shadow = Some(mov_ss);
     }
 
     fn read(&mut self, la: u64, buf: &mut [u8]) -> Result<(), Stop> {
@@ -526,7 +629,7 @@ pub(super) fn data_breakpoint_trap(vmcs: &CurrentVmcs, hit: u64) {
 }
 
 /// The mode the emulator runs the guest's instruction in.
-pub(super) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
+pub(in crate::vcpu) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
     let cs_ar = vmcs.read(guest::CS_ACCESS_RIGHTS);
     let ss_ar = vmcs.read(guest::SS_ACCESS_RIGHTS);
     let vm86 = vmcs.read(guest::RFLAGS) & RFlags::FLAGS_VM.bits() != 0;
@@ -553,7 +656,7 @@ pub(super) fn guest_mode(v: &VcpuInner, vmcs: &CurrentVmcs) -> Mode {
 
 impl VcpuInner {
     /// The guest's registers as the emulator takes them.
-    pub(super) fn emu_regs(&self, vmcs: &CurrentVmcs) -> Regs {
+    pub(in crate::vcpu) fn emu_regs(&self, vmcs: &CurrentVmcs) -> Regs {
         let mut gpr = [0u64; 16];
         for (n, slot) in gpr.iter_mut().enumerate() {
             *slot = self.gpr(vmcs, n as u8);
@@ -567,7 +670,7 @@ impl VcpuInner {
 
     /// Writes back what an emulated instruction changed; `done`: it completed (RIP
     /// moves to `regs.rip`, as `retire` does for every completed instruction).
-    pub(super) fn emu_commit_regs(
+    pub(in crate::vcpu) fn emu_commit_regs(
         &mut self,
         vmcs: &CurrentVmcs,
         before: &Regs,
@@ -580,8 +683,18 @@ impl VcpuInner {
                 self.set_gpr(vmcs, n, v);
             }
         }
-        if regs.rflags != before.rflags {
-            vmcs.write(guest::RFLAGS, regs.rflags);
+        // RFLAGS.VM is rvmm's while it runs real mode in vm86 (a mode switch may have
+        // ended that under the instruction): the guest's flags without it.
+        let vm = RFlags::FLAGS_VM.bits();
+        let rflags = if self.real.vm86 {
+            regs.rflags | vm
+        } else if self.real.active || self.real.emulating {
+            regs.rflags & !vm
+        } else {
+            regs.rflags
+        };
+        if rflags != vmcs.read(guest::RFLAGS) {
+            vmcs.write(guest::RFLAGS, rflags);
         }
         if done == Done::Next {
             self.retire_to(vmcs, regs.rip);
@@ -648,27 +761,33 @@ impl VcpuInner {
             }
             Err(e) => Err(rvmm_core::emulate::decode_stop(e)),
         };
-        let need = env.need;
-        let writes = env.writes;
-        let vreg_write = env.vreg_write;
-        let port_out = env.port_out;
-        let breakpoints = env.breakpoints_hit();
-        let mmio_writes = env.mmio_writes();
+        let fx = env.effects();
         match result {
             Ok((_, done)) => {
                 self.mmio_reads.clear();
-                if let Some((n, v)) = vreg_write {
-                    set_image_vreg(&mut self.fx.0, self.xsave, n, &v);
-                    self.guest_fpu_from_memory();
+                // A system change first: one the vCPU refuses (#GP) or must retry (a
+                // flush in steps) leaves the instruction not done.
+                if let Some(w) = fx.sys.filter(|w| *w != SysWrite::Halt) {
+                    if let Err(n) = self.apply_sys_write(vmcs, run, w) {
+                        return n;
+                    }
                 }
-                let full = self.commit_writes(&writes, &ctx);
+                let full = self.apply_effects(vmcs, &ctx, &fx);
                 self.emu_commit_regs(vmcs, &before, &regs, done);
-                self.mmio_reads.writes = mmio_writes;
-                data_breakpoint_trap(vmcs, breakpoints);
+                if let Some(mov_ss) = fx.shadow {
+                    let s = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+                    vmcs.write(
+                        guest::INTERRUPTIBILITY_STATE,
+                        s | if mov_ss { 2 } else { 1 },
+                    );
+                }
+                self.mmio_reads.writes = fx.mmio_writes;
+                data_breakpoint_trap(vmcs, fx.breakpoints);
+                self.real_mode_refresh(vmcs);
                 if full && !self.reload_root(vmcs, true) {
                     return self.no_shadow(vmcs, run, before.rip, 5);
                 }
-                if let Some((port, size, value)) = port_out {
+                if let Some((port, size, value)) = fx.port_out {
                     let io = IoAccess {
                         size,
                         input: false,
@@ -678,9 +797,12 @@ impl VcpuInner {
                     };
                     return self.io_exit(run, io, value & rvmm_core::emulate::flags::mask(size));
                 }
+                if fx.sys == Some(SysWrite::Halt) {
+                    return self.hlt(vmcs, run);
+                }
                 self.next_mmio_write(run).unwrap_or(Next::Fast)
             }
-            Err(Stop::Retry) => match need {
+            Err(Stop::Retry) => match fx.need {
                 Some((key, size)) if key & PORT_KEY != 0 => {
                     let io = IoAccess {
                         size,
@@ -699,6 +821,7 @@ impl VcpuInner {
                             code,
                             insn,
                             hint,
+                            cause,
                         });
                     }
                     self.io_exit(run, io, 0)
@@ -718,6 +841,7 @@ impl VcpuInner {
                             code,
                             insn,
                             hint,
+                            cause,
                         });
                     }
                     self.stats.mmio_exits.inc();
@@ -743,6 +867,54 @@ impl VcpuInner {
                 )
             }
         }
+    }
+
+    /// Makes a system change of an emulated instruction (before anything else of it).
+    fn apply_sys_write(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        run: *mut uapi::Run,
+        w: SysWrite,
+    ) -> Result<(), Next> {
+        match w {
+            SysWrite::Cr(n, v) => self.write_cr(vmcs, run, n, v),
+            SysWrite::Gdtr(base, limit) => {
+                vmcs.write(guest::GDTR_BASE, base);
+                vmcs.write(guest::GDTR_LIMIT, limit.into());
+                Ok(())
+            }
+            SysWrite::Idtr(base, limit) => {
+                vmcs.write(guest::IDTR_BASE, base);
+                vmcs.write(guest::IDTR_LIMIT, limit.into());
+                Ok(())
+            }
+            SysWrite::Msr(index, v) => {
+                if self.set_msr(vmcs, index, v) {
+                    Ok(())
+                } else {
+                    Err(self.inject(vmcs, vector::GP, Some(0)))
+                }
+            }
+            SysWrite::Halt => Ok(()),
+        }
+    }
+
+    /// Commits an instruction's memory, vector-register and segment changes; true if
+    /// the pool was full doing so (the caller takes a new root).
+    pub(in crate::vcpu) fn apply_effects(
+        &mut self,
+        vmcs: &CurrentVmcs,
+        ctx: &PermCtx,
+        fx: &Effects,
+    ) -> bool {
+        if let Some((n, v)) = fx.vreg_write {
+            set_image_vreg(&mut self.fx.0, self.xsave, n, &v);
+            self.guest_fpu_from_memory();
+        }
+        for (i, seg) in fx.seg_loads.iter().flatten() {
+            self.set_guest_seg(vmcs, *i, *seg);
+        }
+        self.commit_writes(&fx.writes, ctx)
     }
 
     /// The next MMIO write of a completed instruction, as an exit to userspace (the

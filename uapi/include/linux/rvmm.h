@@ -235,6 +235,7 @@ struct rvmm_vm_stats {
 	__u64 halt_sleeps;
 	__u64 apic_accesses;
 	__u64 longest_section_ns;
+	__u64 real_mode_emulated;
 };
 
 struct rvmm_shadow_limits {
