@@ -35,6 +35,7 @@ mod emulate;
 mod io;
 mod msrs;
 mod paging;
+mod task;
 
 pub(in crate::vcpu) use emulate::{guest_mode, Cause, GuestEnv};
 pub(crate) use emulate::{MmioReads, PORT_KEY};
@@ -82,7 +83,8 @@ impl VcpuInner {
         // may report there is the guest's INT n refused for IOPL (the #GP that exited),
         // which the emulator carries out through the IVT.
         let idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
-        if idt & intr::VALID != 0 && !self.real.vm86 {
+        // Nor for a task switch through a task gate, which delivers that event itself.
+        if idt & intr::VALID != 0 && !self.real.vm86 && basic != ExitReason::TaskSwitch as u16 {
             vmcs.write(
                 control::VMENTRY_INTERRUPTION_INFO_FIELD,
                 u64::from(idt & !intr::NMI_UNBLOCK),
@@ -132,6 +134,7 @@ impl VcpuInner {
             Some(TprBelowThreshold) => Next::Fast,
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
             Some(Cpuid) => self.cpuid(vmcs),
+            Some(TaskSwitch) => self.task_switch(vmcs, run, qual()),
             Some(Hlt) => {
                 self.skip_instruction(vmcs);
                 self.hlt(vmcs, run)

@@ -271,6 +271,7 @@ impl VcpuInner {
     /// In real mode an event queued for the next entry (an interrupt, an exception)
     /// goes through the guest's IVT now: FLAGS, CS and IP on its stack, CS:IP from
     /// the table. A delivery that faults shuts the vCPU down.
+    #[inline(never)]
     pub(super) fn real_mode_deliver(&mut self, vmcs: &CurrentVmcs) {
         let info = vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
         if info & intr::VALID == 0 {

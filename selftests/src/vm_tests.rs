@@ -129,11 +129,13 @@ pub(crate) fn unload_kvm() -> Result<(), String> {
 const KVM_EPT0_CANNOT: &[(&str, i32, &str)] = &[(
     "realmode32.elf",
     5,
-    "an internal error at the first real-mode INT n: Bochs reports the #GP that \
-     virtual-8086 mode raises for INT n as an exit during event delivery",
+    "at its first real-mode INT n it ends with KVM_INTERNAL_ERROR_SIMUL_EX (suberror \
+     2): Bochs reports the #GP that INT n raises in virtual-8086 mode as an exit during \
+     the interrupt's delivery (rvmm ignores that information in its vm86)",
 )];
 
-/// One run of an image through rvmm-run: serial output, exit status, final state line.
+/// One run of an image through rvmm-run: serial output, exit status, final state line
+/// (and, for a run that failed, rvmm-run's error line after it).
 fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), String> {
     let mut cmd = Command::new("rvmm-run");
     cmd.args(["run", "--dump-regs"]);
@@ -145,14 +147,18 @@ fn run_image(path: &Path, kvm: bool) -> Result<(String, Option<i32>, String), St
         .output()
         .map_err(|e| format!("rvmm-run: {e}"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let state = stderr
+    let mut state = stderr
         .lines()
         .find_map(|l| l.strip_prefix("rvmm-run: final state: "))
-        .ok_or_else(|| format!("{}: no final state from rvmm-run: {stderr}", path.display()))?;
+        .ok_or_else(|| format!("{}: no final state from rvmm-run: {stderr}", path.display()))?
+        .to_owned();
+    if let Some(err) = stderr.lines().find(|l| l.contains("cannot handle an exit")) {
+        state = format!("{state}\n{err}");
+    }
     Ok((
         String::from_utf8_lossy(&out.stdout).into_owned(),
         out.status.code(),
-        state.to_owned(),
+        state,
     ))
 }
 
@@ -192,8 +198,9 @@ pub fn guest_images_differential(ctx: &Ctx) -> Outcome {
                     continue;
                 }
                 crate::ktap::diag(&format!(
-                    "{}: KVM ept=0 cannot run it ({why}); rvmm against the recorded state",
-                    path.display()
+                    "{}: KVM ept=0 cannot run it ({why}: {}); rvmm against the recorded state",
+                    path.display(),
+                    kvm.2.replace('\n', "; ")
                 ));
             } else if rvmm != kvm {
                 crate::ktap::diag(&format!(

@@ -14,7 +14,8 @@ pub mod flags;
 
 pub use decode::{decode, DecodeError, Insn, Map, Mem, Rep, Rm, SegReg, Vex, MAX_INSN_LEN};
 pub use execute::{
-    execute, real_mode_interrupt, Control, Done, Env, Exception, Mode, Regs, Stop, SysWrite,
+    execute, real_mode_interrupt, task_switch, Control, Done, Env, Exception, Mode, Regs, Stop,
+    SysWrite, TaskLoad, TaskSource,
 };
 
 /// What a decoding failure means for the guest: the exception the CPU raises for it,

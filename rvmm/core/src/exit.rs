@@ -19,6 +19,8 @@ pub enum ExitReason {
     InterruptWindow = 7,
     /// NMI window.
     NmiWindow = 8,
+    /// Task switch.
+    TaskSwitch = 9,
     /// CPUID.
     Cpuid = 10,
     /// HLT.
@@ -121,6 +123,7 @@ impl ExitReason {
             Init,
             InterruptWindow,
             NmiWindow,
+            TaskSwitch,
             Cpuid,
             Hlt,
             Invd,
@@ -180,6 +183,7 @@ impl ExitReason {
             Init => "INIT",
             InterruptWindow => "interrupt window",
             NmiWindow => "NMI window",
+            TaskSwitch => "task switch",
             Cpuid => "CPUID",
             Hlt => "HLT",
             Invd => "INVD",

@@ -204,7 +204,9 @@ pub fn check_state(g: &GuestState) -> Result<(), Check> {
 pub fn check_privileges(segs: &[Seg; 8]) -> Result<(), Check> {
     let [cs, ss, ds, es, fs, gs, _, _] = *segs;
     let cs_rpl = u32::from(cs.selector & 3);
-    if !ss.unusable() && (u32::from(ss.selector & 3) != cs_rpl || ss.dpl() != u32::from(ss.selector & 3)) {
+    if !ss.unusable()
+        && (u32::from(ss.selector & 3) != cs_rpl || ss.dpl() != u32::from(ss.selector & 3))
+    {
         return Err(Check::BadPrivilege);
     }
     let cs_ok = match cs.seg_type() {

@@ -70,8 +70,11 @@ impl Cause {
         }
     }
 }
-/// Write pieces (at most 8 bytes each, within one page) one instruction may make.
-const MAX_WRITES: usize = 6;
+
+/// Write pieces (at most 8 bytes each, within one page) one instruction may make; a
+/// task switch makes the most: the old task's state (8), two busy bits, the back
+/// link, and the accessed bits of up to six descriptors.
+const MAX_WRITES: usize = 20;
 /// Data accesses one instruction makes (CMPXCHG: a read and a write; MOVS: two).
 const MAX_ACCESSES: usize = 4;
 
@@ -183,8 +186,8 @@ pub(in crate::vcpu) struct GuestEnv<'a> {
     /// A vector register the instruction loads: (register, value).
     vreg_write: Option<(u8, [u8; 32])>,
     /// Segment loads (SEGS index, segment): MOV Sreg and LDS & co. load one, far
-    /// transfers CS, INT and IRET CS.
-    seg_loads: [Option<(usize, Seg)>; 2],
+    /// transfers, INT and IRET CS, a task switch all six.
+    seg_loads: [Option<(usize, Seg)>; 6],
     /// The system change the instruction makes, and its interrupt shadow.
     sys: Option<SysWrite>,
     shadow: Option<bool>,
@@ -195,11 +198,10 @@ pub(in crate::vcpu) struct Effects {
     writes: [Option<Write>; MAX_WRITES],
     vreg_write: Option<(u8, [u8; 32])>,
     port_out: Option<(u16, u8, u64)>,
-    seg_loads: [Option<(usize, Seg)>; 2],
+    seg_loads: [Option<(usize, Seg)>; 6],
     sys: Option<SysWrite>,
     shadow: Option<bool>,
     breakpoints: u64,
-    mmio_writes: [Option<Write>; MAX_WRITES],
     need: Option<(u64, u8)>,
 }
 
@@ -283,7 +285,7 @@ impl<'a> GuestEnv<'a> {
             vreg_write: None,
             port_out: None,
             accesses: [None; MAX_ACCESSES],
-            seg_loads: [None; 2],
+            seg_loads: [None; 6],
             sys: None,
             shadow: None,
         }
@@ -299,7 +301,6 @@ impl<'a> GuestEnv<'a> {
             sys: self.sys,
             shadow: self.shadow,
             breakpoints: self.breakpoints_hit(),
-            mmio_writes: self.mmio_writes(),
             need: self.need,
         }
     }
@@ -430,20 +431,6 @@ impl<'a> GuestEnv<'a> {
             _ => None,
         }
     }
-
-    /// The pieces written that go to userspace, in order.
-    fn mmio_writes(&self) -> [Option<Write>; MAX_WRITES] {
-        let mut out = [None; MAX_WRITES];
-        for (slot, w) in out.iter_mut().zip(
-            self.writes
-                .iter()
-                .flatten()
-                .filter(|w| w.target == Target::Mmio),
-        ) {
-            *slot = Some(*w);
-        }
-        out
-    }
 }
 
 impl Env for GuestEnv<'_> {
@@ -491,6 +478,7 @@ impl Env for GuestEnv<'_> {
     fn control(&mut self) -> Result<Control, Stop> {
         let v = &self.v;
         let ldtr = v.guest_seg(self.vmcs, 7);
+        let tr = v.guest_seg(self.vmcs, 6);
         Ok(Control {
             cr: [v.cr0, 0, v.cr2, v.cr3, v.cr4],
             gdtr: (
@@ -502,17 +490,13 @@ impl Env for GuestEnv<'_> {
                 self.vmcs.read(guest::IDTR_LIMIT) as u16,
             ),
             ldtr,
+            tr,
         })
     }
 
     fn sys_write(&mut self, w: SysWrite) -> Result<(), Stop> {
         if self.pt.is_some() || self.sys.is_some() {
             return Err(Stop::Unsupported(0));
-        }
-        // With paging on, CR3 and CR4 changes take the exit path's shadow work; the
-        // emulator meets them only in real mode and mode switches, where paging is off.
-        if matches!(w, SysWrite::Cr(3 | 4, _)) && self.v.cr0 & CR0_PG != 0 {
-            return Err(Stop::Unsupported(0x0f22));
         }
         self.sys = Some(w);
         Ok(())
@@ -604,6 +588,18 @@ impl Env for GuestEnv<'_> {
             Ok(())
         })
     }
+}
+
+/// The pieces written that go to userspace, in order.
+fn mmio_writes(writes: &[Option<Write>; MAX_WRITES]) -> [Option<Write>; MAX_WRITES] {
+    let mut out = [None; MAX_WRITES];
+    for (slot, w) in out
+        .iter_mut()
+        .zip(writes.iter().flatten().filter(|w| w.target == Target::Mmio))
+    {
+        *slot = Some(*w);
+    }
+    out
 }
 
 /// The linear address of the instruction at `rip`: CS.base counts outside 64-bit code,
@@ -781,7 +777,7 @@ impl VcpuInner {
                         s | if mov_ss { 2 } else { 1 },
                     );
                 }
-                self.mmio_reads.writes = fx.mmio_writes;
+                self.mmio_reads.writes = mmio_writes(&fx.writes);
                 data_breakpoint_trap(vmcs, fx.breakpoints);
                 self.real_mode_refresh(vmcs);
                 if full && !self.reload_root(vmcs, true) {

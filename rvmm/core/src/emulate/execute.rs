@@ -14,8 +14,10 @@ use crate::guest_state::Seg;
 
 mod control;
 mod system;
+mod task;
 
 pub use control::real_mode_interrupt;
+pub use task::{task_switch, TaskLoad, TaskSource};
 
 /// The general registers, RIP and RFLAGS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,6 +152,8 @@ pub struct Control {
     pub idtr: (u64, u16),
     /// LDTR.
     pub ldtr: Seg,
+    /// TR.
+    pub tr: Seg,
 }
 
 /// A change of system state: the [`Env`] checks it when the instruction makes it (an

@@ -79,7 +79,7 @@ impl<E: Env> Cpu<'_, E> {
 
     /// Reads the descriptor `sel` selects, with the linear address it is at; #GP(sel)
     /// outside its table.
-    fn descriptor(&mut self, sel: u16) -> Result<(u64, u64), Stop> {
+    pub(super) fn descriptor(&mut self, sel: u16) -> Result<(u64, u64), Stop> {
         let c = self.env.control()?;
         let (base, limit) = if sel & 4 != 0 {
             if c.ldtr.ar & AR_UNUSABLE != 0 {
@@ -630,7 +630,23 @@ pub fn real_mode_interrupt<E: Env>(
     regs: &mut super::Regs,
     env: &mut E,
 ) -> Result<(), Stop> {
-    let insn = super::super::decode::Insn {
+    let insn = bare_insn();
+    let mut cpu = Cpu {
+        insn: &insn,
+        mode,
+        r: *regs,
+        env,
+    };
+    let ret = cpu.r.rip;
+    cpu.real_interrupt(vector, ret)?;
+    *regs = cpu.r;
+    Ok(())
+}
+
+/// An instruction with no operands (16-bit sizes), for the executor's helpers when
+/// an event rather than an instruction drives them.
+pub(super) const fn bare_insn() -> super::super::decode::Insn {
+    super::super::decode::Insn {
         len: 0,
         map: Map::One,
         op: 0,
@@ -649,15 +665,5 @@ pub fn real_mode_interrupt<E: Env>(
         long: false,
         vex: None,
         sel: 0,
-    };
-    let mut cpu = Cpu {
-        insn: &insn,
-        mode,
-        r: *regs,
-        env,
-    };
-    let ret = cpu.r.rip;
-    cpu.real_interrupt(vector, ret)?;
-    *regs = cpu.r;
-    Ok(())
+    }
 }

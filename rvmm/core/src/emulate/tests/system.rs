@@ -504,3 +504,162 @@ fn branches_loops_and_register_forms() {
     run(&[0x1f], &REAL, &mut r, &mut env).unwrap();
     assert_eq!(env.segs[SegReg::Ds as usize].base, 0x12340);
 }
+
+/// A GDT at 0x800 with flat code (0x08) and data (0x10) and two 32-bit TSSs: A at
+/// 0x2000 (0x18, busy: the current task) and B at 0x3000 (0x20, available), with B's
+/// state filled in; TR is A.
+fn two_tasks() -> TestEnv {
+    let mut env = TestEnv::flat32();
+    let descs: [u64; 5] = [
+        0,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x0000_8b00_2000_0067,
+        0x0000_8900_3000_0067,
+    ];
+    for (k, d) in descs.iter().enumerate() {
+        env.put(0x800 + 8 * k as u64, &d.to_le_bytes());
+    }
+    env.ctl.gdtr = (0x800, 8 * descs.len() as u16 - 1);
+    env.segs[SegReg::Cs as usize].selector = 0x08;
+    env.ctl.tr = Seg {
+        selector: 0x18,
+        base: 0x2000,
+        limit: 0x67,
+        ar: 0x8b,
+    };
+    let b = 0x3000u64;
+    let fields: [(u64, u32); 12] = [
+        (0x1c, 0x0012_3000),
+        (0x20, 0x5000),
+        (0x24, 0x202),
+        (0x28, 0xaaaa),
+        (0x38, 0x9000),
+        (0x44, 0xdddd),
+        (0x48, 0x10),
+        (0x4c, 0x08),
+        (0x50, 0x10),
+        (0x54, 0x10),
+        (0x58, 0),
+        (0x5c, 0),
+    ];
+    for (off, v) in fields {
+        env.put(b + off, &v.to_le_bytes());
+    }
+    env
+}
+
+fn tss_type(env: &TestEnv, sel: u64) -> u64 {
+    env.get(0x800 + sel + 5, 1) & 0xf
+}
+
+#[test]
+fn task_call_and_iret_back() {
+    let mut env = two_tasks();
+    let mut r = regs(&[(3, 0x1111), (4, 0x7000)]);
+    r.rip = 0x10_0007; // past the CALL
+    r.rflags = 0x246;
+    let load = task_switch(0x20, TaskSource::Call, &M32, &mut r, &mut env).unwrap();
+    env.commit();
+    // The old task's state in TSS A; B linked back to A, busy, and running with NT.
+    assert_eq!(env.get(0x2000 + 0x20, 4), 0x10_0007);
+    assert_eq!(env.get(0x2000 + 0x24, 4), 0x246);
+    assert_eq!(env.get(0x2000 + 0x34, 4), 0x1111, "EBX");
+    assert_eq!(env.get(0x2000 + 0x38, 4), 0x7000, "ESP");
+    assert_eq!(env.get(0x2000 + 0x4c, 4), 0x08, "CS");
+    assert_eq!(env.get(0x2000 + 0x50, 4), 0x10, "SS");
+    assert_eq!(env.get(0x3000, 2), 0x18, "back link");
+    assert_eq!((tss_type(&env, 0x18), tss_type(&env, 0x20)), (0xb, 0xb));
+    assert_eq!(
+        (r.rip, r.rflags, r.gpr[0], r.gpr[4], r.gpr[7]),
+        (0x5000, 0x4202, 0xaaaa, 0x9000, 0xdddd)
+    );
+    assert_eq!(
+        (load.tr.selector, load.tr.base, load.tr.ar & 0xf),
+        (0x20, 0x3000, 0xb)
+    );
+    assert_eq!(load.cr3, 0x12_3000);
+    assert_eq!(load.ldtr.ar, 1 << 16);
+    assert_eq!(env.segs[SegReg::Cs as usize].selector, 0x08);
+    assert_eq!(
+        env.segs[SegReg::Fs as usize].ar,
+        1 << 16,
+        "null FS: unusable"
+    );
+    // IRET in B (NT set): back to A; B no longer busy, its saved EFLAGS without NT.
+    env.ctl.tr = load.tr;
+    r.rip = 0x5001;
+    let load = task_switch(0x18, TaskSource::Iret, &M32, &mut r, &mut env).unwrap();
+    env.commit();
+    assert_eq!((tss_type(&env, 0x18), tss_type(&env, 0x20)), (0xb, 0x9));
+    assert_eq!(env.get(0x3000 + 0x24, 4), 0x202);
+    assert_eq!(env.get(0x3000 + 0x20, 4), 0x5001);
+    assert_eq!(
+        (r.rip, r.rflags, r.gpr[3], r.gpr[4]),
+        (0x10_0007, 0x246, 0x1111, 0x7000)
+    );
+    assert_eq!(load.tr.selector, 0x18);
+}
+
+#[test]
+fn task_jmp_gate_and_faults() {
+    // JMP: the old task is no longer busy.
+    let mut env = two_tasks();
+    let mut r = regs(&[(4, 0x7000)]);
+    task_switch(0x20, TaskSource::Jmp, &M32, &mut r, &mut env).unwrap();
+    env.commit();
+    assert_eq!((tss_type(&env, 0x18), tss_type(&env, 0x20)), (0x9, 0xb));
+    assert_eq!(r.rflags & (1 << 14), 0, "no NT after JMP");
+    // A JMP to a busy TSS and an IRET to an available one: #GP(sel).
+    let mut env = two_tasks();
+    let mut r = regs(&[]);
+    assert_eq!(
+        task_switch(0x18, TaskSource::Jmp, &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception::gp(0x18)))
+    );
+    assert_eq!(
+        task_switch(0x20, TaskSource::Iret, &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception::gp(0x20)))
+    );
+    // From CPL 3 to a DPL-0 TSS: #GP(sel); through a gate (an interrupt) it goes.
+    let pm3 = Mode { cpl: 3, ..M32 };
+    assert_eq!(
+        task_switch(0x20, TaskSource::Call, &pm3, &mut r, &mut env),
+        Err(Stop::Exception(Exception::gp(0x20)))
+    );
+    assert!(env.pending.is_empty(), "nothing written");
+    // An exception through a task gate: its error code on the new task's stack.
+    task_switch(0x20, TaskSource::Gate(Some(0x1234)), &pm3, &mut r, &mut env).unwrap();
+    env.commit();
+    assert_eq!(r.gpr[4], 0x8ffc);
+    assert_eq!(env.get(0x8ffc, 4), 0x1234);
+    assert_eq!(r.rflags & (1 << 14), 1 << 14, "NT after a gate");
+    // Not present: #NP(sel); a limit below 0x67: #TS(sel).
+    let mut env = two_tasks();
+    env.put(0x800 + 0x20 + 5, &[0x09]);
+    assert_eq!(
+        task_switch(0x20, TaskSource::Jmp, &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception::np(0x20)))
+    );
+    let mut env = two_tasks();
+    env.put(0x800 + 0x20, &[0x60, 0]);
+    assert_eq!(
+        task_switch(0x20, TaskSource::Jmp, &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception {
+            vector: 10,
+            error_code: Some(0x20),
+            cr2: None
+        }))
+    );
+    // A new task whose CS is a data segment: #TS(CS).
+    let mut env = two_tasks();
+    env.put(0x3000 + 0x4c, &0x10u32.to_le_bytes());
+    assert_eq!(
+        task_switch(0x20, TaskSource::Jmp, &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception {
+            vector: 10,
+            error_code: Some(0x10),
+            cr2: None
+        }))
+    );
+}
