@@ -112,6 +112,8 @@ pub(crate) struct VcpuInner {
     syscall_msrs: [u64; 4],
     /// IA32_MISC_ENABLE as the guest last wrote it.
     misc_enable: u64,
+    /// The machine-check banks (never an error in them).
+    mca: rvmm_core::mca::Mca,
 
     fx: KBox<FxArea>,
     /// The guest's FPU/SSE/AVX state is in the CPU (between `load_guest_context` and
@@ -338,6 +340,7 @@ impl Vcpu {
             guest_drs_loaded: false,
             kernel_gs_base: 0,
             misc_enable: exit::MISC_ENABLE_RESET,
+            mca: Default::default(),
 
             syscall_msrs: [0; 4],
             fx,

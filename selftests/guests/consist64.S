@@ -3,11 +3,12 @@
  * A consistent virtual CPU (a flat binary at 0x100000 in long mode): what CPUID hides
  * the guest cannot turn on, and the exceptions that belong to the guest reach its own
  * handlers with the right vector, error code and RFLAGS.RF (set for faults, SDM 6.13).
- *   - CPUID.1 hides VMX, MONITOR, MCE, MTRR, MCA and shows "hypervisor";
+ *   - CPUID.1 hides VMX, MONITOR, MTRR and shows MCE, MCA and "hypervisor";
  *     CPUID.7 hides UMIP and PKU.
- *   - CR4 bits of hidden features (VMXE, UMIP, MCE, PKE) and LA57: #GP(0).
+ *   - CR4 bits of hidden features (VMXE, UMIP, PKE) and LA57: #GP(0); CR4.MCE sets.
  *   - VMXON, MONITOR: #UD; RDTSCP: #UD exactly when CPUID.80000001H:EDX hides it;
- *     RDMSR of IA32_MCG_CAP, WRMSR of an unknown MSR: #GP(0).
+ *     IA32_MCG_CAP reads (banks, MCG_CTL_P); the MSR after the last bank and a
+ *     non-zero MC0_STATUS write: #GP(0); WRMSR of an unknown MSR: #GP(0).
  * Each check prints a line; the guest ends with a word-sized OUT to the exit port:
  * 0x2d if all passed, 1 if not.
  */
@@ -32,8 +33,11 @@ _start:
 	cpuid
 	test	ecx, (1 << 5) | (1 << 3)
 	jnz	fail
-	test	edx, (1 << 7) | (1 << 12) | (1 << 14)
+	test	edx, 1 << 12
 	jnz	fail
+	and	edx, (1 << 7) | (1 << 14)
+	cmp	edx, (1 << 7) | (1 << 14)
+	jne	fail
 	bt	ecx, 31
 	jnc	fail
 	call	ok
@@ -46,7 +50,7 @@ _start:
 	call	ok
 
 	/* CR4 bits: each write must #GP(0) with RF set in the pushed RFLAGS. */
-	.irp	bit, 13, 11, 6, 22, 12
+	.irp	bit, 13, 11, 22, 12
 	lea	rsi, [rip + s_cr4_\bit]
 	mov	rax, cr4
 	bts	rax, \bit
@@ -55,6 +59,16 @@ _start:
 	mov	cr4, rax
 	call	want_gp0
 	.endr
+
+	lea	rsi, [rip + s_cr4mce]
+	mov	rax, cr4
+	bts	rax, 6
+	mov	r12, 3
+	mov	byte ptr [rip + got], 0xff
+	mov	cr4, rax
+	call	want_none
+	btr	rax, 6
+	mov	cr4, rax
 
 	lea	rsi, [rip + s_vmxon]
 	mov	r12, 5			/* vmxon [rsp]: f3 0f c7 34 24 */
@@ -87,6 +101,29 @@ _start:
 	mov	byte ptr [rip + got], 0xff
 	mov	ecx, 0x179
 	rdmsr
+	movzx	r13d, al		/* the bank count */
+	cmp	byte ptr [rip + got], 0xff
+	jne	1f
+	bt	eax, 8			/* MCG_CTL_P */
+	jnc	1f
+	test	r13d, r13d
+	jz	1f
+	call	ok
+	jmp	2f
+1:	call	fail
+2:	lea	rsi, [rip + s_mcbank]
+	lea	ecx, [r13 * 4 + 0x400]
+	mov	r12, 2
+	mov	byte ptr [rip + got], 0xff
+	rdmsr
+	call	want_gp0
+	lea	rsi, [rip + s_mcstatus]
+	mov	ecx, 0x401
+	mov	eax, 1
+	xor	edx, edx
+	mov	r12, 2
+	mov	byte ptr [rip + got], 0xff
+	wrmsr
 	call	want_gp0
 	lea	rsi, [rip + s_wrmsr]
 	mov	r12, 2
@@ -191,17 +228,19 @@ got_ec:	.quad	0
 got_rflags: .quad 0
 fails:	.long	0
 got:	.byte	0
-s_cpuid1: .asciz "cpuid.1 hides vmx monitor mce mtrr mca, shows hypervisor"
+s_cpuid1: .asciz "cpuid.1 hides vmx monitor mtrr, shows mce mca hypervisor"
 s_cpuid7: .asciz "cpuid.7 hides umip pku"
 s_cr4_13: .asciz "cr4.vmxe: #gp(0), rf"
 s_cr4_11: .asciz "cr4.umip: #gp(0), rf"
-s_cr4_6: .asciz	"cr4.mce: #gp(0), rf"
+s_cr4mce: .asciz "cr4.mce: sets"
 s_cr4_22: .asciz "cr4.pke: #gp(0), rf"
 s_cr4_12: .asciz "cr4.la57: #gp(0), rf"
 s_vmxon: .asciz	"vmxon: #ud, rf"
 s_monitor: .asciz "monitor: #ud, rf"
 s_rdtscp: .asciz "rdtscp: #ud (rf) exactly when cpuid hides it"
-s_mcg:	.asciz	"rdmsr mcg_cap: #gp(0), rf"
+s_mcg:	.asciz	"rdmsr mcg_cap: banks, mcg_ctl_p"
+s_mcbank: .asciz "rdmsr after the last bank: #gp(0), rf"
+s_mcstatus: .asciz "wrmsr mc0_status = 1: #gp(0), rf"
 s_wrmsr: .asciz	"wrmsr 0x1234: #gp(0), rf"
 s_ok:	.asciz	" ok\n"
 s_fail:	.asciz	" FAIL\n"

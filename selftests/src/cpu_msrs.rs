@@ -11,7 +11,7 @@ use rvmm::Exit;
 
 /// IA32_MISC_ENABLE starts with fast strings on and BTS/PEBS unavailable and reads back
 /// what the guest writes (kvm-unit-tests' msr test writes 0x400c50809). (The
-/// machine-check MSRs stay #GP while CPUID hides MCE/MCA: consist64 checks that.)
+/// machine-check MSRs: consist64 checks them against CPUID, `mca_banks` their values.)
 pub fn misc_enable_reads_back(_: &crate::Ctx) -> Outcome {
     let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
     #[rustfmt::skip]
@@ -181,5 +181,84 @@ pub fn rdtscp_and_tsc_adjust(_: &crate::Ctx) -> Outcome {
             "TSC_ADJUST bits 63:32 {:x?} after the TSC was set to 0, want negative",
             get(0x14)
         )
+    })
+}
+
+/// The machine-check MSRs a kernel sets up at boot, as on a CPU with MCA and no error
+/// logged: IA32_MCG_CAP gives the banks, each bank's MCi_CTL takes all ones and reads
+/// it back, MCi_STATUS takes zero, IA32_MCG_CTL all ones; the guest's view stays its own
+/// across exits.
+pub fn mca_banks(_: &crate::Ctx) -> Outcome {
+    let mut m = Machine::new(EntryMode::Long, 8 << 20)?;
+    #[rustfmt::skip]
+    let code = [
+        0xb9, 0x79, 0x01, 0x00, 0x00,       // mov ecx, 0x179 (IA32_MCG_CAP)
+        0x0f, 0x32,                         // rdmsr
+        0xe7, 0x10,                         // out 0x10, eax
+        0xb9, 0x24, 0x04, 0x00, 0x00,       // mov ecx, 0x424 (MC9_CTL)
+        0xb8, 0xff, 0xff, 0xff, 0xff,       // mov eax, -1
+        0xba, 0xff, 0xff, 0xff, 0xff,       // mov edx, -1
+        0x0f, 0x30,                         // wrmsr
+        0xb9, 0x25, 0x04, 0x00, 0x00,       // mov ecx, 0x425 (MC9_STATUS)
+        0x31, 0xc0,                         // xor eax, eax
+        0x31, 0xd2,                         // xor edx, edx
+        0x0f, 0x30,                         // wrmsr
+        0xb9, 0x7b, 0x01, 0x00, 0x00,       // mov ecx, 0x17b (IA32_MCG_CTL)
+        0xb8, 0xff, 0xff, 0xff, 0xff,       // mov eax, -1
+        0xba, 0xff, 0xff, 0xff, 0xff,       // mov edx, -1
+        0x0f, 0x30,                         // wrmsr
+        0xe7, 0x11,                         // out 0x11, eax (an exit between)
+        0xb9, 0x24, 0x04, 0x00, 0x00,       // mov ecx, 0x424
+        0x0f, 0x32,                         // rdmsr
+        0x31, 0xd0,                         // xor eax, edx
+        0xe7, 0x12,                         // out 0x12, eax (0: both halves all ones)
+        0x89, 0xd0,                         // mov eax, edx
+        0xe7, 0x13,                         // out 0x13, eax
+        0xb9, 0x7b, 0x01, 0x00, 0x00,       // mov ecx, 0x17b
+        0x0f, 0x32,                         // rdmsr
+        0xe7, 0x14,                         // out 0x14, eax
+        0xb9, 0x25, 0x04, 0x00, 0x00,       // mov ecx, 0x425
+        0xb8, 0x01, 0x00, 0x00, 0x00,       // mov eax, 1
+        0x0f, 0x30,                         // wrmsr (status bits: #GP, no handler)
+        0xf4,                               // hlt
+    ];
+    m.mem.write(CODE, &code)?;
+    let v = new_vcpu(
+        &m.vm,
+        0,
+        &Regs {
+            rip: CODE,
+            ..m.regs
+        },
+        &m.sregs,
+    )?;
+    let mut outs = Vec::new();
+    for _ in 0..5 {
+        match run(&v)? {
+            Exit::IoOut { port, data, .. } => outs.push((port, data)),
+            e => return Err(format!("exit {e:?} after {outs:x?}")),
+        }
+    }
+    let e = run(&v)?;
+    check(e == Exit::Shutdown, || {
+        format!("WRMSR of MC9_STATUS = 1: exit {e:?}, want #GP (a shutdown without an IDT)")
+    })?;
+    let get = |p: u16| outs.iter().find(|o| o.0 == p).map(|o| o.1);
+    let cap = get(0x10).unwrap_or(0);
+    check(cap & 0xff >= 10 && cap & (1 << 8) != 0, || {
+        format!("IA32_MCG_CAP {cap:#x}: want 10 banks or more and MCG_CTL_P")
+    })?;
+    check(
+        get(0x12) == Some(0) && get(0x13) == Some(0xffff_ffff),
+        || {
+            format!(
+                "MC9_CTL read back as {:x?}/{:x?}, want all ones",
+                get(0x12),
+                get(0x13)
+            )
+        },
+    )?;
+    check(get(0x14) == Some(0xffff_ffff), || {
+        format!("IA32_MCG_CTL read back as {:x?}", get(0x14))
     })
 }

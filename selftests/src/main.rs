@@ -112,6 +112,7 @@ fn main() {
         );
         suite.add("misc_enable_reads_back", cpu_msrs::misc_enable_reads_back);
         suite.add("rdtscp_and_tsc_adjust", cpu_msrs::rdtscp_and_tsc_adjust);
+        suite.add("mca_banks", cpu_msrs::mca_banks);
         suite.add(
             "debug_registers_like_hardware",
             debug_regs::debug_registers_like_hardware,

@@ -55,18 +55,11 @@ const L1_ECX_HIDDEN: u32 = (1 << 2)
     | (1 << 26)
     | (1 << 27)
     | (1 << 28);
-/// Leaf 1 EDX bits hidden: MCE, APIC (shown with one), MTRR, MCA, PSN, DS, ACPI
-/// (thermal), HTT, TM, PBE: their MSRs or registers are not virtualized.
-const L1_EDX_HIDDEN: u32 = (1 << 7)
-    | (1 << 9)
-    | (1 << 12)
-    | (1 << 14)
-    | (1 << 18)
-    | (1 << 21)
-    | (1 << 22)
-    | (1 << 28)
-    | (1 << 29)
-    | (1 << 31);
+/// Leaf 1 EDX bits hidden: APIC (shown with one), MTRR, PSN, DS, ACPI (thermal), HTT,
+/// TM, PBE: their MSRs or registers are not virtualized. (MCE and MCA show: see
+/// `crate::mca`.)
+const L1_EDX_HIDDEN: u32 =
+    (1 << 9) | (1 << 12) | (1 << 18) | (1 << 21) | (1 << 22) | (1 << 28) | (1 << 29) | (1 << 31);
 /// Leaf 7 EBX bits shown: FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX, SMAP.
 const L7_EBX_SHOWN: u32 =
     (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20);
@@ -197,9 +190,10 @@ mod tests {
         for bit in [3, 5, 6, 15, 21, 24, 27] {
             assert_eq!(c & (1 << bit), 0, "ECX bit {bit}");
         }
-        for bit in [7, 9, 12, 14, 22, 28] {
+        for bit in [9, 12, 22, 28] {
             assert_eq!(d & (1 << bit), 0, "EDX bit {bit}");
         }
+        assert_eq!(d & (1 << 7 | 1 << 14), 1 << 7 | 1 << 14, "MCE and MCA");
         assert_ne!(c & (1 << 17), 0, "PCID");
         assert_ne!(c & (1 << 31), 0, "hypervisor");
         assert_ne!(c & (1 << 26), 0, "XSAVE");
@@ -251,11 +245,11 @@ mod tests {
         let l1 = guest(1, 0, EVERYTHING, &cfg());
         let l7 = guest(7, 0, EVERYTHING, &cfg());
         let m = cr4_allowed(l1, l7);
-        // UMIP (leaf 7 ECX hidden), MCE (hidden), LA57, VMXE, SMXE, PKE: reserved.
-        for bit in [6, 11, 12, 13, 14, 22] {
+        // UMIP (leaf 7 ECX hidden), LA57, VMXE, SMXE, PKE: reserved.
+        for bit in [11, 12, 13, 14, 22] {
             assert_eq!(m & (1 << bit), 0, "CR4 bit {bit}");
         }
-        for bit in [5, 7, 9, 10, 16, 17, 18, 20, 21] {
+        for bit in [5, 6, 7, 9, 10, 16, 17, 18, 20, 21] {
             assert_ne!(m & (1 << bit), 0, "CR4 bit {bit}");
         }
         let no_smep = cr4_allowed(l1, [0; 4]);

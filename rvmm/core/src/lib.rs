@@ -16,5 +16,6 @@ pub mod debug;
 pub mod emulate;
 pub mod exit;
 pub mod guest_state;
+pub mod mca;
 pub mod mmu;
 pub mod realmode;

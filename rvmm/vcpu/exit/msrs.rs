@@ -83,6 +83,7 @@ impl VcpuInner {
             // IA32_BIOS_SIGN_ID: the microcode revision (none: 0), which Linux writes 0
             // to and reads back after a CPUID.
             IA32_BIOS_SIGN_ID => 0,
+            i if rvmm_core::mca::is_mca_msr(i) => return self.mca.rdmsr(i),
             _ => return None,
         })
     }
@@ -183,6 +184,7 @@ impl VcpuInner {
             // Kept as written (KVM does the same): the guest reads back what it set.
             msr::IA32_MISC_ENABLE => self.misc_enable = v,
             msr::IA32_APIC_BASE | IA32_BIOS_SIGN_ID => {}
+            i if rvmm_core::mca::is_mca_msr(i) => return self.mca.wrmsr(i, v).is_ok(),
             _ => return false,
         }
         true
