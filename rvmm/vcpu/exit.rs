@@ -798,6 +798,27 @@ impl VcpuInner {
             != 0
     }
 
+    /// A debug trap an emulated instruction left pending (a single step, a data
+    /// breakpoint) while the guest runs in the emulator, where no entry delivers it: it
+    /// goes in now, as the CPU would deliver it after the instruction (DR6 gets its
+    /// bits, the guest a #DB; through the IVT in real mode).
+    pub(super) fn emulated_debug_trap(&mut self, vmcs: &CurrentVmcs) {
+        let p = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+        if p == 0 {
+            return;
+        }
+        vmcs.write(guest::PENDING_DBG_EXCEPTIONS, 0);
+        if p & (PENDING_DBG_BS | 0xf) == 0 {
+            return;
+        }
+        let dr6 = crate::vmx::read_dr6();
+        let dr6 = (dr6 & !0xf) | (p & (PENDING_DBG_BS | 0xf));
+        // SAFETY: the guest's DR6 is in the CPU for this run section.
+        unsafe { crate::vmx::write_dr6(dr6) };
+        self.dr[6] = dr6;
+        let _ = self.inject(vmcs, vector::DB, None);
+    }
+
     /// Puts queued events into the VMCS before an entry (VMCS current).
     #[inline]
     pub(crate) fn deliver_events(&mut self, vmcs: &CurrentVmcs) {

@@ -121,7 +121,6 @@ impl VcpuInner {
     pub(super) fn enter_real_mode(&mut self, vmcs: &CurrentVmcs) {
         self.real.active = true;
         self.real.vm86 = false;
-        self.state_checked = true;
         self.real_mode_refresh(vmcs);
     }
 
@@ -243,6 +242,9 @@ impl VcpuInner {
         vmcs.write(guest::INTERRUPTIBILITY_STATE, 0);
         vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
         self.gprs = Default::default();
+        // Whatever the vCPU was waiting for from userspace belongs to what INIT ended.
+        self.pending = super::Pending::None;
+        self.mmio_reads.clear();
         // INIT's debug registers (SDM Vol. 3A, Table 10-1).
         self.dr = [0, 0, 0, 0, 0xffff_0ff0, 0x400, 0xffff_0ff0, 0x400];
         vmcs.write(guest::DR7, 0x400);
@@ -263,6 +265,12 @@ impl VcpuInner {
         let software = info & intr::TYPE_MASK == intr::TYPE_SW_EXCEPTION;
         if vec == rvmm_core::exit::vector::GP || software {
             return self.emulate_insn(vmcs, run, super::exit::Cause::Any, None);
+        }
+        if info & intr::TYPE_MASK == intr::TYPE_PRIV_SW_EXCEPTION {
+            // INT1 (ICEBP): a #DB trap after it.
+            let len = vmcs.read(x86::vmx::vmcs::ro::VMEXIT_INSTRUCTION_LEN);
+            let ip = vmcs.read(guest::RIP).wrapping_add(len) & 0xffff;
+            vmcs.write(guest::RIP, ip);
         }
         // Real mode pushes no error code.
         self.inject(vmcs, vec, None)
@@ -299,8 +307,15 @@ impl VcpuInner {
                 self.apply_effects(vmcs, &ctx, &effects);
                 self.emu_commit_regs(vmcs, &before, &regs, rvmm_core::emulate::Done::Repeat);
                 vmcs.write(guest::RIP, regs.rip);
+                // An NMI blocks NMIs until the handler's IRET (emulated: see
+                // `emulate_insn`).
+                let nmi = if info & intr::TYPE_MASK == intr::TYPE_NMI {
+                    8
+                } else {
+                    0
+                };
                 let s = vmcs.read(guest::INTERRUPTIBILITY_STATE);
-                vmcs.write(guest::INTERRUPTIBILITY_STATE, s & !3);
+                vmcs.write(guest::INTERRUPTIBILITY_STATE, (s & !3) | nmi);
                 self.halted = false;
                 self.real_mode_refresh(vmcs);
             }

@@ -186,7 +186,18 @@ impl VcpuInner {
             return self.internal_error(run, uapi::RVMM_INTERNAL_NO_SHADOW, [0, 0, 0, 0]);
         }
         if !self.state_checked && !self.real.emulating {
-            if let Err(check) = rvmm_core::guest_state::check_state(&self.guest_state(vmcs)) {
+            let checked = if self.real.active {
+                rvmm_core::guest_state::check_real(
+                    self.cr0,
+                    self.cr4,
+                    self.efer,
+                    vmcs.read(guest::RFLAGS),
+                    vmcs.read(guest::RIP),
+                )
+            } else {
+                rvmm_core::guest_state::check_state(&self.guest_state(vmcs))
+            };
+            if let Err(check) = checked {
                 user_pr!(
                     pr_info,
                     "vcpu {}: guest state refused before VM entry: {}\n",
@@ -243,7 +254,9 @@ impl VcpuInner {
                     || vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & u64::from(intr::VALID)
                         == 0
                 {
-                    self.emulate_step(vmcs, run)
+                    let next = self.emulate_step(vmcs, run);
+                    self.emulated_debug_trap(vmcs);
+                    next
                 } else {
                     // An exception in the middle of a switch to protected mode, before
                     // the guest has a state to take it in.

@@ -182,6 +182,8 @@ impl VcpuInner {
     }
 
     pub(super) fn set_sregs(&mut self, vmcs: &CurrentVmcs, s: &uapi::Sregs) -> Result {
+        // An instruction waiting for MMIO answers was decoded in the old mode.
+        self.mmio_reads.clear();
         if self.real.active || self.real.emulating {
             // Userspace's segments replace the virtual-8086 ones (and its CR0 says the
             // mode, below).
@@ -226,7 +228,13 @@ impl VcpuInner {
         }
         const CR0_GUEST_BITS: u64 =
             (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 18);
-        let real_cr0 = (self.cr0 & CR0_GUEST_BITS) | CR0_PE | CR0_PG | CR0_WP | (1 << 5);
+        // CR0.AM has no effect in real mode (CPL 0); vm86 runs at CPL 3, where it would.
+        let guest_bits = if self.cr0 & CR0_PE == 0 {
+            CR0_GUEST_BITS & !CR0_AM
+        } else {
+            CR0_GUEST_BITS
+        };
+        let real_cr0 = (self.cr0 & guest_bits) | CR0_PE | CR0_PG | CR0_WP | (1 << 5);
         const CR4_GUEST_BITS: u64 = (1 << 2)
             | (1 << 3)
             | (1 << 8)

@@ -140,6 +140,10 @@ fn main() {
         );
         suite.add("smp_acpi_wakeup_mailbox", vm_tests::smp_acpi_wakeup_mailbox);
         suite.add("consistent_cpu", vm_tests::consistent_cpu);
+        suite.add(
+            "real_mode_vm86_where_exact",
+            vm_tests::real_mode_vm86_where_exact,
+        );
         suite.add("linux_boot_workload", linux_tests::linux_boot_workload);
         suite.add("linux_console_session", linux_tests::linux_console_session);
         suite.add("init_sipi_real_mode_ap", vm_tests::init_sipi_real_mode_ap);

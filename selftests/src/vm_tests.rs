@@ -1357,10 +1357,49 @@ pub fn smp_acpi_wakeup_mailbox(ctx: &Ctx) -> Outcome {
     })
 }
 
+/// Real mode runs in virtual-8086 mode where vm86 holds its state exactly, and in the
+/// emulator only where it does not: realmode32's three rounds take vm86 exits (the #GP
+/// of INT n, IRET, CLI/STI, PUSHF/POPF, LGDT/LIDT, MOV CR0...) and emulated steps (the
+/// instructions right after CR0.PE is cleared, and the unreal-mode part), with the
+/// same output as on the hardware.
+pub fn real_mode_vm86_where_exact(_: &Ctx) -> Outcome {
+    let out = Command::new("rvmm-run")
+        .args(["run", "--stats"])
+        .arg(Path::new(GUESTS).join("realmode32.elf"))
+        .output()
+        .map_err(|e| format!("rvmm-run: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(out.status.code() == Some(0x55), || {
+        format!("realmode32: status {:?}: {stderr}", out.status.code())
+    })?;
+    let number_in = |key: &str, at_end: bool| {
+        stderr.lines().find(|l| l.contains(key)).and_then(|l| {
+            let mut words = l.split_whitespace().filter_map(|w| w.parse::<u64>().ok());
+            if at_end {
+                words.next_back()
+            } else {
+                words.next()
+            }
+        })
+    };
+    let emulated = number_in("instructions emulated", false).unwrap_or(0);
+    let exceptions = number_in("exception/NMI", true).unwrap_or(0);
+    crate::ktap::diag(&format!(
+        "realmode32: {emulated} instructions emulated, {exceptions} exception exits"
+    ));
+    // Per round at least: 7 instructions from CR0.PE = 0 to the reloaded segments and
+    // the unreal-mode loads and stores (emulated); INT n, three IRETs, INT3, two CLIs,
+    // an STI, PUSHF/POPF pairs, LIDT, LGDT and two MOV CR0 (vm86 exits).
+    check(emulated >= 3 * 10 && exceptions >= 3 * 12, || {
+        format!("realmode32: {emulated} emulated steps, {exceptions} exception exits: {stderr}")
+    })
+}
+
 /// A consistent virtual CPU: consist64 checks that CPUID hides what rvmm does not
-/// virtualize, that CR4 bits of hidden features #GP, that VMXON/MONITOR/RDTSCP #UD and
-/// unknown MSRs #GP, each with RFLAGS.RF set in the frame the guest's handler sees; it
-/// ends with a word-sized write to the exit port.
+/// virtualize, that CR4 bits of hidden features #GP, that VMXON/MONITOR/RDTSCP #UD,
+/// that the machine-check MSRs follow CPUID and unknown MSRs #GP, each with RFLAGS.RF
+/// set in the frame the guest's handler sees; it ends with a word-sized write to the
+/// exit port.
 pub fn consistent_cpu(_: &Ctx) -> Outcome {
     let out = Command::new("rvmm-run")
         .arg(Path::new(GUESTS).join("consist64.bin"))

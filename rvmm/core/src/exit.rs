@@ -394,6 +394,8 @@ pub mod intr {
 pub mod vector {
     /// #DE.
     pub const DE: u8 = 0;
+    /// #DB.
+    pub const DB: u8 = 1;
     /// #UD.
     pub const UD: u8 = 6;
     /// #DF.
@@ -416,7 +418,7 @@ pub mod vector {
     /// Faults (SDM Table 6-1): the saved RIP points at the faulting instruction.
     pub const fn is_fault(v: u8) -> bool {
         // #DE #BR #UD #NM #TS #NP #SS #GP #PF #MF #AC #XM #VE #CP; #DB, #BP and #OF are
-        // traps (an instruction-breakpoint #DB is a fault, but rvmm injects no #DB),
+        // traps (an instruction-breakpoint #DB is a fault; the #DB rvmm injects is a trap),
         // #DF and #MC aborts.
         matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21)
     }

@@ -224,6 +224,25 @@ pub fn check_privileges(segs: &[Seg; 8]) -> Result<(), Check> {
     Ok(())
 }
 
+/// Checks a real-mode state, which rvmm runs itself (in virtual-8086 mode or the
+/// emulator) from what userspace set: control registers, RFLAGS and RIP.
+pub fn check_real(cr0: u64, cr4: u64, efer: u64, rflags: u64, rip: u64) -> Result<(), Check> {
+    if cr0 >> 32 != 0 || cr4 & !CR4_ALLOWED != 0 {
+        return Err(Check::ReservedCrBits);
+    }
+    if efer & !EFER_ALLOWED != 0 {
+        return Err(Check::ReservedEferBits);
+    }
+    // (RFLAGS.VM is rvmm's while it runs the guest in vm86.)
+    if rflags & 2 == 0 || rflags & !0x003f_7fd7 != 0 {
+        return Err(Check::BadRflags);
+    }
+    if rip >> 32 != 0 {
+        return Err(Check::BadRip);
+    }
+    Ok(())
+}
+
 /// Checks the control registers, EFER and RFLAGS. `cs_ar` is CS's VMX access rights.
 pub fn check(cr0: u64, cr4: u64, efer: u64, cs_ar: u32, rflags: u64) -> Result<(), Check> {
     if cr0 >> 32 != 0 || cr4 & !CR4_ALLOWED != 0 {
@@ -294,6 +313,22 @@ mod tests {
             gdtr_base: 0x500,
             idtr_base: 0,
         }
+    }
+
+    #[test]
+    fn real_mode_states() {
+        assert_eq!(check_real(0x10, 0, 0, 0x2, 0xfff0), Ok(()));
+        assert_eq!(check_real(0x10, 0, 0, 0x2 | 1 << 17, 0xfff0), Ok(()));
+        assert_eq!(check_real(0x10, 0, 0, 0x0, 0), Err(Check::BadRflags));
+        assert_eq!(
+            check_real(0x10, 0, 0, 0x2 | 1 << 30, 0),
+            Err(Check::BadRflags)
+        );
+        assert_eq!(check_real(0x10, 0, 0, 0x2, 1 << 32), Err(Check::BadRip));
+        assert_eq!(
+            check_real(1 << 32, 0, 0, 0x2, 0),
+            Err(Check::ReservedCrBits)
+        );
     }
 
     #[test]

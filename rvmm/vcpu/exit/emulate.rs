@@ -96,6 +96,9 @@ pub(crate) struct MmioReads {
 #[derive(Clone, Copy)]
 struct Waiting {
     rip: u64,
+    /// The mode it was decoded in: a mode change since (SIPI, SET_SREGS) makes it
+    /// another instruction.
+    mode: Mode,
     code: [u8; 15],
     insn: Insn,
     hint: Option<Hint>,
@@ -202,7 +205,18 @@ pub(in crate::vcpu) struct Effects {
     sys: Option<SysWrite>,
     shadow: Option<bool>,
     breakpoints: u64,
-    need: Option<(u64, u8)>,
+    /// The device-memory or port read the instruction waits for.
+    pub(in crate::vcpu) need: Option<(u64, u8)>,
+}
+
+impl Effects {
+    /// Whether a write goes to device memory (userspace).
+    pub(in crate::vcpu) fn device_writes(&self) -> bool {
+        self.writes
+            .iter()
+            .flatten()
+            .any(|w| w.target == Target::Mmio)
+    }
 }
 
 /// Where XMM0 is in an FXSAVE/XSAVE image, and the XSAVE header's XSTATE_BV.
@@ -728,7 +742,7 @@ impl VcpuInner {
         let before = self.emu_regs(vmcs);
         let (code, insn, hint) = match self.mmio_reads.waiting {
             // Running again with userspace's answers: decoded and checked already.
-            Some(w) if w.rip == rip => (w.code, Ok(w.insn), w.hint),
+            Some(w) if w.rip == rip && w.mode == mode => (w.code, Ok(w.insn), w.hint),
             _ => {
                 let Some((code, n)) = self.fetch_insn(vmcs, &ctx) else {
                     // The instruction runs again (and exits again): its reads start over.
@@ -759,8 +773,13 @@ impl VcpuInner {
         };
         let fx = env.effects();
         match result {
-            Ok((_, done)) => {
+            Ok((insn, done)) => {
                 self.mmio_reads.clear();
+                // IRET in real mode ends the blocking of NMIs an NMI's delivery set.
+                if self.real.active && insn.map == rvmm_core::emulate::Map::One && insn.op == 0xcf {
+                    let s = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+                    vmcs.write(guest::INTERRUPTIBILITY_STATE, s & !8);
+                }
                 // A system change first: one the vCPU refuses (#GP) or must retry (a
                 // flush in steps) leaves the instruction not done.
                 if let Some(w) = fx.sys.filter(|w| *w != SysWrite::Halt) {
@@ -814,6 +833,7 @@ impl VcpuInner {
                     if let Ok(insn) = insn {
                         self.mmio_reads.waiting = Some(Waiting {
                             rip,
+                            mode,
                             code,
                             insn,
                             hint,
@@ -834,6 +854,7 @@ impl VcpuInner {
                     if let Ok(insn) = insn {
                         self.mmio_reads.waiting = Some(Waiting {
                             rip,
+                            mode,
                             code,
                             insn,
                             hint,
@@ -981,9 +1002,29 @@ impl VcpuInner {
     }
 }
 
+/// Instructions that load a segment register or switch the instruction stream: far
+/// JMP/CALL/RET, IRET, INT n, MOV/POP to a segment register, LDS & co.
+fn loads_segment(insn: &Insn) -> bool {
+    use rvmm_core::emulate::Map;
+    match insn.map {
+        Map::One => {
+            matches!(
+                insn.op,
+                0x07 | 0x17 | 0x1f | 0x8e | 0x9a | 0xea | 0xc4 | 0xc5 | 0xca..=0xcf
+            ) || (insn.op == 0xff && matches!(insn.reg & 7, 3 | 5))
+        }
+        Map::Two => matches!(insn.op, 0xa1 | 0xa9 | 0xb2 | 0xb4 | 0xb5),
+        Map::Three38 => false,
+    }
+}
+
 /// Whether the page-table write path emulates `insn`: a single write, no REP string
-/// (a table being cleared by REP STOS is unprotected instead, and cleared natively).
+/// (a table being cleared by REP STOS is unprotected instead, and cleared natively),
+/// and nothing beyond memory and registers to commit (that path commits the write and
+/// RIP only: a segment load or a system change is the full emulator's).
 pub(super) fn pt_emulates(insn: &Insn) -> bool {
     use rvmm_core::emulate::Map;
     !(insn.map == Map::One && matches!(insn.op, 0xa4..=0xa7 | 0xaa..=0xaf))
+        && !loads_segment(insn)
+        && !system_insn(insn)
 }

@@ -57,9 +57,17 @@ impl VcpuInner {
         let mut env = GuestEnv::new(self, vmcs, &ctx, None);
         let r = task_switch(sel, source, &mode, &mut regs, &mut env);
         let fx = env.effects();
+        // A TSS or descriptor table in device memory: not emulated (its reads would
+        // have to go to userspace in the middle of the switch).
+        let r = match r {
+            Err(Stop::Retry) if fx.need.is_some() => Err(Stop::Unsupported(0x0f_0009)),
+            Ok(_) if fx.device_writes() => Err(Stop::Unsupported(0x0f_0009)),
+            r => r,
+        };
         let load = match r {
             Ok(load) => load,
             Err(Stop::Exception(e)) => return self.emu_exception(vmcs, e),
+            // The page tables changed under a walk: the switch happens again.
             Err(Stop::Retry) => {
                 self.requeue_event(vmcs, idt);
                 return Next::Fast;
@@ -77,7 +85,11 @@ impl VcpuInner {
         // switch then happens again).
         if self.cr0 & CR0_PG != 0 {
             if let Err(n) = self.write_cr(vmcs, run, 3, load.cr3) {
-                self.requeue_event(vmcs, idt);
+                // A #GP (bad PDPTEs) is what the guest gets; otherwise the switch (and
+                // its event) happens again.
+                if vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
+                    self.requeue_event(vmcs, idt);
+                }
                 return n;
             }
         } else {
@@ -103,7 +115,9 @@ impl VcpuInner {
         self.cr0 |= CR0_TS;
         self.apply_paging_state(vmcs);
         self.need_reset = need_reset;
-        vmcs.write(guest::DR7, vmcs.read(guest::DR7) & !DR7_LOCAL);
+        let dr7 = vmcs.read(guest::DR7) & !DR7_LOCAL;
+        vmcs.write(guest::DR7, dr7);
+        self.dr[7] = dr7;
         self.state_checked = false;
         if full && !self.reload_root(vmcs, true) {
             return self.no_shadow(vmcs, run, rip, 10);

@@ -968,6 +968,12 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
             s.apic_injections, s.apic_timer_irqs, s.apic_messages, s.apic_accesses, s.halt_sleeps
         );
     }
+    if s.real_mode_emulated != 0 {
+        eprintln!(
+            "rvmm-run: real mode and mode switches: {} instructions emulated",
+            s.real_mode_emulated
+        );
+    }
     eprintln!(
         "rvmm-run: longest interrupts-off section: {} us",
         s.longest_section_ns / 1000

@@ -237,6 +237,7 @@ impl Backend for RvmmBackend {
         v.push(("apic_accesses".into(), s.apic_accesses));
         v.push(("halt_sleeps".into(), s.halt_sleeps));
         v.push(("pool_pages_peak".into(), s.pool_pages_peak));
+        v.push(("real_mode_emulated".into(), s.real_mode_emulated));
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

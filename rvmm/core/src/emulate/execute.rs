@@ -394,7 +394,10 @@ impl<E: Env> Cpu<'_, E> {
                     return Err(fault.into());
                 }
             }
-            let last = ea + u64::from(size) - 1;
+            // (An offset past 32 bits is beyond any limit; it cannot wrap to pass.)
+            let Some(last) = ea.checked_add(u64::from(size) - 1) else {
+                return Err(fault.into());
+            };
             let limit = u64::from(s.limit);
             let expand_down = s.ar & (AR_CODE | AR_EXPAND_DOWN) == AR_EXPAND_DOWN;
             let ok = if expand_down && self.mode.protected {

@@ -238,6 +238,24 @@ fn run(code: &[u8], mode: &Mode, r: &mut Regs, env: &mut TestEnv) -> Result<Done
 }
 
 #[test]
+fn a_64_bit_instruction_run_in_real_mode_faults() {
+    // mov rax, [rbx - 4] decoded in 64-bit mode, run in real mode with RBX = 0: the
+    // 64-bit effective address is beyond the 64-KiB limit (no overflow on the way).
+    let insn = decode(&[0x48, 0x8b, 0x43, 0xfc], true, false).unwrap();
+    let mut env = TestEnv::flat32();
+    env.segs[SegReg::Ds as usize].limit = 0xffff;
+    let mut r = regs(&[]);
+    let real = Mode {
+        protected: false,
+        ..M16
+    };
+    assert_eq!(
+        execute(&insn, &real, &mut r, &mut env),
+        Err(Stop::Exception(Exception::GP0))
+    );
+}
+
+#[test]
 fn moffs_load_reads_the_apic_id() {
     // mov eax, [0xfee00020] (A1 moffs32), in 32-bit code.
     let mut env = TestEnv::flat32();
@@ -1061,6 +1079,30 @@ fn hostile_case(
     }
     env.absent.push(absent >> 12);
     env.absent.push(gpr[7] >> 12);
+    // Descriptor tables and an IVT where the guest says, holding guest-chosen bytes.
+    let [(gb, gl, _), (ib, il, _), (lb, ll, la), (tb, tl, ta), ..] = segs;
+    env.ctl.gdtr = (gb, gl as u16);
+    env.ctl.idtr = (ib, il as u16);
+    env.ctl.ldtr = Seg {
+        selector: 4,
+        base: lb,
+        limit: ll,
+        ar: la,
+    };
+    env.ctl.tr = Seg {
+        selector: 8,
+        base: tb,
+        limit: tl,
+        ar: ta,
+    };
+    for (k, base) in [gb, ib, lb, tb].into_iter().enumerate() {
+        let bytes: Vec<u8> = code.iter().cycle().skip(k).take(0x68).copied().collect();
+        env.put(base, &bytes);
+        env.put(
+            base.wrapping_add(u64::from(gpr[0] as u16 & !7)),
+            &bytes[..8],
+        );
+    }
     let mode = Mode {
         long: mode_bits & 1 != 0,
         def32: mode_bits & 2 != 0,
@@ -1080,6 +1122,35 @@ fn hostile_case(
         Err(_) => {
             assert_eq!(r, before);
         }
+    }
+    // An instruction decoded in another mode than it runs in (a replay after the mode
+    // changed under it): no panic either.
+    env.pending_sys = None;
+    env.pending_segs.clear();
+    if let Ok(insn) = decode(code, !mode.long, !mode.def32) {
+        let mut r = before;
+        if execute(&insn, &mode, &mut r, &mut env).is_err() {
+            assert_eq!(r, before);
+        }
+    }
+    // A task switch to the selector in AX, from every source, and real-mode event
+    // delivery: never a panic, and nothing changed when they fail.
+    let sources = [
+        TaskSource::Call,
+        TaskSource::Iret,
+        TaskSource::Jmp,
+        TaskSource::Gate(Some(gpr[1] as u32)),
+    ];
+    env.pending_sys = None;
+    env.pending_segs.clear();
+    let mut r = before;
+    let source = sources[usize::from(mode_bits) % sources.len()];
+    if task_switch(gpr[0] as u16, source, &mode, &mut r, &mut env).is_err() {
+        assert_eq!(r, before);
+    }
+    let mut r = before;
+    if real_mode_interrupt(code[0], &mode, &mut r, &mut env).is_err() {
+        assert_eq!(r, before);
     }
 }
 

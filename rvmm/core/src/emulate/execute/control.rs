@@ -9,7 +9,9 @@
 
 use super::super::decode::{Map, Rm, SegReg};
 use super::super::flags::{self, mask, sext, sign, RFlags, STATUS};
-use super::{Cpu, Done, Env, Exception, Seg, Stop, AR_CODE, AR_UNUSABLE, RAX, RCX, RDX, RSP};
+use super::{
+    Cpu, Done, Env, Exception, Seg, Stop, AR_CODE, AR_DB, AR_UNUSABLE, RAX, RCX, RDX, RSP,
+};
 
 /// Segment descriptor access-rights bits (VMX layout: type 3:0, S 4, DPL 6:5, P 7).
 const AR_S: u32 = 1 << 4;
@@ -17,6 +19,7 @@ const AR_PRESENT: u32 = 1 << 7;
 const AR_ACCESSED: u32 = 1 << 0;
 const AR_CONFORMING: u32 = 1 << 2;
 const AR_RW: u32 = 1 << 1;
+const AR_L: u32 = 1 << 13;
 /// A data segment loaded in real mode from an unusable register: read/write, accessed.
 const AR_REAL_DATA: u32 = 0x93;
 /// What a segment load in virtual-8086 mode gives (SDM Vol. 3A, 20.1.1).
@@ -118,11 +121,13 @@ impl<E: Env> Cpu<'_, E> {
             if s == SegReg::Ss && !(self.mode.long && cpl != 3 && rpl == cpl) {
                 return Err(Exception::GP0.into());
             }
+            // A null SS keeps the privilege level (VMX reads CPL from SS.DPL).
+            let dpl = if s == SegReg::Ss { cpl << 5 } else { 0 };
             return Ok(Seg {
                 selector: sel,
                 base: 0,
                 limit: 0,
-                ar: AR_UNUSABLE,
+                ar: AR_UNUSABLE | dpl,
             });
         }
         let (raw, la) = self.descriptor(sel)?;
@@ -191,7 +196,9 @@ impl<E: Env> Cpu<'_, E> {
             return Err(Stop::Unsupported(u32::from(self.insn.op)));
         }
         let fault = Exception::gp(sel & !3);
-        if ar & AR_CODE == 0 {
+        // A code segment with both L and D is #GP in IA-32e mode (and VMX refuses it
+        // there); outside it the L bit is reserved.
+        if ar & AR_CODE == 0 || (ar & AR_L != 0 && ar & AR_DB != 0) {
             return Err(fault.into());
         }
         if ret {

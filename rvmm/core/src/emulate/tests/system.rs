@@ -663,3 +663,57 @@ fn task_jmp_gate_and_faults() {
         }))
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+    /// A switch to a task whose TSS, LDT and descriptors the guest filled with anything:
+    /// no panic, and a refused switch changes no register and commits nothing.
+    #[test]
+    fn task_switch_to_a_hostile_tss(
+        tss in proptest::collection::vec(proptest::num::u8::ANY, 0x68),
+        descs in proptest::collection::vec(proptest::num::u64::ANY, 8),
+        tr_limit in proptest::num::u32::ANY,
+        which in 0usize..4,
+        cpl in 0u8..4,
+        gpr in proptest::array::uniform16(proptest::num::u64::ANY),
+    ) {
+        let mut env = two_tasks();
+        env.put(0x3000, &tss);
+        for (k, d) in descs.iter().enumerate() {
+            env.put(0x800 + 0x28 + 8 * k as u64, &d.to_le_bytes());
+        }
+        env.ctl.gdtr.1 = 0x28 + 8 * 8 - 1;
+        env.ctl.tr.limit = tr_limit;
+        let source = [TaskSource::Call, TaskSource::Iret, TaskSource::Jmp, TaskSource::Gate(Some(7))][which];
+        let mode = Mode { cpl, ..M32 };
+        let mut r = Regs { gpr, rip: gpr[3], rflags: gpr[5] };
+        let before = r;
+        match task_switch(0x20, source, &mode, &mut r, &mut env) {
+            Ok(_) => env.commit(),
+            Err(_) => {
+                proptest::prop_assert_eq!(r, before);
+                env.pending.clear();
+                env.pending_segs.clear();
+            }
+        }
+    }
+}
+
+#[test]
+fn null_ss_and_long_code_segments() {
+    // MOV SS, 1 at CPL 1 in 64-bit mode: a null SS that keeps DPL 1.
+    let mut env = TestEnv::flat64();
+    gdt(&mut env);
+    let m64cpl1 = Mode { cpl: 1, ..M64 };
+    let mut r = regs(&[(0, 1)]);
+    run(&[0x8e, 0xd0], &m64cpl1, &mut r, &mut env).unwrap();
+    assert_eq!(env.segs[SegReg::Ss as usize].ar, 1 << 16 | 1 << 5);
+    // A far JMP to a code segment with L and D set: #GP(sel).
+    env.put(0x800 + 0x38, &0x00ef_9a00_0000_ffffu64.to_le_bytes());
+    env.ctl.gdtr.1 = 0x3f;
+    let mut r = regs(&[]);
+    assert_eq!(
+        run(&[0xea, 0, 0, 0, 0, 0x38, 0], &M32, &mut r, &mut env),
+        Err(Stop::Exception(Exception::gp(0x38)))
+    );
+}
