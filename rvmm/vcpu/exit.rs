@@ -208,6 +208,12 @@ impl VcpuInner {
     /// Completes an instruction the host carried out, as `retire` does, with RIP
     /// moving to `next` (the emulator's, which may be a branch target).
     pub(super) fn retire_to(&mut self, vmcs: &CurrentVmcs, next: u64) {
+        let tf = vmcs.read(guest::RFLAGS) & RFlags::FLAGS_TF.bits() != 0;
+        self.retire_to_tf(vmcs, next, tf);
+    }
+
+    /// `retire_to` for an instruction that started with RFLAGS.TF = `tf`.
+    pub(super) fn retire_to_tf(&mut self, vmcs: &CurrentVmcs, next: u64, tf: bool) {
         vmcs.write(guest::RIP, next);
         let intr_state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         if intr_state & 3 != 0 {
@@ -217,9 +223,7 @@ impl VcpuInner {
         if rflags.contains(RFlags::FLAGS_RF) {
             vmcs.write(guest::RFLAGS, (rflags - RFlags::FLAGS_RF).bits());
         }
-        if rflags.contains(RFlags::FLAGS_TF)
-            && vmcs.read(guest::IA32_DEBUGCTL_FULL) & DEBUGCTL_BTF == 0
-        {
+        if tf && vmcs.read(guest::IA32_DEBUGCTL_FULL) & DEBUGCTL_BTF == 0 {
             let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
             vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_DBG_BS);
         }

@@ -4,9 +4,9 @@
  * does: a 16-bit protected-mode segment, CR0.PE cleared (MOV CR0) and a far JMP to a
  * real-mode CS; back with LGDT, CR0.PE set (MOV CR0, or LMSW) and a far JMP to a 32-bit
  * code segment. In real mode it runs interrupts through the IVT (INT n, a #DE that the
- * handler fixes, INT3), PUSHF/POPF and CLI/STI, port I/O, and "unreal" mode: a 4-GiB FS
- * limit loaded in protected mode, used for loads and stores above 1 MiB. Each step
- * prints to COM1; the exit code is 0x2a after the last round.
+ * handler fixes, INT3, single steps), PUSHF/POPF and CLI/STI, port I/O, and "unreal"
+ * mode: a 4-GiB FS limit loaded in protected mode, used for loads and stores above
+ * 1 MiB. Each step prints to COM1; the exit code is 0x2a after the last round.
  *
  * The real-mode code is copied to 0x7000 (CS 0x0700) and runs with SS:SP 0:0x6000.
  */
@@ -18,6 +18,28 @@
 	.set LOW, 0x7000
 	.set ROUNDS, 3
 #define RM(x) ((x) - rm_start)
+
+/* Single steps through the IVT (vector 1): POPF sets TF, a #DB after each instruction
+   from the next one on, up to the POPF that clears TF (which traps after itself):
+   six. */
+.macro SINGLE_STEP
+	mov	byte ptr cs:[RM(dbcount)], 0
+	pushf
+	pop	ax
+	or	ax, 0x100
+	push	ax
+	popf
+	nop
+	pushf
+	pop	ax
+	and	ax, 0xfeff
+	push	ax
+	popf
+	mov	ax, ss
+	mov	ss, ax
+	cmp	byte ptr cs:[RM(dbcount)], 6
+	jne	rm_fail
+.endm
 	.balign 4
 mbh:	.long	0x1badb002, MB_FLAGS, -(0x1badb002 + MB_FLAGS)
 _start:
@@ -40,6 +62,7 @@ _start:
 	mov	dword ptr [0x60 * 4], (LOW >> 4) << 16 | RM(int60)
 	mov	dword ptr [0 * 4], (LOW >> 4) << 16 | RM(int_de)
 	mov	dword ptr [3 * 4], (LOW >> 4) << 16 | RM(int_bp)
+	mov	dword ptr [1 * 4], (LOW >> 4) << 16 | RM(int_db)
 	mov	dword ptr [round], 0
 	mov	dword ptr [unreal_in], 0x600dcafe
 
@@ -148,6 +171,7 @@ rm_entry:
 	pop	ax
 	test	ax, 0x200
 	jz	rm_fail
+	SINGLE_STEP
 	/* Port I/O: the round number from CMOS RAM. */
 	mov	al, 0x41
 	out	0x70, al
@@ -170,6 +194,7 @@ rm_entry:
 	add	eax, ecx
 	mov	edi, offset unreal_out
 	mov	fs:[edi], eax
+	SINGLE_STEP
 	mov	si, RM(s_unreal)
 	call	rm_puts
 	/* Back to protected mode: LGDT from real mode, PE by MOV CR0 or (round 2) LMSW. */
@@ -221,6 +246,9 @@ int_de:	mov	cl, 5
 	iret
 int_bp:	mov	dx, 3
 	iret
+int_db:	inc	byte ptr cs:[RM(dbcount)]
+	iret
+dbcount: .byte	0
 
 ivt:	.word	0x3ff
 	.long	0

@@ -707,7 +707,11 @@ impl VcpuInner {
             vmcs.write(guest::RFLAGS, rflags);
         }
         if done == Done::Next {
-            self.retire_to(vmcs, regs.rip);
+            // A single step traps on the TF the instruction started with (POPF or
+            // IRET that set it trap after the next one, one that cleared it after
+            // itself).
+            let tf = before.rflags & RFlags::FLAGS_TF.bits() != 0;
+            self.retire_to_tf(vmcs, regs.rip, tf);
         }
     }
 
