@@ -84,21 +84,8 @@ impl VcpuInner {
         // which the emulator carries out through the IVT.
         let idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
         // Nor for a task switch through a task gate, which delivers that event itself.
-        if idt & intr::VALID != 0 && !self.real.vm86 && basic != ExitReason::TaskSwitch as u16 {
-            vmcs.write(
-                control::VMENTRY_INTERRUPTION_INFO_FIELD,
-                u64::from(idt & !intr::NMI_UNBLOCK),
-            );
-            if idt & intr::HAS_ERROR_CODE != 0 {
-                vmcs.write(
-                    control::VMENTRY_EXCEPTION_ERR_CODE,
-                    vmcs.read(ro::IDT_VECTORING_ERR_CODE),
-                );
-            }
-            vmcs.write(
-                control::VMENTRY_INSTRUCTION_LEN,
-                vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
-            );
+        if !self.real.vm86 && basic != ExitReason::TaskSwitch as u16 {
+            Self::requeue_event(vmcs, idt);
         }
         // (Otherwise nothing to do: a VM exit clears the valid bit of the VM-entry
         // interruption information, SDM 27.2.)
@@ -179,6 +166,28 @@ impl VcpuInner {
                 )
             }
         }
+    }
+
+    /// The event whose delivery the exit interrupted (IDT-vectoring information `idt`,
+    /// if valid) goes in again at the next entry.
+    pub(super) fn requeue_event(vmcs: &CurrentVmcs, idt: u32) {
+        if idt & intr::VALID == 0 {
+            return;
+        }
+        vmcs.write(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            u64::from(idt & !intr::NMI_UNBLOCK),
+        );
+        if idt & intr::HAS_ERROR_CODE != 0 {
+            vmcs.write(
+                control::VMENTRY_EXCEPTION_ERR_CODE,
+                vmcs.read(ro::IDT_VECTORING_ERR_CODE),
+            );
+        }
+        vmcs.write(
+            control::VMENTRY_INSTRUCTION_LEN,
+            vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+        );
     }
 
     pub(super) fn exit_to_user(&mut self, run: *mut uapi::Run, reason: u32) -> Next {

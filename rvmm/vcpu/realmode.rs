@@ -19,8 +19,11 @@
 
 use rvmm_core::emulate::Stop;
 use rvmm_core::exit::intr;
+use rvmm_core::guest_state::ar::{
+    REAL_CODE as AR_REAL_CODE, REAL_DATA as AR_REAL_DATA, VM86 as AR_VM86,
+};
 use rvmm_core::guest_state::Seg;
-use rvmm_core::realmode::{vm86_holds_all, AR_VM86};
+use rvmm_core::realmode::vm86_holds_all;
 use x86::vmx::vmcs::{control, guest};
 
 use super::exit::{guest_mode, GuestEnv};
@@ -41,10 +44,6 @@ const VM86_TR: Seg = Seg {
     ar: 0x8b,
 };
 const TR: usize = 6;
-
-/// The access rights of a real-mode data and code segment after reset.
-const AR_REAL_DATA: u32 = 0x93;
-const AR_REAL_CODE: u32 = 0x9b;
 
 /// Index in SEGS of each `SegReg` (ES, CS, SS, DS, FS, GS).
 pub(super) const fn seg_index(s: rvmm_core::emulate::SegReg) -> usize {

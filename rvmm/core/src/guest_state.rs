@@ -75,6 +75,40 @@ pub const CR4_ALLOWED: u64 = 0x0037_0fff;
 /// EFER bits a guest may set: SCE, LME, LMA, NXE.
 pub const EFER_ALLOWED: u64 = (1 << 0) | EFER_LME | EFER_LMA | (1 << 11);
 
+/// Segment access rights in the VMX format (SDM Vol. 3C, 25.4.1): the descriptor's
+/// type, S, DPL, P, AVL, L, D/B and G bits, and "unusable".
+pub mod ar {
+    /// Type bit 0: accessed.
+    pub const ACCESSED: u32 = 1 << 0;
+    /// Type bit 1: writable (data) or readable (code).
+    pub const RW: u32 = 1 << 1;
+    /// Type bit 2: expand-down (data) or conforming (code).
+    pub const DC: u32 = 1 << 2;
+    /// Type bit 3: code.
+    pub const CODE: u32 = 1 << 3;
+    /// S: a code or data segment (not a system one).
+    pub const S: u32 = 1 << 4;
+    /// DPL, bits 6:5.
+    pub const DPL_SHIFT: u32 = 5;
+    /// P: present.
+    pub const P: u32 = 1 << 7;
+    /// L: 64-bit code.
+    pub const L: u32 = 1 << 13;
+    /// D/B: 32-bit default operand size or stack.
+    pub const DB: u32 = 1 << 14;
+    /// G: limit in 4-KiB units.
+    pub const G: u32 = 1 << 15;
+    /// The register holds no usable segment.
+    pub const UNUSABLE: u32 = 1 << 16;
+    /// A real-mode data segment after reset (present, read/write, accessed).
+    pub const REAL_DATA: u32 = 0x93;
+    /// A real-mode code segment after reset.
+    pub const REAL_CODE: u32 = 0x9b;
+    /// What every segment is in virtual-8086 mode (present, DPL 3, read/write data,
+    /// accessed; SDM Vol. 3C, 27.3.1.2).
+    pub const VM86: u32 = 0xf3;
+}
+
 /// A segment register as the VMCS holds it (access rights in the VMX format).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seg {
@@ -90,23 +124,23 @@ pub struct Seg {
 
 impl Seg {
     const fn unusable(&self) -> bool {
-        self.ar & (1 << 16) != 0
+        self.ar & ar::UNUSABLE != 0
     }
     const fn seg_type(&self) -> u32 {
         self.ar & 0xf
     }
     const fn s(&self) -> bool {
-        self.ar & (1 << 4) != 0
+        self.ar & ar::S != 0
     }
     const fn present(&self) -> bool {
-        self.ar & (1 << 7) != 0
+        self.ar & ar::P != 0
     }
     const fn dpl(&self) -> u32 {
-        (self.ar >> 5) & 3
+        (self.ar >> ar::DPL_SHIFT) & 3
     }
     /// SDM 27.3.1.2: limit bits 11:0 not all ones need G = 0; bits 31:20 set need G = 1.
     const fn limit_fits_granularity(&self) -> bool {
-        let g = self.ar & (1 << 15) != 0;
+        let g = self.ar & ar::G != 0;
         (self.limit & 0xfff == 0xfff || !g) && (self.limit & 0xfff0_0000 == 0 || g)
     }
 }
@@ -224,19 +258,25 @@ pub fn check_privileges(segs: &[Seg; 8]) -> Result<(), Check> {
     Ok(())
 }
 
-/// Checks a real-mode state, which rvmm runs itself (in virtual-8086 mode or the
-/// emulator) from what userspace set: control registers, RFLAGS and RIP.
-pub fn check_real(cr0: u64, cr4: u64, efer: u64, rflags: u64, rip: u64) -> Result<(), Check> {
+/// Reserved bits of CR0, CR4, EFER and RFLAGS (bit 1 of RFLAGS must be set).
+fn check_reserved(cr0: u64, cr4: u64, efer: u64, rflags: u64) -> Result<(), Check> {
     if cr0 >> 32 != 0 || cr4 & !CR4_ALLOWED != 0 {
         return Err(Check::ReservedCrBits);
     }
     if efer & !EFER_ALLOWED != 0 {
         return Err(Check::ReservedEferBits);
     }
-    // (RFLAGS.VM is rvmm's while it runs the guest in vm86.)
     if rflags & 2 == 0 || rflags & !0x003f_7fd7 != 0 {
         return Err(Check::BadRflags);
     }
+    Ok(())
+}
+
+/// Checks a real-mode state, which rvmm runs itself (in virtual-8086 mode or the
+/// emulator) from what userspace set: control registers, RFLAGS and RIP.
+pub fn check_real(cr0: u64, cr4: u64, efer: u64, rflags: u64, rip: u64) -> Result<(), Check> {
+    // (RFLAGS.VM is rvmm's while it runs the guest in vm86.)
+    check_reserved(cr0, cr4, efer, rflags)?;
     if rip >> 32 != 0 {
         return Err(Check::BadRip);
     }
@@ -245,15 +285,7 @@ pub fn check_real(cr0: u64, cr4: u64, efer: u64, rflags: u64, rip: u64) -> Resul
 
 /// Checks the control registers, EFER and RFLAGS. `cs_ar` is CS's VMX access rights.
 pub fn check(cr0: u64, cr4: u64, efer: u64, cs_ar: u32, rflags: u64) -> Result<(), Check> {
-    if cr0 >> 32 != 0 || cr4 & !CR4_ALLOWED != 0 {
-        return Err(Check::ReservedCrBits);
-    }
-    if efer & !EFER_ALLOWED != 0 {
-        return Err(Check::ReservedEferBits);
-    }
-    if rflags & 2 == 0 || rflags & !0x003f_7fd7 != 0 {
-        return Err(Check::BadRflags);
-    }
+    check_reserved(cr0, cr4, efer, rflags)?;
     if cr0 & CR0_PG != 0 && cr0 & CR0_PE == 0 {
         return Err(Check::PagingWithoutProtection);
     }

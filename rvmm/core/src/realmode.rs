@@ -12,26 +12,18 @@
 //! limits; a 32-bit CS) is run by the instruction emulator, as KVM does without
 //! unrestricted guest.
 
+use crate::guest_state::ar::{
+    CODE as AR_TYPE_CODE, DB as AR_DB, DC as AR_DC, G as AR_G, P as AR_P, RW as AR_TYPE_RW_DATA,
+    S as AR_S, UNUSABLE as AR_UNUSABLE,
+};
 use crate::guest_state::Seg;
-
-/// The access rights VMX requires of every segment in virtual-8086 mode (SDM Vol. 3C,
-/// 27.3.1.2): present, DPL 3, read/write data, accessed.
-pub const AR_VM86: u32 = 0xf3;
-
-const AR_TYPE_RW_DATA: u32 = 0x2;
-const AR_TYPE_CODE: u32 = 0x8;
-const AR_S: u32 = 1 << 4;
-const AR_P: u32 = 1 << 7;
-const AR_DB: u32 = 1 << 14;
-const AR_G: u32 = 1 << 15;
-const AR_UNUSABLE: u32 = 1 << 16;
 
 /// Whether virtual-8086 mode holds segment `s` exactly (`code`: it is CS).
 pub fn vm86_holds(s: &Seg, code: bool) -> bool {
     let kind_ok = if code {
         true
     } else {
-        s.ar & (AR_TYPE_CODE | AR_TYPE_RW_DATA | 0x4) == AR_TYPE_RW_DATA
+        s.ar & (AR_TYPE_CODE | AR_TYPE_RW_DATA | AR_DC) == AR_TYPE_RW_DATA
     };
     s.base == u64::from(s.selector) << 4
         && s.limit == 0xffff

@@ -69,11 +69,11 @@ impl VcpuInner {
             Err(Stop::Exception(e)) => return self.emu_exception(vmcs, e),
             // The page tables changed under a walk: the switch happens again.
             Err(Stop::Retry) => {
-                self.requeue_event(vmcs, idt);
+                Self::requeue_event(vmcs, idt);
                 return Next::Fast;
             }
             Err(Stop::Unsupported(op)) => {
-                self.requeue_event(vmcs, idt);
+                Self::requeue_event(vmcs, idt);
                 return self.internal_error(
                     run,
                     uapi::RVMM_INTERNAL_EMULATION,
@@ -88,7 +88,7 @@ impl VcpuInner {
                 // A #GP (bad PDPTEs) is what the guest gets; otherwise the switch (and
                 // its event) happens again.
                 if vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & intr::VALID == 0 {
-                    self.requeue_event(vmcs, idt);
+                    Self::requeue_event(vmcs, idt);
                 }
                 return n;
             }
@@ -123,26 +123,5 @@ impl VcpuInner {
             return self.no_shadow(vmcs, run, rip, 10);
         }
         Next::Fast
-    }
-
-    /// An event whose delivery through a task gate did not complete goes again.
-    fn requeue_event(&mut self, vmcs: &CurrentVmcs, idt: u32) {
-        if idt & intr::VALID == 0 {
-            return;
-        }
-        vmcs.write(
-            control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            u64::from(idt & !intr::NMI_UNBLOCK),
-        );
-        if idt & intr::HAS_ERROR_CODE != 0 {
-            vmcs.write(
-                control::VMENTRY_EXCEPTION_ERR_CODE,
-                vmcs.read(ro::IDT_VECTORING_ERR_CODE),
-            );
-        }
-        vmcs.write(
-            control::VMENTRY_INSTRUCTION_LEN,
-            vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
-        );
     }
 }

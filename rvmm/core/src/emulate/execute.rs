@@ -226,12 +226,11 @@ const RSP: u8 = 4;
 const RSI: u8 = 6;
 const RDI: u8 = 7;
 
-/// Segment access rights (VMX format) bits the checks read.
-const AR_CODE: u32 = 1 << 3;
-const AR_EXPAND_DOWN: u32 = 1 << 2;
-const AR_WRITABLE_OR_READABLE: u32 = 1 << 1;
-const AR_DB: u32 = 1 << 14;
-const AR_UNUSABLE: u32 = 1 << 16;
+// Segment access rights (VMX format) bits the checks read.
+use crate::guest_state::ar::{
+    CODE as AR_CODE, DB as AR_DB, DC as AR_EXPAND_DOWN, RW as AR_WRITABLE_OR_READABLE,
+    UNUSABLE as AR_UNUSABLE,
+};
 
 struct Cpu<'a, E: Env> {
     insn: &'a Insn,

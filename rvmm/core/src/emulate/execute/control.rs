@@ -13,17 +13,10 @@ use super::{
     Cpu, Done, Env, Exception, Seg, Stop, AR_CODE, AR_DB, AR_UNUSABLE, RAX, RCX, RDX, RSP,
 };
 
-/// Segment descriptor access-rights bits (VMX layout: type 3:0, S 4, DPL 6:5, P 7).
-const AR_S: u32 = 1 << 4;
-const AR_PRESENT: u32 = 1 << 7;
-const AR_ACCESSED: u32 = 1 << 0;
-const AR_CONFORMING: u32 = 1 << 2;
-const AR_RW: u32 = 1 << 1;
-const AR_L: u32 = 1 << 13;
-/// A data segment loaded in real mode from an unusable register: read/write, accessed.
-const AR_REAL_DATA: u32 = 0x93;
-/// What a segment load in virtual-8086 mode gives (SDM Vol. 3A, 20.1.1).
-const AR_VM86: u32 = 0xf3;
+use crate::guest_state::ar::{
+    ACCESSED as AR_ACCESSED, DC as AR_CONFORMING, L as AR_L, P as AR_PRESENT,
+    REAL_DATA as AR_REAL_DATA, RW as AR_RW, S as AR_S, VM86 as AR_VM86,
+};
 
 /// The RFLAGS bits POPF and IRET may change: with a 32- or 64-bit operand (ID, AC,
 /// NT, IOPL, OF, DF, IF, TF, SF, ZF, AF, PF, CF), and with a 16-bit one.

@@ -8,6 +8,7 @@
 use super::super::decode::SegReg;
 use super::control::seg_from_descriptor;
 use super::{Cpu, Env, Exception, Mode, Regs, Seg, Stop, AR_CODE, AR_UNUSABLE};
+use crate::guest_state::ar::{P as AR_PRESENT, S as AR_S};
 
 /// What started the task switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +52,6 @@ const TYPE_TSS32_AVAILABLE: u32 = 9;
 const TYPE_TSS32_BUSY: u32 = 11;
 const TYPE_BUSY_BIT: u8 = 1 << 1;
 const TYPE_LDT: u32 = 2;
-const AR_PRESENT: u32 = 1 << 7;
-const AR_S: u32 = 1 << 4;
 const RFLAGS_NT: u64 = 1 << 14;
 const RFLAGS_VM: u64 = 1 << 17;
 
