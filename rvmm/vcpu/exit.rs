@@ -170,6 +170,7 @@ impl VcpuInner {
 
     /// The event whose delivery the exit interrupted (IDT-vectoring information `idt`,
     /// if valid) goes in again at the next entry.
+    #[inline]
     pub(super) fn requeue_event(vmcs: &CurrentVmcs, idt: u32) {
         if idt & intr::VALID == 0 {
             return;
@@ -344,6 +345,7 @@ impl VcpuInner {
     }
 
     /// The guest's CPUID leaf `leaf`, sub-leaf `sub`.
+    #[inline]
     pub(super) fn cpuid_values(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let cached = match leaf {
             0..=0x15 if super::CPUID_CACHEABLE >> leaf & 1 != 0 => {
@@ -500,6 +502,7 @@ impl VcpuInner {
     /// then the change. `Err` is what the guest gets instead (an exception, or the
     /// instruction running again while a flush goes on in steps); the caller retires
     /// the instruction on `Ok`.
+    #[inline]
     pub(super) fn write_cr(
         &mut self,
         vmcs: &CurrentVmcs,

@@ -176,6 +176,7 @@ impl VcpuInner {
 
     /// Whether the guest must run in the emulator now (no entry): real mode outside
     /// vm86, or a protected-mode state VMX refuses (after CR0.PE was set).
+    #[inline]
     pub(super) fn needs_emulation(&mut self, vmcs: &CurrentVmcs) -> bool {
         if !self.real.emulating {
             return false;

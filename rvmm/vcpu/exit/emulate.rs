@@ -71,10 +71,13 @@ impl Cause {
     }
 }
 
-/// Write pieces (at most 8 bytes each, within one page) one instruction may make; a
-/// task switch makes the most: the old task's state (8), two busy bits, the back
-/// link, and the accessed bits of up to six descriptors.
-const MAX_WRITES: usize = 20;
+/// Write pieces (at most 8 bytes each, within one page) one instruction may make (a
+/// 32-byte store crossing a page: five).
+const MAX_WRITES: usize = 6;
+/// What a task switch may write: the old task's state (8 pieces), two busy bits, the
+/// back link, the accessed bits of up to six descriptors, an error code (2). Its own
+/// capacity keeps the common instruction path's environment small.
+pub(in crate::vcpu) const TASK_SWITCH_WRITES: usize = 20;
 /// Data accesses one instruction makes (CMPXCHG: a read and a write; MOVS: two).
 const MAX_ACCESSES: usize = 4;
 
@@ -163,7 +166,7 @@ pub(in crate::vcpu) struct PtWord {
     pub(in crate::vcpu) seen: Option<u64>,
 }
 
-pub(in crate::vcpu) struct GuestEnv<'a> {
+pub(in crate::vcpu) struct GuestEnv<'a, const W: usize = MAX_WRITES> {
     v: &'a mut VcpuInner,
     vmcs: &'a CurrentVmcs,
     ctx: &'a PermCtx,
@@ -179,7 +182,7 @@ pub(in crate::vcpu) struct GuestEnv<'a> {
     port_out: Option<(u16, u8, u64)>,
     /// The instruction's data accesses, for the guest's data breakpoints.
     accesses: [Option<DataAccess>; MAX_ACCESSES],
-    writes: [Option<Write>; MAX_WRITES],
+    writes: [Option<Write>; W],
     /// Page-table write path: only RAM, and the word it read.
     pub(super) pt: Option<PtWord>,
     /// The exit's own translation (no walk for that page).
@@ -197,8 +200,8 @@ pub(in crate::vcpu) struct GuestEnv<'a> {
 }
 
 /// What an emulated instruction does, taken out of its [`GuestEnv`] to be committed.
-pub(in crate::vcpu) struct Effects {
-    writes: [Option<Write>; MAX_WRITES],
+pub(in crate::vcpu) struct Effects<const W: usize = MAX_WRITES> {
+    writes: [Option<Write>; W],
     vreg_write: Option<(u8, [u8; 32])>,
     port_out: Option<(u16, u8, u64)>,
     seg_loads: [Option<(usize, Seg)>; 6],
@@ -209,7 +212,7 @@ pub(in crate::vcpu) struct Effects {
     pub(in crate::vcpu) need: Option<(u64, u8)>,
 }
 
-impl Effects {
+impl<const W: usize> Effects<W> {
     /// Whether a write goes to device memory (userspace).
     pub(in crate::vcpu) fn device_writes(&self) -> bool {
         self.writes
@@ -272,7 +275,20 @@ fn set_image_vreg(fx: &mut [u8; 1024], xsave: bool, n: u8, v: &[u8; 32]) {
 }
 
 impl<'a> GuestEnv<'a> {
+    /// The environment of one instruction.
     pub(in crate::vcpu) fn new(
+        v: &'a mut VcpuInner,
+        vmcs: &'a CurrentVmcs,
+        ctx: &'a PermCtx,
+        pt: Option<PtWord>,
+    ) -> Self {
+        Self::with_writes(v, vmcs, ctx, pt)
+    }
+}
+
+impl<'a, const W: usize> GuestEnv<'a, W> {
+    /// The environment with room for `W` write pieces.
+    pub(in crate::vcpu) fn with_writes(
         v: &'a mut VcpuInner,
         vmcs: &'a CurrentVmcs,
         ctx: &'a PermCtx,
@@ -292,7 +308,7 @@ impl<'a> GuestEnv<'a> {
             la_mask,
             reads_taken: 0,
             need: None,
-            writes: [None; MAX_WRITES],
+            writes: [None; W],
             pt,
             hint: None,
             fpu_synced: false,
@@ -306,7 +322,7 @@ impl<'a> GuestEnv<'a> {
     }
 
     /// What the instruction did, to commit.
-    pub(in crate::vcpu) fn effects(&self) -> Effects {
+    pub(in crate::vcpu) fn effects(&self) -> Effects<W> {
         Effects {
             writes: self.writes,
             vreg_write: self.vreg_write,
@@ -447,7 +463,7 @@ impl<'a> GuestEnv<'a> {
     }
 }
 
-impl Env for GuestEnv<'_> {
+impl<const W: usize> Env for GuestEnv<'_, W> {
     fn port_in(&mut self, port: u16, size: u8) -> Result<u64, Stop> {
         if self.pt.is_some() {
             return Err(Stop::Unsupported(0));
@@ -605,7 +621,7 @@ impl Env for GuestEnv<'_> {
 }
 
 /// The pieces written that go to userspace, in order.
-fn mmio_writes(writes: &[Option<Write>; MAX_WRITES]) -> [Option<Write>; MAX_WRITES] {
+fn mmio_writes(writes: &[Option<Write>]) -> [Option<Write>; MAX_WRITES] {
     let mut out = [None; MAX_WRITES];
     for (slot, w) in out
         .iter_mut()
@@ -767,7 +783,7 @@ impl VcpuInner {
             }
         };
         let mut regs = before;
-        let mut env = GuestEnv::new(self, vmcs, &ctx, None);
+        let mut env = GuestEnv::<MAX_WRITES>::new(self, vmcs, &ctx, None);
         env.hint = hint;
         let result = match insn {
             Ok(insn) => {
@@ -922,11 +938,11 @@ impl VcpuInner {
 
     /// Commits an instruction's memory, vector-register and segment changes; true if
     /// the pool was full doing so (the caller takes a new root).
-    pub(in crate::vcpu) fn apply_effects(
+    pub(in crate::vcpu) fn apply_effects<const W: usize>(
         &mut self,
         vmcs: &CurrentVmcs,
         ctx: &PermCtx,
-        fx: &Effects,
+        fx: &Effects<W>,
     ) -> bool {
         if let Some((n, v)) = fx.vreg_write {
             set_image_vreg(&mut self.fx.0, self.xsave, n, &v);
@@ -967,7 +983,7 @@ impl VcpuInner {
     /// Makes an emulated instruction's writes to RAM and to the xAPIC; a write to a
     /// guest page table the pool write-protects updates the shadows as a trapped write
     /// would. True if the pool was full doing so.
-    fn commit_writes(&mut self, writes: &[Option<Write>; MAX_WRITES], ctx: &PermCtx) -> bool {
+    fn commit_writes(&mut self, writes: &[Option<Write>], ctx: &PermCtx) -> bool {
         let mut full = false;
         for w in writes.iter().flatten() {
             match w.target {
