@@ -168,7 +168,9 @@ impl VcpuInner {
         next
     }
 
-    /// The run section's body; `start` is the TSC when interrupts went off.
+    /// The run section's body; `start` is the TSC when interrupts went off. Its own
+    /// function, with the hot exit handlers inlined in it.
+    #[inline(never)]
     pub(super) fn enter_loop(
         &mut self,
         vmcs: &CurrentVmcs,
@@ -250,27 +252,7 @@ impl VcpuInner {
             if self.needs_emulation(vmcs) {
                 // A state VMX cannot enter: the emulator runs the guest, an
                 // instruction per turn, within the section's budget.
-                let next = if self.real.active
-                    || vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & u64::from(intr::VALID)
-                        == 0
-                {
-                    let next = self.emulate_step(vmcs, run);
-                    self.emulated_debug_trap(vmcs);
-                    next
-                } else {
-                    // An exception in the middle of a switch to protected mode, before
-                    // the guest has a state to take it in.
-                    self.internal_error(
-                        run,
-                        uapi::RVMM_INTERNAL_EMULATION,
-                        [
-                            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
-                            vmcs.read(guest::RIP),
-                            0,
-                            9,
-                        ],
-                    )
-                };
+                let next = self.emulation_turn(vmcs, run);
                 if core::mem::take(&mut self.triple_fault) {
                     break self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
                 }
@@ -358,6 +340,26 @@ impl VcpuInner {
         // SAFETY: the state `HostState::read` took on this CPU at the start.
         unsafe { host_state.restore_after_exit() };
         next
+    }
+
+    /// One instruction of a guest VMX cannot enter, by the emulator (out of the exit
+    /// loop's hot path).
+    #[cold]
+    #[inline(never)]
+    fn emulation_turn(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run) -> Next {
+        let pending = vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
+        if self.real.active || pending & u64::from(intr::VALID) == 0 {
+            let next = self.emulate_step(vmcs, run);
+            self.emulated_debug_trap(vmcs);
+            return next;
+        }
+        // An exception in the middle of a switch to protected mode, before the guest
+        // has a state to take it in.
+        self.internal_error(
+            run,
+            uapi::RVMM_INTERNAL_EMULATION,
+            [pending, vmcs.read(guest::RIP), 0, 9],
+        )
     }
 
     /// Tells userspace, at an exit to it, whether the guest takes an interrupt now.

@@ -78,6 +78,10 @@ const MAX_WRITES: usize = 6;
 /// back link, the accessed bits of up to six descriptors, an error code (2). Its own
 /// capacity keeps the common instruction path's environment small.
 pub(in crate::vcpu) const TASK_SWITCH_WRITES: usize = 20;
+/// Segment loads one instruction makes (far transfers, INT and IRET load CS; MOV Sreg
+/// and LDS & co. one register); a task switch loads all six.
+const MAX_SEG_LOADS: usize = 2;
+pub(in crate::vcpu) const TASK_SWITCH_SEG_LOADS: usize = 6;
 /// Data accesses one instruction makes (CMPXCHG: a read and a write; MOVS: two).
 const MAX_ACCESSES: usize = 4;
 
@@ -166,7 +170,8 @@ pub(in crate::vcpu) struct PtWord {
     pub(in crate::vcpu) seen: Option<u64>,
 }
 
-pub(in crate::vcpu) struct GuestEnv<'a, const W: usize = MAX_WRITES> {
+pub(in crate::vcpu) struct GuestEnv<'a, const W: usize = MAX_WRITES, const S: usize = MAX_SEG_LOADS>
+{
     v: &'a mut VcpuInner,
     vmcs: &'a CurrentVmcs,
     ctx: &'a PermCtx,
@@ -193,18 +198,18 @@ pub(in crate::vcpu) struct GuestEnv<'a, const W: usize = MAX_WRITES> {
     vreg_write: Option<(u8, [u8; 32])>,
     /// Segment loads (SEGS index, segment): MOV Sreg and LDS & co. load one, far
     /// transfers, INT and IRET CS, a task switch all six.
-    seg_loads: [Option<(usize, Seg)>; 6],
+    seg_loads: [Option<(usize, Seg)>; S],
     /// The system change the instruction makes, and its interrupt shadow.
     sys: Option<SysWrite>,
     shadow: Option<bool>,
 }
 
 /// What an emulated instruction does, taken out of its [`GuestEnv`] to be committed.
-pub(in crate::vcpu) struct Effects<const W: usize = MAX_WRITES> {
+pub(in crate::vcpu) struct Effects<const W: usize = MAX_WRITES, const S: usize = MAX_SEG_LOADS> {
     writes: [Option<Write>; W],
     vreg_write: Option<(u8, [u8; 32])>,
     port_out: Option<(u16, u8, u64)>,
-    seg_loads: [Option<(usize, Seg)>; 6],
+    seg_loads: [Option<(usize, Seg)>; S],
     sys: Option<SysWrite>,
     shadow: Option<bool>,
     breakpoints: u64,
@@ -212,7 +217,7 @@ pub(in crate::vcpu) struct Effects<const W: usize = MAX_WRITES> {
     pub(in crate::vcpu) need: Option<(u64, u8)>,
 }
 
-impl<const W: usize> Effects<W> {
+impl<const W: usize, const S: usize> Effects<W, S> {
     /// Whether a write goes to device memory (userspace).
     pub(in crate::vcpu) fn device_writes(&self) -> bool {
         self.writes
@@ -286,7 +291,7 @@ impl<'a> GuestEnv<'a> {
     }
 }
 
-impl<'a, const W: usize> GuestEnv<'a, W> {
+impl<'a, const W: usize, const S: usize> GuestEnv<'a, W, S> {
     /// The environment with room for `W` write pieces.
     pub(in crate::vcpu) fn with_writes(
         v: &'a mut VcpuInner,
@@ -315,14 +320,14 @@ impl<'a, const W: usize> GuestEnv<'a, W> {
             vreg_write: None,
             port_out: None,
             accesses: [None; MAX_ACCESSES],
-            seg_loads: [None; 6],
+            seg_loads: [None; S],
             sys: None,
             shadow: None,
         }
     }
 
     /// What the instruction did, to commit.
-    pub(in crate::vcpu) fn effects(&self) -> Effects<W> {
+    pub(in crate::vcpu) fn effects(&self) -> Effects<W, S> {
         Effects {
             writes: self.writes,
             vreg_write: self.vreg_write,
@@ -463,7 +468,7 @@ impl<'a, const W: usize> GuestEnv<'a, W> {
     }
 }
 
-impl<const W: usize> Env for GuestEnv<'_, W> {
+impl<const W: usize, const S: usize> Env for GuestEnv<'_, W, S> {
     fn port_in(&mut self, port: u16, size: u8) -> Result<u64, Stop> {
         if self.pt.is_some() {
             return Err(Stop::Unsupported(0));
@@ -791,9 +796,14 @@ impl VcpuInner {
             }
             Err(e) => Err(rvmm_core::emulate::decode_stop(e)),
         };
-        let fx = env.effects();
-        match result {
-            Ok((insn, done)) => {
+        // Only a completed instruction has effects to take out; a retry needs the read
+        // it waits for.
+        let (fx, need) = match result {
+            Ok(_) => (Some(env.effects()), None),
+            Err(_) => (None, env.need),
+        };
+        match (result, fx) {
+            (Ok((insn, done)), Some(fx)) => {
                 self.mmio_reads.clear();
                 // IRET in real mode ends the blocking of NMIs an NMI's delivery set.
                 if self.real.active && insn.map == rvmm_core::emulate::Map::One && insn.op == 0xcf {
@@ -837,7 +847,8 @@ impl VcpuInner {
                 }
                 self.next_mmio_write(run).unwrap_or(Next::Fast)
             }
-            Err(Stop::Retry) => match fx.need {
+            (Ok(_), None) => Next::Fast,
+            (Err(Stop::Retry), _) => match need {
                 Some((key, size)) if key & PORT_KEY != 0 => {
                     let io = IoAccess {
                         size,
@@ -890,11 +901,11 @@ impl VcpuInner {
                     Next::Fast
                 }
             },
-            Err(Stop::Exception(e)) => {
+            (Err(Stop::Exception(e)), _) => {
                 self.mmio_reads.clear();
                 self.emu_exception(vmcs, e)
             }
-            Err(Stop::Unsupported(op)) => {
+            (Err(Stop::Unsupported(op)), _) => {
                 self.mmio_reads.clear();
                 let first = u64::from_le_bytes(code[..8].try_into().unwrap_or([0; 8]));
                 self.internal_error(
@@ -938,11 +949,11 @@ impl VcpuInner {
 
     /// Commits an instruction's memory, vector-register and segment changes; true if
     /// the pool was full doing so (the caller takes a new root).
-    pub(in crate::vcpu) fn apply_effects<const W: usize>(
+    pub(in crate::vcpu) fn apply_effects<const W: usize, const S: usize>(
         &mut self,
         vmcs: &CurrentVmcs,
         ctx: &PermCtx,
-        fx: &Effects<W>,
+        fx: &Effects<W, S>,
     ) -> bool {
         if let Some((n, v)) = fx.vreg_write {
             set_image_vreg(&mut self.fx.0, self.xsave, n, &v);

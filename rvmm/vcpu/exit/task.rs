@@ -54,8 +54,10 @@ impl VcpuInner {
         }
         let mode = guest_mode(self, vmcs);
         let ctx = self.perm_ctx(vmcs);
-        let mut env =
-            GuestEnv::<{ super::emulate::TASK_SWITCH_WRITES }>::with_writes(self, vmcs, &ctx, None);
+        let mut env = GuestEnv::<
+            { super::emulate::TASK_SWITCH_WRITES },
+            { super::emulate::TASK_SWITCH_SEG_LOADS },
+        >::with_writes(self, vmcs, &ctx, None);
         let r = task_switch(sel, source, &mode, &mut regs, &mut env);
         let fx = env.effects();
         // A TSS or descriptor table in device memory: not emulated (its reads would
