@@ -34,9 +34,10 @@ use crate::vmx::CurrentVmcs;
 pub(super) const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_IOPL: u64 = 3 << 12;
 
-/// The TSS VMX needs in vm86 (every exception exits and no event is injected there,
-/// so the CPU never uses it but for I/O permission checks, which it fails: its
-/// bitmap is beyond the limit).
+/// The TSS VMX needs in vm86. Every exception exits and no event is injected there, so
+/// the CPU uses it only for the I/O permission check of IN/OUT (its map base is the
+/// word at guest-physical 0x66, whatever the guest keeps there): either way they exit,
+/// as a #GP or, after the check, as an I/O exit.
 const VM86_TR: Seg = Seg {
     selector: 0,
     base: 0,
