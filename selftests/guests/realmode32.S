@@ -4,7 +4,8 @@
  * does: a 16-bit protected-mode segment, CR0.PE cleared (MOV CR0) and a far JMP to a
  * real-mode CS; back with LGDT, CR0.PE set (MOV CR0, or LMSW) and a far JMP to a 32-bit
  * code segment. In real mode it runs interrupts through the IVT (INT n, a #DE that the
- * handler fixes, INT3, single steps), PUSHF/POPF and CLI/STI, port I/O, and "unreal"
+ * handler fixes, INT3, single steps, #GP for code past CS's limit), PUSHF/POPF and
+ * CLI/STI, port I/O, and "unreal"
  * mode: a 4-GiB FS limit loaded in protected mode, used for loads and stores above
  * 1 MiB. Each step prints to COM1; the exit code is 0x2a after the last round.
  *
@@ -63,6 +64,14 @@ _start:
 	mov	dword ptr [0 * 4], (LOW >> 4) << 16 | RM(int_de)
 	mov	dword ptr [3 * 4], (LOW >> 4) << 16 | RM(int_bp)
 	mov	dword ptr [1 * 4], (LOW >> 4) << 16 | RM(int_db)
+	mov	dword ptr [13 * 4], (LOW >> 4) << 16 | RM(int_gp)
+	/* A 3-byte MOV at 1000:FFFE, past CS's 64-KiB limit (#GP); were it run, IP
+	   would wrap to 1000:0001, where a far JMP goes to rm_fail. */
+	mov	byte ptr [0x1fffe], 0xb8
+	mov	word ptr [0x1ffff], 0x1234
+	mov	byte ptr [0x10001], 0xea
+	mov	word ptr [0x10002], RM(rm_fail)
+	mov	word ptr [0x10004], LOW >> 4
 	mov	dword ptr [round], 0
 	mov	dword ptr [unreal_in], 0x600dcafe
 
@@ -172,6 +181,9 @@ rm_entry:
 	test	ax, 0x200
 	jz	rm_fail
 	SINGLE_STEP
+	/* Code past CS's limit: #GP through the IVT, whose handler comes back here. */
+	jmp	0x1000:0xfffe
+gp_back:
 	/* Port I/O: the round number from CMOS RAM. */
 	mov	al, 0x41
 	out	0x70, al
@@ -248,6 +260,8 @@ int_bp:	mov	dx, 3
 	iret
 int_db:	inc	byte ptr cs:[RM(dbcount)]
 	iret
+int_gp:	add	sp, 6
+	jmp	(LOW >> 4):RM(gp_back)
 dbcount: .byte	0
 
 ivt:	.word	0x3ff

@@ -784,6 +784,17 @@ impl VcpuInner {
                     }
                     Err(e) => Err(e),
                 };
+                // An instruction that runs past the code segment's limit is #GP(0)
+                // (outside 64-bit mode): in vm86 that #GP is what exited, and the
+                // emulator must not run the instruction anyway.
+                if let Ok(i) = insn {
+                    let last = rip.wrapping_add(u64::from(i.len) - 1);
+                    if !mode.long && (last < rip || last > u64::from(self.guest_seg(vmcs, 0).limit))
+                    {
+                        self.mmio_reads.clear();
+                        return self.emu_exception(vmcs, Exception::GP0);
+                    }
+                }
                 (code, insn, hint)
             }
         };
