@@ -257,13 +257,7 @@ impl VcpuInner {
                     break self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN);
                 }
                 match next {
-                    // SAFETY: plain queries with interrupts off.
-                    Next::Fast
-                        if unsafe { !rvmm_exit_request() }
-                            && exit::rdtsc().wrapping_sub(start) < self.section_budget =>
-                    {
-                        continue
-                    }
+                    Next::Fast if self.section_goes_on(start) => continue,
                     Next::Fast | Next::Host => break Next::Host,
                     Next::User => {
                         self.report_interrupt_window(vmcs, run);
@@ -317,13 +311,7 @@ impl VcpuInner {
                 // The section ends after its time budget whatever the guest does (an
                 // exit storm of a timer, a fault loop), so that interrupts are never off
                 // for longer.
-                Next::Fast
-                    // SAFETY: plain queries with interrupts off.
-                    if unsafe { !rvmm_exit_request() }
-                        && exit::rdtsc().wrapping_sub(start) < self.section_budget =>
-                {
-                    continue
-                }
+                Next::Fast if self.section_goes_on(start) => continue,
                 Next::Fast | Next::Host => break Next::Host,
                 Next::User => break Next::User,
             }
@@ -360,6 +348,15 @@ impl VcpuInner {
             uapi::RVMM_INTERNAL_EMULATION,
             [pending, vmcs.read(guest::RIP), 0, 9],
         )
+    }
+
+    /// Whether the run section started at `start` may go on with another entry: the
+    /// host has no work for this CPU and the section's time budget is not spent.
+    #[inline(always)]
+    fn section_goes_on(&self, start: u64) -> bool {
+        // SAFETY: a plain query of this CPU's flags, with interrupts off.
+        let host_wants_cpu = unsafe { rvmm_exit_request() };
+        !host_wants_cpu && exit::rdtsc().wrapping_sub(start) < self.section_budget
     }
 
     /// Tells userspace, at an exit to it, whether the guest takes an interrupt now.
