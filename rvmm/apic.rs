@@ -13,6 +13,10 @@
 //! matched against the addressing state (ID, LDR, DFR, mode) each vCPU publishes here
 //! when it changes.
 //!
+//! The chip also owns VMX's APIC-access page: while every APIC is in xAPIC mode at the
+//! default base, the shadow maps the guest's xAPIC page to it and the CPU virtualizes
+//! the accesses (`Irqchip::update_apic_access`).
+//!
 //! Ordering: a sender sets the vector, then `posted` (SeqCst), then reads whether the
 //! target runs (SeqCst); a target marks itself running (SeqCst, `Shadow::section_start`)
 //! before it reads `posted` ahead of each entry. Either the sender sees it running and
@@ -22,8 +26,9 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
-use kernel::{prelude::*, sync::Arc};
-use rvmm_core::apic::{Addressing, Delivery, Ipi, Shorthand};
+use kernel::{page::Page, prelude::*, sync::Arc};
+use rvmm_core::apic::{base, Addressing, Delivery, Ipi, Shorthand};
+use rvmm_core::mmu::pool::ApicAccess;
 use rvmm_uapi as uapi;
 
 use crate::ffi::*;
@@ -48,6 +53,8 @@ pub(crate) struct Mailbox {
     sipi: AtomicU32,
     /// The vCPU's published `Addressing` (packed).
     addressing: [AtomicU64; 2],
+    /// Its APIC is in xAPIC mode at the default base (published with the addressing).
+    xapic_default: AtomicBool,
     present: AtomicBool,
     /// Its HLT sleep (a `struct rvmm_waiter`), owned by the mailbox.
     waiter: AtomicPtr<c_void>,
@@ -71,16 +78,20 @@ impl Mailbox {
             init: AtomicBool::new(false),
             sipi: AtomicU32::new(0),
             addressing: [const { AtomicU64::new(0) }; 2],
+            xapic_default: AtomicBool::new(false),
             present: AtomicBool::new(false),
             waiter: AtomicPtr::new(core::ptr::null_mut()),
         }
     }
 
-    /// Publishes the vCPU's addressing state.
-    pub(crate) fn publish(&self, a: &Addressing) {
+    /// Publishes the vCPU's addressing state, and whether its xAPIC page is at the
+    /// default base (`mmio_base`, the APIC's `Apic::mmio_base`).
+    pub(crate) fn publish(&self, a: &Addressing, mmio_base: Option<u64>) {
         let [w0, w1] = a.pack();
         self.addressing[0].store(w0, Relaxed);
         self.addressing[1].store(w1, Relaxed);
+        self.xapic_default
+            .store(mmio_base == Some(base::DEFAULT_ADDR), SeqCst);
     }
 
     fn addressing(&self) -> Addressing {
@@ -140,24 +151,67 @@ impl Mailbox {
 pub(crate) struct Irqchip {
     boxes: [Mailbox; MAX_VCPUS],
     shadow: Arc<Shadow>,
+    /// VMX's APIC-access page (where rvmm virtualizes xAPIC accesses: see `apicv`) and
+    /// its host-physical address. The CPU never writes it through a virtualized
+    /// access; it is the VM's alone and freed with the chip, after every vCPU.
+    apic_access: Option<(Page, u64)>,
     /// Messages delivered (one per destination).
     pub(crate) messages: AtomicU64,
 }
 
 impl Irqchip {
-    pub(crate) fn new(shadow: Arc<Shadow>) -> Result<Arc<Self>> {
+    /// A chip; with `apicv`, the vCPUs virtualize xAPIC accesses with VMX's APIC
+    /// virtualization (the CPU has it and the module parameter allows it).
+    pub(crate) fn new(shadow: Arc<Shadow>, apicv: bool) -> Result<Arc<Self>> {
+        let apic_access = if apicv {
+            let page = Page::alloc_page(crate::vm_gfp() | __GFP_ZERO)?;
+            // SAFETY: a page we own.
+            let pa = unsafe { rvmm_page_to_phys(page.as_ptr().cast()) };
+            Some((page, pa))
+        } else {
+            None
+        };
         Ok(Arc::new(
             Self {
                 boxes: [const { Mailbox::new() }; MAX_VCPUS],
                 shadow,
+                apic_access,
                 messages: AtomicU64::new(0),
             },
             crate::vm_gfp(),
         )?)
     }
 
+    /// The APIC-access page's host-physical address, where the vCPUs virtualize xAPIC
+    /// accesses.
+    pub(crate) fn apic_access_pa(&self) -> Option<u64> {
+        self.apic_access.as_ref().map(|&(_, pa)| pa)
+    }
+
+    /// After a vCPU published a change of its APIC's mode or base (or joined): the
+    /// shadow maps the xAPIC page to the APIC-access page while every APIC is in xAPIC
+    /// mode at the default base, and not otherwise. A vCPU whose APIC is elsewhere
+    /// (x2APIC, disabled, relocated) must not reach the page, which its CPU does not
+    /// virtualize for it: it sees device memory there, through the emulator.
+    pub(crate) fn update_apic_access(&self) {
+        let Some(hpa) = self.apic_access_pa() else {
+            return;
+        };
+        self.shadow.set_apic_access(|| {
+            let all = self
+                .boxes
+                .iter()
+                .filter(|b| b.present.load(SeqCst))
+                .all(|b| b.xapic_default.load(SeqCst));
+            all.then_some(ApicAccess {
+                gfn: base::DEFAULT_ADDR >> 12,
+                hpa,
+            })
+        });
+    }
+
     /// A vCPU with an APIC joins: its HLT waiter is made and its mailbox opens.
-    pub(crate) fn add_vcpu(&self, id: u32, a: &Addressing) -> Result {
+    pub(crate) fn add_vcpu(&self, id: u32, a: &Addressing, mmio_base: Option<u64>) -> Result {
         // (The VM checked the ID; an out-of-range one must not index past the array.)
         let b = self.boxes.get(id as usize).ok_or(EINVAL)?;
         if b.waiter.load(Acquire).is_null() {
@@ -168,8 +222,8 @@ impl Irqchip {
             }
             b.waiter.store(w, Release);
         }
-        b.publish(a);
-        b.present.store(true, Release);
+        b.publish(a, mmio_base);
+        b.present.store(true, SeqCst);
         Ok(())
     }
 

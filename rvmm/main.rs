@@ -63,6 +63,10 @@ module! {
             default: false,
             description: "Speculation barriers around every VM entry and exit even where the kernel's mitigations do not ask for them (testing)",
         },
+        apicv: bool {
+            default: true,
+            description: "Virtualize xAPIC accesses with VMX's APIC virtualization where the CPU has it (reads without a VM exit); 0: every access exits to rvmm's APIC model",
+        },
         shadow_roots: u32 {
             default: 64,
             description: "Roots (address spaces) the CR3 cache keeps per VM (1-64)",

@@ -11,7 +11,7 @@ use core::sync::atomic::{
 
 use kernel::{new_mutex, new_spinlock, prelude::*, sync::Arc, sync::Mutex, sync::SpinLock};
 use rvmm_core::mmu::pool::{
-    Link, Pool, PoolStats, Rmap, RmapId, Sp, SpId, State, Tables, MAX_ROOTS,
+    ApicAccess, Link, Pool, PoolStats, Rmap, RmapId, Sp, SpId, State, Tables, MAX_ROOTS,
 };
 use rvmm_uapi as uapi;
 
@@ -378,6 +378,19 @@ impl Shadow {
         self.modes.vcpus.fetch_add(1, Ordering::Relaxed);
         self.modes.created.fetch_or(1 << id, Ordering::Release);
         Ok(())
+    }
+
+    /// Maps the xAPIC page to the APIC-access page or not, as `decide` says under the
+    /// pool lock (so that concurrent deciders are ordered, and the last one sees what
+    /// every vCPU published before it asked). A change drops every shadow entry and
+    /// makes every vCPU leave guest mode before it returns (see `Pool::set_apic_access`).
+    pub(crate) fn set_apic_access(&self, decide: impl FnOnce() -> Option<ApicAccess>) {
+        if let Some(storage) = self.pool.lock().as_deref_mut() {
+            let mut pool = storage.pool();
+            if pool.set_apic_access(decide()) {
+                self.settle(&mut pool);
+            }
+        }
     }
 
     /// The end of a pool operation, under the pool lock: entries that lost rights are

@@ -168,6 +168,10 @@ pub(crate) struct VcpuInner {
     vapic: Option<Page>,
     /// The address of its VTPR byte in the direct map (0: no TPR shadow).
     vapic_tpr: usize,
+    /// The VMCS virtualizes xAPIC accesses (APIC-access page, APIC-register
+    /// virtualization): the virtual-APIC page shows the APIC's registers to reads
+    /// (`lapic::vapic_sync`), and writes exit as APIC writes.
+    apicv: bool,
     /// CR4 bits the guest may set: those of the features its CPUID shows.
     cr4_allowed: u64,
     /// The guest's CPUID configuration (what does not change while it runs).
@@ -372,6 +376,7 @@ impl Vcpu {
             tsc_offset: 0,
             vapic: None,
             vapic_tpr: 0,
+            apicv: false,
             cr4_allowed: 0,
             cpuid_cfg: rvmm_core::cpuid::Config::default(),
             cpuid_basic: [[0; 4]; CPUID_CACHED_BASIC],
@@ -437,7 +442,7 @@ impl Vcpu {
         }
         g.cpuid_paging();
         if let (Some(irq), Some(apic)) = (&g.irq, &g.apic) {
-            irq.add_vcpu(id, &apic.addressing())?;
+            irq.add_vcpu(id, &apic.addressing(), apic.mmio_base())?;
         }
         let inner = g;
         let vcpu = Arc::pin_init(

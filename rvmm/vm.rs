@@ -120,11 +120,16 @@ impl Vm {
         let vcpu = Vcpu::new(
             id as u32,
             self.shadow.clone(),
-            irqchip,
+            irqchip.clone(),
             self.hypercall_exits.clone(),
         )?;
         self.shadow.vcpu_added(id as u32)?;
         vcpus[id] = Some(vcpu);
+        if let Some(chip) = irqchip {
+            // With the pool in place: the xAPIC page is mapped (or not) for the VM
+            // as it now is.
+            chip.update_apic_access();
+        }
         Ok(id as isize)
     }
 
@@ -148,7 +153,10 @@ impl Vm {
             );
             return Err(EBUSY);
         }
-        *chip = Some(Irqchip::new(self.shadow.clone())?);
+        let caps = crate::vmx::read_caps();
+        let apicv = crate::module_parameters::apicv.value()
+            && rvmm_core::caps::apic_virtualization(caps.procbased, caps.procbased2);
+        *chip = Some(Irqchip::new(self.shadow.clone(), apicv)?);
         Ok(0)
     }
 

@@ -31,6 +31,7 @@ const DEBUGCTL_BTF: u64 = 1 << 1;
 /// The pending-debug-exceptions field's BS bit: a single-step trap (SDM Vol. 3C, 25.4.2).
 const PENDING_DBG_BS: u64 = 1 << 14;
 
+mod apic;
 mod emulate;
 mod io;
 mod msrs;
@@ -119,6 +120,8 @@ impl VcpuInner {
             // The guest lowered its TPR below a pending interrupt's class: it goes in
             // before the next entry.
             Some(TprBelowThreshold) => Next::Fast,
+            Some(ApicWrite) => self.apic_write(rvmm_core::exit::apic_write_offset(qual())),
+            Some(ApicAccess) => self.apic_access(vmcs, run, qual()),
             Some(TripleFault) => self.exit_to_user(run, uapi::RVMM_EXIT_SHUTDOWN),
             Some(Cpuid) => self.cpuid(vmcs),
             Some(TaskSwitch) => self.task_switch(vmcs, run, qual()),

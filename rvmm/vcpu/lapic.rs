@@ -8,7 +8,7 @@
 
 use core::ptr;
 
-use rvmm_core::apic::{Effect, Trigger};
+use rvmm_core::apic::{reg, Effect, Trigger};
 use rvmm_core::exit::intr;
 use x86::vmx::vmcs::{control, guest};
 
@@ -117,6 +117,82 @@ impl VcpuInner {
         }
         self.program_preemption_timer(vmcs);
         self.tpr_to_vapic(vmcs);
+        self.vapic_sync();
+    }
+
+    /// A 32-bit register of the virtual-APIC page (with APIC virtualization).
+    fn vapic_reg(&self, offset: u32) -> *mut u32 {
+        // The page starts 0x80 before VTPR; `offset` is a register's (below 0x400).
+        (self.vapic_tpr - 0x80 + (offset & 0xff0) as usize) as *mut u32
+    }
+
+    /// With APIC virtualization: the ICR's high half, whose writes the CPU keeps in the
+    /// virtual-APIC page without an exit, into the APIC (before anything reads the
+    /// APIC's ICR or rewrites the page).
+    pub(super) fn vapic_pull(&mut self) {
+        if !self.apicv {
+            return;
+        }
+        // SAFETY: our virtual-APIC page; the CPU writes it only while this vCPU is in
+        // guest mode, which it is not.
+        let hi = unsafe { core::ptr::read_volatile(self.vapic_reg(reg::ICR2)) };
+        if let Some(a) = self.apic.as_mut() {
+            if !a.x2apic() && u64::from(hi) != a.mmio_read(reg::ICR2, 4, 0) {
+                a.mmio_write(reg::ICR2, 4, hi.into(), 0);
+            }
+        }
+    }
+
+    /// With APIC virtualization, before an entry: the virtual-APIC page shows the
+    /// APIC's registers, as VMX serves reads from it (rewritten only after a change).
+    fn vapic_sync(&mut self) {
+        if !self.apicv {
+            return;
+        }
+        self.vapic_pull();
+        self.vapic_push();
+    }
+
+    /// The APIC's registers into the virtual-APIC page, if they changed since they
+    /// were last written there. (After a mode or base change, right away: the page's
+    /// ICR high half is the APIC's again, so that `vapic_pull` takes nothing stale.)
+    pub(super) fn vapic_push(&mut self) {
+        if !self.apicv {
+            return;
+        }
+        let Some(a) = self.apic.as_mut() else {
+            return;
+        };
+        if !a.take_page_stale() {
+            return;
+        }
+        let base = self.vapic_tpr - 0x80;
+        a.page_words(|offset, v| {
+            // SAFETY: as in `vapic_pull`; `offset` is below 0x400, inside the page.
+            unsafe { core::ptr::write_volatile((base + offset as usize) as *mut u32, v) }
+        });
+    }
+
+    /// APIC-write exit (trap-like: the write is done, RIP is past it): the guest wrote
+    /// the register at `offset` of the xAPIC page, and the value waits in the
+    /// virtual-APIC page; the APIC takes it with its effects.
+    pub(super) fn apic_write(&mut self, offset: u32) -> Next {
+        self.vapic_pull();
+        // SAFETY: as in `vapic_pull`.
+        let v = unsafe { core::ptr::read_volatile(self.vapic_reg(offset)) };
+        let now = self.guest_tsc();
+        let Some(a) = self.apic.as_mut() else {
+            return Next::Fast;
+        };
+        self.stats.apic_accesses.inc();
+        let e = a.mmio_write(offset, 4, v.into(), now);
+        self.apic_effect(e);
+        // What the APIC kept of the value (not always what was written) goes back
+        // into the page before the next entry, as does a write the APIC ignores.
+        if let Some(a) = self.apic.as_mut() {
+            a.set_page_stale();
+        }
+        Next::Fast
     }
 
     /// After an exit, with the TPR shadow: the guest's VTPR becomes the APIC's TPR.
@@ -292,12 +368,14 @@ impl VcpuInner {
     /// Publishes the APIC's addressing state for senders.
     pub(super) fn apic_publish(&self) {
         if let (Some(a), Some(irq)) = (self.apic.as_ref(), self.irq.as_ref()) {
-            irq.mailbox(self.vcpu_id).publish(&a.addressing());
+            irq.mailbox(self.vcpu_id)
+                .publish(&a.addressing(), a.mmio_base());
         }
     }
 
     /// An access to guest-physical `gpa` in the xAPIC page; `Some(value)` for a read.
     pub(super) fn apic_mmio(&mut self, gpa: u64, len: u8, write: Option<u64>) -> Option<u64> {
+        self.vapic_pull();
         let now = self.guest_tsc();
         let apic = self.apic.as_mut()?;
         self.stats.apic_accesses.inc();

@@ -120,16 +120,31 @@ impl VcpuInner {
         // RDTSCP (and RDPID: they run in the guest, reading its IA32_TSC_AUX, which the
         // run section switches); without them a guest INVPCID, RDTSCP or RDPID is #UD
         // and CPUID does not show it.
+        // With the VM's APIC-access page (the chip decided the CPU has what it takes),
+        // xAPIC reads are served from the virtual-APIC page and writes exit as APIC
+        // writes (see `Irqchip::update_apic_access` for when the page is mapped).
+        let apic_access = self
+            .irq
+            .as_ref()
+            .and_then(|i| i.apic_access_pa())
+            .filter(|_| proc & PrimaryControls::USE_TPR_SHADOW.bits() != 0);
+        let apicv_bits = if apic_access.is_some() {
+            (SecondaryControls::VIRTUALIZE_APIC | SecondaryControls::VIRTUALIZE_APIC_REGISTER)
+                .bits()
+        } else {
+            0
+        };
         let proc2 = if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
             AllowedControls(caps.procbased2)
                 .adjust(
-                    0,
+                    apicv_bits,
                     (SecondaryControls::ENABLE_INVPCID | SecondaryControls::ENABLE_RDTSCP).bits(),
                 )
                 .unwrap_or(0)
         } else {
             0
         };
+        self.apicv = apicv_bits != 0 && proc2 & apicv_bits == apicv_bits;
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
         // The host must have RDTSCP for its IA32_TSC_AUX to exist.
         self.rdtscp = proc2 & SecondaryControls::ENABLE_RDTSCP.bits() != 0
@@ -148,6 +163,9 @@ impl VcpuInner {
             if vapic_pa != 0 {
                 vmcs.write(control::VIRT_APIC_ADDR_FULL, vapic_pa);
                 vmcs.write(control::TPR_THRESHOLD, 0);
+            }
+            if let (true, Some(pa)) = (g.apicv, apic_access) {
+                vmcs.write(control::APIC_ACCESS_ADDR_FULL, pa);
             }
             if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
                 vmcs.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());

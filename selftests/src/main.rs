@@ -12,6 +12,7 @@
 //!   --fuzz-seed S     its seed (decimal or 0x-hex; default: a fresh one, printed)
 
 mod adversarial;
+mod apicv;
 mod coherence;
 mod cpu_msrs;
 mod debug_regs;
@@ -134,6 +135,10 @@ fn main() {
         suite.add("smp_shared_page_tables", vm_tests::smp_shared_page_tables);
         suite.add("apic_timer_ipi_eoi_tpr", vm_tests::apic_timer_ipi_eoi_tpr);
         suite.add("irqchip_abi_errors", vm_tests::irqchip_abi_errors);
+        suite.add(
+            "xapic_reads_without_exits",
+            apicv::xapic_reads_without_exits,
+        );
         suite.add(
             "multiboot_timer_100_interrupts",
             vm_tests::multiboot_timer_100_interrupts,

@@ -399,7 +399,40 @@ pub struct Apic {
     pub tmr: VecReg,
     /// Timer interrupts raised (for statistics).
     pub timer_fired: u64,
+    /// A register that [`Apic::page_words`] shows may have changed since
+    /// [`Apic::take_page_stale`] last said so.
+    page_stale: bool,
 }
+
+/// The register offsets whose reads APIC-register virtualization serves from the
+/// virtual-APIC page (SDM Vol. 3C, 30.4.2): ID, version, TPR, EOI, LDR, DFR, SVR, ISR,
+/// TMR, IRR, ESR, ICR, the LVT (not CMCI), initial count, divide configuration.
+pub const VIRTUALIZED_READS: [u32; 43] = {
+    let mut r = [0u32; 43];
+    let fixed = [0x20, 0x30, 0x80, 0xb0, 0xd0, 0xe0, 0xf0];
+    let mut n = 0;
+    while n < fixed.len() {
+        r[n] = fixed[n];
+        n += 1;
+    }
+    let mut i = 0;
+    while i < 24 {
+        // ISR, TMR and IRR: 0x100-0x270.
+        r[n] = 0x100 + 0x10 * i;
+        n += 1;
+        i += 1;
+    }
+    let rest = [
+        0x280, 0x300, 0x310, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380, 0x3e0,
+    ];
+    let mut j = 0;
+    while j < rest.len() {
+        r[n] = rest[j];
+        n += 1;
+        j += 1;
+    }
+    r
+};
 
 const LVT_TIMER_I: usize = 0;
 const LVT_ERROR_I: usize = 5;
@@ -429,6 +462,7 @@ impl Apic {
             isr: VecReg::default(),
             tmr: VecReg::default(),
             timer_fired: 0,
+            page_stale: true,
         }
     }
 
@@ -503,6 +537,7 @@ impl Apic {
         if v & (base::EN | base::EXTD) == base::EXTD {
             return Err(Gp);
         }
+        self.page_stale = true;
         let was_x2 = self.x2apic();
         let now_x2 = v & (base::EN | base::EXTD) == base::EN | base::EXTD;
         if was_x2 && !now_x2 && v & base::EN != 0 {
@@ -542,7 +577,10 @@ impl Apic {
 
     /// MOV to CR8 / TPR writes.
     pub fn set_tpr(&mut self, v: u32) {
-        self.tpr = v & 0xff;
+        if self.tpr != v & 0xff {
+            self.tpr = v & 0xff;
+            self.page_stale = true;
+        }
     }
 
     /// Takes an interrupt request (fixed or lowest-priority delivery) into the IRR.
@@ -552,6 +590,7 @@ impl Apic {
         if !self.enabled() {
             return false;
         }
+        self.page_stale = true;
         if vector < 16 {
             self.error(1 << 6);
             return false;
@@ -594,6 +633,7 @@ impl Apic {
 
     /// The CPU takes `vector` (from [`Apic::pending`]): IRR to ISR.
     pub fn ack(&mut self, vector: u8) {
+        self.page_stale = true;
         self.irr.clear(vector);
         self.isr.set(vector);
     }
@@ -601,6 +641,7 @@ impl Apic {
     /// EOI: ends the highest in-service vector; a level-triggered one is reported for
     /// the I/O APICs.
     pub fn eoi(&mut self) -> Effect {
+        self.page_stale = true;
         let Some(v) = self.isr.highest() else {
             return Effect::None;
         };
@@ -755,6 +796,7 @@ impl Apic {
     /// Writes register `offset`. `Err` where x2APIC mode faults (read-only or absent
     /// registers, reserved bits); in xAPIC mode the caller ignores it, as the page does.
     fn write_reg(&mut self, offset: u32, v: u32, now: u64) -> Result<Effect, Gp> {
+        self.page_stale = true;
         let x2 = self.x2apic();
         match offset {
             reg::ID if !x2 => self.id = v >> 24,
@@ -933,6 +975,7 @@ impl Apic {
         if !self.x2apic() || !(X2APIC_MSR_BASE..=X2APIC_MSR_END).contains(&msr) {
             return Err(Gp);
         }
+        self.page_stale = true;
         let offset = (msr - X2APIC_MSR_BASE) << 4;
         if offset == reg::ICR {
             // Reserved: bits 31:20, 17:16 and 13 of the low half.
@@ -946,6 +989,27 @@ impl Apic {
             return Err(Gp);
         }
         self.write_reg(offset, v as u32, now)
+    }
+
+    /// The registers VMX's APIC-register virtualization reads from the virtual-APIC
+    /// page (SDM Vol. 3C, 30.4.2), as (offset, value), for the page to show them. The
+    /// others (PPR, APR, the timer's current count, ...) exit, and this model answers.
+    pub fn page_words(&self, mut f: impl FnMut(u32, u32)) {
+        for offset in VIRTUALIZED_READS {
+            f(offset, self.read_reg(offset, 0).unwrap_or(0));
+        }
+    }
+
+    /// Whether a register [`Apic::page_words`] shows may have changed since the last
+    /// call (true once after every change; true at first).
+    pub fn take_page_stale(&mut self) -> bool {
+        core::mem::take(&mut self.page_stale)
+    }
+
+    /// Makes the next [`Apic::take_page_stale`] true: the page was written behind the
+    /// APIC's back (a write the CPU stored there for it to take).
+    pub fn set_page_stale(&mut self) {
+        self.page_stale = true;
     }
 
     /// What destinations are matched against (see [`Addressing::matches`]).

@@ -173,6 +173,20 @@ impl AllowedControls {
     }
 }
 
+/// Whether the CPU can virtualize xAPIC accesses the way rvmm uses it: the TPR shadow,
+/// and among the secondary controls "virtualize APIC accesses" and APIC-register
+/// virtualization (reads served from the virtual-APIC page, writes as APIC-write
+/// exits). `procbased` and `procbased2` are the capability MSRs (0 when absent).
+pub const fn apic_virtualization(procbased: u64, procbased2: u64) -> bool {
+    use x86::vmx::vmcs::control::{PrimaryControls, SecondaryControls};
+    AllowedControls(procbased).supports(
+        PrimaryControls::USE_TPR_SHADOW.bits() | PrimaryControls::SECONDARY_CONTROLS.bits(),
+    ) && AllowedControls(procbased2).supports(
+        SecondaryControls::VIRTUALIZE_APIC.bits()
+            | SecondaryControls::VIRTUALIZE_APIC_REGISTER.bits(),
+    )
+}
+
 /// Required VMX controls that the CPU does not support.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlError {
@@ -245,6 +259,19 @@ mod tests {
         assert_eq!(caps.adjust(0, 0xf00), Ok(0x16));
         assert!(caps.supports(0xff));
         assert!(!caps.supports(0x1ff));
+    }
+
+    #[test]
+    fn apic_virtualization_needs_all_three_controls() {
+        // TPR shadow (bit 21) and secondary controls (bit 31) in the primary MSR's
+        // allowed-1 half; bits 0 and 8 in the secondary one.
+        let primary = (((1u64 << 21) | (1 << 31)) << 32) | 0x16;
+        let secondary = ((1u64 << 0) | (1 << 8)) << 32;
+        assert!(apic_virtualization(primary, secondary));
+        assert!(!apic_virtualization(primary, (1u64 << 8) << 32));
+        assert!(!apic_virtualization(primary, 1u64 << 32));
+        assert!(!apic_virtualization((1u64 << 31) << 32, secondary));
+        assert!(!apic_virtualization(primary, 0));
     }
 
     #[test]

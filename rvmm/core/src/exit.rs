@@ -79,6 +79,8 @@ pub enum ExitReason {
     MachineCheckEntry = 41,
     /// TPR below threshold.
     TprBelowThreshold = 43,
+    /// An access to the APIC-access page that VMX does not virtualize.
+    ApicAccess = 44,
     /// GDTR/IDTR access.
     DtAccess = 46,
     /// LDTR/TR access.
@@ -95,6 +97,8 @@ pub enum ExitReason {
     Wbinvd = 54,
     /// XSETBV.
     Xsetbv = 55,
+    /// APIC write: a write to the APIC-access page that software completes (trap-like).
+    ApicWrite = 56,
     /// INVPCID.
     Invpcid = 58,
     /// VMFUNC.
@@ -153,6 +157,7 @@ impl ExitReason {
             Pause,
             MachineCheckEntry,
             TprBelowThreshold,
+            ApicAccess,
             DtAccess,
             TrAccess,
             Invept,
@@ -161,6 +166,7 @@ impl ExitReason {
             Invvpid,
             Wbinvd,
             Xsetbv,
+            ApicWrite,
             Invpcid,
             Vmfunc,
             Rdrand,
@@ -206,6 +212,8 @@ impl ExitReason {
             Pause => "PAUSE",
             MachineCheckEntry => "machine check at entry",
             TprBelowThreshold => "TPR below threshold",
+            ApicAccess => "APIC access",
+            ApicWrite => "APIC write",
             DtAccess => "GDTR/IDTR access",
             TrAccess => "LDTR/TR access",
             Rdtscp => "RDTSCP",
@@ -223,6 +231,43 @@ impl ExitReason {
 
 /// Bit 31 of the exit-reason field: the VM entry failed.
 pub const EXIT_REASON_FAILED_ENTRY: u32 = 1 << 31;
+
+/// Exit qualification of an APIC-access exit (SDM Vol. 3C, Table 28-6): how the
+/// APIC-access page was reached, and for a linear access the page offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApicAccessQual {
+    /// A data read by an instruction, at this offset.
+    Read(u16),
+    /// A data write by an instruction, at this offset.
+    Write(u16),
+    /// An instruction fetch.
+    Fetch,
+    /// A linear access while delivering an event (its IDT, stack or TSS on the page).
+    EventDelivery,
+    /// A guest-physical access (with EPT only), or a reserved encoding.
+    Other,
+}
+
+impl ApicAccessQual {
+    /// Decodes bits 15:12 (access type) and 11:0 (offset).
+    pub const fn decode(qual: u64) -> Self {
+        let offset = (qual & 0xfff) as u16;
+        match (qual >> 12) & 0xf {
+            0 => Self::Read(offset),
+            1 => Self::Write(offset),
+            2 => Self::Fetch,
+            3 => Self::EventDelivery,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Exit qualification of an APIC-write exit: the offset of the register written, whose
+/// new value is in the virtual-APIC page (bits 11:0; the SDM aligns it to the
+/// register's 16 bytes).
+pub const fn apic_write_offset(qual: u64) -> u32 {
+    (qual & 0xff0) as u32
+}
 
 /// Exit qualification of a control-register access (SDM Table 28-3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,6 +505,23 @@ mod tests {
         assert_eq!(ExitReason::from_basic(30), Some(ExitReason::Io));
         assert_eq!(ExitReason::from_basic(65535), None);
         assert!((ExitReason::Xrstors as usize) < NR_EXIT_REASONS);
+        assert_eq!(ExitReason::from_basic(44), Some(ExitReason::ApicAccess));
+        assert_eq!(ExitReason::from_basic(56), Some(ExitReason::ApicWrite));
+    }
+
+    #[test]
+    fn decode_apic_exits() {
+        // A read of the timer's current count (0x390), a write at 0x3f0, a fetch.
+        assert_eq!(ApicAccessQual::decode(0x390), ApicAccessQual::Read(0x390));
+        assert_eq!(ApicAccessQual::decode(0x13f0), ApicAccessQual::Write(0x3f0));
+        assert_eq!(ApicAccessQual::decode(0x2000), ApicAccessQual::Fetch);
+        assert_eq!(
+            ApicAccessQual::decode(0x3020),
+            ApicAccessQual::EventDelivery
+        );
+        assert_eq!(ApicAccessQual::decode(0xa000), ApicAccessQual::Other);
+        assert_eq!(apic_write_offset(0x0b0), 0xb0);
+        assert_eq!(apic_write_offset(0xffff_f302), 0x300);
     }
 
     #[test]

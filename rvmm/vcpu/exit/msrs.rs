@@ -159,6 +159,9 @@ impl VcpuInner {
             // Bits 63:32 are reserved.
             msr::IA32_TSC_AUX if self.rdtscp && v >> 32 == 0 => self.tsc_aux = v,
             msr::IA32_APIC_BASE if self.apic.is_some() => {
+                // What the guest wrote to the page without an exit is the APIC's
+                // before the change (a global disable resets the registers).
+                self.vapic_pull();
                 let m = self.maxphyaddr;
                 if self
                     .apic
@@ -168,6 +171,12 @@ impl VcpuInner {
                     return false;
                 }
                 self.apic_publish();
+                self.vapic_push();
+                // The xAPIC page's mapping follows the VM's APICs (a remote flush if
+                // it changes; rare: a mode switch).
+                if let Some(irq) = self.irq.as_ref() {
+                    irq.update_apic_access();
+                }
             }
             X2APIC_MSR_BASE..=X2APIC_MSR_END if self.apic.is_some() => {
                 let now = self.guest_tsc();

@@ -2,6 +2,8 @@
 
 use super::*;
 
+extern crate std;
+
 const SVR_ON: u64 = 0x1ff;
 
 fn enabled(id: u32) -> Apic {
@@ -599,5 +601,137 @@ fn register_sweep_with_hostile_values() {
             let _ = x.set_base_msr(v, 46);
         }
         assert!(a.lint(usize::MAX) & !0x1_ffff == 0);
+    }
+}
+
+fn page_of(a: &Apic) -> std::vec::Vec<(u32, u32)> {
+    let mut v = std::vec::Vec::new();
+    a.page_words(|o, w| v.push((o, w)));
+    v
+}
+
+#[test]
+fn page_words_are_the_virtualized_reads() {
+    let mut a = enabled(5);
+    a.accept(0x41, Trigger::Level);
+    a.accept(0x90, Trigger::Edge);
+    a.ack(0x90);
+    a.mmio_write(reg::LVT_TIMER, 4, 0x2_0030, 0);
+    a.mmio_write(reg::TIMER_INIT, 4, 1000, 0);
+    let words = page_of(&a);
+    // Exactly the SDM's list, each as an xAPIC read shows it.
+    assert_eq!(words.len(), VIRTUALIZED_READS.len());
+    for &(o, w) in &words {
+        assert_eq!(o & 0xf, 0);
+        let read = if o == reg::EOI {
+            0
+        } else {
+            a.mmio_read(o, 4, 0)
+        };
+        assert_eq!(u64::from(w), read, "offset {o:#x}");
+    }
+    for o in [reg::PPR, reg::APR, reg::TIMER_CUR, reg::LVT_CMCI, reg::RRD] {
+        assert!(
+            words.iter().all(|&(x, _)| x != o),
+            "{o:#x} is not virtualized"
+        );
+    }
+    let at = |o| words.iter().find(|&&(x, _)| x == o).unwrap().1;
+    assert_eq!(at(reg::ID), 5 << 24);
+    assert_eq!(at(reg::IRR + 0x20), 1 << 1); // vector 0x41
+    assert_eq!(at(reg::TMR + 0x20), 1 << 1);
+    assert_eq!(at(reg::ISR + 0x40), 1 << 16); // vector 0x90
+    assert_eq!(at(reg::TIMER_INIT), 1000);
+}
+
+/// Every change of a register the page shows is reported by `take_page_stale`: after
+/// each of many random operations, either the page words are what they were, or the
+/// APIC says they may have changed.
+#[test]
+fn page_staleness_follows_every_change() {
+    let mut s = 0x243f_6a88_85a3_08d3u64;
+    let mut rng = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let offsets = [
+        reg::ID,
+        reg::TPR,
+        reg::EOI,
+        reg::LDR,
+        reg::DFR,
+        reg::SVR,
+        reg::ESR,
+        reg::ICR,
+        reg::ICR2,
+        reg::LVT_TIMER,
+        reg::LVT_ERROR,
+        reg::TIMER_INIT,
+        reg::TIMER_DIV,
+    ];
+    let mut a = enabled(1);
+    assert!(a.take_page_stale());
+    let mut page = page_of(&a);
+    let mut now = 0u64;
+    for _ in 0..200_000 {
+        let r = rng();
+        now = now.wrapping_add(r % 5000);
+        let v = rng();
+        match r % 11 {
+            0 | 1 => {
+                a.mmio_write(offsets[(v % offsets.len() as u64) as usize], 4, v >> 8, now);
+            }
+            2 => {
+                a.accept(
+                    (v >> 8) as u8,
+                    if v & 1 == 0 {
+                        Trigger::Edge
+                    } else {
+                        Trigger::Level
+                    },
+                );
+            }
+            3 => {
+                if let Some(p) = a.pending() {
+                    a.ack(p);
+                }
+            }
+            4 => {
+                a.eoi();
+            }
+            5 => a.set_tpr((v & 0xff) as u32),
+            6 => {
+                a.tick(now);
+            }
+            7 => {
+                let _ = a.set_base_msr(
+                    [
+                        base::DEFAULT_ADDR | base::EN,
+                        base::DEFAULT_ADDR,
+                        base::DEFAULT_ADDR | base::EN | base::EXTD,
+                    ][(v % 3) as usize],
+                    46,
+                );
+            }
+            8 => {
+                let _ = a.wrmsr(
+                    msr(offsets[(v % offsets.len() as u64) as usize]),
+                    v >> 40,
+                    now,
+                );
+            }
+            9 => a.set_tsc_deadline(v),
+            _ => {
+                a.mmio_write(reg::SVR, 4, SVR_ON, now);
+            }
+        }
+        let now_page = page_of(&a);
+        if a.take_page_stale() {
+            page = now_page;
+        } else {
+            assert_eq!(now_page, page, "a change the page missed (op {})", r % 11);
+        }
     }
 }

@@ -27,6 +27,7 @@
 //! used shadow that is not a root is reclaimed; [`Full`] asks the caller to start over
 //! ([`Pool::reset`]).
 
+mod apic_access;
 mod entries;
 mod fault;
 mod gpte;
@@ -40,6 +41,7 @@ mod store;
 mod sync;
 mod write_track;
 
+pub use apic_access::ApicAccess;
 pub use id::{LinkId, RmapId, SpId};
 pub use role::{Role, MODE_BITS32, MODE_LONG4, MODE_NONE, MODE_PAE};
 pub use state::{PoolStats, State};

@@ -117,7 +117,10 @@ impl<T: Tables> Pool<'_, T> {
         if fresh && !self.gpte_unchanged(guest, sp, index_of(gva, 1), w.path.pte[0]) {
             return Ok(Fix::Retry);
         }
-        let Some((hpa, ro)) = guest.host_pa(w.gpa) else {
+        let Some((hpa, ro)) = guest
+            .host_pa(w.gpa)
+            .or_else(|| self.apic_access_frame(w.gpa))
+        else {
             if self.st.mmio_sptes && w.gpa < SPTE_MMIO {
                 let e = SPTE_P
                     | SPTE_MMIO

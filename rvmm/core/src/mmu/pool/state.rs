@@ -86,6 +86,10 @@ pub struct State {
     pub slots_generation: u64,
     /// Make MMIO entries ([`SPTE_MMIO`]): only where bit 51 is reserved.
     pub mmio_sptes: bool,
+    /// The guest frame of the xAPIC page and the host frame that stands for it (VMX's
+    /// APIC-access page): a fault there maps that frame, and the CPU virtualizes the
+    /// accesses. Set with [`Pool::set_apic_access`].
+    pub(super) apic_access: Option<ApicAccess>,
     /// Some shadow entry lost rights or went away since the flag was last taken: other
     /// CPUs running this VM's vCPUs must leave guest mode before the change is relied on.
     pub tlb_dirty: bool,
@@ -134,6 +138,7 @@ impl State {
             generation: 0,
             slots_generation: 0,
             mmio_sptes: false,
+            apic_access: None,
             emulate_writes: false,
             tlb_dirty: false,
             entry_writes: 0,

@@ -2035,3 +2035,58 @@ fn cost_probe_first_touch() {
         assert_eq!(m.access(gva + 4096 * i, rd()).0, Ok((DATA + i) << 12));
     }
 }
+
+/// The xAPIC page maps the APIC-access page while it is set, with the guest's rights;
+/// each change drops the entries of the old choice (MMIO ones included).
+#[test]
+fn apic_access_page_maps_while_set() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    let pt = TABLES + 2;
+    let apic_gfn = GPAGES + 3;
+    let frame = GPAGES + 100;
+    m.g.mem[(pt * 512 + 1) as usize] = (apic_gfn << 12) | P | RW | US | A | D;
+    let dev = gva + 0x1000;
+    // Device memory first: the fault reports MMIO, then the MMIO entry answers.
+    assert_eq!(
+        m.access(dev + 0x20, rd()),
+        (Ok((apic_gfn << 12) + 0x20), false)
+    );
+    assert_eq!(
+        m.access(dev + 0x30, rd()),
+        (Ok((apic_gfn << 12) + 0x30), true)
+    );
+    let a = ApicAccess {
+        gfn: apic_gfn,
+        hpa: HOST_OFF + (frame << 12),
+    };
+    let resets = m.s.st.stats.resets;
+    assert!(m.s.pool().set_apic_access(Some(a)));
+    assert!(!m.s.pool().set_apic_access(Some(a)));
+    assert_eq!(m.s.st.stats.resets, resets + 1);
+    // One fault maps the frame; then the CPU reaches it without an exit, user writes
+    // included (the guest's entry allows them).
+    assert_eq!(
+        m.access(dev + 0x20, rd()),
+        (Ok((frame << 12) + 0x20), false)
+    );
+    assert_eq!(
+        m.access(dev + 0xb0, wr_user()),
+        (Ok((frame << 12) + 0xb0), true)
+    );
+    // The guest's rights hold: read-only for the user now.
+    m.write((pt << 12) + 8, (apic_gfn << 12) | P | US | A | D);
+    m.invlpg(dev);
+    assert_eq!(m.access(dev, rd()).0, Ok(frame << 12));
+    assert_eq!(m.access(dev, wr_user()), (Err(1 | 2 | 4), false));
+    // Other device frames stay MMIO.
+    m.g.mem[(pt * 512 + 2) as usize] = ((apic_gfn + 1) << 12) | P | RW | US | A | D;
+    assert_eq!(m.access(dev + 0x1000, rd()).0, Ok((apic_gfn + 1) << 12));
+    // Unset: the mapping is gone from the shadow, and the frame is device memory again.
+    assert!(m.s.pool().set_apic_access(None));
+    assert_eq!(
+        m.access(dev + 0x20, rd()),
+        (Ok((apic_gfn << 12) + 0x20), false)
+    );
+    assert_eq!(m.s.pool().apic_access(), None);
+}
