@@ -67,6 +67,10 @@ module! {
             default: true,
             description: "Virtualize xAPIC accesses with VMX's APIC virtualization where the CPU has it (reads without a VM exit); 0: every access exits to rvmm's APIC model",
         },
+        vid: bool {
+            default: false,
+            description: "With apicv, also VMX's virtual-interrupt delivery where the CPU has it (interrupts and EOIs without VM exits); off by default: a Linux guest can hang with it under Bochs 2.7",
+        },
         shadow_roots: u32 {
             default: 64,
             description: "Roots (address spaces) the CR3 cache keeps per VM (1-64)",

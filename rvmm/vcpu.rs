@@ -172,6 +172,19 @@ pub(crate) struct VcpuInner {
     /// virtualization): the virtual-APIC page shows the APIC's registers to reads
     /// (`lapic::vapic_sync`), and writes exit as APIC writes.
     apicv: bool,
+    /// The ICR's high half as rvmm last wrote it to the virtual-APIC page: a different
+    /// value there is the guest's (`lapic::vapic_pull`).
+    vapic_icr2: u32,
+    /// The ICR's low half likewise (a different value: a self-IPI the CPU virtualized).
+    vapic_icr_lo: u32,
+    /// The VMCS has virtual-interrupt delivery (with `apicv`, where the CPU has it):
+    /// the CPU delivers the APIC's vectors and virtualizes EOIs; `vid_status` is the
+    /// guest interrupt status as last written or read (see `lapic::vid_pull`).
+    vid: bool,
+    vid_status: u16,
+    /// The CPU delivered a virtual interrupt in the last run (see
+    /// `lapic::vid_vectoring`).
+    vid_delivered: bool,
     /// CR4 bits the guest may set: those of the features its CPUID shows.
     cr4_allowed: u64,
     /// The guest's CPUID configuration (what does not change while it runs).
@@ -377,6 +390,11 @@ impl Vcpu {
             vapic: None,
             vapic_tpr: 0,
             apicv: false,
+            vapic_icr2: 0,
+            vapic_icr_lo: 0,
+            vid: false,
+            vid_status: 0,
+            vid_delivered: false,
             cr4_allowed: 0,
             cpuid_cfg: rvmm_core::cpuid::Config::default(),
             cpuid_basic: [[0; 4]; CPUID_CACHED_BASIC],

@@ -60,6 +60,9 @@ impl VcpuInner {
         // The guest's MOV CR8 writes went to the virtual-APIC page: the APIC's TPR first.
         if self.vapic_tpr != 0 {
             self.tpr_from_vapic();
+            if self.vid {
+                self.vid_pull(vmcs);
+            }
         }
         if let Some(n) = self.stats.exits.get(usize::from(basic)) {
             n.inc();
@@ -83,7 +86,10 @@ impl VcpuInner {
         // Not in rvmm's vm86, where nothing is delivered through the IDT: what a CPU
         // may report there is the guest's INT n refused for IOPL (the #GP that exited),
         // which the emulator carries out through the IVT.
-        let idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
+        let mut idt = vmcs.read(ro::IDT_VECTORING_INFO) as u32;
+        if self.vid {
+            idt = self.vid_vectoring(vmcs, idt);
+        }
         // Nor for a task switch through a task gate, which delivers that event itself.
         if !self.real.vm86 && basic != ExitReason::TaskSwitch as u16 {
             Self::requeue_event(vmcs, idt);

@@ -8,7 +8,7 @@
 
 use core::ptr;
 
-use rvmm_core::apic::{reg, Effect, Trigger};
+use rvmm_core::apic::{reg, Effect, Trigger, VecReg};
 use rvmm_core::exit::intr;
 use x86::vmx::vmcs::{control, guest};
 
@@ -68,7 +68,15 @@ impl VcpuInner {
     /// interrupt-window exit; cut the preemption timer to the APIC timer's deadline.
     pub(super) fn apic_inject(&mut self, vmcs: &CurrentVmcs) {
         self.apic_collect();
-        let Some(pending) = self.apic.as_ref().map(|a| a.pending()) else {
+        // With virtual-interrupt delivery the CPU takes the APIC's vectors itself
+        // (`vid_push`), but not in real mode: vm86 would deliver them through the IDT,
+        // not the IVT.
+        let cpu_delivers = self.vid && !self.real.active && !self.real.emulating;
+        let Some(pending) = self
+            .apic
+            .as_ref()
+            .map(|a| a.pending().filter(|_| !cpu_delivers))
+        else {
             return;
         };
         let slot_free =
@@ -118,6 +126,98 @@ impl VcpuInner {
         self.program_preemption_timer(vmcs);
         self.tpr_to_vapic(vmcs);
         self.vapic_sync();
+        self.vid_push(vmcs, cpu_delivers);
+    }
+
+    /// With virtual-interrupt delivery, before an entry (after `vapic_sync`): the
+    /// guest interrupt status names the highest in-service vector (SVI) and, where the
+    /// CPU delivers, the highest requested one (RVI). The CPU then delivers it when
+    /// the guest can take it and ends it at the guest's EOI, without exits.
+    fn vid_push(&mut self, vmcs: &CurrentVmcs, cpu_delivers: bool) {
+        if !self.vid {
+            return;
+        }
+        let Some(a) = self.apic.as_ref() else {
+            return;
+        };
+        let status = a.interrupt_status(cpu_delivers);
+        if status != self.vid_status {
+            vmcs.write(guest::INTERRUPT_STATUS, status.into());
+            self.vid_status = status;
+        }
+    }
+
+    /// The event an exit interrupted (IDT-vectoring information `idt`), with
+    /// virtual-interrupt delivery: when the CPU delivered a virtual interrupt in this
+    /// run, the vector is still in service and the guest still has interrupts on (a
+    /// delivery not yet done; an interrupt gate clears IF, and its handler has not
+    /// ended the vector), the interrupted event is that external interrupt (SDM Vol.
+    /// 3C, 30.2.2; rvmm delivers it again by injection). Real processors say so in the
+    /// field; Bochs 2.7 leaves the field as an earlier event set it (an NMI, an
+    /// exception with its error code), which would lose the interrupt, inject a bogus
+    /// exception, or fail the entry.
+    pub(super) fn vid_vectoring(&self, vmcs: &CurrentVmcs, idt: u32) -> u32 {
+        let svi = (self.vid_status >> 8) as u8;
+        if idt & intr::VALID == 0 || !self.vid_delivered || svi == 0 {
+            return idt;
+        }
+        if vmcs.read(guest::RFLAGS) & (1 << 9) == 0 {
+            return idt;
+        }
+        intr::VALID | intr::TYPE_EXT_INTR | u32::from(svi)
+    }
+
+    /// With virtual-interrupt delivery, after an exit (before anything reads the APIC):
+    /// what the CPU delivered and ended since the entry, from the virtual-APIC page.
+    /// Every delivery and EOI changes the guest interrupt status (a delivered vector
+    /// leaves RVI; an EOI moves SVI), so with the status unchanged only the IRR is read.
+    pub(super) fn vid_pull(&mut self, vmcs: &CurrentVmcs) {
+        let status = vmcs.read(guest::INTERRUPT_STATUS) as u16;
+        self.vid_delivered = false;
+        // A self-IPI the CPU took itself (an ICR write with the self shorthand, SDM
+        // 30.1.5) leaves the ICR's low half in the page and adds to the IRR, without
+        // moving RVI when a higher vector waits: the IRR is read at every exit.
+        // SAFETY: as in `vapic_pull`.
+        let icr = unsafe { core::ptr::read_volatile(self.vapic_reg(reg::ICR)) };
+        if icr != self.vapic_icr_lo {
+            self.vapic_icr_lo = icr;
+            if let Some(a) = self.apic.as_mut() {
+                a.record_icr_low(icr);
+            }
+        }
+        let mut irr = [0u32; 8];
+        for (i, w) in irr.iter_mut().enumerate() {
+            // SAFETY: as in `vapic_pull`.
+            *w = unsafe { core::ptr::read_volatile(self.vapic_reg(reg::IRR + 0x10 * i as u32)) };
+        }
+        let irr = VecReg::from_words(irr);
+        let base = self.vapic_tpr - 0x80;
+        let Some(a) = self.apic.as_mut() else {
+            return;
+        };
+        if status == self.vid_status {
+            // No delivery and no EOI: the IRR can only have grown.
+            if irr != a.irr {
+                let isr = a.isr;
+                a.load_vectors(irr, isr);
+            }
+            return;
+        }
+        self.vid_status = status;
+        let mut isr = [0u32; 8];
+        for (i, w) in isr.iter_mut().enumerate() {
+            // SAFETY: as in `vapic_pull`.
+            *w = unsafe {
+                core::ptr::read_volatile(
+                    (base + (reg::ISR + 0x10 * i as u32) as usize) as *const u32,
+                )
+            };
+        }
+        // Only a delivery clears a bit of the virtual IRR.
+        let delivered: u32 = (0..4).map(|i| (a.irr.0[i] & !irr.0[i]).count_ones()).sum();
+        self.stats.apic_injections.add(delivered.into());
+        self.vid_delivered = delivered != 0;
+        a.load_vectors(irr, VecReg::from_words(isr));
     }
 
     /// A 32-bit register of the virtual-APIC page (with APIC virtualization).
@@ -136,8 +236,14 @@ impl VcpuInner {
         // SAFETY: our virtual-APIC page; the CPU writes it only while this vCPU is in
         // guest mode, which it is not.
         let hi = unsafe { core::ptr::read_volatile(self.vapic_reg(reg::ICR2)) };
+        // Only a value rvmm did not put there is the guest's (the APIC's own may be
+        // newer: a write through the emulator that the page does not show yet).
+        if hi == self.vapic_icr2 {
+            return;
+        }
+        self.vapic_icr2 = hi;
         if let Some(a) = self.apic.as_mut() {
-            if !a.x2apic() && u64::from(hi) != a.mmio_read(reg::ICR2, 4, 0) {
+            if !a.x2apic() {
                 a.mmio_write(reg::ICR2, 4, hi.into(), 0);
             }
         }
@@ -167,7 +273,13 @@ impl VcpuInner {
             return;
         }
         let base = self.vapic_tpr - 0x80;
+        let (icr_lo, icr2) = (&mut self.vapic_icr_lo, &mut self.vapic_icr2);
         a.page_words(|offset, v| {
+            match offset {
+                reg::ICR => *icr_lo = v,
+                reg::ICR2 => *icr2 = v,
+                _ => {}
+            }
             // SAFETY: as in `vapic_pull`; `offset` is below 0x400, inside the page.
             unsafe { core::ptr::write_volatile((base + offset as usize) as *mut u32, v) }
         });

@@ -22,6 +22,15 @@ impl Counter {
         );
     }
 
+    /// Adds `n` (the vCPU's thread only).
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Sets the value (the vCPU's thread only).
     pub(crate) fn set(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);

@@ -134,17 +134,46 @@ impl VcpuInner {
         } else {
             0
         };
+        // And virtual-interrupt delivery where the CPU has it: the APIC's vectors go in
+        // without injection or window exits, EOIs without exits (external-interrupt
+        // exiting, which it needs, is always on).
+        let vid_bit = if apicv_bits != 0 {
+            SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY.bits()
+        } else {
+            0
+        };
         let proc2 = if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
             AllowedControls(caps.procbased2)
                 .adjust(
                     apicv_bits,
-                    (SecondaryControls::ENABLE_INVPCID | SecondaryControls::ENABLE_RDTSCP).bits(),
+                    (SecondaryControls::ENABLE_INVPCID | SecondaryControls::ENABLE_RDTSCP).bits()
+                        | if crate::module_parameters::vid.value() {
+                            vid_bit
+                        } else {
+                            0
+                        },
                 )
                 .unwrap_or(0)
         } else {
             0
         };
         self.apicv = apicv_bits != 0 && proc2 & apicv_bits == apicv_bits;
+        if self
+            .irq
+            .as_ref()
+            .is_some_and(|i| i.apic_access_pa().is_some())
+            && !self.apicv
+        {
+            // The VM maps its xAPIC page to the APIC-access page, which this vCPU's CPU
+            // would not virtualize: it would read and write that page itself.
+            user_pr!(
+                pr_err,
+                "vcpu {}: this CPU cannot virtualize APIC accesses as the VM's first CPU did; load rvmm with apicv=0\n",
+                self.vcpu_id
+            );
+            return Err(EOPNOTSUPP);
+        }
+        self.vid = self.apicv && vid_bit != 0 && proc2 & vid_bit != 0;
         self.invpcid = proc2 & SecondaryControls::ENABLE_INVPCID.bits() != 0;
         // The host must have RDTSCP for its IA32_TSC_AUX to exist.
         self.rdtscp = proc2 & SecondaryControls::ENABLE_RDTSCP.bits() != 0
@@ -166,6 +195,20 @@ impl VcpuInner {
             }
             if let (true, Some(pa)) = (g.apicv, apic_access) {
                 vmcs.write(control::APIC_ACCESS_ADDR_FULL, pa);
+            }
+            if g.vid {
+                // No EOI exits: level-triggered EOIs have no listener yet (see
+                // `apic_effect`).
+                for f in [
+                    control::EOI_EXIT0_FULL,
+                    control::EOI_EXIT1_FULL,
+                    control::EOI_EXIT2_FULL,
+                    control::EOI_EXIT3_FULL,
+                ] {
+                    vmcs.write(f, 0);
+                }
+                vmcs.write(guest::INTERRUPT_STATUS, 0);
+                g.vid_status = 0;
             }
             if proc & PrimaryControls::SECONDARY_CONTROLS.bits() != 0 {
                 vmcs.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into());

@@ -277,6 +277,14 @@ impl VecReg {
             .find(|&i| self.0[i] != 0)
             .map(|i| (i * 64 + 63 - self.0[i].leading_zeros() as usize) as u8)
     }
+    /// The register from its eight 32-bit words, as the register file shows them.
+    pub fn from_words(w: [u32; 8]) -> Self {
+        let mut r = Self::default();
+        for (i, q) in r.0.iter_mut().enumerate() {
+            *q = u64::from(w[2 * i]) | u64::from(w[2 * i + 1]) << 32;
+        }
+        r
+    }
     /// The 32-bit word `i` (0..8) as the register file shows it (0 beyond).
     pub fn word(&self, i: usize) -> u32 {
         self.0
@@ -1004,6 +1012,35 @@ impl Apic {
     /// call (true once after every change; true at first).
     pub fn take_page_stale(&mut self) -> bool {
         core::mem::take(&mut self.page_stale)
+    }
+
+    /// The IRR and ISR as the CPU's virtual-interrupt delivery left them in the
+    /// virtual-APIC page (it delivers from the IRR into the ISR and ends the in-service
+    /// vector at an EOI without exits). The page shows them already: not stale.
+    pub fn load_vectors(&mut self, irr: VecReg, isr: VecReg) {
+        self.irr = irr;
+        self.isr = isr;
+    }
+
+    /// The ICR's low half as the guest wrote it without the APIC's involvement: a
+    /// self-IPI that virtual-interrupt delivery took itself (SDM Vol. 3C, 30.1.5; the
+    /// vector is in the IRR the page shows). Nothing is sent.
+    pub fn record_icr_low(&mut self, v: u32) {
+        self.icr = (self.icr & !0xffff_ffff) | u64::from(v & 0x000c_cfff);
+        self.page_stale = true;
+    }
+
+    /// The guest interrupt status for virtual-interrupt delivery (SDM Vol. 3C, 24.4.2):
+    /// SVI, the highest in-service vector, in bits 15:8, and with `request` RVI, the
+    /// highest requested one, in bits 7:0.
+    pub fn interrupt_status(&self, request: bool) -> u16 {
+        let svi = u16::from(self.isr.highest().unwrap_or(0));
+        let rvi = if request && self.hw_enabled() {
+            u16::from(self.irr.highest().unwrap_or(0))
+        } else {
+            0
+        };
+        svi << 8 | rvi
     }
 
     /// Makes the next [`Apic::take_page_stale`] true: the page was written behind the

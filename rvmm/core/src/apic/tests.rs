@@ -735,3 +735,31 @@ fn page_staleness_follows_every_change() {
         }
     }
 }
+
+#[test]
+fn vectors_from_the_page_and_interrupt_status() {
+    let mut a = enabled(0);
+    assert_eq!(a.interrupt_status(true), 0);
+    a.accept(0x31, Trigger::Edge);
+    a.accept(0x62, Trigger::Edge);
+    a.ack(0x62);
+    assert_eq!(a.interrupt_status(true), 0x6231);
+    assert_eq!(a.interrupt_status(false), 0x6200);
+    // The CPU delivered 0x31 and the guest ended 0x62: the page says so.
+    let mut irr = [0u32; 8];
+    let mut isr = [0u32; 8];
+    isr[1] = 1 << 17;
+    let _ = a.take_page_stale();
+    a.load_vectors(VecReg::from_words(irr), VecReg::from_words(isr));
+    assert!(!a.take_page_stale());
+    assert_eq!(a.interrupt_status(true), 0x3100);
+    assert_eq!(a.ppr(), 0x30);
+    assert_eq!(a.eoi(), Effect::None);
+    assert_eq!(a.interrupt_status(true), 0);
+    irr[7] = 1 << 31;
+    a.load_vectors(VecReg::from_words(irr), VecReg::default());
+    assert_eq!(a.irr.highest(), Some(0xff));
+    for (i, w) in irr.iter().enumerate() {
+        assert_eq!(a.irr.word(i), *w);
+    }
+}
