@@ -214,7 +214,7 @@ impl<T: Tables> Pool<'_, T> {
             }
             let leaf = if s.role.direct() {
                 let gpa = (s.gfn + j as u64) << 12;
-                match guest.host_pa(gpa) {
+                match guest.host_pa(gpa).or_else(|| self.apic_access_frame(gpa)) {
                     Some((hpa, ro)) => {
                         let mut l = spte::leaf(w, Access::default(), ctx, hpa);
                         if ro || self.protected(gpa >> 12) {

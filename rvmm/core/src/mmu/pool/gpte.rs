@@ -32,7 +32,7 @@ impl<T: Tables> Pool<'_, T> {
         } else {
             pte & phys & !0xfff
         };
-        let (hpa, ro) = guest.host_pa(gpa)?;
+        let (hpa, ro) = guest.host_pa(gpa).or_else(|| self.apic_access_frame(gpa))?;
         let writable = role.0 & Role::W != 0
             && pte & PTE_RW != 0
             && pte & PTE_D != 0

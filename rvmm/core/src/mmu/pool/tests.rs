@@ -2074,6 +2074,9 @@ fn apic_access_page_maps_while_set() {
         m.access(dev + 0xb0, wr_user()),
         (Ok((frame << 12) + 0xb0), true)
     );
+    // INVLPG refills the entry from the guest's (a resync likewise): no fault after.
+    m.invlpg(dev);
+    assert_eq!(m.access(dev + 0x30, rd()), (Ok((frame << 12) + 0x30), true));
     // The guest's rights hold: read-only for the user now.
     m.write((pt << 12) + 8, (apic_gfn << 12) | P | US | A | D);
     m.invlpg(dev);
