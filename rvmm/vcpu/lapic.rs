@@ -213,11 +213,18 @@ impl VcpuInner {
                 )
             };
         }
-        // Only a delivery clears a bit of the virtual IRR.
-        let delivered: u32 = (0..4).map(|i| (a.irr.0[i] & !irr.0[i]).count_ones()).sum();
-        self.stats.apic_injections.add(delivered.into());
-        self.vid_delivered = delivered != 0;
-        a.load_vectors(irr, VecReg::from_words(isr));
+        // A delivery clears a bit of the virtual IRR and sets it in the ISR: a vector
+        // the APIC had requested and no longer has (even if its handler already ended
+        // it, or an earlier one of the same vector was in service), or one in service
+        // now that was not (a self-IPI the CPU took and delivered in the same run).
+        let isr = VecReg::from_words(isr);
+        let left: u32 = (0..4).map(|i| (a.irr.0[i] & !irr.0[i]).count_ones()).sum();
+        let new: u32 = (0..4)
+            .map(|i| (isr.0[i] & !a.isr.0[i] & !a.irr.0[i]).count_ones())
+            .sum();
+        self.stats.apic_injections.add((left + new).into());
+        self.vid_delivered = left + new != 0;
+        a.load_vectors(irr, isr);
     }
 
     /// A 32-bit register of the virtual-APIC page (with APIC virtualization).
