@@ -148,23 +148,18 @@ impl VcpuInner {
     }
 
     /// The event an exit interrupted (IDT-vectoring information `idt`), with
-    /// virtual-interrupt delivery: when the CPU delivered a virtual interrupt in this
-    /// run, the vector is still in service and the guest still has interrupts on (a
-    /// delivery not yet done; an interrupt gate clears IF, and its handler has not
-    /// ended the vector), the interrupted event is that external interrupt (SDM Vol.
-    /// 3C, 30.2.2; rvmm delivers it again by injection). Real processors say so in the
-    /// field; Bochs 2.7 leaves the field as an earlier event set it (an NMI, an
-    /// exception with its error code), which would lose the interrupt, inject a bogus
-    /// exception, or fail the entry.
+    /// virtual-interrupt delivery (see `rvmm_core::apic::interrupted_event`).
     pub(super) fn vid_vectoring(&self, vmcs: &CurrentVmcs, idt: u32) -> u32 {
-        let svi = (self.vid_status >> 8) as u8;
-        if idt & intr::VALID == 0 || !self.vid_delivered || svi == 0 {
+        if idt & intr::VALID == 0 || !self.vid_delivered {
             return idt;
         }
-        if vmcs.read(guest::RFLAGS) & (1 << 9) == 0 {
-            return idt;
-        }
-        intr::VALID | intr::TYPE_EXT_INTR | u32::from(svi)
+        let interrupts_on = vmcs.read(guest::RFLAGS) & (1 << 9) != 0;
+        rvmm_core::apic::interrupted_event(
+            idt,
+            self.vid_delivered,
+            (self.vid_status >> 8) as u8,
+            interrupts_on,
+        )
     }
 
     /// With virtual-interrupt delivery, after an exit (before anything reads the APIC):
@@ -213,17 +208,10 @@ impl VcpuInner {
                 )
             };
         }
-        // A delivery clears a bit of the virtual IRR and sets it in the ISR: a vector
-        // the APIC had requested and no longer has (even if its handler already ended
-        // it, or an earlier one of the same vector was in service), or one in service
-        // now that was not (a self-IPI the CPU took and delivered in the same run).
         let isr = VecReg::from_words(isr);
-        let left: u32 = (0..4).map(|i| (a.irr.0[i] & !irr.0[i]).count_ones()).sum();
-        let new: u32 = (0..4)
-            .map(|i| (isr.0[i] & !a.isr.0[i] & !a.irr.0[i]).count_ones())
-            .sum();
-        self.stats.apic_injections.add((left + new).into());
-        self.vid_delivered = left + new != 0;
+        let delivered = a.cpu_deliveries(&irr, &isr);
+        self.stats.apic_injections.add(delivered.into());
+        self.vid_delivered = delivered != 0;
         a.load_vectors(irr, isr);
     }
 

@@ -1071,5 +1071,8 @@ impl Apic {
     }
 }
 
+mod vid;
+pub use vid::interrupted_event;
+
 #[cfg(test)]
 mod tests;
