@@ -180,39 +180,35 @@ impl VcpuInner {
                 a.record_icr_low(icr);
             }
         }
-        let mut irr = [0u32; 8];
-        for (i, w) in irr.iter_mut().enumerate() {
-            // SAFETY: as in `vapic_pull`.
-            *w = unsafe { core::ptr::read_volatile(self.vapic_reg(reg::IRR + 0x10 * i as u32)) };
-        }
-        let irr = VecReg::from_words(irr);
-        let base = self.vapic_tpr - 0x80;
-        let Some(a) = self.apic.as_mut() else {
-            return;
-        };
+        let irr = VecReg::from_words(self.vapic_vector_words(reg::IRR));
         if status == self.vid_status {
             // No delivery and no EOI: the IRR can only have grown.
-            if irr != a.irr {
+            if let Some(a) = self.apic.as_mut().filter(|a| a.irr != irr) {
                 let isr = a.isr;
                 a.load_vectors(irr, isr);
             }
             return;
         }
         self.vid_status = status;
-        let mut isr = [0u32; 8];
-        for (i, w) in isr.iter_mut().enumerate() {
-            // SAFETY: as in `vapic_pull`.
-            *w = unsafe {
-                core::ptr::read_volatile(
-                    (base + (reg::ISR + 0x10 * i as u32) as usize) as *const u32,
-                )
-            };
-        }
+        let isr = self.vapic_vector_words(reg::ISR);
+        let Some(a) = self.apic.as_mut() else {
+            return;
+        };
         let isr = VecReg::from_words(isr);
         let delivered = a.cpu_deliveries(&irr, &isr);
         self.stats.apic_injections.add(delivered.into());
         self.vid_delivered = delivered != 0;
         a.load_vectors(irr, isr);
+    }
+
+    /// The eight 32-bit words of a 256-bit register (IRR, ISR) in the virtual-APIC page.
+    fn vapic_vector_words(&self, first: u32) -> [u32; 8] {
+        let mut w = [0u32; 8];
+        for (i, v) in w.iter_mut().enumerate() {
+            // SAFETY: as in `vapic_pull`.
+            *v = unsafe { core::ptr::read_volatile(self.vapic_reg(first + 0x10 * i as u32)) };
+        }
+        w
     }
 
     /// A 32-bit register of the virtual-APIC page (with APIC virtualization).
