@@ -69,7 +69,7 @@ module! {
         },
         vid: bool {
             default: false,
-            description: "With apicv, also VMX's virtual-interrupt delivery where the CPU has it (interrupts and EOIs without VM exits); off by default: a Linux guest can hang with it under Bochs 2.7",
+            description: "With apicv, also VMX's virtual-interrupt delivery where the CPU has it (interrupts and EOIs without VM exits); off by default: Bochs 2.7, the only VT-x machine rvmm is tested on, delivers a virtual interrupt while the guest has IF=0 when a host interrupt arrives, which deadlocks Linux guests",
         },
         shadow_roots: u32 {
             default: 64,
@@ -159,32 +159,10 @@ fn print_stats(vm: &Arc<vm::Vm>, f: &mut core::fmt::Formatter<'_>) -> core::fmt:
         let name = rvmm_core::exit::ExitReason::from_basic(reason as u16).map_or("?", |r| r.name());
         writeln!(f, "exit {reason} ({name}): {n}")?;
     }
-    writeln!(f, "shadow_faults: {}", s.shadow_faults)?;
-    writeln!(f, "guest_page_faults: {}", s.guest_page_faults)?;
-    writeln!(f, "shadow_resets: {}", s.shadow_resets)?;
-    writeln!(f, "mmio_exits: {}", s.mmio_exits)?;
-    writeln!(f, "pt_writes: {}", s.pt_writes)?;
-    writeln!(f, "unsyncs: {}", s.unsyncs)?;
-    writeln!(f, "resyncs: {}", s.resyncs)?;
-    writeln!(f, "flood_unshadows: {}", s.flood_unshadows)?;
-    writeln!(f, "prefetched: {}", s.prefetched)?;
-    writeln!(f, "pool_pages_in_use: {}", s.pool_pages_in_use)?;
-    writeln!(f, "pool_pages_peak: {}", s.pool_pages_peak)?;
-    writeln!(f, "pool_reclaimed: {}", s.pool_reclaimed)?;
-    writeln!(f, "root_hits: {}", s.root_hits)?;
-    writeln!(f, "root_misses: {}", s.root_misses)?;
-    writeln!(f, "zaps: {}", s.zaps)?;
-    writeln!(f, "pool_resets: {}", s.pool_resets)?;
-    writeln!(f, "mmio_fast: {}", s.mmio_fast)?;
-    writeln!(f, "pt_emulated: {}", s.pt_emulated)?;
-    writeln!(f, "apic_injections: {}", s.apic_injections)?;
-    writeln!(f, "apic_timer_irqs: {}", s.apic_timer_irqs)?;
-    writeln!(f, "apic_messages: {}", s.apic_messages)?;
-    writeln!(f, "apic_accesses: {}", s.apic_accesses)?;
-    writeln!(f, "longest_section_ns: {}", s.longest_section_ns)?;
-    writeln!(f, "real_mode_emulated: {}", s.real_mode_emulated)?;
-    writeln!(f, "halt_sleeps: {}", s.halt_sleeps)?;
-    writeln!(f, "user_exits: {}", s.user_exits)
+    for c in s.counters() {
+        writeln!(f, "{}: {}", c.name, c.value)?;
+    }
+    Ok(())
 }
 
 /// The ioctls of the ABI, by number: a known number with another size or direction is

@@ -220,6 +220,13 @@ pub(crate) struct GuestModes {
     /// switches to a root it holds a reference on without the lock when the
     /// generation is the same and nothing needs a resync.
     pub(crate) unsync: AtomicUsize,
+    /// Remote flushes that had vCPUs in guest mode to make leave it, the IPIs they
+    /// sent, and the TSC ticks they waited for those vCPUs.
+    pub(crate) remote_flushes: AtomicU64,
+    pub(crate) flush_ipis: AtomicU64,
+    pub(crate) flush_wait_ticks: AtomicU64,
+    /// IPIs that made a vCPU leave guest mode for an interrupt posted to it.
+    pub(crate) irq_kicks: AtomicU64,
 }
 
 impl GuestModes {
@@ -235,6 +242,10 @@ impl GuestModes {
                 generation: AtomicU64::new(0),
                 slots_generation: AtomicU64::new(0),
                 unsync: AtomicUsize::new(0),
+                remote_flushes: AtomicU64::new(0),
+                flush_ipis: AtomicU64::new(0),
+                flush_wait_ticks: AtomicU64::new(0),
+                irq_kicks: AtomicU64::new(0),
             },
             crate::vm_gfp(),
         )?)
@@ -283,6 +294,7 @@ impl GuestModes {
         // enters with a flushed TLB.
         fence(Ordering::SeqCst);
         let mut seen = [(-1i32, 0u64); MAX_VCPUS];
+        let mut ipis = 0;
         for (j, s) in seen.iter_mut().enumerate() {
             if created & (1 << j) == 0 {
                 continue;
@@ -299,8 +311,14 @@ impl GuestModes {
                 // SAFETY: `cpu` is an online CPU (a vCPU runs there with interrupts off,
                 // so it cannot go offline under it); a reschedule IPI has no other effect.
                 unsafe { rvmm_kick_cpu(cpu) };
+                ipis += 1;
             }
         }
+        if ipis == 0 {
+            return;
+        }
+        // SAFETY: RDTSC has no side effects.
+        let start = unsafe { core::arch::x86_64::_rdtsc() };
         for (j, &(cpu, n)) in seen.iter().enumerate() {
             if cpu < 0 {
                 continue;
@@ -311,6 +329,11 @@ impl GuestModes {
                 core::hint::spin_loop();
             }
         }
+        // SAFETY: as above.
+        let waited = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start);
+        self.remote_flushes.fetch_add(1, Ordering::Relaxed);
+        self.flush_ipis.fetch_add(ipis, Ordering::Relaxed);
+        self.flush_wait_ticks.fetch_add(waited, Ordering::Relaxed);
     }
 }
 
@@ -529,6 +552,7 @@ impl Shadow {
             // cannot go offline under it; if the section ended meanwhile, the IPI only
             // makes that CPU check for rescheduling.
             unsafe { rvmm_kick_cpu(cpu) };
+            self.modes.irq_kicks.fetch_add(1, Ordering::Relaxed);
         }
     }
 

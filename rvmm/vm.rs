@@ -208,6 +208,28 @@ impl Vm {
         out.pool_resets = p.resets;
         out.mmio_fast = p.mmio_fast;
         out.pt_emulated = p.pt_emulated;
+        use rvmm_core::mmu::pool::SyncCause;
+        out.sync_cr3 = p.syncs[SyncCause::Cr3 as usize];
+        out.sync_invlpg = p.syncs[SyncCause::Invlpg as usize];
+        out.sync_link = p.syncs[SyncCause::Link as usize];
+        out.sync_flush_all = p.syncs[SyncCause::FlushAll as usize];
+        out.sync_scanned = p.sync_scanned;
+        out.resync_entries = p.resync_entries;
+        out.resync_changed = p.resync_changed;
+        out.faults_direct = p.faults_direct;
+        let m = &self.shadow.modes;
+        let load =
+            |a: &core::sync::atomic::AtomicU64| a.load(core::sync::atomic::Ordering::Relaxed);
+        out.remote_flushes = load(&m.remote_flushes);
+        out.flush_ipis = load(&m.flush_ipis);
+        // SAFETY: reads a kernel variable.
+        let khz = u64::from(unsafe { crate::ffi::rvmm_tsc_khz() }).max(1);
+        let t = load(&m.flush_wait_ticks);
+        // Ticks to ns in two parts (no 128-bit division in the kernel).
+        out.flush_wait_ns = (t / khz)
+            .saturating_mul(1_000_000)
+            .saturating_add((t % khz) * 1_000_000 / khz);
+        out.irq_kicks = load(&m.irq_kicks);
         if let Some(chip) = self.irqchip.lock().as_ref() {
             out.apic_messages = chip.messages.load(core::sync::atomic::Ordering::Relaxed);
         }

@@ -1333,11 +1333,16 @@ pub fn unsync_storm_bounded_section(_: &Ctx) -> Outcome {
     })?;
     let s = m.vm.stats().map_err(err)?;
     ktap::diag(&format!(
-        "unsync storm: unsyncs {}, resyncs {}, prefetched {}, longest interrupts-off section {} us",
+        "unsync storm: unsyncs {}, resyncs {}, prefetched {}, longest interrupts-off section {} us; \
+         CR3 syncs {}, shadows looked at {}, entries resynced {} ({} changed)",
         s.unsyncs,
         s.resyncs,
         s.prefetched,
-        s.longest_section_ns / 1000
+        s.longest_section_ns / 1000,
+        s.sync_cr3,
+        s.sync_scanned,
+        s.resync_entries,
+        s.resync_changed
     ));
     check(s.resyncs >= TABLES, || {
         format!(
@@ -1345,6 +1350,30 @@ pub fn unsync_storm_bounded_section(_: &Ctx) -> Outcome {
             s.resyncs
         )
     })?;
+    // The sync counters: two rounds of CR3 loads, each sync (in steps) looking at the
+    // tables out of sync; every resynced table had present entries (the reads faulted
+    // them in), and the guest wrote back what it read: few of them change.
+    check(
+        s.sync_cr3 >= 2
+            && s.sync_scanned >= 2 * TABLES
+            && s.resync_entries >= 64 * s.resyncs
+            && s.resync_changed * 2 < s.resync_entries
+            && s.sync_invlpg == 0,
+        || {
+            format!(
+                "sync counters: CR3 syncs {} (want >= 2), shadows looked at {} (want >= {}), \
+                 entries resynced {} (want >= 64 per resync, {}), changed {} (want under half), \
+                 INVLPG syncs {} (want 0)",
+                s.sync_cr3,
+                s.sync_scanned,
+                2 * TABLES,
+                s.resync_entries,
+                s.resyncs,
+                s.resync_changed,
+                s.sync_invlpg
+            )
+        },
+    )?;
     check(s.longest_section_ns < 1_000_000, || {
         format!(
             "longest interrupts-off section {} ns (must be below 1 ms)",

@@ -216,6 +216,28 @@ fn check_workload(r: &Run, cpus: usize, on: &str) -> Result<Vec<String>, String>
     check(!m.iter().any(|l| l.contains("FAIL")), || {
         format!("{on}: a workload failed: {m:?}")
     })?;
+    if on == "rvmm" && cpus >= 2 {
+        // The workload unmaps and write-protects memory that the other vCPU may cache:
+        // remote flushes, each at least one IPI.
+        let n = |l: &str, key: &str| -> Option<u64> {
+            l.split(key)
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("rvmm-run: remote flushes "))
+            .ok_or_else(|| format!("{on}: no 'remote flushes' line from rvmm-run --stats"))?;
+        let (flushes, ipis) = (n(line, "remote flushes "), n(line, " ("));
+        check(
+            matches!((flushes, ipis), (Some(f), Some(i)) if f > 0 && i >= f),
+            || format!("{on}: want remote flushes, each with an IPI: {line}"),
+        )?;
+    }
     Ok(m)
 }
 

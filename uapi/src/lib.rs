@@ -498,6 +498,97 @@ abi_struct! {
         /// Instructions the emulator ran for a guest VMX cannot enter: real mode
         /// outside virtual-8086 mode, and the switches between real and protected mode.
         pub real_mode_emulated: u64 => "__u64 real_mode_emulated",
+        /// Pool: syncs of out-of-sync shadows asked for by a flushing CR3 load.
+        pub sync_cr3: u64 => "__u64 sync_cr3",
+        /// Pool: syncs asked for by INVLPG (upper levels under the current root).
+        pub sync_invlpg: u64 => "__u64 sync_invlpg",
+        /// Pool: syncs of an existing shadow linked into a tree.
+        pub sync_link: u64 => "__u64 sync_link",
+        /// Pool: syncs of every context (INVPCID all contexts, TLB resets).
+        pub sync_flush_all: u64 => "__u64 sync_flush_all",
+        /// Pool: out-of-sync shadows those syncs looked at (under the root or not).
+        pub sync_scanned: u64 => "__u64 sync_scanned",
+        /// Pool: present entries resyncs recomputed.
+        pub resync_entries: u64 => "__u64 resync_entries",
+        /// Pool: of those, the ones that changed.
+        pub resync_changed: u64 => "__u64 resync_changed",
+        /// Pool: faults fixed in direct shadows (guest large pages, paging off).
+        pub faults_direct: u64 => "__u64 faults_direct",
+        /// Remote flushes that made other vCPUs leave guest mode.
+        pub remote_flushes: u64 => "__u64 remote_flushes",
+        /// IPIs those flushes sent.
+        pub flush_ipis: u64 => "__u64 flush_ipis",
+        /// Time those flushes waited for the other vCPUs, in nanoseconds.
+        pub flush_wait_ns: u64 => "__u64 flush_wait_ns",
+        /// IPIs that made a vCPU leave guest mode for an interrupt posted to it.
+        pub irq_kicks: u64 => "__u64 irq_kicks",
+    }
+}
+
+/// A counter of [`VmStats`] by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// The field's name.
+    pub name: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// False for a level (pages in use now), which can go down.
+    pub monotonic: bool,
+}
+
+impl VmStats {
+    /// Every field but the exits by reason, by name: the one list debugfs, rvmm-run
+    /// and the benchmarks show.
+    pub fn counters(&self) -> [Counter; 38] {
+        let c = |name, value| Counter {
+            name,
+            value,
+            monotonic: true,
+        };
+        [
+            c("shadow_faults", self.shadow_faults),
+            c("guest_page_faults", self.guest_page_faults),
+            c("shadow_resets", self.shadow_resets),
+            c("user_exits", self.user_exits),
+            c("mmio_exits", self.mmio_exits),
+            c("pt_writes", self.pt_writes),
+            c("unsyncs", self.unsyncs),
+            c("resyncs", self.resyncs),
+            c("flood_unshadows", self.flood_unshadows),
+            c("prefetched", self.prefetched),
+            Counter {
+                name: "pool_pages_in_use",
+                value: self.pool_pages_in_use,
+                monotonic: false,
+            },
+            c("pool_pages_peak", self.pool_pages_peak),
+            c("pool_reclaimed", self.pool_reclaimed),
+            c("root_hits", self.root_hits),
+            c("root_misses", self.root_misses),
+            c("zaps", self.zaps),
+            c("pool_resets", self.pool_resets),
+            c("mmio_fast", self.mmio_fast),
+            c("pt_emulated", self.pt_emulated),
+            c("apic_injections", self.apic_injections),
+            c("apic_timer_irqs", self.apic_timer_irqs),
+            c("apic_messages", self.apic_messages),
+            c("halt_sleeps", self.halt_sleeps),
+            c("apic_accesses", self.apic_accesses),
+            c("longest_section_ns", self.longest_section_ns),
+            c("real_mode_emulated", self.real_mode_emulated),
+            c("sync_cr3", self.sync_cr3),
+            c("sync_invlpg", self.sync_invlpg),
+            c("sync_link", self.sync_link),
+            c("sync_flush_all", self.sync_flush_all),
+            c("sync_scanned", self.sync_scanned),
+            c("resync_entries", self.resync_entries),
+            c("resync_changed", self.resync_changed),
+            c("faults_direct", self.faults_direct),
+            c("remote_flushes", self.remote_flushes),
+            c("flush_ipis", self.flush_ipis),
+            c("flush_wait_ns", self.flush_wait_ns),
+            c("irq_kicks", self.irq_kicks),
+        ]
     }
 }
 

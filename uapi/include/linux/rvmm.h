@@ -236,6 +236,18 @@ struct rvmm_vm_stats {
 	__u64 apic_accesses;
 	__u64 longest_section_ns;
 	__u64 real_mode_emulated;
+	__u64 sync_cr3;
+	__u64 sync_invlpg;
+	__u64 sync_link;
+	__u64 sync_flush_all;
+	__u64 sync_scanned;
+	__u64 resync_entries;
+	__u64 resync_changed;
+	__u64 faults_direct;
+	__u64 remote_flushes;
+	__u64 flush_ipis;
+	__u64 flush_wait_ns;
+	__u64 irq_kicks;
 };
 
 struct rvmm_shadow_limits {

@@ -390,6 +390,17 @@ fn shown(counter: &str) -> bool {
         || matches!(
             counter,
             "shadow_faults"
+                | "faults_direct"
+                | "sync_cr3"
+                | "sync_invlpg"
+                | "sync_link"
+                | "sync_flush_all"
+                | "sync_scanned"
+                | "resync_entries"
+                | "resync_changed"
+                | "remote_flushes"
+                | "flush_ipis"
+                | "irq_kicks"
                 | "pt_writes"
                 | "pt_emulated"
                 | "unsyncs"
@@ -595,6 +606,19 @@ const LINUX_METRICS: &[&str] = &[
     "tlb_flush",
     "apic_injections",
     "irq_injections",
+    "faults_direct",
+    "sync_cr3",
+    "sync_invlpg",
+    "sync_link",
+    "sync_flush_all",
+    "sync_scanned",
+    "resync_entries",
+    "resync_changed",
+    "remote_flushes",
+    "flush_ipis",
+    "flush_wait_ns",
+    "irq_kicks",
+    "longest_section_ns",
 ];
 
 #[cfg(test)]

@@ -961,6 +961,27 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         s.mmio_exits,
         s.mmio_fast
     );
+    eprintln!(
+        "rvmm-run: syncs: CR3 {}, INVLPG {}, link {}, flush-all {}; out-of-sync shadows \
+         looked at {}; entries resynced {} ({} changed); faults in direct shadows {}",
+        s.sync_cr3,
+        s.sync_invlpg,
+        s.sync_link,
+        s.sync_flush_all,
+        s.sync_scanned,
+        s.resync_entries,
+        s.resync_changed,
+        s.faults_direct
+    );
+    if s.remote_flushes + s.irq_kicks != 0 {
+        eprintln!(
+            "rvmm-run: remote flushes {} ({} IPIs, {} us waited); interrupt kicks {}",
+            s.remote_flushes,
+            s.flush_ipis,
+            s.flush_wait_ns / 1000,
+            s.irq_kicks
+        );
+    }
     if s.apic_accesses + s.apic_messages + s.apic_injections + s.halt_sleeps != 0 {
         eprintln!(
             "rvmm-run: apic: interrupts injected {}, timer interrupts {}, IPIs/MSIs delivered {}, \

@@ -214,30 +214,12 @@ impl Backend for RvmmBackend {
             })
             .collect();
         v.push(("exits".into(), s.exits.iter().sum()));
-        v.push(("user_exits".into(), s.user_exits));
-        v.push(("shadow_faults".into(), s.shadow_faults));
-        v.push(("guest_page_faults".into(), s.guest_page_faults));
-        v.push(("shadow_resets".into(), s.shadow_resets));
-        v.push(("mmio_exits".into(), s.mmio_exits));
-        v.push(("pt_writes".into(), s.pt_writes));
-        v.push(("unsyncs".into(), s.unsyncs));
-        v.push(("resyncs".into(), s.resyncs));
-        v.push(("flood_unshadows".into(), s.flood_unshadows));
-        v.push(("prefetched".into(), s.prefetched));
-        v.push(("pool_reclaimed".into(), s.pool_reclaimed));
-        v.push(("root_hits".into(), s.root_hits));
-        v.push(("root_misses".into(), s.root_misses));
-        v.push(("zaps".into(), s.zaps));
-        v.push(("pool_resets".into(), s.pool_resets));
-        v.push(("mmio_fast".into(), s.mmio_fast));
-        v.push(("pt_emulated".into(), s.pt_emulated));
-        v.push(("apic_injections".into(), s.apic_injections));
-        v.push(("apic_timer_irqs".into(), s.apic_timer_irqs));
-        v.push(("apic_messages".into(), s.apic_messages));
-        v.push(("apic_accesses".into(), s.apic_accesses));
-        v.push(("halt_sleeps".into(), s.halt_sleeps));
-        v.push(("pool_pages_peak".into(), s.pool_pages_peak));
-        v.push(("real_mode_emulated".into(), s.real_mode_emulated));
+        v.extend(
+            s.counters()
+                .iter()
+                .filter(|c| c.monotonic)
+                .map(|c| (c.name.to_string(), c.value)),
+        );
         Ok(v)
     }
     fn user_exit_counters(&self) -> &'static [&'static str] {

@@ -44,7 +44,7 @@ mod write_track;
 pub use apic_access::ApicAccess;
 pub use id::{LinkId, RmapId, SpId};
 pub use role::{Role, MODE_BITS32, MODE_LONG4, MODE_NONE, MODE_PAE};
-pub use state::{PoolStats, State};
+pub use state::{PoolStats, State, SyncCause};
 
 use id::EntryAt;
 use role::{large, sindex, top_level};

@@ -175,6 +175,9 @@ impl<T: Tables> Pool<'_, T> {
             });
         }
         self.st.stats.faults_fixed += 1;
+        if self.sps[sp.index()].role.direct() {
+            self.st.stats.faults_direct += 1;
+        }
         self.prefetch(guest, sp, index, w, ctx)?;
         Ok(Fix::Mapped)
     }

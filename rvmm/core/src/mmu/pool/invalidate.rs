@@ -22,7 +22,7 @@ impl<T: Tables> Pool<'_, T> {
         // INVLPG acts on the current address space: the upper-level shadows its root
         // reaches (others, a root being filled for a new process included, wait for
         // their own flush).
-        if !self.sync_some(guest, ctx, true, Some(root), budget)? {
+        if !self.sync_some(guest, ctx, true, Some(root), budget, SyncCause::Invlpg)? {
             self.st.stats.sync_steps += 1;
             return Ok(false);
         }
@@ -73,7 +73,7 @@ impl<T: Tables> Pool<'_, T> {
         ctx: &PermCtx,
         budget: u32,
     ) -> Result<bool, Full> {
-        let done = self.sync_some(guest, ctx, false, None, budget)?;
+        let done = self.sync_some(guest, ctx, false, None, budget, SyncCause::FlushAll)?;
         if !done {
             self.st.stats.sync_steps += 1;
         }

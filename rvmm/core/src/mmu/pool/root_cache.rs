@@ -58,7 +58,7 @@ impl<T: Tables> Pool<'_, T> {
             // unshadows orphans). The previous root keeps its pin until the sync is
             // done: the vCPU runs on it if the sync takes more than one call.
             self.sps[r.index()].pins += 1;
-            let synced = self.sync_some(guest, ctx, false, Some(r), budget);
+            let synced = self.sync_some(guest, ctx, false, Some(r), budget, SyncCause::Cr3);
             self.sps[r.index()].pins -= 1;
             if !synced? {
                 self.st.stats.sync_steps += 1;

@@ -46,6 +46,36 @@ pub struct PoolStats {
     pub pt_emulated: u64,
     /// Sps visited by searches up the parent links (orphan and under-root checks).
     pub parent_visits: u64,
+    /// Syncs that found shadows out of sync, by what asked for them (indexed by
+    /// [`SyncCause`]).
+    pub syncs: [u64; SyncCause::COUNT],
+    /// Out-of-sync shadows those syncs looked at (synced, unshadowed, or passed over
+    /// as not under the root).
+    pub sync_scanned: u64,
+    /// Present entries resyncs recomputed.
+    pub resync_entries: u64,
+    /// Of those, the ones that changed.
+    pub resync_changed: u64,
+    /// Faults fixed in a direct shadow (a guest large page, or paging off).
+    pub faults_direct: u64,
+}
+
+/// What asked for a sync of out-of-sync shadows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncCause {
+    /// A flushing CR3 load (the new root).
+    Cr3 = 0,
+    /// INVLPG (upper levels under the current root).
+    Invlpg = 1,
+    /// An existing shadow linked into a tree.
+    Link = 2,
+    /// A flush of every context (INVPCID all contexts, a reset of the TLB).
+    FlushAll = 3,
+}
+
+impl SyncCause {
+    /// How many causes there are.
+    pub const COUNT: usize = 4;
 }
 
 /// The pool's scalar state.
@@ -161,6 +191,11 @@ impl State {
                 mmio_fast: 0,
                 pt_emulated: 0,
                 parent_visits: 0,
+                syncs: [0; SyncCause::COUNT],
+                sync_scanned: 0,
+                resync_entries: 0,
+                resync_changed: 0,
+                faults_direct: 0,
             },
         }
     }

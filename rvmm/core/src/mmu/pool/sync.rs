@@ -35,7 +35,10 @@ impl<T: Tables> Pool<'_, T> {
     /// changed are dropped.
     fn resync(&mut self, guest: &mut impl GuestPhys, i: SpId, ctx: &PermCtx) -> Result<(), Full> {
         for index in 0..512 {
-            self.resync_entry(guest, i, index, ctx)?;
+            if let Some(changed) = self.resync_entry(guest, i, index, ctx)? {
+                self.st.stats.resync_entries += 1;
+                self.st.stats.resync_changed += u64::from(changed);
+            }
         }
         self.st.stats.resyncs += 1;
         Ok(())
@@ -43,21 +46,22 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Entry `index` of sp `i` from the guest's entry: a leaf recomputed (or dropped), a
     /// link kept while the guest entry still leads to the same shadow (else dropped).
+    /// Returns, for a present entry that follows guest memory, whether it changed.
     pub(super) fn resync_entry(
         &mut self,
         guest: &mut impl GuestPhys,
         i: SpId,
         index: usize,
         ctx: &PermCtx,
-    ) -> Result<(), Full> {
+    ) -> Result<Option<bool>, Full> {
         let e = self.tables.table(i)[index];
         if e & SPTE_P == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let sp = self.sps[i.index()];
         let Some((gpa, size)) = Self::gentry(&sp, index) else {
             // Root quadrants and PDPTE copies do not follow guest memory.
-            return Ok(());
+            return Ok(None);
         };
         // Its own controls, not the caller's (a global flush or a table write reaches
         // shadows of every role).
@@ -73,7 +77,8 @@ impl<T: Tables> Pool<'_, T> {
                 _ => 0,
             }
         };
-        self.set_entry(i, index, new)
+        self.set_entry(i, index, new)?;
+        Ok(Some(new != e))
     }
 
     /// Resyncs the unsync shadows under `top` (`None`: every one), or only the upper-level
@@ -94,10 +99,12 @@ impl<T: Tables> Pool<'_, T> {
         upper_only: bool,
         top: Option<SpId>,
         budget: u32,
+        cause: SyncCause,
     ) -> Result<bool, Full> {
         if self.st.n_unsync == 0 {
             return Ok(true);
         }
+        self.st.stats.syncs[cause as usize] += 1;
         // Out of sync no more first, so that leaves computed below see every table
         // that must stay protected.
         let bounded = budget != u32::MAX;
@@ -113,6 +120,7 @@ impl<T: Tables> Pool<'_, T> {
                 break;
             }
             spent = spent.saturating_add(1);
+            self.st.stats.sync_scanned += 1;
             let i = self.unsync[k];
             if upper_only && self.sps[i.index()].role.level() == 1 {
                 k += 1;
@@ -229,7 +237,8 @@ impl<T: Tables> Pool<'_, T> {
                     // orphans), so that a sync in steps never exposes a half-synced
                     // tree.
                     self.sps[c.index()].pins += 1;
-                    let synced = self.sync_some(guest, ctx, false, Some(c), budget);
+                    let synced =
+                        self.sync_some(guest, ctx, false, Some(c), budget, SyncCause::Link);
                     self.sps[c.index()].pins -= 1;
                     if !synced? {
                         self.st.stats.sync_steps += 1;

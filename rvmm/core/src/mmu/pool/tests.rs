@@ -2093,3 +2093,78 @@ fn apic_access_page_maps_while_set() {
     );
     assert_eq!(m.s.pool().apic_access(), None);
 }
+
+/// The counters `make bench` reports for the sync path: which flush asked for a sync,
+/// how many out-of-sync shadows it looked at (under the root or not), how many present
+/// entries the resyncs recomputed and how many of those changed; and faults fixed in
+/// direct shadows (a guest large page).
+#[test]
+fn sync_and_fault_counters_say_who_asked_and_what_it_cost() {
+    let mut m = Machine::new(64, 16);
+    let flags = P | RW | US;
+    for k in 0..2 {
+        let gva = map_private(&mut m, k);
+        m.load_cr3((ROOTS + k) << 12);
+        assert_eq!(m.access(gva, rd()).0, Ok((DATA + k) << 12));
+    }
+    let (pt0, pt1) = (TABLES + 2, TABLES + 5);
+    // Address space 1 remaps its page; address space 0 adds a second one.
+    m.write(pt1 << 12, ((DATA + 5) << 12) | flags);
+    m.write((pt0 << 12) + 8, ((DATA + 6) << 12) | flags);
+    assert_eq!(m.s.pool().unsync_count(), 2);
+    let s0 = m.s.st.stats;
+    // Back to address space 0: both shadows are looked at, its own is resynced (one
+    // present entry, unchanged: entry 1 was never in the shadow).
+    m.load_cr3(ROOTS << 12);
+    let s1 = m.s.st.stats;
+    assert_eq!(
+        s1.syncs[SyncCause::Cr3 as usize],
+        s0.syncs[SyncCause::Cr3 as usize] + 1
+    );
+    assert_eq!(s1.sync_scanned - s0.sync_scanned, 2);
+    assert_eq!(s1.resyncs - s0.resyncs, 1);
+    assert_eq!(s1.resync_entries - s0.resync_entries, 1);
+    assert_eq!(s1.resync_changed, s0.resync_changed);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    // Address space 1: its shadow's one present entry changed.
+    m.load_cr3((ROOTS + 1) << 12);
+    let s2 = m.s.st.stats;
+    assert_eq!(
+        s2.syncs[SyncCause::Cr3 as usize],
+        s1.syncs[SyncCause::Cr3 as usize] + 1
+    );
+    assert_eq!(s2.sync_scanned - s1.sync_scanned, 1);
+    assert_eq!(s2.resync_entries - s1.resync_entries, 1);
+    assert_eq!(s2.resync_changed - s1.resync_changed, 1);
+    assert_eq!(m.access(1 << 39, rd()).0, Ok((DATA + 5) << 12));
+    // Nothing out of sync: a flush scans nothing and counts no sync.
+    m.load_cr3((ROOTS + 1) << 12);
+    m.invlpg(1 << 39);
+    m.flush_all();
+    let s3 = m.s.st.stats;
+    assert_eq!(s3.syncs, s2.syncs);
+    assert_eq!(s3.sync_scanned, s2.sync_scanned);
+    // INVLPG and a flush of every context, each with a table out of sync.
+    m.write(pt1 << 12, ((DATA + 7) << 12) | flags);
+    m.invlpg(1 << 39);
+    m.write((pt1 << 12) + 8, ((DATA + 8) << 12) | flags);
+    m.flush_all();
+    let s4 = m.s.st.stats;
+    assert_eq!(
+        s4.syncs[SyncCause::Invlpg as usize],
+        s3.syncs[SyncCause::Invlpg as usize] + 1
+    );
+    assert!(s4.syncs[SyncCause::FlushAll as usize] > s3.syncs[SyncCause::FlushAll as usize]);
+    // A 2-MiB guest page is shadowed by a direct shadow: its faults count as direct.
+    m.g.mem[((TABLES + 4) * 512 + 1) as usize] = PS | flags;
+    let direct = m.s.st.stats.faults_direct;
+    let fixed = m.s.st.stats.faults_fixed;
+    assert_eq!(
+        m.access((1 << 39) | (1 << 21) | (3 << 12), rd()).0,
+        Ok(3 << 12)
+    );
+    assert_eq!(m.s.st.stats.faults_direct, direct + 1);
+    assert_eq!(m.s.st.stats.faults_fixed, fixed + 1);
+    assert_eq!(m.access(1 << 39, wr_user()).0, Ok((DATA + 7) << 12));
+    assert_eq!(m.s.st.stats.faults_direct, direct + 1);
+}
