@@ -101,6 +101,8 @@ pub struct State {
     /// pool's lock): sps at or above it are not handed out.
     pub sp_cap: u32,
     pub(super) n_unsync: usize,
+    /// Of those, the upper-level ones (what INVLPG syncs).
+    pub(super) n_unsync_upper: usize,
     /// The root cache, the first `n_roots` of it.
     pub(super) roots: [Option<SpId>; MAX_ROOTS],
     pub(super) n_roots: usize,
@@ -154,6 +156,7 @@ impl State {
             rmap_hwm: 0,
             sp_cap: 0,
             n_unsync: 0,
+            n_unsync_upper: 0,
             roots: [None; MAX_ROOTS],
             n_roots: 0,
             clock: 0,

@@ -14,6 +14,9 @@ impl<T: Tables> Pool<'_, T> {
             sp.unsync = true;
             self.unsync[self.st.n_unsync] = i;
             self.st.n_unsync += 1;
+            if sp.role.level() > 1 {
+                self.st.n_unsync_upper += 1;
+            }
             self.st.stats.unsyncs += 1;
         }
     }
@@ -101,7 +104,9 @@ impl<T: Tables> Pool<'_, T> {
         budget: u32,
         cause: SyncCause,
     ) -> Result<bool, Full> {
-        if self.st.n_unsync == 0 {
+        // INVLPG's check is O(1) while every upper-level shadow is in sync (they are
+        // kept in sync by emulated writes, so nearly always).
+        if self.st.n_unsync == 0 || (upper_only && self.st.n_unsync_upper == 0) {
             return Ok(true);
         }
         self.st.stats.syncs[cause as usize] += 1;
@@ -151,6 +156,9 @@ impl<T: Tables> Pool<'_, T> {
             self.sps[i.index()].unsync = false;
             self.st.n_unsync -= 1;
             self.unsync[k] = self.unsync[self.st.n_unsync];
+            if self.sps[i.index()].role.level() > 1 {
+                self.st.n_unsync_upper -= 1;
+            }
             if orphan {
                 // An orphan (a dead process's table, whose tree dropped it): unshadowed
                 // rather than synced. No pinned sp (a vCPU's root, a cached root, a

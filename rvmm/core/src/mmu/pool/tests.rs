@@ -1357,6 +1357,15 @@ fn run_ops_grown(
     let mut last_path: Vec<u64> = Vec::new();
     let mut last_access = None;
     for op in ops {
+        // INVLPG's O(1) check counts the upper-level shadows out of sync.
+        let upper = m.s.unsync[..m.s.st.n_unsync]
+            .iter()
+            .filter(|i| m.s.sps[i.index()].role.level() > 1)
+            .count();
+        assert_eq!(
+            upper, m.s.st.n_unsync_upper,
+            "upper-level shadows out of sync"
+        );
         // Two steps per operation: what the operation does, then a store of another
         // vCPU that raced it (which may land after anything the operation did).
         seq += 2;
@@ -2144,17 +2153,34 @@ fn sync_and_fault_counters_say_who_asked_and_what_it_cost() {
     let s3 = m.s.st.stats;
     assert_eq!(s3.syncs, s2.syncs);
     assert_eq!(s3.sync_scanned, s2.sync_scanned);
-    // INVLPG and a flush of every context, each with a table out of sync.
+    // INVLPG syncs upper levels: with only a leaf table out of sync it looks at
+    // nothing.
     m.write(pt1 << 12, ((DATA + 7) << 12) | flags);
-    m.invlpg(1 << 39);
     m.write((pt1 << 12) + 8, ((DATA + 8) << 12) | flags);
-    m.flush_all();
+    m.invlpg(1 << 39);
     let s4 = m.s.st.stats;
+    assert_eq!(s4.syncs, s3.syncs);
+    assert_eq!(s4.sync_scanned, s3.sync_scanned);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    // An upper-level table out of sync (its writes not emulated here): INVLPG syncs it.
+    m.write(((TABLES + 4) << 12) + 16, 0);
+    assert_eq!(m.s.pool().unsync_count(), 2);
+    m.invlpg(1 << 39);
+    let s5 = m.s.st.stats;
     assert_eq!(
-        s4.syncs[SyncCause::Invlpg as usize],
-        s3.syncs[SyncCause::Invlpg as usize] + 1
+        s5.syncs[SyncCause::Invlpg as usize],
+        s4.syncs[SyncCause::Invlpg as usize] + 1
     );
-    assert!(s4.syncs[SyncCause::FlushAll as usize] > s3.syncs[SyncCause::FlushAll as usize]);
+    assert_eq!(s5.sync_scanned - s4.sync_scanned, 2);
+    assert_eq!(m.s.pool().unsync_count(), 1);
+    // A flush of every context syncs the leaf too.
+    m.flush_all();
+    let s6 = m.s.st.stats;
+    assert_eq!(
+        s6.syncs[SyncCause::FlushAll as usize],
+        s5.syncs[SyncCause::FlushAll as usize] + 1
+    );
+    assert_eq!(m.s.pool().unsync_count(), 0);
     // A 2-MiB guest page is shadowed by a direct shadow: its faults count as direct.
     m.g.mem[((TABLES + 4) * 512 + 1) as usize] = PS | flags;
     let direct = m.s.st.stats.faults_direct;
@@ -2167,4 +2193,28 @@ fn sync_and_fault_counters_say_who_asked_and_what_it_cost() {
     assert_eq!(m.s.st.stats.faults_fixed, fixed + 1);
     assert_eq!(m.access(1 << 39, wr_user()).0, Ok((DATA + 7) << 12));
     assert_eq!(m.s.st.stats.faults_direct, direct + 1);
+}
+
+/// INVLPG of a page whose leaf shadow is in sync finds nothing stale: the entry stays
+/// (the next access takes no exit), nothing is written, no remote flush. That holds
+/// for a piece of a guest large page (a direct shadow) too.
+#[test]
+fn invlpg_leaves_in_sync_leaves_alone() {
+    let mut m = Machine::new(64, 16);
+    let gva = map_private(&mut m, 0);
+    m.g.mem[((TABLES + 1) * 512 + 1) as usize] = PS | P | RW | US;
+    let large = gva | (1 << 21) | (5 << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.access(large, rd()).0, Ok(5 << 12));
+    let (writes, flushes) = (m.s.st.entry_writes, m.s.tables.1);
+    m.invlpg(gva);
+    m.invlpg(large);
+    assert_eq!(m.s.st.entry_writes, writes);
+    assert_eq!(m.s.tables.1, flushes);
+    assert_eq!(m.access(gva, rd()), (Ok(DATA << 12), true));
+    assert_eq!(m.access(large, rd()), (Ok(5 << 12), true));
+    // Out of sync, the entry comes back from the guest's PTE.
+    m.write((TABLES + 2) << 12, ((DATA + 3) << 12) | P | RW | US | A);
+    m.invlpg(gva);
+    assert_eq!(m.access(gva, rd()), (Ok((DATA + 3) << 12), true));
 }
