@@ -217,6 +217,7 @@ impl Vm {
         out.resync_entries = p.resync_entries;
         out.resync_changed = p.resync_changed;
         out.faults_direct = p.faults_direct;
+        out.unsyncs_upper = p.unsyncs_upper;
         let m = &self.shadow.modes;
         let load =
             |a: &core::sync::atomic::AtomicU64| a.load(core::sync::atomic::Ordering::Relaxed);

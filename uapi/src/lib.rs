@@ -522,6 +522,8 @@ abi_struct! {
         pub flush_wait_ns: u64 => "__u64 flush_wait_ns",
         /// IPIs that made a vCPU leave guest mode for an interrupt posted to it.
         pub irq_kicks: u64 => "__u64 irq_kicks",
+        /// Pool: upper-level shadows that went out of sync (writes not emulated).
+        pub unsyncs_upper: u64 => "__u64 unsyncs_upper",
     }
 }
 
@@ -539,7 +541,7 @@ pub struct Counter {
 impl VmStats {
     /// Every field but the exits by reason, by name: the one list debugfs, rvmm-run
     /// and the benchmarks show.
-    pub fn counters(&self) -> [Counter; 38] {
+    pub fn counters(&self) -> [Counter; 39] {
         let c = |name, value| Counter {
             name,
             value,
@@ -588,6 +590,7 @@ impl VmStats {
             c("flush_ipis", self.flush_ipis),
             c("flush_wait_ns", self.flush_wait_ns),
             c("irq_kicks", self.irq_kicks),
+            c("unsyncs_upper", self.unsyncs_upper),
         ]
     }
 }

@@ -248,6 +248,7 @@ struct rvmm_vm_stats {
 	__u64 flush_ipis;
 	__u64 flush_wait_ns;
 	__u64 irq_kicks;
+	__u64 unsyncs_upper;
 };
 
 struct rvmm_shadow_limits {

@@ -391,6 +391,7 @@ fn shown(counter: &str) -> bool {
             counter,
             "shadow_faults"
                 | "faults_direct"
+                | "unsyncs_upper"
                 | "sync_cr3"
                 | "sync_invlpg"
                 | "sync_link"
@@ -607,6 +608,7 @@ const LINUX_METRICS: &[&str] = &[
     "apic_injections",
     "irq_injections",
     "faults_direct",
+    "unsyncs_upper",
     "sync_cr3",
     "sync_invlpg",
     "sync_link",

@@ -963,7 +963,8 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
     );
     eprintln!(
         "rvmm-run: syncs: CR3 {}, INVLPG {}, link {}, flush-all {}; out-of-sync shadows \
-         looked at {}; entries resynced {} ({} changed); faults in direct shadows {}",
+         looked at {}; entries resynced {} ({} changed); upper-level unsyncs {}; faults in \
+         direct shadows {}",
         s.sync_cr3,
         s.sync_invlpg,
         s.sync_link,
@@ -971,6 +972,7 @@ fn print_stats(s: &rvmm::uapi::VmStats) {
         s.sync_scanned,
         s.resync_entries,
         s.resync_changed,
+        s.unsyncs_upper,
         s.faults_direct
     );
     if s.remote_flushes + s.irq_kicks != 0 {

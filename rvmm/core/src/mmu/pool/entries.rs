@@ -104,8 +104,8 @@ impl<T: Tables> Pool<'_, T> {
             if let Some(k) = self.unsync[..self.st.n_unsync].iter().position(|&u| u == i) {
                 self.st.n_unsync -= 1;
                 self.unsync[k] = self.unsync[self.st.n_unsync];
-                if self.sps[i.index()].role.level() > 1 {
-                    self.st.n_unsync_upper -= 1;
+                if self.sps[i.index()].role.mid_level() {
+                    self.st.n_unsync_mid -= 1;
                 }
             }
         }

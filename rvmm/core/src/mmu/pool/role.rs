@@ -96,6 +96,13 @@ impl Role {
         (self.0 & Self::LEVEL) as u8
     }
 
+    /// An upper-level table below a root (not a leaf, not a root): what INVLPG must
+    /// find in sync (it flushes the paging-structure caches).
+    pub const fn mid_level(self) -> bool {
+        let l = self.level();
+        l > 1 && l < top_level(self.mode())
+    }
+
     /// Shadows a piece of a guest large page (or a PAE guest's PDPTE registers), not a
     /// guest table.
     pub const fn direct(self) -> bool {

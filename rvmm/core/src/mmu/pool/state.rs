@@ -18,6 +18,8 @@ pub struct PoolStats {
     pub pt_writes: u64,
     /// Shadow pages that went out of sync.
     pub unsyncs: u64,
+    /// Of those, upper-level ones (a write the pool could not emulate).
+    pub unsyncs_upper: u64,
     /// Shadow pages brought back in sync.
     pub resyncs: u64,
     /// Tables unshadowed for write flooding.
@@ -101,8 +103,9 @@ pub struct State {
     /// pool's lock): sps at or above it are not handed out.
     pub sp_cap: u32,
     pub(super) n_unsync: usize,
-    /// Of those, the upper-level ones (what INVLPG syncs).
-    pub(super) n_unsync_upper: usize,
+    /// Of those, the upper-level ones below a root (what INVLPG syncs, with the root:
+    /// see [`Role::mid_level`]).
+    pub(super) n_unsync_mid: usize,
     /// The root cache, the first `n_roots` of it.
     pub(super) roots: [Option<SpId>; MAX_ROOTS],
     pub(super) n_roots: usize,
@@ -156,7 +159,7 @@ impl State {
             rmap_hwm: 0,
             sp_cap: 0,
             n_unsync: 0,
-            n_unsync_upper: 0,
+            n_unsync_mid: 0,
             roots: [None; MAX_ROOTS],
             n_roots: 0,
             clock: 0,
@@ -180,6 +183,7 @@ impl State {
                 spurious_faults: 0,
                 pt_writes: 0,
                 unsyncs: 0,
+                unsyncs_upper: 0,
                 resyncs: 0,
                 flood_unshadows: 0,
                 sync_steps: 0,

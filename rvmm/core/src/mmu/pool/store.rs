@@ -27,7 +27,7 @@ impl<T: Tables> Pool<'_, T> {
         self.st.lru_head = None;
         self.st.lru_tail = None;
         self.st.n_unsync = 0;
-        self.st.n_unsync_upper = 0;
+        self.st.n_unsync_mid = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
     }
@@ -65,7 +65,7 @@ impl<T: Tables> Pool<'_, T> {
         self.st.lru_head = None;
         self.st.lru_tail = None;
         self.st.n_unsync = 0;
-        self.st.n_unsync_upper = 0;
+        self.st.n_unsync_mid = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
         self.st.generation = self.st.generation.wrapping_add(1);

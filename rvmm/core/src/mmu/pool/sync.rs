@@ -8,14 +8,17 @@
 use super::*;
 
 impl<T: Tables> Pool<'_, T> {
-    fn mark_unsync(&mut self, i: SpId) {
+    pub(super) fn mark_unsync(&mut self, i: SpId) {
         let sp = &mut self.sps[i.index()];
         if !sp.unsync {
             sp.unsync = true;
             self.unsync[self.st.n_unsync] = i;
             self.st.n_unsync += 1;
+            if sp.role.mid_level() {
+                self.st.n_unsync_mid += 1;
+            }
             if sp.role.level() > 1 {
-                self.st.n_unsync_upper += 1;
+                self.st.stats.unsyncs_upper += 1;
             }
             self.st.stats.unsyncs += 1;
         }
@@ -104,9 +107,15 @@ impl<T: Tables> Pool<'_, T> {
         budget: u32,
         cause: SyncCause,
     ) -> Result<bool, Full> {
-        // INVLPG's check is O(1) while every upper-level shadow is in sync (they are
-        // kept in sync by emulated writes, so nearly always).
-        if self.st.n_unsync == 0 || (upper_only && self.st.n_unsync_upper == 0) {
+        // INVLPG's check is O(1) while the root and every upper-level shadow below a
+        // root are in sync (their writes are emulated, or the shadows zapped: nearly
+        // always). Other roots out of sync (dead processes' tables, still cached) are
+        // not under this one.
+        if self.st.n_unsync == 0
+            || (upper_only
+                && self.st.n_unsync_mid == 0
+                && top.is_some_and(|r| !self.sps[r.index()].unsync))
+        {
             return Ok(true);
         }
         self.st.stats.syncs[cause as usize] += 1;
@@ -156,8 +165,8 @@ impl<T: Tables> Pool<'_, T> {
             self.sps[i.index()].unsync = false;
             self.st.n_unsync -= 1;
             self.unsync[k] = self.unsync[self.st.n_unsync];
-            if self.sps[i.index()].role.level() > 1 {
-                self.st.n_unsync_upper -= 1;
+            if self.sps[i.index()].role.mid_level() {
+                self.st.n_unsync_mid -= 1;
             }
             if orphan {
                 // An orphan (a dead process's table, whose tree dropped it): unshadowed

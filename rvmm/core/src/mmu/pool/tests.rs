@@ -417,6 +417,9 @@ struct Machine {
     write_value: Option<u64>,
     /// The last write was emulated (upper-level table).
     emulated: bool,
+    /// The vCPU cannot emulate writes to protected tables (a string instruction): the
+    /// pool unprotects the table and the write runs again natively.
+    unemulable: bool,
     s: Store,
     g: Guest,
     cr3: u64,
@@ -472,6 +475,7 @@ impl Machine {
         let mut m = Self {
             write_value: None,
             emulated: false,
+            unemulable: false,
             s: store,
             g,
             cr3: ROOTS << 12,
@@ -621,6 +625,11 @@ impl Machine {
                 }
                 Ok(Fix::GuestFault(f)) => return (Err(f.error_code), false),
                 Ok(Fix::Mmio { gpa, .. }) => return (Ok(gpa), false),
+                Ok(Fix::WriteProtected { gpa, .. }) if self.unemulable => {
+                    self.s.pool().unprotect(gpa >> 12);
+                    self.settle();
+                    self.reruns += 1;
+                }
                 Ok(Fix::WriteProtected { gpa, .. }) => {
                     // The vCPU emulates the store, then the pool follows it.
                     let size = self.esize();
@@ -1360,10 +1369,10 @@ fn run_ops_grown(
         // INVLPG's O(1) check counts the upper-level shadows out of sync.
         let upper = m.s.unsync[..m.s.st.n_unsync]
             .iter()
-            .filter(|i| m.s.sps[i.index()].role.level() > 1)
+            .filter(|i| m.s.sps[i.index()].role.mid_level())
             .count();
         assert_eq!(
-            upper, m.s.st.n_unsync_upper,
+            upper, m.s.st.n_unsync_mid,
             "upper-level shadows out of sync"
         );
         // Two steps per operation: what the operation does, then a store of another
@@ -1401,7 +1410,10 @@ fn run_ops_grown(
             } => {
                 let root = (ROOTS..ROOTS + NROOTS).contains(&frame);
                 let i = write_index(mode, root, index) as u64;
+                // One write in three as an instruction the vCPU cannot emulate.
+                m.unemulable = (seq / 2).is_multiple_of(3);
                 m.write((frame << 12) + u64::from(m.esize()) * i, value);
+                m.unemulable = false;
                 last_write = seq;
                 if mode == MODE_PAE && root {
                     // PDPTEs are registers loaded by MOV CR3: an OS reloads CR3 after
@@ -2163,8 +2175,10 @@ fn sync_and_fault_counters_say_who_asked_and_what_it_cost() {
     assert_eq!(s4.sync_scanned, s3.sync_scanned);
     assert_eq!(m.s.pool().unsync_count(), 1);
     // An upper-level table out of sync (its writes not emulated here): INVLPG syncs it.
+    let upper = m.s.st.stats.unsyncs_upper;
     m.write(((TABLES + 4) << 12) + 16, 0);
     assert_eq!(m.s.pool().unsync_count(), 2);
+    assert_eq!(m.s.st.stats.unsyncs_upper, upper + 1);
     m.invlpg(1 << 39);
     let s5 = m.s.st.stats;
     assert_eq!(
@@ -2217,4 +2231,51 @@ fn invlpg_leaves_in_sync_leaves_alone() {
     m.write((TABLES + 2) << 12, ((DATA + 3) << 12) | P | RW | US | A);
     m.invlpg(gva);
     assert_eq!(m.access(gva, rd()), (Ok((DATA + 3) << 12), true));
+}
+
+/// A write the vCPU cannot emulate (a string instruction zeroing a freed table)
+/// unprotects the table: an upper-level table nothing pins is unshadowed (its parent's
+/// entry dropped, refilled by the next fault), a leaf table and a cached root go out of
+/// sync. Another root out of sync is nothing INVLPG has to look at.
+#[test]
+fn unprotect_unshadows_upper_levels_and_invlpg_ignores_other_roots() {
+    let mut m = Machine::new(64, 16);
+    for k in 0..2 {
+        let gva = map_private(&mut m, k);
+        m.load_cr3((ROOTS + k) << 12);
+        assert_eq!(m.access(gva, rd()).0, Ok((DATA + k) << 12));
+    }
+    let (pd1, pt1) = (TABLES + 4, TABLES + 5);
+    assert!(m.s.pool().is_shadowed(pd1));
+    m.s.pool().unprotect(pd1);
+    m.settle();
+    assert!(
+        !m.s.pool().is_shadowed(pd1),
+        "the page directory is unshadowed"
+    );
+    assert_eq!(m.s.pool().unsync_count(), 0);
+    m.s.pool().unprotect(pt1);
+    assert_eq!(
+        m.s.pool().unsync_count(),
+        1,
+        "the page table goes out of sync"
+    );
+    // Address space 0's root (cached, pinned) goes out of sync.
+    m.s.pool().unprotect(ROOTS);
+    assert!(m.s.pool().is_shadowed(ROOTS));
+    assert_eq!(m.s.pool().unsync_count(), 2);
+    // In address space 1, INVLPG finds nothing to sync: the other root is not under
+    // its root, and the page table is a leaf.
+    let before = m.s.st.stats;
+    m.invlpg(1 << 39);
+    assert_eq!(m.s.st.stats.syncs, before.syncs);
+    assert_eq!(m.s.st.stats.sync_scanned, before.sync_scanned);
+    // The unshadowed directory is shadowed again by the next fault through it.
+    assert_eq!(m.access(1 << 39, rd()).0, Ok((DATA + 1) << 12));
+    assert!(m.s.pool().is_shadowed(pd1));
+    // (The page table came back in sync when it was linked in again.) Back in
+    // address space 0, its root comes back in sync.
+    m.load_cr3(ROOTS << 12);
+    assert_eq!(m.access(1 << 39, rd()).0, Ok(DATA << 12));
+    assert_eq!(m.s.pool().unsync_count(), 0);
 }

@@ -122,10 +122,19 @@ impl<T: Tables> Pool<'_, T> {
         Ok(())
     }
 
-    /// The vCPU could not emulate a write to a protected table: let the guest write it
-    /// (its shadows go out of sync).
+    /// The vCPU could not emulate a write to a protected table (a string instruction
+    /// zeroing a freed table, most often): let the guest write it. Its leaf shadows go
+    /// out of sync; upper-level ones are unshadowed where nothing pins them, as KVM's
+    /// unprotect does (out of sync, they would make every INVLPG and flush look for
+    /// them), and only roots still cached go out of sync.
     pub fn unprotect(&mut self, gfn: u64) {
-        self.unsync_gfn(gfn);
+        self.st.stats.pt_writes += 1;
+        self.each_shadow(gfn, |pool, i| {
+            let upper = pool.sps[i.index()].role.level() > 1;
+            if !pool.written(i, upper) {
+                pool.mark_unsync(i);
+            }
+        });
     }
 
     /// Whether a shadow of guest table `gfn` is an upper-level one (whose writes are
