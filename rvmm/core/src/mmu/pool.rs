@@ -92,6 +92,10 @@ pub struct Sp {
     pub valid: bool,
     /// Out of sync with the guest table (the table is writable).
     pub unsync: bool,
+    /// Something at or below it may be out of sync: set for a shadow that goes out of
+    /// sync and everything above it, cleared by a complete sync under it. (Links bring
+    /// no such thing along: a shadow that joins a tree is synced first.)
+    pub unsync_below: bool,
     /// Unsyncs since the last walk through this table.
     pub flood: u8,
     /// Root-cache and vCPU references, and faults in progress: a pinned sp is never
@@ -118,6 +122,7 @@ impl Default for Sp {
             role: Role(0),
             valid: false,
             unsync: false,
+            unsync_below: false,
             flood: 0,
             pins: 0,
             cached: false,

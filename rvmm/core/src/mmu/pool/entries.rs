@@ -21,6 +21,10 @@ impl<T: Tables> Pool<'_, T> {
         } else {
             let child = self.tables.index(e & SPTE_ADDR);
             self.link_remove(child, EntryAt::new(sp, index));
+            if self.sps[child.index()].unsync {
+                // It may have lost its last way to a root.
+                self.orphan_candidate(child);
+            }
         }
     }
 

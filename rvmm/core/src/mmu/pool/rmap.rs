@@ -161,6 +161,38 @@ impl<T: Tables> Pool<'_, T> {
         false
     }
 
+    /// Marks sp `i` and everything above it (through parent links) as having something
+    /// out of sync below it. Returns whether it reached a root or a pinned sp (else `i`
+    /// is an orphan, for a sync to unshadow).
+    pub(super) fn flag_roots_above(&mut self, i: SpId) -> bool {
+        self.new_visit();
+        self.flag_from(i, 4)
+    }
+
+    fn flag_from(&mut self, i: SpId, depth: u8) -> bool {
+        if !self.first_visit(i) {
+            // Its answer is in already.
+            return false;
+        }
+        let sp = &mut self.sps[i.index()];
+        sp.unsync_below = true;
+        if sp.role.root_level() {
+            return true;
+        }
+        let mut reached = sp.pins > 0;
+        // A parent is one level up: a root is at most 3 links above a leaf.
+        if depth == 0 {
+            return reached;
+        }
+        let mut next = self.sps[i.index()].parents;
+        while let Some(n) = next {
+            let l = self.links[n.index()];
+            reached |= self.flag_from(l.at.sp(), depth - 1);
+            next = l.next;
+        }
+        reached
+    }
+
     /// Whether sp `i` is `top` or linked below it (through parent links, at most
     /// `depth` levels up).
     pub(super) fn under(&mut self, i: SpId, top: SpId, depth: u8) -> bool {

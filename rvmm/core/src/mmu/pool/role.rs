@@ -96,6 +96,11 @@ impl Role {
         (self.0 & Self::LEVEL) as u8
     }
 
+    /// A root's level (what a CR3 load finds; never below another shadow).
+    pub const fn root_level(self) -> bool {
+        self.level() == top_level(self.mode())
+    }
+
     /// An upper-level table below a root (not a leaf, not a root): what INVLPG must
     /// find in sync (it flushes the paging-structure caches).
     pub const fn mid_level(self) -> bool {

@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// Orphan candidates a pool remembers between syncs (see [`State::orphans`]).
+pub(super) const ORPHAN_SLOTS: usize = 16;
+
 /// Counters, cumulative over the pool's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -102,10 +105,18 @@ pub struct State {
     /// Table pages that exist ([`Tables`] grows them up to `sps.len()` outside the
     /// pool's lock): sps at or above it are not handed out.
     pub sp_cap: u32,
+    /// Shadows out of sync.
     pub(super) n_unsync: usize,
     /// Of those, the upper-level ones below a root (what INVLPG syncs, with the root:
     /// see [`Role::mid_level`]).
     pub(super) n_unsync_mid: usize,
+    /// Shadows out of sync that may have become orphans (reaching no root: a dead
+    /// process's tables) since the last sync, the first `n_orphans`: the next sync
+    /// unshadows the ones that are. More than fit set `maybe_orphans`: the next
+    /// complete sync looks at every shadow out of sync for them.
+    pub(super) orphans: [Option<SpId>; ORPHAN_SLOTS],
+    pub(super) n_orphans: usize,
+    pub(super) maybe_orphans: bool,
     /// The root cache, the first `n_roots` of it.
     pub(super) roots: [Option<SpId>; MAX_ROOTS],
     pub(super) n_roots: usize,
@@ -160,6 +171,9 @@ impl State {
             sp_cap: 0,
             n_unsync: 0,
             n_unsync_mid: 0,
+            orphans: [None; ORPHAN_SLOTS],
+            n_orphans: 0,
+            maybe_orphans: false,
             roots: [None; MAX_ROOTS],
             n_roots: 0,
             clock: 0,

@@ -28,6 +28,8 @@ impl<T: Tables> Pool<'_, T> {
         self.st.lru_tail = None;
         self.st.n_unsync = 0;
         self.st.n_unsync_mid = 0;
+        self.st.maybe_orphans = false;
+        self.st.n_orphans = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
     }
@@ -66,6 +68,8 @@ impl<T: Tables> Pool<'_, T> {
         self.st.lru_tail = None;
         self.st.n_unsync = 0;
         self.st.n_unsync_mid = 0;
+        self.st.maybe_orphans = false;
+        self.st.n_orphans = 0;
         self.st.n_roots = 0;
         self.st.stats.pages_in_use = 0;
         self.st.generation = self.st.generation.wrapping_add(1);

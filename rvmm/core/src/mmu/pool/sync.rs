@@ -21,6 +21,9 @@ impl<T: Tables> Pool<'_, T> {
                 self.st.stats.unsyncs_upper += 1;
             }
             self.st.stats.unsyncs += 1;
+            if !self.flag_roots_above(i) {
+                self.orphan_candidate(i);
+            }
         }
     }
 
@@ -111,11 +114,23 @@ impl<T: Tables> Pool<'_, T> {
         // root are in sync (their writes are emulated, or the shadows zapped: nearly
         // always). Other roots out of sync (dead processes' tables, still cached) are
         // not under this one.
+        if self.st.n_unsync == 0 {
+            self.st.n_orphans = 0;
+            return Ok(true);
+        }
+        self.unshadow_orphans();
         if self.st.n_unsync == 0
             || (upper_only
                 && self.st.n_unsync_mid == 0
                 && top.is_some_and(|r| !self.sps[r.index()].unsync))
         {
+            return Ok(true);
+        }
+        // Nothing out of sync below `top` since its last complete sync (a CR3 load
+        // back to an address space whose tables did not change; a table linked into
+        // another tree): O(1). (Unless an orphan may wait to be unshadowed: a sync
+        // finds those.)
+        if top.is_some_and(|r| !self.sps[r.index()].unsync_below) && !self.st.maybe_orphans {
             return Ok(true);
         }
         self.st.stats.syncs[cause as usize] += 1;
@@ -201,6 +216,13 @@ impl<T: Tables> Pool<'_, T> {
                 self.resync(guest, i, ctx)?;
             }
         }
+        if complete && !upper_only {
+            // Everything under `top` is in sync, and every orphan was unshadowed.
+            if let Some(r) = top {
+                self.sps[r.index()].unsync_below = false;
+            }
+            self.st.maybe_orphans = false;
+        }
         Ok(complete)
     }
 
@@ -274,6 +296,10 @@ impl<T: Tables> Pool<'_, T> {
             spte::table(pa)
         };
         self.set_entry(parent, index, e)?;
+        if self.sps[c.index()].unsync {
+            // A new shadow that joined its table's shadows out of sync.
+            self.flag_roots_above(c);
+        }
         Ok(Some((c, fresh)))
     }
 
@@ -307,6 +333,37 @@ impl<T: Tables> Pool<'_, T> {
             self.st.stats.unsyncs -= 1;
         } else {
             self.write_protect(guest, gfn);
+        }
+    }
+
+    /// Sp `i`, out of sync, may reach no root any more (see [`State::orphans`]).
+    pub(super) fn orphan_candidate(&mut self, i: SpId) {
+        match self.st.orphans.get_mut(self.st.n_orphans) {
+            Some(slot) => {
+                *slot = Some(i);
+                self.st.n_orphans += 1;
+            }
+            None => self.st.maybe_orphans = true,
+        }
+    }
+
+    /// Unshadows the orphan candidates that are orphans: out of sync and reached by no
+    /// pinned sp (a vCPU's root, a cached root, a fault's path), so that no CPU's TLB
+    /// can hold anything of them: no remote flush for this.
+    fn unshadow_orphans(&mut self) {
+        while self.st.n_orphans > 0 {
+            self.st.n_orphans -= 1;
+            let Some(i) = self.st.orphans[self.st.n_orphans] else {
+                continue;
+            };
+            let sp = self.sps[i.index()];
+            if sp.valid && sp.unsync && !self.rooted(i, 4) {
+                let dirty = self.st.tlb_dirty;
+                // (What it links to that is out of sync becomes a candidate in turn.)
+                self.zap(i);
+                self.st.tlb_dirty = dirty;
+                self.st.stats.flood_unshadows += 1;
+            }
         }
     }
 

@@ -2279,3 +2279,46 @@ fn unprotect_unshadows_upper_levels_and_invlpg_ignores_other_roots() {
     assert_eq!(m.access(1 << 39, rd()).0, Ok(DATA << 12));
     assert_eq!(m.s.pool().unsync_count(), 0);
 }
+
+/// A CR3 load skips the sync when nothing below its root went out of sync since the
+/// root's last complete sync. A new shadow that joins its table's shadows out of sync
+/// (the same table reached through a read-only path: another role) counts as out of
+/// sync below its new root: a flushing CR3 load there must sync it, even after a
+/// complete sync under another root.
+#[test]
+fn a_new_shadow_out_of_sync_flags_its_root() {
+    let mut m = Machine::new(64, 16);
+    let flags = P | RW | US;
+    let pt = TABLES + 2;
+    // Address space 0: root -> PDPT -> PD -> PT, writable. Address space 1: its own
+    // PDPT and PD, and the same PT, read-only.
+    for (k, pdpt, pd, pde) in [
+        (0, TABLES, TABLES + 1, flags),
+        (1, TABLES + 3, TABLES + 4, P | US),
+    ] {
+        m.g.mem[((ROOTS + k) * 512 + 1) as usize] = (pdpt << 12) | flags;
+        m.g.mem[(pdpt * 512) as usize] = (pd << 12) | flags;
+        m.g.mem[(pd * 512) as usize] = (pt << 12) | pde;
+    }
+    m.g.mem[(pt * 512) as usize] = (DATA << 12) | flags;
+    let gva = 1u64 << 39;
+    m.load_cr3(ROOTS << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok(DATA << 12));
+    // The PT goes out of sync; address space 1 then shadows it too (out of sync).
+    m.write(pt << 12, ((DATA + 1) << 12) | flags);
+    m.load_cr3((ROOTS + 1) << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 1) << 12));
+    assert_eq!(m.s.pool().unsync_count(), 2);
+    // A store that does not exit (the table is writable), then a complete sync under
+    // root 0, which leaves address space 1's shadow alone.
+    m.write(pt << 12, ((DATA + 2) << 12) | flags);
+    m.load_cr3(ROOTS << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 2) << 12));
+    // Back in address space 1 after a flushing CR3 load: the new PTE, not the stale one.
+    m.load_cr3((ROOTS + 1) << 12);
+    assert_eq!(m.access(gva, rd()).0, Ok((DATA + 2) << 12));
+    // With nothing out of sync under it, a CR3 load there looks at nothing.
+    let before = m.s.st.stats;
+    m.load_cr3((ROOTS + 1) << 12);
+    assert_eq!(m.s.st.stats.sync_scanned, before.sync_scanned);
+}
