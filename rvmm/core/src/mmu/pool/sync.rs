@@ -349,15 +349,18 @@ impl<T: Tables> Pool<'_, T> {
 
     /// Unshadows the orphan candidates that are orphans: out of sync and reached by no
     /// pinned sp (a vCPU's root, a cached root, a fault's path), so that no CPU's TLB
-    /// can hold anything of them: no remote flush for this.
+    /// can hold anything of them: no remote flush for this. About a sync step's work
+    /// per call (a dead process's tables come down over several syncs).
     fn unshadow_orphans(&mut self) {
-        while self.st.n_orphans > 0 {
+        let mut spent = 0u32;
+        while self.st.n_orphans > 0 && spent <= SYNC_BUDGET {
             self.st.n_orphans -= 1;
             let Some(i) = self.st.orphans[self.st.n_orphans] else {
                 continue;
             };
             let sp = self.sps[i.index()];
             if sp.valid && sp.unsync && !self.rooted(i, 4) {
+                spent = spent.saturating_add(SYNC_SHADOW_COST + self.present_entries(i));
                 let dirty = self.st.tlb_dirty;
                 // (What it links to that is out of sync becomes a candidate in turn.)
                 self.zap(i);
