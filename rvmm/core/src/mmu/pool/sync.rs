@@ -110,27 +110,27 @@ impl<T: Tables> Pool<'_, T> {
         budget: u32,
         cause: SyncCause,
     ) -> Result<bool, Full> {
-        // INVLPG's check is O(1) while the root and every upper-level shadow below a
-        // root are in sync (their writes are emulated, or the shadows zapped: nearly
-        // always). Other roots out of sync (dead processes' tables, still cached) are
-        // not under this one.
         if self.st.n_unsync == 0 {
             self.st.n_orphans = 0;
             return Ok(true);
         }
-        self.unshadow_orphans();
-        if self.st.n_unsync == 0
-            || (upper_only
-                && self.st.n_unsync_mid == 0
-                && top.is_some_and(|r| !self.sps[r.index()].unsync))
+        // INVLPG's check is O(1) while the root and every upper-level shadow below a
+        // root are in sync (their writes are emulated, or the shadows zapped: nearly
+        // always). Other roots out of sync (dead processes' tables, still cached) are
+        // not under this one.
+        if upper_only
+            && self.st.n_unsync_mid == 0
+            && top.is_some_and(|r| !self.sps[r.index()].unsync)
         {
             return Ok(true);
         }
         // Nothing out of sync below `top` since its last complete sync (a CR3 load
         // back to an address space whose tables did not change; a table linked into
-        // another tree): O(1). (Unless an orphan may wait to be unshadowed: a sync
-        // finds those.)
+        // another tree): O(1), unless an orphan may wait to be unshadowed beyond the
+        // candidates. Such a call unshadows the candidates instead (bounded like a
+        // step; a search below finds the orphans itself).
         if top.is_some_and(|r| !self.sps[r.index()].unsync_below) && !self.st.maybe_orphans {
+            self.unshadow_orphans();
             return Ok(true);
         }
         self.st.stats.syncs[cause as usize] += 1;
@@ -222,6 +222,7 @@ impl<T: Tables> Pool<'_, T> {
                 self.sps[r.index()].unsync_below = false;
             }
             self.st.maybe_orphans = false;
+            self.st.n_orphans = 0;
         }
         Ok(complete)
     }
