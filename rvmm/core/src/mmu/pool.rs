@@ -50,7 +50,7 @@ use id::EntryAt;
 use role::{large, sindex, top_level};
 
 use super::spte::{self, SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_RW, SPTE_US};
-use super::walker::{self, Access, GuestMemory, PermCtx, Walk, WalkFault};
+use super::walker::{self, Access, GuestMemory, PermCtx, Walk, WalkFault, PAE_HIGH_RESERVED};
 use super::PagingMode;
 
 /// Most roots the cache can keep.

@@ -190,6 +190,9 @@ pub struct WalkFault {
 /// ([`WalkFault::raced`]).
 pub const WALK_TRIES: usize = 4;
 
+/// Bits 62:52 of a PAE paging entry: reserved (IA-32e paging ignores them).
+pub const PAE_HIGH_RESERVED: u64 = 0x7ff0_0000_0000_0000;
+
 /// Walks the guest's tables for `gva` and `access`, as hardware does: an entry whose
 /// accessed/dirty update finds it changed is walked again from the top.
 pub fn walk(
@@ -300,6 +303,12 @@ fn walk_once(
         };
         if size == 8 && !ctx.nxe && e & XD != 0 {
             reserved |= XD;
+        }
+        if mode == PagingMode::Pae {
+            // PAE paging has no ignored high bits: 62:MAXPHYADDR are reserved at every
+            // level (SDM Vol. 3A, tables 4-8 to 4-11), where IA-32e paging ignores
+            // 62:52.
+            reserved |= e & PAE_HIGH_RESERVED;
         }
         let pae_pdpte = mode == PagingMode::Pae && level == 3;
         if pae_pdpte {
@@ -720,7 +729,7 @@ mod tests {
             .error_code,
             pferr::PRESENT | pferr::USER | pferr::FETCH
         );
-        // R/W in a PDPTE is reserved, and so are bits 62:52 (ignored at other levels).
+        // R/W in a PDPTE is reserved, and so are bits 62:52.
         for bad in [RW, 1 << 52, 1 << 57, 1 << 62] {
             m.set(cr3 + 16, 8, 0x3000 | P | bad);
             assert_eq!(
@@ -732,6 +741,26 @@ mod tests {
                 bad
             );
         }
+        m.set(cr3 + 16, 8, 0x3000 | P);
+        // PAE paging has no ignored high bits: 62:52 of a PDE or PTE are reserved too
+        // (IA-32e paging ignores them).
+        for (at, good) in [
+            (0x3000 + 8, 0x4000 | P | RW | US),
+            (0x4000 + 8 * 2, 0x9000 | P | RW | US),
+        ] {
+            for bad in [1u64 << 52, 1 << 62] {
+                m.set(at, 8, good | bad);
+                assert_eq!(
+                    walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx)
+                        .unwrap_err()
+                        .error_code,
+                    pferr::PRESENT | pferr::RSVD,
+                    "entry at {at:#x}, bit {bad:#x}"
+                );
+            }
+            m.set(at, 8, good);
+        }
+        assert!(walk(&mut m, PagingMode::Pae, cr3, gva, R, &ctx).is_ok());
     }
 
     #[test]

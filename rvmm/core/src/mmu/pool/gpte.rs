@@ -22,7 +22,12 @@ impl<T: Tables> Pool<'_, T> {
         let reserved = if bits32 {
             0
         } else {
-            (pte & !phys & ((1 << 52) - 1) & !PTE_XD) | if ctx.nxe { 0 } else { pte & PTE_XD }
+            let pae = if role.mode() == MODE_PAE {
+                pte & PAE_HIGH_RESERVED
+            } else {
+                0
+            };
+            (pte & !phys & ((1 << 52) - 1) & !PTE_XD) | if ctx.nxe { 0 } else { pte & PTE_XD } | pae
         };
         if pte & PTE_P == 0 || pte & PTE_A == 0 || reserved != 0 {
             return None;
@@ -105,6 +110,9 @@ impl<T: Tables> Pool<'_, T> {
             // Reserved bits: address bits above MAXPHYADDR, XD without NXE, PS in a
             // PML4E, and the low bits of a large page's frame.
             let mut reserved = pte & !phys & ((1 << 52) - 1) & !PTE_XD;
+            if mode == MODE_PAE {
+                reserved |= pte & PAE_HIGH_RESERVED;
+            }
             if !ctx.nxe {
                 reserved |= pte & PTE_XD;
             }
