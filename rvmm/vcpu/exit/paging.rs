@@ -449,24 +449,23 @@ impl VcpuInner {
 
     pub(super) fn invlpg(&mut self, vmcs: &CurrentVmcs, run: *mut uapi::Run, gva: u64) -> Next {
         if self.on_pool {
-            if self
-                .shadow
-                .modes
-                .unsync
-                .load(core::sync::atomic::Ordering::Acquire)
-                != 0
-                && self.sync_late()
-            {
-                // Its sync may take a step's work: in the next section.
-                return Next::Host;
-            }
             let ctx = self.perm_ctx(vmcs);
+            let late = self.sync_late();
             let mut done = true;
             // None: no root, or one from an older pool generation.
             let r = match self.shadow.pool.lock().as_deref_mut() {
                 Some(storage) => {
                     let mut pool = storage.pool();
                     match self.proot {
+                        // Its sync would take a step's work: in the next section (most
+                        // INVLPGs have nothing to sync: they go on at once).
+                        Some(root)
+                            if pool.st.generation == self.proot_gen
+                                && late
+                                && pool.sync_needed(root, true) =>
+                        {
+                            return Next::Host;
+                        }
                         Some(root) if pool.st.generation == self.proot_gen => {
                             let r = pool.invlpg(
                                 &mut GuestMem(&self.slots),

@@ -337,6 +337,17 @@ impl<T: Tables> Pool<'_, T> {
         }
     }
 
+    /// Whether [`Pool::sync_some`] under `top` (upper levels only for INVLPG) has a
+    /// search to make, rather than returning at once: what a vCPU asks, under the pool
+    /// lock, before it starts a sync step late in its run section.
+    pub fn sync_needed(&self, top: SpId, upper_only: bool) -> bool {
+        let t = &self.sps[top.index()];
+        if self.st.n_unsync == 0 || (upper_only && self.st.n_unsync_mid == 0 && !t.unsync) {
+            return false;
+        }
+        t.unsync_below || self.st.maybe_orphans
+    }
+
     /// Sp `i`, out of sync, may reach no root any more (see [`State::orphans`]).
     pub(super) fn orphan_candidate(&mut self, i: SpId) {
         match self.st.orphans.get_mut(self.st.n_orphans) {

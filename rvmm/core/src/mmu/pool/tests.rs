@@ -2176,8 +2176,11 @@ fn sync_and_fault_counters_say_who_asked_and_what_it_cost() {
     assert_eq!(m.s.pool().unsync_count(), 1);
     // An upper-level table out of sync (its writes not emulated here): INVLPG syncs it.
     let upper = m.s.st.stats.unsyncs_upper;
+    let root = m.root();
+    assert!(!m.s.pool().sync_needed(root, true));
     m.write(((TABLES + 4) << 12) + 16, 0);
     assert_eq!(m.s.pool().unsync_count(), 2);
+    assert!(m.s.pool().sync_needed(root, true));
     assert_eq!(m.s.st.stats.unsyncs_upper, upper + 1);
     m.invlpg(1 << 39);
     let s5 = m.s.st.stats;
@@ -2266,6 +2269,8 @@ fn unprotect_unshadows_upper_levels_and_invlpg_ignores_other_roots() {
     assert_eq!(m.s.pool().unsync_count(), 2);
     // In address space 1, INVLPG finds nothing to sync: the other root is not under
     // its root, and the page table is a leaf.
+    let root = m.root();
+    assert!(!m.s.pool().sync_needed(root, true));
     let before = m.s.st.stats;
     m.invlpg(1 << 39);
     assert_eq!(m.s.st.stats.syncs, before.syncs);
