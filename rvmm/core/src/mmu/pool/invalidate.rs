@@ -48,12 +48,6 @@ impl<T: Tables> Pool<'_, T> {
             }
             if level == 1 {
                 let s = self.sps[sp.index()];
-                if !s.unsync {
-                    // An in-sync table has not changed since its entries were made (it
-                    // is write-protected; direct shadows follow their large page),
-                    // so nothing is stale: no walk, no write, no remote flush.
-                    return Ok(());
-                }
                 // The entry comes back from the guest's current PTE (the path down to
                 // it is in sync), as KVM's invlpg does: no fault to refill it.
                 let new = match Self::gentry(&s, index) {
