@@ -114,23 +114,10 @@ impl<T: Tables> Pool<'_, T> {
             self.st.n_orphans = 0;
             return Ok(true);
         }
-        // INVLPG's check is O(1) while the root and every upper-level shadow below a
-        // root are in sync (their writes are emulated, or the shadows zapped: nearly
-        // always). Other roots out of sync (dead processes' tables, still cached) are
-        // not under this one.
-        if upper_only
-            && self.st.n_unsync_mid == 0
-            && top.is_some_and(|r| !self.sps[r.index()].unsync)
-        {
-            return Ok(true);
-        }
-        // Nothing out of sync below `top` since its last complete sync (a CR3 load
-        // back to an address space whose tables did not change; a table linked into
-        // another tree): O(1), unless an orphan may wait to be unshadowed beyond the
-        // candidates. Such a call unshadows the candidates instead (bounded like a
-        // step; a search below finds the orphans itself).
-        if top.is_some_and(|r| !self.sps[r.index()].unsync_below) && !self.st.maybe_orphans {
-            self.unshadow_orphans();
+        if let Some(orphans) = top.and_then(|t| self.nothing_below(t, upper_only)) {
+            if orphans {
+                self.unshadow_orphans();
+            }
             return Ok(true);
         }
         self.st.stats.syncs[cause as usize] += 1;
@@ -341,11 +328,27 @@ impl<T: Tables> Pool<'_, T> {
     /// search to make, rather than returning at once: what a vCPU asks, under the pool
     /// lock, before it starts a sync step late in its run section.
     pub fn sync_needed(&self, top: SpId, upper_only: bool) -> bool {
+        self.st.n_unsync != 0 && self.nothing_below(top, upper_only).is_none()
+    }
+
+    /// The O(1) answers of a sync under `top` with shadows out of sync somewhere:
+    /// `Some` when it has nothing to search (`true`: it may unshadow orphan candidates
+    /// instead), `None` when it must search.
+    fn nothing_below(&self, top: SpId, upper_only: bool) -> Option<bool> {
         let t = &self.sps[top.index()];
-        if self.st.n_unsync == 0 || (upper_only && self.st.n_unsync_mid == 0 && !t.unsync) {
-            return false;
+        // INVLPG's check while the root and every upper-level shadow below a root are
+        // in sync (their writes are emulated, or the shadows zapped: nearly always).
+        // Other roots out of sync (dead processes' tables, still cached) are not under
+        // this one.
+        if upper_only && self.st.n_unsync_mid == 0 && !t.unsync {
+            return Some(false);
         }
-        t.unsync_below || self.st.maybe_orphans
+        // Nothing out of sync below `top` since its last complete sync (a CR3 load back
+        // to an address space whose tables did not change; a table linked into another
+        // tree), unless an orphan may wait to be unshadowed beyond the candidates. Such
+        // a sync unshadows the candidates instead (bounded like a step; a search finds
+        // the orphans itself).
+        (!t.unsync_below && !self.st.maybe_orphans).then_some(true)
     }
 
     /// Sp `i`, out of sync, may reach no root any more (see [`State::orphans`]).
